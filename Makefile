@@ -1,0 +1,12 @@
+# One entry point for developers.
+.PHONY: build test lint bench fmt
+build:
+	python3 -m pip install -q .
+test:
+	python3 -m pip install -q '.[test]' && cargo test -q && python3 -m pytest -q tests
+lint:
+	cargo fmt --check && cargo clippy --all-targets --features python -- -D warnings
+fmt:
+	cargo fmt
+bench: build
+	python3 -m dynblock.bench

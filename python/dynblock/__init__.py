@@ -1,0 +1,43 @@
+"""dynblock: a KV-cache block store for LLM serving engines.
+
+Blocks evicted from GPU memory go to a pinned host tier and an O_DIRECT disk
+tier, and come back fast. See README.md.
+"""
+
+from __future__ import annotations
+
+import warnings as _warnings
+
+from . import _core
+from ._core import (
+    AlignmentError,
+    CapacityError,
+    DynblockError,
+    NumaError,
+    ODirectError,
+    PinError,
+)
+from ._env import EnvError
+from .disk import DiskStorage
+
+__version__ = "0.1.0"
+
+if _core.build_profile() != "release":
+    _warnings.warn(
+        "dynblock was built in debug mode: I/O and copies are much slower; "
+        "rebuild with `pip install .` (release) before measuring anything",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+__all__ = [
+    "AlignmentError",
+    "CapacityError",
+    "DiskStorage",
+    "DynblockError",
+    "EnvError",
+    "NumaError",
+    "ODirectError",
+    "PinError",
+    "__version__",
+]

@@ -1,0 +1,200 @@
+"""The disk tier: fixed-size block slots in one preallocated file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional, Sequence, Tuple, Union
+
+from . import _core
+from ._env import o_direct_disabled
+from ._validate import positive_int
+
+ODirectArg = Union[bool, Literal["require"]]
+SlotIds = Union[Sequence[int], Any]  # any sequence of ints or a numpy integer array
+
+
+def _resolve_o_direct(o_direct: ODirectArg) -> str:
+    if o_direct is True:
+        if o_direct_disabled():
+            return "off"
+        return "auto"
+    if o_direct is False:
+        return "off"
+    if o_direct == "require":
+        if o_direct_disabled():
+            raise ValueError(
+                'o_direct="require" conflicts with the environment, which disables O_DIRECT '
+                "(DYNBLOCK_DISABLE_O_DIRECT or DYN_KVBM_DISK_DISABLE_O_DIRECT); unset one"
+            )
+        return "require"
+    raise ValueError(f'o_direct must be True, False or "require", got {o_direct!r}')
+
+
+class DiskStorage:
+    """``num_blocks`` slots of ``block_size`` bytes in one file.
+
+    ``directory_or_path`` is a directory (the default, anonymous file: made
+    with ``O_TMPFILE``, or created and unlinked at once where that is not
+    supported, so nothing is left behind even after ``kill -9``), or, with
+    ``persist=True``, a file path that is created (0600, no symlink following)
+    or reopened when it already has the right size.
+
+    ``o_direct``: True (default) uses O_DIRECT and falls back to buffered I/O
+    when the filesystem refuses it (``fallback_reason`` says why, and one
+    warning is logged on the ``dynblock.disk`` logger); False or the
+    environment variable ``DYNBLOCK_DISABLE_O_DIRECT`` (or Dynamo's
+    ``DYN_KVBM_DISK_DISABLE_O_DIRECT``) turns it off; ``"require"`` raises
+    :class:`~dynblock.ODirectError` instead of falling back.
+
+    ``preallocate``: ``"auto"`` reserves the space with ``fallocate`` and
+    zero-fills where that is unsupported; ``"zero"`` always zero-fills;
+    ``"sparse-fallback"`` leaves a sparse file where ``fallocate`` is
+    unsupported; ``"sparse"`` never reserves. Both sparse forms log a warning:
+    ENOSPC can then come during writes. Before anything is created, free
+    space is compared with the file size (:class:`~dynblock.CapacityError`).
+
+    ``io_depth`` I/Os are kept in flight per batch; adjacent slots in a batch
+    are coalesced into I/Os of up to ``max_io_bytes``.
+    """
+
+    def __init__(
+        self,
+        directory_or_path: Union[str, "os.PathLike[str]"],
+        num_blocks: int,
+        block_size: int,
+        *,
+        o_direct: ODirectArg = True,
+        persist: bool = False,
+        preallocate: Literal["auto", "zero", "sparse-fallback", "sparse"] = "auto",
+        io_depth: int = 16,
+        max_io_bytes: int = 4 << 20,
+        alignment: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        path = os.fspath(directory_or_path)
+        num_blocks = positive_int("num_blocks", num_blocks)
+        block_size = positive_int("block_size", block_size)
+        io_depth = positive_int("io_depth", io_depth)
+        max_io_bytes = positive_int("max_io_bytes", max_io_bytes)
+        if not isinstance(persist, bool):
+            raise TypeError(f"persist must be a bool, got {persist!r}")
+        if alignment is not None:
+            alignment = (
+                positive_int("alignment[0]", alignment[0]),
+                positive_int("alignment[1]", alignment[1]),
+            )
+        self._s = _core.DiskStorage(
+            path,
+            num_blocks,
+            block_size,
+            o_direct=_resolve_o_direct(o_direct),
+            persist=persist,
+            preallocate=preallocate,
+            io_depth=io_depth,
+            max_io_bytes=max_io_bytes,
+            alignment=alignment,
+        )
+
+    # --- I/O -------------------------------------------------------------
+    def write_blocks(self, slot_ids: SlotIds, src: Any) -> None:
+        """Write ``len(slot_ids)`` blocks, stored back to back in ``src``."""
+        self._s.write_blocks(slot_ids, src)
+
+    def read_blocks(self, slot_ids: SlotIds, dst: Any) -> None:
+        """Read the slots into ``dst`` (writable, ``len(slot_ids) * block_size`` bytes)."""
+        self._s.read_blocks(slot_ids, dst)
+
+    def write_block(self, slot_id: int, src: Any) -> None:
+        self._s.write_blocks((slot_id,), src)
+
+    def read_block(self, slot_id: int, dst: Any) -> None:
+        self._s.read_blocks((slot_id,), dst)
+
+    def sync(self) -> None:
+        """``fdatasync`` the file: written blocks survive a power loss."""
+        self._s.sync()
+
+    def drop_page_cache(self) -> None:
+        """Flush and evict this file's pages from the page cache (cold reads)."""
+        self._s.drop_page_cache()
+
+    def close(self) -> None:
+        """Close the file (waits for batches in flight). Idempotent."""
+        self._s.close()
+
+    def __enter__(self) -> "DiskStorage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- what is in use ---------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self._s.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._s.block_size
+
+    @property
+    def slot_stride(self) -> int:
+        """Distance between slots: block_size rounded up to the offset alignment."""
+        return self._s.slot_stride
+
+    @property
+    def alignment(self) -> int:
+        """Direct-I/O offset (and length) alignment of this file, in bytes."""
+        return self._s.alignment_info[1]
+
+    @property
+    def memory_alignment(self) -> int:
+        """Direct-I/O buffer address alignment of this file, in bytes."""
+        return self._s.alignment_info[0]
+
+    @property
+    def alignment_source(self) -> str:
+        """Where the alignment came from: statx, logical_block_size, default or override."""
+        return self._s.alignment_info[2]
+
+    @property
+    def o_direct(self) -> bool:
+        """Whether O_DIRECT is in use right now."""
+        return self._s.o_direct
+
+    @property
+    def fallback_reason(self) -> Optional[str]:
+        """Why O_DIRECT is not in use, or None."""
+        return self._s.fallback_reason
+
+    @property
+    def path(self) -> str:
+        return str(self._s.path)
+
+    @property
+    def anonymous(self) -> bool:
+        return self._s.anonymous
+
+    @property
+    def fs_type(self) -> str:
+        return self._s.fs_type
+
+    @property
+    def io_depth(self) -> int:
+        return self._s.io_depth
+
+    @property
+    def file_size(self) -> int:
+        return self._s.file_size
+
+    @property
+    def closed(self) -> bool:
+        return self._s.closed
+
+    def __repr__(self) -> str:
+        mode = "O_DIRECT" if self.o_direct else "buffered"
+        return (
+            f"DiskStorage(path={self.path!r}, num_blocks={self.num_blocks}, "
+            f"block_size={self.block_size}, slot_stride={self.slot_stride}, "
+            f"alignment={self.alignment}, mode={mode}, fs={self.fs_type}"
+            f"{', closed' if self.closed else ''})"
+        )

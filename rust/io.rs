@@ -1,0 +1,193 @@
+//! The batched parallel I/O engine: a batch is cut into operations (adjacent
+//! slots coalesced), and up to `depth` worker threads keep that many
+//! operations in flight. Threads are scoped to the call: nothing outlives a
+//! batch, so there is no pool to shut down and no state shared between calls
+//! except what the caller passes in.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// A raw pointer that may cross into the worker threads of one batch.
+/// The batch's caller guarantees the memory outlives the batch and that
+/// workers touch disjoint ranges.
+#[derive(Clone, Copy, Debug)]
+pub struct SendPtr(pub *mut u8);
+// SAFETY: see the type's contract above; upheld by every caller of `run`.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer. (A method, so closures capture the whole `SendPtr`.)
+    pub fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+/// One I/O: `count` consecutive slots starting at `slot`, whose bytes sit at
+/// `buf_off` in the caller's buffer (block after block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub slot: u64,
+    pub count: usize,
+    pub buf_off: usize,
+}
+
+/// Cut a batch into operations: runs of consecutive slot ids (slot[i+1] ==
+/// slot[i] + 1) become one operation of at most `max_slots` slots.
+pub fn coalesce(slots: &[u64], block_size: usize, max_slots: usize) -> Vec<Op> {
+    let max_slots = max_slots.max(1);
+    let mut ops: Vec<Op> = Vec::with_capacity(slots.len());
+    for (i, &s) in slots.iter().enumerate() {
+        if let Some(last) = ops.last_mut() {
+            if last.count < max_slots && last.slot + last.count as u64 == s {
+                last.count += 1;
+                continue;
+            }
+        }
+        ops.push(Op {
+            slot: s,
+            count: 1,
+            buf_off: i * block_size,
+        });
+    }
+    ops
+}
+
+/// Run `work(op_index, worker_state)` for every index in `0..n` on up to
+/// `depth` threads. Each worker owns one `S` made by `init` (e.g. a bounce
+/// buffer). Stops handing out work at the first error and returns it.
+pub fn run<S, I, F>(n: usize, depth: usize, init: I, work: F) -> Result<()>
+where
+    I: Fn() -> Result<S> + Sync,
+    F: Fn(usize, &mut S) -> Result<()> + Sync,
+{
+    let workers = depth.max(1).min(n);
+    if workers == 0 {
+        return Ok(());
+    }
+    if workers == 1 {
+        let mut s = init()?;
+        for i in 0..n {
+            work(i, &mut s)?;
+        }
+        return Ok(());
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let fail = |e: Error| {
+                    failed.store(true, Ordering::Relaxed);
+                    let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(e);
+                    }
+                };
+                let mut s = match init() {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    if let Err(e) = work(i, &mut s) {
+                        return fail(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Copy `len` bytes from `src` to `dst` using up to `threads` threads in
+/// chunks of at least 1 MiB.
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, and the
+/// two ranges must not overlap.
+pub unsafe fn parallel_copy(dst: SendPtr, src: SendPtr, len: usize, threads: usize) {
+    const CHUNK: usize = 4 << 20;
+    let chunks = len.div_ceil(CHUNK).max(1);
+    let _ = run(
+        chunks,
+        threads,
+        || Ok(()),
+        |i, _| {
+            let off = i * CHUNK;
+            let n = CHUNK.min(len - off);
+            // SAFETY: the caller guarantees both ranges; chunks are disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(src.get().add(off), dst.get().add(off), n) };
+            Ok(())
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn coalesce_covers_every_slot_once(slots in proptest::collection::vec(0u64..64, 0..200), max in 1usize..10) {
+            let ops = coalesce(&slots, 7, max);
+            let mut flat = Vec::new();
+            for op in &ops {
+                prop_assert!(op.count >= 1 && op.count <= max);
+                prop_assert_eq!(op.buf_off % 7, 0);
+                for k in 0..op.count {
+                    flat.push((op.slot + k as u64, op.buf_off / 7 + k));
+                }
+            }
+            let expect: Vec<(u64, usize)> = slots.iter().enumerate().map(|(i, &s)| (s, i)).collect();
+            prop_assert_eq!(flat, expect);
+        }
+    }
+
+    #[test]
+    fn run_reports_the_first_error_and_stops() {
+        let done = AtomicUsize::new(0);
+        let r = run(
+            1000,
+            4,
+            || Ok(()),
+            |i, _| {
+                done.fetch_add(1, Ordering::Relaxed);
+                if i == 10 {
+                    Err(Error::InvalidArgument("boom".into()))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert!(matches!(r, Err(Error::InvalidArgument(_))));
+        assert!(done.load(Ordering::Relaxed) < 1000);
+    }
+
+    #[test]
+    fn parallel_copy_copies() {
+        let src: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut dst = vec![0u8; src.len()];
+        unsafe {
+            parallel_copy(
+                SendPtr(dst.as_mut_ptr()),
+                SendPtr(src.as_ptr() as *mut u8),
+                src.len(),
+                3,
+            )
+        };
+        assert_eq!(src, dst);
+    }
+}

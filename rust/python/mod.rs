@@ -1,0 +1,409 @@
+//! The Python edge: `dynblock._core`. Everything that touches Python lives
+//! here; the engine modules never import PyO3.
+#![allow(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::create_exception;
+use pyo3::exceptions::{
+    PyBufferError, PyException, PyIndexError, PyOSError, PyTypeError, PyValueError,
+};
+use pyo3::prelude::*;
+
+use crate::align::{Alignment, AlignmentSource};
+use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
+use crate::error::Error;
+
+create_exception!(
+    _core,
+    DynblockError,
+    PyException,
+    "Base class of dynblock's own errors."
+);
+create_exception!(
+    _core,
+    CapacityError,
+    DynblockError,
+    "Not enough disk space or memory for the requested tier."
+);
+create_exception!(
+    _core,
+    AlignmentError,
+    DynblockError,
+    "A direct-I/O alignment requirement cannot be met."
+);
+create_exception!(
+    _core,
+    ODirectError,
+    DynblockError,
+    "O_DIRECT was required but the filesystem refuses it."
+);
+create_exception!(
+    _core,
+    NumaError,
+    DynblockError,
+    "NUMA placement failed or the node does not exist."
+);
+create_exception!(
+    _core,
+    PinError,
+    DynblockError,
+    "Pinning (mlock) failed where it was required."
+);
+
+/// The one conversion from engine errors to Python exceptions.
+pub fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Io { source, path, .. } => match source.raw_os_error() {
+            Some(errno) => PyOSError::new_err((errno, msg, path.display().to_string())),
+            None => PyOSError::new_err(msg),
+        },
+        Error::InvalidArgument(_) | Error::Buffer(_) | Error::Closed(_) => {
+            PyValueError::new_err(msg)
+        }
+        Error::Index(_) => PyIndexError::new_err(msg),
+        Error::Capacity(_) => CapacityError::new_err(msg),
+        Error::ODirectUnavailable(_) => ODirectError::new_err(msg),
+        Error::Alignment(_) => AlignmentError::new_err(msg),
+        Error::Numa(_) => NumaError::new_err(msg),
+        Error::Pin(_) => PinError::new_err(msg),
+    }
+}
+
+/// A caller's buffer held for the length of one call: exported through the
+/// buffer protocol (numpy arrays, memoryview, bytearray, ...), or through
+/// `numpy.asarray` for objects such as torch CPU tensors that only speak the
+/// array interface. Holding it keeps the memory alive and un-resizable.
+pub struct HeldBuffer {
+    _buf: PyUntypedBuffer,
+    pub ptr: usize,
+    pub len: usize,
+}
+
+pub fn hold_buffer(obj: &Bound<'_, PyAny>, name: &str, writable: bool) -> PyResult<HeldBuffer> {
+    let buf = match PyUntypedBuffer::get(obj) {
+        Ok(b) => b,
+        Err(first) => {
+            let has_array = obj.hasattr("__array_interface__")? || obj.hasattr("__array__")?;
+            if !has_array {
+                return Err(PyTypeError::new_err(format!(
+                    "{name} must support the buffer protocol (numpy array, memoryview, \
+                     bytearray, torch CPU tensor), got {}: {first}",
+                    obj.get_type().name()?
+                )));
+            }
+            let np = obj.py().import("numpy")?;
+            let arr = np.call_method1("asarray", (obj,))?;
+            PyUntypedBuffer::get(&arr)?
+        }
+    };
+    if !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be C-contiguous; pass numpy.ascontiguousarray(...) or a contiguous copy"
+        )));
+    }
+    if writable && buf.readonly() {
+        return Err(PyBufferError::new_err(format!(
+            "{name} is read-only; pass a writable buffer (e.g. numpy.empty(...) or bytearray)"
+        )));
+    }
+    let ptr = buf.buf_ptr() as usize;
+    let len = buf.len_bytes();
+    Ok(HeldBuffer {
+        _buf: buf,
+        ptr,
+        len,
+    })
+}
+
+/// Sequence of unsigned 64-bit integers: a numpy integer array (fast path,
+/// read through the buffer protocol) or any sequence of ints.
+pub fn u64_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
+    if let Ok(buf) = PyUntypedBuffer::get(obj) {
+        let fmt = buf.format().to_bytes();
+        let code = fmt.last().copied().unwrap_or(b'B');
+        let native = fmt.len() == 1 || matches!(fmt.first(), Some(b'@' | b'=' | b'<'));
+        if buf.is_c_contiguous() && buf.item_size() == 8 && native {
+            let n = buf.item_count();
+            let mut out = vec![0u64; n];
+            // SAFETY: the buffer is C-contiguous, holds n 8-byte items and
+            // stays exported while `buf` lives; we copy bytes, not values.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    buf.buf_ptr() as *const u8,
+                    out.as_mut_ptr().cast::<u8>(),
+                    n * 8,
+                );
+            }
+            match code {
+                b'Q' | b'L' => return Ok(out),
+                b'q' | b'l' => {
+                    if let Some(i) = out.iter().position(|&v| (v as i64) < 0) {
+                        return Err(PyValueError::new_err(format!(
+                            "{name}[{i}] is negative ({}); expected unsigned 64-bit integers",
+                            out[i] as i64
+                        )));
+                    }
+                    return Ok(out);
+                }
+                _ => {}
+            }
+        }
+        if matches!(code, b'f' | b'd' | b'e') {
+            return Err(PyTypeError::new_err(format!(
+                "{name} must hold integers, got a float array"
+            )));
+        }
+    }
+    if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>()
+    {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a sequence of unsigned 64-bit integers, got {}",
+            obj.get_type().name()?
+        )));
+    }
+    let it =
+        obj.try_iter().map_err(|_| {
+            PyTypeError::new_err(format!(
+            "{name} must be a sequence of unsigned 64-bit integers or a numpy uint64 array, got {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+        })?;
+    let mut out = Vec::new();
+    for (i, item) in it.enumerate() {
+        let item = item?;
+        if item.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(PyTypeError::new_err(format!(
+                "{name}[{i}] is a bool; expected an integer"
+            )));
+        }
+        let v: u64 = item.extract().map_err(|_| {
+            let shown = item.repr().map(|r| r.to_string()).unwrap_or_default();
+            PyValueError::new_err(format!(
+                "{name}[{i}] must be an integer in 0..2**64, got {shown}"
+            ))
+        })?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// Log the engine's pending warnings through Python `logging`.
+pub fn log_warnings(py: Python<'_>, logger: &str, warnings: Vec<String>) -> PyResult<()> {
+    if warnings.is_empty() {
+        return Ok(());
+    }
+    let log = py.import("logging")?.call_method1("getLogger", (logger,))?;
+    for w in warnings {
+        log.call_method1("warning", ("%s", w))?;
+    }
+    Ok(())
+}
+
+/// The disk tier (see `dynblock.DiskStorage` for the documented wrapper).
+#[pyclass(name = "DiskStorage", module = "dynblock._core", frozen)]
+pub struct PyDiskStorage {
+    inner: Arc<DiskStorage>,
+}
+
+impl PyDiskStorage {
+    pub fn inner(&self) -> &Arc<DiskStorage> {
+        &self.inner
+    }
+}
+
+fn parse_o_direct(v: &str) -> PyResult<ODirect> {
+    match v {
+        "auto" => Ok(ODirect::Auto),
+        "off" => Ok(ODirect::Off),
+        "require" => Ok(ODirect::Require),
+        other => Err(PyValueError::new_err(format!(
+            "o_direct must be True, False or \"require\", got {other:?}"
+        ))),
+    }
+}
+
+#[pymethods]
+impl PyDiskStorage {
+    #[new]
+    #[pyo3(signature = (path, num_blocks, block_size, *, o_direct="auto", persist=false,
+                        preallocate="auto", io_depth=16, max_io_bytes=4194304, alignment=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        num_blocks: u64,
+        block_size: usize,
+        o_direct: &str,
+        persist: bool,
+        preallocate: &str,
+        io_depth: usize,
+        max_io_bytes: usize,
+        alignment: Option<(usize, usize)>,
+    ) -> PyResult<Self> {
+        let prealloc = match preallocate {
+            "auto" => Prealloc::Auto,
+            "sparse-fallback" => Prealloc::SparseFallback,
+            "zero" => Prealloc::Zero,
+            "sparse" => Prealloc::Sparse,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "preallocate must be \"auto\", \"zero\", \"sparse-fallback\" or \"sparse\", got {other:?}"
+                )))
+            }
+        };
+        let alignment = match alignment {
+            Some((m, o)) => Some(Alignment::new(m, o, AlignmentSource::Override).map_err(to_py)?),
+            None => None,
+        };
+        let opts = DiskOptions {
+            o_direct: parse_o_direct(o_direct)?,
+            persist,
+            prealloc,
+            io_depth,
+            max_io_bytes,
+            alignment,
+        };
+        let s = py
+            .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))
+            .map_err(to_py)?;
+        log_warnings(py, "dynblock.disk", s.take_warnings())?;
+        Ok(PyDiskStorage { inner: Arc::new(s) })
+    }
+
+    /// Write blocks from `src` (len(slot_ids) * block_size bytes) to the slots.
+    fn write_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        src: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let slots = u64_list(slot_ids, "slot_ids")?;
+        let buf = hold_buffer(src, "src", false)?;
+        let s = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: `buf` keeps the exporter's memory alive and fixed until
+        // after detach returns; we only read from it.
+        let r = py.detach(move || unsafe { s.write_blocks_raw(&slots, ptr as *const u8, len) });
+        drop(buf);
+        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        r.map_err(to_py)
+    }
+
+    /// Read the slots into `dst` (writable, len(slot_ids) * block_size bytes).
+    fn read_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let slots = u64_list(slot_ids, "slot_ids")?;
+        let buf = hold_buffer(dst, "dst", true)?;
+        let s = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: as in write_blocks; the buffer is writable (checked).
+        let r = py.detach(move || unsafe { s.read_blocks_raw(&slots, ptr as *mut u8, len) });
+        drop(buf);
+        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        r.map_err(to_py)
+    }
+
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self.inner.clone();
+        py.detach(move || s.sync()).map_err(to_py)
+    }
+
+    fn drop_page_cache(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self.inner.clone();
+        py.detach(move || s.drop_page_cache()).map_err(to_py)
+    }
+
+    fn close(&self, py: Python<'_>) {
+        let s = self.inner.clone();
+        py.detach(move || s.close())
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+    #[getter]
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    #[getter]
+    fn slot_stride(&self) -> usize {
+        self.inner.slot_stride()
+    }
+    /// (memory alignment, offset alignment, source)
+    #[getter]
+    fn alignment_info(&self) -> (usize, usize, &'static str) {
+        let a = self.inner.alignment();
+        (a.mem, a.offset, a.source.as_str())
+    }
+    #[getter]
+    fn o_direct(&self) -> bool {
+        self.inner.o_direct()
+    }
+    #[getter]
+    fn fallback_reason(&self) -> Option<String> {
+        self.inner.fallback_reason()
+    }
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+    #[getter]
+    fn anonymous(&self) -> bool {
+        self.inner.anonymous()
+    }
+    #[getter]
+    fn fs_type(&self) -> String {
+        self.inner.fs_type().to_string()
+    }
+    #[getter]
+    fn io_depth(&self) -> usize {
+        self.inner.io_depth()
+    }
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.inner.file_size()
+    }
+}
+
+/// Filesystem type name of a path ("ext4", "tmpfs", ...).
+#[pyfunction]
+fn fs_type(path: PathBuf) -> String {
+    crate::disk::fs_type_of_path(&path)
+}
+
+#[pyfunction]
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<PyDiskStorage>()?;
+    m.add_function(wrap_pyfunction!(fs_type, m)?)?;
+    m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    m.add("DynblockError", py.get_type::<DynblockError>())?;
+    m.add("CapacityError", py.get_type::<CapacityError>())?;
+    m.add("AlignmentError", py.get_type::<AlignmentError>())?;
+    m.add("ODirectError", py.get_type::<ODirectError>())?;
+    m.add("NumaError", py.get_type::<NumaError>())?;
+    m.add("PinError", py.get_type::<PinError>())?;
+    Ok(())
+}

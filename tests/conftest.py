@@ -1,0 +1,89 @@
+"""Shared fixtures: real filesystems mounted for the test (root only)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _mount(fstype: str, options: str = "") -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip(f"mounting {fstype} needs root (running as uid {os.geteuid()})")
+    if shutil.which("mount") is None:
+        pytest.skip("the mount command is not installed")
+    d = Path(tempfile.mkdtemp(prefix=f"dynblock-{fstype}-"))
+    cmd = ["mount", "-t", fstype]
+    if options:
+        cmd += ["-o", options]
+    r = _run(*cmd, fstype, str(d))
+    if r.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount {fstype} here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        _run("umount", "-l", str(d))
+        d.rmdir()
+
+
+@pytest.fixture
+def ramfs_dir() -> Iterator[Path]:
+    """A ramfs mount: a real filesystem that refuses O_DIRECT."""
+    yield from _mount("ramfs")
+
+
+@pytest.fixture
+def tiny_tmpfs() -> Iterator[Path]:
+    """A 16 MiB tmpfs mount, for running out of space."""
+    yield from _mount("tmpfs", "size=16m")
+
+
+@pytest.fixture
+def loop_ext4_4k(tmp_path: Path) -> Iterator[Path]:
+    """ext4 on a loop device with 4096-byte logical sectors, so 512-aligned
+    direct I/O fails with EINVAL there."""
+    if os.geteuid() != 0:
+        pytest.skip("loop devices need root")
+    for tool in ("losetup", "mkfs.ext4", "mount"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    r = _run("losetup", "--find", "--show", "--sector-size", "4096", str(img))
+    if r.returncode != 0:
+        pytest.skip(f"cannot set up a loop device here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = _run("mkfs.ext4", "-q", "-b", "4096", dev)
+        if r.returncode != 0:
+            pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
+        r = _run("mount", dev, str(mnt))
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount the loop device: {r.stderr.strip()}")
+        try:
+            yield mnt
+        finally:
+            _run("umount", "-l", str(mnt))
+    finally:
+        _run("losetup", "-d", dev)
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for k in list(os.environ):
+        if k.startswith("DYNBLOCK_") or k.startswith("DYN_KVBM_") or k == "DYN_MEMORY_DISABLE_NUMA":
+            monkeypatch.delenv(k)
+    return monkeypatch

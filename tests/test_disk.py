@@ -1,0 +1,432 @@
+"""The disk tier on real filesystems."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dynblock
+from dynblock import CapacityError, DiskStorage, EnvError, ODirectError
+
+BS = 8192
+
+
+def rand_blocks(n: int, bs: int = BS, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=n * bs, dtype=np.uint8)
+
+
+def entries(d: Path) -> list:
+    return sorted(os.listdir(d))
+
+
+# --- round trips ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [4096, 5000, 65536, 2 << 20])
+def test_round_trip_o_direct_on_local_disk(tmp_path: Path, clean_env, block_size: int) -> None:
+    if dynblock._core.fs_type(str(tmp_path)) not in ("ext4", "xfs", "btrfs"):
+        pytest.skip(f"{tmp_path} is on {dynblock._core.fs_type(str(tmp_path))}, not a local disk fs")
+    with DiskStorage(tmp_path, 8, block_size) as s:
+        assert s.o_direct is True and s.fallback_reason is None
+        assert s.slot_stride % s.alignment == 0
+        assert s.slot_stride - block_size < s.alignment
+        assert s.file_size == 8 * s.slot_stride
+        slots = [6, 7, 0, 3]
+        src = rand_blocks(len(slots), block_size, seed=block_size)
+        s.write_blocks(slots, src)
+        dst = np.zeros_like(src)
+        s.read_blocks(slots, dst)
+        assert np.array_equal(src, dst)
+        one = np.zeros(block_size, dtype=np.uint8)
+        s.read_block(3, one)
+        assert np.array_equal(one, src[3 * block_size :])
+
+
+def test_alignment_comes_from_statx_on_ext4(tmp_path: Path, clean_env) -> None:
+    if dynblock._core.fs_type(str(tmp_path)) != "ext4":
+        pytest.skip("not on ext4")
+    with DiskStorage(tmp_path, 2, 4096) as s:
+        # Linux >= 6.1 answers STATX_DIOALIGN on ext4 (512/512 on this machine kind).
+        if os.uname().release.split(".")[0:2] >= ["6", "1"]:
+            assert s.alignment_source == "statx"
+        assert s.alignment in (512, 1024, 2048, 4096)
+        assert s.memory_alignment in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def test_unaligned_caller_buffers_never_see_einval(tmp_path: Path, clean_env) -> None:
+    with DiskStorage(tmp_path, 8, 4096) as s:
+        raw = rand_blocks(3, 4096, seed=3)
+        backing = np.zeros(3 * 4096 + 1, dtype=np.uint8)
+        src = backing[1:]  # address off by one byte: needs the bounce buffers
+        src[:] = raw
+        assert src.ctypes.data % 2 == 1
+        s.write_blocks([1, 2, 5], src)
+        out_backing = np.zeros(3 * 4096 + 3, dtype=np.uint8)
+        dst = out_backing[3:]
+        s.read_blocks([1, 2, 5], dst)
+        assert np.array_equal(dst, raw)
+
+
+def test_accepts_memoryview_bytearray_and_other_dtypes(tmp_path: Path, clean_env) -> None:
+    with DiskStorage(tmp_path, 4, 4096) as s:
+        src = np.arange(2 * 4096 // 2, dtype=np.float16)
+        s.write_blocks(np.array([0, 1], dtype=np.uint64), src)
+        out = bytearray(2 * 4096)
+        s.read_blocks([0, 1], memoryview(out))
+        assert bytes(out) == src.tobytes()
+        out2 = np.empty(2 * 4096 // 4, dtype=np.int32)
+        s.read_blocks(np.array([0, 1], dtype=np.int64), out2)
+        assert out2.tobytes() == src.tobytes()
+
+
+class _DictModel:
+    def __init__(self) -> None:
+        self.data: dict = {}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batches=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.lists(st.integers(0, 15), min_size=1, max_size=10),
+            st.integers(0, 2**32 - 1),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    block_size=st.sampled_from([512, 3000, 4096, 12288]),
+    o_direct=st.booleans(),
+)
+def test_random_batches_match_a_dict_model(tmp_path_factory, batches, block_size, o_direct) -> None:
+    d = tmp_path_factory.mktemp("hyp")
+    model: dict = {}
+    with DiskStorage(d, 16, block_size, o_direct=o_direct, io_depth=4, max_io_bytes=3 * 4096) as s:
+        for is_write, slots, seed in batches:
+            if is_write:
+                slots = list(dict.fromkeys(slots))  # no duplicates in a write batch
+                src = rand_blocks(len(slots), block_size, seed)
+                s.write_blocks(slots, src)
+                for i, sl in enumerate(slots):
+                    model[sl] = src[i * block_size : (i + 1) * block_size].copy()
+            else:
+                dst = np.zeros(len(slots) * block_size, dtype=np.uint8)
+                s.read_blocks(slots, dst)
+                for i, sl in enumerate(slots):
+                    want = model.get(sl, np.zeros(block_size, dtype=np.uint8))
+                    assert np.array_equal(dst[i * block_size : (i + 1) * block_size], want)
+    assert entries(d) == []
+
+
+# --- fallback on a filesystem that refuses O_DIRECT -------------------------
+
+
+def test_ramfs_falls_back_to_buffered_and_keeps_data(ramfs_dir: Path, clean_env, caplog) -> None:
+    assert dynblock._core.fs_type(str(ramfs_dir)) == "ramfs"
+    with caplog.at_level(logging.WARNING, logger="dynblock"):
+        s = DiskStorage(ramfs_dir, 8, 5000)
+    assert s.o_direct is False
+    assert "ramfs" in s.fallback_reason and "EINVAL" in s.fallback_reason
+    warnings = [r for r in caplog.records if r.name == "dynblock.disk"]
+    assert len(warnings) == 1 and "ramfs" in warnings[0].getMessage()
+    src = rand_blocks(4, 5000, seed=9)
+    s.write_blocks([7, 0, 1, 2], src)
+    dst = np.zeros_like(src)
+    s.read_blocks([7, 0, 1, 2], dst)
+    assert np.array_equal(src, dst)
+    s.close()
+    assert entries(ramfs_dir) == []
+
+
+def test_ramfs_require_raises_and_leaves_nothing(ramfs_dir: Path, clean_env) -> None:
+    with pytest.raises(ODirectError, match="ramfs"):
+        DiskStorage(ramfs_dir, 8, 4096, o_direct="require")
+    with pytest.raises(ODirectError):
+        DiskStorage(ramfs_dir / "named.bin", 8, 4096, o_direct="require", persist=True)
+    assert entries(ramfs_dir) == []
+
+
+def test_einval_at_first_direct_io_falls_back(loop_ext4_4k: Path, clean_env, caplog) -> None:
+    # The device's sectors are 4096 bytes; forcing 512-byte alignment makes the
+    # kernel accept O_DIRECT at open and refuse the first I/O with EINVAL.
+    with caplog.at_level(logging.WARNING, logger="dynblock"):
+        s = DiskStorage(loop_ext4_4k, 4, 512, alignment=(512, 512))
+    assert s.o_direct is False
+    assert "EINVAL" in s.fallback_reason and "first direct" in s.fallback_reason
+    src = rand_blocks(3, 512, seed=1)
+    s.write_blocks([0, 1, 3], src)
+    dst = np.zeros_like(src)
+    s.read_blocks([0, 1, 3], dst)
+    assert np.array_equal(src, dst)
+    s.close()
+    with pytest.raises(ODirectError, match="EINVAL"):
+        DiskStorage(loop_ext4_4k, 4, 512, alignment=(512, 512), o_direct="require")
+    # and with the alignment the kernel reports, O_DIRECT works there
+    with DiskStorage(loop_ext4_4k, 4, 512) as good:
+        assert good.o_direct is True and good.alignment == 4096
+        good.write_blocks([2], src[:512])
+    assert [e for e in entries(loop_ext4_4k) if e != "lost+found"] == []
+
+
+# --- configuration toggle ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "var,value,direct",
+    [
+        ("DYNBLOCK_DISABLE_O_DIRECT", "1", False),
+        ("DYNBLOCK_DISABLE_O_DIRECT", "ON", False),
+        ("DYNBLOCK_DISABLE_O_DIRECT", "no", True),
+        ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "true", False),
+        ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "false", True),  # unlike Dynamo
+        ("DYN_KVBM_DISK_DISABLE_O_DIRECT", " 0 ", True),
+    ],
+)
+def test_environment_toggle(tmp_path: Path, clean_env, var: str, value: str, direct: bool) -> None:
+    clean_env.setenv(var, value)
+    with DiskStorage(tmp_path, 2, 4096) as s:
+        assert s.o_direct is direct
+        if not direct:
+            assert "disabled by configuration" in s.fallback_reason
+
+
+@pytest.mark.parametrize("value", ["", "2", "enable", "truee", "y"])
+def test_environment_toggle_rejects_loose_values(tmp_path: Path, clean_env, value: str) -> None:
+    clean_env.setenv("DYN_KVBM_DISK_DISABLE_O_DIRECT", value)
+    with pytest.raises(EnvError, match="DYN_KVBM_DISK_DISABLE_O_DIRECT"):
+        DiskStorage(tmp_path, 2, 4096)
+    assert entries(tmp_path) == []
+
+
+def test_argument_toggle_and_require_conflict(tmp_path: Path, clean_env) -> None:
+    with DiskStorage(tmp_path, 2, 4096, o_direct=False) as s:
+        assert s.o_direct is False
+    clean_env.setenv("DYNBLOCK_DISABLE_O_DIRECT", "yes")
+    with pytest.raises(ValueError, match="conflicts"):
+        DiskStorage(tmp_path, 2, 4096, o_direct="require")
+
+
+# --- space ------------------------------------------------------------------
+
+
+def test_capacity_is_checked_before_creating_anything(tiny_tmpfs: Path, clean_env) -> None:
+    with pytest.raises(CapacityError) as ei:
+        DiskStorage(tiny_tmpfs, 64, 1 << 20)
+    msg = str(ei.value)
+    assert str(tiny_tmpfs) in msg and "need 67108864 bytes" in msg and "available" in msg
+    with pytest.raises(CapacityError):
+        DiskStorage(tiny_tmpfs / "kv.bin", 64, 1 << 20, persist=True)
+    assert entries(tiny_tmpfs) == []
+
+
+def test_enospc_during_io_is_reported_and_storage_survives(tiny_tmpfs: Path, clean_env) -> None:
+    s = DiskStorage(tiny_tmpfs, 12, 1 << 20, preallocate="sparse")
+    first = rand_blocks(1, 1 << 20, seed=5)
+    s.write_blocks([0], first)
+    filler = tiny_tmpfs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with pytest.raises(OSError) as ei:
+        s.write_blocks([5, 6, 7], rand_blocks(3, 1 << 20, seed=6))
+    assert ei.value.errno == errno.ENOSPC
+    assert "pwrite" in str(ei.value) and "offset" in str(ei.value)
+    # still usable: earlier data reads back; after space is freed writes work
+    out = np.zeros(1 << 20, dtype=np.uint8)
+    s.read_blocks([0], out)
+    assert np.array_equal(out, first)
+    filler.unlink()
+    s.write_blocks([5], first)
+    s.read_blocks([5], out)
+    assert np.array_equal(out, first)
+    s.close()
+    assert entries(tiny_tmpfs) == []
+
+
+def test_zero_fill_where_fallocate_is_unsupported(ramfs_dir: Path, clean_env) -> None:
+    # ramfs has no fallocate: "auto" zero-fills, so the file has its full size
+    with DiskStorage(ramfs_dir / "kv.bin", 4, 4096, persist=True) as s:
+        assert os.path.getsize(ramfs_dir / "kv.bin") == s.file_size == 4 * 4096
+        out = np.ones(4096, dtype=np.uint8)
+        s.read_blocks([3], out)
+        assert not out.any()
+
+
+# --- files left behind ------------------------------------------------------
+
+
+def test_no_file_left_after_close_or_exception(tmp_path: Path, clean_env) -> None:
+    s = DiskStorage(tmp_path, 4, 4096)
+    assert entries(tmp_path) == []  # anonymous from the start
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        s.read_blocks([0], np.zeros(4096, dtype=np.uint8))
+    try:
+        with DiskStorage(tmp_path, 4, 4096) as s2:
+            raise RuntimeError("engine crashed")
+    except RuntimeError:
+        pass
+    assert s2.closed
+    assert entries(tmp_path) == []
+
+
+def test_no_file_left_after_kill_9(tmp_path: Path) -> None:
+    code = textwrap.dedent(
+        f"""
+        import sys, time, numpy as np, dynblock
+        s = dynblock.DiskStorage({str(tmp_path)!r}, 64, 1 << 20)
+        s.write_blocks(list(range(64)), np.ones(64 << 20, dtype=np.uint8))
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        fds = os.listdir(f"/proc/{p.pid}/fd")
+        held = [os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in fds]
+        assert any(str(tmp_path) in h for h in held), held  # it really holds a file there
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert entries(tmp_path) == []
+
+
+# --- persistence ------------------------------------------------------------
+
+
+def test_persist_creates_0600_and_reopens(tmp_path: Path, clean_env) -> None:
+    path = tmp_path / "cache.bin"
+    src = rand_blocks(2, 4096, seed=4)
+    with DiskStorage(path, 4, 4096, persist=True) as s:
+        assert not s.anonymous and s.path == str(path)
+        s.write_blocks([1, 3], src)
+        s.sync()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with DiskStorage(path, 4, 4096, persist=True) as s:
+        dst = np.zeros_like(src)
+        s.read_blocks([1, 3], dst)
+        assert np.array_equal(src, dst)
+    with pytest.raises(ValueError, match="another geometry"):
+        DiskStorage(path, 8, 4096, persist=True)
+    assert path.exists()  # a refused reopen never deletes the user's file
+
+
+def test_persist_refuses_symlinks_and_directories(tmp_path: Path, clean_env) -> None:
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        DiskStorage(link, 4, 4096, persist=True)
+    with pytest.raises(ValueError, match="directory"):
+        DiskStorage(tmp_path, 4, 4096, persist=True)
+    with pytest.raises(ValueError, match="not a directory"):
+        DiskStorage(target, 4, 4096)
+    assert target.read_bytes() == b""
+
+
+# --- bad input changes nothing ----------------------------------------------
+
+
+@pytest.fixture
+def filled(tmp_path: Path, clean_env):
+    s = DiskStorage(tmp_path, 4, 4096)
+    src = rand_blocks(4, 4096, seed=11)
+    s.write_blocks([0, 1, 2, 3], src)
+    yield s, src
+    s.close()
+
+
+def _unchanged(s: DiskStorage, src: np.ndarray) -> None:
+    dst = np.zeros_like(src)
+    s.read_blocks([0, 1, 2, 3], dst)
+    assert np.array_equal(dst, src)
+
+
+@pytest.mark.parametrize(
+    "slots,nbytes,exc,match",
+    [
+        ([0, 4], 2 * 4096, IndexError, "slot id 4 at position 1 is out of range"),
+        ([1, 2], 4096, ValueError, "need exactly 8192"),
+        ([1, 2], 3 * 4096, ValueError, "need exactly 8192"),
+        ([2, 1, 2], 3 * 4096, ValueError, "more than once"),
+        ([0, -1], 2 * 4096, ValueError, r"slot_ids\[1\]"),
+        ([0.0], 4096, ValueError, r"slot_ids\[0\]"),
+        ([True], 4096, TypeError, "bool"),
+        ("ab", 2 * 4096, TypeError, "slot_ids"),
+    ],
+)
+def test_bad_writes_change_nothing(filled, slots, nbytes, exc, match) -> None:
+    s, src = filled
+    with pytest.raises(exc, match=match):
+        s.write_blocks(slots, np.full(nbytes, 0xAB, dtype=np.uint8))
+    _unchanged(s, src)
+
+
+def test_bad_buffers(filled) -> None:
+    s, src = filled
+    with pytest.raises(BufferError, match="read-only"):
+        s.read_blocks([0], bytes(4096))
+    ro = np.zeros(4096, dtype=np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(BufferError, match="dst is read-only"):
+        s.read_blocks([0], ro)
+    strided = np.zeros(2 * 4096, dtype=np.uint8)[::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        s.write_blocks([0], strided)
+    with pytest.raises(TypeError, match="buffer protocol"):
+        s.write_blocks([0], object())
+    with pytest.raises(TypeError, match="integers"):
+        s.read_blocks(np.array([0.0]), np.zeros(4096, dtype=np.uint8))
+    with pytest.raises(ValueError, match="negative"):
+        s.read_blocks(np.array([-1], dtype=np.int64), np.zeros(4096, dtype=np.uint8))
+    _unchanged(s, src)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(num_blocks=0), ValueError, "num_blocks must be a positive integer"),
+        (dict(num_blocks=-3), ValueError, "num_blocks"),
+        (dict(num_blocks=2.5), TypeError, "num_blocks must be an int"),
+        (dict(num_blocks=True), TypeError, "num_blocks"),
+        (dict(block_size=0), ValueError, "block_size"),
+        (dict(io_depth=0), ValueError, "io_depth"),
+        (dict(o_direct="yes"), ValueError, "o_direct"),
+        (dict(preallocate="lazy"), ValueError, "preallocate"),
+        (dict(alignment=(3, 512)), dynblock.AlignmentError, "power of two"),
+        (dict(num_blocks=2**62, block_size=2**20), ValueError, "overflows"),
+    ],
+)
+def test_bad_constructor_arguments(tmp_path: Path, clean_env, kwargs, exc, match) -> None:
+    args = dict(num_blocks=4, block_size=4096)
+    args.update(kwargs)
+    nb, bs = args.pop("num_blocks"), args.pop("block_size")
+    with pytest.raises(exc, match=match):
+        DiskStorage(tmp_path, nb, bs, **args)
+    assert entries(tmp_path) == []
+
+
+def test_missing_directory(tmp_path: Path, clean_env) -> None:
+    with pytest.raises(ValueError, match="not a directory"):
+        DiskStorage(tmp_path / "nope", 4, 4096)
+    with pytest.raises(ValueError, match="does not exist"):
+        DiskStorage(tmp_path / "nope" / "kv.bin", 4, 4096, persist=True)
