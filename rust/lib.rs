@@ -16,7 +16,9 @@
 pub mod align;
 pub mod disk;
 pub mod error;
+pub mod host;
 pub mod io;
+pub mod numa;
 
 #[cfg(feature = "python")]
 mod python;

@@ -18,7 +18,9 @@ from ._core import (
     PinError,
 )
 from ._env import EnvError
+from . import topology
 from .disk import DiskStorage
+from .host import HostStorage
 
 __version__ = "0.1.0"
 
@@ -36,8 +38,10 @@ __all__ = [
     "DiskStorage",
     "DynblockError",
     "EnvError",
+    "HostStorage",
     "NumaError",
     "ODirectError",
     "PinError",
     "__version__",
+    "topology",
 ]

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 use crate::align::{Alignment, AlignmentSource};
 use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
 use crate::error::Error;
+use crate::host::{HostOptions, HostStorage, Pin, Region};
 
 create_exception!(
     _core,
@@ -378,6 +379,244 @@ impl PyDiskStorage {
     }
 }
 
+/// A zero-copy window on host-tier memory. Holds the mapping alive: memory
+/// a live view points to is never unmapped, even after `close()`.
+#[pyclass(name = "HostView", module = "dynblock._core", frozen)]
+pub struct PyHostView {
+    region: Arc<Region>,
+    offset: usize,
+    len: usize,
+}
+
+#[pymethods]
+impl PyHostView {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.get();
+            // SAFETY: offset + len lies inside the mapping (checked when built).
+            (unsafe { me.region.ptr().add(me.offset) }, me.len)
+        };
+        // SAFETY: view is the interpreter's Py_buffer to fill; FillInfo takes
+        // a new reference to `slf`, which keeps the Arc<Region> alive.
+        let rc = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len as isize, 0, flags)
+        };
+        if rc != 0 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+}
+
+fn parse_pin(v: &str) -> PyResult<Pin> {
+    match v {
+        "auto" => Ok(Pin::Auto),
+        "off" => Ok(Pin::Off),
+        "require" => Ok(Pin::Require),
+        other => Err(PyValueError::new_err(format!(
+            "pin must be True, False or \"require\", got {other:?}"
+        ))),
+    }
+}
+
+/// The host tier (see `dynblock.HostStorage` for the documented wrapper).
+#[pyclass(name = "HostStorage", module = "dynblock._core", frozen)]
+pub struct PyHostStorage {
+    inner: Arc<HostStorage>,
+}
+
+impl PyHostStorage {
+    pub fn inner(&self) -> &Arc<HostStorage> {
+        &self.inner
+    }
+    fn view_of(&self, offset: usize, len: usize) -> PyResult<PyHostView> {
+        let region = self.inner.region().map_err(to_py)?;
+        Ok(PyHostView {
+            region,
+            offset,
+            len,
+        })
+    }
+}
+
+#[pymethods]
+impl PyHostStorage {
+    #[new]
+    #[pyo3(signature = (num_blocks, block_size, *, numa_node=None, pin="auto", populate_threads=0,
+                        copy_threads=0, huge_pages=true, alignment=4096, sysfs_root=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        num_blocks: u64,
+        block_size: usize,
+        numa_node: Option<usize>,
+        pin: &str,
+        populate_threads: usize,
+        copy_threads: usize,
+        huge_pages: bool,
+        alignment: usize,
+        sysfs_root: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let opts = HostOptions {
+            numa_node,
+            pin: parse_pin(pin)?,
+            populate_threads,
+            copy_threads,
+            huge_pages,
+            alignment,
+            sysfs_root: sysfs_root.unwrap_or_else(|| PathBuf::from("/sys")),
+        };
+        let h = py
+            .detach(|| HostStorage::new(num_blocks, block_size, &opts))
+            .map_err(to_py)?;
+        log_warnings(py, "dynblock.host", h.take_warnings())?;
+        Ok(PyHostStorage { inner: Arc::new(h) })
+    }
+
+    fn write_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        src: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let slots = u64_list(slot_ids, "slot_ids")?;
+        let buf = hold_buffer(src, "src", false)?;
+        let h = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: `buf` keeps the caller's memory alive and fixed until after
+        // detach returns; it is only read.
+        let r = py.detach(move || unsafe { h.copy_raw(&slots, ptr as *mut u8, len, true) });
+        drop(buf);
+        r.map_err(to_py)
+    }
+
+    fn read_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let slots = u64_list(slot_ids, "slot_ids")?;
+        let buf = hold_buffer(dst, "dst", true)?;
+        let h = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: as in write_blocks; dst is writable (checked).
+        let r = py.detach(move || unsafe { h.copy_raw(&slots, ptr as *mut u8, len, false) });
+        drop(buf);
+        r.map_err(to_py)
+    }
+
+    /// A writable zero-copy view of one slot's block_size bytes.
+    fn block(&self, slot_id: i64) -> PyResult<PyHostView> {
+        if slot_id < 0 || slot_id as u64 >= self.inner.num_blocks() {
+            return Err(PyIndexError::new_err(format!(
+                "slot id {slot_id} is out of range: this storage has slots 0..{}",
+                self.inner.num_blocks()
+            )));
+        }
+        self.view_of(
+            self.inner.slot_offset(slot_id as u64),
+            self.inner.block_size(),
+        )
+    }
+
+    /// A writable zero-copy view of the whole tier (num_blocks * slot_stride bytes).
+    fn view(&self) -> PyResult<PyHostView> {
+        self.view_of(0, self.inner.nbytes())
+    }
+
+    fn placement(&self, py: Python<'_>) -> PyResult<std::collections::BTreeMap<i64, u64>> {
+        let h = self.inner.clone();
+        py.detach(move || h.placement()).map_err(to_py)
+    }
+
+    /// Address of the first slot (for DMA registration).
+    #[getter]
+    fn data_ptr(&self) -> PyResult<usize> {
+        Ok(self.inner.region().map_err(to_py)?.ptr() as usize)
+    }
+
+    fn close(&self) {
+        self.inner.close()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+    #[getter]
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    #[getter]
+    fn slot_stride(&self) -> usize {
+        self.inner.slot_stride()
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    #[getter]
+    fn numa_node(&self) -> Option<usize> {
+        self.inner.numa_node()
+    }
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.inner.policy().as_str()
+    }
+    #[getter]
+    fn pinned(&self) -> bool {
+        self.inner.pinned()
+    }
+    #[getter]
+    fn huge_pages(&self) -> bool {
+        self.inner.huge_pages()
+    }
+    #[getter]
+    fn populate_threads(&self) -> usize {
+        self.inner.populate_threads()
+    }
+    #[getter]
+    fn populate_seconds(&self) -> f64 {
+        self.inner.populate_seconds
+    }
+}
+
+/// Seconds a single thread takes to first-touch a fresh `nbytes` mapping
+/// (the bench's population baseline).
+#[pyfunction]
+#[pyo3(signature = (nbytes, huge_pages=true))]
+fn single_thread_touch_seconds(py: Python<'_>, nbytes: usize, huge_pages: bool) -> PyResult<f64> {
+    py.detach(move || crate::host::single_thread_touch_seconds(nbytes, huge_pages))
+        .map_err(to_py)
+}
+
+/// (soft, hard) RLIMIT_MEMLOCK; None means unlimited.
+#[pyfunction]
+fn memlock_limit() -> (Option<u64>, Option<u64>) {
+    let (s, h) = crate::numa::memlock_limit();
+    let f = |v: u64| if v == u64::MAX { None } else { Some(v) };
+    (f(s), f(h))
+}
+
+/// Whether the process's effective capability set holds capability `cap`.
+#[pyfunction]
+fn has_capability(cap: u32) -> bool {
+    crate::numa::has_capability(cap)
+}
+
 /// Filesystem type name of a path ("ext4", "tmpfs", ...).
 #[pyfunction]
 fn fs_type(path: PathBuf) -> String {
@@ -397,6 +636,11 @@ fn build_profile() -> &'static str {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyDiskStorage>()?;
+    m.add_class::<PyHostStorage>()?;
+    m.add_class::<PyHostView>()?;
+    m.add_function(wrap_pyfunction!(single_thread_touch_seconds, m)?)?;
+    m.add_function(wrap_pyfunction!(memlock_limit, m)?)?;
+    m.add_function(wrap_pyfunction!(has_capability, m)?)?;
     m.add_function(wrap_pyfunction!(fs_type, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add("DynblockError", py.get_type::<DynblockError>())?;

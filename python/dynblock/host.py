@@ -1,0 +1,212 @@
+"""The host tier: NUMA-placed, pinned host memory in fixed-size slots."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Literal, Optional, Union
+
+from . import _core
+from ._env import numa_disabled
+from ._validate import positive_int
+from .topology import resolve_gpu
+
+log = logging.getLogger("dynblock.host")
+
+PinArg = Union[bool, Literal["require"]]
+NumaArg = Union[int, None, Literal["auto"]]
+
+
+def _resolve_pin(pin: PinArg) -> str:
+    if pin is True:
+        return "auto"
+    if pin is False:
+        return "off"
+    if pin == "require":
+        return "require"
+    raise ValueError(f'pin must be True, False or "require", got {pin!r}')
+
+
+def resolve_numa_node(
+    numa_node: NumaArg,
+    gpu: Optional[int],
+    *,
+    nvidia_smi: str = "nvidia-smi",
+    sysfs_root: str = "/sys",
+) -> "tuple[Optional[int], str]":
+    """(node to bind to or None, why)."""
+    if numa_disabled():
+        return None, "NUMA binding disabled by DYNBLOCK_DISABLE_NUMA / DYN_MEMORY_DISABLE_NUMA"
+    if numa_node is None:
+        return None, "numa_node=None: no binding asked"
+    if numa_node == "auto":
+        if gpu is None:
+            return None, 'numa_node="auto" without gpu: no GPU to be near, no binding'
+        r = resolve_gpu(gpu, nvidia_smi=nvidia_smi, sysfs_root=sysfs_root)
+        return r.numa_node, f"GPU {gpu}: {r.reason}"
+    if isinstance(numa_node, bool) or not isinstance(numa_node, int):
+        raise TypeError(f'numa_node must be an int, None or "auto", got {numa_node!r}')
+    if numa_node < 0:
+        raise ValueError(f"numa_node must be >= 0, got {numa_node}")
+    return numa_node, f"numa_node={numa_node} asked"
+
+
+class HostStorage:
+    """``num_blocks`` slots of ``block_size`` bytes in host memory.
+
+    The memory is one anonymous mapping (slots aligned to ``alignment``,
+    4096 by default, so disk I/O into them needs no bounce buffer), bound to
+    ``numa_node`` with ``mbind`` (``MPOL_BIND``, else ``MPOL_PREFERRED``, else
+    no policy; ``policy`` says which), populated by one thread per allowed CPU
+    of that node, and locked with ``mlock`` when ``pin`` is true.
+
+    ``numa_node="auto"`` uses the node nearest ``gpu`` (a CUDA ordinal, after
+    ``CUDA_VISIBLE_DEVICES``) from ``nvidia-smi topo -m`` and sysfs, and binds
+    nothing when that cannot be known. ``DYNBLOCK_DISABLE_NUMA`` (or Dynamo's
+    ``DYN_MEMORY_DISABLE_NUMA``) turns binding off.
+
+    ``pin=True`` falls back to unpinned memory with one warning naming the
+    limit, the size and the fix when ``RLIMIT_MEMLOCK`` is too low and the
+    process lacks ``CAP_IPC_LOCK``; ``pin="require"`` raises ``PinError``.
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        numa_node: NumaArg = "auto",
+        gpu: Optional[int] = None,
+        pin: PinArg = True,
+        populate_threads: int = 0,
+        huge_pages: bool = True,
+        alignment: int = 4096,
+        cuda_register: bool = False,
+        nvidia_smi: str = "nvidia-smi",
+        sysfs_root: str = "/sys",
+    ) -> None:
+        num_blocks = positive_int("num_blocks", num_blocks)
+        block_size = positive_int("block_size", block_size)
+        populate_threads = positive_int("populate_threads", populate_threads, allow_zero=True)
+        alignment = positive_int("alignment", alignment)
+        if gpu is not None:
+            gpu = positive_int("gpu", gpu, allow_zero=True)
+        node, self.numa_reason = resolve_numa_node(
+            numa_node, gpu, nvidia_smi=nvidia_smi, sysfs_root=sysfs_root
+        )
+        self._h = _core.HostStorage(
+            num_blocks,
+            block_size,
+            numa_node=node,
+            pin=_resolve_pin(pin),
+            populate_threads=populate_threads,
+            huge_pages=bool(huge_pages),
+            alignment=alignment,
+            sysfs_root=sysfs_root,
+        )
+        self.cuda_registered = False
+        self.cuda_reason = "not asked (cuda_register=False)"
+        self._registered: Optional[tuple] = None
+        if cuda_register:
+            self.register_cuda()
+
+    def register_cuda(self) -> bool:
+        """Register the memory with CUDA for DMA; False (and ``cuda_reason``) when impossible."""
+        from .cuda import register_host_memory
+
+        ptr, n = self._h.data_ptr, self._h.nbytes
+        ok, self.cuda_reason = register_host_memory(ptr, n)
+        if ok:
+            self._registered = (ptr, n)
+        self.cuda_registered = ok
+        return ok
+
+    # --- data -------------------------------------------------------------
+    def write_blocks(self, slot_ids: Any, src: Any) -> None:
+        """Copy ``len(slot_ids)`` blocks from ``src`` into the slots (parallel, GIL released)."""
+        self._h.write_blocks(slot_ids, src)
+
+    def read_blocks(self, slot_ids: Any, dst: Any) -> None:
+        """Copy the slots' blocks into ``dst``."""
+        self._h.read_blocks(slot_ids, dst)
+
+    def block(self, slot_id: int) -> memoryview:
+        """Writable zero-copy view of one slot (``numpy.frombuffer`` works)."""
+        return memoryview(self._h.block(slot_id))
+
+    def view(self) -> memoryview:
+        """Writable zero-copy view of the whole tier."""
+        return memoryview(self._h.view())
+
+    def placement(self) -> Dict[int, int]:
+        """Pages per NUMA node, asked of the kernel (``move_pages``); -1 counts
+        pages that are not resident."""
+        return dict(self._h.placement())
+
+    def close(self) -> None:
+        """Release the memory once no view points to it any more. Idempotent."""
+        if self._registered is not None:
+            from .cuda import unregister_host_memory
+
+            unregister_host_memory(*self._registered)
+            self._registered = None
+        self._h.close()
+
+    def __enter__(self) -> "HostStorage":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- what happened ----------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self._h.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._h.block_size
+
+    @property
+    def slot_stride(self) -> int:
+        return self._h.slot_stride
+
+    @property
+    def nbytes(self) -> int:
+        return self._h.nbytes
+
+    @property
+    def numa_node(self) -> Optional[int]:
+        """The node the memory policy names, or None when nothing is bound."""
+        return self._h.numa_node
+
+    @property
+    def policy(self) -> str:
+        """``bind``, ``preferred`` or ``none``."""
+        return self._h.policy
+
+    @property
+    def pinned(self) -> bool:
+        return self._h.pinned
+
+    @property
+    def huge_pages(self) -> bool:
+        return self._h.huge_pages
+
+    @property
+    def populate_threads(self) -> int:
+        return self._h.populate_threads
+
+    @property
+    def populate_seconds(self) -> float:
+        return self._h.populate_seconds
+
+    @property
+    def closed(self) -> bool:
+        return self._h.closed
+
+    def __repr__(self) -> str:
+        return (
+            f"HostStorage(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+            f"numa_node={self.numa_node}, policy={self.policy}, pinned={self.pinned}, "
+            f"huge_pages={self.huge_pages}{', closed' if self.closed else ''})"
+        )

@@ -1,0 +1,641 @@
+//! The host tier: one anonymous mapping of fixed-size slots, bound to a NUMA
+//! node with `mbind`, populated by several threads pinned to that node's
+//! CPUs, locked with `mlock`, and checked with `move_pages`.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::align::round_up;
+use crate::error::{errno_name, Error, Result};
+use crate::io::{self, SendPtr};
+use crate::numa;
+
+const HUGE: usize = 2 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    Off,
+    Auto,
+    Require,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Bind,
+    Preferred,
+    None,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Bind => "bind",
+            Policy::Preferred => "preferred",
+            Policy::None => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HostOptions {
+    pub numa_node: Option<usize>,
+    pub pin: Pin,
+    /// Threads that populate the pages (0: one per allowed CPU of the node).
+    pub populate_threads: usize,
+    /// Threads for copies in and out (0: one per allowed CPU).
+    pub copy_threads: usize,
+    pub huge_pages: bool,
+    /// Slot alignment (a power of two, at least 64).
+    pub alignment: usize,
+    pub sysfs_root: PathBuf,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            numa_node: None,
+            pin: Pin::Auto,
+            populate_threads: 0,
+            copy_threads: 0,
+            huge_pages: true,
+            alignment: 4096,
+            sysfs_root: PathBuf::from("/sys"),
+        }
+    }
+}
+
+/// An anonymous mapping, unmapped when the last owner drops it. Views
+/// exported to Python hold an `Arc<Region>`, so memory a live view points to
+/// is never unmapped.
+pub struct Region {
+    ptr: *mut u8,
+    len: usize,
+    locked: AtomicBool,
+}
+
+// SAFETY: the mapping is plain memory; synchronisation of its contents is the
+// users' business (slots are handed out by the manager, one writer each).
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
+
+impl Region {
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly the mapping made in `map_aligned`; no
+        // reference to it can outlive the last Arc<Region>.
+        unsafe {
+            if self.locked.load(Ordering::Relaxed) {
+                libc::munlock(self.ptr.cast(), self.len);
+            }
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// mmap `len` bytes whose start is aligned to `align` (trimming the excess).
+fn map_aligned(len: usize, align: usize) -> Result<*mut u8> {
+    let total = len + align;
+    // SAFETY: a fresh anonymous private mapping; checked for MAP_FAILED.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Capacity(format!(
+            "cannot map {len} bytes for the host tier: {e}; use fewer host blocks"
+        )));
+    }
+    let start = raw as usize;
+    let aligned = round_up(start, align);
+    let head = aligned - start;
+    let tail = total - head - len;
+    // SAFETY: trimming parts of our own fresh mapping.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(aligned as *mut u8)
+}
+
+pub struct HostStorage {
+    region: RwLock<Option<Arc<Region>>>,
+    num_blocks: u64,
+    block_size: usize,
+    stride: usize,
+    numa_node: Option<usize>,
+    policy: Policy,
+    pinned: bool,
+    huge_pages: bool,
+    populate_threads: usize,
+    copy_threads: usize,
+    warnings: Mutex<Vec<String>>,
+    pub populate_seconds: f64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+fn thp_available(sysfs: &std::path::Path) -> bool {
+    std::fs::read_to_string(sysfs.join("kernel/mm/transparent_hugepage/enabled"))
+        .map(|s| s.contains("[always]") || s.contains("[madvise]"))
+        .unwrap_or(false)
+}
+
+impl HostStorage {
+    pub fn new(num_blocks: u64, block_size: usize, opts: &HostOptions) -> Result<Self> {
+        if num_blocks == 0 {
+            return Err(Error::InvalidArgument(
+                "num_blocks must be a positive integer, got 0".into(),
+            ));
+        }
+        if block_size == 0 {
+            return Err(Error::InvalidArgument(
+                "block_size must be a positive number of bytes, got 0".into(),
+            ));
+        }
+        if !opts.alignment.is_power_of_two() || opts.alignment < 64 {
+            return Err(Error::Alignment(format!(
+                "host slot alignment must be a power of two >= 64, got {}",
+                opts.alignment
+            )));
+        }
+        let stride = round_up(block_size, opts.alignment);
+        let len = (stride as u64)
+            .checked_mul(num_blocks)
+            .filter(|&l| l <= isize::MAX as u64)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "num_blocks * block_size is too large: {num_blocks} * {block_size}"
+                ))
+            })? as usize;
+        let mut warnings = Vec::new();
+        let nodes = numa::memory_nodes(&opts.sysfs_root);
+        if let Some(n) = opts.numa_node {
+            if !nodes.contains(&n) {
+                return Err(Error::Numa(format!(
+                    "NUMA node {n} does not exist or has no memory; nodes with memory: {nodes:?}"
+                )));
+            }
+        }
+        // Reserve-check against MemAvailable would be racy; mmap with
+        // NORESERVE and let population report ENOMEM clearly.
+        let use_huge = opts.huge_pages && len >= HUGE && thp_available(&opts.sysfs_root);
+        let align = if use_huge {
+            HUGE
+        } else {
+            opts.alignment.max(4096)
+        };
+        let map_len = round_up(len, if use_huge { HUGE } else { 4096 });
+        let ptr = map_aligned(map_len, align)?;
+        let region = Arc::new(Region {
+            ptr,
+            len: map_len,
+            locked: AtomicBool::new(false),
+        });
+        if use_huge {
+            // SAFETY: advisory call on our own mapping.
+            unsafe { libc::madvise(ptr.cast(), map_len, libc::MADV_HUGEPAGE) };
+        }
+
+        // NUMA policy: bind, else preferred, else none.
+        let mut policy = Policy::None;
+        if let Some(node) = opts.numa_node {
+            // SAFETY: our own mapping.
+            match unsafe { numa::mbind(ptr, map_len, numa::MPOL_BIND, node) } {
+                Ok(()) => policy = Policy::Bind,
+                Err(e1) => match unsafe { numa::mbind(ptr, map_len, numa::MPOL_PREFERRED, node) } {
+                    Ok(()) => {
+                        policy = Policy::Preferred;
+                        warnings.push(format!(
+                            "mbind(MPOL_BIND, node {node}) failed with {}; using MPOL_PREFERRED",
+                            errno_name(e1)
+                        ));
+                    }
+                    Err(e2) => warnings.push(format!(
+                        "mbind to node {node} failed ({} for bind, {} for preferred); \
+                         the host tier has no NUMA policy (the container may lack CAP_SYS_NICE \
+                         or block mbind with seccomp)",
+                        errno_name(e1),
+                        errno_name(e2)
+                    )),
+                },
+            }
+        }
+
+        // Populate with several threads pinned to the node's CPUs.
+        let allowed = numa::allowed_cpus();
+        let mut cpus: Vec<usize> = match opts.numa_node {
+            Some(n) => {
+                let nc = numa::node_cpus(&opts.sysfs_root, n);
+                allowed.iter().copied().filter(|c| nc.contains(c)).collect()
+            }
+            None => allowed.clone(),
+        };
+        if cpus.is_empty() {
+            if let Some(n) = opts.numa_node {
+                warnings.push(format!(
+                    "no CPU of node {n} is in this process's cpuset; populating from the allowed \
+                     CPUs (pages still follow the memory policy)"
+                ));
+            }
+            cpus = allowed.clone();
+        }
+        let threads = if opts.populate_threads == 0 {
+            cpus.len().max(1)
+        } else {
+            opts.populate_threads
+        };
+        let t0 = std::time::Instant::now();
+        populate(&region, threads, &cpus)?;
+        let populate_seconds = t0.elapsed().as_secs_f64();
+
+        // Pin.
+        let mut pinned = false;
+        if opts.pin != Pin::Off {
+            let (soft, _hard) = numa::memlock_limit();
+            let cap = numa::has_capability(numa::CAP_IPC_LOCK);
+            let fix = "run the container with --ulimit memlock=-1 (or `ulimit -l unlimited`), \
+                       or grant CAP_IPC_LOCK (--cap-add IPC_LOCK)";
+            let problem = if !cap && soft != u64::MAX && (map_len as u64) > soft {
+                Some(format!(
+                    "cannot pin the host tier: it needs {map_len} bytes locked but \
+                     RLIMIT_MEMLOCK is {soft} bytes and the process lacks CAP_IPC_LOCK"
+                ))
+            } else {
+                // SAFETY: our own mapping.
+                if unsafe { libc::mlock(ptr.cast(), map_len) } == 0 {
+                    region.locked.store(true, Ordering::Relaxed);
+                    pinned = true;
+                    None
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    Some(format!(
+                        "cannot pin the host tier: mlock of {map_len} bytes failed with {} ({e}); \
+                         RLIMIT_MEMLOCK is {}",
+                        errno_name(e.raw_os_error().unwrap_or(0)),
+                        if soft == u64::MAX {
+                            "unlimited".to_string()
+                        } else {
+                            format!("{soft} bytes")
+                        }
+                    ))
+                }
+            };
+            if let Some(p) = problem {
+                if opts.pin == Pin::Require {
+                    return Err(Error::Pin(format!(
+                        "{p}; pin=\"require\" was asked. Fix: {fix}"
+                    )));
+                }
+                warnings.push(format!("{p}; running unpinned. Fix: {fix}"));
+            }
+        }
+        let copy_threads = if opts.copy_threads == 0 {
+            allowed.len().max(1)
+        } else {
+            opts.copy_threads
+        };
+        Ok(HostStorage {
+            region: RwLock::new(Some(region)),
+            num_blocks,
+            block_size,
+            stride,
+            numa_node: if policy == Policy::None {
+                None
+            } else {
+                opts.numa_node
+            },
+            policy,
+            pinned,
+            huge_pages: use_huge,
+            populate_threads: threads,
+            copy_threads,
+            warnings: Mutex::new(warnings),
+            populate_seconds,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        })
+    }
+
+    /// The mapping (kept alive by the returned Arc), or Closed.
+    pub fn region(&self) -> Result<Arc<Region>> {
+        self.region
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed("HostStorage"))
+    }
+
+    /// Address of a slot inside `region`.
+    pub fn slot_ptr(&self, region: &Region, slot: u64) -> *mut u8 {
+        debug_assert!(slot < self.num_blocks);
+        // SAFETY: slot < num_blocks, so the offset is inside the mapping.
+        unsafe { region.ptr().add(slot as usize * self.stride) }
+    }
+
+    pub fn slot_offset(&self, slot: u64) -> usize {
+        slot as usize * self.stride
+    }
+
+    fn validate(&self, slots: &[u64], buf_len: usize) -> Result<()> {
+        let want = slots.len().saturating_mul(self.block_size);
+        if buf_len != want {
+            return Err(Error::Buffer(format!(
+                "buffer holds {buf_len} bytes but {} blocks of block_size {} need exactly {want}",
+                slots.len(),
+                self.block_size
+            )));
+        }
+        if let Some((i, s)) = slots
+            .iter()
+            .enumerate()
+            .find(|(_, &s)| s >= self.num_blocks)
+        {
+            return Err(Error::Index(format!(
+                "slot id {s} at position {i} is out of range: this storage has slots 0..{}",
+                self.num_blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copy blocks in (`into_slots`) or out, in parallel.
+    ///
+    /// # Safety
+    /// `buf` must be valid for `len` bytes (reads when copying in, writes
+    /// when copying out) and not overlap the host region.
+    pub unsafe fn copy_raw(
+        &self,
+        slots: &[u64],
+        buf: *mut u8,
+        len: usize,
+        into_slots: bool,
+    ) -> Result<()> {
+        self.validate(slots, len)?;
+        if into_slots && slots.len() > 1 {
+            let mut s = slots.to_vec();
+            s.sort_unstable();
+            if let Some(w) = s.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::InvalidArgument(format!(
+                    "slot id {} appears more than once in one write batch",
+                    w[0]
+                )));
+            }
+        }
+        let region = self.region()?;
+        let bs = self.block_size;
+        // Pieces of at most 1 MiB so that threads share big blocks too.
+        const PIECE: usize = 1 << 20;
+        let per_block = bs.div_ceil(PIECE);
+        let n = slots.len() * per_block;
+        let threads = if len < (2 << 20) {
+            1
+        } else {
+            self.copy_threads
+        };
+        let base = SendPtr(region.ptr());
+        let user = SendPtr(buf);
+        let stride = self.stride;
+        io::run(
+            n,
+            threads,
+            || Ok(()),
+            |i, _| {
+                let (b, p) = (i / per_block, i % per_block);
+                let off = p * PIECE;
+                let cnt = PIECE.min(bs - off);
+                // SAFETY: block b's piece p lies inside both the caller's buffer
+                // and slot slots[b] (validated); pieces are disjoint.
+                unsafe {
+                    let h = base.get().add(slots[b] as usize * stride + off);
+                    let u = user.get().add(b * bs + off);
+                    if into_slots {
+                        std::ptr::copy_nonoverlapping(u, h, cnt);
+                    } else {
+                        std::ptr::copy_nonoverlapping(h, u, cnt);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let ctr = if into_slots {
+            &self.bytes_in
+        } else {
+            &self.bytes_out
+        };
+        ctr.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn write_blocks(&self, slots: &[u64], src: &[u8]) -> Result<()> {
+        // SAFETY: src is a valid slice; it is only read.
+        unsafe { self.copy_raw(slots, src.as_ptr() as *mut u8, src.len(), true) }
+    }
+
+    pub fn read_blocks(&self, slots: &[u64], dst: &mut [u8]) -> Result<()> {
+        // SAFETY: dst is a valid exclusive slice.
+        unsafe { self.copy_raw(slots, dst.as_mut_ptr(), dst.len(), false) }
+    }
+
+    /// Pages per NUMA node as the kernel reports them (-1: not resident).
+    pub fn placement(&self) -> Result<BTreeMap<i64, u64>> {
+        let r = self.region()?;
+        // SAFETY: page size query.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        // SAFETY: our own mapping, alive through `r`.
+        unsafe { numa::placement(r.ptr(), r.len(), page) }
+    }
+
+    pub fn close(&self) {
+        self.region
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.region
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn slot_stride(&self) -> usize {
+        self.stride
+    }
+    pub fn numa_node(&self) -> Option<usize> {
+        self.numa_node
+    }
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+    pub fn huge_pages(&self) -> bool {
+        self.huge_pages
+    }
+    pub fn populate_threads(&self) -> usize {
+        self.populate_threads
+    }
+    pub fn nbytes(&self) -> usize {
+        self.num_blocks as usize * self.stride
+    }
+}
+
+/// Fault every page in, `threads` at once, each pinned to one of `cpus`.
+/// Uses MADV_POPULATE_WRITE (Linux 5.14+) and falls back to touching pages.
+fn populate(region: &Region, threads: usize, cpus: &[usize]) -> Result<()> {
+    let len = region.len();
+    let unit = HUGE;
+    let chunks = len.div_ceil(unit);
+    let per = chunks.div_ceil(threads.max(1));
+    let base = SendPtr(region.ptr());
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for t in 0..threads.max(1) {
+            let (c0, c1) = (t * per, ((t + 1) * per).min(chunks));
+            if c0 >= c1 {
+                continue;
+            }
+            let cpu = cpus.get(t % cpus.len().max(1)).copied();
+            let failed = &failed;
+            s.spawn(move || {
+                if let Some(c) = cpu {
+                    numa::pin_thread_to(c);
+                }
+                let start = c0 * unit;
+                let end = (c1 * unit).min(len);
+                // SAFETY: start..end is inside our mapping.
+                let p = unsafe { base.get().add(start) };
+                const MADV_POPULATE_WRITE: i32 = 23;
+                let rc = unsafe { libc::madvise(p.cast(), end - start, MADV_POPULATE_WRITE) };
+                if rc == 0 {
+                    return;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOMEM) || e.raw_os_error() == Some(libc::EFAULT)
+                {
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                        "cannot populate the host tier ({e}): not enough memory on this \
+                         node/cgroup for {len} bytes; use fewer host blocks"
+                    ));
+                    return;
+                }
+                // Older kernels: touch one byte per page.
+                let mut off = 0;
+                while off < end - start {
+                    // SAFETY: inside our mapping; writing a zero over zero.
+                    unsafe { std::ptr::write_volatile(p.add(off), 0) };
+                    off += 4096;
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(m) => Err(Error::Capacity(m)),
+        None => Ok(()),
+    }
+}
+
+/// Single-threaded first touch of a fresh mapping of `len` bytes with the
+/// same huge-page advice: the bench's baseline for population.
+pub fn single_thread_touch_seconds(len: usize, huge_pages: bool) -> Result<f64> {
+    let use_huge = huge_pages && len >= HUGE;
+    let map_len = round_up(len, if use_huge { HUGE } else { 4096 });
+    let ptr = map_aligned(map_len, if use_huge { HUGE } else { 4096 })?;
+    let region = Region {
+        ptr,
+        len: map_len,
+        locked: AtomicBool::new(false),
+    };
+    if use_huge {
+        // SAFETY: advisory call on our own mapping.
+        unsafe { libc::madvise(ptr.cast(), map_len, libc::MADV_HUGEPAGE) };
+    }
+    let t0 = std::time::Instant::now();
+    let mut off = 0;
+    while off < map_len {
+        // SAFETY: inside our mapping.
+        unsafe { std::ptr::write_volatile(region.ptr().add(off), 0) };
+        off += 4096;
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_placement() {
+        let h = HostStorage::new(
+            8,
+            5000,
+            &HostOptions {
+                numa_node: Some(0),
+                pin: Pin::Off,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(h.slot_stride(), 8192);
+        let src: Vec<u8> = (0..3 * 5000).map(|i| (i % 253) as u8).collect();
+        h.write_blocks(&[7, 0, 3], &src).unwrap();
+        let mut dst = vec![0u8; src.len()];
+        h.read_blocks(&[7, 0, 3], &mut dst).unwrap();
+        assert_eq!(src, dst);
+        let p = h.placement().unwrap();
+        assert!(p.get(&0).copied().unwrap_or(0) > 0, "{p:?}");
+        assert!(matches!(
+            h.read_blocks(&[8], &mut vec![0u8; 5000]),
+            Err(Error::Index(_))
+        ));
+    }
+
+    #[test]
+    fn missing_node_is_refused() {
+        let r = HostStorage::new(
+            1,
+            4096,
+            &HostOptions {
+                numa_node: Some(999),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(r, Err(Error::Numa(_))));
+    }
+}
