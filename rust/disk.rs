@@ -12,7 +12,7 @@ use std::sync::{Mutex, RwLock};
 
 use crate::align::{is_aligned, AlignedBuf, Alignment, DEFAULT_ALIGNMENT};
 use crate::error::{errno_name, Error, Result};
-use crate::io::{self, Op, SendPtr};
+use crate::io::{self, Op};
 
 /// Whether to use O_DIRECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -734,7 +734,7 @@ impl DiskStorage {
     pub unsafe fn write_blocks_raw(&self, slots: &[u64], src: *const u8, len: usize) -> Result<()> {
         self.validate(slots, len, Dir::Write)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, src as *mut u8, Dir::Write) }?;
+        unsafe { self.run_batch(slots, |i| src as usize + i * self.block_size, Dir::Write) }?;
         self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -745,17 +745,62 @@ impl DiskStorage {
     pub unsafe fn read_blocks_raw(&self, slots: &[u64], dst: *mut u8, len: usize) -> Result<()> {
         self.validate(slots, len, Dir::Read)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, dst, Dir::Read) }?;
+        unsafe { self.run_batch(slots, |i| dst as usize + i * self.block_size, Dir::Read) }?;
         self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Write block `i` of the batch from address `srcs[i]` (block_size
+    /// bytes each) to `slots[i]`: a gather write for callers whose blocks are
+    /// not back to back (the block manager's host slots).
+    ///
     /// # Safety
-    /// `buf` is valid for the batch (see the callers); slots are validated.
-    unsafe fn run_batch(&self, slots: &[u64], buf: *mut u8, dir: Dir) -> Result<()> {
+    /// Every `srcs[i]` must be valid for reads of block_size bytes for the
+    /// whole call.
+    pub unsafe fn write_blocks_from(&self, slots: &[u64], srcs: &[usize]) -> Result<()> {
+        self.validate_gather(slots, srcs.len(), Dir::Write)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_batch(slots, |i| srcs[i], Dir::Write) }?;
+        self.bytes_written
+            .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Read `slots[i]` into address `dsts[i]` (block_size bytes each).
+    ///
+    /// # Safety
+    /// Every `dsts[i]` must be valid for writes of block_size bytes, the
+    /// ranges must not overlap, and nobody else may touch them meanwhile.
+    pub unsafe fn read_blocks_into(&self, slots: &[u64], dsts: &[usize]) -> Result<()> {
+        self.validate_gather(slots, dsts.len(), Dir::Read)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_batch(slots, |i| dsts[i], Dir::Read) }?;
+        self.bytes_read
+            .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn validate_gather(&self, slots: &[u64], n_ptrs: usize, dir: Dir) -> Result<()> {
+        if slots.len() != n_ptrs {
+            return Err(Error::InvalidArgument(format!(
+                "{} slot ids but {n_ptrs} buffers",
+                slots.len()
+            )));
+        }
+        self.validate(slots, slots.len() * self.block_size, dir)
+    }
+
+    /// # Safety
+    /// `addr_of(i)` is valid for block i for the batch (see the callers);
+    /// slots are validated.
+    unsafe fn run_batch(
+        &self,
+        slots: &[u64],
+        addr_of: impl Fn(usize) -> usize,
+        dir: Dir,
+    ) -> Result<()> {
         let (_guard, fd) = self.raw_fd()?;
-        let ops = io::coalesce(slots, self.block_size, self.max_slots_per_io());
-        let buf = SendPtr(buf);
+        let ops = io::coalesce(slots, addr_of, self.block_size, self.max_slots_per_io());
         io::run(
             ops.len(),
             self.io_depth,
@@ -766,26 +811,19 @@ impl DiskStorage {
                 })
             },
             |i, w| {
-                // SAFETY: each op covers its own disjoint part of `buf`.
-                unsafe { self.do_op(fd, &ops[i], buf, dir, w) }
+                // SAFETY: each op covers its own disjoint memory.
+                unsafe { self.do_op(fd, &ops[i], dir, w) }
             },
         )
     }
 
     /// # Safety
-    /// `buf` + op.buf_off is valid for op.count blocks, owned by this op.
-    unsafe fn do_op(
-        &self,
-        fd: RawFd,
-        op: &Op,
-        buf: SendPtr,
-        dir: Dir,
-        w: &mut Worker,
-    ) -> Result<()> {
+    /// `op.addr` is valid for op.count blocks, owned by this op.
+    unsafe fn do_op(&self, fd: RawFd, op: &Op, dir: Dir, w: &mut Worker) -> Result<()> {
         loop {
             let direct = self.direct.load(Ordering::Relaxed);
             // SAFETY: forwarded.
-            let r = unsafe { self.try_op(fd, op, buf, dir, direct, w) };
+            let r = unsafe { self.try_op(fd, op, dir, direct, w) };
             match r {
                 Ok(()) => {
                     if direct && !self.direct_proven.load(Ordering::Relaxed) {
@@ -815,7 +853,6 @@ impl DiskStorage {
         &self,
         fd: RawFd,
         op: &Op,
-        buf: SendPtr,
         dir: Dir,
         direct: bool,
         w: &mut Worker,
@@ -823,8 +860,7 @@ impl DiskStorage {
         let bs = self.block_size;
         let stride = self.stride;
         let file_off = self.slot_offset(op.slot);
-        // SAFETY: buf_off is inside the caller's buffer (validated length).
-        let user = unsafe { buf.get().add(op.buf_off) };
+        let user = op.addr as *mut u8;
         let user_len = op.count * bs;
         let fail = |e, off, len| (e, off, len as u64);
 

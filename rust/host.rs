@@ -409,19 +409,45 @@ impl HostStorage {
         }
         let region = self.region()?;
         let bs = self.block_size;
-        // Pieces of at most 1 MiB so that threads share big blocks too.
+        let base = buf as usize;
+        // SAFETY: forwarded from the caller; slots validated.
+        unsafe { self.copy_slots(&region, slots, |i| base + i * bs, into_slots) };
+        let ctr = if into_slots {
+            &self.bytes_in
+        } else {
+            &self.bytes_out
+        };
+        ctr.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Copy block `i` between slot `slots[i]` and memory at `addr_of(i)`,
+    /// in parallel pieces of at most 1 MiB.
+    ///
+    /// # Safety
+    /// Slots must be in range; every `addr_of(i)` must be valid for
+    /// block_size bytes (read when `into_slots`, written otherwise), must not
+    /// overlap the slots written, and destinations must not overlap each other.
+    pub unsafe fn copy_slots(
+        &self,
+        region: &Region,
+        slots: &[u64],
+        addr_of: impl Fn(usize) -> usize + Sync,
+        into_slots: bool,
+    ) {
+        let bs = self.block_size;
         const PIECE: usize = 1 << 20;
         let per_block = bs.div_ceil(PIECE);
         let n = slots.len() * per_block;
-        let threads = if len < (2 << 20) {
+        let total = slots.len() * bs;
+        let threads = if total < (2 << 20) {
             1
         } else {
             self.copy_threads
         };
         let base = SendPtr(region.ptr());
-        let user = SendPtr(buf);
         let stride = self.stride;
-        io::run(
+        let _ = io::run(
             n,
             threads,
             || Ok(()),
@@ -429,11 +455,12 @@ impl HostStorage {
                 let (b, p) = (i / per_block, i % per_block);
                 let off = p * PIECE;
                 let cnt = PIECE.min(bs - off);
-                // SAFETY: block b's piece p lies inside both the caller's buffer
-                // and slot slots[b] (validated); pieces are disjoint.
+                // SAFETY: block b's piece p lies inside slot slots[b] and inside
+                // the caller's memory at addr_of(b) (caller's contract); pieces
+                // are disjoint.
                 unsafe {
                     let h = base.get().add(slots[b] as usize * stride + off);
-                    let u = user.get().add(b * bs + off);
+                    let u = (addr_of(b) + off) as *mut u8;
                     if into_slots {
                         std::ptr::copy_nonoverlapping(u, h, cnt);
                     } else {
@@ -442,14 +469,7 @@ impl HostStorage {
                 }
                 Ok(())
             },
-        )?;
-        let ctr = if into_slots {
-            &self.bytes_in
-        } else {
-            &self.bytes_out
-        };
-        ctr.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(())
+        );
     }
 
     pub fn write_blocks(&self, slots: &[u64], src: &[u8]) -> Result<()> {

@@ -27,23 +27,33 @@ impl SendPtr {
     }
 }
 
-/// One I/O: `count` consecutive slots starting at `slot`, whose bytes sit at
-/// `buf_off` in the caller's buffer (block after block).
+/// One I/O: `count` consecutive slots starting at `slot`, whose bytes sit
+/// block after block in memory from address `addr`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Op {
     pub slot: u64,
     pub count: usize,
-    pub buf_off: usize,
+    pub addr: usize,
 }
 
-/// Cut a batch into operations: runs of consecutive slot ids (slot[i+1] ==
-/// slot[i] + 1) become one operation of at most `max_slots` slots.
-pub fn coalesce(slots: &[u64], block_size: usize, max_slots: usize) -> Vec<Op> {
+/// Cut a batch into operations: block `i` goes to `slots[i]` from memory at
+/// `addr_of(i)`. Runs of consecutive slot ids whose memory is also
+/// consecutive become one operation of at most `max_slots` slots.
+pub fn coalesce(
+    slots: &[u64],
+    addr_of: impl Fn(usize) -> usize,
+    block_size: usize,
+    max_slots: usize,
+) -> Vec<Op> {
     let max_slots = max_slots.max(1);
     let mut ops: Vec<Op> = Vec::with_capacity(slots.len());
     for (i, &s) in slots.iter().enumerate() {
+        let a = addr_of(i);
         if let Some(last) = ops.last_mut() {
-            if last.count < max_slots && last.slot + last.count as u64 == s {
+            if last.count < max_slots
+                && last.slot + last.count as u64 == s
+                && last.addr + last.count * block_size == a
+            {
                 last.count += 1;
                 continue;
             }
@@ -51,7 +61,7 @@ pub fn coalesce(slots: &[u64], block_size: usize, max_slots: usize) -> Vec<Op> {
         ops.push(Op {
             slot: s,
             count: 1,
-            buf_off: i * block_size,
+            addr: a,
         });
     }
     ops
@@ -142,18 +152,41 @@ mod tests {
     proptest! {
         #[test]
         fn coalesce_covers_every_slot_once(slots in proptest::collection::vec(0u64..64, 0..200), max in 1usize..10) {
-            let ops = coalesce(&slots, 7, max);
+            let ops = coalesce(&slots, |i| 1000 + i * 7, 7, max);
             let mut flat = Vec::new();
             for op in &ops {
                 prop_assert!(op.count >= 1 && op.count <= max);
-                prop_assert_eq!(op.buf_off % 7, 0);
+                prop_assert_eq!((op.addr - 1000) % 7, 0);
                 for k in 0..op.count {
-                    flat.push((op.slot + k as u64, op.buf_off / 7 + k));
+                    flat.push((op.slot + k as u64, (op.addr - 1000) / 7 + k));
                 }
             }
             let expect: Vec<(u64, usize)> = slots.iter().enumerate().map(|(i, &s)| (s, i)).collect();
             prop_assert_eq!(flat, expect);
         }
+    }
+
+    #[test]
+    fn coalesce_needs_adjacent_memory_too() {
+        // slots adjacent, memory not: two ops
+        let ops = coalesce(&[4, 5], |i| [0, 100][i], 10, 8);
+        assert_eq!(ops.len(), 2);
+        let ops = coalesce(&[4, 5, 9], |i| i * 10, 10, 8);
+        assert_eq!(
+            ops,
+            vec![
+                Op {
+                    slot: 4,
+                    count: 2,
+                    addr: 0
+                },
+                Op {
+                    slot: 9,
+                    count: 1,
+                    addr: 20
+                }
+            ]
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod disk;
 pub mod error;
 pub mod host;
 pub mod io;
+pub mod manager;
 pub mod numa;
 
 #[cfg(feature = "python")]

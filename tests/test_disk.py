@@ -236,7 +236,7 @@ def test_enospc_during_io_is_reported_and_storage_survives(tiny_tmpfs: Path, cle
     first = rand_blocks(1, 1 << 20, seed=5)
     s.write_blocks([0], first)
     filler = tiny_tmpfs / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 20))

@@ -19,8 +19,10 @@ from ._core import (
 )
 from ._env import EnvError
 from . import topology
+from .config import Config, KvLayout
 from .disk import DiskStorage
 from .host import HostStorage
+from .manager import BlockManager
 
 __version__ = "0.1.0"
 
@@ -34,11 +36,14 @@ if _core.build_profile() != "release":
 
 __all__ = [
     "AlignmentError",
+    "BlockManager",
     "CapacityError",
+    "Config",
     "DiskStorage",
     "DynblockError",
     "EnvError",
     "HostStorage",
+    "KvLayout",
     "NumaError",
     "ODirectError",
     "PinError",

@@ -16,6 +16,7 @@ use crate::align::{Alignment, AlignmentSource};
 use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
 use crate::error::Error;
 use crate::host::{HostOptions, HostStorage, Pin, Region};
+use crate::manager::BlockManager;
 
 create_exception!(
     _core,
@@ -594,6 +595,134 @@ impl PyHostStorage {
     }
 }
 
+/// The block manager over a host tier, a disk tier or both.
+#[pyclass(name = "BlockManager", module = "dynblock._core", frozen)]
+pub struct PyBlockManager {
+    inner: Arc<BlockManager>,
+}
+
+#[pymethods]
+impl PyBlockManager {
+    #[new]
+    #[pyo3(signature = (block_size, *, host=None, disk=None))]
+    fn new(
+        block_size: usize,
+        host: Option<PyRef<'_, PyHostStorage>>,
+        disk: Option<PyRef<'_, PyDiskStorage>>,
+    ) -> PyResult<Self> {
+        let m = BlockManager::new(
+            block_size,
+            host.map(|h| h.inner().clone()),
+            disk.map(|d| d.inner().clone()),
+        )
+        .map_err(to_py)?;
+        Ok(PyBlockManager { inner: Arc::new(m) })
+    }
+
+    fn put(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        src: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let buf = hold_buffer(src, "src", false)?;
+        let m = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: `buf` keeps the caller's memory alive and fixed until after
+        // detach returns; it is only read.
+        let r = py.detach(move || unsafe { m.put_raw(&hs, ptr as *const u8, len) });
+        drop(buf);
+        self.flush_warnings(py)?;
+        r.map_err(to_py)
+    }
+
+    fn get(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let buf = hold_buffer(dst, "dst", true)?;
+        let m = self.inner.clone();
+        let (ptr, len) = (buf.ptr, buf.len);
+        // SAFETY: as in put; dst is writable (checked).
+        let r = py.detach(move || unsafe { m.get_raw(&hs, ptr as *mut u8, len) });
+        drop(buf);
+        self.flush_warnings(py)?;
+        r.map_err(to_py)
+    }
+
+    #[pyo3(name = "match")]
+    fn match_prefix(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        Ok(py.detach(move || m.match_prefix(&hs)))
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        self.inner.contains(hash)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        Ok(py.detach(move || m.remove(&hs)))
+    }
+
+    fn clear(&self, py: Python<'_>) {
+        let m = self.inner.clone();
+        py.detach(move || m.clear())
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let s = self.inner.stats();
+        let (host_used, disk_used) = self.inner.usage();
+        let bs = self.inner.block_size() as u64;
+        [
+            ("put_blocks", s.put_blocks),
+            ("put_new", s.put_new),
+            ("get_calls", s.get_calls),
+            ("host_hits", s.host_hits),
+            ("disk_hits", s.disk_hits),
+            ("misses", s.misses),
+            ("offloaded_blocks", s.offloaded_blocks),
+            ("offloaded_bytes", s.offloaded_blocks * bs),
+            ("onboarded_blocks", s.onboarded_blocks),
+            ("onboarded_bytes", s.onboarded_blocks * bs),
+            ("host_evictions", s.host_evictions),
+            ("disk_evictions", s.disk_evictions),
+            ("dropped_blocks", s.dropped_blocks),
+            ("failed_writes", s.failed_writes),
+            ("host_blocks_used", host_used as u64),
+            ("disk_blocks_used", disk_used as u64),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// (host hashes, disk hashes), least recently used first.
+    fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
+        self.inner.lru_order()
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+}
+
+impl PyBlockManager {
+    fn flush_warnings(&self, py: Python<'_>) -> PyResult<()> {
+        log_warnings(py, "dynblock.manager", self.inner.take_warnings())
+    }
+}
+
 /// Seconds a single thread takes to first-touch a fresh `nbytes` mapping
 /// (the bench's population baseline).
 #[pyfunction]
@@ -638,6 +767,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyDiskStorage>()?;
     m.add_class::<PyHostStorage>()?;
     m.add_class::<PyHostView>()?;
+    m.add_class::<PyBlockManager>()?;
     m.add_function(wrap_pyfunction!(single_thread_touch_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(memlock_limit, m)?)?;
     m.add_function(wrap_pyfunction!(has_capability, m)?)?;

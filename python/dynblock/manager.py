@@ -1,0 +1,179 @@
+"""The block manager: a thin, batch-first API over the host and disk tiers.
+
+Blocks are keyed by sequence hash (unsigned 64-bit). Every call takes a batch,
+crosses into Rust once and releases the GIL while data moves. The policy
+(LRU per tier, host -> disk offload, promotion on get) is documented in
+``rust/manager.rs`` and pinned down by ``tests/test_manager.py``'s model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Union
+
+from . import _core
+from .config import Config
+from .disk import DiskStorage
+from .host import HostStorage
+
+Hashes = Union[Sequence[int], Any]  # a sequence of ints or a numpy uint64 array
+
+
+class BlockManager:
+    """Store KV blocks by sequence hash in a host tier and/or a disk tier.
+
+    >>> cfg = Config(block_size=2 << 20, host_blocks=1024, disk_blocks=16384, disk_dir="/mnt/nvme")
+    >>> with BlockManager(cfg) as kv:                                # doctest: +SKIP
+    ...     kv.put(hashes, blocks)       # evicted from the GPU
+    ...     n = kv.match(request_hashes) # how much prefix is cached
+    ...     kv.get(request_hashes[:n], out)
+    """
+
+    def __init__(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a dynblock.Config, got {type(config).__name__}")
+        self.config = config
+        bs = int(config.block_size)  # type: ignore[arg-type]
+        self._host: Optional[HostStorage] = None
+        self._disk: Optional[DiskStorage] = None
+        try:
+            if config.host_blocks:
+                self._host = HostStorage(
+                    int(config.host_blocks),
+                    bs,
+                    numa_node=config.numa_node,
+                    gpu=config.gpu,
+                    pin=config.pin,
+                    huge_pages=config.huge_pages,
+                )
+            if config.disk_blocks:
+                self._disk = DiskStorage(
+                    str(config.disk_dir),
+                    int(config.disk_blocks),
+                    bs,
+                    o_direct=config.o_direct,
+                    preallocate=config.preallocate,
+                    io_depth=config.io_depth,
+                )
+            self._m = _core.BlockManager(
+                bs,
+                host=self._host._h if self._host else None,
+                disk=self._disk._s if self._disk else None,
+            )
+        except BaseException:
+            self._close_tiers()
+            raise
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("BlockManager is closed")
+
+    # --- the batch API ----------------------------------------------------
+    def put(self, hashes: Hashes, src: Any) -> int:
+        """Store ``len(hashes)`` blocks, back to back in ``src``. Blocks already
+        stored are skipped (and refreshed). Returns how many were new."""
+        self._check_open()
+        return self._m.put(hashes, src)
+
+    def match(self, hashes: Hashes) -> int:
+        """Length of the longest prefix of ``hashes`` stored in any tier."""
+        self._check_open()
+        return self._m.match(hashes)
+
+    def get(self, hashes: Hashes, dst: Any) -> int:
+        """Copy the longest stored prefix of ``hashes`` into ``dst`` (writable,
+        ``len(hashes) * block_size`` bytes); returns its length. Blocks read
+        from disk are promoted into the host tier. Bytes of ``dst`` past the
+        returned count are unspecified."""
+        self._check_open()
+        return self._m.get(hashes, dst)
+
+    def contains(self, hash: int) -> bool:
+        self._check_open()
+        if isinstance(hash, bool) or not isinstance(hash, int) or not 0 <= hash < 2**64:
+            raise ValueError(f"hash must be an integer in 0..2**64, got {hash!r}")
+        return self._m.contains(hash)
+
+    def __contains__(self, hash: object) -> bool:
+        return isinstance(hash, int) and 0 <= hash < 2**64 and self._m.contains(hash)
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def remove(self, hashes: Hashes) -> int:
+        """Forget blocks; returns how many were stored."""
+        self._check_open()
+        return self._m.remove(hashes)
+
+    def clear(self) -> None:
+        self._check_open()
+        self._m.clear()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters (hits and misses per tier, blocks and bytes offloaded and
+        onboarded, evictions) and the tiers' actual modes."""
+        out: Dict[str, Any] = dict(self._m.counters())
+        out["block_size"] = self._m.block_size
+        out["blocks"] = len(self._m)
+        h, d = self._host, self._disk
+        out["host"] = None if h is None else {
+            "capacity_blocks": h.num_blocks,
+            "numa_node": h.numa_node,
+            "policy": h.policy,
+            "pinned": h.pinned,
+            "huge_pages": h.huge_pages,
+            "numa_reason": h.numa_reason,
+        }
+        out["disk"] = None if d is None else {
+            "capacity_blocks": d.num_blocks,
+            "o_direct": d.o_direct,
+            "fallback_reason": d.fallback_reason,
+            "alignment": d.alignment,
+            "slot_stride": d.slot_stride,
+            "fs_type": d.fs_type,
+            "path": d.path,
+        }
+        return out
+
+    def lru_order(self) -> "tuple[list[int], list[int]]":
+        """(host, disk) hashes, least recently used first."""
+        return self._m.lru_order()
+
+    @property
+    def block_size(self) -> int:
+        return self._m.block_size
+
+    @property
+    def host(self) -> Optional[HostStorage]:
+        return self._host
+
+    @property
+    def disk(self) -> Optional[DiskStorage]:
+        return self._disk
+
+    # --- lifetime ---------------------------------------------------------
+    def _close_tiers(self) -> None:
+        if self._disk is not None:
+            self._disk.close()
+        if self._host is not None:
+            self._host.close()
+
+    def close(self) -> None:
+        """Close both tiers (the disk file disappears unless persistent). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_tiers()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "BlockManager":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BlockManager({len(self)} blocks, {self.config!r}{', closed' if self._closed else ''})"

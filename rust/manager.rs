@@ -1,0 +1,792 @@
+//! The block manager: sequence hash -> slot in the host and/or disk tier,
+//! LRU per tier, offload (host -> disk) and onboard (disk -> host).
+//!
+//! # Policy (the default, mirrored by the Python model in the tests)
+//! - A block lives in the host tier, the disk tier, or both (identical bytes:
+//!   a block's content never changes for its hash).
+//! - **Touch** refreshes a block in every tier that holds it.
+//! - **put**: blocks already stored are touched; new ones go to the host tier
+//!   (or straight to disk when there is no host tier), in the order given.
+//! - **Host full**: the host LRU block leaves the host tier; if it has no disk
+//!   copy it is inserted into the disk tier (the offload), else it just keeps
+//!   its disk copy; with no disk tier it is dropped.
+//! - **Disk full**: the disk LRU block loses its disk copy (dropped if that
+//!   was its only copy).
+//! - **get**: the longest stored prefix is read from where each block is at
+//!   the start of the call (host preferred); then the blocks are touched in
+//!   order; then blocks that were disk-only are promoted into the host tier
+//!   in order (keeping their disk copy).
+//! - **match** is a query: it changes no recency.
+//!
+//! Data movement is planned on the metadata first and then executed as one
+//! batched disk write (victims and direct-to-disk blocks, sorted by slot so
+//! adjacent slots coalesce) followed by one parallel copy into host slots.
+//! A failed disk write registers nothing from the batch: every disk slot
+//! assigned and every host slot filled by the batch is released, and blocks
+//! left with no copy are dropped. No block is ever registered whose bytes are
+//! not where the registry says.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Mutex};
+
+use crate::disk::DiskStorage;
+use crate::error::{Error, Result};
+use crate::host::{HostStorage, Region};
+
+/// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
+/// small consecutive integers; this spreads them).
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        let mut z = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.0 = v as u64;
+    }
+}
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+const NIL: u32 = u32::MAX;
+/// Marks a block whose host slot is being chosen: an eviction cascade
+/// started by its own insertion must not drop it.
+const PENDING: u32 = u32::MAX - 1;
+
+/// Doubly linked LRU list over slot ids (front = least recently used).
+struct Lru {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
+}
+
+impl Lru {
+    fn new(n: usize) -> Self {
+        Lru {
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            head: NIL,
+            tail: NIL,
+        }
+    }
+    fn push_back(&mut self, s: u32) {
+        let i = s as usize;
+        self.prev[i] = self.tail;
+        self.next[i] = NIL;
+        if self.tail != NIL {
+            self.next[self.tail as usize] = s;
+        } else {
+            self.head = s;
+        }
+        self.tail = s;
+    }
+    fn remove(&mut self, s: u32) {
+        let i = s as usize;
+        let (p, n) = (self.prev[i], self.next[i]);
+        if p != NIL {
+            self.next[p as usize] = n;
+        } else {
+            self.head = n;
+        }
+        if n != NIL {
+            self.prev[n as usize] = p;
+        } else {
+            self.tail = p;
+        }
+        self.prev[i] = NIL;
+        self.next[i] = NIL;
+    }
+    fn touch(&mut self, s: u32) {
+        if self.tail != s {
+            self.remove(s);
+            self.push_back(s);
+        }
+    }
+    fn front(&self) -> Option<u32> {
+        (self.head != NIL).then_some(self.head)
+    }
+    fn order(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut c = self.head;
+        while c != NIL {
+            out.push(c);
+            c = self.next[c as usize];
+        }
+        out
+    }
+}
+
+/// One tier's slots: which hash each holds, LRU order, free list.
+struct Tier {
+    lru: Lru,
+    hash_of: Vec<u64>,
+    free: Vec<u32>,
+}
+
+impl Tier {
+    fn new(cap: u32) -> Self {
+        Tier {
+            lru: Lru::new(cap as usize),
+            hash_of: vec![0; cap as usize],
+            free: (0..cap).rev().collect(),
+        }
+    }
+    fn occupy(&mut self, s: u32, h: u64) {
+        self.hash_of[s as usize] = h;
+        self.lru.push_back(s);
+    }
+    fn release(&mut self, s: u32) {
+        self.lru.remove(s);
+        self.free.push(s);
+    }
+    fn used(&self) -> usize {
+        self.hash_of.len() - self.free.len()
+    }
+    fn reset(&mut self) {
+        let cap = self.hash_of.len() as u32;
+        *self = Tier::new(cap);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    host: u32,
+    disk: u32,
+}
+
+/// Counters reported by `stats()`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub put_blocks: u64,
+    pub put_new: u64,
+    pub get_calls: u64,
+    pub host_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub offloaded_blocks: u64,
+    pub onboarded_blocks: u64,
+    pub host_evictions: u64,
+    pub disk_evictions: u64,
+    pub dropped_blocks: u64,
+    pub failed_writes: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Src {
+    HostSlot(u32),
+    Addr(usize),
+}
+
+struct Write {
+    disk_slot: u32,
+    src: Src,
+    hash: u64,
+    victim: bool,
+    live: bool,
+}
+
+struct Copy {
+    host_slot: u32,
+    addr: usize,
+    live: bool,
+}
+
+#[derive(Default)]
+struct Plan {
+    writes: Vec<Write>,
+    write_by_disk: Map<u32, usize>,
+    copies: Vec<Copy>,
+    copy_by_host: Map<u32, usize>,
+}
+
+struct State {
+    map: Map<u64, Entry>,
+    host: Option<Tier>,
+    disk: Option<Tier>,
+    stats: Stats,
+    warnings: Vec<String>,
+}
+
+impl State {
+    fn touch(&mut self, e: Entry) {
+        if e.host != NIL {
+            if let Some(t) = self.host.as_mut() {
+                t.lru.touch(e.host);
+            }
+        }
+        if e.disk != NIL {
+            if let Some(t) = self.disk.as_mut() {
+                t.lru.touch(e.disk);
+            }
+        }
+    }
+
+    /// Put `h` into the host tier with its bytes at `addr` (copied later).
+    fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) {
+        self.map
+            .entry(h)
+            .and_modify(|e| e.host = PENDING)
+            .or_insert(Entry {
+                host: PENDING,
+                disk: NIL,
+            });
+        let s = loop {
+            let host = self.host.as_mut().expect("host tier");
+            if let Some(s) = host.free.pop() {
+                break s;
+            }
+            let v = host.lru.front().expect("a full tier has an LRU block");
+            self.evict_host(v, plan);
+        };
+        self.host.as_mut().expect("host tier").occupy(s, h);
+        self.map.get_mut(&h).expect("inserted above").host = s;
+        plan.copy_by_host.insert(s, plan.copies.len());
+        plan.copies.push(Copy {
+            host_slot: s,
+            addr,
+            live: true,
+        });
+    }
+
+    fn evict_host(&mut self, s: u32, plan: &mut Plan) {
+        let host = self.host.as_mut().expect("host tier");
+        let vh = host.hash_of[s as usize];
+        host.release(s);
+        self.stats.host_evictions += 1;
+        // Its bytes are in the slot, or still in the caller's buffer if the
+        // block arrived in this batch.
+        let src = match plan.copy_by_host.remove(&s) {
+            Some(ci) => {
+                plan.copies[ci].live = false;
+                Src::Addr(plan.copies[ci].addr)
+            }
+            None => Src::HostSlot(s),
+        };
+        let e = self.map.get_mut(&vh).expect("registered");
+        e.host = NIL;
+        if e.disk != NIL {
+            return; // already on disk: nothing to write
+        }
+        if self.disk.is_some() {
+            self.disk_insert(vh, src, true, plan);
+        } else {
+            self.map.remove(&vh);
+            self.stats.dropped_blocks += 1;
+        }
+    }
+
+    fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) {
+        let t = loop {
+            let disk = self.disk.as_mut().expect("disk tier");
+            if let Some(t) = disk.free.pop() {
+                break t;
+            }
+            let w = disk.lru.front().expect("a full tier has an LRU block");
+            self.evict_disk(w, plan);
+        };
+        self.disk.as_mut().expect("disk tier").occupy(t, h);
+        self.map
+            .entry(h)
+            .and_modify(|e| e.disk = t)
+            .or_insert(Entry { host: NIL, disk: t });
+        plan.write_by_disk.insert(t, plan.writes.len());
+        plan.writes.push(Write {
+            disk_slot: t,
+            src,
+            hash: h,
+            victim,
+            live: true,
+        });
+    }
+
+    fn evict_disk(&mut self, t: u32, plan: &mut Plan) {
+        let disk = self.disk.as_mut().expect("disk tier");
+        let wh = disk.hash_of[t as usize];
+        disk.release(t);
+        self.stats.disk_evictions += 1;
+        if let Some(wi) = plan.write_by_disk.remove(&t) {
+            plan.writes[wi].live = false;
+        }
+        let e = self.map.get_mut(&wh).expect("registered");
+        e.disk = NIL;
+        if e.host == NIL {
+            self.map.remove(&wh);
+            self.stats.dropped_blocks += 1;
+        }
+    }
+
+    /// Undo what a failed plan registered. Called with the plan whose disk
+    /// write failed, before any host copy ran.
+    fn roll_back(&mut self, plan: &Plan) {
+        let mut touched = Vec::new();
+        for w in plan.writes.iter().filter(|w| w.live) {
+            if let Some(e) = self.map.get_mut(&w.hash) {
+                if e.disk == w.disk_slot {
+                    e.disk = NIL;
+                    self.disk.as_mut().expect("disk tier").release(w.disk_slot);
+                }
+            }
+            touched.push(w.hash);
+        }
+        for c in plan.copies.iter().filter(|c| c.live) {
+            let host = self.host.as_mut().expect("host tier");
+            let h = host.hash_of[c.host_slot as usize];
+            if let Some(e) = self.map.get_mut(&h) {
+                if e.host == c.host_slot {
+                    e.host = NIL;
+                    host.release(c.host_slot);
+                }
+            }
+            touched.push(h);
+        }
+        for h in touched {
+            if let Some(e) = self.map.get(&h) {
+                if e.host == NIL && e.disk == NIL {
+                    self.map.remove(&h);
+                    self.stats.dropped_blocks += 1;
+                }
+            }
+        }
+    }
+
+    fn prefix(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .position(|h| !self.map.contains_key(h))
+            .unwrap_or(hashes.len())
+    }
+}
+
+/// The tiers' state behind one lock; see the module docs for the policy.
+pub struct BlockManager {
+    state: Mutex<State>,
+    host: Option<Arc<HostStorage>>,
+    disk: Option<Arc<DiskStorage>>,
+    block_size: usize,
+}
+
+fn capacity(n: u64, what: &str) -> Result<u32> {
+    if n >= NIL as u64 {
+        return Err(Error::InvalidArgument(format!(
+            "the {what} tier has {n} blocks; at most {} are supported",
+            PENDING - 1
+        )));
+    }
+    Ok(n as u32)
+}
+
+impl BlockManager {
+    pub fn new(
+        block_size: usize,
+        host: Option<Arc<HostStorage>>,
+        disk: Option<Arc<DiskStorage>>,
+    ) -> Result<Self> {
+        if host.is_none() && disk.is_none() {
+            return Err(Error::InvalidArgument(
+                "a block manager needs a host tier, a disk tier or both (both sizes are 0)".into(),
+            ));
+        }
+        if let Some(h) = &host {
+            if h.block_size() != block_size {
+                return Err(Error::InvalidArgument(format!(
+                    "host tier block_size {} differs from the manager's {block_size}",
+                    h.block_size()
+                )));
+            }
+        }
+        if let Some(d) = &disk {
+            if d.block_size() != block_size {
+                return Err(Error::InvalidArgument(format!(
+                    "disk tier block_size {} differs from the manager's {block_size}",
+                    d.block_size()
+                )));
+            }
+        }
+        let host_tier = match &host {
+            Some(h) => Some(Tier::new(capacity(h.num_blocks(), "host")?)),
+            None => None,
+        };
+        let disk_tier = match &disk {
+            Some(d) => Some(Tier::new(capacity(d.num_blocks(), "disk")?)),
+            None => None,
+        };
+        Ok(BlockManager {
+            state: Mutex::new(State {
+                map: Map::default(),
+                host: host_tier,
+                disk: disk_tier,
+                stats: Stats::default(),
+                warnings: Vec::new(),
+            }),
+            host,
+            disk,
+            block_size,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn region(&self) -> Result<Option<Arc<Region>>> {
+        match &self.host {
+            Some(h) => Ok(Some(h.region()?)),
+            None => Ok(None),
+        }
+    }
+
+    fn check_len(&self, n: usize, len: usize, name: &str) -> Result<()> {
+        let want = n.saturating_mul(self.block_size);
+        if len != want {
+            return Err(Error::Buffer(format!(
+                "{name} holds {len} bytes but {n} blocks of block_size {} need exactly {want}",
+                self.block_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run a plan: one batched disk write, then one parallel host copy.
+    fn execute(&self, st: &mut State, plan: &Plan, region: Option<&Region>) -> Result<()> {
+        let mut writes: Vec<(u64, usize, bool)> = plan
+            .writes
+            .iter()
+            .filter(|w| w.live)
+            .map(|w| {
+                let addr = match w.src {
+                    Src::Addr(a) => a,
+                    Src::HostSlot(s) => {
+                        let (h, r) = (self.host.as_ref().expect("host"), region.expect("region"));
+                        h.slot_ptr(r, s as u64) as usize
+                    }
+                };
+                (w.disk_slot as u64, addr, w.victim)
+            })
+            .collect();
+        if !writes.is_empty() {
+            writes.sort_unstable_by_key(|w| w.0);
+            let slots: Vec<u64> = writes.iter().map(|w| w.0).collect();
+            let addrs: Vec<usize> = writes.iter().map(|w| w.1).collect();
+            let disk = self.disk.as_ref().expect("disk tier");
+            // SAFETY: every address is a live host slot (region held) or a
+            // block of the caller's buffer, held for this call.
+            if let Err(e) = unsafe { disk.write_blocks_from(&slots, &addrs) } {
+                st.stats.failed_writes += slots.len() as u64;
+                st.roll_back(plan);
+                return Err(e);
+            }
+            st.stats.offloaded_blocks += writes.iter().filter(|w| w.2).count() as u64;
+        }
+        let copies: Vec<&Copy> = plan.copies.iter().filter(|c| c.live).collect();
+        if !copies.is_empty() {
+            let host = self.host.as_ref().expect("host tier");
+            let slots: Vec<u64> = copies.iter().map(|c| c.host_slot as u64).collect();
+            // SAFETY: slots are in range; each addr is a block of the caller's
+            // buffer held for this call; host slots are distinct (one live
+            // copy per slot).
+            unsafe { host.copy_slots(region.expect("region"), &slots, |i| copies[i].addr, true) };
+        }
+        Ok(())
+    }
+
+    /// Store blocks `hashes[i]` from `src + i * block_size`. Returns how many
+    /// were new.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn put_raw(&self, hashes: &[u64], src: *const u8, len: usize) -> Result<usize> {
+        self.check_len(hashes.len(), len, "src")?;
+        let region = self.region()?;
+        let mut st = self.lock();
+        let mut plan = Plan::default();
+        let mut new = 0usize;
+        for (i, &h) in hashes.iter().enumerate() {
+            if let Some(&e) = st.map.get(&h) {
+                st.touch(e);
+                continue;
+            }
+            new += 1;
+            let addr = src as usize + i * self.block_size;
+            if st.host.is_some() {
+                st.host_insert(h, addr, &mut plan);
+            } else {
+                st.disk_insert(h, Src::Addr(addr), false, &mut plan);
+            }
+        }
+        self.execute(&mut st, &plan, region.as_deref())?;
+        st.stats.put_blocks += hashes.len() as u64;
+        st.stats.put_new += new as u64;
+        Ok(new)
+    }
+
+    /// Copy the longest stored prefix of `hashes` into `dst`; returns its
+    /// length.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes for the whole call and
+    /// untouched by others meanwhile.
+    pub unsafe fn get_raw(&self, hashes: &[u64], dst: *mut u8, len: usize) -> Result<usize> {
+        self.check_len(hashes.len(), len, "dst")?;
+        let region = self.region()?;
+        let mut st = self.lock();
+        st.stats.get_calls += 1;
+        let n = st.prefix(hashes);
+        let bs = self.block_size;
+        let base = dst as usize;
+        let addr = move |i: usize| base + i * bs;
+        // Phase A: read every block from where it is now.
+        let mut host_slots = Vec::new();
+        let mut host_idx = Vec::new();
+        let mut disk_reads: Vec<(u64, usize)> = Vec::new();
+        let mut promote = Vec::new();
+        for (i, h) in hashes[..n].iter().enumerate() {
+            let e = st.map[h];
+            if e.host != NIL {
+                host_slots.push(e.host as u64);
+                host_idx.push(i);
+            } else {
+                disk_reads.push((e.disk as u64, i));
+                promote.push(i);
+            }
+        }
+        if !host_slots.is_empty() {
+            let host = self.host.as_ref().expect("host tier");
+            // SAFETY: slots registered in range; dst blocks are the caller's.
+            unsafe {
+                host.copy_slots(
+                    region.as_deref().expect("region"),
+                    &host_slots,
+                    |k| addr(host_idx[k]),
+                    false,
+                )
+            };
+        }
+        if !disk_reads.is_empty() {
+            let disk = self.disk.as_ref().expect("disk tier");
+            let slots: Vec<u64> = disk_reads.iter().map(|r| r.0).collect();
+            let dsts: Vec<usize> = disk_reads.iter().map(|r| addr(r.1)).collect();
+            // A block may appear twice in `hashes`; reading one slot into two
+            // places is fine.
+            // SAFETY: distinct blocks of the caller's dst.
+            unsafe { disk.read_blocks_into(&slots, &dsts) }?;
+        }
+        st.stats.host_hits += host_slots.len() as u64;
+        st.stats.disk_hits += disk_reads.len() as u64;
+        st.stats.misses += (hashes.len() - n) as u64;
+        // Phase B: touch in order, then promote disk-only blocks in order.
+        for h in &hashes[..n] {
+            if let Some(&e) = st.map.get(h) {
+                st.touch(e);
+            }
+        }
+        if st.host.is_some() && !promote.is_empty() {
+            let mut plan = Plan::default();
+            let mut promoted = 0u64;
+            for &i in &promote {
+                let h = hashes[i];
+                if st.map.get(&h).is_some_and(|e| e.host != NIL) {
+                    continue; // listed twice: already promoted
+                }
+                st.host_insert(h, addr(i), &mut plan);
+                promoted += 1;
+            }
+            match self.execute(&mut st, &plan, region.as_deref()) {
+                Ok(()) => st.stats.onboarded_blocks += promoted,
+                Err(e) => {
+                    // The caller's data is complete; only the promotion (and
+                    // the offload it caused) failed and was rolled back.
+                    st.warnings.push(format!(
+                        "promoting {promoted} blocks into the host tier failed and was undone: {e}"
+                    ));
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    pub fn put(&self, hashes: &[u64], src: &[u8]) -> Result<usize> {
+        // SAFETY: a valid slice.
+        unsafe { self.put_raw(hashes, src.as_ptr(), src.len()) }
+    }
+
+    pub fn get(&self, hashes: &[u64], dst: &mut [u8]) -> Result<usize> {
+        // SAFETY: a valid exclusive slice.
+        unsafe { self.get_raw(hashes, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Length of the longest stored prefix (changes no recency).
+    pub fn match_prefix(&self, hashes: &[u64]) -> usize {
+        self.lock().prefix(hashes)
+    }
+
+    pub fn contains(&self, h: u64) -> bool {
+        self.lock().map.contains_key(&h)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forget blocks; returns how many were stored.
+    pub fn remove(&self, hashes: &[u64]) -> usize {
+        let mut st = self.lock();
+        let mut n = 0;
+        for h in hashes {
+            if let Some(e) = st.map.remove(h) {
+                n += 1;
+                if e.host != NIL {
+                    st.host.as_mut().expect("host tier").release(e.host);
+                }
+                if e.disk != NIL {
+                    st.disk.as_mut().expect("disk tier").release(e.disk);
+                }
+            }
+        }
+        n
+    }
+
+    pub fn clear(&self) {
+        let mut st = self.lock();
+        st.map.clear();
+        if let Some(t) = st.host.as_mut() {
+            t.reset();
+        }
+        if let Some(t) = st.disk.as_mut() {
+            t.reset();
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.lock().stats.clone()
+    }
+
+    /// (blocks in host, blocks on disk)
+    pub fn usage(&self) -> (usize, usize) {
+        let st = self.lock();
+        (
+            st.host.as_ref().map_or(0, Tier::used),
+            st.disk.as_ref().map_or(0, Tier::used),
+        )
+    }
+
+    /// Hashes in LRU order (least recent first) for the host and disk tiers:
+    /// for tests and debugging.
+    pub fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
+        let st = self.lock();
+        let order = |t: &Option<Tier>| {
+            t.as_ref().map_or_else(Vec::new, |t| {
+                t.lru
+                    .order()
+                    .into_iter()
+                    .map(|s| t.hash_of[s as usize])
+                    .collect()
+            })
+        };
+        (order(&st.host), order(&st.disk))
+    }
+
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.lock().warnings)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn host(&self) -> Option<&Arc<HostStorage>> {
+        self.host.as_ref()
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskStorage>> {
+        self.disk.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use crate::host::{HostOptions, Pin};
+
+    fn mgr(host: u64, disk: u64, bs: usize, dir: &std::path::Path) -> BlockManager {
+        let h = (host > 0).then(|| {
+            Arc::new(
+                HostStorage::new(
+                    host,
+                    bs,
+                    &HostOptions {
+                        pin: Pin::Off,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            )
+        });
+        let d = (disk > 0)
+            .then(|| Arc::new(DiskStorage::open(dir, disk, bs, &DiskOptions::default()).unwrap()));
+        BlockManager::new(bs, h, d).unwrap()
+    }
+
+    fn block(h: u64, bs: usize) -> Vec<u8> {
+        (0..bs).map(|i| (h as usize * 131 + i) as u8).collect()
+    }
+
+    #[test]
+    fn lru_list() {
+        let mut l = Lru::new(4);
+        for s in 0..4 {
+            l.push_back(s);
+        }
+        l.touch(1);
+        l.remove(2);
+        assert_eq!(l.order(), vec![0, 3, 1]);
+        assert_eq!(l.front(), Some(0));
+    }
+
+    #[test]
+    fn offload_and_onboard_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096;
+        let m = mgr(2, 4, bs, dir.path());
+        for h in 0..5u64 {
+            assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
+        }
+        // host holds 3,4; disk holds 0,1,2 (offloaded in order)
+        assert_eq!(m.lru_order(), (vec![3, 4], vec![0, 1, 2]));
+        let mut out = vec![0u8; 3 * bs];
+        assert_eq!(m.get(&[0, 1, 9], &mut out).unwrap(), 2);
+        assert_eq!(&out[..bs], &block(0, bs)[..]);
+        assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
+        // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
+        let (host, disk) = m.lru_order();
+        assert_eq!(host, vec![0, 1]);
+        assert_eq!(disk, vec![0, 1, 3, 4]);
+        assert!(!m.contains(2));
+        let s = m.stats();
+        assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
+        let mut one = vec![0u8; bs];
+        for h in [0u64, 1, 3, 4] {
+            assert_eq!(m.get(&[h], &mut one).unwrap(), 1, "block {h}");
+            assert_eq!(one, block(h, bs));
+        }
+    }
+}

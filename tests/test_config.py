@@ -1,0 +1,146 @@
+"""Config: sizes, layouts, and every environment variable from_env reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynblock import Config, EnvError, KvLayout
+
+
+def test_layout_computes_block_size() -> None:
+    # Llama-3-8B-like: 32 layers, K and V, 512 tokens, 8 kv heads x 128 dims, bf16
+    lay = KvLayout(num_layers=32, outer_dim=2, page_size=512, inner_dim=8 * 128, dtype="bfloat16")
+    assert lay.block_size == 64 << 20
+    c = Config(layout=lay, host_blocks=4)
+    assert c.block_size == 64 << 20 and c.host_bytes == 4 * (64 << 20)
+    mla = KvLayout(num_layers=2, outer_dim=1, page_size=16, inner_dim=576, dtype="float8_e4m3fn")
+    assert mla.block_size == 2 * 16 * 576
+    assert KvLayout(1, 2, 4, 8, dtype="float32").block_size == 256
+
+
+def test_bytes_round_down_to_blocks_and_repr_shows_resolved_values(tmp_path) -> None:
+    c = Config(block_size=1000, host_bytes=4500, disk_bytes=10_999, disk_dir=str(tmp_path))
+    assert c.host_blocks == 4 and c.disk_blocks == 10
+    assert c.host_bytes == 4000 and c.disk_bytes == 10_000
+    r = repr(c)
+    assert "host_blocks=4" in r and "disk_blocks=10" in r and "block_size=1000" in r
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(), ValueError, "block_size"),
+        (dict(block_size=0, host_blocks=1), ValueError, "block_size"),
+        (dict(block_size=4096), ValueError, "both tiers are empty"),
+        (dict(block_size=4096, host_blocks=-1), ValueError, "host_blocks"),
+        (dict(block_size=4096, host_blocks=1.5), TypeError, "host_blocks"),
+        (dict(block_size=4096, host_blocks=2, host_bytes=4096), ValueError, "disagree"),
+        (dict(block_size=4096, host_blocks=1, o_direct="maybe"), ValueError, "o_direct"),
+        (dict(block_size=4096, host_blocks=1, pin="always"), ValueError, "pin"),
+        (dict(block_size=4096, host_blocks=1, numa_node=-2), ValueError, "numa_node"),
+        (dict(block_size=4096, host_blocks=1, io_depth=0), ValueError, "io_depth"),
+        (dict(block_size=4096, host_blocks=1, policy="lfu"), ValueError, "policy"),
+        (dict(block_size=100, layout=KvLayout(1, 2, 4, 8), host_blocks=1), ValueError, "disagrees"),
+    ],
+)
+def test_bad_configs(kwargs, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        Config(**kwargs)
+
+
+def test_bad_layouts() -> None:
+    with pytest.raises(ValueError, match="outer_dim"):
+        KvLayout(1, 3, 4, 8)
+    with pytest.raises(ValueError, match="num_layers"):
+        KvLayout(0, 2, 4, 8)
+    with pytest.raises(ValueError, match="dtype"):
+        KvLayout(1, 2, 4, 8, dtype="float13")
+
+
+def test_from_env_reads_dynblock_names() -> None:
+    env = {
+        "DYNBLOCK_BLOCK_SIZE": "65536",
+        "DYNBLOCK_HOST_BLOCKS": "100",
+        "DYNBLOCK_DISK_BYTES": "6553600",
+        "DYNBLOCK_DISK_DIR": "/mnt/nvme",
+        "DYNBLOCK_DISABLE_O_DIRECT": "yes",
+        "DYNBLOCK_NUMA_NODE": "1",
+        "DYNBLOCK_GPU": "3",
+        "DYNBLOCK_PIN": "off",
+        "DYNBLOCK_IO_DEPTH": "32",
+    }
+    c = Config.from_env(env)
+    assert (c.block_size, c.host_blocks, c.disk_blocks) == (65536, 100, 100)
+    assert c.disk_dir == "/mnt/nvme" and c.o_direct is False
+    assert c.numa_node == 1 and c.gpu == 3 and c.pin is False and c.io_depth == 32
+    assert Config.from_env({**env, "DYNBLOCK_NUMA_NODE": "auto"}).numa_node == "auto"
+
+
+def test_from_env_reads_dynamo_names() -> None:
+    env = {
+        "DYN_KVBM_CPU_CACHE_GB": "0.5",  # decimal GB: 500,000,000 bytes
+        "DYN_KVBM_DISK_CACHE_GB": "2",
+        "DYN_KVBM_DISK_CACHE_DIR": "/scratch/kv",
+        "DYN_KVBM_DISK_DISABLE_O_DIRECT": "false",  # false means false
+        "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "false",
+        "DYN_MEMORY_DISABLE_NUMA": "1",
+    }
+    c = Config.from_env(env, block_size=1 << 20)
+    assert c.host_blocks == 500_000_000 // (1 << 20) == 476
+    assert c.disk_blocks == 2_000_000_000 // (1 << 20) == 1907
+    assert c.disk_dir == "/scratch/kv" and c.o_direct is True
+    assert c.preallocate == "sparse-fallback" and c.numa_node is None
+    assert Config.from_env({**env, "DYN_KVBM_DISK_ZEROFILL_FALLBACK": "1"}, block_size=4096).preallocate == "auto"
+    over = Config.from_env({**env, "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "7",
+                            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS": "9"}, block_size=4096)
+    assert over.host_blocks == 7 and over.disk_blocks == 9
+
+
+def test_dynblock_names_win_and_overrides_win_over_both() -> None:
+    env = {"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BLOCKS": "5",
+           "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "7",
+           "DYNBLOCK_DISABLE_O_DIRECT": "0", "DYN_KVBM_DISK_DISABLE_O_DIRECT": "1",
+           "DYNBLOCK_DISK_DIR": "/a", "DYN_KVBM_DISK_CACHE_DIR": "/b", "DYNBLOCK_DISK_BLOCKS": "3"}
+    c = Config.from_env(env)
+    assert c.host_blocks == 5 and c.o_direct is True and c.disk_dir == "/a"
+    c = Config.from_env(env, host_bytes=4096 * 9, disk_dir="/c")
+    assert c.host_blocks == 9 and c.disk_dir == "/c"
+
+
+@pytest.mark.parametrize(
+    "var,value,match",
+    [
+        ("DYNBLOCK_BLOCK_SIZE", "2MiB", "whole number"),
+        ("DYNBLOCK_BLOCK_SIZE", "0", ">= 1"),
+        ("DYNBLOCK_HOST_BLOCKS", "-3", ">= 0"),
+        ("DYN_KVBM_CPU_CACHE_GB", "lots", "decimal number"),
+        ("DYN_KVBM_DISK_CACHE_GB", "-1", ">= 0"),
+        ("DYN_KVBM_DISK_CACHE_GB", "nan", "finite"),
+        ("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "1e3", "whole number"),
+        ("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "x", "whole number"),
+        ("DYN_KVBM_DISK_CACHE_DIR", "  ", "empty"),
+        ("DYN_KVBM_DISK_DISABLE_O_DIRECT", "disabled", "1/true/yes/on"),
+        ("DYN_KVBM_DISK_ZEROFILL_FALLBACK", "2", "1/true/yes/on"),
+        ("DYN_MEMORY_DISABLE_NUMA", "", "1/true/yes/on"),
+        ("DYNBLOCK_DISABLE_NUMA", "nope", "1/true/yes/on"),
+        ("DYNBLOCK_NUMA_NODE", "first", "whole number"),
+        ("DYNBLOCK_PIN", "sometimes", "1/true/yes/on"),
+        ("DYNBLOCK_IO_DEPTH", "0", ">= 1"),
+    ],
+)
+def test_from_env_rejects_invalid_values_naming_the_variable(var, value, match) -> None:
+    env = {"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BLOCKS": "1", var: value}
+    with pytest.raises(EnvError, match=var) as ei:
+        Config.from_env(env)
+    assert match in str(ei.value)
+
+
+def test_from_env_without_a_block_size() -> None:
+    with pytest.raises(EnvError, match="DYNBLOCK_BLOCK_SIZE"):
+        Config.from_env({"DYNBLOCK_HOST_BLOCKS": "1"})
+
+
+def test_replace_re_resolves_sizes() -> None:
+    c = Config(block_size=4096, host_blocks=4)
+    d = c.replace(host_bytes=4096 * 10, block_size=4096)
+    assert d.host_blocks == 10 and c.host_blocks == 4

@@ -1,0 +1,354 @@
+"""The block manager against a pure-Python model of its policy, on real tiers
+(anonymous O_DIRECT file, mmap'd host memory), plus threads and bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import dynblock
+from dynblock import BlockManager, Config
+
+
+class PolicyModel:
+    """The documented policy, block by block (see rust/manager.rs)."""
+
+    def __init__(self, host_cap: int, disk_cap: int) -> None:
+        self.H, self.D = host_cap, disk_cap
+        self.host: "OrderedDict[int, None]" = OrderedDict()
+        self.disk: "OrderedDict[int, None]" = OrderedDict()
+        self.data: Dict[int, bytes] = {}
+        self.dropped = 0
+        self.inflight = None
+
+    def present(self, h: int) -> bool:
+        return h in self.host or h in self.disk
+
+    def touch(self, h: int) -> None:
+        if h in self.host:
+            self.host.move_to_end(h)
+        if h in self.disk:
+            self.disk.move_to_end(h)
+
+    def _drop(self, h: int) -> None:
+        self.data.pop(h, None)
+        self.dropped += 1
+
+    def host_insert(self, h: int) -> None:
+        self.inflight = h  # its own eviction cascade must not drop it
+        while len(self.host) >= self.H:
+            v, _ = self.host.popitem(last=False)
+            if v in self.disk:
+                continue
+            if self.D:
+                self.disk_insert(v)
+            else:
+                self._drop(v)
+        self.host[h] = None
+        self.inflight = None
+
+    def disk_insert(self, h: int) -> None:
+        while len(self.disk) >= self.D:
+            w, _ = self.disk.popitem(last=False)
+            if w not in self.host and w != self.inflight:
+                self._drop(w)
+        self.disk[h] = None
+
+    def put(self, hashes: List[int], blocks: List[bytes]) -> int:
+        new = 0
+        for h, b in zip(hashes, blocks):
+            if self.present(h):
+                self.touch(h)
+                continue
+            new += 1
+            if self.H:
+                self.host_insert(h)
+            else:
+                self.disk_insert(h)
+            self.data[h] = b
+        return new
+
+    def match(self, hashes: List[int]) -> int:
+        n = 0
+        for h in hashes:
+            if not self.present(h):
+                break
+            n += 1
+        return n
+
+    def get(self, hashes: List[int]) -> List[bytes]:
+        n = self.match(hashes)
+        got = [self.data[h] for h in hashes[:n]]
+        disk_only = [h for h in hashes[:n] if h not in self.host]
+        for h in hashes[:n]:
+            self.touch(h)
+        if self.H:
+            for h in disk_only:
+                if h in self.host:
+                    continue
+                self.host_insert(h)  # may drop its own disk copy: its bytes come from `got`
+                self.data[h] = got[hashes.index(h)]
+        return got
+
+    def remove(self, hashes: List[int]) -> int:
+        n = 0
+        for h in hashes:
+            if self.present(h):
+                n += 1
+                self.host.pop(h, None)
+                self.disk.pop(h, None)
+                del self.data[h]
+        return n
+
+
+hash_lists = st.lists(st.integers(0, 12), min_size=1, max_size=6)
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    @initialize(
+        caps=st.sampled_from([(0, 3), (1, 0), (2, 0), (1, 1), (2, 3), (3, 2), (2, 5), (4, 4)]),
+        block_size=st.sampled_from([512, 1000, 4096]),
+        o_direct=st.booleans(),
+    )
+    def setup(self, caps, block_size, o_direct) -> None:
+        self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
+        h, d = caps
+        self.bs = block_size
+        self.model = PolicyModel(h, d)
+        cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
+                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3)
+        self.m = BlockManager(cfg)
+        self.rng = np.random.default_rng(0)
+
+    def teardown(self) -> None:
+        if hasattr(self, "m"):
+            self.m.close()
+            assert os.listdir(self.dir) == []
+            shutil.rmtree(self.dir)
+
+    @rule(hashes=hash_lists)
+    def put(self, hashes) -> None:
+        src = self.rng.integers(0, 256, size=len(hashes) * self.bs, dtype=np.uint8)
+        blocks = [src[i * self.bs:(i + 1) * self.bs].tobytes() for i in range(len(hashes))]
+        assert self.m.put(np.array(hashes, dtype=np.uint64), src) == self.model.put(hashes, blocks)
+
+    @rule(hashes=hash_lists)
+    def get(self, hashes) -> None:
+        dst = np.zeros(len(hashes) * self.bs, dtype=np.uint8)
+        n = self.m.get(hashes, dst)
+        want = self.model.get(hashes)
+        assert n == len(want)
+        for i, b in enumerate(want):
+            assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"block {hashes[i]}"
+
+    @rule(hashes=hash_lists)
+    def match(self, hashes) -> None:
+        assert self.m.match(hashes) == self.model.match(hashes)
+
+    @rule(hashes=hash_lists)
+    def remove(self, hashes) -> None:
+        assert self.m.remove(hashes) == self.model.remove(hashes)
+
+    @invariant()
+    def same_state(self) -> None:
+        if not hasattr(self, "m"):
+            return
+        host, disk = self.m.lru_order()
+        assert host == list(self.model.host)
+        assert disk == list(self.model.disk)
+        assert len(self.m) == len(self.model.data)
+        s = self.m.stats()
+        assert s["host_blocks_used"] <= self.model.H and s["disk_blocks_used"] <= self.model.D
+        assert s["dropped_blocks"] == self.model.dropped
+        for h in range(13):
+            assert (h in self.m) == self.model.present(h)
+
+
+ManagerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=25, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestManagerModel = ManagerMachine.TestCase
+
+
+# --- concrete behaviour -------------------------------------------------------
+
+def block_for(h: int, bs: int) -> np.ndarray:
+    return np.random.default_rng(h).integers(0, 256, size=bs, dtype=np.uint8)
+
+
+def make(tmp_path: Path, h: int, d: int, bs: int = 4096, **kw) -> BlockManager:
+    return BlockManager(Config(block_size=bs, host_blocks=h, disk_blocks=d, disk_dir=str(tmp_path),
+                               numa_node=None, pin=False, **kw))
+
+
+def test_tiers_alone_and_together(tmp_path: Path) -> None:
+    bs = 8192
+    for h, d in [(4, 0), (0, 4), (2, 4)]:
+        with make(tmp_path, h, d, bs) as m:
+            hashes = [11, 22, 33, 44]
+            src = np.concatenate([block_for(x, bs) for x in hashes])
+            assert m.put(hashes, src) == 4
+            assert m.put(hashes, src) == 0  # already stored
+            assert m.match(hashes + [55]) == 4
+            out = np.zeros_like(src)
+            assert m.get(hashes, out) == 4 and np.array_equal(out, src)
+            s = m.stats()
+            assert (s["host"] is None) == (h == 0) and (s["disk"] is None) == (d == 0)
+            assert s["put_new"] == 4 and s["put_blocks"] == 8
+    assert os.listdir(tmp_path) == []
+
+
+def test_stats_report_tier_modes(tmp_path: Path) -> None:
+    with make(tmp_path, 2, 4) as m:
+        s = m.stats()
+        assert s["disk"]["o_direct"] in (True, False) and "fallback_reason" in s["disk"]
+        assert s["host"]["pinned"] is False and s["host"]["numa_node"] is None
+        for k in ("host_hits", "disk_hits", "misses", "offloaded_bytes", "onboarded_bytes",
+                  "host_evictions", "disk_evictions"):
+            assert s[k] == 0
+
+
+def test_promotion_that_evicts_its_own_disk_copy_keeps_the_block(tmp_path: Path) -> None:
+    # host 1, disk 1: promoting 0 offloads 1, which pushes 0's disk copy out.
+    bs = 4096
+    with make(tmp_path, 1, 1, bs) as m:
+        m.put([0, 1], np.concatenate([block_for(0, bs), block_for(1, bs)]))
+        assert m.lru_order() == ([1], [0])
+        out = np.zeros(bs, np.uint8)
+        assert m.get([0], out) == 1 and np.array_equal(out, block_for(0, bs))
+        assert m.lru_order() == ([0], [1])
+        assert len(m) == 2 and m.stats()["dropped_blocks"] == 0
+        assert m.get([1], out) == 1 and np.array_equal(out, block_for(1, bs))
+        assert m.get([0], out) == 1 and np.array_equal(out, block_for(0, bs))
+
+
+def test_get_prefix_stops_at_first_miss(tmp_path: Path) -> None:
+    bs = 4096
+    with make(tmp_path, 4, 4, bs) as m:
+        m.put([1, 2, 4], np.concatenate([block_for(x, bs) for x in (1, 2, 4)]))
+        out = np.zeros(4 * bs, dtype=np.uint8)
+        assert m.get([1, 2, 3, 4], out) == 2
+        assert m.stats()["misses"] == 2
+        assert m.get([9], np.zeros(bs, np.uint8)) == 0
+
+
+def test_remove_clear_contains(tmp_path: Path) -> None:
+    with make(tmp_path, 2, 2) as m:
+        m.put([1, 2, 3], np.zeros(3 * 4096, np.uint8))
+        assert m.contains(1) and 3 in m and 7 not in m and len(m) == 3
+        assert m.remove([1, 7]) == 1 and len(m) == 2
+        m.clear()
+        assert len(m) == 0 and m.match([2, 3]) == 0
+        assert m.stats()["host_blocks_used"] == 0
+
+
+def test_bad_input_changes_nothing(tmp_path: Path) -> None:
+    bs = 4096
+    with make(tmp_path, 2, 2, bs) as m:
+        m.put([1], block_for(1, bs))
+        before = m.lru_order()
+        with pytest.raises(ValueError, match="need exactly 8192"):
+            m.put([2, 3], np.zeros(bs, np.uint8))
+        with pytest.raises(ValueError, match=r"hashes\[0\]"):
+            m.put([-1], np.zeros(bs, np.uint8))
+        with pytest.raises(ValueError, match=r"hashes\[1\]"):
+            m.put([5, 2**64], np.zeros(2 * bs, np.uint8))
+        with pytest.raises(BufferError, match="read-only"):
+            m.get([1], bytes(bs))
+        with pytest.raises(TypeError, match="hashes"):
+            m.match("abc")
+        with pytest.raises(ValueError, match="hash must be"):
+            m.contains(-5)
+        assert m.lru_order() == before and len(m) == 1
+        assert m.stats()["put_blocks"] == 1
+    with pytest.raises(ValueError, match="closed"):
+        m.put([1], block_for(1, bs))
+
+
+def test_hashes_use_the_full_64_bit_range(tmp_path: Path) -> None:
+    bs = 4096
+    with make(tmp_path, 1, 2, bs) as m:
+        hs = np.array([2**64 - 1, 0, 2**63], dtype=np.uint64)
+        src = np.concatenate([block_for(i, bs) for i in range(3)])
+        assert m.put(hs, src) == 3
+        out = np.zeros_like(src)
+        assert m.get(hs, out) == 3 and np.array_equal(out, src)
+        assert (2**64 - 1) in m
+
+
+def test_threads_do_not_corrupt_or_deadlock(tmp_path: Path) -> None:
+    bs = 4096
+    m = make(tmp_path, 8, 24, bs, io_depth=4)
+    errors: List[str] = []
+    universe = 40
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(150):
+                hs = [int(x) for x in rng.integers(0, universe, size=rng.integers(1, 6))]
+                if rng.random() < 0.5:
+                    m.put(hs, np.concatenate([block_for(h, bs) for h in hs]))
+                else:
+                    out = np.zeros(len(hs) * bs, np.uint8)
+                    n = m.get(hs, out)
+                    for i in range(n):
+                        if not np.array_equal(out[i * bs:(i + 1) * bs], block_for(hs[i], bs)):
+                            errors.append(f"wrong bytes for block {hs[i]}")
+                    m.match(hs)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread did not finish"
+    assert errors == []
+    s = m.stats()
+    assert s["host_blocks_used"] <= 8 and s["disk_blocks_used"] <= 24
+    m.close()
+
+
+def test_failed_offload_registers_nothing(tiny_tmpfs: Path) -> None:
+    """ENOSPC while evicting to a sparse disk tier: the put fails cleanly,
+    nothing half-registered, and the manager keeps serving."""
+    bs = 1 << 20
+    cfg = Config(block_size=bs, host_blocks=2, disk_blocks=12, disk_dir=str(tiny_tmpfs),
+                 numa_node=None, pin=False, preallocate="sparse")
+    m = BlockManager(cfg)
+    m.put([1, 2], np.concatenate([block_for(1, bs), block_for(2, bs)]))
+    filler = tiny_tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * bs)
+                f.flush()
+        except OSError:
+            pass
+    with pytest.raises(OSError) as ei:
+        m.put([3, 4], np.concatenate([block_for(3, bs), block_for(4, bs)]))
+    assert ei.value.errno == 28  # ENOSPC
+    # 3 and 4 not stored; 1 and 2 (the victims whose offload failed) are gone,
+    # never registered on disk with bytes that are not there.
+    for h in (1, 2, 3, 4):
+        assert h not in m
+    assert m.stats()["failed_writes"] >= 1
+    filler.unlink()
+    m.put([5], block_for(5, bs))
+    out = np.zeros(bs, np.uint8)
+    assert m.get([5], out) == 1 and np.array_equal(out, block_for(5, bs))
+    m.close()
