@@ -4,52 +4,191 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dynblock import bench
+from dynblock import BlockManager, Config
+from dynblock.bench import evaluate_goals, parse_size
+from dynblock.bench.common import Case
+from dynblock.bench.trace import find_trace, load_trace, parse_trace, replay
+
+TINY = ["--repeat", "2", "--block-sizes", "64KiB", "--disk-size", "1MiB", "--batch-size", "256KiB",
+        "--fio-depths", "1,4", "--host-size", "4MiB", "--populate-size", "4MiB",
+        "--tiered-size", "16MiB", "--trace-requests", "20", "--payload", "16KiB",
+        "--trace-host-blocks", "64", "--trace-disk-blocks", "256"]
+
+
+def run_bench(args, env=None, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynblock.bench", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
 
 
 def test_parse_size() -> None:
-    assert bench.parse_size("2MiB") == 2 << 20
-    assert bench.parse_size("64k") == 64 << 10
-    assert bench.parse_size("4096") == 4096
+    assert parse_size("2MiB") == 2 << 20
+    assert parse_size("64k") == 64 << 10
+    assert parse_size("4096") == 4096
     with pytest.raises(Exception):
-        bench.parse_size("lots")
+        parse_size("lots")
 
 
-def test_json_run_in_a_subprocess(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    r = subprocess.run(
-        [sys.executable, "-m", "dynblock.bench", "--json", "--dir", str(tmp_path),
-         "--block-size", "64KiB", "--blocks", "8", "--batch", "4", "--repeat", "2",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("bench")
+    out = d / "r.json"
+    r = run_bench(["--json", "--dir", str(d), "--out", str(out), *TINY])
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data == json.loads(out.read_text())
-    assert data["machine"]["filesystem"] and data["machine"]["kernel"]
-    cases = data["cases"]
-    impls = {(c["impl"], c["op"]) for c in cases}
-    assert ("python-naive", "read") in impls and ("dynblock-o_direct", "write") in impls
-    by = {(c["impl"], c["op"]): c for c in cases}
-    for c in cases:
-        assert len(c["gib_s"]) == 2 and c["min_gib_s"] <= c["median_gib_s"] <= c["max_gib_s"]
-        if c["impl"].startswith("dynblock"):
-            base = by[("python-naive", c["op"])]["median_gib_s"]
-            assert c["ratios"]["vs_python_naive"] == pytest.approx(c["median_gib_s"] / base)
-    # nothing left in the directory
-    assert sorted(os.listdir(tmp_path)) == ["r.json"]
+    assert sorted(os.listdir(d)) == ["r.json"]  # nothing else left behind
+    return data
 
 
-def test_bad_arguments_exit_2(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "dynblock.bench", "--blocks", "0"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--blocks" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "dynblock.bench", "--dir", str(tmp_path / "x")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "not a directory" in r.stderr
+def test_json_schema(tiny_run) -> None:
+    m = tiny_run["machine"]
+    for k in ("kernel", "filesystem", "cpus", "build", "python"):
+        assert m[k]
+    assert {c["workload"] for c in tiny_run["cases"]} >= {"disk", "host", "tiered", "overhead"}
+    for c in tiny_run["cases"]:
+        assert set(c) >= {"workload", "impl", "op", "params", "unit", "values", "median", "min", "max", "ratios"}
+        assert len(c["values"]) == 2
+        assert c["min"] <= c["median"] <= c["max"]
+        assert all(v > 0 for v in c["values"])
+    assert isinstance(tiny_run["goals"], list) and isinstance(tiny_run["notes"], list)
+
+
+def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:
+    cases = tiny_run["cases"]
+
+    def find(impl, op, **p):
+        return [c for c in cases if c["impl"] == impl and c["op"] == op
+                and all(c["params"].get(k) == v for k, v in p.items())]
+
+    for c in find("dynblock-o_direct", "read") + find("dynblock-o_direct", "write"):
+        naive = find("python-naive", c["op"], block_size=c["params"]["block_size"])[0]
+        assert c["ratios"]["vs_python_naive"] == pytest.approx(c["median"] / naive["median"])
+        fios = find("fio", c["op"], block_size=c["params"]["block_size"])
+        if fios:
+            best = max(f["median"] for f in fios)
+            assert c["ratios"]["vs_device_limit"] == pytest.approx(c["median"] / best)
+    host_w = find("dynblock", "write", block_size=2 << 20)
+    one = find("numpy-copyto-1thread", "copy")[0]
+    many = [c for c in cases if c["impl"].startswith("numpy-copyto-") and c is not one][0]
+    limit = max(one["median"], many["median"])
+    assert host_w[0]["ratios"]["vs_memory_limit"] == pytest.approx(host_w[0]["median"] / limit)
+    pop = find("dynblock", "populate")[0]
+    single = find("single-thread-touch", "populate")[0]
+    assert pop["ratios"]["speedup_vs_single_thread"] == pytest.approx(single["median"] / pop["median"])
+
+
+def test_goals_follow_the_ratios() -> None:
+    c = Case("disk", "dynblock-o_direct", "read", dict(block_size=2 << 20, pattern="random"))
+    c.values = [1.0]
+    c.ratios = {"vs_device_limit": 0.95, "vs_python_naive": 0.5}
+    goals = evaluate_goals([c])
+    by = {g["goal"]: g for g in goals}
+    assert by["2 MiB random reads >= 0.9x fio's best depth"]["met"] is True
+    assert by["cold reads at least as fast as naive buffered Python (2 MiB)"]["met"] is False
+
+
+def test_clear_message_when_fio_is_missing(tmp_path: Path) -> None:
+    py_dir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items()}
+    env["PATH"] = py_dir  # a PATH without fio
+    if shutil.which("fio", path=env["PATH"]):
+        pytest.skip("fio sits beside the Python executable")
+    r = run_bench(["--workloads", "disk", "--dir", str(tmp_path), *TINY], env=env)
+    assert r.returncode == 0, r.stderr
+    assert "fio is not installed" in r.stdout and "apt-get install fio" in r.stdout
+    assert "vs_device_limit" not in r.stdout  # no ratio to a limit that was not measured
+
+
+def test_table_output_and_progress_free_pipe(tmp_path: Path) -> None:
+    r = run_bench(["--workloads", "host,overhead", "--dir", str(tmp_path), *TINY])
+    assert r.returncode == 0, r.stderr
+    assert "dynblock bench:" in r.stdout and "vs_memory_limit" in r.stdout
+    assert "us/call" in r.stdout and "\r[" not in r.stderr  # no progress bar when not a tty
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--repeat", "0"], "--repeat"),
+        (["--workloads", "disk,gpu"], "choose from"),
+        (["--block-sizes", "big"], "not a size"),
+        (["--dir", "/nonexistent/dir"], "not a directory"),
+        (["--trace", "/nonexistent.jsonl"], "not a file"),
+        (["--fio-depths", "0"], ">= 1"),
+    ],
+)
+def test_bad_arguments_exit_2(args, msg) -> None:
+    r = run_bench(args)
+    assert r.returncode == 2 and msg in r.stderr
+
+
+# --- trace parsing and hit counting -------------------------------------------
+
+SMALL_TRACE = """\
+{"timestamp": 0, "input_length": 1536, "output_length": 10, "hash_ids": [1, 2, 3]}
+{"timestamp": 5, "input_length": 1536, "output_length": 10, "hash_ids": [1, 2, 4]}
+
+{"timestamp": 9, "input_length": 512, "output_length": 1, "hash_ids": [5]}
+{"timestamp": 12, "input_length": 2048, "output_length": 3, "hash_ids": [1, 2, 4, 6]}
+"""
+
+
+def test_parse_trace_and_errors_name_the_line() -> None:
+    reqs = parse_trace(SMALL_TRACE.splitlines())
+    assert [r.hash_ids for r in reqs] == [[1, 2, 3], [1, 2, 4], [5], [1, 2, 4, 6]]
+    assert reqs[1].timestamp == 5
+    assert len(parse_trace(SMALL_TRACE.splitlines(), limit=2)) == 2
+    with pytest.raises(ValueError, match=r"t.jsonl:2"):
+        parse_trace(['{"hash_ids": [1]}', '{"hash_ids": "x"}'], source="t.jsonl")
+    with pytest.raises(ValueError, match=":1"):
+        parse_trace(["not json"])
+    with pytest.raises(ValueError, match="hash_ids"):
+        parse_trace(['{"timestamp": 1}'])
+
+
+def test_replay_hit_counting_matches_hand_computation(tmp_path: Path) -> None:
+    reqs = parse_trace(SMALL_TRACE.splitlines())
+    # host 2, disk 10:
+    # r1 [1,2,3]: no hit; put 1,2,3 -> host [2,3], disk [1]
+    # r2 [1,2,4]: match 2; get 1 (disk) and 2 (host); then 1 is promoted, evicting 3
+    #             -> host [2,1]; put 4 -> evicts 2 -> host [1,4]
+    # r3 [5]: no hit; put 5 -> host [4,5]
+    # r4 [1,2,4,6]: match 3; 1 disk, 2 disk, 4 host; put 6
+    # hits 2 + 3 = 5 of 11 refs; host hits 1 + 1 = 2; disk hits 1 + 2 = 3
+    cfg = Config(block_size=4096, host_blocks=2, disk_blocks=10, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False)
+    with BlockManager(cfg) as m:
+        r = replay(m, reqs)
+    assert (r.requests, r.block_refs, r.hit_blocks) == (4, 11, 5)
+    assert (r.host_hits, r.disk_hits) == (2, 3)
+    assert r.put_blocks == 6 and r.tokens_saved == 5 * 512
+    assert r.as_dict()["hit_rate"] == pytest.approx(5 / 11)
+
+
+def test_shared_traces_load_when_present() -> None:
+    path = find_trace()
+    if path is None:
+        pytest.skip("../shared/traces is not beside this checkout")
+    reqs = load_trace(path, limit=100)
+    assert len(reqs) == 100 and all(r.hash_ids for r in reqs)
+
+
+def test_plot(tmp_path: Path) -> None:
+    png = tmp_path / "p.png"
+    args = ["--workloads", "disk", "--dir", str(tmp_path), "--plot", str(png), "--no-fio", *TINY]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        r = run_bench(args)
+        assert r.returncode == 2 and "needs matplotlib" in r.stderr
+        return
+    r = run_bench(args)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

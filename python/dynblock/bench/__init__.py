@@ -1,0 +1,311 @@
+"""``python -m dynblock.bench``: throughput of dynblock's tiers side by side
+with what users would otherwise use, measured in one run.
+
+Workloads (``--workloads``, comma-separated; default: all):
+
+- ``disk``: write and read of N blocks per block size, random (and with
+  ``--patterns random,sequential`` sequential) slot order, O_DIRECT and
+  buffered (cold reads: O_DIRECT, or buffered after ``POSIX_FADV_DONTNEED``),
+  against fio ``direct=1`` at several depths (the best is the device limit),
+  naive Python ``open/write/readinto`` and numpy ``tofile/fromfile``.
+- ``host``: batched copies into and out of the host tier against numpy
+  ``copyto`` on one thread and on all CPUs (the faster is the memory limit);
+  population time against a single thread touching the same pages.
+- ``tiered``: a BlockManager whose host tier is a quarter of the working set:
+  put (with offload to disk) and get (with onboarding) throughput.
+- ``trace``: replay of a real KV reuse trace (``../shared/traces``).
+- ``overhead``: per-call cost of match/put/get on small batches.
+
+Runs repeat (``--repeat``, default 3); each figure is the median with min and
+max, and dynblock's runs are interleaved with the baselines' so drift of a
+noisy machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+from .. import _core
+from .baselines import FIO_INSTALL_HINT, Fio
+from .common import Case, Progress, Results, machine_info, parse_size, size_label
+from .workloads import run_disk, run_host, run_overhead, run_tiered, run_trace
+
+__all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
+
+WORKLOADS = ("disk", "host", "tiered", "trace", "overhead")
+
+# (workload, impl, op, param filter, ratio key, threshold, description)
+GOALS = [
+    ("disk", "dynblock-o_direct", "read", dict(block_size=2 << 20, pattern="random"), "vs_device_limit", 0.9,
+     "2 MiB random reads >= 0.9x fio's best depth"),
+    ("disk", "dynblock-o_direct", "write", dict(block_size=2 << 20, pattern="random"), "vs_device_limit", 0.9,
+     "2 MiB random writes >= 0.9x fio's best depth"),
+    ("disk", "dynblock-o_direct", "read", dict(block_size=256 << 10, pattern="random"), "vs_device_limit", 0.85,
+     "256 KiB random reads >= 0.85x fio's best depth"),
+    ("disk", "dynblock-o_direct", "write", dict(block_size=256 << 10, pattern="random"), "vs_device_limit", 0.85,
+     "256 KiB random writes >= 0.85x fio's best depth"),
+    ("disk", "dynblock-o_direct", "read", dict(block_size=64 << 10, pattern="random"), "vs_device_limit", 0.75,
+     "64 KiB random reads >= 0.75x fio's best depth"),
+    ("disk", "dynblock-o_direct", "write", dict(block_size=64 << 10, pattern="random"), "vs_device_limit", 0.75,
+     "64 KiB random writes >= 0.75x fio's best depth"),
+    ("disk", "dynblock-o_direct", "read", dict(block_size=2 << 20, pattern="random"), "vs_python_naive", 1.0,
+     "cold reads at least as fast as naive buffered Python (2 MiB)"),
+    ("host", "dynblock", "write", {}, "vs_memory_limit", 0.8, "host-tier copies in >= 0.8x memory limit"),
+    ("host", "dynblock", "read", {}, "vs_memory_limit", 0.8, "host-tier copies out >= 0.8x memory limit"),
+    ("host", "dynblock", "populate", {}, "speedup_vs_single_thread", 1.5,
+     "host-tier population >= 1.5x faster than one thread"),
+]
+
+
+def evaluate_goals(cases: List[Case]) -> List[Dict[str, Any]]:
+    out = []
+    for wl, impl, op, filt, key, thr, desc in GOALS:
+        for c in cases:
+            if (c.workload, c.impl, c.op) != (wl, impl, op):
+                continue
+            if any(c.params.get(k) != v for k, v in filt.items()):
+                continue
+            if key not in c.ratios:
+                continue
+            r = c.ratios[key]
+            out.append({"goal": desc, "ratio": r, "threshold": thr, "met": r >= thr,
+                        "params": c.params})
+    return out
+
+
+def _sizes(text: str) -> List[int]:
+    return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"values must be >= 1: {text!r}")
+    return vals
+
+
+def _choices(allowed: tuple):
+    def parse(text: str) -> List[str]:
+        vals = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(allowed)}")
+        return vals
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dynblock.bench",
+        description="dynblock throughput, side by side with fio, naive Python and numpy.",
+    )
+    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--dir", help="directory for test files (default: a new temporary directory)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per case (default: 3)")
+    g = p.add_argument_group("disk")
+    g.add_argument("--block-sizes", type=_sizes, default=[64 << 10, 256 << 10, 2 << 20],
+                   help="comma-separated block sizes (default: 64KiB,256KiB,2MiB)")
+    g.add_argument("--disk-size", type=parse_size, default=128 << 20,
+                   help="bytes per disk case (default: 128MiB)")
+    g.add_argument("--patterns", type=_choices(("random", "sequential")), default=["random"],
+                   help="slot order: random,sequential (default: random)")
+    g.add_argument("--modes", type=_choices(("o_direct", "buffered")), default=["o_direct", "buffered"],
+                   help="dynblock I/O modes (default: o_direct,buffered)")
+    g.add_argument("--io-depth", type=int, default=16, help="dynblock I/Os in flight (default: 16)")
+    g.add_argument("--batch-size", type=parse_size, default=32 << 20,
+                   help="bytes per dynblock call (default: 32MiB)")
+    g.add_argument("--fio-depths", type=_ints, default=[1, 4, 16, 32],
+                   help="fio iodepths; the best is the device limit (default: 1,4,16,32)")
+    g.add_argument("--no-fio", action="store_true", help="skip the fio baseline")
+    g = p.add_argument_group("host")
+    g.add_argument("--host-size", type=parse_size, default=256 << 20,
+                   help="bytes copied per host case (default: 256MiB)")
+    g.add_argument("--populate-size", type=parse_size, default=1 << 30,
+                   help="host tier size for the population case (default: 1GiB)")
+    g = p.add_argument_group("tiered")
+    g.add_argument("--tiered-size", type=parse_size, default=256 << 20,
+                   help="working set of the tiered case (default: 256MiB)")
+    g.add_argument("--tiered-block-size", type=parse_size, default=2 << 20,
+                   help="block size of the tiered and host cases (default: 2MiB)")
+    g = p.add_argument_group("trace")
+    g.add_argument("--trace", help="trace file (JSONL; default: ../shared/traces/mooncake_conversation.jsonl)")
+    g.add_argument("--trace-requests", type=int, default=2000,
+                   help="replay the first N requests (default: 2000; 0: all)")
+    g.add_argument("--payload", type=parse_size, default=64 << 10,
+                   help="bytes per trace block (default: 64KiB)")
+    g.add_argument("--trace-host-blocks", type=int, default=2048, help="host tier blocks (default: 2048)")
+    g.add_argument("--trace-disk-blocks", type=int, default=16384, help="disk tier blocks (default: 16384)")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    g.add_argument("--out", help="also write the JSON object to this file")
+    g.add_argument("--plot", help="write a PNG of disk throughput by block size and depth (needs matplotlib)")
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    for name in ("repeat", "io_depth", "trace_host_blocks", "trace_disk_blocks"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.trace_requests < 0:
+        p.error("--trace-requests must be >= 0")
+    if a.dir is not None and not os.path.isdir(a.dir):
+        p.error(f"--dir {a.dir!r} is not a directory")
+    if a.trace is not None and not os.path.isfile(a.trace):
+        p.error(f"--trace {a.trace!r} is not a file")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install 'dynblock[plot]' (or pip install matplotlib)")
+
+
+def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Results, Fio]":
+    res = Results()
+    fio = Fio() if not a.no_fio else Fio(executable=None)
+    if a.no_fio:
+        fio.error = "fio skipped (--no-fio)"
+    if "disk" in a.workloads:
+        run_disk(res, directory, a.block_sizes, a.disk_size, a.patterns, a.modes, a.io_depth,
+                 a.batch_size, fio, a.fio_depths, a.repeat, progress)
+        if fio.error and fio.error != "fio skipped (--no-fio)":
+            res.note(fio.error)
+    if "host" in a.workloads:
+        run_host(res, a.host_size, a.tiered_block_size, a.populate_size, a.repeat, progress)
+    if "tiered" in a.workloads:
+        run_tiered(res, directory, a.tiered_block_size, a.tiered_size, 0.25, a.io_depth,
+                   a.batch_size, a.repeat, progress)
+    if "trace" in a.workloads:
+        run_trace(res, directory, a.trace, a.payload, a.trace_host_blocks, a.trace_disk_blocks,
+                  a.trace_requests or None, a.repeat, progress)
+    if "overhead" in a.workloads:
+        run_overhead(res, a.repeat, progress)
+    return res, fio
+
+
+def format_table(res: Results) -> str:
+    rows = [("workload", "impl", "op", "case", "median", "min..max", "ratios")]
+    for c in res.cases:
+        p = dict(c.params)
+        bits = []
+        if "block_size" in p:
+            bits.append(size_label(int(p.pop("block_size"))))
+        if "pattern" in p:
+            bits.append(str(p.pop("pattern")))
+        if "io_depth" in p:
+            bits.append(f"depth {p.pop('io_depth')}")
+        if c.workload == "trace":
+            bits = [f"{c.params['requests']} req", f"payload {size_label(int(c.params['payload_bytes']))}"]
+        if c.workload == "overhead":
+            bits = [f"{c.params['hashes']} hashes"]
+        if c.workload == "host" and c.op == "populate":
+            bits = [size_label(int(c.params["bytes"]))]
+        ratios = " ".join(f"{k}={v:.2f}x" for k, v in c.ratios.items())
+        if c.workload == "trace":
+            e = c.extra
+            ratios = (f"hit {e['hit_rate']:.1%} (host {e['host_hit_rate']:.1%}, disk "
+                      f"{e['disk_hit_rate']:.1%}), {e['tokens_saved']} tokens saved, "
+                      f"{e['requests_per_s']:.0f} req/s")
+        if c.workload == "tiered":
+            e = c.extra
+            ratios = ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items())
+        rows.append((c.workload, c.impl, c.op, ", ".join(bits), f"{c.median:.3g} {c.unit}",
+                     f"{min(c.values):.3g}..{max(c.values):.3g}" if c.values else "", ratios))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_plot(res: Results, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    disk = [c for c in res.cases if c.workload == "disk" and c.values]
+    ops = ["write", "read"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, op in zip(axes, ops):
+        series: Dict[str, Dict[int, float]] = {}
+        for c in disk:
+            if c.op != op or c.params.get("pattern") != "random":
+                continue
+            label = c.impl + (f" d{c.params['io_depth']}" if c.impl == "fio" else "")
+            series.setdefault(label, {})[int(c.params["block_size"])] = c.median
+        for label, pts in sorted(series.items()):
+            xs = sorted(pts)
+            style = "-o" if label.startswith("dynblock") else "--."
+            ax.plot([x >> 10 for x in xs], [pts[x] for x in xs], style, label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(c.params["block_size"]) >> 10 for c in disk})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.set_xlabel("block size (KiB)")
+        ax.set_ylabel("GiB/s")
+        ax.set_title(f"random {op}s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    _validate(parser, a)
+    tmp = None
+    directory = a.dir
+    if directory is None:
+        tmp = tempfile.TemporaryDirectory(prefix="dynblock-bench-")
+        directory = tmp.name
+    progress = Progress(enabled=sys.stderr.isatty() and not a.json)
+    t0 = time.perf_counter()
+    try:
+        res, fio = run(a, directory, progress)
+        info = machine_info(directory)
+    finally:
+        progress.close()
+        if tmp is not None:
+            tmp.cleanup()
+    goals = evaluate_goals(res.cases)
+    result = {
+        "machine": info,
+        "command": "python -m dynblock.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": time.perf_counter() - t0,
+        "fio": {"executable": fio.exe, "engine": fio.engine, "error": fio.error},
+        "notes": res.notes,
+        "cases": [c.summary() for c in res.cases],
+        "goals": goals,
+    }
+    text = json.dumps(result, indent=2)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    if a.plot:
+        write_plot(res, a.plot)
+    if a.json:
+        print(text)
+        return 0
+    m = result["machine"]
+    print(f"dynblock bench: {m['filesystem']} at {m['directory']}, kernel {m['kernel']}, "
+          f"{m['cpus']} CPUs, {m['build']} build, {result['seconds']:.0f} s")
+    if _core.build_profile() != "release":
+        print("WARNING: debug build; numbers are not representative")
+    print(format_table(res))
+    if goals:
+        print()
+        for g in goals:
+            print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['ratio']:.2f}x")
+    for n in res.notes:
+        print(f"note: {n}")
+    return 0

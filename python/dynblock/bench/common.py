@@ -1,0 +1,156 @@
+"""Shared pieces of the bench: sizes, measured cases, timing, progress."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+from .. import _core
+
+GiB = float(1 << 30)
+
+
+def parse_size(text: str) -> int:
+    """'2MiB', '256k', '4096' -> bytes."""
+    t = text.strip().lower().replace("ib", "").replace("b", "")
+    mult = 1
+    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30)):
+        if t.endswith(suffix):
+            t, mult = t[:-1], m
+            break
+    try:
+        v = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64KiB, 2MiB, 4096)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return v
+
+
+def size_label(n: int) -> str:
+    for unit, m in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    return f"{n} B"
+
+
+@dataclass
+class Case:
+    """One measured case: what ran, with which parameters, each repeat's value."""
+
+    workload: str
+    impl: str
+    op: str
+    params: Dict[str, Any]
+    unit: str = "GiB/s"
+    values: List[float] = field(default_factory=list)
+    ratios: Dict[str, float] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "impl": self.impl,
+            "op": self.op,
+            "params": self.params,
+            "unit": self.unit,
+            "values": self.values,
+            "median": self.median,
+            "min": min(self.values) if self.values else None,
+            "max": max(self.values) if self.values else None,
+            "ratios": self.ratios,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+class Results:
+    """Cases keyed by (workload, impl, op, frozen params)."""
+
+    def __init__(self) -> None:
+        self.cases: List[Case] = []
+        self._by: Dict[tuple, Case] = {}
+        self.notes: List[str] = []
+
+    def case(self, workload: str, impl: str, op: str, unit: str = "GiB/s", **params: Any) -> Case:
+        key = (workload, impl, op, tuple(sorted(params.items())))
+        c = self._by.get(key)
+        if c is None:
+            c = Case(workload, impl, op, dict(params), unit)
+            self._by[key] = c
+            self.cases.append(c)
+        return c
+
+    def find(self, workload: str, impl: str, op: str, **params: Any) -> Optional[Case]:
+        return self._by.get((workload, impl, op, tuple(sorted(params.items()))))
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def gib_s(nbytes: int, seconds: float) -> float:
+    return nbytes / GiB / seconds if seconds > 0 else float("inf")
+
+
+class Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = 0
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 28
+            filled = int(width * self.done / max(self.total, 1))
+            sys.stderr.write(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<44.44}"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+            sys.stderr.flush()
+
+
+def machine_info(directory: str) -> Dict[str, Any]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        model = ""
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        mem = None
+    return {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu": model,
+        "cpus": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem,
+        "filesystem": _core.fs_type(directory),
+        "directory": directory,
+        "build": _core.build_profile(),
+    }

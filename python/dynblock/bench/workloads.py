@@ -1,0 +1,311 @@
+"""The bench's workloads. Each appends measured cases to a Results object;
+dynblock's runs are interleaved with the baselines' in every repeat."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import _core
+from ..buffers import aligned_empty
+from ..config import Config
+from ..disk import DiskStorage
+from ..host import HostStorage
+from ..manager import BlockManager
+from . import trace as trace_mod
+from .baselines import Fio, copyto_threads, naive_python, numpy_file
+from .common import Progress, Results, gib_s, size_label, timed
+
+
+def _rand(n: int, seed: int) -> np.ndarray:
+    buf = aligned_empty(n)
+    rng = np.random.default_rng(seed)
+    step = 64 << 20
+    for i in range(0, n, step):
+        buf[i:i + step] = rng.integers(0, 256, size=min(step, n - i), dtype=np.uint8)
+    return buf
+
+
+def run_disk(
+    res: Results,
+    directory: str,
+    block_sizes: Sequence[int],
+    case_bytes: int,
+    patterns: Sequence[str],
+    modes: Sequence[str],
+    io_depth: int,
+    batch_bytes: int,
+    fio: Fio,
+    fio_depths: Sequence[int],
+    repeat: int,
+    progress: Progress,
+) -> None:
+    if not fio.available:
+        res.note(fio.error or "")
+    for bs in block_sizes:
+        n = max(4, case_bytes // bs)
+        nbytes = n * bs
+        batch = max(1, batch_bytes // bs)
+        buf = _rand(nbytes, seed=bs)
+        out = aligned_empty(nbytes)
+        orders = {
+            "random": np.random.default_rng(bs).permutation(n).astype(np.uint64),
+            "sequential": np.arange(n, dtype=np.uint64),
+        }
+        stores: Dict[str, DiskStorage] = {}
+        # One file for everyone (dynblock in each mode, fio, naive Python), so
+        # every implementation reads the same data from the same place.
+        base_path = os.path.join(directory, f".dynblock-bench-{os.getpid()}-{bs}")
+        try:
+            for mode in modes:
+                stores[mode] = DiskStorage(base_path, n, bs, io_depth=io_depth, persist=True,
+                                           o_direct=(mode == "o_direct"))
+                if mode == "o_direct" and not stores[mode].o_direct:
+                    res.note(f"O_DIRECT unavailable in {directory}: {stores[mode].fallback_reason}")
+            if not stores:
+                stores["o_direct"] = DiskStorage(base_path, n, bs, persist=True)
+            first = next(iter(stores.values()))
+            first.write_blocks(orders["sequential"], buf)  # written once: every run overwrites
+            first.sync()
+            first.drop_page_cache()
+            progress.add(repeat * len(patterns) * 2 * (len(modes) + 2 + (len(fio_depths) if fio.available else 0)))
+            for _ in range(repeat):
+                for pattern in patterns:
+                    order = orders[pattern]
+                    p = dict(block_size=bs, pattern=pattern, blocks=n)
+                    for op in ("write", "read"):
+                        label = f"{pattern} {op} {size_label(bs)}"
+                        if fio.available:
+                            rw = {("random", "read"): "randread", ("random", "write"): "randwrite",
+                                  ("sequential", "read"): "read", ("sequential", "write"): "write"}[(pattern, op)]
+                            for d in fio_depths:
+                                bw = fio.run(base_path, rw, bs, nbytes, d)
+                                if bw is not None:
+                                    res.case("disk", "fio", op, io_depth=d, **p).values.append(bw / (1 << 30))
+                                progress.step(f"fio d{d} {label}")
+                        w, r = naive_python(base_path, order, bs, buf)
+                        res.case("disk", "python-naive", op, **p).values.append(
+                            gib_s(nbytes, timed(w if op == "write" else r)))
+                        progress.step(f"naive {label}")
+                        if op == "read":
+                            first.drop_page_cache()
+                        if pattern == "sequential":
+                            nw, nr = numpy_file(base_path, buf)
+                            res.case("disk", "numpy-tofile" if op == "write" else "numpy-fromfile", op,
+                                     **p).values.append(gib_s(nbytes, timed(nw if op == "write" else nr)))
+                        progress.step(f"numpy {label}")
+                        for mode, s in stores.items():
+                            def w_dyn(s: DiskStorage = s, order: np.ndarray = order) -> None:
+                                for i in range(0, n, batch):
+                                    s.write_blocks(order[i:i + batch], buf[i * bs:(i + batch) * bs])
+                                s.sync()
+
+                            def r_dyn(s: DiskStorage = s, order: np.ndarray = order) -> None:
+                                for i in range(0, n, batch):
+                                    s.read_blocks(order[i:i + batch], out[i * bs:(i + batch) * bs])
+
+                            if op == "read":
+                                s.drop_page_cache()
+                            c = res.case("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
+                            c.values.append(gib_s(nbytes, timed(w_dyn if op == "write" else r_dyn)))
+                            c.extra = {"o_direct": s.o_direct, "alignment": s.alignment,
+                                       "batch_blocks": batch}
+                            if op == "read" and not np.array_equal(out, buf):
+                                raise RuntimeError(f"dynblock ({mode}) read back other bytes than it wrote")
+                            progress.step(f"dynblock {mode} {label}")
+            # ratios to the device limit (fio at its best depth) and to naive Python
+            for pattern in patterns:
+                p = dict(block_size=bs, pattern=pattern, blocks=n)
+                for op in ("write", "read"):
+                    fios = [res.find("disk", "fio", op, io_depth=d, **p) for d in fio_depths]
+                    fios = [c for c in fios if c is not None and c.values]
+                    best = max(fios, key=lambda c: c.median) if fios else None
+                    same = res.find("disk", "fio", op, io_depth=io_depth, **p)
+                    naive = res.find("disk", "python-naive", op, **p)
+                    for mode in modes:
+                        c = res.find("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
+                        if c is None:
+                            continue
+                        if best is not None:
+                            c.ratios["vs_device_limit"] = c.median / best.median
+                            c.extra["device_limit_depth"] = best.params["io_depth"]
+                        if same is not None and same.values:
+                            c.ratios["vs_fio_same_depth"] = c.median / same.median
+                        if naive is not None:
+                            c.ratios["vs_python_naive"] = c.median / naive.median
+        finally:
+            for s in stores.values():
+                s.close()
+            if os.path.exists(base_path):
+                os.unlink(base_path)
+
+
+def run_host(res: Results, host_bytes: int, block_size: int, populate_bytes: int,
+             repeat: int, progress: Progress) -> None:
+    n = max(2, host_bytes // block_size)
+    nbytes = n * block_size
+    threads = len(os.sched_getaffinity(0))
+    src = _rand(nbytes, seed=7)
+    out = aligned_empty(nbytes)
+    scratch = aligned_empty(nbytes)
+    order = np.random.default_rng(7).permutation(n).astype(np.uint64)
+    p = dict(block_size=block_size, blocks=n)
+    progress.add(repeat * 4)
+    with HostStorage(n, block_size, numa_node="auto", pin=True) as h:
+        h.write_blocks(order, src)  # warm every page before timing
+        np.copyto(scratch, src)
+        copyto_threads(out, src, threads)
+        for _ in range(repeat):
+            c1 = res.case("host", "numpy-copyto-1thread", "copy", **p)
+            c1.values.append(gib_s(nbytes, timed(lambda: np.copyto(scratch, src))))
+            progress.step("numpy copyto 1 thread")
+            cn = res.case("host", f"numpy-copyto-{threads}threads", "copy", **p)
+            cn.values.append(gib_s(nbytes, timed(lambda: copyto_threads(scratch, src, threads))))
+            progress.step(f"numpy copyto {threads} threads")
+            res.case("host", "dynblock", "write", **p).values.append(
+                gib_s(nbytes, timed(lambda: h.write_blocks(order, src))))
+            progress.step("dynblock host write")
+            res.case("host", "dynblock", "read", **p).values.append(
+                gib_s(nbytes, timed(lambda: h.read_blocks(order, out))))
+            progress.step("dynblock host read")
+            if not np.array_equal(out, src):
+                raise RuntimeError("host tier read back other bytes than it wrote")
+        pinned, node = h.pinned, h.numa_node
+    one = res.find("host", "numpy-copyto-1thread", "copy", **p)
+    many = res.find("host", f"numpy-copyto-{threads}threads", "copy", **p)
+    assert one is not None and many is not None
+    limit = max(one.median, many.median)
+    for op in ("write", "read"):
+        c = res.find("host", "dynblock", op, **p)
+        assert c is not None
+        c.ratios["vs_memory_limit"] = c.median / limit
+        c.ratios["vs_numpy_copyto_1thread"] = c.median / one.median
+        c.extra = {"pinned": pinned, "numa_node": node}
+    # Population: our parallel populate against one thread touching pages.
+    progress.add(repeat * 2)
+    pop_blocks = max(1, populate_bytes // (2 << 20))
+    pp = dict(bytes=pop_blocks * (2 << 20))
+    for _ in range(repeat):
+        single = _core.single_thread_touch_seconds(pop_blocks * (2 << 20), True)
+        res.case("host", "single-thread-touch", "populate", unit="s", **pp).values.append(single)
+        progress.step("single-thread touch")
+        with HostStorage(pop_blocks, 2 << 20, numa_node="auto", pin=False) as h:
+            res.case("host", "dynblock", "populate", unit="s", **pp).values.append(h.populate_seconds)
+            threads_used = h.populate_threads
+        progress.step("dynblock populate")
+    c = res.find("host", "dynblock", "populate", **pp)
+    s = res.find("host", "single-thread-touch", "populate", **pp)
+    assert c is not None and s is not None
+    c.ratios["speedup_vs_single_thread"] = s.median / c.median
+    c.extra = {"threads": threads_used}
+
+
+def run_tiered(res: Results, directory: str, block_size: int, working_bytes: int,
+               host_fraction: float, io_depth: int, batch_bytes: int, repeat: int,
+               progress: Progress) -> None:
+    w = max(8, working_bytes // block_size)
+    host_blocks = max(1, int(w * host_fraction))
+    batch = max(1, batch_bytes // block_size)
+    src = _rand(w * block_size, seed=3)
+    out = aligned_empty(w * block_size)
+    p = dict(block_size=block_size, working_set_blocks=w, host_blocks=host_blocks, disk_blocks=w)
+    progress.add(repeat * 2)
+    for _ in range(repeat):
+        cfg = Config(block_size=block_size, host_blocks=host_blocks, disk_blocks=w,
+                     disk_dir=directory, io_depth=io_depth)
+        with BlockManager(cfg) as m:
+            hashes = np.arange(1, w + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+
+            def put_all() -> None:
+                for i in range(0, w, batch):
+                    m.put(hashes[i:i + batch], src[i * block_size:(i + batch) * block_size])
+
+            t = timed(put_all)
+            st = m.stats()
+            c = res.case("tiered", "dynblock", "put+offload", **p)
+            c.values.append(gib_s(w * block_size, t))
+            c.extra = {"offloaded_blocks": st["offloaded_blocks"],
+                       "offload_blocks_per_s": st["offloaded_blocks"] / t}
+            progress.step("tiered put (offload)")
+            order = np.random.default_rng(5).permutation(w)
+
+            def get_all() -> None:
+                for i in range(0, w, batch):
+                    idx = order[i:i + batch]
+                    got = m.get(hashes[idx], out[i * block_size:(i + len(idx)) * block_size])
+                    if got != len(idx):
+                        raise RuntimeError("a block put in this run was not found")
+
+            before = m.stats()
+            t = timed(get_all)
+            st = m.stats()
+            onboarded = st["onboarded_blocks"] - before["onboarded_blocks"]
+            c = res.case("tiered", "dynblock", "get+onboard", **p)
+            c.values.append(gib_s(w * block_size, t))
+            c.extra = {"disk_hits": st["disk_hits"] - before["disk_hits"],
+                       "onboarded_blocks": onboarded, "onboard_blocks_per_s": onboarded / t}
+            for k, i in enumerate(order[:4]):
+                if not np.array_equal(out[k * block_size:(k + 1) * block_size],
+                                      src[i * block_size:(i + 1) * block_size]):
+                    raise RuntimeError("tiered get returned other bytes than were put")
+            progress.step("tiered get (onboard)")
+
+
+def run_trace(res: Results, directory: str, path: Optional[str], payload: int, host_blocks: int,
+              disk_blocks: int, limit: Optional[int], repeat: int, progress: Progress) -> None:
+    path = path or trace_mod.find_trace()
+    if path is None:
+        res.note("trace: no trace file found (pass --trace PATH or set DYNBLOCK_TRACE_DIR); skipped")
+        return
+    reqs = trace_mod.load_trace(path, limit=limit)
+    p = dict(trace=os.path.basename(path), requests=len(reqs), payload_bytes=payload,
+             host_blocks=host_blocks, disk_blocks=disk_blocks)
+    progress.add(repeat)
+    for _ in range(repeat):
+        cfg = Config(block_size=payload, host_blocks=host_blocks, disk_blocks=disk_blocks,
+                     disk_dir=directory)
+        with BlockManager(cfg) as m:
+            r = trace_mod.replay(m, reqs)
+        c = res.case("trace", "dynblock", "replay", **p)
+        c.values.append(r.as_dict()["gib_s"])
+        c.extra = r.as_dict()
+        progress.step("trace replay")
+
+
+def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
+    bs = 4096
+    n_present = 1000
+    cfg = Config(block_size=bs, host_blocks=12000, numa_node=None, pin=False)
+    progress.add(repeat * 4)
+    with BlockManager(cfg) as m:
+        hashes = np.arange(10_000, dtype=np.uint64) + np.uint64(1)
+        src = aligned_empty(10_000 * bs)
+        src[:] = 1
+        m.put(hashes, src)
+        one = aligned_empty(bs)
+        calls: Dict[str, Any] = {
+            "match-10000-hashes": (lambda: m.match(hashes), 10_000),
+            "put-1000-present": (lambda: m.put(hashes[:n_present], src[:n_present * bs]), n_present),
+            "get-1-block-4KiB": (lambda: m.get(hashes[:1], one), 1),
+            "match-1-hash": (lambda: m.match(hashes[:1]), 1),
+        }
+        for _ in range(repeat):
+            for name, (fn, nh) in calls.items():
+                fn()
+                k = 200
+                t0 = time.perf_counter()
+                for _i in range(k):
+                    fn()
+                per_call = (time.perf_counter() - t0) / k
+                c = res.case("overhead", "dynblock", name, unit="us/call", hashes=nh)
+                c.values.append(per_call * 1e6)
+                c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
+                progress.step(f"overhead {name}")
+
+
+def default_directory() -> str:
+    return tempfile.gettempdir()
