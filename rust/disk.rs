@@ -84,6 +84,7 @@ pub struct DiskStorage {
     bounce: Mutex<Vec<AlignedBuf>>,
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
+    preallocation: Mutex<&'static str>,
 }
 
 /// Name of the filesystem type behind `fd` (from `fstatfs`).
@@ -453,6 +454,7 @@ impl DiskStorage {
             bounce: Mutex::new(Vec::new()),
             bytes_written: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
+            preallocation: Mutex::new("existing"),
         };
 
         let cur_len = storage.file_len().map_err(cleanup)?;
@@ -502,6 +504,7 @@ impl DiskStorage {
             // SAFETY: fallocate on our own descriptor.
             let rc = unsafe { libc::fallocate(fd, 0, 0, size as libc::off_t) };
             if rc == 0 {
+                self.set_preallocation("fallocate");
                 return Ok(());
             }
             let e = errno();
@@ -524,6 +527,7 @@ impl DiskStorage {
             if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
                 return Err(Error::last_os("ftruncate", &self.path, 0, size));
             }
+            self.set_preallocation("sparse");
             self.warn(format!(
                 "the disk tier {why}: {} is a sparse file of {size} bytes, so running out \
                  of space (ENOSPC) can happen later, during writes",
@@ -562,6 +566,7 @@ impl DiskStorage {
                 }
             }
         }
+        self.set_preallocation("zero-fill");
         Ok(())
     }
 
@@ -657,6 +662,16 @@ impl DiskStorage {
         ));
         *reason = Some(r);
         Ok(())
+    }
+
+    fn set_preallocation(&self, how: &'static str) {
+        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner()) = how;
+    }
+
+    /// How the file's space was reserved: "fallocate", "zero-fill",
+    /// "sparse", or "existing" (a persistent file reopened).
+    pub fn preallocation(&self) -> &'static str {
+        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn warn(&self, msg: String) {

@@ -187,6 +187,11 @@ class DiskStorage:
         return self._s.file_size
 
     @property
+    def preallocation(self) -> str:
+        """How the space was reserved: fallocate, zero-fill, sparse, or existing."""
+        return self._s.preallocation
+
+    @property
     def closed(self) -> bool:
         return self._s.closed
 

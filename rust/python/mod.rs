@@ -378,6 +378,10 @@ impl PyDiskStorage {
     fn file_size(&self) -> u64 {
         self.inner.file_size()
     }
+    #[getter]
+    fn preallocation(&self) -> &'static str {
+        self.inner.preallocation()
+    }
 }
 
 /// A zero-copy window on host-tier memory. Holds the mapping alive: memory
