@@ -49,6 +49,9 @@ pub struct DiskOptions {
     pub max_io_bytes: usize,
     /// Replace the discovered alignment (tests and unusual filesystems).
     pub alignment: Option<Alignment>,
+    /// Take an exclusive flock on a persistent file (default). Off only for
+    /// tools that deliberately open one file twice (the bench).
+    pub lock: bool,
 }
 
 impl Default for DiskOptions {
@@ -60,6 +63,7 @@ impl Default for DiskOptions {
             io_depth: 16,
             max_io_bytes: 4 << 20,
             alignment: None,
+            lock: true,
         }
     }
 }
@@ -294,6 +298,11 @@ impl Worker<'_> {
     }
 }
 
+/// Called on the I/O worker for each block of a batch after its I/O
+/// succeeded, with the block's index in the batch and its memory address
+/// (checksums are computed here, overlapping other workers' I/O).
+pub type Hook<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Read,
@@ -369,7 +378,33 @@ impl DiskStorage {
         }
 
         let (fd, anonymous, created) = if opts.persist {
-            open_named(path)?
+            crate::index::check_parent(path)?;
+            let (fd, anon, created) = open_named(path)?;
+            // One process per store: a second open is refused, not corrupted.
+            // SAFETY: flock on a descriptor we own; released when it closes.
+            if opts.lock
+                && unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+            {
+                let e = errno();
+                if created {
+                    let _ = std::fs::remove_file(path);
+                }
+                if e == libc::EWOULDBLOCK {
+                    return Err(Error::Locked(format!(
+                        "the store {} is open in another process (it holds the file lock); \
+                         close it there first, or give this process its own path",
+                        path.display()
+                    )));
+                }
+                return Err(Error::io(
+                    "flock",
+                    path,
+                    0,
+                    0,
+                    std::io::Error::from_raw_os_error(e),
+                ));
+            }
+            (fd, anon, created)
         } else {
             (open_anonymous(&dir)?, true, false)
         };
@@ -749,7 +784,14 @@ impl DiskStorage {
     pub unsafe fn write_blocks_raw(&self, slots: &[u64], src: *const u8, len: usize) -> Result<()> {
         self.validate(slots, len, Dir::Write)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| src as usize + i * self.block_size, Dir::Write) }?;
+        unsafe {
+            self.run_batch(
+                slots,
+                |i| src as usize + i * self.block_size,
+                Dir::Write,
+                None,
+            )
+        }?;
         self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -760,7 +802,14 @@ impl DiskStorage {
     pub unsafe fn read_blocks_raw(&self, slots: &[u64], dst: *mut u8, len: usize) -> Result<()> {
         self.validate(slots, len, Dir::Read)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| dst as usize + i * self.block_size, Dir::Read) }?;
+        unsafe {
+            self.run_batch(
+                slots,
+                |i| dst as usize + i * self.block_size,
+                Dir::Read,
+                None,
+            )
+        }?;
         self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -772,10 +821,15 @@ impl DiskStorage {
     /// # Safety
     /// Every `srcs[i]` must be valid for reads of block_size bytes for the
     /// whole call.
-    pub unsafe fn write_blocks_from(&self, slots: &[u64], srcs: &[usize]) -> Result<()> {
+    pub unsafe fn write_blocks_from(
+        &self,
+        slots: &[u64],
+        srcs: &[usize],
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
         self.validate_gather(slots, srcs.len(), Dir::Write)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| srcs[i], Dir::Write) }?;
+        unsafe { self.run_batch(slots, |i| srcs[i], Dir::Write, hook) }?;
         self.bytes_written
             .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
         Ok(())
@@ -786,10 +840,15 @@ impl DiskStorage {
     /// # Safety
     /// Every `dsts[i]` must be valid for writes of block_size bytes, the
     /// ranges must not overlap, and nobody else may touch them meanwhile.
-    pub unsafe fn read_blocks_into(&self, slots: &[u64], dsts: &[usize]) -> Result<()> {
+    pub unsafe fn read_blocks_into(
+        &self,
+        slots: &[u64],
+        dsts: &[usize],
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
         self.validate_gather(slots, dsts.len(), Dir::Read)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| dsts[i], Dir::Read) }?;
+        unsafe { self.run_batch(slots, |i| dsts[i], Dir::Read, hook) }?;
         self.bytes_read
             .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
         Ok(())
@@ -813,6 +872,7 @@ impl DiskStorage {
         slots: &[u64],
         addr_of: impl Fn(usize) -> usize,
         dir: Dir,
+        hook: Option<Hook<'_>>,
     ) -> Result<()> {
         let (_guard, fd) = self.raw_fd()?;
         let ops = io::coalesce(slots, addr_of, self.block_size, self.max_slots_per_io());
@@ -826,8 +886,15 @@ impl DiskStorage {
                 })
             },
             |i, w| {
+                let op = &ops[i];
                 // SAFETY: each op covers its own disjoint memory.
-                unsafe { self.do_op(fd, &ops[i], dir, w) }
+                unsafe { self.do_op(fd, op, dir, w) }?;
+                if let Some(h) = hook {
+                    for k in 0..op.count {
+                        h(op.first + k, op.addr + k * self.block_size);
+                    }
+                }
+                Ok(())
             },
         )
     }

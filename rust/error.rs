@@ -46,6 +46,9 @@ pub enum Error {
     /// Pinning (mlock) failed where it was required.
     #[error("{0}")]
     Pin(String),
+    /// A persistent store is open in another process.
+    #[error("{0}")]
+    Locked(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

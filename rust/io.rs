@@ -34,6 +34,8 @@ pub struct Op {
     pub slot: u64,
     pub count: usize,
     pub addr: usize,
+    /// Index in the batch of the op's first block.
+    pub first: usize,
 }
 
 /// Cut a batch into operations: block `i` goes to `slots[i]` from memory at
@@ -62,6 +64,7 @@ pub fn coalesce(
             slot: s,
             count: 1,
             addr: a,
+            first: i,
         });
     }
     ops
@@ -157,6 +160,7 @@ mod tests {
             for op in &ops {
                 prop_assert!(op.count >= 1 && op.count <= max);
                 prop_assert_eq!((op.addr - 1000) % 7, 0);
+                prop_assert_eq!(op.addr, 1000 + op.first * 7);
                 for k in 0..op.count {
                     flat.push((op.slot + k as u64, (op.addr - 1000) / 7 + k));
                 }
@@ -178,12 +182,14 @@ mod tests {
                 Op {
                     slot: 4,
                     count: 2,
-                    addr: 0
+                    addr: 0,
+                    first: 0
                 },
                 Op {
                     slot: 9,
                     count: 1,
-                    addr: 20
+                    addr: 20,
+                    first: 2
                 }
             ]
         );

@@ -17,6 +17,7 @@ pub mod align;
 pub mod disk;
 pub mod error;
 pub mod host;
+pub mod index;
 pub mod io;
 pub mod manager;
 pub mod numa;

@@ -29,11 +29,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::disk::DiskStorage;
 use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
+use crate::index::{Geometry, IndexLog, Live, Record};
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
 /// small consecutive integers; this spreads them).
@@ -135,6 +137,8 @@ impl Lru {
 struct Tier {
     lru: Lru,
     hash_of: Vec<u64>,
+    /// Checksum of each slot's block (disk tier; unused for host).
+    crc: Vec<u32>,
     free: Vec<u32>,
 }
 
@@ -143,8 +147,22 @@ impl Tier {
         Tier {
             lru: Lru::new(cap as usize),
             hash_of: vec![0; cap as usize],
+            crc: vec![0; cap as usize],
             free: (0..cap).rev().collect(),
         }
+    }
+    /// Fill from recovered entries (oldest first), marking their slots used.
+    fn load(&mut self, live: &[Live]) {
+        let mut used = vec![false; self.hash_of.len()];
+        for l in live {
+            self.occupy(l.slot, l.hash);
+            self.crc[l.slot as usize] = l.crc;
+            used[l.slot as usize] = true;
+        }
+        self.free = (0..self.hash_of.len() as u32)
+            .rev()
+            .filter(|&s| !used[s as usize])
+            .collect();
     }
     fn occupy(&mut self, s: u32, h: u64) {
         self.hash_of[s as usize] = h;
@@ -184,6 +202,10 @@ pub struct Stats {
     pub disk_evictions: u64,
     pub dropped_blocks: u64,
     pub failed_writes: u64,
+    pub corrupt_blocks: u64,
+    pub recovered_blocks: u64,
+    pub index_torn_bytes: u64,
+    pub index_compactions: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -208,6 +230,9 @@ struct Copy {
 
 #[derive(Default)]
 struct Plan {
+    /// Disk slots taken from their owners in this batch (hash, slot): their
+    /// DEL records go to the index before any slot is overwritten.
+    disk_evicted: Vec<(u64, u32)>,
     writes: Vec<Write>,
     write_by_disk: Map<u32, usize>,
     copies: Vec<Copy>,
@@ -220,6 +245,7 @@ struct State {
     disk: Option<Tier>,
     stats: Stats,
     warnings: Vec<String>,
+    index: Option<IndexLog>,
 }
 
 impl State {
@@ -319,6 +345,7 @@ impl State {
         let wh = disk.hash_of[t as usize];
         disk.release(t);
         self.stats.disk_evictions += 1;
+        plan.disk_evicted.push((wh, t));
         if let Some(wi) = plan.write_by_disk.remove(&t) {
             plan.writes[wi].live = false;
         }
@@ -378,6 +405,30 @@ pub struct BlockManager {
     host: Option<Arc<HostStorage>>,
     disk: Option<Arc<DiskStorage>>,
     block_size: usize,
+    opts: ManagerOptions,
+    geometry: Option<Geometry>,
+}
+
+/// How the manager treats the disk tier.
+#[derive(Debug, Clone, Default)]
+pub struct ManagerOptions {
+    /// Verify a CRC32C of (hash, bytes) on every disk read.
+    pub checksums: bool,
+    /// put() also writes new blocks to the disk tier, so they survive a
+    /// crash of the process even while they are in the host tier.
+    pub write_through: bool,
+    /// The persistent store's index file (with a persistent disk tier).
+    pub index_path: Option<std::path::PathBuf>,
+    /// fdatasync data and index at every batch (survives power loss), not
+    /// only process death.
+    pub sync: bool,
+    /// Fingerprint of the KV layout, checked on reopen.
+    pub layout: u64,
+}
+
+/// Checksum of a block: CRC32C over its hash (little endian) and its bytes.
+pub fn block_crc(hash: u64, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&hash.to_le_bytes()), bytes)
 }
 
 fn capacity(n: u64, what: &str) -> Result<u32> {
@@ -395,6 +446,7 @@ impl BlockManager {
         block_size: usize,
         host: Option<Arc<HostStorage>>,
         disk: Option<Arc<DiskStorage>>,
+        opts: ManagerOptions,
     ) -> Result<Self> {
         if host.is_none() && disk.is_none() {
             return Err(Error::InvalidArgument(
@@ -421,21 +473,71 @@ impl BlockManager {
             Some(h) => Some(Tier::new(capacity(h.num_blocks(), "host")?)),
             None => None,
         };
-        let disk_tier = match &disk {
+        let mut disk_tier = match &disk {
             Some(d) => Some(Tier::new(capacity(d.num_blocks(), "disk")?)),
             None => None,
         };
+        let mut map = Map::default();
+        let mut stats = Stats::default();
+        let mut warnings = Vec::new();
+        let mut index = None;
+        let mut geometry = None;
+        if let Some(path) = &opts.index_path {
+            let d = disk.as_ref().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "a persistent store needs a disk tier (disk_blocks > 0)".into(),
+                )
+            })?;
+            if opts.write_through && host.is_none() {
+                // nothing to do: a disk-only manager always writes through
+            }
+            let g = Geometry {
+                block_size: block_size as u64,
+                slot_stride: d.slot_stride() as u64,
+                num_blocks: d.num_blocks(),
+                layout: opts.layout,
+                checksums: opts.checksums,
+            };
+            let (log, rec) = IndexLog::open(path, &g, opts.sync)?;
+            let tier = disk_tier.as_mut().expect("disk tier");
+            tier.load(&rec.live);
+            for l in &rec.live {
+                map.insert(
+                    l.hash,
+                    Entry {
+                        host: NIL,
+                        disk: l.slot,
+                    },
+                );
+            }
+            stats.recovered_blocks = rec.live.len() as u64;
+            stats.index_torn_bytes = rec.torn_bytes;
+            if rec.torn_bytes > 0 {
+                warnings.push(format!(
+                    "the index {} ended in {} bytes of an interrupted record; they were cut \
+                     off and the {} complete blocks before them recovered",
+                    path.display(),
+                    rec.torn_bytes,
+                    rec.live.len()
+                ));
+            }
+            index = Some(log);
+            geometry = Some(g);
+        }
         Ok(BlockManager {
             state: Mutex::new(State {
-                map: Map::default(),
+                map,
                 host: host_tier,
                 disk: disk_tier,
-                stats: Stats::default(),
-                warnings: Vec::new(),
+                stats,
+                warnings,
+                index,
             }),
             host,
             disk,
             block_size,
+            opts,
+            geometry,
         })
     }
 
@@ -461,9 +563,11 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Run a plan: one batched disk write, then one parallel host copy.
+    /// Run a plan: DEL records for reused disk slots, one batched disk
+    /// write (checksummed on the I/O workers), PUT records, then one
+    /// parallel host copy.
     fn execute(&self, st: &mut State, plan: &Plan, region: Option<&Region>) -> Result<()> {
-        let mut writes: Vec<(u64, usize, bool)> = plan
+        let mut writes: Vec<(u64, usize, bool, u64)> = plan
             .writes
             .iter()
             .filter(|w| w.live)
@@ -475,22 +579,64 @@ impl BlockManager {
                         h.slot_ptr(r, s as u64) as usize
                     }
                 };
-                (w.disk_slot as u64, addr, w.victim)
+                (w.disk_slot as u64, addr, w.victim, w.hash)
             })
             .collect();
+        if let Some(ix) = st.index.as_mut() {
+            let dels: Vec<Record> = plan
+                .disk_evicted
+                .iter()
+                .map(|&(h, t)| Record::del(h, t))
+                .collect();
+            if let Err(e) = ix.append(&dels) {
+                st.roll_back(plan);
+                return Err(e);
+            }
+        }
         if !writes.is_empty() {
             writes.sort_unstable_by_key(|w| w.0);
             let slots: Vec<u64> = writes.iter().map(|w| w.0).collect();
             let addrs: Vec<usize> = writes.iter().map(|w| w.1).collect();
+            let crcs: Vec<AtomicU32> = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
+            let bs = self.block_size;
+            let hook = |i: usize, addr: usize| {
+                // SAFETY: addr is block i's source, valid for bs bytes (see below).
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
+                crcs[i].store(block_crc(writes[i].3, bytes), Ordering::Relaxed);
+            };
             let disk = self.disk.as_ref().expect("disk tier");
             // SAFETY: every address is a live host slot (region held) or a
             // block of the caller's buffer, held for this call.
-            if let Err(e) = unsafe { disk.write_blocks_from(&slots, &addrs) } {
+            let r = unsafe {
+                disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
+            };
+            let r = r.and_then(|()| if self.opts.sync { disk.sync() } else { Ok(()) });
+            let r = r.and_then(|()| {
+                let tier = st.disk.as_mut().expect("disk tier");
+                for (i, w) in writes.iter().enumerate() {
+                    tier.crc[w.0 as usize] = crcs[i].load(Ordering::Relaxed);
+                }
+                match st.index.as_mut() {
+                    Some(ix) => {
+                        let puts: Vec<Record> = writes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, w)| {
+                                Record::put(w.3, w.0 as u32, crcs[i].load(Ordering::Relaxed))
+                            })
+                            .collect();
+                        ix.append(&puts)
+                    }
+                    None => Ok(()),
+                }
+            });
+            if let Err(e) = r {
                 st.stats.failed_writes += slots.len() as u64;
                 st.roll_back(plan);
                 return Err(e);
             }
             st.stats.offloaded_blocks += writes.iter().filter(|w| w.2).count() as u64;
+            self.maybe_compact(st);
         }
         let copies: Vec<&Copy> = plan.copies.iter().filter(|c| c.live).collect();
         if !copies.is_empty() {
@@ -502,6 +648,44 @@ impl BlockManager {
             unsafe { host.copy_slots(region.expect("region"), &slots, |i| copies[i].addr, true) };
         }
         Ok(())
+    }
+
+    /// Live disk entries in LRU order (oldest first).
+    fn live_disk(st: &State) -> Vec<Live> {
+        let Some(t) = st.disk.as_ref() else {
+            return Vec::new();
+        };
+        t.lru
+            .order()
+            .into_iter()
+            .map(|s| Live {
+                hash: t.hash_of[s as usize],
+                slot: s,
+                crc: t.crc[s as usize],
+            })
+            .collect()
+    }
+
+    /// Rewrite the index when it holds far more records than live blocks.
+    fn maybe_compact(&self, st: &mut State) {
+        let live_n = st.disk.as_ref().map_or(0, Tier::used) as u64;
+        let needs = st
+            .index
+            .as_ref()
+            .is_some_and(|ix| ix.records() > 4 * live_n + 4096);
+        if !needs {
+            return;
+        }
+        let live = Self::live_disk(st);
+        let g = self.geometry.expect("persistent store");
+        if let Some(ix) = st.index.as_mut() {
+            match ix.compact(&g, &live) {
+                Ok(()) => st.stats.index_compactions += 1,
+                Err(e) => st.warnings.push(format!(
+                    "compacting the index failed (it keeps growing): {e}"
+                )),
+            }
+        }
     }
 
     /// Store blocks `hashes[i]` from `src + i * block_size`. Returns how many
@@ -524,6 +708,9 @@ impl BlockManager {
             let addr = src as usize + i * self.block_size;
             if st.host.is_some() {
                 st.host_insert(h, addr, &mut plan);
+                if self.opts.write_through && st.disk.is_some() {
+                    st.disk_insert(h, Src::Addr(addr), false, &mut plan);
+                }
             } else {
                 st.disk_insert(h, Src::Addr(addr), false, &mut plan);
             }
@@ -576,18 +763,64 @@ impl BlockManager {
                 )
             };
         }
+        let mut n = n;
         if !disk_reads.is_empty() {
             let disk = self.disk.as_ref().expect("disk tier");
             let slots: Vec<u64> = disk_reads.iter().map(|r| r.0).collect();
             let dsts: Vec<usize> = disk_reads.iter().map(|r| addr(r.1)).collect();
+            let tier = st.disk.as_ref().expect("disk tier");
+            let expect: Vec<u32> = slots.iter().map(|&t| tier.crc[t as usize]).collect();
+            let seeds: Vec<u64> = disk_reads.iter().map(|r| hashes[r.1]).collect();
+            let bad: Vec<AtomicBool> = (0..slots.len()).map(|_| AtomicBool::new(false)).collect();
+            let hook = |i: usize, a: usize| {
+                // SAFETY: `a` is block i's destination, just filled, bs bytes.
+                let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
+                if block_crc(seeds[i], bytes) != expect[i] {
+                    bad[i].store(true, Ordering::Relaxed);
+                }
+            };
             // A block may appear twice in `hashes`; reading one slot into two
             // places is fine.
             // SAFETY: distinct blocks of the caller's dst.
-            unsafe { disk.read_blocks_into(&slots, &dsts) }?;
+            unsafe {
+                disk.read_blocks_into(&slots, &dsts, self.opts.checksums.then_some(&hook as _))
+            }?;
+            // A block that fails its checksum is a miss: dropped, counted,
+            // never returned; the prefix ends before it.
+            let mut dels = Vec::new();
+            for (k, r) in disk_reads.iter().enumerate() {
+                if !bad[k].load(Ordering::Relaxed) {
+                    continue;
+                }
+                let (t, h) = (r.0 as u32, hashes[r.1]);
+                n = n.min(r.1);
+                if st.map.get(&h).is_some_and(|e| e.disk == t) {
+                    st.disk.as_mut().expect("disk tier").release(t);
+                    let e = st.map.get_mut(&h).expect("checked");
+                    e.disk = NIL;
+                    if e.host == NIL {
+                        st.map.remove(&h);
+                    }
+                    st.stats.corrupt_blocks += 1;
+                    dels.push(Record::del(h, t));
+                    st.warnings.push(format!(
+                        "block {h:#018x} in disk slot {t} failed its checksum (torn write or \
+                         corruption on disk); it was dropped and counted as a miss"
+                    ));
+                }
+            }
+            if let Some(ix) = st.index.as_mut() {
+                if let Err(e) = ix.append(&dels) {
+                    st.warnings.push(format!(
+                        "recording dropped corrupt blocks in the index failed: {e}"
+                    ));
+                }
+            }
         }
-        st.stats.host_hits += host_slots.len() as u64;
-        st.stats.disk_hits += disk_reads.len() as u64;
+        st.stats.host_hits += host_idx.iter().filter(|&&i| i < n).count() as u64;
+        st.stats.disk_hits += disk_reads.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.misses += (hashes.len() - n) as u64;
+        promote.retain(|&i| i < n);
         // Phase B: touch in order, then promote disk-only blocks in order.
         for h in &hashes[..n] {
             if let Some(&e) = st.map.get(h) {
@@ -647,9 +880,10 @@ impl BlockManager {
     }
 
     /// Forget blocks; returns how many were stored.
-    pub fn remove(&self, hashes: &[u64]) -> usize {
+    pub fn remove(&self, hashes: &[u64]) -> Result<usize> {
         let mut st = self.lock();
         let mut n = 0;
+        let mut dels = Vec::new();
         for h in hashes {
             if let Some(e) = st.map.remove(h) {
                 n += 1;
@@ -658,13 +892,17 @@ impl BlockManager {
                 }
                 if e.disk != NIL {
                     st.disk.as_mut().expect("disk tier").release(e.disk);
+                    dels.push(Record::del(*h, e.disk));
                 }
             }
         }
-        n
+        if let Some(ix) = st.index.as_mut() {
+            ix.append(&dels)?;
+        }
+        Ok(n)
     }
 
-    pub fn clear(&self) {
+    pub fn clear(&self) -> Result<()> {
         let mut st = self.lock();
         st.map.clear();
         if let Some(t) = st.host.as_mut() {
@@ -673,6 +911,38 @@ impl BlockManager {
         if let Some(t) = st.disk.as_mut() {
             t.reset();
         }
+        if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
+            ix.compact(&g, &[])?;
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable against power loss:
+    /// fdatasync the data file, then the index.
+    pub fn sync(&self) -> Result<()> {
+        let st = self.lock();
+        if let Some(d) = &self.disk {
+            d.sync()?;
+        }
+        if let Some(ix) = st.index.as_ref() {
+            ix.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Compact the index now (it is also compacted automatically).
+    pub fn compact_index(&self) -> Result<()> {
+        let mut st = self.lock();
+        let live = Self::live_disk(&st);
+        if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
+            ix.compact(&g, &live)?;
+            st.stats.index_compactions += 1;
+        }
+        Ok(())
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.geometry.is_some()
     }
 
     pub fn stats(&self) -> Stats {
@@ -743,7 +1013,16 @@ mod tests {
         });
         let d = (disk > 0)
             .then(|| Arc::new(DiskStorage::open(dir, disk, bs, &DiskOptions::default()).unwrap()));
-        BlockManager::new(bs, h, d).unwrap()
+        BlockManager::new(
+            bs,
+            h,
+            d,
+            ManagerOptions {
+                checksums: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
     }
 
     fn block(h: u64, bs: usize) -> Vec<u8> {

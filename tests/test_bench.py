@@ -19,7 +19,7 @@ from dynblock.bench.trace import find_trace, load_trace, parse_trace, replay
 TINY = ["--repeat", "2", "--block-sizes", "64KiB", "--disk-size", "1MiB", "--batch-size", "256KiB",
         "--fio-depths", "1,4", "--host-size", "4MiB", "--populate-size", "4MiB",
         "--tiered-size", "16MiB", "--trace-requests", "20", "--payload", "16KiB",
-        "--trace-host-blocks", "64", "--trace-disk-blocks", "256"]
+        "--trace-host-blocks", "64", "--trace-disk-blocks", "256", "--recovery-blocks", "500"]
 
 
 def run_bench(args, env=None, timeout=240) -> subprocess.CompletedProcess:
@@ -51,7 +51,7 @@ def test_json_schema(tiny_run) -> None:
     m = tiny_run["machine"]
     for k in ("kernel", "filesystem", "cpus", "build", "python"):
         assert m[k]
-    assert {c["workload"] for c in tiny_run["cases"]} >= {"disk", "host", "tiered", "overhead"}
+    assert {c["workload"] for c in tiny_run["cases"]} >= {"disk", "host", "tiered", "overhead", "durability"}
     for c in tiny_run["cases"]:
         assert set(c) >= {"workload", "impl", "op", "params", "unit", "values", "median", "min", "max", "ratios"}
         assert len(c["values"]) == 2
@@ -79,6 +79,11 @@ def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:
     many = [c for c in cases if c["impl"].startswith("numpy-copyto-") and c is not one][0]
     limit = max(one["median"], many["median"])
     assert host_w[0]["ratios"]["vs_memory_limit"] == pytest.approx(host_w[0]["median"] / limit)
+    for op in ("put", "get"):
+        on, off = find("checksums-on", op)[0], find("checksums-off", op)[0]
+        assert on["ratios"]["vs_checksums_off"] == pytest.approx(on["median"] / off["median"])
+    reopen = find("dynblock", "reopen")[0]
+    assert reopen["extra"]["recovered_blocks"] == 500 and reopen["unit"] == "s"
     pop = find("dynblock", "populate")[0]
     single = find("single-thread-touch", "populate")[0]
     assert pop["ratios"]["speedup_vs_single_thread"] == pytest.approx(single["median"] / pop["median"])

@@ -16,6 +16,7 @@ from ._core import (
     NumaError,
     ODirectError,
     PinError,
+    StoreLockedError,
 )
 from ._env import EnvError
 from . import topology
@@ -47,6 +48,7 @@ __all__ = [
     "NumaError",
     "ODirectError",
     "PinError",
+    "StoreLockedError",
     "__version__",
     "topology",
 ]

@@ -34,6 +34,11 @@ variable                                  meaning
 ``DYNBLOCK_GPU``                          ``gpu`` (CUDA ordinal)
 ``DYNBLOCK_PIN``                          ``pin`` (boolean)
 ``DYNBLOCK_IO_DEPTH``                     ``io_depth``
+``DYNBLOCK_DISK_PATH``                    ``disk_path`` (a persistent store's file)
+``DYNBLOCK_PERSIST``                      ``persist`` (boolean)
+``DYNBLOCK_DURABILITY``                   ``durability``: ``process`` or ``sync``
+``DYNBLOCK_WRITE_THROUGH``                ``write_through`` (boolean)
+``DYNBLOCK_CHECKSUMS``                    ``checksums`` (boolean)
 ========================================  =====================================
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; any other
@@ -117,6 +122,17 @@ class Config:
     tier. ``disk_dir`` defaults to the system temporary directory (check it
     with ``python -m dynblock.doctor``: in containers it is often overlayfs or
     tmpfs).
+
+    Durability: by default the disk tier is an anonymous file that vanishes
+    with the process. ``persist=True`` with ``disk_path`` keeps a named data
+    file plus an index (``disk_path + ".index"``) that survive restarts and
+    ``kill -9``: every block whose disk write completed is recovered.
+    ``durability="process"`` (default) survives the death of the process;
+    ``"sync"`` also fdatasyncs data then index at every batch, surviving power
+    loss (or call ``sync()`` at the points you choose). ``write_through=True``
+    makes ``put`` write to disk too, so blocks in the host tier also survive.
+    ``checksums`` (default on) verifies a CRC32C of every block read from disk:
+    a mismatch is a miss, never wrong bytes.
     """
 
     block_size: Optional[int] = None
@@ -134,6 +150,11 @@ class Config:
     io_depth: int = 16
     huge_pages: bool = True
     policy: Literal["lru"] = "lru"
+    disk_path: Optional[str] = None
+    persist: bool = False
+    durability: Literal["process", "sync"] = "process"
+    write_through: bool = False
+    checksums: bool = True
 
     def __post_init__(self) -> None:
         if self.layout is not None and not isinstance(self.layout, KvLayout):
@@ -183,6 +204,21 @@ class Config:
         _count("io_depth", self.io_depth, allow_zero=False)
         if self.policy != "lru":
             raise ValueError(f"policy must be 'lru' (the only policy so far), got {self.policy!r}")
+        for name in ("persist", "write_through", "checksums", "huge_pages"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.durability not in ("process", "sync"):
+            raise ValueError(f"durability must be 'process' or 'sync', got {self.durability!r}")
+        if self.disk_path is not None:
+            self.disk_path = os.fspath(self.disk_path)
+        if self.persist:
+            if self.disk_path is None:
+                raise ValueError("persist=True needs disk_path= (the store's data file; its index goes beside it)")
+            if not self.disk_blocks:
+                raise ValueError("persist=True needs a disk tier: give disk_blocks or disk_bytes")
+            self.disk_dir = os.path.dirname(os.path.abspath(self.disk_path))
+        elif self.disk_path is not None:
+            raise ValueError("disk_path is for persistent stores: add persist=True (or use disk_dir=)")
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Config":
@@ -232,6 +268,19 @@ class Config:
         depth = env_int("DYNBLOCK_IO_DEPTH", e, minimum=1)
         if depth is not None:
             kw["io_depth"] = depth
+        path = env_str("DYNBLOCK_DISK_PATH", e)
+        if path is not None:
+            kw["disk_path"] = path
+        for var, key in (("DYNBLOCK_PERSIST", "persist"), ("DYNBLOCK_WRITE_THROUGH", "write_through"),
+                         ("DYNBLOCK_CHECKSUMS", "checksums")):
+            v = env_bool(var, e)
+            if v is not None:
+                kw[key] = v
+        dur = env_str("DYNBLOCK_DURABILITY", e)
+        if dur is not None:
+            if dur.strip().lower() not in ("process", "sync"):
+                raise EnvError(f"environment variable DYNBLOCK_DURABILITY={dur!r} must be 'process' or 'sync'")
+            kw["durability"] = dur.strip().lower()
         # Sizes given one way in overrides replace the other way from the env.
         for tier in ("host", "disk"):
             if f"{tier}_blocks" in overrides or f"{tier}_bytes" in overrides:

@@ -55,6 +55,11 @@ class DiskStorage:
 
     ``io_depth`` I/Os are kept in flight per batch; adjacent slots in a batch
     are coalesced into I/Os of up to ``max_io_bytes``.
+
+    A persistent file is locked (``flock``) while open: a second open, in this
+    or another process, raises :class:`~dynblock.StoreLockedError`.
+    ``lock=False`` skips the lock, for tools that open one file twice on
+    purpose (the bench).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class DiskStorage:
         io_depth: int = 16,
         max_io_bytes: int = 4 << 20,
         alignment: Optional[Tuple[int, int]] = None,
+        lock: bool = True,
     ) -> None:
         path = os.fspath(directory_or_path)
         num_blocks = positive_int("num_blocks", num_blocks)
@@ -92,6 +98,7 @@ class DiskStorage:
             io_depth=io_depth,
             max_io_bytes=max_io_bytes,
             alignment=alignment,
+            lock=bool(lock),
         )
 
     # --- I/O -------------------------------------------------------------

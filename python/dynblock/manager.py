@@ -8,6 +8,7 @@ crosses into Rust once and releases the GIL while data moves. The policy
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Dict, Optional, Sequence, Union
 
 from . import _core
@@ -16,6 +17,14 @@ from .disk import DiskStorage
 from .host import HostStorage
 
 Hashes = Union[Sequence[int], Any]  # a sequence of ints or a numpy uint64 array
+
+
+def _layout_fingerprint(config: Config) -> int:
+    lay = config.layout
+    if lay is None:
+        return 0
+    text = f"{lay.num_layers}/{lay.outer_dim}/{lay.page_size}/{lay.inner_dim}/{str(lay.dtype).replace('torch.', '')}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 class BlockManager:
@@ -47,17 +56,23 @@ class BlockManager:
                 )
             if config.disk_blocks:
                 self._disk = DiskStorage(
-                    str(config.disk_dir),
+                    str(config.disk_path if config.persist else config.disk_dir),
                     int(config.disk_blocks),
                     bs,
                     o_direct=config.o_direct,
                     preallocate=config.preallocate,
                     io_depth=config.io_depth,
+                    persist=config.persist,
                 )
             self._m = _core.BlockManager(
                 bs,
                 host=self._host._h if self._host else None,
                 disk=self._disk._s if self._disk else None,
+                checksums=config.checksums,
+                write_through=config.write_through,
+                index_path=(str(config.disk_path) + ".index") if config.persist else None,
+                sync=config.durability == "sync",
+                layout=_layout_fingerprint(config),
             )
         except BaseException:
             self._close_tiers()
@@ -67,6 +82,24 @@ class BlockManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("BlockManager is closed")
+
+    @classmethod
+    def open(cls, path: str, **config: Any) -> "BlockManager":
+        """Open (or create) the persistent store at ``path``: its data file,
+        with the index beside it at ``path + ".index"``. ``config`` are
+        :class:`Config` fields (``block_size``/``layout`` and ``disk_blocks``
+        must match what the store was made with)."""
+        return cls(Config(disk_path=path, persist=True, **config))
+
+    def sync(self) -> None:
+        """fdatasync the data file, then the index: everything stored so far
+        survives power loss."""
+        self._check_open()
+        self._m.sync()
+
+    @property
+    def persistent(self) -> bool:
+        return self._m.persistent
 
     # --- the batch API ----------------------------------------------------
     def put(self, hashes: Hashes, src: Any) -> int:
@@ -125,6 +158,8 @@ class BlockManager:
             "numa_reason": h.numa_reason,
         }
         out["disk"] = None if d is None else {
+            "persistent": self._m.persistent,
+            "checksums": self.config.checksums,
             "capacity_blocks": d.num_blocks,
             "o_direct": d.o_direct,
             "fallback_reason": d.fallback_reason,

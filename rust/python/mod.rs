@@ -16,7 +16,7 @@ use crate::align::{Alignment, AlignmentSource};
 use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
 use crate::error::Error;
 use crate::host::{HostOptions, HostStorage, Pin, Region};
-use crate::manager::BlockManager;
+use crate::manager::{BlockManager, ManagerOptions};
 
 create_exception!(
     _core,
@@ -54,6 +54,12 @@ create_exception!(
     DynblockError,
     "Pinning (mlock) failed where it was required."
 );
+create_exception!(
+    _core,
+    StoreLockedError,
+    DynblockError,
+    "A persistent store is open in another process."
+);
 
 /// The one conversion from engine errors to Python exceptions.
 pub fn to_py(e: Error) -> PyErr {
@@ -72,6 +78,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Alignment(_) => AlignmentError::new_err(msg),
         Error::Numa(_) => NumaError::new_err(msg),
         Error::Pin(_) => PinError::new_err(msg),
+        Error::Locked(_) => StoreLockedError::new_err(msg),
     }
 }
 
@@ -232,7 +239,8 @@ fn parse_o_direct(v: &str) -> PyResult<ODirect> {
 impl PyDiskStorage {
     #[new]
     #[pyo3(signature = (path, num_blocks, block_size, *, o_direct="auto", persist=false,
-                        preallocate="auto", io_depth=16, max_io_bytes=4194304, alignment=None))]
+                        preallocate="auto", io_depth=16, max_io_bytes=4194304, alignment=None,
+                        lock=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -245,6 +253,7 @@ impl PyDiskStorage {
         io_depth: usize,
         max_io_bytes: usize,
         alignment: Option<(usize, usize)>,
+        lock: bool,
     ) -> PyResult<Self> {
         let prealloc = match preallocate {
             "auto" => Prealloc::Auto,
@@ -268,6 +277,7 @@ impl PyDiskStorage {
             io_depth,
             max_io_bytes,
             alignment,
+            lock,
         };
         let s = py
             .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))
@@ -608,19 +618,52 @@ pub struct PyBlockManager {
 #[pymethods]
 impl PyBlockManager {
     #[new]
-    #[pyo3(signature = (block_size, *, host=None, disk=None))]
+    #[pyo3(signature = (block_size, *, host=None, disk=None, checksums=true, write_through=false,
+                        index_path=None, sync=false, layout=0))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         block_size: usize,
         host: Option<PyRef<'_, PyHostStorage>>,
         disk: Option<PyRef<'_, PyDiskStorage>>,
+        checksums: bool,
+        write_through: bool,
+        index_path: Option<PathBuf>,
+        sync: bool,
+        layout: u64,
     ) -> PyResult<Self> {
-        let m = BlockManager::new(
-            block_size,
+        let opts = ManagerOptions {
+            checksums,
+            write_through,
+            index_path,
+            sync,
+            layout,
+        };
+        let (h, d) = (
             host.map(|h| h.inner().clone()),
             disk.map(|d| d.inner().clone()),
-        )
-        .map_err(to_py)?;
-        Ok(PyBlockManager { inner: Arc::new(m) })
+        );
+        let m = py
+            .detach(move || BlockManager::new(block_size, h, d, opts))
+            .map_err(to_py)?;
+        let me = PyBlockManager { inner: Arc::new(m) };
+        me.flush_warnings(py)?;
+        Ok(me)
+    }
+
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.sync()).map_err(to_py)
+    }
+
+    fn compact_index(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.compact_index()).map_err(to_py)
+    }
+
+    #[getter]
+    fn persistent(&self) -> bool {
+        self.inner.persistent()
     }
 
     fn put(
@@ -676,12 +719,12 @@ impl PyBlockManager {
     fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hs = u64_list(hashes, "hashes")?;
         let m = self.inner.clone();
-        Ok(py.detach(move || m.remove(&hs)))
+        py.detach(move || m.remove(&hs)).map_err(to_py)
     }
 
-    fn clear(&self, py: Python<'_>) {
+    fn clear(&self, py: Python<'_>) -> PyResult<()> {
         let m = self.inner.clone();
-        py.detach(move || m.clear())
+        py.detach(move || m.clear()).map_err(to_py)
     }
 
     fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
@@ -703,6 +746,10 @@ impl PyBlockManager {
             ("disk_evictions", s.disk_evictions),
             ("dropped_blocks", s.dropped_blocks),
             ("failed_writes", s.failed_writes),
+            ("corrupt_blocks", s.corrupt_blocks),
+            ("recovered_blocks", s.recovered_blocks),
+            ("index_torn_bytes", s.index_torn_bytes),
+            ("index_compactions", s.index_compactions),
             ("host_blocks_used", host_used as u64),
             ("disk_blocks_used", disk_used as u64),
         ]
@@ -783,5 +830,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ODirectError", py.get_type::<ODirectError>())?;
     m.add("NumaError", py.get_type::<NumaError>())?;
     m.add("PinError", py.get_type::<PinError>())?;
+    m.add("StoreLockedError", py.get_type::<StoreLockedError>())?;
     Ok(())
 }

@@ -15,6 +15,8 @@ Workloads (``--workloads``, comma-separated; default: all):
   put (with offload to disk) and get (with onboarding) throughput.
 - ``trace``: replay of a real KV reuse trace (``../shared/traces``).
 - ``overhead``: per-call cost of match/put/get on small batches.
+- ``durability``: disk-only put/get with checksums on against off, and the
+  time to reopen a persistent store of 100,000 blocks.
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
@@ -34,11 +36,11 @@ from typing import Any, Dict, List, Optional
 from .. import _core
 from .baselines import FIO_INSTALL_HINT, Fio
 from .common import Case, Progress, Results, machine_info, parse_size, size_label
-from .workloads import run_disk, run_host, run_overhead, run_tiered, run_trace
+from .workloads import run_disk, run_durability, run_host, run_overhead, run_tiered, run_trace
 
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
-WORKLOADS = ("disk", "host", "tiered", "trace", "overhead")
+WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability")
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS = [
@@ -60,6 +62,10 @@ GOALS = [
     ("host", "dynblock", "read", {}, "vs_memory_limit", 0.8, "host-tier copies out >= 0.8x memory limit"),
     ("host", "dynblock", "populate", {}, "speedup_vs_single_thread", 1.5,
      "host-tier population >= 1.5x faster than one thread"),
+    ("durability", "checksums-on", "put", {}, "vs_checksums_off", 0.9,
+     "disk writes with checksums >= 0.9x without"),
+    ("durability", "checksums-on", "get", {}, "vs_checksums_off", 0.9,
+     "disk reads with checksums >= 0.9x without"),
 ]
 
 
@@ -145,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per trace block (default: 64KiB)")
     g.add_argument("--trace-host-blocks", type=int, default=2048, help="host tier blocks (default: 2048)")
     g.add_argument("--trace-disk-blocks", type=int, default=16384, help="disk tier blocks (default: 16384)")
+    g = p.add_argument_group("durability")
+    g.add_argument("--recovery-blocks", type=int, default=100_000,
+                   help="blocks in the persistent store whose reopen is timed (default: 100000)")
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     g.add_argument("--out", help="also write the JSON object to this file")
@@ -153,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    for name in ("repeat", "io_depth", "trace_host_blocks", "trace_disk_blocks"):
+    for name in ("repeat", "io_depth", "trace_host_blocks", "trace_disk_blocks", "recovery_blocks"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.trace_requests < 0:
@@ -189,6 +198,9 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
                   a.trace_requests or None, a.repeat, progress)
     if "overhead" in a.workloads:
         run_overhead(res, a.repeat, progress)
+    if "durability" in a.workloads:
+        run_durability(res, directory, a.tiered_block_size, a.tiered_size, a.recovery_blocks,
+                       a.io_depth, a.batch_size, a.repeat, progress)
     return res, fio
 
 
@@ -209,6 +221,8 @@ def format_table(res: Results) -> str:
             bits = [f"{c.params['hashes']} hashes"]
         if c.workload == "host" and c.op == "populate":
             bits = [size_label(int(c.params["bytes"]))]
+        if c.workload == "durability" and c.op == "reopen":
+            bits = [f"{c.params['blocks']} blocks"]
         ratios = " ".join(f"{k}={v:.2f}x" for k, v in c.ratios.items())
         if c.workload == "trace":
             e = c.extra
@@ -218,6 +232,8 @@ def format_table(res: Results) -> str:
         if c.workload == "tiered":
             e = c.extra
             ratios = ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items())
+        if c.workload == "durability" and c.op == "reopen":
+            ratios = ", ".join(f"{k}={v}" for k, v in c.extra.items())
         rows.append((c.workload, c.impl, c.op, ", ".join(bits), f"{c.median:.3g} {c.unit}",
                      f"{min(c.values):.3g}..{max(c.values):.3g}" if c.values else "", ratios))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

@@ -63,11 +63,11 @@ def run_disk(
         try:
             for mode in modes:
                 stores[mode] = DiskStorage(base_path, n, bs, io_depth=io_depth, persist=True,
-                                           o_direct=(mode == "o_direct"))
+                                           o_direct=(mode == "o_direct"), lock=False)
                 if mode == "o_direct" and not stores[mode].o_direct:
                     res.note(f"O_DIRECT unavailable in {directory}: {stores[mode].fallback_reason}")
             if not stores:
-                stores["o_direct"] = DiskStorage(base_path, n, bs, persist=True)
+                stores["o_direct"] = DiskStorage(base_path, n, bs, persist=True, lock=False)
             first = next(iter(stores.values()))
             first.write_blocks(orders["sequential"], buf)  # written once: every run overwrites
             first.sync()
@@ -309,3 +309,72 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
 
 def default_directory() -> str:
     return tempfile.gettempdir()
+
+
+def run_durability(res: Results, directory: str, block_size: int, working_bytes: int,
+                   recovery_blocks: int, io_depth: int, batch_bytes: int, repeat: int,
+                   progress: Progress) -> None:
+    """Checksums on against off (disk-only manager, same run), and the time to
+    reopen a persistent store of `recovery_blocks` blocks."""
+    w = max(8, working_bytes // block_size)
+    batch = max(1, batch_bytes // block_size)
+    src = _rand(w * block_size, seed=11)
+    out = aligned_empty(w * block_size)
+    hashes = np.arange(1, w + 1, dtype=np.uint64)
+    order = np.random.default_rng(11).permutation(w)
+    p = dict(block_size=block_size, blocks=w)
+    progress.add(repeat * 4)
+    for _ in range(repeat):
+        for checksums in (False, True):
+            cfg = Config(block_size=block_size, disk_blocks=w, disk_dir=directory,
+                         io_depth=io_depth, checksums=checksums)
+            with BlockManager(cfg) as m:
+                def put_all() -> None:
+                    for i in range(0, w, batch):
+                        m.put(hashes[i:i + batch], src[i * block_size:(i + batch) * block_size])
+
+                def get_all() -> None:
+                    for i in range(0, w, batch):
+                        idx = order[i:i + batch]
+                        if m.get(hashes[idx], out[i * block_size:(i + len(idx)) * block_size]) != len(idx):
+                            raise RuntimeError("a stored block was not found")
+
+                name = "checksums-on" if checksums else "checksums-off"
+                res.case("durability", name, "put", **p).values.append(
+                    gib_s(w * block_size, timed(put_all)))
+                progress.step(f"durability put {name}")
+                res.case("durability", name, "get", **p).values.append(
+                    gib_s(w * block_size, timed(get_all)))
+                progress.step(f"durability get {name}")
+    for op in ("put", "get"):
+        on = res.find("durability", "checksums-on", op, **p)
+        off = res.find("durability", "checksums-off", op, **p)
+        assert on is not None and off is not None
+        on.ratios["vs_checksums_off"] = on.median / off.median
+    # Recovery of a persistent store.
+    bs = 4096
+    n = recovery_blocks
+    path = os.path.join(directory, f".dynblock-bench-recovery-{os.getpid()}.bin")
+    progress.add(repeat + 1)
+    try:
+        cfg = Config(block_size=bs, disk_blocks=n, disk_path=path, persist=True)
+        with BlockManager(cfg) as m:
+            chunk = 4096
+            data = aligned_empty(chunk * bs)
+            data[:] = 1
+            for i in range(0, n, chunk):
+                k = min(chunk, n - i)
+                m.put(np.arange(i, i + k, dtype=np.uint64) + np.uint64(1), data[:k * bs])
+        progress.step("durability: fill the persistent store")
+        for _ in range(repeat):
+            t = timed(lambda: BlockManager(cfg).close())
+            c = res.case("durability", "dynblock", "reopen", unit="s", blocks=n, block_size=bs)
+            c.values.append(t)
+            with BlockManager(cfg) as m:
+                c.extra = {"recovered_blocks": m.stats()["recovered_blocks"],
+                           "index_bytes": os.path.getsize(path + ".index")}
+            progress.step("durability: reopen")
+    finally:
+        for f in (path, path + ".index"):
+            if os.path.exists(f):
+                os.unlink(f)
