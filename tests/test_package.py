@@ -35,6 +35,13 @@ def test_stubs_match_the_native_module() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_package_type_checks() -> None:
+    pytest.importorskip("mypy")
+    pkg = Path(dynblock.__file__).parent
+    r = subprocess.run([sys.executable, "-m", "mypy", str(pkg)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_installed_build_is_release() -> None:
     # Benchmarks and speed claims are only valid for release builds.
     assert dynblock._core.build_profile() == "release"

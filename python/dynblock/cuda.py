@@ -15,12 +15,12 @@ MAX_REGISTER_CHUNK = 256 << 30
 
 def _runtime() -> Tuple[Optional[Any], str]:
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.6
+        from cuda.bindings import runtime  # type: ignore[import-not-found]  # cuda-python >= 12.6
         return runtime, ""
     except ImportError:
         pass
     try:
-        from cuda import cudart  # older cuda-python
+        from cuda import cudart  # type: ignore[import-not-found]  # older cuda-python
         return cudart, ""
     except ImportError:
         return None, "cuda-python is not installed (pip install 'dynblock[gpu]')"

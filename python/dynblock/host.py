@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Literal, Optional, Union
+from typing import Any, Dict, Literal, Optional, Union, cast
 
 from . import _core
 from ._env import numa_disabled
@@ -131,11 +131,11 @@ class HostStorage:
 
     def block(self, slot_id: int) -> memoryview:
         """Writable zero-copy view of one slot (``numpy.frombuffer`` works)."""
-        return memoryview(self._h.block(slot_id))
+        return memoryview(cast(Any, self._h.block(slot_id)))
 
     def view(self) -> memoryview:
         """Writable zero-copy view of the whole tier."""
-        return memoryview(self._h.view())
+        return memoryview(cast(Any, self._h.view()))
 
     def placement(self) -> Dict[int, int]:
         """Pages per NUMA node, asked of the kernel (``move_pages``); -1 counts

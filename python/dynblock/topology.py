@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 __all__ = [
     "GpuTopology",
@@ -253,13 +253,13 @@ def resolve_gpu(
     e = os.environ if env is None else env
     exe = nvidia_smi if os.sep in nvidia_smi else shutil.which(nvidia_smi, path=e.get("PATH"))
 
-    def unknown(why: str, **kw: object) -> GpuResolution:
-        base = dict(
+    def unknown(why: str, **kw: Any) -> GpuResolution:
+        base: Dict[str, Any] = dict(
             device=device, physical_index=None, pci_bus_id=None, topo_numa_node=None,
             sysfs_numa_node=None, numa_node=None, reason=why,
         )
         base.update(kw)
-        return GpuResolution(**base)  # type: ignore[arg-type]
+        return GpuResolution(**base)
 
     if exe is None or not os.path.exists(exe):
         return unknown(f"{nvidia_smi} not found: cannot tell which NUMA node is nearest the GPU")
@@ -285,7 +285,7 @@ def resolve_gpu(
         sys_node = v if v >= 0 else None
     except (OSError, ValueError):
         pass
-    kw = dict(physical_index=g.index, pci_bus_id=g.pci_bus_id,
+    kw: Dict[str, Any] = dict(physical_index=g.index, pci_bus_id=g.pci_bus_id,
               topo_numa_node=topo_node, sysfs_numa_node=sys_node)
     if topo_node is not None and sys_node is not None and topo_node != sys_node:
         return unknown(
@@ -300,7 +300,7 @@ def resolve_gpu(
         src = "nvidia-smi topo -m"
     else:
         src = "sysfs"
-    return GpuResolution(device=device, numa_node=node, reason=f"from {src}", **kw)  # type: ignore[arg-type]
+    return GpuResolution(device=device, numa_node=node, reason=f"from {src}", **kw)
 
 
 def numa_node_for_gpu(

@@ -708,12 +708,14 @@ impl PyBlockManager {
         Ok(py.detach(move || m.match_prefix(&hs)))
     }
 
-    fn contains(&self, hash: u64) -> bool {
-        self.inner.contains(hash)
+    fn contains(&self, py: Python<'_>, hash: u64) -> bool {
+        let m = self.inner.clone();
+        py.detach(move || m.contains(hash))
     }
 
-    fn __len__(&self) -> usize {
-        self.inner.len()
+    fn __len__(&self, py: Python<'_>) -> usize {
+        let m = self.inner.clone();
+        py.detach(move || m.len())
     }
 
     fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
@@ -727,9 +729,9 @@ impl PyBlockManager {
         py.detach(move || m.clear()).map_err(to_py)
     }
 
-    fn counters(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        let s = self.inner.stats();
-        let (host_used, disk_used) = self.inner.usage();
+    fn counters(&self, py: Python<'_>) -> std::collections::BTreeMap<&'static str, u64> {
+        let m = self.inner.clone();
+        let (s, (host_used, disk_used)) = py.detach(move || (m.stats(), m.usage()));
         let bs = self.inner.block_size() as u64;
         [
             ("put_blocks", s.put_blocks),
@@ -758,8 +760,9 @@ impl PyBlockManager {
     }
 
     /// (host hashes, disk hashes), least recently used first.
-    fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
-        self.inner.lru_order()
+    fn lru_order(&self, py: Python<'_>) -> (Vec<u64>, Vec<u64>) {
+        let m = self.inner.clone();
+        py.detach(move || m.lru_order())
     }
 
     #[getter]

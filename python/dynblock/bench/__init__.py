@@ -294,7 +294,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     goals = evaluate_goals(res.cases)
-    result = {
+    result: Dict[str, Any] = {
         "machine": info,
         "command": "python -m dynblock.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seconds": time.perf_counter() - t0,

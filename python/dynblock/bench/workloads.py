@@ -76,7 +76,7 @@ def run_disk(
             for _ in range(repeat):
                 for pattern in patterns:
                     order = orders[pattern]
-                    p = dict(block_size=bs, pattern=pattern, blocks=n)
+                    p: Dict[str, Any] = dict(block_size=bs, pattern=pattern, blocks=n)
                     for op in ("write", "read"):
                         label = f"{pattern} {op} {size_label(bs)}"
                         if fio.available:
@@ -87,7 +87,7 @@ def run_disk(
                                 if bw is not None:
                                     res.case("disk", "fio", op, io_depth=d, **p).values.append(bw / (1 << 30))
                                 progress.step(f"fio d{d} {label}")
-                        w, r = naive_python(base_path, order, bs, buf)
+                        w, r = naive_python(base_path, [int(x) for x in order], bs, buf)
                         res.case("disk", "python-naive", op, **p).values.append(
                             gib_s(nbytes, timed(w if op == "write" else r)))
                         progress.step(f"naive {label}")
@@ -121,15 +121,16 @@ def run_disk(
             for pattern in patterns:
                 p = dict(block_size=bs, pattern=pattern, blocks=n)
                 for op in ("write", "read"):
-                    fios = [res.find("disk", "fio", op, io_depth=d, **p) for d in fio_depths]
-                    fios = [c for c in fios if c is not None and c.values]
+                    found = [res.find("disk", "fio", op, io_depth=d, **p) for d in fio_depths]
+                    fios = [c for c in found if c is not None and c.values]
                     best = max(fios, key=lambda c: c.median) if fios else None
                     same = res.find("disk", "fio", op, io_depth=io_depth, **p)
                     naive = res.find("disk", "python-naive", op, **p)
                     for mode in modes:
-                        c = res.find("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
-                        if c is None:
+                        dc = res.find("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
+                        if dc is None:
                             continue
+                        c = dc
                         if best is not None:
                             c.ratios["vs_device_limit"] = c.median / best.median
                             c.extra["device_limit_depth"] = best.params["io_depth"]
@@ -153,7 +154,7 @@ def run_host(res: Results, host_bytes: int, block_size: int, populate_bytes: int
     out = aligned_empty(nbytes)
     scratch = aligned_empty(nbytes)
     order = np.random.default_rng(7).permutation(n).astype(np.uint64)
-    p = dict(block_size=block_size, blocks=n)
+    p: Dict[str, Any] = dict(block_size=block_size, blocks=n)
     progress.add(repeat * 4)
     with HostStorage(n, block_size, numa_node="auto", pin=True) as h:
         h.write_blocks(order, src)  # warm every page before timing
@@ -188,7 +189,7 @@ def run_host(res: Results, host_bytes: int, block_size: int, populate_bytes: int
     # Population: our parallel populate against one thread touching pages.
     progress.add(repeat * 2)
     pop_blocks = max(1, populate_bytes // (2 << 20))
-    pp = dict(bytes=pop_blocks * (2 << 20))
+    pp: Dict[str, Any] = dict(bytes=pop_blocks * (2 << 20))
     for _ in range(repeat):
         single = _core.single_thread_touch_seconds(pop_blocks * (2 << 20), True)
         res.case("host", "single-thread-touch", "populate", unit="s", **pp).values.append(single)
@@ -212,7 +213,7 @@ def run_tiered(res: Results, directory: str, block_size: int, working_bytes: int
     batch = max(1, batch_bytes // block_size)
     src = _rand(w * block_size, seed=3)
     out = aligned_empty(w * block_size)
-    p = dict(block_size=block_size, working_set_blocks=w, host_blocks=host_blocks, disk_blocks=w)
+    p: Dict[str, Any] = dict(block_size=block_size, working_set_blocks=w, host_blocks=host_blocks, disk_blocks=w)
     progress.add(repeat * 2)
     for _ in range(repeat):
         cfg = Config(block_size=block_size, host_blocks=host_blocks, disk_blocks=w,
@@ -262,7 +263,7 @@ def run_trace(res: Results, directory: str, path: Optional[str], payload: int, h
         res.note("trace: no trace file found (pass --trace PATH or set DYNBLOCK_TRACE_DIR); skipped")
         return
     reqs = trace_mod.load_trace(path, limit=limit)
-    p = dict(trace=os.path.basename(path), requests=len(reqs), payload_bytes=payload,
+    p: Dict[str, Any] = dict(trace=os.path.basename(path), requests=len(reqs), payload_bytes=payload,
              host_blocks=host_blocks, disk_blocks=disk_blocks)
     progress.add(repeat)
     for _ in range(repeat):
@@ -322,7 +323,7 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
     out = aligned_empty(w * block_size)
     hashes = np.arange(1, w + 1, dtype=np.uint64)
     order = np.random.default_rng(11).permutation(w)
-    p = dict(block_size=block_size, blocks=w)
+    p: Dict[str, Any] = dict(block_size=block_size, blocks=w)
     progress.add(repeat * 4)
     for _ in range(repeat):
         for checksums in (False, True):
