@@ -194,21 +194,29 @@ fn set_o_direct(fd: RawFd, on: bool) -> std::result::Result<(), i32> {
     Ok(())
 }
 
-/// `pwrite` until every byte is written (retrying short writes and EINTR).
+/// `pread`/`pwrite` until every byte has moved, retrying short transfers
+/// and EINTR. A read that meets the end of the file, or a write that moves
+/// nothing, is an error.
 ///
 /// # Safety
-/// `buf` must be valid for reads of `len` bytes.
-unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, offset: u64) -> std::io::Result<()> {
+/// `buf` must be valid for `len` bytes: writable for reads, readable for
+/// writes.
+unsafe fn transfer_all(
+    fd: RawFd,
+    buf: *mut u8,
+    len: usize,
+    offset: u64,
+    dir: Dir,
+) -> std::io::Result<()> {
     let mut done = 0usize;
     while done < len {
+        let off = (offset + done as u64) as libc::off_t;
         // SAFETY: buf + done .. buf + len is inside the caller's range.
         let n = unsafe {
-            libc::pwrite(
-                fd,
-                buf.add(done).cast(),
-                len - done,
-                (offset + done as u64) as libc::off_t,
-            )
+            match dir {
+                Dir::Read => libc::pread(fd, buf.add(done).cast(), len - done, off),
+                Dir::Write => libc::pwrite(fd, buf.add(done).cast(), len - done, off),
+            }
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -218,45 +226,31 @@ unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, offset: u64) -> std:
             return Err(e);
         }
         if n == 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            return Err(match dir {
+                Dir::Write => std::io::Error::from_raw_os_error(libc::ENOSPC),
+                Dir::Read => std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file ended before the slot did (was it truncated?)",
+                ),
+            });
         }
         done += n as usize;
     }
     Ok(())
 }
 
-/// `pread` until every byte is read (retrying short reads and EINTR).
-///
 /// # Safety
-/// `buf` must be valid for writes of `len` bytes.
+/// As [`transfer_all`] for writes.
+unsafe fn pwrite_all(fd: RawFd, buf: *const u8, len: usize, offset: u64) -> std::io::Result<()> {
+    // SAFETY: forwarded; a write only reads `buf`.
+    unsafe { transfer_all(fd, buf as *mut u8, len, offset, Dir::Write) }
+}
+
+/// # Safety
+/// As [`transfer_all`] for reads.
 unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: buf + done .. buf + len is inside the caller's range.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                buf.add(done).cast(),
-                len - done,
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file ended before the slot did (was it truncated?)",
-            ));
-        }
-        done += n as usize;
-    }
-    Ok(())
+    // SAFETY: forwarded.
+    unsafe { transfer_all(fd, buf, len, offset, Dir::Read) }
 }
 
 /// What one worker holds while a batch runs.
@@ -318,16 +312,7 @@ impl DiskStorage {
         block_size: usize,
         opts: &DiskOptions,
     ) -> Result<Self> {
-        if num_blocks == 0 {
-            return Err(Error::InvalidArgument(
-                "num_blocks must be a positive integer, got 0".into(),
-            ));
-        }
-        if block_size == 0 {
-            return Err(Error::InvalidArgument(
-                "block_size must be a positive number of bytes, got 0".into(),
-            ));
-        }
+        crate::error::check_sizes(num_blocks, block_size)?;
         if opts.io_depth == 0 || opts.io_depth > 1024 {
             return Err(Error::InvalidArgument(format!(
                 "io_depth must be between 1 and 1024, got {}",

@@ -168,16 +168,7 @@ fn thp_available(sysfs: &std::path::Path) -> bool {
 
 impl HostStorage {
     pub fn new(num_blocks: u64, block_size: usize, opts: &HostOptions) -> Result<Self> {
-        if num_blocks == 0 {
-            return Err(Error::InvalidArgument(
-                "num_blocks must be a positive integer, got 0".into(),
-            ));
-        }
-        if block_size == 0 {
-            return Err(Error::InvalidArgument(
-                "block_size must be a positive number of bytes, got 0".into(),
-            ));
-        }
+        crate::error::check_sizes(num_blocks, block_size)?;
         if !opts.alignment.is_power_of_two() || opts.alignment < 64 {
             return Err(Error::Alignment(format!(
                 "host slot alignment must be a power of two >= 64, got {}",

@@ -200,6 +200,29 @@ pub fn u64_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
     Ok(out)
 }
 
+/// One batch call from Python: parse the ids, hold the caller's buffer for
+/// the call (checked for contiguity and, for destinations, writability), and
+/// run `op(ids, address, length)` with the GIL released.
+///
+/// `op` receives the buffer's address; `HeldBuffer` keeps the exporter's
+/// memory alive and fixed until after the GIL is re-taken.
+pub fn batch_call<T: Send>(
+    py: Python<'_>,
+    ids: &Bound<'_, PyAny>,
+    ids_name: &str,
+    buf: &Bound<'_, PyAny>,
+    buf_name: &str,
+    writable: bool,
+    op: impl FnOnce(&[u64], usize, usize) -> crate::error::Result<T> + Send,
+) -> PyResult<T> {
+    let list = u64_list(ids, ids_name)?;
+    let held = hold_buffer(buf, buf_name, writable)?;
+    let (ptr, len) = (held.ptr, held.len);
+    let r = py.detach(move || op(&list, ptr, len));
+    drop(held);
+    r.map_err(to_py)
+}
+
 /// Log the engine's pending warnings through Python `logging`.
 pub fn log_warnings(py: Python<'_>, logger: &str, warnings: Vec<String>) -> PyResult<()> {
     if warnings.is_empty() {
@@ -293,16 +316,19 @@ impl PyDiskStorage {
         slot_ids: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let slots = u64_list(slot_ids, "slot_ids")?;
-        let buf = hold_buffer(src, "src", false)?;
         let s = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: `buf` keeps the exporter's memory alive and fixed until
-        // after detach returns; we only read from it.
-        let r = py.detach(move || unsafe { s.write_blocks_raw(&slots, ptr as *const u8, len) });
-        drop(buf);
+        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
+        let r = batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            src,
+            "src",
+            false,
+            move |ids, p, n| unsafe { s.write_blocks_raw(ids, p as *const u8, n) },
+        );
         log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
-        r.map_err(to_py)
+        r
     }
 
     /// Read the slots into `dst` (writable, len(slot_ids) * block_size bytes).
@@ -312,15 +338,19 @@ impl PyDiskStorage {
         slot_ids: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let slots = u64_list(slot_ids, "slot_ids")?;
-        let buf = hold_buffer(dst, "dst", true)?;
         let s = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: as in write_blocks; the buffer is writable (checked).
-        let r = py.detach(move || unsafe { s.read_blocks_raw(&slots, ptr as *mut u8, len) });
-        drop(buf);
+        // SAFETY: the buffer is held for the call and checked writable.
+        let r = batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            dst,
+            "dst",
+            true,
+            move |ids, p, n| unsafe { s.read_blocks_raw(ids, p as *mut u8, n) },
+        );
         log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
-        r.map_err(to_py)
+        r
     }
 
     fn sync(&self, py: Python<'_>) -> PyResult<()> {
@@ -502,15 +532,17 @@ impl PyHostStorage {
         slot_ids: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let slots = u64_list(slot_ids, "slot_ids")?;
-        let buf = hold_buffer(src, "src", false)?;
         let h = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: `buf` keeps the caller's memory alive and fixed until after
-        // detach returns; it is only read.
-        let r = py.detach(move || unsafe { h.copy_raw(&slots, ptr as *mut u8, len, true) });
-        drop(buf);
-        r.map_err(to_py)
+        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
+        batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            src,
+            "src",
+            false,
+            move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, true) },
+        )
     }
 
     fn read_blocks(
@@ -519,14 +551,17 @@ impl PyHostStorage {
         slot_ids: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let slots = u64_list(slot_ids, "slot_ids")?;
-        let buf = hold_buffer(dst, "dst", true)?;
         let h = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: as in write_blocks; dst is writable (checked).
-        let r = py.detach(move || unsafe { h.copy_raw(&slots, ptr as *mut u8, len, false) });
-        drop(buf);
-        r.map_err(to_py)
+        // SAFETY: the buffer is held for the call and checked writable.
+        batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            dst,
+            "dst",
+            true,
+            move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, false) },
+        )
     }
 
     /// A writable zero-copy view of one slot's block_size bytes.
@@ -672,16 +707,19 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let hs = u64_list(hashes, "hashes")?;
-        let buf = hold_buffer(src, "src", false)?;
         let m = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: `buf` keeps the caller's memory alive and fixed until after
-        // detach returns; it is only read.
-        let r = py.detach(move || unsafe { m.put_raw(&hs, ptr as *const u8, len) });
-        drop(buf);
+        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
+        let r = batch_call(
+            py,
+            hashes,
+            "hashes",
+            src,
+            "src",
+            false,
+            move |hs, p, n| unsafe { m.put_raw(hs, p as *const u8, n) },
+        );
         self.flush_warnings(py)?;
-        r.map_err(to_py)
+        r
     }
 
     fn get(
@@ -690,15 +728,19 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let hs = u64_list(hashes, "hashes")?;
-        let buf = hold_buffer(dst, "dst", true)?;
         let m = self.inner.clone();
-        let (ptr, len) = (buf.ptr, buf.len);
-        // SAFETY: as in put; dst is writable (checked).
-        let r = py.detach(move || unsafe { m.get_raw(&hs, ptr as *mut u8, len) });
-        drop(buf);
+        // SAFETY: the buffer is held for the call and checked writable.
+        let r = batch_call(
+            py,
+            hashes,
+            "hashes",
+            dst,
+            "dst",
+            true,
+            move |hs, p, n| unsafe { m.get_raw(hs, p as *mut u8, n) },
+        );
         self.flush_warnings(py)?;
-        r.map_err(to_py)
+        r
     }
 
     #[pyo3(name = "match")]
