@@ -59,3 +59,16 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert test_cmd in ci, "the CI script must run the README's test command"
     if shutil.which("cargo") is None:
         pytest.skip("cargo is not installed")
+
+
+def test_readme_examples_run(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    ns: dict = {}
+    for code in blocks:
+        code = code.replace("/mnt/nvme", str(tmp_path)).replace("16384", "64").replace("1024", "16")
+        exec(compile(code, "README.md", "exec"), ns)
+    ns["kv"].close()

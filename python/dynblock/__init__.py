@@ -19,7 +19,8 @@ from ._core import (
     StoreLockedError,
 )
 from ._env import EnvError
-from . import topology
+from . import buffers, topology
+from .buffers import aligned_empty
 from .config import Config, KvLayout
 from .disk import DiskStorage
 from .host import HostStorage
@@ -50,5 +51,7 @@ __all__ = [
     "PinError",
     "StoreLockedError",
     "__version__",
+    "aligned_empty",
+    "buffers",
     "topology",
 ]
