@@ -89,6 +89,7 @@ pub struct DiskStorage {
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
     preallocation: Mutex<&'static str>,
+    pool: Option<rayon::ThreadPool>,
 }
 
 /// Name of the filesystem type behind `fd` (from `fstatfs`).
@@ -292,9 +293,10 @@ impl Worker<'_> {
     }
 }
 
-/// Called on the I/O worker for each block of a batch after its I/O
-/// succeeded, with the block's index in the batch and its memory address
-/// (checksums are computed here, overlapping other workers' I/O).
+/// Called on the I/O worker for each block of a batch, with the block's
+/// index in the batch and its memory address: before a write is issued,
+/// after a read succeeded (checksums are computed here, overlapping other
+/// workers' I/O).
 pub type Hook<'a> = &'a (dyn Fn(usize, usize) + Sync);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -475,6 +477,7 @@ impl DiskStorage {
             bytes_written: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             preallocation: Mutex::new("existing"),
+            pool: io::pool(opts.io_depth, "dynblock-io"),
         };
 
         let cur_len = storage.file_len().map_err(cleanup)?;
@@ -861,7 +864,8 @@ impl DiskStorage {
     ) -> Result<()> {
         let (_guard, fd) = self.raw_fd()?;
         let ops = io::coalesce(slots, addr_of, self.block_size, self.max_slots_per_io());
-        io::run(
+        io::run_on(
+            self.pool.as_ref(),
             ops.len(),
             self.io_depth,
             || {
@@ -872,12 +876,22 @@ impl DiskStorage {
             },
             |i, w| {
                 let op = &ops[i];
+                let run_hook = || {
+                    if let Some(h) = hook {
+                        for k in 0..op.count {
+                            h(op.first + k, op.addr + k * self.block_size);
+                        }
+                    }
+                };
+                // Writes: checksum first, so the device reads bytes the CPU
+                // just pulled into cache. Reads: after the data arrived.
+                if dir == Dir::Write {
+                    run_hook();
+                }
                 // SAFETY: each op covers its own disjoint memory.
                 unsafe { self.do_op(fd, op, dir, w) }?;
-                if let Some(h) = hook {
-                    for k in 0..op.count {
-                        h(op.first + k, op.addr + k * self.block_size);
-                    }
+                if dir == Dir::Read {
+                    run_hook();
                 }
                 Ok(())
             },

@@ -154,6 +154,7 @@ pub struct HostStorage {
     huge_pages: bool,
     populate_threads: usize,
     copy_threads: usize,
+    pool: Option<rayon::ThreadPool>,
     warnings: Mutex<Vec<String>>,
     pub populate_seconds: f64,
     bytes_in: AtomicU64,
@@ -326,6 +327,7 @@ impl HostStorage {
             huge_pages: use_huge,
             populate_threads: threads,
             copy_threads,
+            pool: io::pool(copy_threads, "dynblock-copy"),
             warnings: Mutex::new(warnings),
             populate_seconds,
             bytes_in: AtomicU64::new(0),
@@ -438,7 +440,8 @@ impl HostStorage {
         };
         let base = SendPtr(region.ptr());
         let stride = self.stride;
-        let _ = io::run(
+        let _ = io::run_on(
+            self.pool.as_ref(),
             n,
             threads,
             || Ok(()),

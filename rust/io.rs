@@ -70,10 +70,36 @@ pub fn coalesce(
     ops
 }
 
+/// A pool of long-lived worker threads for one storage, so a batch does not
+/// pay for creating threads (tens of microseconds each).
+pub fn pool(threads: usize, name: &str) -> Option<rayon::ThreadPool> {
+    let name = name.to_string();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(move |i| format!("{name}-{i}"))
+        .build()
+        .ok()
+}
+
 /// Run `work(op_index, worker_state)` for every index in `0..n` on up to
 /// `depth` threads. Each worker owns one `S` made by `init` (e.g. a bounce
 /// buffer). Stops handing out work at the first error and returns it.
 pub fn run<S, I, F>(n: usize, depth: usize, init: I, work: F) -> Result<()>
+where
+    I: Fn() -> Result<S> + Sync,
+    F: Fn(usize, &mut S) -> Result<()> + Sync,
+{
+    run_on(None, n, depth, init, work)
+}
+
+/// [`run`] on the threads of `pool` when given (else on scoped threads).
+pub fn run_on<S, I, F>(
+    pool: Option<&rayon::ThreadPool>,
+    n: usize,
+    depth: usize,
+    init: I,
+    work: F,
+) -> Result<()>
 where
     I: Fn() -> Result<S> + Sync,
     F: Fn(usize, &mut S) -> Result<()> + Sync,
@@ -92,32 +118,40 @@ where
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            scope.spawn(|| {
-                let fail = |e: Error| {
-                    failed.store(true, Ordering::Relaxed);
-                    let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_none() {
-                        *slot = Some(e);
-                    }
-                };
-                let mut s = match init() {
-                    Ok(s) => s,
-                    Err(e) => return fail(e),
-                };
-                while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        break;
-                    }
-                    if let Err(e) = work(i, &mut s) {
-                        return fail(e);
-                    }
-                }
-            });
+    let worker = || {
+        let fail = |e: Error| {
+            failed.store(true, Ordering::Relaxed);
+            let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        };
+        let mut s = match init() {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            if let Err(e) = work(i, &mut s) {
+                return fail(e);
+            }
         }
-    });
+    };
+    match pool {
+        Some(p) => p.scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|_| worker());
+            }
+        }),
+        None => std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(worker);
+            }
+        }),
+    }
     match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
