@@ -456,9 +456,9 @@ impl HostStorage {
                     let h = base.get().add(slots[b] as usize * stride + off);
                     let u = (addr_of(b) + off) as *mut u8;
                     if into_slots {
-                        std::ptr::copy_nonoverlapping(u, h, cnt);
+                        io::stream_copy(h, u, cnt);
                     } else {
-                        std::ptr::copy_nonoverlapping(h, u, cnt);
+                        io::stream_copy(u, h, cnt);
                     }
                 }
                 Ok(())

@@ -158,6 +158,52 @@ where
     }
 }
 
+/// Copy `len` bytes with non-temporal (streaming) stores where that pays:
+/// large copies on x86-64. Regular stores would first read every
+/// destination line into the cache (50% more memory traffic); glibc's
+/// memcpy only streams above a threshold of several MiB, which the 1 MiB
+/// pieces of a batched copy never reach.
+///
+/// # Safety
+/// `src` valid for reads and `dst` for writes of `len` bytes; no overlap.
+#[inline]
+pub unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        if len >= 64 << 10 {
+            // Head: bring dst to 16-byte alignment.
+            let head = dst.align_offset(16).min(len);
+            // SAFETY: inside both ranges (caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
+            let body = (len - head) & !63;
+            let mut off = head;
+            // SAFETY: SSE2 is part of x86-64; dst + off is 16-byte aligned and
+            // every access stays inside [0, head + body) of both ranges.
+            unsafe {
+                while off < head + body {
+                    let s = src.add(off) as *const __m128i;
+                    let d = dst.add(off) as *mut __m128i;
+                    let a = _mm_loadu_si128(s);
+                    let b = _mm_loadu_si128(s.add(1));
+                    let c = _mm_loadu_si128(s.add(2));
+                    let e = _mm_loadu_si128(s.add(3));
+                    _mm_stream_si128(d, a);
+                    _mm_stream_si128(d.add(1), b);
+                    _mm_stream_si128(d.add(2), c);
+                    _mm_stream_si128(d.add(3), e);
+                    off += 64;
+                }
+                _mm_sfence();
+                std::ptr::copy_nonoverlapping(src.add(off), dst.add(off), len - off);
+            }
+            return;
+        }
+    }
+    // SAFETY: caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
 /// Copy `len` bytes from `src` to `dst` using up to `threads` threads in
 /// chunks of at least 1 MiB.
 ///
@@ -175,7 +221,7 @@ pub unsafe fn parallel_copy(dst: SendPtr, src: SendPtr, len: usize, threads: usi
             let off = i * CHUNK;
             let n = CHUNK.min(len - off);
             // SAFETY: the caller guarantees both ranges; chunks are disjoint.
-            unsafe { std::ptr::copy_nonoverlapping(src.get().add(off), dst.get().add(off), n) };
+            unsafe { stream_copy(dst.get().add(off), src.get().add(off), n) };
             Ok(())
         },
     );
@@ -247,6 +293,23 @@ mod tests {
         );
         assert!(matches!(r, Err(Error::InvalidArgument(_))));
         assert!(done.load(Ordering::Relaxed) < 1000);
+    }
+
+    #[test]
+    fn stream_copy_copies_any_alignment_and_length() {
+        let src: Vec<u8> = (0..(300 << 10)).map(|i| (i * 7 % 251) as u8).collect();
+        for (so, d_o, len) in [
+            (0, 0, 300 << 10),
+            (3, 5, (200 << 10) + 13),
+            (1, 0, 70_000),
+            (0, 9, 100),
+        ] {
+            let mut dst = vec![0u8; (300 << 10) + 64];
+            unsafe { stream_copy(dst.as_mut_ptr().add(d_o), src.as_ptr().add(so), len) };
+            assert_eq!(&dst[d_o..d_o + len], &src[so..so + len]);
+            assert!(dst[..d_o].iter().all(|&x| x == 0));
+            assert!(dst[d_o + len..].iter().all(|&x| x == 0));
+        }
     }
 
     #[test]
