@@ -863,10 +863,21 @@ impl DiskStorage {
         hook: Option<Hook<'_>>,
     ) -> Result<()> {
         let (_guard, fd) = self.raw_fd()?;
-        let ops = io::coalesce(slots, addr_of, self.block_size, self.max_slots_per_io());
+        // Visit slots in file order: runs of adjacent slots become one I/O
+        // even when their blocks sit apart in memory (vectored I/O).
+        let mut order: Vec<usize> = (0..slots.len()).collect();
+        order.sort_by_key(|&i| slots[i]);
+        let sorted: Vec<u64> = order.iter().map(|&i| slots[i]).collect();
+        let ops = io::coalesce(
+            &sorted,
+            |k| addr_of(order[k]),
+            self.block_size,
+            self.max_slots_per_io(),
+        );
+        let groups = self.group_ops(&ops);
         io::run_on(
             self.pool.as_ref(),
-            ops.len(),
+            groups.len(),
             self.io_depth,
             || {
                 Ok(Worker {
@@ -874,12 +885,14 @@ impl DiskStorage {
                     bounce: None,
                 })
             },
-            |i, w| {
-                let op = &ops[i];
+            |g, w| {
+                let group = &ops[groups[g].clone()];
                 let run_hook = || {
                     if let Some(h) = hook {
-                        for k in 0..op.count {
-                            h(op.first + k, op.addr + k * self.block_size);
+                        for op in group {
+                            for k in 0..op.count {
+                                h(order[op.first + k], op.addr + k * self.block_size);
+                            }
                         }
                     }
                 };
@@ -889,13 +902,158 @@ impl DiskStorage {
                     run_hook();
                 }
                 // SAFETY: each op covers its own disjoint memory.
-                unsafe { self.do_op(fd, op, dir, w) }?;
+                unsafe { self.do_group(fd, group, dir, w) }?;
                 if dir == Dir::Read {
                     run_hook();
                 }
                 Ok(())
             },
         )
+    }
+
+    /// Runs of ops whose slots follow each other, up to `max_io_bytes` and
+    /// IOV_MAX segments: each run becomes one vectored I/O.
+    fn group_ops(&self, ops: &[Op]) -> Vec<std::ops::Range<usize>> {
+        const IOV_MAX: usize = 1024;
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut bytes = 0usize;
+        for (i, op) in ops.iter().enumerate() {
+            let len = op.count * self.stride;
+            if let Some(last) = out.last_mut() {
+                let prev = &ops[last.end - 1];
+                if prev.slot + prev.count as u64 == op.slot
+                    && bytes + len <= self.max_io_bytes
+                    && last.len() < IOV_MAX
+                {
+                    last.end = i + 1;
+                    bytes += len;
+                    continue;
+                }
+            }
+            out.push(i..i + 1);
+            bytes = len;
+        }
+        out
+    }
+
+    /// One vectored I/O for a run of adjacent ops when all of them can be
+    /// done in place; otherwise op by op.
+    ///
+    /// # Safety
+    /// As `do_op`, for every op of the group.
+    unsafe fn do_group(&self, fd: RawFd, group: &[Op], dir: Dir, w: &mut Worker) -> Result<()> {
+        if group.len() == 1 {
+            // SAFETY: forwarded.
+            return unsafe { self.do_op(fd, &group[0], dir, w) };
+        }
+        loop {
+            let direct = self.direct.load(Ordering::Relaxed);
+            let in_place = self.stride == self.block_size
+                && (!direct
+                    || group
+                        .iter()
+                        .all(|op| is_aligned(op.addr as *const u8, self.align.mem)));
+            if !in_place {
+                for op in group {
+                    // SAFETY: forwarded.
+                    unsafe { self.do_op(fd, op, dir, w) }?;
+                }
+                return Ok(());
+            }
+            // SAFETY: forwarded.
+            match unsafe { self.vectored(fd, group, dir) } {
+                Ok(()) => {
+                    if direct && !self.direct_proven.load(Ordering::Relaxed) {
+                        self.direct_proven.store(true, Ordering::Relaxed);
+                    }
+                    if dir == Dir::Write && !direct {
+                        let len = group.iter().map(|op| op.count * self.stride).sum::<usize>();
+                        self.drop_cache(fd, self.slot_offset(group[0].slot), len as u64);
+                    }
+                    return Ok(());
+                }
+                Err((err, off, len)) => {
+                    let what = if dir == Dir::Read { "read" } else { "write" };
+                    if direct && self.should_fall_back(&err) {
+                        self.fall_back(fd, what, &err)?;
+                        continue;
+                    }
+                    if direct && self.direct_refused(&err) {
+                        return Err(self.require_error(what));
+                    }
+                    let name = if dir == Dir::Read {
+                        "preadv"
+                    } else {
+                        "pwritev"
+                    };
+                    return Err(Error::io(name, &self.path, off, len, err));
+                }
+            }
+        }
+    }
+
+    /// `preadv`/`pwritev` of a group's segments; a short transfer is
+    /// finished segment by segment.
+    ///
+    /// # Safety
+    /// Every op's memory is valid for op.count blocks and owned by the call.
+    unsafe fn vectored(
+        &self,
+        fd: RawFd,
+        group: &[Op],
+        dir: Dir,
+    ) -> std::result::Result<(), (std::io::Error, u64, u64)> {
+        let bs = self.block_size;
+        let file_off = self.slot_offset(group[0].slot);
+        let iov: Vec<libc::iovec> = group
+            .iter()
+            .map(|op| libc::iovec {
+                iov_base: op.addr as *mut libc::c_void,
+                iov_len: op.count * bs,
+            })
+            .collect();
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let n = loop {
+            // SAFETY: the iovecs point at memory owned by this call.
+            let n = unsafe {
+                match dir {
+                    Dir::Read => {
+                        libc::preadv(fd, iov.as_ptr(), iov.len() as i32, file_off as libc::off_t)
+                    }
+                    Dir::Write => {
+                        libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, file_off as libc::off_t)
+                    }
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err((e, file_off, total as u64));
+            }
+            break n as usize;
+        };
+        if n == total {
+            return Ok(());
+        }
+        // Finish what a short transfer left, segment by segment.
+        let mut done = n;
+        let mut off = file_off;
+        for v in &iov {
+            let len = v.iov_len;
+            if done >= len {
+                done -= len;
+            } else {
+                let p = (v.iov_base as *mut u8).wrapping_add(done);
+                // SAFETY: the rest of this segment, inside the caller's memory.
+                unsafe { transfer_all(fd, p, len - done, off + done as u64, dir) }
+                    .map_err(|e| (e, off + done as u64, (len - done) as u64))?;
+                done = 0;
+            }
+            off += len as u64;
+        }
+        Ok(())
     }
 
     /// # Safety
