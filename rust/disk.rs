@@ -770,36 +770,18 @@ impl DiskStorage {
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the whole call.
     pub unsafe fn write_blocks_raw(&self, slots: &[u64], src: *const u8, len: usize) -> Result<()> {
-        self.validate(slots, len, Dir::Write)?;
+        let base = src as usize;
         // SAFETY: forwarded from the caller.
-        unsafe {
-            self.run_batch(
-                slots,
-                |i| src as usize + i * self.block_size,
-                Dir::Write,
-                None,
-            )
-        }?;
-        self.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(())
+        unsafe { self.batch(slots, len, |i| base + i * self.block_size, Dir::Write, None) }
     }
 
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes for the whole call and
     /// not be read or written by anyone else meanwhile.
     pub unsafe fn read_blocks_raw(&self, slots: &[u64], dst: *mut u8, len: usize) -> Result<()> {
-        self.validate(slots, len, Dir::Read)?;
+        let base = dst as usize;
         // SAFETY: forwarded from the caller.
-        unsafe {
-            self.run_batch(
-                slots,
-                |i| dst as usize + i * self.block_size,
-                Dir::Read,
-                None,
-            )
-        }?;
-        self.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(())
+        unsafe { self.batch(slots, len, |i| base + i * self.block_size, Dir::Read, None) }
     }
 
     /// Write block `i` of the batch from address `srcs[i]` (block_size
@@ -815,12 +797,17 @@ impl DiskStorage {
         srcs: &[usize],
         hook: Option<Hook<'_>>,
     ) -> Result<()> {
-        self.validate_gather(slots, srcs.len(), Dir::Write)?;
+        self.same_count(slots, srcs)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| srcs[i], Dir::Write, hook) }?;
-        self.bytes_written
-            .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
-        Ok(())
+        unsafe {
+            self.batch(
+                slots,
+                slots.len() * self.block_size,
+                |i| srcs[i],
+                Dir::Write,
+                hook,
+            )
+        }
     }
 
     /// Read `slots[i]` into address `dsts[i]` (block_size bytes each).
@@ -834,22 +821,52 @@ impl DiskStorage {
         dsts: &[usize],
         hook: Option<Hook<'_>>,
     ) -> Result<()> {
-        self.validate_gather(slots, dsts.len(), Dir::Read)?;
+        self.same_count(slots, dsts)?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.run_batch(slots, |i| dsts[i], Dir::Read, hook) }?;
-        self.bytes_read
-            .fetch_add((slots.len() * self.block_size) as u64, Ordering::Relaxed);
+        unsafe {
+            self.batch(
+                slots,
+                slots.len() * self.block_size,
+                |i| dsts[i],
+                Dir::Read,
+                hook,
+            )
+        }
+    }
+
+    fn same_count(&self, slots: &[u64], addrs: &[usize]) -> Result<()> {
+        if slots.len() != addrs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} slot ids but {} buffers",
+                slots.len(),
+                addrs.len()
+            )));
+        }
         Ok(())
     }
 
-    fn validate_gather(&self, slots: &[u64], n_ptrs: usize, dir: Dir) -> Result<()> {
-        if slots.len() != n_ptrs {
-            return Err(Error::InvalidArgument(format!(
-                "{} slot ids but {n_ptrs} buffers",
-                slots.len()
-            )));
-        }
-        self.validate(slots, slots.len() * self.block_size, dir)
+    /// Validate, run, count: the one path every batch takes.
+    ///
+    /// # Safety
+    /// `addr_of(i)` is valid for block i (see the public callers).
+    unsafe fn batch(
+        &self,
+        slots: &[u64],
+        len: usize,
+        addr_of: impl Fn(usize) -> usize,
+        dir: Dir,
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
+        self.validate(slots, len, dir)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_batch(slots, addr_of, dir, hook) }?;
+        let counter = if dir == Dir::Write {
+            &self.bytes_written
+        } else {
+            &self.bytes_read
+        };
+        counter.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// # Safety
