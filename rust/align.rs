@@ -104,6 +104,7 @@ pub fn statx_dioalign(fd: RawFd) -> Option<(usize, usize)> {
     // SAFETY: statx writes at most size_of::<statx>() bytes into `buf`, which
     // is zeroed and lives on our stack; the path is a valid NUL-terminated "".
     let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor, NUL-terminated empty path, writable buffer.
     let rc = unsafe {
         libc::statx(
             fd,
@@ -132,6 +133,7 @@ pub fn statx_dioalign(fd: RawFd) -> Option<(usize, usize)> {
 pub fn logical_block_size(fd: RawFd) -> Option<usize> {
     // SAFETY: fstat writes into the zeroed stat buffer on our stack.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a writable stat buffer on our stack.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return None;
     }

@@ -96,6 +96,7 @@ pub struct DiskStorage {
 pub fn fs_type_of_fd(fd: RawFd) -> String {
     // SAFETY: fstatfs writes into the zeroed buffer on our stack.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a writable statfs buffer on our stack.
     if unsafe { libc::fstatfs(fd, &mut st) } != 0 {
         return "unknown".into();
     }
@@ -109,6 +110,7 @@ pub fn fs_type_of_path(path: &Path) -> String {
     };
     // SAFETY: c is a valid C string; st is zeroed on our stack.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string; `st` a writable buffer.
     if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
         return "unknown".into();
     }
@@ -166,6 +168,7 @@ pub fn free_bytes(path: &Path) -> Result<Option<u64>> {
     let c = cpath(path)?;
     // SAFETY: c is a valid C string; st is zeroed on our stack.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string; `st` a writable buffer.
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return Err(Error::last_os("statvfs", path, 0, 0));
     }
@@ -189,6 +192,7 @@ fn set_o_direct(fd: RawFd, on: bool) -> std::result::Result<(), i32> {
     } else {
         flags & !libc::O_DIRECT
     };
+    // SAFETY: fcntl on a descriptor we own.
     if unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
         return Err(errno());
     }
@@ -369,9 +373,8 @@ impl DiskStorage {
             let (fd, anon, created) = open_named(path)?;
             // One process per store: a second open is refused, not corrupted.
             // SAFETY: flock on a descriptor we own; released when it closes.
-            if opts.lock
-                && unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
-            {
+            let lock = || unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if opts.lock && lock() != 0 {
                 let e = errno();
                 if created {
                     let _ = std::fs::remove_file(path);
@@ -513,6 +516,7 @@ impl DiskStorage {
         let (_g, fd) = self.raw_fd()?;
         // SAFETY: fstat into a zeroed buffer on our stack.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `st` is a writable stat buffer on our stack.
         if unsafe { libc::fstat(fd, &mut st) } != 0 {
             return Err(Error::last_os("fstat", &self.path, 0, 0));
         }
@@ -1148,6 +1152,7 @@ impl DiskStorage {
                 let off = file_off + (k * stride) as u64;
                 // SAFETY: block k of this op is inside the op's range.
                 let p = unsafe { user.add(k * bs) };
+                // SAFETY: p..p+bs lies inside this op's memory.
                 let r = unsafe {
                     match dir {
                         Dir::Write => pwrite_all(fd, p, bs, off),
@@ -1424,6 +1429,7 @@ fn open_named(path: &Path) -> Result<(OwnedFd, bool, bool)> {
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: fstat into a zeroed buffer.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a writable stat buffer on our stack.
     if unsafe { libc::fstat(owned.as_raw_fd(), &mut st) } != 0 {
         return Err(Error::last_os("fstat", path, 0, 0));
     }

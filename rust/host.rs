@@ -217,10 +217,13 @@ impl HostStorage {
         // NUMA policy: bind, else preferred, else none.
         let mut policy = Policy::None;
         if let Some(node) = opts.numa_node {
-            // SAFETY: our own mapping.
-            match unsafe { numa::mbind(ptr, map_len, numa::MPOL_BIND, node) } {
+            // SAFETY: `ptr..ptr+map_len` is our own fresh mapping.
+            let bind = unsafe { numa::mbind(ptr, map_len, numa::MPOL_BIND, node) };
+            // SAFETY: as above; only tried when bind failed.
+            let preferred = || unsafe { numa::mbind(ptr, map_len, numa::MPOL_PREFERRED, node) };
+            match bind {
                 Ok(()) => policy = Policy::Bind,
-                Err(e1) => match unsafe { numa::mbind(ptr, map_len, numa::MPOL_PREFERRED, node) } {
+                Err(e1) => match preferred() {
                     Ok(()) => {
                         policy = Policy::Preferred;
                         warnings.push(format!(
@@ -556,6 +559,7 @@ fn populate(region: &Region, threads: usize, cpus: &[usize]) -> Result<()> {
                 // SAFETY: start..end is inside our mapping.
                 let p = unsafe { base.get().add(start) };
                 const MADV_POPULATE_WRITE: i32 = 23;
+                // SAFETY: advisory call on a range of our own mapping.
                 let rc = unsafe { libc::madvise(p.cast(), end - start, MADV_POPULATE_WRITE) };
                 if rc == 0 {
                     return;

@@ -305,6 +305,7 @@ mod tests {
             (0, 9, 100),
         ] {
             let mut dst = vec![0u8; (300 << 10) + 64];
+            // SAFETY: both ranges lie inside their vectors and do not overlap.
             unsafe { stream_copy(dst.as_mut_ptr().add(d_o), src.as_ptr().add(so), len) };
             assert_eq!(&dst[d_o..d_o + len], &src[so..so + len]);
             assert!(dst[..d_o].iter().all(|&x| x == 0));
@@ -316,6 +317,7 @@ mod tests {
     fn parallel_copy_copies() {
         let src: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
         let mut dst = vec![0u8; src.len()];
+        // SAFETY: two distinct vectors of the same length.
         unsafe {
             parallel_copy(
                 SendPtr(dst.as_mut_ptr()),

@@ -12,6 +12,7 @@
 //! Nothing here touches Python; the bindings live in `python/` behind the
 //! `python` feature, so `cargo test` needs no interpreter.
 #![deny(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod align;
 pub mod disk;

@@ -60,8 +60,9 @@ pub fn node_cpus(sysfs: &Path, node: usize) -> Vec<usize> {
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a writable cpu_set_t of `size` bytes on our stack.
+    let rc = unsafe { libc::sched_getaffinity(0, size, &mut set) };
     if rc != 0 {
         return Vec::new();
     }
@@ -73,12 +74,14 @@ pub fn allowed_cpus() -> Vec<usize> {
 
 /// Pin the calling thread to one CPU.
 pub fn pin_thread_to(cpu: usize) -> bool {
-    // SAFETY: as above; cpu < CPU_SETSIZE is checked.
     if cpu >= libc::CPU_SETSIZE as usize {
         return false;
     }
+    // SAFETY: cpu_set_t is plain data; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu < CPU_SETSIZE (checked above).
     unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t; 0 means the calling thread.
     unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
 }
 
