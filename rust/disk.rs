@@ -258,6 +258,25 @@ unsafe fn pread_all(fd: RawFd, buf: *mut u8, len: usize, offset: u64) -> std::io
     unsafe { transfer_all(fd, buf, len, offset, Dir::Read) }
 }
 
+/// A failed system call inside a batch: which call, where, how long.
+struct IoFail {
+    call: &'static str,
+    err: std::io::Error,
+    off: u64,
+    len: u64,
+}
+
+impl IoFail {
+    fn new(call: &'static str, err: std::io::Error, off: u64, len: usize) -> Self {
+        IoFail {
+            call,
+            err,
+            off,
+            len: len as u64,
+        }
+    }
+}
+
 /// What one worker holds while a batch runs.
 struct Worker<'a> {
     storage: &'a DiskStorage,
@@ -957,60 +976,71 @@ impl DiskStorage {
         out
     }
 
-    /// One vectored I/O for a run of adjacent ops when all of them can be
-    /// done in place; otherwise op by op.
+    /// Run one group (adjacent slots), switching to buffered I/O and
+    /// retrying when the first direct I/O is refused: the one place that
+    /// decides about the fallback.
     ///
     /// # Safety
-    /// As `do_op`, for every op of the group.
+    /// Every op's memory is valid for op.count blocks and owned by this call.
     unsafe fn do_group(&self, fd: RawFd, group: &[Op], dir: Dir, w: &mut Worker) -> Result<()> {
-        if group.len() == 1 {
-            // SAFETY: forwarded.
-            return unsafe { self.do_op(fd, &group[0], dir, w) };
-        }
         loop {
             let direct = self.direct.load(Ordering::Relaxed);
-            let in_place = self.stride == self.block_size
-                && (!direct
-                    || group
-                        .iter()
-                        .all(|op| is_aligned(op.addr as *const u8, self.align.mem)));
-            if !in_place {
-                for op in group {
-                    // SAFETY: forwarded.
-                    unsafe { self.do_op(fd, op, dir, w) }?;
-                }
-                return Ok(());
-            }
             // SAFETY: forwarded.
-            match unsafe { self.vectored(fd, group, dir) } {
+            match unsafe { self.try_group(fd, group, dir, direct, w) } {
                 Ok(()) => {
                     if direct && !self.direct_proven.load(Ordering::Relaxed) {
                         self.direct_proven.store(true, Ordering::Relaxed);
                     }
-                    if dir == Dir::Write && !direct {
-                        let len = group.iter().map(|op| op.count * self.stride).sum::<usize>();
-                        self.drop_cache(fd, self.slot_offset(group[0].slot), len as u64);
-                    }
                     return Ok(());
                 }
-                Err((err, off, len)) => {
+                Err(f) => {
                     let what = if dir == Dir::Read { "read" } else { "write" };
-                    if direct && self.should_fall_back(&err) {
-                        self.fall_back(fd, what, &err)?;
+                    if direct && self.should_fall_back(&f.err) {
+                        self.fall_back(fd, what, &f.err)?;
                         continue;
                     }
-                    if direct && self.direct_refused(&err) {
+                    if direct && self.direct_refused(&f.err) {
                         return Err(self.require_error(what));
                     }
-                    let name = if dir == Dir::Read {
-                        "preadv"
-                    } else {
-                        "pwritev"
-                    };
-                    return Err(Error::io(name, &self.path, off, len, err));
+                    return Err(Error::io(f.call, &self.path, f.off, f.len, f.err));
                 }
             }
         }
+    }
+
+    /// One vectored I/O straight to or from the caller's memory when every
+    /// op of the group allows it (aligned memory for direct I/O, unpadded
+    /// slots); otherwise op by op through [`Self::try_copying`].
+    ///
+    /// # Safety
+    /// As `do_group`.
+    unsafe fn try_group(
+        &self,
+        fd: RawFd,
+        group: &[Op],
+        dir: Dir,
+        direct: bool,
+        w: &mut Worker,
+    ) -> std::result::Result<(), IoFail> {
+        let in_place = self.stride == self.block_size
+            && (!direct
+                || group
+                    .iter()
+                    .all(|op| is_aligned(op.addr as *const u8, self.align.mem)));
+        if in_place {
+            // SAFETY: forwarded.
+            unsafe { self.vectored(fd, group, dir) }?;
+            if dir == Dir::Write && !direct {
+                let len = group.iter().map(|op| op.count * self.stride).sum::<usize>();
+                self.drop_cache(fd, self.slot_offset(group[0].slot), len as u64);
+            }
+            return Ok(());
+        }
+        for op in group {
+            // SAFETY: forwarded.
+            unsafe { self.try_copying(fd, op, dir, direct, w) }?;
+        }
+        Ok(())
     }
 
     /// `preadv`/`pwritev` of a group's segments; a short transfer is
@@ -1023,7 +1053,12 @@ impl DiskStorage {
         fd: RawFd,
         group: &[Op],
         dir: Dir,
-    ) -> std::result::Result<(), (std::io::Error, u64, u64)> {
+    ) -> std::result::Result<(), IoFail> {
+        let call = if dir == Dir::Read {
+            "preadv"
+        } else {
+            "pwritev"
+        };
         let bs = self.block_size;
         let file_off = self.slot_offset(group[0].slot);
         let iov: Vec<libc::iovec> = group
@@ -1051,7 +1086,7 @@ impl DiskStorage {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                return Err((e, file_off, total as u64));
+                return Err(IoFail::new(call, e, file_off, total));
             }
             break n as usize;
         };
@@ -1069,7 +1104,7 @@ impl DiskStorage {
                 let p = (v.iov_base as *mut u8).wrapping_add(done);
                 // SAFETY: the rest of this segment, inside the caller's memory.
                 unsafe { transfer_all(fd, p, len - done, off + done as u64, dir) }
-                    .map_err(|e| (e, off + done as u64, (len - done) as u64))?;
+                    .map_err(|e| IoFail::new(call, e, off + done as u64, len - done))?;
                 done = 0;
             }
             off += len as u64;
@@ -1077,74 +1112,26 @@ impl DiskStorage {
         Ok(())
     }
 
+    /// An op that cannot go straight to the caller's memory: padded slots
+    /// (buffered: block by block; direct: through the worker's aligned
+    /// bounce buffer) or unaligned memory under O_DIRECT.
+    ///
     /// # Safety
     /// `op.addr` is valid for op.count blocks, owned by this op.
-    unsafe fn do_op(&self, fd: RawFd, op: &Op, dir: Dir, w: &mut Worker) -> Result<()> {
-        loop {
-            let direct = self.direct.load(Ordering::Relaxed);
-            // SAFETY: forwarded.
-            let r = unsafe { self.try_op(fd, op, dir, direct, w) };
-            match r {
-                Ok(()) => {
-                    if direct && !self.direct_proven.load(Ordering::Relaxed) {
-                        self.direct_proven.store(true, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
-                Err((err, off, len)) => {
-                    let what = if dir == Dir::Read { "read" } else { "write" };
-                    if direct && self.should_fall_back(&err) {
-                        self.fall_back(fd, what, &err)?;
-                        continue;
-                    }
-                    if direct && self.direct_refused(&err) {
-                        return Err(self.require_error(what));
-                    }
-                    let name = if dir == Dir::Read { "pread" } else { "pwrite" };
-                    return Err(Error::io(name, &self.path, off, len, err));
-                }
-            }
-        }
-    }
-
-    /// # Safety
-    /// As `do_op`.
-    unsafe fn try_op(
+    unsafe fn try_copying(
         &self,
         fd: RawFd,
         op: &Op,
         dir: Dir,
         direct: bool,
         w: &mut Worker,
-    ) -> std::result::Result<(), (std::io::Error, u64, u64)> {
+    ) -> std::result::Result<(), IoFail> {
         let bs = self.block_size;
         let stride = self.stride;
         let file_off = self.slot_offset(op.slot);
         let user = op.addr as *mut u8;
-        let user_len = op.count * bs;
-        let fail = |e, off, len| (e, off, len as u64);
-
-        // In place: buffered I/O with contiguous slots, or direct I/O when
-        // the caller's memory and the block size are both aligned.
-        let in_place = if direct {
-            stride == bs && is_aligned(user, self.align.mem)
-        } else {
-            stride == bs
-        };
-        if in_place {
-            // SAFETY: user..user+user_len belongs to this op.
-            let r = unsafe {
-                match dir {
-                    Dir::Write => pwrite_all(fd, user, user_len, file_off),
-                    Dir::Read => pread_all(fd, user, user_len, file_off),
-                }
-            };
-            r.map_err(|e| fail(e, file_off, user_len))?;
-            if dir == Dir::Write && !direct {
-                self.drop_cache(fd, file_off, user_len as u64);
-            }
-            return Ok(());
-        }
+        let call = if dir == Dir::Read { "pread" } else { "pwrite" };
+        let fail = |e, off, len| IoFail::new(call, e, off, len);
         if !direct {
             // Buffered, padded slots: one call per block, straight from the
             // caller's memory.

@@ -82,17 +82,9 @@ pub fn pool(threads: usize, name: &str) -> Option<rayon::ThreadPool> {
 }
 
 /// Run `work(op_index, worker_state)` for every index in `0..n` on up to
-/// `depth` threads. Each worker owns one `S` made by `init` (e.g. a bounce
-/// buffer). Stops handing out work at the first error and returns it.
-pub fn run<S, I, F>(n: usize, depth: usize, init: I, work: F) -> Result<()>
-where
-    I: Fn() -> Result<S> + Sync,
-    F: Fn(usize, &mut S) -> Result<()> + Sync,
-{
-    run_on(None, n, depth, init, work)
-}
-
-/// [`run`] on the threads of `pool` when given (else on scoped threads).
+/// `depth` threads of `pool` (scoped threads when there is no pool). Each
+/// worker owns one `S` made by `init` (e.g. a bounce buffer). Stops handing
+/// out work at the first error and returns it.
 pub fn run_on<S, I, F>(
     pool: Option<&rayon::ThreadPool>,
     n: usize,
@@ -204,29 +196,6 @@ pub unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
 }
 
-/// Copy `len` bytes from `src` to `dst` using up to `threads` threads in
-/// chunks of at least 1 MiB.
-///
-/// # Safety
-/// `src` must be valid for reads and `dst` for writes of `len` bytes, and the
-/// two ranges must not overlap.
-pub unsafe fn parallel_copy(dst: SendPtr, src: SendPtr, len: usize, threads: usize) {
-    const CHUNK: usize = 4 << 20;
-    let chunks = len.div_ceil(CHUNK).max(1);
-    let _ = run(
-        chunks,
-        threads,
-        || Ok(()),
-        |i, _| {
-            let off = i * CHUNK;
-            let n = CHUNK.min(len - off);
-            // SAFETY: the caller guarantees both ranges; chunks are disjoint.
-            unsafe { stream_copy(dst.get().add(off), src.get().add(off), n) };
-            Ok(())
-        },
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,22 +246,26 @@ mod tests {
 
     #[test]
     fn run_reports_the_first_error_and_stops() {
-        let done = AtomicUsize::new(0);
-        let r = run(
-            1000,
-            4,
-            || Ok(()),
-            |i, _| {
-                done.fetch_add(1, Ordering::Relaxed);
-                if i == 10 {
-                    Err(Error::InvalidArgument("boom".into()))
-                } else {
-                    Ok(())
-                }
-            },
-        );
-        assert!(matches!(r, Err(Error::InvalidArgument(_))));
-        assert!(done.load(Ordering::Relaxed) < 1000);
+        let p = pool(4, "test");
+        for on in [p.as_ref(), None] {
+            let done = AtomicUsize::new(0);
+            let r = run_on(
+                on,
+                1000,
+                4,
+                || Ok(()),
+                |i, _| {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if i == 10 {
+                        Err(Error::InvalidArgument("boom".into()))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+            assert!(matches!(r, Err(Error::InvalidArgument(_))));
+            assert!(done.load(Ordering::Relaxed) < 1000);
+        }
     }
 
     #[test]
@@ -311,21 +284,5 @@ mod tests {
             assert!(dst[..d_o].iter().all(|&x| x == 0));
             assert!(dst[d_o + len..].iter().all(|&x| x == 0));
         }
-    }
-
-    #[test]
-    fn parallel_copy_copies() {
-        let src: Vec<u8> = (0..(9 << 20)).map(|i| (i % 251) as u8).collect();
-        let mut dst = vec![0u8; src.len()];
-        // SAFETY: two distinct vectors of the same length.
-        unsafe {
-            parallel_copy(
-                SendPtr(dst.as_mut_ptr()),
-                SendPtr(src.as_ptr() as *mut u8),
-                src.len(),
-                3,
-            )
-        };
-        assert_eq!(src, dst);
     }
 }
