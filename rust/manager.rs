@@ -488,9 +488,6 @@ impl BlockManager {
                     "a persistent store needs a disk tier (disk_blocks > 0)".into(),
                 )
             })?;
-            if opts.write_through && host.is_none() {
-                // nothing to do: a disk-only manager always writes through
-            }
             let g = Geometry {
                 block_size: block_size as u64,
                 slot_stride: d.slot_stride() as u64,

@@ -8,6 +8,7 @@ is an error rather than "set".
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, Optional
 
@@ -68,7 +69,7 @@ def env_float(name: str, env: Optional[Mapping[str, str]] = None, *, minimum: fl
             f"environment variable {name}={e[name]!r} is not a number; "
             f"expected a decimal number >= {minimum}"
         ) from None
-    if not (v >= minimum) or v != v or v in (float("inf"),):
+    if not math.isfinite(v) or v < minimum:
         raise EnvError(f"environment variable {name}={raw} must be a finite number >= {minimum}")
     return v
 

@@ -180,13 +180,11 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Results, Fio]":
     res = Results()
-    fio = Fio() if not a.no_fio else Fio(executable=None)
-    if a.no_fio:
-        fio.error = "fio skipped (--no-fio)"
+    fio = Fio(enabled=not a.no_fio)
     if "disk" in a.workloads:
         run_disk(res, directory, a.block_sizes, a.disk_size, a.patterns, a.modes, a.io_depth,
                  a.batch_size, fio, a.fio_depths, a.repeat, progress)
-        if fio.error and fio.error != "fio skipped (--no-fio)":
+        if fio.error:  # also an error that came up while fio ran
             res.note(fio.error)
     if "host" in a.workloads:
         run_host(res, a.host_size, a.tiered_block_size, a.populate_size, a.repeat, progress)

@@ -22,10 +22,14 @@ FIO_INSTALL_HINT = (
 class Fio:
     """Runs fio jobs with ``direct=1`` and returns bytes/s."""
 
-    def __init__(self, executable: Optional[str] = None) -> None:
-        self.exe = executable or shutil.which("fio")
+    def __init__(self, executable: Optional[str] = None, enabled: bool = True) -> None:
+        self.exe = (executable or shutil.which("fio")) if enabled else None
         self.engine: Optional[str] = None
-        self.error: Optional[str] = None if self.exe else FIO_INSTALL_HINT
+        self.error: Optional[str] = None
+        if not enabled:
+            self.error = "fio skipped (--no-fio)"
+        elif not self.exe:
+            self.error = FIO_INSTALL_HINT
 
     @property
     def available(self) -> bool:
