@@ -745,8 +745,9 @@ impl DiskStorage {
         (self.max_io_bytes / self.stride).max(1)
     }
 
-    /// Check a batch before any byte moves.
-    fn validate(&self, slots: &[u64], buf_len: usize, dir: Dir) -> Result<()> {
+    /// Check a batch's sizes and slot ids before any byte moves (duplicate
+    /// slots in a write batch are refused in `run_batch`, also before I/O).
+    fn validate(&self, slots: &[u64], buf_len: usize) -> Result<()> {
         let want = slots.len().saturating_mul(self.block_size);
         if buf_len != want {
             return Err(Error::Buffer(format!(
@@ -761,17 +762,6 @@ impl DiskStorage {
                     "slot id {s} at position {i} is out of range: this storage has slots \
                      0..{}",
                     self.num_blocks
-                )));
-            }
-        }
-        if dir == Dir::Write && slots.len() > 1 {
-            let mut sorted = slots.to_vec();
-            sorted.sort_unstable();
-            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
-                return Err(Error::InvalidArgument(format!(
-                    "slot id {} appears more than once in one write batch; \
-                     each slot may be written once per call",
-                    w[0]
                 )));
             }
         }
@@ -880,7 +870,7 @@ impl DiskStorage {
         dir: Dir,
         hook: Option<Hook<'_>>,
     ) -> Result<()> {
-        self.validate(slots, len, dir)?;
+        self.validate(slots, len)?;
         // SAFETY: forwarded from the caller.
         unsafe { self.run_batch(slots, addr_of, dir, hook) }?;
         let counter = if dir == Dir::Write {
@@ -908,6 +898,16 @@ impl DiskStorage {
         let mut order: Vec<usize> = (0..slots.len()).collect();
         order.sort_by_key(|&i| slots[i]);
         let sorted: Vec<u64> = order.iter().map(|&i| slots[i]).collect();
+        // Checked here, on the order the batch needs anyway, before any I/O.
+        if dir == Dir::Write {
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::InvalidArgument(format!(
+                    "slot id {} appears more than once in one write batch; \
+                     each slot may be written once per call",
+                    w[0]
+                )));
+            }
+        }
         let ops = io::coalesce(
             &sorted,
             |k| addr_of(order[k]),
