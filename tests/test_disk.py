@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -59,8 +60,8 @@ def test_alignment_comes_from_statx_on_ext4(tmp_path: Path, clean_env) -> None:
         pytest.skip("not on ext4")
     with DiskStorage(tmp_path, 2, 4096) as s:
         # Linux >= 6.1 answers STATX_DIOALIGN on ext4 (512/512 on this machine kind).
-        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-        if (major, minor) >= (6, 1):
+        m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+        if m and (int(m.group(1)), int(m.group(2))) >= (6, 1):
             assert s.alignment_source == "statx"
         assert s.alignment in (512, 1024, 2048, 4096)
         assert s.memory_alignment in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
