@@ -36,8 +36,16 @@ def test_stubs_match_the_native_module() -> None:
 
 def test_package_type_checks() -> None:
     pytest.importorskip("mypy")
-    pkg = Path(dynblock.__file__).parent
-    r = subprocess.run([sys.executable, "-m", "mypy", str(pkg)], capture_output=True, text=True)
+    # Check the package sources in this checkout (what `pip install .` ships). Pointing mypy at
+    # the installed copy fails outside a venv: site-packages becomes a source root and every
+    # top-level module there (typing_extensions.py) "shadows" a library module.
+    pkg = Path(__file__).resolve().parent.parent / "python" / "dynblock"
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", str(pkg)],
+        capture_output=True,
+        text=True,
+        cwd=pkg.parent.parent,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
