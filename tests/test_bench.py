@@ -125,7 +125,7 @@ def test_table_output_and_progress_free_pipe(tmp_path: Path) -> None:
         (["--workloads", "disk,gpu"], "choose from"),
         (["--block-sizes", "big"], "not a size"),
         (["--dir", "/nonexistent/dir"], "not a directory"),
-        (["--trace", "/nonexistent.jsonl"], "not a file"),
+        (["--trace", "/nonexistent.jsonl"], "neither a file nor a shipped trace"),
         (["--fio-depths", "0"], ">= 1"),
     ],
 )
@@ -177,12 +177,24 @@ def test_replay_hit_counting_matches_hand_computation(tmp_path: Path) -> None:
     assert r.as_dict()["hit_rate"] == pytest.approx(5 / 11)
 
 
-def test_shared_traces_load_when_present() -> None:
-    path = find_trace()
-    if path is None:
-        pytest.skip("../shared/traces is not beside this checkout")
-    reqs = load_trace(path, limit=100)
-    assert len(reqs) == 100 and all(r.hash_ids for r in reqs)
+def test_shipped_traces_load_from_the_installed_package() -> None:
+    # The bench's trace workload must work on any machine: the traces ship inside the package.
+    for name, n_requests in (("mooncake_conversation", 12031), ("mooncake_synthetic", 3993)):
+        path = find_trace(name)
+        assert path is not None and path.endswith(".jsonl.gz"), path
+        assert find_trace(name.split("_", 1)[1]) == path
+        reqs = load_trace(path)
+        assert len(reqs) == n_requests and all(r.hash_ids for r in reqs)
+
+
+def test_trace_option_takes_a_path_or_a_shipped_name(tmp_path: Path) -> None:
+    plain = tmp_path / "t.jsonl"
+    plain.write_text('{"hash_ids": [1, 2]}\n{"hash_ids": [1, 3]}\n')
+    assert find_trace(str(plain)) == str(plain)
+    assert [r.hash_ids for r in load_trace(str(plain))] == [[1, 2], [1, 3]]
+    assert find_trace("no_such_trace") is None
+    r = run_bench(["--workloads", "trace", "--trace", "no_such_trace", "--dir", str(tmp_path)])
+    assert r.returncode == 2 and "neither a file nor a shipped trace" in r.stderr
 
 
 def test_plot(tmp_path: Path) -> None:

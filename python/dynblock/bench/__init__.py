@@ -13,7 +13,8 @@ Workloads (``--workloads``, comma-separated; default: all):
   population time against a single thread touching the same pages.
 - ``tiered``: a BlockManager whose host tier is a quarter of the working set:
   put (with offload to disk) and get (with onboarding) throughput.
-- ``trace``: replay of a real KV reuse trace (``../shared/traces``).
+- ``trace``: replay of a real KV reuse trace (the Mooncake traces shipped in
+  ``dynblock/bench/traces``, or ``--trace PATH``).
 - ``overhead``: per-call cost of match/put/get on small batches.
 - ``durability``: disk-only put/get with checksums on against off, and the
   time to reopen a persistent store of 100,000 blocks.
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiered-block-size", type=parse_size, default=2 << 20,
                    help="block size of the tiered and host cases (default: 2MiB)")
     g = p.add_argument_group("trace")
-    g.add_argument("--trace", help="trace file (JSONL; default: ../shared/traces/mooncake_conversation.jsonl)")
+    g.add_argument("--trace", help="trace: a JSONL file (.jsonl or .jsonl.gz) or a shipped one, "
+                   "mooncake_conversation (default) or mooncake_synthetic")
     g.add_argument("--trace-requests", type=int, default=2000,
                    help="replay the first N requests (default: 2000; 0: all)")
     g.add_argument("--payload", type=parse_size, default=64 << 10,
@@ -169,8 +171,14 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--trace-requests must be >= 0")
     if a.dir is not None and not os.path.isdir(a.dir):
         p.error(f"--dir {a.dir!r} is not a directory")
-    if a.trace is not None and not os.path.isfile(a.trace):
-        p.error(f"--trace {a.trace!r} is not a file")
+    if a.trace is not None:
+        from .trace import SHIPPED_TRACES, find_trace
+
+        found = find_trace(a.trace)
+        if found is None:
+            p.error(f"--trace {a.trace!r} is neither a file nor a shipped trace "
+                    f"({', '.join(SHIPPED_TRACES)})")
+        a.trace = found
     if a.plot:
         try:
             import matplotlib  # noqa: F401

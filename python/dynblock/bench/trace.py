@@ -8,6 +8,7 @@ prefix and ``put``s the rest, as a serving engine would.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -20,7 +21,13 @@ import numpy as np
 from ..buffers import aligned_empty
 
 TOKENS_PER_BLOCK = 512
-DEFAULT_TRACE = "mooncake_conversation.jsonl"
+DEFAULT_TRACE = "mooncake_conversation"
+#: Traces shipped with the package (``traces/<name>.jsonl.gz``): two real
+#: request traces from Moonshot AI's Kimi service, published with the Mooncake
+#: FAST'25 paper (repository kvcache-ai/Mooncake, ``FAST25-release/traces/``,
+#: Apache License 2.0). See ``traces/README.md``.
+SHIPPED_TRACES = ("mooncake_conversation", "mooncake_synthetic")
+TRACE_DIR = Path(__file__).resolve().parent / "traces"
 
 
 @dataclass(frozen=True)
@@ -55,26 +62,33 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>", limit: Optional[i
 
 
 def load_trace(path: str, limit: Optional[int] = None) -> List[Request]:
-    with open(path) as f:
-        return parse_trace(f, source=path, limit=limit)
+    """Read a JSONL trace, gzip-compressed when the name ends in ``.gz``."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return parse_trace(f, source=str(path), limit=limit)
 
 
 def find_trace(name: str = DEFAULT_TRACE) -> Optional[str]:
-    """Where the shared traces are: $DYNBLOCK_TRACE_DIR, then ../shared/traces
-    beside the working directory or beside this checkout."""
-    cands = []
+    """The path of a trace given by file path or by the name of a shipped one
+    (``mooncake_conversation``, ``mooncake_synthetic``; ``conversation`` and
+    ``synthetic`` also work). ``$DYNBLOCK_TRACE_DIR`` is searched first, then
+    the traces inside the package. None when nothing matches."""
+    if os.path.isfile(name):
+        return name
+    stem = name
+    for suffix in (".gz", ".jsonl"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    if not stem.startswith("mooncake_"):
+        stem = "mooncake_" + stem
+    dirs = []
     if os.environ.get("DYNBLOCK_TRACE_DIR"):
-        cands.append(Path(os.environ["DYNBLOCK_TRACE_DIR"]) / name)
-    cands.append(Path.cwd().parent / "shared" / "traces" / name)
-    cands.append(Path.cwd() / "shared" / "traces" / name)
-    here = Path(__file__).resolve()
-    for up in here.parents:
-        cands.append(up.parent / "shared" / "traces" / name)
-        if (up / "pyproject.toml").exists():
-            break
-    for c in cands:
-        if c.is_file():
-            return str(c)
+        dirs.append(Path(os.environ["DYNBLOCK_TRACE_DIR"]))
+    dirs.append(TRACE_DIR)
+    for d in dirs:
+        for cand in (d / f"{stem}.jsonl", d / f"{stem}.jsonl.gz"):
+            if cand.is_file():
+                return str(cand)
     return None
 
 
