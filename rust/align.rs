@@ -90,11 +90,29 @@ impl Alignment {
     pub fn round_up(&self, n: usize) -> usize {
         round_up(n, self.offset)
     }
+
+    /// Round `n` up to the offset alignment; an error where that overflows.
+    pub fn round_up_checked(&self, n: usize) -> Result<usize> {
+        round_up_checked(n, self.offset)
+    }
 }
 
-/// Round `n` up to a multiple of `align` (a power of two).
+/// Round `n` up to a multiple of `align` (a power of two). The caller
+/// guarantees no overflow (see [`round_up_checked`]).
 pub const fn round_up(n: usize, align: usize) -> usize {
     (n + align - 1) & !(align - 1)
+}
+
+/// Round `n` up to a multiple of `align` (a power of two), refusing sizes
+/// where that overflows.
+pub fn round_up_checked(n: usize, align: usize) -> Result<usize> {
+    n.checked_add(align - 1)
+        .map(|v| v & !(align - 1))
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{n} bytes cannot be rounded up to a multiple of {align}: too large"
+            ))
+        })
 }
 
 /// `statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN)`. `None` when the kernel does

@@ -46,9 +46,13 @@ pub enum Error {
     /// Pinning (mlock) failed where it was required.
     #[error("{0}")]
     Pin(String),
-    /// A persistent store is open in another process.
+    /// A persistent store is open elsewhere (another process, or another
+    /// storage object of this process).
     #[error("{0}")]
     Locked(String),
+    /// A storage made before fork() was used in the child.
+    #[error("{0}")]
+    Forked(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

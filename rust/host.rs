@@ -15,12 +15,7 @@ use crate::numa;
 
 const HUGE: usize = 2 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pin {
-    Off,
-    Auto,
-    Require,
-}
+pub use crate::settings::Pin;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {

@@ -1,32 +1,40 @@
 //! The persistent disk tier's index: an append-only log of fixed-size,
 //! individually checksummed records next to the data file.
 //!
-//! File layout: a 64-byte header (magic, version, geometry, header CRC), then
-//! 32-byte records. A `PUT` says "slot S holds block H with checksum C"; a
-//! `DEL` says "slot S no longer holds block H". Ordering makes recovery
-//! safe after `kill -9` at any moment:
+//! File layout: a 64-byte header (magic, version, geometry, the store id of
+//! the data file it belongs to, header CRC), then 32-byte records. A `PUT`
+//! says "slot S holds block H with checksum C"; a `DEL` says "slot S no
+//! longer holds block H". Ordering makes recovery safe after `kill -9` at
+//! any moment:
 //! - a block's data is written (and the write returned) before its `PUT`;
 //! - a slot's `DEL` is appended before the slot is overwritten;
 //! - every read verifies the block checksum, so bytes from a torn or
 //!   interrupted write are never served even if the log were wrong.
 //!
-//! Recovery reads the records in order and stops at the first record whose
-//! CRC does not match (a torn tail), truncating it away. When the log holds
-//! many more records than live blocks it is compacted: a fresh file is
-//! written beside it, synced, and renamed over it.
+//! Recovery replays the records in order. A record that fails its CRC (or
+//! names an impossible slot or kind) in the middle of the log is skipped and
+//! counted, and the log is rewritten without it; bytes after the last good
+//! record are a torn tail and cut off. Appends go to the offset the record
+//! count says, so a failed append never leaves later records behind torn
+//! bytes; it also marks the log as needing a rewrite ([`IndexLog::dirty`]):
+//! the manager then rewrites it from memory before the next data write.
+//! Rewriting (compaction) writes a fresh file beside the log under a random
+//! name, syncs it and renames it over the log; leftovers of a rewrite that
+//! died are removed at open.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::disk::header::id_hex;
 use crate::error::{Error, Result};
 
 pub const MAGIC: &[u8; 8] = b"DYNBLKIX";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 64;
 pub const RECORD_LEN: usize = 32;
 const PUT: u8 = 1;
@@ -36,11 +44,12 @@ const DEL: u8 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Geometry {
     pub block_size: u64,
-    pub slot_stride: u64,
     pub num_blocks: u64,
     /// Fingerprint of the KV layout (0 when none was given).
     pub layout: u64,
     pub checksums: bool,
+    /// The data file's store id (its header carries the same).
+    pub store_id: [u8; 16],
 }
 
 /// A live entry recovered from the log.
@@ -107,10 +116,10 @@ fn encode_header(g: &Geometry) -> [u8; HEADER_LEN] {
     b[8..12].copy_from_slice(&VERSION.to_le_bytes());
     b[12..16].copy_from_slice(&(HEADER_LEN as u32).to_le_bytes());
     b[16..24].copy_from_slice(&g.block_size.to_le_bytes());
-    b[24..32].copy_from_slice(&g.slot_stride.to_le_bytes());
-    b[32..40].copy_from_slice(&g.num_blocks.to_le_bytes());
-    b[40..48].copy_from_slice(&g.layout.to_le_bytes());
-    b[48] = g.checksums as u8;
+    b[24..32].copy_from_slice(&g.num_blocks.to_le_bytes());
+    b[32..40].copy_from_slice(&g.layout.to_le_bytes());
+    b[40] = g.checksums as u8;
+    b[44..60].copy_from_slice(&g.store_id);
     let c = crc32c::crc32c(&b[..60]);
     b[60..64].copy_from_slice(&c.to_le_bytes());
     b
@@ -124,9 +133,6 @@ fn decode_header(path: &Path, b: &[u8]) -> Result<Geometry> {
             path.display()
         ))
     };
-    if b.len() < HEADER_LEN {
-        return Err(bad("shorter than its header"));
-    }
     if &b[..8] != MAGIC {
         return Err(bad("wrong magic number"));
     }
@@ -143,10 +149,10 @@ fn decode_header(path: &Path, b: &[u8]) -> Result<Geometry> {
     let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));
     Ok(Geometry {
         block_size: u(16..24),
-        slot_stride: u(24..32),
-        num_blocks: u(32..40),
-        layout: u(40..48),
-        checksums: b[48] != 0,
+        num_blocks: u(24..32),
+        layout: u(32..40),
+        checksums: b[40] != 0,
+        store_id: b[44..60].try_into().expect("16 bytes"),
     })
 }
 
@@ -186,47 +192,95 @@ pub struct IndexLog {
     gen: u32,
     records: u64,
     sync: bool,
+    dirty: bool,
 }
 
 /// What `open` found.
+#[derive(Debug, Default)]
 pub struct Recovered {
     pub live: Vec<Live>,
     pub records: u64,
+    /// Bytes after the last good record, cut off.
     pub torn_bytes: u64,
+    /// Damaged records in the middle of the log, skipped.
+    pub bad_records: u64,
     pub created: bool,
+    /// Why an existing index was replaced by an empty one, if it was.
+    pub reset: Option<String>,
+}
+
+fn open_private(path: &Path, create: bool) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
+    if create {
+        o.create_new(true);
+    }
+    o.open(path)
+}
+
+/// Remove leftovers of compactions that died (`<index>.compact-*`).
+fn remove_stale_compactions(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.compact", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            if let Ok(md) = e.path().symlink_metadata() {
+                if md.is_file() && md.uid() == me {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 impl IndexLog {
     /// Open or create the index at `path` for a store of geometry `g`.
-    /// Returns the live entries in log order (oldest first).
-    pub fn open(path: &Path, g: &Geometry, sync: bool) -> Result<(Self, Recovered)> {
+    /// `data_created`: the data file was made by this open (so an existing
+    /// index belongs to a data file that is gone). Returns the live entries
+    /// in log order (oldest first).
+    pub fn open(
+        path: &Path,
+        g: &Geometry,
+        sync: bool,
+        data_created: bool,
+    ) -> Result<(Self, Recovered)> {
         check_parent(path)?;
-        let created;
-        let mut file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-        {
-            Ok(mut f) => {
-                created = true;
-                f.write_all(&encode_header(g))
-                    .map_err(|e| Error::io("write", path, 0, 64, e))?;
-                f.sync_all()
-                    .map_err(|e| Error::io("fsync", path, 0, 0, e))?;
-                sync_dir(path);
+        remove_stale_compactions(path);
+        let mut rec = Recovered::default();
+        let mut file = match open_private(path, true) {
+            Ok(f) => {
+                rec.created = true;
                 f
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                created = false;
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(path)
-                    .map_err(|e| Error::io("open", path, 0, 0, e))?
+                let f = open_private(path, false).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ELOOP) {
+                        Error::InvalidArgument(format!(
+                            "{} is a symbolic link; dynblock does not follow links for its index",
+                            path.display()
+                        ))
+                    } else {
+                        Error::io("open", path, 0, 0, e)
+                    }
+                })?;
+                crate::disk::os::check_private_file(f.as_raw_fd(), path, "store index")?;
+                f
             }
             Err(e) => return Err(Error::io("open", path, 0, 0, e)),
         };
@@ -235,47 +289,72 @@ impl IndexLog {
             .map_err(|e| Error::io("seek", path, 0, 0, e))?;
         file.read_to_end(&mut bytes)
             .map_err(|e| Error::io("read", path, 0, 0, e))?;
-        if bytes.is_empty() {
-            // Created by a process that died before writing the header.
-            file.write_all(&encode_header(g))
-                .map_err(|e| Error::io("write", path, 0, 64, e))?;
-            file.sync_all()
-                .map_err(|e| Error::io("fsync", path, 0, 0, e))?;
-            bytes.extend_from_slice(&encode_header(g));
+        let mut fresh = bytes.len() < HEADER_LEN;
+        if !fresh {
+            let found = decode_header(path, &bytes)?;
+            if found.store_id != g.store_id {
+                if !data_created {
+                    return Err(Error::InvalidArgument(format!(
+                        "the index {} belongs to another data file (store id {}, the data file's \
+                         is {}); dynblock does not replay an index against a file it does not \
+                         describe. Restore the matching pair, or delete both to start over",
+                        path.display(),
+                        id_hex(&found.store_id),
+                        id_hex(&g.store_id)
+                    )));
+                }
+                rec.reset = Some(format!(
+                    "the index {} described a data file that no longer exists (its data file \
+                     was just created anew); it was replaced by an empty index",
+                    path.display()
+                ));
+                fresh = true;
+            } else if found != *g {
+                return Err(Error::InvalidArgument(format!(
+                    "the store at {} was written with layout fingerprint {:#x} and checksums {}; \
+                     this open asks for layout fingerprint {:#x} and checksums {}. Open it with \
+                     its own settings, or delete it (data file and index) to start over",
+                    path.display(),
+                    found.layout,
+                    found.checksums,
+                    g.layout,
+                    g.checksums
+                )));
+            }
         }
-        let found = decode_header(path, &bytes)?;
-        if found != *g {
-            return Err(Error::InvalidArgument(format!(
-                "the store at {} was written with block_size {}, slot_stride {}, num_blocks {}, \
-                 layout fingerprint {:#x}, checksums {}; this open asks for block_size {}, \
-                 slot_stride {}, num_blocks {}, layout fingerprint {:#x}, checksums {}. Open it \
-                 with its own geometry, or delete it (data file and index) to start over",
-                path.display(),
-                found.block_size,
-                found.slot_stride,
-                found.num_blocks,
-                found.layout,
-                found.checksums,
-                g.block_size,
-                g.slot_stride,
-                g.num_blocks,
-                g.layout,
-                g.checksums
-            )));
+        if fresh {
+            // New, or created by a process that died before its header was
+            // complete (no record can follow an incomplete header), or stale.
+            let h = encode_header(g);
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(&h, 0))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::io("write(index header)", path, 0, HEADER_LEN as u64, e))?;
+            if rec.created {
+                sync_dir(path);
+            }
+            bytes.clear();
+            bytes.extend_from_slice(&h);
         }
         // Replay.
         let mut live: HashMap<u64, (u32, u32, u64)> = HashMap::new(); // hash -> (slot, crc, seq)
         let mut slot_owner: HashMap<u32, u64> = HashMap::new();
         let mut off = HEADER_LEN;
-        let mut records = 0u64;
+        let mut good_end = HEADER_LEN;
+        let mut pending_bad = 0u64;
         let mut seq = 0u64;
         while off + RECORD_LEN <= bytes.len() {
-            let Some(r) = Record::decode(&bytes[off..off + RECORD_LEN]) else {
-                break;
+            let r = Record::decode(&bytes[off..off + RECORD_LEN])
+                .filter(|r| (r.slot as u64) < g.num_blocks);
+            off += RECORD_LEN;
+            let Some(r) = r else {
+                pending_bad += 1;
+                continue;
             };
-            if r.slot as u64 >= g.num_blocks {
-                break; // cannot be ours: treat as the torn tail
-            }
+            // A good record: any bad ones before it were in the middle.
+            rec.bad_records += pending_bad;
+            pending_bad = 0;
+            good_end = off;
             match r.kind {
                 PUT => {
                     if let Some(old) = slot_owner.insert(r.slot, r.hash) {
@@ -297,58 +376,67 @@ impl IndexLog {
                 }
             }
             seq += 1;
-            records += 1;
-            off += RECORD_LEN;
         }
-        let torn = (bytes.len() - off) as u64;
-        if torn > 0 {
-            file.set_len(off as u64)
-                .map_err(|e| Error::io("ftruncate", path, off as u64, 0, e))?;
+        rec.records = seq;
+        rec.torn_bytes = (bytes.len() - good_end) as u64;
+        if rec.torn_bytes > 0 {
+            file.set_len(good_end as u64)
+                .map_err(|e| Error::io("ftruncate", path, good_end as u64, 0, e))?;
         }
-        file.seek(SeekFrom::End(0))
-            .map_err(|e| Error::io("seek", path, 0, 0, e))?;
         let mut list: Vec<(u64, Live)> = live
             .into_iter()
             .map(|(hash, (slot, crc, s))| (s, Live { hash, slot, crc }))
             .collect();
         list.sort_unstable_by_key(|x| x.0);
-        let recovered = Recovered {
-            live: list.into_iter().map(|x| x.1).collect(),
-            records,
-            torn_bytes: torn,
-            created,
+        rec.live = list.into_iter().map(|x| x.1).collect();
+        let mut log = IndexLog {
+            file,
+            path: path.to_path_buf(),
+            gen: seq as u32,
+            records: ((good_end - HEADER_LEN) / RECORD_LEN) as u64,
+            sync,
+            dirty: false,
         };
-        Ok((
-            IndexLog {
-                file,
-                path: path.to_path_buf(),
-                gen: records as u32,
-                records,
-                sync,
-            },
-            recovered,
-        ))
+        if rec.bad_records > 0 {
+            // Rewrite without the damaged records, so they are reported once.
+            if log.compact(g, &rec.live).is_err() {
+                log.dirty = true;
+            }
+        }
+        Ok((log, rec))
     }
 
-    /// Append records in one write (and fdatasync when the store is in
-    /// "sync" durability).
+    /// Append records in one write at the end of the good records (and
+    /// fdatasync when the store is in "sync" durability). On failure the
+    /// file is cut back to the good records where possible, and the log is
+    /// marked dirty: it must be rewritten before any slot is reused.
     pub fn append(&mut self, recs: &[Record]) -> Result<()> {
         if recs.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::with_capacity(recs.len() * RECORD_LEN);
+        let mut gen = self.gen;
         for r in recs {
-            self.gen = self.gen.wrapping_add(1);
-            buf.extend_from_slice(&r.encode(self.gen));
+            gen = gen.wrapping_add(1);
+            buf.extend_from_slice(&r.encode(gen));
         }
         let off = HEADER_LEN as u64 + self.records * RECORD_LEN as u64;
-        self.file
-            .write_all(&buf)
-            .map_err(|e| Error::io("write(index)", &self.path, off, buf.len() as u64, e))?;
-        self.records += recs.len() as u64;
-        if self.sync {
-            self.sync()?;
+        let r = self
+            .file
+            .write_all_at(&buf, off)
+            .map_err(|e| Error::io("write(index)", &self.path, off, buf.len() as u64, e))
+            .and_then(|()| if self.sync { self.sync() } else { Ok(()) });
+        if let Err(e) = r {
+            self.dirty = true;
+            // Cut back what may have reached the file (best effort: a
+            // rewrite follows anyway).
+            if self.file.set_len(off).is_ok() && self.sync {
+                let _ = self.sync();
+            }
+            return Err(e);
         }
+        self.gen = gen;
+        self.records += recs.len() as u64;
         Ok(())
     }
 
@@ -364,19 +452,28 @@ impl IndexLog {
         self.records
     }
 
-    /// Rewrite the log as one PUT per live entry (write beside, fsync,
-    /// rename over, fsync the directory).
+    /// An append failed since the last rewrite: the file may say a slot
+    /// holds a block that memory has freed. Rewrite before reusing slots.
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Rewrite the log as one PUT per live entry (write beside under a
+    /// random name, fsync, rename over, fsync the directory). On failure the
+    /// old log stays in place and in use.
     pub fn compact(&mut self, g: &Geometry, live: &[Live]) -> Result<()> {
-        let tmp = self.path.with_extension("index.compact");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(|e| Error::io("open", &tmp, 0, 0, e))?;
+        let suffix = crate::disk::os::random_id()
+            .map(|id| id_hex(&id)[..12].to_string())
+            .unwrap_or_else(|_| std::process::id().to_string());
+        let name = format!(
+            "{}.compact-{suffix}",
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        );
+        let tmp = self.path.with_file_name(name);
+        let mut f = open_private(&tmp, true).map_err(|e| Error::io("open", &tmp, 0, 0, e))?;
         let mut buf = Vec::with_capacity(HEADER_LEN + live.len() * RECORD_LEN);
         buf.extend_from_slice(&encode_header(g));
         let mut gen = 0u32;
@@ -401,6 +498,7 @@ impl IndexLog {
         self.file = f;
         self.records = live.len() as u64;
         self.gen = gen;
+        self.dirty = false;
         Ok(())
     }
 
@@ -429,11 +527,15 @@ mod tests {
     fn geo() -> Geometry {
         Geometry {
             block_size: 4096,
-            slot_stride: 4096,
             num_blocks: 8,
             layout: 0,
             checksums: true,
+            store_id: [1; 16],
         }
+    }
+
+    fn open(p: &Path) -> (IndexLog, Recovered) {
+        IndexLog::open(p, &geo(), false, false).unwrap()
     }
 
     #[test]
@@ -441,14 +543,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kv.index");
         {
-            let (mut log, rec) = IndexLog::open(&p, &geo(), false).unwrap();
+            let (mut log, rec) = open(&p);
             assert!(rec.created && rec.live.is_empty());
             log.append(&[Record::put(10, 0, 111), Record::put(11, 1, 222)])
                 .unwrap();
             log.append(&[Record::del(10, 0), Record::put(12, 0, 333)])
                 .unwrap();
         }
-        let (_log, rec) = IndexLog::open(&p, &geo(), false).unwrap();
+        let (_log, rec) = open(&p);
         assert_eq!(
             rec.live,
             vec![
@@ -472,14 +574,14 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kv.index");
         {
-            let (mut log, _) = IndexLog::open(&p, &geo(), false).unwrap();
+            let (mut log, _) = open(&p);
             log.append(&[Record::put(1, 0, 5), Record::put(2, 1, 6)])
                 .unwrap();
         }
         let len = std::fs::metadata(&p).unwrap().len();
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(len - 7).unwrap(); // half a record
-        let (_, rec) = IndexLog::open(&p, &geo(), false).unwrap();
+        let (_, rec) = open(&p);
         assert_eq!(rec.live.len(), 1);
         assert_eq!(rec.torn_bytes, (RECORD_LEN - 7) as u64);
         std::fs::write(
@@ -488,27 +590,106 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(IndexLog::open(&p, &geo(), false), Err(Error::InvalidArgument(m)) if m.contains("magic"))
+            matches!(IndexLog::open(&p, &geo(), false, false), Err(Error::InvalidArgument(m)) if m.contains("magic"))
         );
         let other = Geometry {
-            block_size: 8192,
+            checksums: false,
             ..geo()
         };
         let p2 = d.path().join("b.index");
-        IndexLog::open(&p2, &geo(), false).unwrap();
-        match IndexLog::open(&p2, &other, false) {
+        open(&p2);
+        match IndexLog::open(&p2, &other, false, false) {
             Err(Error::InvalidArgument(m)) => {
-                assert!(m.contains("block_size 4096") && m.contains("block_size 8192"))
+                assert!(
+                    m.contains("checksums true") && m.contains("checksums false"),
+                    "{m}"
+                )
             }
             _ => panic!("geometry mismatch accepted"),
         }
     }
 
     #[test]
-    fn compaction_keeps_live_entries() {
+    fn a_bad_record_in_the_middle_is_skipped_not_the_rest() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kv.index");
-        let (mut log, _) = IndexLog::open(&p, &geo(), false).unwrap();
+        {
+            let (mut log, _) = open(&p);
+            for h in 0..8u64 {
+                log.append(&[Record::put(h, h as u32, h as u32)]).unwrap();
+            }
+        }
+        // Flip a bit in record 2 of 8.
+        let mut b = std::fs::read(&p).unwrap();
+        b[HEADER_LEN + 2 * RECORD_LEN + 10] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        let (_, rec) = open(&p);
+        assert_eq!(rec.bad_records, 1);
+        assert_eq!(rec.torn_bytes, 0);
+        let hashes: Vec<u64> = rec.live.iter().map(|l| l.hash).collect();
+        assert_eq!(hashes, vec![0, 1, 3, 4, 5, 6, 7]);
+        // Rewritten without it: the next open finds nothing to skip.
+        let (_, rec) = open(&p);
+        assert_eq!((rec.bad_records, rec.live.len()), (0, 7));
+    }
+
+    #[test]
+    fn a_failed_append_leaves_no_torn_bytes_behind_later_records() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        let (mut log, _) = open(&p);
+        log.append(&[Record::put(1, 0, 1)]).unwrap();
+        // Half a record of garbage where the next append goes, as a short
+        // write followed by an error would leave it.
+        let end = (HEADER_LEN + RECORD_LEN) as u64;
+        log.file.write_all_at(&[0xAB; 16], end).unwrap();
+        log.append(&[Record::put(2, 1, 2)]).unwrap();
+        drop(log);
+        let (_, rec) = open(&p);
+        assert_eq!(rec.live.len(), 2);
+        assert_eq!((rec.torn_bytes, rec.bad_records), (0, 0));
+    }
+
+    #[test]
+    fn the_index_is_bound_to_its_data_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        {
+            let (mut log, _) = open(&p);
+            log.append(&[Record::put(1, 0, 1)]).unwrap();
+        }
+        let other = Geometry {
+            store_id: [2; 16],
+            ..geo()
+        };
+        // Another data file, not new: refused, naming both ids.
+        match IndexLog::open(&p, &other, false, false) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("belongs to another data file")),
+            _ => panic!("an index of another data file was accepted"),
+        }
+        // Its data file was made anew: the stale index is replaced.
+        let (_, rec) = IndexLog::open(&p, &other, false, true).unwrap();
+        assert!(rec.live.is_empty() && rec.reset.is_some());
+        let (_, rec) = IndexLog::open(&p, &other, false, false).unwrap();
+        assert!(rec.live.is_empty() && rec.reset.is_none());
+    }
+
+    #[test]
+    fn a_header_cut_short_by_a_crash_is_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        std::fs::write(&p, &encode_header(&geo())[..20]).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (_, rec) = open(&p);
+        assert!(rec.live.is_empty());
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), HEADER_LEN as u64);
+    }
+
+    #[test]
+    fn compaction_keeps_live_entries_and_leftovers_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        let (mut log, _) = open(&p);
         for i in 0..100u64 {
             log.append(&[Record::put(i, (i % 8) as u32, i as u32)])
                 .unwrap();
@@ -523,8 +704,11 @@ mod tests {
         log.compact(&geo(), &live).unwrap();
         log.append(&[Record::del(99, 3)]).unwrap();
         drop(log);
-        let (_, rec) = IndexLog::open(&p, &geo(), false).unwrap();
+        let stale = d.path().join("kv.index.compact-dead");
+        std::fs::write(&stale, b"half a compaction").unwrap();
+        let (_, rec) = open(&p);
         assert_eq!(rec.live.len(), 7);
         assert_eq!(rec.records, 9);
+        assert!(!stale.exists());
     }
 }

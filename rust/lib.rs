@@ -22,6 +22,8 @@ pub mod index;
 pub mod io;
 pub mod manager;
 pub mod numa;
+pub mod process;
+pub mod settings;
 
 #[cfg(feature = "python")]
 mod python;

@@ -18,6 +18,10 @@
 //!   in order (keeping their disk copy).
 //! - **match** is a query: it changes no recency.
 //!
+//! - **Unreadable blocks**: a disk block that fails its checksum or whose
+//!   read fails (EIO) is a miss: dropped, counted (`corrupt_blocks`,
+//!   `io_errors`), logged; `get` returns the prefix before it.
+//!
 //! Data movement is planned on the metadata first and then executed as one
 //! batched disk write (victims and direct-to-disk blocks, sorted by slot so
 //! adjacent slots coalesce) followed by one parallel copy into host slots.
@@ -25,6 +29,15 @@
 //! assigned and every host slot filled by the batch is released, and blocks
 //! left with no copy are dropped. No block is ever registered whose bytes are
 //! not where the registry says.
+//!
+//! # The persistent index and memory
+//! The index is changed before memory: `remove` appends its DEL records and
+//! `clear` rewrites the index empty *before* the registry changes, so a
+//! failure changes nothing. When an append fails in the middle of a batch
+//! (after planning has freed slots in memory), the index is marked dirty and
+//! no data is written into any slot until it has been rewritten from memory
+//! (done before the next batch is planned): a slot is never overwritten
+//! while the durable index still names another block in it.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -36,6 +49,7 @@ use crate::disk::DiskStorage;
 use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
 use crate::index::{Geometry, IndexLog, Live, Record};
+use crate::process::ForkGuard;
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
 /// small consecutive integers; this spreads them).
@@ -203,8 +217,10 @@ pub struct Stats {
     pub dropped_blocks: u64,
     pub failed_writes: u64,
     pub corrupt_blocks: u64,
+    pub io_errors: u64,
     pub recovered_blocks: u64,
     pub index_torn_bytes: u64,
+    pub index_bad_records: u64,
     pub index_compactions: u64,
 }
 
@@ -246,6 +262,8 @@ struct State {
     stats: Stats,
     warnings: Vec<String>,
     index: Option<IndexLog>,
+    closed: bool,
+    io_error_logged: bool,
 }
 
 impl State {
@@ -407,6 +425,7 @@ pub struct BlockManager {
     block_size: usize,
     opts: ManagerOptions,
     geometry: Option<Geometry>,
+    fork: ForkGuard,
 }
 
 /// How the manager treats the disk tier.
@@ -488,14 +507,19 @@ impl BlockManager {
                     "a persistent store needs a disk tier (disk_blocks > 0)".into(),
                 )
             })?;
+            let store_id = d.store_id().ok_or_else(|| {
+                Error::InvalidArgument(
+                    "a persistent store needs a persistent disk tier (persist=True)".into(),
+                )
+            })?;
             let g = Geometry {
                 block_size: block_size as u64,
-                slot_stride: d.slot_stride() as u64,
                 num_blocks: d.num_blocks(),
                 layout: opts.layout,
                 checksums: opts.checksums,
+                store_id,
             };
-            let (log, rec) = IndexLog::open(path, &g, opts.sync)?;
+            let (log, rec) = IndexLog::open(path, &g, opts.sync, d.created())?;
             let tier = disk_tier.as_mut().expect("disk tier");
             tier.load(&rec.live);
             for l in &rec.live {
@@ -509,6 +533,20 @@ impl BlockManager {
             }
             stats.recovered_blocks = rec.live.len() as u64;
             stats.index_torn_bytes = rec.torn_bytes;
+            stats.index_bad_records = rec.bad_records;
+            if let Some(why) = rec.reset {
+                warnings.push(why);
+            }
+            if rec.bad_records > 0 {
+                warnings.push(format!(
+                    "the index {} held {} damaged records (failed checksums) among intact ones; \
+                     they were skipped, the {} blocks of the intact records recovered, and the \
+                     index rewritten without them",
+                    path.display(),
+                    rec.bad_records,
+                    rec.live.len()
+                ));
+            }
             if rec.torn_bytes > 0 {
                 warnings.push(format!(
                     "the index {} ended in {} bytes of an interrupted record; they were cut \
@@ -529,17 +567,56 @@ impl BlockManager {
                 stats,
                 warnings,
                 index,
+                closed: false,
+                io_error_logged: false,
             }),
             host,
             disk,
             block_size,
             opts,
             geometry,
+            fork: ForkGuard::new("BlockManager"),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state, for a call that may use the manager: refused after
+    /// `close()` and in a forked child.
+    fn open_state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.fork.check()?;
+        let st = self.lock();
+        if st.closed {
+            return Err(Error::Closed("BlockManager"));
+        }
+        Ok(st)
+    }
+
+    /// Rewrite a dirty index from memory (see the module docs) before a
+    /// batch is planned.
+    fn settle_index(&self, st: &mut State) -> Result<()> {
+        if !st.index.as_ref().is_some_and(IndexLog::dirty) {
+            return Ok(());
+        }
+        let live = Self::live_disk(st);
+        let g = self.geometry.expect("persistent store");
+        st.index.as_mut().expect("checked").compact(&g, &live)?;
+        st.stats.index_compactions += 1;
+        Ok(())
+    }
+
+    /// Close: release the index file at once. Later calls raise "closed".
+    /// In a forked child nothing is written.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        st.index = None;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     fn region(&self) -> Result<Option<Arc<Region>>> {
@@ -564,6 +641,16 @@ impl BlockManager {
     /// write (checksummed on the I/O workers), PUT records, then one
     /// parallel host copy.
     fn execute(&self, st: &mut State, plan: &Plan, region: Option<&Region>) -> Result<()> {
+        if st.index.as_ref().is_some_and(IndexLog::dirty) {
+            // An append failed earlier in this call: no slot may be written
+            // until the index is rewritten (at the start of the next call).
+            st.roll_back(plan);
+            return Err(Error::InvalidArgument(
+                "the store's index could not be updated earlier in this call; nothing was \
+                 written, and the index is rewritten at the next call"
+                    .into(),
+            ));
+        }
         let mut writes: Vec<(u64, usize, bool, u64)> = plan
             .writes
             .iter()
@@ -693,7 +780,8 @@ impl BlockManager {
     pub unsafe fn put_raw(&self, hashes: &[u64], src: *const u8, len: usize) -> Result<usize> {
         self.check_len(hashes.len(), len, "src")?;
         let region = self.region()?;
-        let mut st = self.lock();
+        let mut st = self.open_state()?;
+        self.settle_index(&mut st)?;
         let mut plan = Plan::default();
         let mut new = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
@@ -727,7 +815,12 @@ impl BlockManager {
     pub unsafe fn get_raw(&self, hashes: &[u64], dst: *mut u8, len: usize) -> Result<usize> {
         self.check_len(hashes.len(), len, "dst")?;
         let region = self.region()?;
-        let mut st = self.lock();
+        let mut st = self.open_state()?;
+        if let Err(e) = self.settle_index(&mut st) {
+            // Reads still work; promotions wait for the rewrite.
+            st.warnings
+                .push(format!("rewriting the store's index failed: {e}"));
+        }
         st.stats.get_calls += 1;
         let n = st.prefix(hashes);
         let bs = self.block_size;
@@ -779,9 +872,40 @@ impl BlockManager {
             // A block may appear twice in `hashes`; reading one slot into two
             // places is fine.
             // SAFETY: distinct blocks of the caller's dst.
-            unsafe {
+            let r = unsafe {
                 disk.read_blocks_into(&slots, &dsts, self.opts.checksums.then_some(&hook as _))
-            }?;
+            };
+            // A failed read (EIO, a bad sector): find the first block that
+            // cannot be read, block by block in request order; it is
+            // dropped like a corrupt block and the prefix ends before it.
+            let mut unreadable: Option<(usize, Error)> = None;
+            if let Err(e) = r {
+                if !matches!(e, Error::Io { .. }) {
+                    return Err(e);
+                }
+                for k in 0..slots.len() {
+                    let one = |_: usize, a: usize| hook(k, a);
+                    // SAFETY: as above, one block.
+                    let r = unsafe {
+                        disk.read_blocks_into(
+                            &slots[k..k + 1],
+                            &dsts[k..k + 1],
+                            self.opts.checksums.then_some(&one as _),
+                        )
+                    };
+                    match r {
+                        Ok(()) => {}
+                        Err(e @ Error::Io { .. }) => {
+                            unreadable = Some((k, e));
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if let Some((k, _)) = &unreadable {
+                bad[*k].store(true, Ordering::Relaxed);
+            }
             // A block that fails its checksum is a miss: dropped, counted,
             // never returned; the prefix ends before it.
             let mut dels = Vec::new();
@@ -798,12 +922,28 @@ impl BlockManager {
                     if e.host == NIL {
                         st.map.remove(&h);
                     }
-                    st.stats.corrupt_blocks += 1;
                     dels.push(Record::del(h, t));
-                    st.warnings.push(format!(
-                        "block {h:#018x} in disk slot {t} failed its checksum (torn write or \
-                         corruption on disk); it was dropped and counted as a miss"
-                    ));
+                    match &unreadable {
+                        Some((uk, e)) if *uk == k => {
+                            st.stats.io_errors += 1;
+                            if !st.io_error_logged {
+                                st.io_error_logged = true;
+                                st.warnings.push(format!(
+                                    "block {h:#018x} in disk slot {t} could not be read ({e}); it \
+                                     was dropped and counted as a miss. Later read errors are \
+                                     counted in stats()[\"io_errors\"] without a warning"
+                                ));
+                            }
+                        }
+                        _ => {
+                            st.stats.corrupt_blocks += 1;
+                            st.warnings.push(format!(
+                                "block {h:#018x} in disk slot {t} failed its checksum (torn \
+                                 write or corruption on disk); it was dropped and counted as a \
+                                 miss"
+                            ));
+                        }
+                    }
                 }
             }
             if let Some(ix) = st.index.as_mut() {
@@ -860,47 +1000,62 @@ impl BlockManager {
     }
 
     /// Length of the longest stored prefix (changes no recency).
-    pub fn match_prefix(&self, hashes: &[u64]) -> usize {
-        self.lock().prefix(hashes)
+    pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
+        Ok(self.open_state()?.prefix(hashes))
     }
 
-    pub fn contains(&self, h: u64) -> bool {
-        self.lock().map.contains_key(&h)
+    pub fn contains(&self, h: u64) -> Result<bool> {
+        Ok(self.open_state()?.map.contains_key(&h))
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().map.len()
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.open_state()?.map.len())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
     }
 
-    /// Forget blocks; returns how many were stored.
+    /// Forget blocks; returns how many were stored. The index records the
+    /// removal before memory forgets it: on an error nothing changed.
     pub fn remove(&self, hashes: &[u64]) -> Result<usize> {
-        let mut st = self.lock();
-        let mut n = 0;
+        let mut st = self.open_state()?;
+        self.settle_index(&mut st)?;
+        let mut seen = std::collections::HashSet::new();
+        let mut gone = Vec::new();
         let mut dels = Vec::new();
-        for h in hashes {
-            if let Some(e) = st.map.remove(h) {
-                n += 1;
-                if e.host != NIL {
-                    st.host.as_mut().expect("host tier").release(e.host);
-                }
-                if e.disk != NIL {
-                    st.disk.as_mut().expect("disk tier").release(e.disk);
-                    dels.push(Record::del(*h, e.disk));
+        for &h in hashes {
+            if let Some(&e) = st.map.get(&h) {
+                if seen.insert(h) {
+                    gone.push((h, e));
+                    if e.disk != NIL {
+                        dels.push(Record::del(h, e.disk));
+                    }
                 }
             }
         }
         if let Some(ix) = st.index.as_mut() {
             ix.append(&dels)?;
         }
-        Ok(n)
+        for &(h, e) in &gone {
+            st.map.remove(&h);
+            if e.host != NIL {
+                st.host.as_mut().expect("host tier").release(e.host);
+            }
+            if e.disk != NIL {
+                st.disk.as_mut().expect("disk tier").release(e.disk);
+            }
+        }
+        Ok(gone.len())
     }
 
+    /// Forget every block. A persistent store's index is rewritten empty
+    /// first: on an error nothing changed.
     pub fn clear(&self) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.open_state()?;
+        if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
+            ix.compact(&g, &[])?;
+        }
         st.map.clear();
         if let Some(t) = st.host.as_mut() {
             t.reset();
@@ -908,16 +1063,13 @@ impl BlockManager {
         if let Some(t) = st.disk.as_mut() {
             t.reset();
         }
-        if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
-            ix.compact(&g, &[])?;
-        }
         Ok(())
     }
 
     /// Make everything written so far durable against power loss:
     /// fdatasync the data file, then the index.
     pub fn sync(&self) -> Result<()> {
-        let st = self.lock();
+        let st = self.open_state()?;
         if let Some(d) = &self.disk {
             d.sync()?;
         }
@@ -929,7 +1081,7 @@ impl BlockManager {
 
     /// Compact the index now (it is also compacted automatically).
     pub fn compact_index(&self) -> Result<()> {
-        let mut st = self.lock();
+        let mut st = self.open_state()?;
         let live = Self::live_disk(&st);
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
             ix.compact(&g, &live)?;
@@ -942,23 +1094,22 @@ impl BlockManager {
         self.geometry.is_some()
     }
 
-    pub fn stats(&self) -> Stats {
-        self.lock().stats.clone()
-    }
-
-    /// (blocks in host, blocks on disk)
-    pub fn usage(&self) -> (usize, usize) {
-        let st = self.lock();
-        (
-            st.host.as_ref().map_or(0, Tier::used),
-            st.disk.as_ref().map_or(0, Tier::used),
-        )
+    /// Counters and (blocks in host, blocks on disk), read together.
+    pub fn stats(&self) -> Result<(Stats, (usize, usize))> {
+        let st = self.open_state()?;
+        Ok((
+            st.stats.clone(),
+            (
+                st.host.as_ref().map_or(0, Tier::used),
+                st.disk.as_ref().map_or(0, Tier::used),
+            ),
+        ))
     }
 
     /// Hashes in LRU order (least recent first) for the host and disk tiers:
     /// for tests and debugging.
-    pub fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
-        let st = self.lock();
+    pub fn lru_order(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+        let st = self.open_state()?;
         let order = |t: &Option<Tier>| {
             t.as_ref().map_or_else(Vec::new, |t| {
                 t.lru
@@ -968,7 +1119,7 @@ impl BlockManager {
                     .collect()
             })
         };
-        (order(&st.host), order(&st.disk))
+        Ok((order(&st.host), order(&st.disk)))
     }
 
     pub fn take_warnings(&self) -> Vec<String> {
@@ -1047,17 +1198,17 @@ mod tests {
             assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
         }
         // host holds 3,4; disk holds 0,1,2 (offloaded in order)
-        assert_eq!(m.lru_order(), (vec![3, 4], vec![0, 1, 2]));
+        assert_eq!(m.lru_order().unwrap(), (vec![3, 4], vec![0, 1, 2]));
         let mut out = vec![0u8; 3 * bs];
         assert_eq!(m.get(&[0, 1, 9], &mut out).unwrap(), 2);
         assert_eq!(&out[..bs], &block(0, bs)[..]);
         assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
         // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
-        let (host, disk) = m.lru_order();
+        let (host, disk) = m.lru_order().unwrap();
         assert_eq!(host, vec![0, 1]);
         assert_eq!(disk, vec![0, 1, 3, 4]);
-        assert!(!m.contains(2));
-        let s = m.stats();
+        assert!(!m.contains(2).unwrap());
+        let s = m.stats().unwrap().0;
         assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
         let mut one = vec![0u8; bs];
         for h in [0u64, 1, 3, 4] {

@@ -115,7 +115,7 @@ def test_dynblock_names_win_and_overrides_win_over_both() -> None:
         ("DYNBLOCK_HOST_BLOCKS", "-3", ">= 0"),
         ("DYN_KVBM_CPU_CACHE_GB", "lots", "decimal number"),
         ("DYN_KVBM_DISK_CACHE_GB", "-1", ">= 0"),
-        ("DYN_KVBM_DISK_CACHE_GB", "nan", "finite"),
+        ("DYN_KVBM_DISK_CACHE_GB", "nan", "not a number"),
         ("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "1e3", "whole number"),
         ("DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS", "x", "whole number"),
         ("DYN_KVBM_DISK_CACHE_DIR", "  ", "empty"),

@@ -273,7 +273,8 @@ def test_enospc_during_io_is_reported_and_storage_survives(tiny_tmpfs: Path, cle
 def test_zero_fill_where_fallocate_is_unsupported(ramfs_dir: Path, clean_env) -> None:
     # ramfs has no fallocate: "auto" zero-fills, so the file has its full size
     with DiskStorage(ramfs_dir / "kv.bin", 4, 4096, persist=True) as s:
-        assert os.path.getsize(ramfs_dir / "kv.bin") == s.file_size == 4 * 4096
+        assert s.data_offset == 4096  # the store's header
+        assert os.path.getsize(ramfs_dir / "kv.bin") == s.file_size == 4096 + 4 * 4096
         out = np.ones(4096, dtype=np.uint8)
         s.read_blocks([3], out)
         assert not out.any()
@@ -335,7 +336,8 @@ def test_persist_creates_0600_and_reopens(tmp_path: Path, clean_env) -> None:
         dst = np.zeros_like(src)
         s.read_blocks([1, 3], dst)
         assert np.array_equal(src, dst)
-    with pytest.raises(ValueError, match="another geometry"):
+    with pytest.raises(ValueError, match="was made with block_size 4096 and 4 blocks; this open "
+                                         "asks for block_size 4096 and 8 blocks"):
         DiskStorage(path, 8, 4096, persist=True)
     assert path.exists()  # a refused reopen never deletes the user's file
 
@@ -415,7 +417,7 @@ def test_bad_buffers(filled) -> None:
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(num_blocks=0), ValueError, "num_blocks must be a positive integer"),
+        (dict(num_blocks=0), ValueError, r"num_blocks \(slots in the tier\) must be between 1 and"),
         (dict(num_blocks=-3), ValueError, "num_blocks"),
         (dict(num_blocks=2.5), TypeError, "num_blocks must be an int"),
         (dict(num_blocks=True), TypeError, "num_blocks"),
@@ -424,7 +426,8 @@ def test_bad_buffers(filled) -> None:
         (dict(o_direct="yes"), ValueError, "o_direct"),
         (dict(preallocate="lazy"), ValueError, "preallocate"),
         (dict(alignment=(3, 512)), dynblock.AlignmentError, "power of two"),
-        (dict(num_blocks=2**62, block_size=2**20), ValueError, "overflows"),
+        (dict(num_blocks=2**62, block_size=2**20), ValueError, "num_blocks .* got 4611686018427387904"),
+        (dict(num_blocks=2**32 - 3, block_size=2**32), ValueError, "too large"),
     ],
 )
 def test_bad_constructor_arguments(tmp_path: Path, clean_env, kwargs, exc, match) -> None:

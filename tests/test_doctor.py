@@ -149,7 +149,9 @@ def test_config_from_env(tmp_path: Path) -> None:
                         "DYN_KVBM_CPU_CACHE_GB": "2"})
     data = json.loads(r.stdout)
     assert data["config"]["dir"] == str(tmp_path)
-    assert data["config"]["disk_bytes"] == 10**15 and data["config"]["host_bytes"] == 2 * 10**9
+    # No block size in the environment: whole blocks of a nominal 1 MiB.
+    assert 10**15 - (1 << 20) < data["config"]["disk_bytes"] <= 10**15
+    assert 2 * 10**9 - (1 << 20) < data["config"]["host_bytes"] <= 2 * 10**9
     c = {x["name"]: x for x in data["checks"]}
     assert c["disk_space"]["status"] == "fail"  # a petabyte does not fit
     bad = run_doctor(["--config-from-env"], env={"DYN_KVBM_DISK_DISABLE_O_DIRECT": "sometimes"})

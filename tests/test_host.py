@@ -178,7 +178,8 @@ def _memory_nodes() -> list:
         (dict(numa_node="near"), TypeError, "numa_node"),
         (dict(pin="maybe"), ValueError, "pin"),
         (dict(alignment=100), dynblock.AlignmentError, "power of two"),
-        (dict(num_blocks=2**50, block_size=2**20), ValueError, "too large"),
+        (dict(num_blocks=2**50, block_size=2**20), ValueError, "num_blocks .* got 1125899906842624"),
+        (dict(num_blocks=2**31, block_size=2**32), ValueError, "too large"),
     ],
 )
 def test_bad_arguments(clean_env, kwargs, exc, match) -> None:

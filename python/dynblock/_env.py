@@ -1,8 +1,8 @@
 """Strict parsing of environment variables.
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``
-(case-insensitive, surrounding spaces ignored). Anything else is an error that
-names the variable. Unlike Dynamo, ``=false`` means false, and an empty value
+(case-insensitive, surrounding spaces ignored); integers are plain ASCII
+decimal digits. Anything else is an error that names the variable. Unlike Dynamo, ``=false`` means false, and an empty value
 is an error rather than "set".
 """
 
@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Mapping, Optional
+
+_DECIMAL = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -45,13 +49,13 @@ def env_int(name: str, env: Optional[Mapping[str, str]] = None, *, minimum: int 
     if name not in e:
         return None
     raw = e[name].strip()
-    try:
-        v = int(raw, 10)
-    except ValueError:
+    # Plain ASCII digits only: int() would also take "1_000", "+5" and other scripts' digits.
+    if not _DECIMAL.fullmatch(raw):
         raise EnvError(
             f"environment variable {name}={e[name]!r} is not an integer; "
-            f"expected a whole number >= {minimum}"
-        ) from None
+            f"expected a whole number >= {minimum} in plain decimal digits"
+        )
+    v = int(raw, 10)
     if v < minimum:
         raise EnvError(f"environment variable {name}={v} must be >= {minimum}")
     return v
@@ -62,13 +66,12 @@ def env_float(name: str, env: Optional[Mapping[str, str]] = None, *, minimum: fl
     if name not in e:
         return None
     raw = e[name].strip()
-    try:
-        v = float(raw)
-    except ValueError:
+    if not _NUMBER.fullmatch(raw):
         raise EnvError(
             f"environment variable {name}={e[name]!r} is not a number; "
-            f"expected a decimal number >= {minimum}"
-        ) from None
+            f"expected a decimal number >= {minimum} in plain ASCII (e.g. 1.5)"
+        )
+    v = float(raw)
     if not math.isfinite(v) or v < minimum:
         raise EnvError(f"environment variable {name}={raw} must be a finite number >= {minimum}")
     return v
@@ -81,7 +84,7 @@ def env_str(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]
         return None
     if not v.strip():
         raise EnvError(f"environment variable {name} is set but empty")
-    return v
+    return v.strip()
 
 
 def o_direct_disabled(env: Optional[Mapping[str, str]] = None) -> Optional[bool]:

@@ -5,8 +5,15 @@ construction; ``repr(config)`` shows the resolved values. ``Config.from_env()``
 reads ``DYNBLOCK_*`` variables and Dynamo's ``DYN_KVBM_*`` names so a
 deployment can switch without rewriting its environment.
 
-Environment mapping (``DYNBLOCK_*`` wins over Dynamo's name when both are set;
-keyword arguments to ``from_env`` win over both):
+Every field's default and check live in the engine (``rust/settings.rs``,
+reached through ``dynblock._core``): a value is refused with the same message
+here as by the tier classes.
+
+Environment mapping (``DYNBLOCK_*`` wins over Dynamo's name when both are set,
+whatever unit they use; keyword arguments to ``from_env`` win over both). Tier
+sizes, highest precedence first: ``DYNBLOCK_<TIER>_BLOCKS``,
+``DYNBLOCK_<TIER>_BYTES``, Dynamo's ``*_OVERRIDE_NUM_BLOCKS``, Dynamo's
+``*_CACHE_GB``:
 
 ========================================  =====================================
 variable                                  meaning
@@ -16,11 +23,11 @@ variable                                  meaning
 ``DYNBLOCK_HOST_BYTES``                   ``host_bytes``
 ``DYN_KVBM_CPU_CACHE_GB``                 ``host_bytes = GB * 10**9`` (decimal
                                           GB, as Dynamo reads it)
-``DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS``  ``host_blocks`` (wins over the GB)
+``DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS``  ``host_blocks`` (wins over Dynamo's GB)
 ``DYNBLOCK_DISK_BLOCKS``                  ``disk_blocks``
 ``DYNBLOCK_DISK_BYTES``                   ``disk_bytes``
 ``DYN_KVBM_DISK_CACHE_GB``                ``disk_bytes = GB * 10**9``
-``DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS``  ``disk_blocks`` (wins over the GB)
+``DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS``  ``disk_blocks`` (wins over Dynamo's GB)
 ``DYNBLOCK_DISK_DIR``,                    ``disk_dir``
 ``DYN_KVBM_DISK_CACHE_DIR``
 ``DYNBLOCK_DISABLE_O_DIRECT``,            ``o_direct = not value``
@@ -41,9 +48,10 @@ variable                                  meaning
 ``DYNBLOCK_CHECKSUMS``                    ``checksums`` (boolean)
 ========================================  =====================================
 
-Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; any other
-value raises :class:`~dynblock.EnvError` naming the variable and the
-accepted form.
+Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; integers
+are plain ASCII decimal digits; any other value raises
+:class:`~dynblock.EnvError` naming the variable and the accepted form.
+Surrounding spaces are ignored.
 """
 
 from __future__ import annotations
@@ -53,39 +61,62 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional, Union
 
+from . import _core
 from ._env import EnvError, env_bool, env_float, env_int, env_str, numa_disabled, o_direct_disabled
 
-__all__ = ["Config", "KvLayout"]
+__all__ = ["Config", "KvLayout", "canonical_dtype"]
 
+#: Defaults of every setting, from the engine (``rust/settings.rs``).
+DEFAULTS: Dict[str, Any] = _core.settings_defaults()
+
+# Canonical dtype name -> bytes per element, and the aliases of each name.
 _DTYPE_BYTES = {
-    "float32": 4, "fp32": 4, "float": 4,
-    "float16": 2, "fp16": 2, "half": 2,
-    "bfloat16": 2, "bf16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+    "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "int8": 1, "uint8": 1,
+}
+_DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32",
+    "fp16": "float16", "half": "float16",
+    "bf16": "bfloat16",
+    "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "float8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
 
 
-def _itemsize(dtype: Any) -> int:
-    name = str(dtype).replace("torch.", "").lower()
+def canonical_dtype(dtype: Any) -> str:
+    """The one name of a KV dtype: ``"bf16"``, ``"bfloat16"`` and
+    ``torch.bfloat16`` are all ``"bfloat16"``; ``np.float16`` and ``"fp16"``
+    are ``"float16"``; ``"fp8"`` means ``float8_e4m3fn``."""
+    name = str(dtype).replace("torch.", "").strip().lower()
+    name = _DTYPE_ALIASES.get(name, name)
     if name in _DTYPE_BYTES:
-        return _DTYPE_BYTES[name]
+        return name
     try:
         import numpy as np
 
-        return int(np.dtype(dtype).itemsize)
+        return str(np.dtype(dtype).name)
     except TypeError:
         raise ValueError(
             f"layout dtype {dtype!r} is not known; use e.g. 'bfloat16', 'float16', 'float8_e4m3fn'"
         ) from None
 
 
+def _itemsize(dtype: Any) -> int:
+    name = canonical_dtype(dtype)
+    if name in _DTYPE_BYTES:
+        return _DTYPE_BYTES[name]
+    import numpy as np
+
+    return int(np.dtype(name).itemsize)
+
+
 def _count(name: str, v: Any, *, allow_zero: bool = True) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+    v = v.__index__()
     if v < (0 if allow_zero else 1):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {v}")
-    return v
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -142,73 +173,65 @@ class Config:
     host_bytes: Optional[int] = None
     disk_bytes: Optional[int] = None
     disk_dir: Optional[str] = None
-    o_direct: Union[bool, Literal["require"]] = True
-    preallocate: Literal["auto", "zero", "sparse-fallback", "sparse"] = "auto"
+    o_direct: Union[bool, Literal["require"]] = DEFAULTS["o_direct"]
+    preallocate: Literal["auto", "zero", "sparse-fallback", "sparse"] = DEFAULTS["preallocate"]
     numa_node: Union[int, None, Literal["auto"]] = "auto"
     gpu: Optional[int] = None
-    pin: Union[bool, Literal["require"]] = True
-    io_depth: int = 16
-    huge_pages: bool = True
+    pin: Union[bool, Literal["require"]] = DEFAULTS["pin"]
+    io_depth: int = DEFAULTS["io_depth"]
+    huge_pages: bool = DEFAULTS["huge_pages"]
     policy: Literal["lru"] = "lru"
     disk_path: Optional[str] = None
-    persist: bool = False
-    durability: Literal["process", "sync"] = "process"
-    write_through: bool = False
-    checksums: bool = True
+    persist: bool = DEFAULTS["persist"]
+    durability: Literal["process", "sync"] = DEFAULTS["durability"]
+    write_through: bool = DEFAULTS["write_through"]
+    checksums: bool = DEFAULTS["checksums"]
 
     def __post_init__(self) -> None:
+        check = _core.check_setting
         if self.layout is not None and not isinstance(self.layout, KvLayout):
             raise TypeError(f"layout must be a KvLayout, got {type(self.layout).__name__}")
         if self.block_size is None and self.layout is None:
             raise ValueError("give block_size (bytes) or layout=KvLayout(...)")
         if self.layout is not None:
             lbs = self.layout.block_size
-            if self.block_size is not None and self.block_size != lbs:
+            if self.block_size is not None and check("block_size", self.block_size) != lbs:
                 raise ValueError(
                     f"block_size={self.block_size} disagrees with layout, which gives {lbs} bytes"
                 )
             self.block_size = lbs
-        self.block_size = _count("block_size", self.block_size, allow_zero=False)
+        bs = self.block_size = check("block_size", self.block_size)
         for tier in ("host", "disk"):
             blocks, nbytes = getattr(self, f"{tier}_blocks"), getattr(self, f"{tier}_bytes")
-            if blocks is not None and nbytes is not None:
-                expect = _count(f"{tier}_bytes", nbytes) // self.block_size
-                if _count(f"{tier}_blocks", blocks) != expect:
+            if nbytes is not None:
+                nbytes = check(f"{tier}_bytes", nbytes)
+                if 0 < nbytes < bs:
+                    raise ValueError(
+                        f"{tier}_bytes={nbytes} is less than one block (block_size {bs}): give 0 "
+                        f"to have no {tier} tier, or at least {bs} bytes"
+                    )
+            if blocks is not None:
+                blocks = check(f"{tier}_blocks", blocks)
+                if nbytes is not None and blocks != nbytes // bs:
                     raise ValueError(
                         f"{tier}_blocks={blocks} and {tier}_bytes={nbytes} disagree "
-                        f"({nbytes} bytes hold {expect} blocks of {self.block_size}); give one"
+                        f"({nbytes} bytes hold {nbytes // bs} blocks of {bs}); give one"
                     )
             if blocks is None:
-                blocks = 0 if nbytes is None else _count(f"{tier}_bytes", nbytes) // self.block_size
-            setattr(self, f"{tier}_blocks", _count(f"{tier}_blocks", blocks))
-            setattr(self, f"{tier}_bytes", getattr(self, f"{tier}_blocks") * self.block_size)
+                blocks = 0 if nbytes is None else nbytes // bs
+            setattr(self, f"{tier}_blocks", check(f"{tier}_blocks", blocks))
+            setattr(self, f"{tier}_bytes", check(f"{tier}_bytes", blocks * bs))
         if self.host_blocks == 0 and self.disk_blocks == 0:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
-        if self.disk_dir is None:
-            if self.disk_blocks:
-                import tempfile
-
-                self.disk_dir = tempfile.gettempdir()
-        else:
-            self.disk_dir = os.fspath(self.disk_dir)
-        if self.o_direct not in (True, False, "require"):
-            raise ValueError(f'o_direct must be True, False or "require", got {self.o_direct!r}')
-        if self.pin not in (True, False, "require"):
-            raise ValueError(f'pin must be True, False or "require", got {self.pin!r}')
-        if self.preallocate not in ("auto", "zero", "sparse-fallback", "sparse"):
-            raise ValueError(f"preallocate must be auto, zero, sparse-fallback or sparse, got {self.preallocate!r}")
+        for name in ("o_direct", "pin", "preallocate", "io_depth", "durability",
+                     "persist", "write_through", "checksums", "huge_pages"):
+            setattr(self, name, check(name, getattr(self, name)))
         if self.numa_node not in (None, "auto"):
-            _count("numa_node", self.numa_node)
+            self.numa_node = check("numa_node", self.numa_node)
         if self.gpu is not None:
-            _count("gpu", self.gpu)
-        _count("io_depth", self.io_depth, allow_zero=False)
+            self.gpu = check("gpu", self.gpu)
         if self.policy != "lru":
             raise ValueError(f"policy must be 'lru' (the only policy so far), got {self.policy!r}")
-        for name in ("persist", "write_through", "checksums", "huge_pages"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.durability not in ("process", "sync"):
-            raise ValueError(f"durability must be 'process' or 'sync', got {self.durability!r}")
         if self.disk_path is not None:
             self.disk_path = os.fspath(self.disk_path)
         if self.persist:
@@ -216,9 +239,22 @@ class Config:
                 raise ValueError("persist=True needs disk_path= (the store's data file; its index goes beside it)")
             if not self.disk_blocks:
                 raise ValueError("persist=True needs a disk tier: give disk_blocks or disk_bytes")
-            self.disk_dir = os.path.dirname(os.path.abspath(self.disk_path))
+            where = os.path.dirname(os.path.abspath(self.disk_path))
+            if self.disk_dir is not None and os.path.abspath(os.fspath(self.disk_dir)) != where:
+                raise ValueError(
+                    f"disk_dir={self.disk_dir!r} and disk_path={self.disk_path!r} disagree: a "
+                    "persistent store lives at disk_path; leave disk_dir unset"
+                )
+            self.disk_dir = where
         elif self.disk_path is not None:
             raise ValueError("disk_path is for persistent stores: add persist=True (or use disk_dir=)")
+        if self.disk_dir is None:
+            if self.disk_blocks:
+                import tempfile
+
+                self.disk_dir = tempfile.gettempdir()
+        else:
+            self.disk_dir = os.fspath(self.disk_dir)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Config":
@@ -231,15 +267,16 @@ class Config:
             kw["block_size"] = bs
         # Every variable is parsed (and so checked) even when another one wins.
         for tier, dyn in (("host", "CPU"), ("disk", "DISK")):
-            ours = env_int(f"DYNBLOCK_{tier.upper()}_BLOCKS", e)
-            theirs = env_int(f"DYN_KVBM_{dyn}_CACHE_OVERRIDE_NUM_BLOCKS", e)
-            blocks = ours if ours is not None else theirs
-            nbytes = env_int(f"DYNBLOCK_{tier.upper()}_BYTES", e)
+            ours_blocks = env_int(f"DYNBLOCK_{tier.upper()}_BLOCKS", e)
+            ours_bytes = env_int(f"DYNBLOCK_{tier.upper()}_BYTES", e)
+            their_blocks = env_int(f"DYN_KVBM_{dyn}_CACHE_OVERRIDE_NUM_BLOCKS", e)
             gb = env_float(f"DYN_KVBM_{dyn}_CACHE_GB", e)
-            if blocks is not None:
-                kw[f"{tier}_blocks"] = blocks
-            elif nbytes is not None:
-                kw[f"{tier}_bytes"] = nbytes
+            if ours_blocks is not None:
+                kw[f"{tier}_blocks"] = ours_blocks
+            elif ours_bytes is not None:
+                kw[f"{tier}_bytes"] = ours_bytes
+            elif their_blocks is not None:
+                kw[f"{tier}_blocks"] = their_blocks
             elif gb is not None:
                 kw[f"{tier}_bytes"] = int(gb * 10**9)
         d_ours, d_theirs = env_str("DYNBLOCK_DISK_DIR", e), env_str("DYN_KVBM_DISK_CACHE_DIR", e)
@@ -308,5 +345,7 @@ class Config:
                 d[f"{tier}_bytes"] = None
         if "layout" in changes and "block_size" not in changes:
             d["block_size"] = None
+        if ("persist" in changes or "disk_path" in changes) and "disk_dir" not in changes:
+            d["disk_dir"] = None  # derived from disk_path again (or the default)
         d.update(changes)
         return Config(**d)

@@ -7,27 +7,28 @@ from typing import Any, Literal, Optional, Sequence, Tuple, Union
 
 from . import _core
 from ._env import o_direct_disabled
-from ._validate import positive_int
 
 ODirectArg = Union[bool, Literal["require"]]
 SlotIds = Union[Sequence[int], Any]  # any sequence of ints or a numpy integer array
 
+#: Defaults of every setting, from the engine (``rust/settings.rs``).
+DEFAULTS = _core.settings_defaults()
 
-def _resolve_o_direct(o_direct: ODirectArg) -> str:
-    if o_direct is True:
-        if o_direct_disabled():
-            return "off"
-        return "auto"
+
+def _apply_env(o_direct: ODirectArg) -> ODirectArg:
+    """The environment switch: DYNBLOCK_DISABLE_O_DIRECT (or Dynamo's name)
+    turns ``o_direct=True`` off; ``False`` needs no look at the environment."""
     if o_direct is False:
-        return "off"
-    if o_direct == "require":
-        if o_direct_disabled():
+        return o_direct
+    if o_direct_disabled():
+        if o_direct == "require":
             raise ValueError(
                 'o_direct="require" conflicts with the environment, which disables O_DIRECT '
                 "(DYNBLOCK_DISABLE_O_DIRECT or DYN_KVBM_DISK_DISABLE_O_DIRECT); unset one"
             )
-        return "require"
-    raise ValueError(f'o_direct must be True, False or "require", got {o_direct!r}')
+        if o_direct is True:
+            return False
+    return o_direct
 
 
 class DiskStorage:
@@ -37,7 +38,11 @@ class DiskStorage:
     with ``O_TMPFILE``, or created and unlinked at once where that is not
     supported, so nothing is left behind even after ``kill -9``), or, with
     ``persist=True``, a file path that is created (0600, no symlink following)
-    or reopened when it already has the right size.
+    or reopened. A persistent file starts with a header naming its geometry
+    and a random store id (``data_offset`` bytes before slot 0); an existing
+    file without one is never adopted, a store reopened with other
+    ``num_blocks``/``block_size`` is refused naming both, and existing files
+    must belong to this user with no group/other permissions (0600).
 
     ``o_direct``: True (default) uses O_DIRECT and falls back to buffered I/O
     when the filesystem refuses it (``fallback_reason`` says why, and one
@@ -70,29 +75,19 @@ class DiskStorage:
         *,
         o_direct: ODirectArg = True,
         persist: bool = False,
-        preallocate: Literal["auto", "zero", "sparse-fallback", "sparse"] = "auto",
-        io_depth: int = 16,
-        max_io_bytes: int = 4 << 20,
+        preallocate: Literal["auto", "zero", "sparse-fallback", "sparse"] = DEFAULTS["preallocate"],
+        io_depth: int = DEFAULTS["io_depth"],
+        max_io_bytes: int = DEFAULTS["max_io_bytes"],
         alignment: Optional[Tuple[int, int]] = None,
         lock: bool = True,
     ) -> None:
+        # Every argument is checked once, by the engine (rust/settings.rs).
         path = os.fspath(directory_or_path)
-        num_blocks = positive_int("num_blocks", num_blocks)
-        block_size = positive_int("block_size", block_size)
-        io_depth = positive_int("io_depth", io_depth)
-        max_io_bytes = positive_int("max_io_bytes", max_io_bytes)
-        if not isinstance(persist, bool):
-            raise TypeError(f"persist must be a bool, got {persist!r}")
-        if alignment is not None:
-            alignment = (
-                positive_int("alignment[0]", alignment[0]),
-                positive_int("alignment[1]", alignment[1]),
-            )
         self._s = _core.DiskStorage(
             path,
             num_blocks,
             block_size,
-            o_direct=_resolve_o_direct(o_direct),
+            o_direct=_apply_env(o_direct),
             persist=persist,
             preallocate=preallocate,
             io_depth=io_depth,
@@ -192,6 +187,11 @@ class DiskStorage:
     @property
     def file_size(self) -> int:
         return self._s.file_size
+
+    @property
+    def data_offset(self) -> int:
+        """Bytes before slot 0: a persistent file's header (0 when anonymous)."""
+        return self._s.data_offset
 
     @property
     def preallocation(self) -> str:

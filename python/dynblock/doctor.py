@@ -369,7 +369,7 @@ def check_io_uring() -> Check:
 
 def _numa_probe(sysfs_root: str) -> Optional[str]:
     try:
-        h = _core.HostStorage(1, 4096, numa_node=0, pin="off", huge_pages=False, sysfs_root=sysfs_root)
+        h = _core.HostStorage(1, 4096, numa_node=0, pin=False, huge_pages=False, sysfs_root=sysfs_root)
         p = h.policy
         h.close()
         return p
@@ -523,7 +523,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             except EnvError as e:
                 if "no block size" not in str(e):
                     raise
-                cfg = Config.from_env(block_size=1)
+                # No block size configured: sizes in whole blocks of a nominal 1 MiB.
+                cfg = Config.from_env(block_size=1 << 20)
         except (EnvError, ValueError) as e:
             p.error(f"--config-from-env: {e}")
         host_bytes = host_bytes or int(cfg.host_bytes or 0)

@@ -7,7 +7,6 @@ from typing import Any, Dict, Literal, Optional, Union, cast
 
 from . import _core
 from ._env import numa_disabled
-from ._validate import positive_int
 from .topology import resolve_gpu
 
 log = logging.getLogger("dynblock.host")
@@ -16,14 +15,8 @@ PinArg = Union[bool, Literal["require"]]
 NumaArg = Union[int, None, Literal["auto"]]
 
 
-def _resolve_pin(pin: PinArg) -> str:
-    if pin is True:
-        return "auto"
-    if pin is False:
-        return "off"
-    if pin == "require":
-        return "require"
-    raise ValueError(f'pin must be True, False or "require", got {pin!r}')
+#: Defaults of every setting, from the engine (``rust/settings.rs``).
+DEFAULTS = _core.settings_defaults()
 
 
 def resolve_numa_node(
@@ -33,20 +26,24 @@ def resolve_numa_node(
     nvidia_smi: str = "nvidia-smi",
     sysfs_root: str = "/sys",
 ) -> "tuple[Optional[int], str]":
-    """(node to bind to or None, why)."""
-    if numa_disabled():
-        return None, "NUMA binding disabled by DYNBLOCK_DISABLE_NUMA / DYN_MEMORY_DISABLE_NUMA"
+    """(node to bind to or None, why). The environment switch
+    (DYNBLOCK_DISABLE_NUMA / DYN_MEMORY_DISABLE_NUMA) is read only when
+    binding was asked for."""
     if numa_node is None:
         return None, "numa_node=None: no binding asked"
+    if numa_node != "auto":
+        if isinstance(numa_node, str):
+            raise TypeError(f'numa_node must be an int, None or "auto", got {numa_node!r}')
+        numa_node = _core.check_setting("numa_node", numa_node)
+    if gpu is not None:
+        gpu = _core.check_setting("gpu", gpu)
+    if numa_disabled():
+        return None, "NUMA binding disabled by DYNBLOCK_DISABLE_NUMA / DYN_MEMORY_DISABLE_NUMA"
     if numa_node == "auto":
         if gpu is None:
             return None, 'numa_node="auto" without gpu: no GPU to be near, no binding'
         r = resolve_gpu(gpu, nvidia_smi=nvidia_smi, sysfs_root=sysfs_root)
         return r.numa_node, f"GPU {gpu}: {r.reason}"
-    if isinstance(numa_node, bool) or not isinstance(numa_node, int):
-        raise TypeError(f'numa_node must be an int, None or "auto", got {numa_node!r}')
-    if numa_node < 0:
-        raise ValueError(f"numa_node must be >= 0, got {numa_node}")
     return numa_node, f"numa_node={numa_node} asked"
 
 
@@ -76,20 +73,15 @@ class HostStorage:
         *,
         numa_node: NumaArg = "auto",
         gpu: Optional[int] = None,
-        pin: PinArg = True,
-        populate_threads: int = 0,
-        huge_pages: bool = True,
-        alignment: int = 4096,
+        pin: PinArg = DEFAULTS["pin"],
+        populate_threads: int = DEFAULTS["populate_threads"],
+        huge_pages: bool = DEFAULTS["huge_pages"],
+        alignment: int = DEFAULTS["alignment"],
         cuda_register: bool = False,
         nvidia_smi: str = "nvidia-smi",
         sysfs_root: str = "/sys",
     ) -> None:
-        num_blocks = positive_int("num_blocks", num_blocks)
-        block_size = positive_int("block_size", block_size)
-        populate_threads = positive_int("populate_threads", populate_threads, allow_zero=True)
-        alignment = positive_int("alignment", alignment)
-        if gpu is not None:
-            gpu = positive_int("gpu", gpu, allow_zero=True)
+        # Every argument is checked once, by the engine (rust/settings.rs).
         node, self.numa_reason = resolve_numa_node(
             numa_node, gpu, nvidia_smi=nvidia_smi, sysfs_root=sysfs_root
         )
@@ -97,9 +89,9 @@ class HostStorage:
             num_blocks,
             block_size,
             numa_node=node,
-            pin=_resolve_pin(pin),
+            pin=pin,
             populate_threads=populate_threads,
-            huge_pages=bool(huge_pages),
+            huge_pages=huge_pages,
             alignment=alignment,
             sysfs_root=sysfs_root,
         )

@@ -12,7 +12,7 @@ import hashlib
 from typing import Any, Dict, Optional, Sequence, Union
 
 from . import _core
-from .config import Config
+from .config import Config, canonical_dtype
 from .disk import DiskStorage
 from .host import HostStorage
 
@@ -23,7 +23,8 @@ def _layout_fingerprint(config: Config) -> int:
     lay = config.layout
     if lay is None:
         return 0
-    text = f"{lay.num_layers}/{lay.outer_dim}/{lay.page_size}/{lay.inner_dim}/{str(lay.dtype).replace('torch.', '')}"
+    # The canonical dtype name: "bf16", "bfloat16" and torch.bfloat16 are one layout.
+    text = f"{lay.num_layers}/{lay.outer_dim}/{lay.page_size}/{lay.inner_dim}/{canonical_dtype(lay.dtype)}"
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
@@ -75,6 +76,10 @@ class BlockManager:
                 layout=_layout_fingerprint(config),
             )
         except BaseException:
+            # Leave nothing behind: a data file this call created goes too.
+            if self._disk is not None:
+                self._disk._s.abandon()
+                self._disk = None
             self._close_tiers()
             raise
         self._closed = False
@@ -128,9 +133,12 @@ class BlockManager:
         return self._m.contains(hash)
 
     def __contains__(self, hash: object) -> bool:
-        return isinstance(hash, int) and 0 <= hash < 2**64 and self._m.contains(hash)
+        self._check_open()
+        return (isinstance(hash, int) and not isinstance(hash, bool) and 0 <= hash < 2**64
+                and self._m.contains(hash))
 
     def __len__(self) -> int:
+        self._check_open()
         return len(self._m)
 
     def remove(self, hashes: Hashes) -> int:
@@ -144,7 +152,9 @@ class BlockManager:
 
     def stats(self) -> Dict[str, Any]:
         """Counters (hits and misses per tier, blocks and bytes offloaded and
-        onboarded, evictions) and the tiers' actual modes."""
+        onboarded, evictions, corrupt and unreadable blocks) and the tiers'
+        actual modes."""
+        self._check_open()
         out: Dict[str, Any] = dict(self._m.counters())
         out["block_size"] = self._m.block_size
         out["blocks"] = len(self._m)
@@ -172,6 +182,7 @@ class BlockManager:
 
     def lru_order(self) -> "tuple[list[int], list[int]]":
         """(host, disk) hashes, least recently used first."""
+        self._check_open()
         return self._m.lru_order()
 
     @property
@@ -194,10 +205,13 @@ class BlockManager:
             self._host.close()
 
     def close(self) -> None:
-        """Close both tiers (the disk file disappears unless persistent). Idempotent."""
+        """Close both tiers and the index, releasing files and worker threads at
+        once (the disk file disappears unless persistent). Idempotent. Every
+        later call raises ``ValueError("BlockManager is closed")``."""
         if self._closed:
             return
         self._closed = True
+        self._m.close()
         self._close_tiers()
 
     @property
@@ -211,4 +225,6 @@ class BlockManager:
         self.close()
 
     def __repr__(self) -> str:
-        return f"BlockManager({len(self)} blocks, {self.config!r}{', closed' if self._closed else ''})"
+        if self._closed:
+            return f"BlockManager(closed, {self.config!r})"
+        return f"BlockManager({len(self)} blocks, {self.config!r})"

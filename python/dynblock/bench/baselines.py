@@ -35,17 +35,22 @@ class Fio:
     def available(self) -> bool:
         return self.exe is not None and self.error is None
 
-    def _cmd(self, path: str, rw: str, bs: int, size: int, depth: int, engine: str) -> List[str]:
+    def _cmd(self, path: str, rw: str, bs: int, size: int, depth: int, engine: str,
+             offset: int) -> List[str]:
         assert self.exe is not None
         return [
             self.exe, "--name=dynblock-bench", f"--filename={path}", f"--rw={rw}",
-            f"--bs={bs}", f"--size={size}", "--direct=1", f"--ioengine={engine}",
+            f"--bs={bs}", f"--offset={offset}", f"--size={size}", "--direct=1",
+            f"--ioengine={engine}",
             f"--iodepth={depth}", "--numjobs=1", "--output-format=json", "--randrepeat=0",
             "--invalidate=1", "--fallocate=none",
         ]
 
-    def run(self, path: str, rw: str, bs: int, size: int, depth: int) -> Optional[float]:
-        """bytes/s of one fio job, or None (with ``self.error`` set) when fio cannot run."""
+    def run(self, path: str, rw: str, bs: int, size: int, depth: int,
+            offset: int = 0) -> Optional[float]:
+        """bytes/s of one fio job over ``size`` bytes from ``offset`` (a store's
+        slots start after its header), or None (with ``self.error`` set) when
+        fio cannot run."""
         if not self.exe:
             return None
         engines = [self.engine] if self.engine else ["libaio", "io_uring", "psync"]
@@ -53,7 +58,7 @@ class Fio:
         for engine in engines:
             assert engine is not None
             try:
-                r = subprocess.run(self._cmd(path, rw, bs, size, depth, engine),
+                r = subprocess.run(self._cmd(path, rw, bs, size, depth, engine, offset),
                                    capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as e:
                 last = str(e)
@@ -77,15 +82,15 @@ class Fio:
         return None
 
 
-def naive_python(path: str, order: Sequence[int], bs: int, buf: np.ndarray):
+def naive_python(path: str, order: Sequence[int], bs: int, buf: np.ndarray, offset: int = 0):
     """Plain Python file I/O (buffered, then fsync / cold reads) at the same
-    block size and order."""
+    block size and order, slot ``i`` at ``offset + i * bs``."""
     mv = memoryview(buf).cast("B")  # type: ignore[arg-type]
 
     def write() -> None:
         with open(path, "r+b", buffering=0) as f:
             for i, slot in enumerate(order):
-                f.seek(int(slot) * bs)
+                f.seek(offset + int(slot) * bs)
                 f.write(mv[i * bs:(i + 1) * bs])
             os.fsync(f.fileno())
 
@@ -93,17 +98,19 @@ def naive_python(path: str, order: Sequence[int], bs: int, buf: np.ndarray):
         with open(path, "rb", buffering=0) as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             for i, slot in enumerate(order):
-                f.seek(int(slot) * bs)
+                f.seek(offset + int(slot) * bs)
                 f.readinto(mv[i * bs:(i + 1) * bs])
 
     return write, read
 
 
-def numpy_file(path: str, buf: np.ndarray):
-    """numpy tofile/fromfile of the whole array (sequential by nature)."""
+def numpy_file(path: str, buf: np.ndarray, offset: int = 0):
+    """numpy tofile/fromfile of the whole array (sequential by nature), from
+    ``offset``."""
 
     def write() -> None:
         with open(path, "r+b") as f:
+            f.seek(offset)
             buf.tofile(f)
             f.flush()
             os.fsync(f.fileno())
@@ -111,6 +118,7 @@ def numpy_file(path: str, buf: np.ndarray):
     def read() -> None:
         with open(path, "rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(offset)
             out = np.fromfile(f, dtype=buf.dtype, count=buf.size)
         if out.size != buf.size:
             raise RuntimeError("numpy.fromfile read less than was written")

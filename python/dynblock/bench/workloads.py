@@ -77,6 +77,7 @@ def run_disk(
             if not stores:
                 stores["o_direct"] = DiskStorage(base_path, n, bs, persist=True, lock=False)
             first = next(iter(stores.values()))
+            slots_at = first.data_offset  # the store's header comes before slot 0
             first.write_blocks(orders["sequential"], buf)  # written once: every run overwrites
             first.sync()
             first.drop_page_cache()
@@ -91,18 +92,18 @@ def run_disk(
                             rw = {("random", "read"): "randread", ("random", "write"): "randwrite",
                                   ("sequential", "read"): "read", ("sequential", "write"): "write"}[(pattern, op)]
                             for d in fio_depths:
-                                bw = fio.run(base_path, rw, bs, nbytes, d)
+                                bw = fio.run(base_path, rw, bs, nbytes, d, offset=slots_at)
                                 if bw is not None:
                                     res.case("disk", "fio", op, io_depth=d, **p).values.append(bw / (1 << 30))
                                 progress.step(f"fio d{d} {label}")
-                        w, r = naive_python(base_path, [int(x) for x in order], bs, buf)
+                        w, r = naive_python(base_path, [int(x) for x in order], bs, buf, slots_at)
                         res.case("disk", "python-naive", op, **p).values.append(
                             gib_s(nbytes, timed(w if op == "write" else r)))
                         progress.step(f"naive {label}")
                         if op == "read":
                             first.drop_page_cache()
                         if pattern == "sequential":
-                            nw, nr = numpy_file(base_path, buf)
+                            nw, nr = numpy_file(base_path, buf, slots_at)
                             res.case("disk", "numpy-tofile" if op == "write" else "numpy-fromfile", op,
                                      **p).values.append(gib_s(nbytes, timed(nw if op == "write" else nr)))
                         progress.step(f"numpy {label}")
@@ -268,7 +269,7 @@ def run_trace(res: Results, directory: str, path: Optional[str], payload: int, h
               disk_blocks: int, limit: Optional[int], repeat: int, progress: Progress) -> None:
     path = path or trace_mod.find_trace()
     if path is None:
-        res.note("trace: no trace file found (pass --trace PATH or set DYNBLOCK_TRACE_DIR); skipped")
+        res.note("trace: the shipped trace is missing from this installation (pass --trace PATH); skipped")
         return
     reqs = trace_mod.load_trace(path, limit=limit)
     p: Dict[str, Any] = dict(trace=os.path.basename(path), requests=len(reqs), payload_bytes=payload,

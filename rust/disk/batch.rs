@@ -1,0 +1,471 @@
+//! The batch engine of the disk tier: a batch is validated, sorted into
+//! file order, cut into operations (adjacent slots coalesced, even when their
+//! memory is apart: vectored I/O), and run with `io_depth` operations in
+//! flight on the storage's worker pool. Memory that O_DIRECT cannot use as
+//! it is (unaligned, or slots padded to the alignment) goes through a
+//! per-worker aligned bounce buffer.
+#![allow(unsafe_code)]
+
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+
+use super::os::{pread_all, pwrite_all, transfer_all, Dir};
+use super::DiskStorage;
+use crate::align::{is_aligned, AlignedBuf, DEFAULT_ALIGNMENT};
+use crate::error::{Error, Result};
+use crate::io::{self, Op};
+
+/// A failed system call inside a batch: which call, where, how long.
+struct IoFail {
+    call: &'static str,
+    err: std::io::Error,
+    off: u64,
+    len: u64,
+}
+
+impl IoFail {
+    fn new(call: &'static str, err: std::io::Error, off: u64, len: usize) -> Self {
+        IoFail {
+            call,
+            err,
+            off,
+            len: len as u64,
+        }
+    }
+}
+
+/// What one worker holds while a batch runs.
+struct Worker<'a> {
+    storage: &'a DiskStorage,
+    bounce: Option<AlignedBuf>,
+}
+
+impl Drop for Worker<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.bounce.take() {
+            self.storage
+                .bounce
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(b);
+        }
+    }
+}
+
+impl Worker<'_> {
+    fn bounce(&mut self) -> Result<&mut AlignedBuf> {
+        if self.bounce.is_none() {
+            let pooled = self
+                .storage
+                .bounce
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            self.bounce = Some(match pooled {
+                Some(b) => b,
+                None => AlignedBuf::new(
+                    self.storage.bounce_len(),
+                    self.storage.align.mem.max(DEFAULT_ALIGNMENT),
+                )?,
+            });
+        }
+        Ok(self.bounce.as_mut().expect("set above"))
+    }
+}
+
+/// Called on the I/O worker for each block of a batch, with the block's
+/// index in the batch and its memory address: before a write is issued,
+/// after a read succeeded (checksums are computed here, overlapping other
+/// workers' I/O).
+pub type Hook<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+impl DiskStorage {
+    /// Byte offset of a slot in the file: the one place this is computed.
+    pub fn slot_offset(&self, slot: u64) -> u64 {
+        self.data_offset + slot * self.stride as u64
+    }
+
+    fn max_slots_per_io(&self) -> usize {
+        (self.max_io_bytes / self.stride).max(1)
+    }
+
+    /// Check a batch's sizes and slot ids before any byte moves (duplicate
+    /// slots in a write batch are refused in `run_batch`, also before I/O).
+    fn validate(&self, slots: &[u64], buf_len: usize) -> Result<()> {
+        let want = slots.len().saturating_mul(self.block_size);
+        if buf_len != want {
+            return Err(Error::Buffer(format!(
+                "buffer holds {buf_len} bytes but {} slots of block_size {} need exactly {want}",
+                slots.len(),
+                self.block_size
+            )));
+        }
+        for (i, &s) in slots.iter().enumerate() {
+            if s >= self.num_blocks {
+                return Err(Error::Index(format!(
+                    "slot id {s} at position {i} is out of range: this storage has slots \
+                     0..{}",
+                    self.num_blocks
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn bounce_len(&self) -> usize {
+        crate::align::round_up(self.max_io_bytes, self.align.offset)
+    }
+
+    /// Validate, run, count: the one path every batch takes.
+    ///
+    /// # Safety
+    /// `addr_of(i)` is valid for block i (see the public callers).
+    pub(super) unsafe fn batch(
+        &self,
+        slots: &[u64],
+        len: usize,
+        addr_of: impl Fn(usize) -> usize,
+        dir: Dir,
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
+        self.validate(slots, len)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.run_batch(slots, addr_of, dir, hook) }?;
+        let counter = if dir == Dir::Write {
+            &self.bytes_written
+        } else {
+            &self.bytes_read
+        };
+        counter.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// # Safety
+    /// `addr_of(i)` is valid for block i for the batch (see the callers);
+    /// slots are validated.
+    unsafe fn run_batch(
+        &self,
+        slots: &[u64],
+        addr_of: impl Fn(usize) -> usize,
+        dir: Dir,
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
+        let (_guard, fd) = self.raw_fd()?;
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
+        // Visit slots in file order: runs of adjacent slots become one I/O
+        // even when their blocks sit apart in memory (vectored I/O).
+        let mut order: Vec<usize> = (0..slots.len()).collect();
+        order.sort_by_key(|&i| slots[i]);
+        let sorted: Vec<u64> = order.iter().map(|&i| slots[i]).collect();
+        // Checked here, on the order the batch needs anyway, before any I/O.
+        if dir == Dir::Write {
+            if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::InvalidArgument(format!(
+                    "slot id {} appears more than once in one write batch; \
+                     each slot may be written once per call",
+                    w[0]
+                )));
+            }
+        }
+        let ops = io::coalesce(
+            &sorted,
+            |k| addr_of(order[k]),
+            self.block_size,
+            self.max_slots_per_io(),
+        );
+        let groups = self.group_ops(&ops);
+        io::run_on(
+            pool.as_ref(),
+            groups.len(),
+            self.io_depth,
+            || {
+                Ok(Worker {
+                    storage: self,
+                    bounce: None,
+                })
+            },
+            |g, w| {
+                let group = &ops[groups[g].clone()];
+                let run_hook = || {
+                    if let Some(h) = hook {
+                        for op in group {
+                            for k in 0..op.count {
+                                h(order[op.first + k], op.addr + k * self.block_size);
+                            }
+                        }
+                    }
+                };
+                // Writes: checksum first, so the device reads bytes the CPU
+                // just pulled into cache. Reads: after the data arrived.
+                if dir == Dir::Write {
+                    run_hook();
+                }
+                // SAFETY: each op covers its own disjoint memory.
+                unsafe { self.do_group(fd, group, dir, w) }?;
+                if dir == Dir::Read {
+                    run_hook();
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// Runs of ops whose slots follow each other, up to `max_io_bytes` and
+    /// IOV_MAX segments: each run becomes one vectored I/O.
+    fn group_ops(&self, ops: &[Op]) -> Vec<std::ops::Range<usize>> {
+        const IOV_MAX: usize = 1024;
+        let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut bytes = 0usize;
+        for (i, op) in ops.iter().enumerate() {
+            let len = op.count * self.stride;
+            if let Some(last) = out.last_mut() {
+                let prev = &ops[last.end - 1];
+                if prev.slot + prev.count as u64 == op.slot
+                    && bytes + len <= self.max_io_bytes
+                    && last.len() < IOV_MAX
+                {
+                    last.end = i + 1;
+                    bytes += len;
+                    continue;
+                }
+            }
+            out.push(i..i + 1);
+            bytes = len;
+        }
+        out
+    }
+
+    /// Run one group (adjacent slots), switching to buffered I/O and
+    /// retrying when the first direct I/O is refused: the one place that
+    /// decides about the fallback.
+    ///
+    /// # Safety
+    /// Every op's memory is valid for op.count blocks and owned by this call.
+    unsafe fn do_group(&self, fd: RawFd, group: &[Op], dir: Dir, w: &mut Worker) -> Result<()> {
+        loop {
+            let direct = self.direct.on();
+            // SAFETY: forwarded.
+            match unsafe { self.try_group(fd, group, dir, direct, w) } {
+                Ok(()) => {
+                    if direct {
+                        self.direct.mark_proven();
+                    }
+                    return Ok(());
+                }
+                Err(f) => {
+                    let what = if dir == Dir::Read { "read" } else { "write" };
+                    if direct && self.direct.should_fall_back(&f.err) {
+                        if let Some(w) = self.direct.fall_back(fd, &self.path, what, &f.err)? {
+                            self.warn(w);
+                        }
+                        continue;
+                    }
+                    if direct && self.direct.refused(&f.err) {
+                        return Err(self.direct.require_error(what));
+                    }
+                    return Err(Error::io(f.call, &self.path, f.off, f.len, f.err));
+                }
+            }
+        }
+    }
+
+    /// One vectored I/O straight to or from the caller's memory when every
+    /// op of the group allows it (aligned memory for direct I/O, unpadded
+    /// slots); otherwise op by op through [`Self::try_copying`].
+    ///
+    /// # Safety
+    /// As `do_group`.
+    unsafe fn try_group(
+        &self,
+        fd: RawFd,
+        group: &[Op],
+        dir: Dir,
+        direct: bool,
+        w: &mut Worker,
+    ) -> std::result::Result<(), IoFail> {
+        let in_place = self.stride == self.block_size
+            && (!direct
+                || group
+                    .iter()
+                    .all(|op| is_aligned(op.addr as *const u8, self.align.mem)));
+        if in_place {
+            // SAFETY: forwarded.
+            unsafe { self.vectored(fd, group, dir) }?;
+            if dir == Dir::Write && !direct {
+                let len = group.iter().map(|op| op.count * self.stride).sum::<usize>();
+                self.drop_cache(fd, self.slot_offset(group[0].slot), len as u64);
+            }
+            return Ok(());
+        }
+        for op in group {
+            // SAFETY: forwarded.
+            unsafe { self.try_copying(fd, op, dir, direct, w) }?;
+        }
+        Ok(())
+    }
+
+    /// `preadv`/`pwritev` of a group's segments; a short transfer is
+    /// finished segment by segment.
+    ///
+    /// # Safety
+    /// Every op's memory is valid for op.count blocks and owned by the call.
+    unsafe fn vectored(
+        &self,
+        fd: RawFd,
+        group: &[Op],
+        dir: Dir,
+    ) -> std::result::Result<(), IoFail> {
+        let call = if dir == Dir::Read {
+            "preadv"
+        } else {
+            "pwritev"
+        };
+        let bs = self.block_size;
+        let file_off = self.slot_offset(group[0].slot);
+        let iov: Vec<libc::iovec> = group
+            .iter()
+            .map(|op| libc::iovec {
+                iov_base: op.addr as *mut libc::c_void,
+                iov_len: op.count * bs,
+            })
+            .collect();
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let n = loop {
+            // SAFETY: the iovecs point at memory owned by this call.
+            let n = unsafe {
+                match dir {
+                    Dir::Read => {
+                        libc::preadv(fd, iov.as_ptr(), iov.len() as i32, file_off as libc::off_t)
+                    }
+                    Dir::Write => {
+                        libc::pwritev(fd, iov.as_ptr(), iov.len() as i32, file_off as libc::off_t)
+                    }
+                }
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(IoFail::new(call, e, file_off, total));
+            }
+            break n as usize;
+        };
+        if n == total {
+            return Ok(());
+        }
+        // Finish what a short transfer left, segment by segment.
+        let mut done = n;
+        let mut off = file_off;
+        for v in &iov {
+            let len = v.iov_len;
+            if done >= len {
+                done -= len;
+            } else {
+                let p = (v.iov_base as *mut u8).wrapping_add(done);
+                // SAFETY: the rest of this segment, inside the caller's memory.
+                unsafe { transfer_all(fd, p, len - done, off + done as u64, dir) }
+                    .map_err(|e| IoFail::new(call, e, off + done as u64, len - done))?;
+                done = 0;
+            }
+            off += len as u64;
+        }
+        Ok(())
+    }
+
+    /// An op that cannot go straight to the caller's memory: padded slots
+    /// (buffered: block by block; direct: through the worker's aligned
+    /// bounce buffer) or unaligned memory under O_DIRECT.
+    ///
+    /// # Safety
+    /// `op.addr` is valid for op.count blocks, owned by this op.
+    unsafe fn try_copying(
+        &self,
+        fd: RawFd,
+        op: &Op,
+        dir: Dir,
+        direct: bool,
+        w: &mut Worker,
+    ) -> std::result::Result<(), IoFail> {
+        let bs = self.block_size;
+        let stride = self.stride;
+        let file_off = self.slot_offset(op.slot);
+        let user = op.addr as *mut u8;
+        let call = if dir == Dir::Read { "pread" } else { "pwrite" };
+        let fail = |e, off, len| IoFail::new(call, e, off, len);
+        if !direct {
+            // Buffered, padded slots: one call per block, straight from the
+            // caller's memory.
+            for k in 0..op.count {
+                let off = file_off + (k * stride) as u64;
+                // SAFETY: block k of this op is inside the op's range.
+                let p = unsafe { user.add(k * bs) };
+                // SAFETY: p..p+bs lies inside this op's memory.
+                let r = unsafe {
+                    match dir {
+                        Dir::Write => pwrite_all(fd, p, bs, off),
+                        Dir::Read => pread_all(fd, p, bs, off),
+                    }
+                };
+                r.map_err(|e| fail(e, off, bs))?;
+            }
+            if dir == Dir::Write {
+                self.drop_cache(fd, file_off, (op.count * stride) as u64);
+            }
+            return Ok(());
+        }
+        // Direct I/O through the worker's aligned bounce buffer.
+        let bounce = w
+            .bounce()
+            .map_err(|e| fail(std::io::Error::other(e.to_string()), file_off, 0))?;
+        let io_len = op.count * stride;
+        debug_assert!(io_len <= bounce.len());
+        let bp = bounce.as_mut_ptr();
+        match dir {
+            Dir::Write => {
+                for k in 0..op.count {
+                    // SAFETY: bounce has room for count strides; user block k is ours.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(user.add(k * bs), bp.add(k * stride), bs);
+                        std::ptr::write_bytes(bp.add(k * stride + bs), 0, stride - bs);
+                    }
+                }
+                // SAFETY: bounce is valid for io_len bytes.
+                unsafe { pwrite_all(fd, bp, io_len, file_off) }
+                    .map_err(|e| fail(e, file_off, io_len))
+            }
+            Dir::Read => {
+                // SAFETY: bounce is valid for io_len bytes.
+                unsafe { pread_all(fd, bp, io_len, file_off) }
+                    .map_err(|e| fail(e, file_off, io_len))?;
+                for k in 0..op.count {
+                    // SAFETY: as above, in the other direction.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(bp.add(k * stride), user.add(k * bs), bs)
+                    };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Buffered writes: start write-back and drop the pages, so a large
+    /// disk tier does not fill the page cache.
+    pub(super) fn drop_cache(&self, fd: RawFd, off: u64, len: u64) {
+        // SAFETY: advisory calls on our own descriptor; failures are harmless.
+        unsafe {
+            libc::sync_file_range(
+                fd,
+                off as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+            libc::posix_fadvise(
+                fd,
+                off as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            );
+        }
+    }
+}

@@ -1,0 +1,812 @@
+//! The disk tier: a fixed number of equal-size block slots in one file,
+//! read and written with O_DIRECT through aligned memory, falling back to
+//! buffered I/O (and saying why) where the filesystem refuses O_DIRECT.
+//!
+//! - [`os`]: the operating-system helpers (opening, free space, the flag);
+//! - [`direct`]: the O_DIRECT/fallback state, the one place that decides;
+//! - [`batch`]: the batch engine (sorted, coalesced, vectored, `io_depth`
+//!   operations in flight on a per-storage worker pool);
+//! - [`header`]: a persistent file's header (geometry and store id);
+//! - this module: [`DiskStorage`], opening, reserving space, the probe.
+//!
+//! A file is anonymous (`O_TMPFILE`, gone with the process) or, with
+//! `persist`, a named file that starts with a header; slot `i` lives at
+//! `data_offset + i * slot_stride`. A reopened store keeps the layout its
+//! header records, so a store moved to a filesystem with another direct-I/O
+//! alignment still opens (buffered, saying why, where its slots do not fit).
+#![allow(unsafe_code)]
+
+mod batch;
+mod direct;
+pub mod header;
+pub(crate) mod os;
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use crate::align::{AlignedBuf, Alignment, DEFAULT_ALIGNMENT};
+use crate::error::{errno_name, Error, Result};
+use crate::process::{ForkGuard, OpenStore};
+use crate::settings;
+use direct::DirectIo;
+use header::DataHeader;
+use os::{pread_all, pwrite_all, Dir, FileStat};
+
+pub use batch::Hook;
+pub use os::{free_bytes, fs_type_name, fs_type_of_fd, fs_type_of_path};
+pub use settings::{ODirect, Prealloc};
+
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    pub o_direct: ODirect,
+    pub persist: bool,
+    pub prealloc: Prealloc,
+    /// Operations in flight per batch.
+    pub io_depth: usize,
+    /// Largest single I/O after coalescing adjacent slots.
+    pub max_io_bytes: usize,
+    /// Replace the discovered alignment (tests and unusual filesystems).
+    pub alignment: Option<Alignment>,
+    /// Take an exclusive flock on a persistent file (default). Off only for
+    /// tools that deliberately open one file twice (the bench).
+    pub lock: bool,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            o_direct: ODirect::Auto,
+            persist: false,
+            prealloc: Prealloc::Auto,
+            io_depth: settings::default_int("io_depth") as usize,
+            max_io_bytes: settings::default_int("max_io_bytes") as usize,
+            alignment: None,
+            lock: true,
+        }
+    }
+}
+
+/// One file of `num_blocks` slots, each `slot_stride` bytes apart, after a
+/// `data_offset`-byte header (persistent files only).
+pub struct DiskStorage {
+    fd: RwLock<Option<OwnedFd>>,
+    path: PathBuf,
+    anonymous: bool,
+    /// This open created the file (so a failed open removes it).
+    created: bool,
+    file: FileStat,
+    num_blocks: u64,
+    block_size: usize,
+    stride: usize,
+    data_offset: u64,
+    align: Alignment,
+    io_depth: usize,
+    max_io_bytes: usize,
+    fs_type: String,
+    direct: DirectIo,
+    warnings: Mutex<Vec<String>>,
+    bounce: Mutex<Vec<AlignedBuf>>,
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    preallocation: Mutex<&'static str>,
+    pool: RwLock<Option<rayon::ThreadPool>>,
+    store_id: Option<[u8; 16]>,
+    registration: Mutex<Option<OpenStore>>,
+    fork: ForkGuard,
+}
+
+impl DiskStorage {
+    /// Open (create) a storage. `path` is a directory for an anonymous file,
+    /// or a file path with `opts.persist`.
+    pub fn open(
+        path: &Path,
+        num_blocks: u64,
+        block_size: usize,
+        opts: &DiskOptions,
+    ) -> Result<Self> {
+        settings::check_int("num_blocks", num_blocks)?;
+        settings::check_int("block_size", block_size as u64)?;
+        settings::check_usize("io_depth", opts.io_depth)?;
+        settings::check_usize("max_io_bytes", opts.max_io_bytes)?;
+        let is_dir = path.is_dir();
+        if opts.persist && is_dir {
+            return Err(Error::InvalidArgument(format!(
+                "persist=True needs a file path, but {} is a directory",
+                path.display()
+            )));
+        }
+        if !opts.persist && !is_dir {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a directory: an anonymous storage needs an existing directory \
+                 (or pass persist=True to keep a named file there)",
+                path.display()
+            )));
+        }
+        let dir = if is_dir {
+            path.to_path_buf()
+        } else {
+            match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            }
+        };
+        if !dir.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "directory {} does not exist",
+                dir.display()
+            )));
+        }
+        // Capacity check before anything is created. The exact stride needs
+        // the file's alignment; estimate with the common 4096 and check again
+        // once the file is open.
+        let est_stride = crate::align::round_up_checked(block_size, DEFAULT_ALIGNMENT)?;
+        let header_room = if opts.persist { header::MIN_REGION } else { 0 };
+        let est_size =
+            settings::check_tier(num_blocks, block_size, est_stride)? + header_room as u64;
+        let existing = opts.persist && std::fs::symlink_metadata(path).is_ok();
+        if !existing {
+            os::check_space(&dir, est_size, path)?;
+        }
+        if opts.persist {
+            crate::index::check_parent(path)?;
+        }
+        let (fd, created) = if opts.persist {
+            os::open_named(path)?
+        } else {
+            (os::open_anonymous(&dir)?, false)
+        };
+        let file = os::fstat(fd.as_raw_fd(), path)?;
+        // From here on, a failure must remove a file we created.
+        let cleanup = |e: Error| -> Error {
+            if created {
+                os::remove_if_same(path, &file);
+            }
+            e
+        };
+        let mut registration = None;
+        if opts.persist && opts.lock {
+            registration = Some(OpenStore::register(file.dev, file.ino).ok_or_else(|| {
+                cleanup(Error::Locked(format!(
+                    "the store {} is already open in this process; close the BlockManager or \
+                     DiskStorage that holds it first (one process may open a store once)",
+                    path.display()
+                )))
+            })?);
+            // One process per store: a second open is refused, not corrupted.
+            // SAFETY: flock on a descriptor we own; released when it closes.
+            if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = os::errno();
+                if e == libc::EWOULDBLOCK {
+                    return Err(cleanup(Error::Locked(format!(
+                        "the store {} is open in another process (it holds the file lock); \
+                         close it there first, or give this process its own path",
+                        path.display()
+                    ))));
+                }
+                return Err(cleanup(Error::io(
+                    "flock",
+                    path,
+                    0,
+                    0,
+                    std::io::Error::from_raw_os_error(e),
+                )));
+            }
+        }
+        let found = if opts.persist && !created {
+            read_header(fd.as_raw_fd(), path, &file)?
+        } else {
+            None
+        };
+        if let Some(h) = &found {
+            check_reopen(path, h, &file, num_blocks, block_size)?;
+        }
+        let display_path = if opts.persist {
+            path.to_path_buf()
+        } else {
+            dir.join("<anonymous>")
+        };
+
+        let fs_type = os::fs_type_of_fd(fd.as_raw_fd());
+        let place = format!("the {fs_type} filesystem at {}", dir.display());
+        let mut warnings = Vec::new();
+        let (mut on, mut reason) = (false, None);
+        match opts.o_direct {
+            ODirect::Off => reason = Some("O_DIRECT disabled by configuration".to_string()),
+            ODirect::Auto | ODirect::Require => match os::set_o_direct(fd.as_raw_fd(), true) {
+                Ok(()) => on = true,
+                Err(e) if e == libc::EINVAL || e == libc::EOPNOTSUPP => {
+                    let why = format!(
+                        "{place} refused O_DIRECT ({} from fcntl(F_SETFL, O_DIRECT))",
+                        errno_name(e)
+                    );
+                    if opts.o_direct == ODirect::Require {
+                        return Err(cleanup(Error::ODirectUnavailable(format!(
+                            "{why}; o_direct=\"require\" was asked. Use a filesystem that \
+                             supports direct I/O (ext4, xfs) or allow the buffered fallback"
+                        ))));
+                    }
+                    warnings.push(format!(
+                        "{why}; falling back to buffered I/O for this storage"
+                    ));
+                    reason = Some(why);
+                }
+                Err(e) => {
+                    return Err(cleanup(Error::io(
+                        "fcntl(O_DIRECT)",
+                        &display_path,
+                        0,
+                        0,
+                        std::io::Error::from_raw_os_error(e),
+                    )))
+                }
+            },
+        }
+
+        let align = opts
+            .alignment
+            .unwrap_or_else(|| Alignment::discover(fd.as_raw_fd()));
+        let (stride, data_offset, store_id) = match &found {
+            Some(h) => (h.stride as usize, h.data_offset, Some(h.store_id)),
+            None => {
+                let stride = align.round_up_checked(block_size).map_err(cleanup)?;
+                let off = if opts.persist {
+                    header::MIN_REGION.max(align.offset) as u64
+                } else {
+                    0
+                };
+                let id = if opts.persist {
+                    Some(os::random_id().map_err(cleanup)?)
+                } else {
+                    None
+                };
+                (stride, off, id)
+            }
+        };
+        let size = settings::check_tier(num_blocks, block_size, stride)
+            .map_err(cleanup)?
+            .checked_add(data_offset)
+            .ok_or_else(|| cleanup(Error::InvalidArgument("disk tier too large".into())))?;
+        // A store laid out on a filesystem with a smaller alignment: its slots
+        // do not fit this one's direct I/O, so it is read buffered.
+        if on && (stride % align.offset != 0 || data_offset % align.offset as u64 != 0) {
+            let why = format!(
+                "the store's slots ({stride}-byte stride after a {data_offset}-byte header) were \
+                 laid out for another filesystem and do not fit the {}-byte direct-I/O \
+                 alignment of {place}",
+                align.offset
+            );
+            if opts.o_direct == ODirect::Require {
+                return Err(cleanup(Error::ODirectUnavailable(format!(
+                    "{why}; o_direct=\"require\" was asked"
+                ))));
+            }
+            if let Err(e) = os::set_o_direct(fd.as_raw_fd(), false) {
+                return Err(cleanup(Error::io(
+                    "fcntl(clear O_DIRECT)",
+                    path,
+                    0,
+                    0,
+                    std::io::Error::from_raw_os_error(e),
+                )));
+            }
+            warnings.push(format!(
+                "{why}; falling back to buffered I/O for this storage"
+            ));
+            on = false;
+            reason = Some(why);
+        }
+        let direct = DirectIo::new(
+            opts.o_direct,
+            on,
+            reason,
+            place,
+            format!("alignment {} from {}", align.offset, align.source.as_str()),
+        );
+
+        let storage = DiskStorage {
+            fd: RwLock::new(Some(fd)),
+            path: display_path,
+            anonymous: !opts.persist,
+            created,
+            file,
+            num_blocks,
+            block_size,
+            stride,
+            data_offset,
+            align,
+            io_depth: opts.io_depth,
+            max_io_bytes: opts.max_io_bytes.max(stride),
+            fs_type,
+            direct,
+            warnings: Mutex::new(warnings),
+            bounce: Mutex::new(Vec::new()),
+            bytes_written: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            preallocation: Mutex::new("existing"),
+            pool: RwLock::new(crate::io::pool(opts.io_depth, "dynblock-io")),
+            store_id,
+            registration: Mutex::new(registration),
+            fork: ForkGuard::new("DiskStorage"),
+        };
+        if found.is_none() {
+            if size > est_size {
+                os::check_space(&dir, size, path).map_err(cleanup)?;
+            }
+            if let Some(id) = store_id {
+                // The header first: a crash from here on leaves a file that
+                // is recognisably ours.
+                let h = DataHeader {
+                    store_id: id,
+                    block_size: block_size as u64,
+                    stride: stride as u64,
+                    num_blocks,
+                    data_offset,
+                };
+                storage.write_header(&h).map_err(cleanup)?;
+            }
+            storage.preallocate(size, opts.prealloc).map_err(cleanup)?;
+        }
+        storage.probe().map_err(cleanup)?;
+        if store_id.is_some() && found.is_none() {
+            storage.sync().map_err(cleanup)?;
+        }
+        Ok(storage)
+    }
+
+    fn raw_fd(&self) -> Result<(std::sync::RwLockReadGuard<'_, Option<OwnedFd>>, RawFd)> {
+        self.fork.check()?;
+        let g = self.fd.read().unwrap_or_else(|p| p.into_inner());
+        let fd = g
+            .as_ref()
+            .map(|f| f.as_raw_fd())
+            .ok_or(Error::Closed("DiskStorage"))?;
+        Ok((g, fd))
+    }
+
+    /// Write `len` bytes of aligned memory at `off` outside a batch (header,
+    /// zero-fill, probe), with the same fallback rules as batches.
+    fn write_aligned(
+        &self,
+        fd: RawFd,
+        buf: &AlignedBuf,
+        len: usize,
+        off: u64,
+        call: &'static str,
+    ) -> Result<()> {
+        loop {
+            // SAFETY: buf is valid for len <= buf.len() bytes.
+            match unsafe { pwrite_all(fd, buf.as_ptr(), len.min(buf.len()), off) } {
+                Ok(()) => {
+                    self.direct.mark_proven();
+                    return Ok(());
+                }
+                Err(err) if self.direct.should_fall_back(&err) => {
+                    if let Some(w) = self.direct.fall_back(fd, &self.path, "write", &err)? {
+                        self.warn(w);
+                    }
+                }
+                Err(err) if self.direct.refused(&err) => {
+                    return Err(self.direct.require_error("write"))
+                }
+                Err(err) => return Err(Error::io(call, &self.path, off, len as u64, err)),
+            }
+        }
+    }
+
+    fn write_header(&self, h: &DataHeader) -> Result<()> {
+        let (_g, fd) = self.raw_fd()?;
+        let n = self.data_offset as usize;
+        let mut buf = AlignedBuf::new(n, self.align.mem.max(DEFAULT_ALIGNMENT))?;
+        buf.as_mut_slice()[..header::LEN].copy_from_slice(&h.encode());
+        self.write_aligned(fd, &buf, n, 0, "pwrite(header)")
+    }
+
+    /// Reserve the file's `size` bytes: fallocate, else zero-fill the slots
+    /// (or leave a sparse file).
+    fn preallocate(&self, size: u64, mode: Prealloc) -> Result<()> {
+        let (_g, fd) = self.raw_fd()?;
+        let mut why = "was asked not to reserve space".to_string();
+        if matches!(mode, Prealloc::Auto | Prealloc::SparseFallback) {
+            // SAFETY: fallocate on our own descriptor.
+            let rc = unsafe { libc::fallocate(fd, 0, 0, size as libc::off_t) };
+            if rc == 0 {
+                self.set_preallocation("fallocate");
+                return Ok(());
+            }
+            let e = os::errno();
+            if e != libc::EOPNOTSUPP && e != libc::ENOSYS {
+                return Err(Error::io(
+                    "fallocate",
+                    &self.path,
+                    0,
+                    size,
+                    std::io::Error::from_raw_os_error(e),
+                ));
+            }
+            why = format!(
+                "found that the {} filesystem does not support fallocate",
+                self.fs_type
+            );
+        }
+        if matches!(mode, Prealloc::SparseFallback | Prealloc::Sparse) {
+            // SAFETY: ftruncate on our own descriptor.
+            if unsafe { libc::ftruncate(fd, size as libc::off_t) } != 0 {
+                return Err(Error::last_os("ftruncate", &self.path, 0, size));
+            }
+            self.set_preallocation("sparse");
+            self.warn(format!(
+                "the disk tier {why}: {} is a sparse file of {size} bytes, so running out \
+                 of space (ENOSPC) can happen later, during writes",
+                self.path.display()
+            ));
+            return Ok(());
+        }
+        // Zero-fill the slots (the header, if any, is already written) with
+        // aligned writes, 8 MiB at a time.
+        let chunk = (8usize << 20).max(self.stride);
+        let chunk = crate::align::round_up(chunk, self.align.offset);
+        let zeros = AlignedBuf::new(chunk, self.align.mem.max(DEFAULT_ALIGNMENT))?;
+        let mut off = self.data_offset;
+        while off < size {
+            let n = chunk.min((size - off) as usize);
+            self.write_aligned(fd, &zeros, n, off, "pwrite(zero-fill)")?;
+            off += n as u64;
+        }
+        self.set_preallocation("zero-fill");
+        Ok(())
+    }
+
+    /// One small direct read and write at open (the first alignment unit,
+    /// written back unchanged), so a filesystem that accepts the O_DIRECT
+    /// flag but fails the I/O is found now rather than mid-batch. Both are
+    /// needed: a read of never-written space does not reach the device.
+    fn probe(&self) -> Result<()> {
+        if !self.direct.on() || self.direct.proven() {
+            return Ok(());
+        }
+        let (_g, fd) = self.raw_fd()?;
+        let n = self.align.offset;
+        let mut buf = AlignedBuf::new(n, self.align.mem.max(DEFAULT_ALIGNMENT))?;
+        // SAFETY: buf is valid for n bytes.
+        match unsafe { pread_all(fd, buf.as_mut_ptr(), n, 0) } {
+            Ok(()) => {}
+            Err(err) if self.direct.should_fall_back(&err) => {
+                if let Some(w) = self.direct.fall_back(fd, &self.path, "read", &err)? {
+                    self.warn(w);
+                }
+                return Ok(());
+            }
+            Err(err) if self.direct.refused(&err) => return Err(self.direct.require_error("read")),
+            Err(err) => return Err(Error::io("pread(probe)", &self.path, 0, n as u64, err)),
+        }
+        self.write_aligned(fd, &buf, n, 0, "pwrite(probe)")
+    }
+
+    fn set_preallocation(&self, how: &'static str) {
+        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner()) = how;
+    }
+
+    /// How the file's space was reserved: "fallocate", "zero-fill",
+    /// "sparse", or "existing" (a persistent file reopened).
+    pub fn preallocation(&self) -> &'static str {
+        *self.preallocation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn warn(&self, msg: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(msg);
+    }
+
+    /// Warnings produced since the last call (the Python layer logs them).
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Write `slots.len()` blocks from `src` (block after block).
+    pub fn write_blocks(&self, slots: &[u64], src: &[u8]) -> Result<()> {
+        // SAFETY: src is a valid slice for its length.
+        unsafe { self.write_blocks_raw(slots, src.as_ptr(), src.len()) }
+    }
+
+    /// Read `slots.len()` blocks into `dst` (block after block).
+    pub fn read_blocks(&self, slots: &[u64], dst: &mut [u8]) -> Result<()> {
+        // SAFETY: dst is a valid exclusive slice for its length.
+        unsafe { self.read_blocks_raw(slots, dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn write_blocks_raw(&self, slots: &[u64], src: *const u8, len: usize) -> Result<()> {
+        let base = src as usize;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.batch(slots, len, |i| base + i * self.block_size, Dir::Write, None) }
+    }
+
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes for the whole call and
+    /// not be read or written by anyone else meanwhile.
+    pub unsafe fn read_blocks_raw(&self, slots: &[u64], dst: *mut u8, len: usize) -> Result<()> {
+        let base = dst as usize;
+        // SAFETY: forwarded from the caller.
+        unsafe { self.batch(slots, len, |i| base + i * self.block_size, Dir::Read, None) }
+    }
+
+    /// Write block `i` of the batch from address `srcs[i]` (block_size
+    /// bytes each) to `slots[i]`: a gather write for callers whose blocks are
+    /// not back to back (the block manager's host slots).
+    ///
+    /// # Safety
+    /// Every `srcs[i]` must be valid for reads of block_size bytes for the
+    /// whole call.
+    pub unsafe fn write_blocks_from(
+        &self,
+        slots: &[u64],
+        srcs: &[usize],
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
+        self.same_count(slots, srcs)?;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.batch(
+                slots,
+                slots.len() * self.block_size,
+                |i| srcs[i],
+                Dir::Write,
+                hook,
+            )
+        }
+    }
+
+    /// Read `slots[i]` into address `dsts[i]` (block_size bytes each).
+    ///
+    /// # Safety
+    /// Every `dsts[i]` must be valid for writes of block_size bytes, the
+    /// ranges must not overlap, and nobody else may touch them meanwhile.
+    pub unsafe fn read_blocks_into(
+        &self,
+        slots: &[u64],
+        dsts: &[usize],
+        hook: Option<Hook<'_>>,
+    ) -> Result<()> {
+        self.same_count(slots, dsts)?;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.batch(
+                slots,
+                slots.len() * self.block_size,
+                |i| dsts[i],
+                Dir::Read,
+                hook,
+            )
+        }
+    }
+
+    fn same_count(&self, slots: &[u64], addrs: &[usize]) -> Result<()> {
+        if slots.len() != addrs.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} slot ids but {} buffers",
+                slots.len(),
+                addrs.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Flush written data to the device (`fdatasync`).
+    pub fn sync(&self) -> Result<()> {
+        let (_g, fd) = self.raw_fd()?;
+        // SAFETY: fdatasync on our own descriptor.
+        if unsafe { libc::fdatasync(fd) } != 0 {
+            return Err(Error::last_os("fdatasync", &self.path, 0, 0));
+        }
+        Ok(())
+    }
+
+    /// Drop this file's pages from the page cache (for cold-read benchmarks).
+    pub fn drop_page_cache(&self) -> Result<()> {
+        let (_g, fd) = self.raw_fd()?;
+        // SAFETY: advisory calls on our own descriptor.
+        unsafe {
+            libc::fdatasync(fd);
+            libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+        Ok(())
+    }
+
+    /// Close the file and stop the worker threads at once. Waits for
+    /// batches in flight; idempotent.
+    pub fn close(&self) {
+        let mut g = self.fd.write().unwrap_or_else(|p| p.into_inner());
+        g.take();
+        self.pool.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.registration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        self.bounce
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Close, and remove the file if this open created it: for an open that
+    /// fails after the storage was made (the block manager's index).
+    pub fn abandon(&self) {
+        self.close();
+        if self.created && !self.fork.forked() {
+            os::remove_if_same(&self.path, &self.file);
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.fd.read().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn slot_stride(&self) -> usize {
+        self.stride
+    }
+    /// Bytes before slot 0 (the header of a persistent file; 0 otherwise).
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+    pub fn alignment(&self) -> Alignment {
+        self.align
+    }
+    pub fn o_direct(&self) -> bool {
+        self.direct.on()
+    }
+    pub fn fallback_reason(&self) -> Option<String> {
+        self.direct.reason()
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn anonymous(&self) -> bool {
+        self.anonymous
+    }
+    /// Whether this open created the file (a new store).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+    /// The random id a persistent file's header carries (None: anonymous).
+    pub fn store_id(&self) -> Option<[u8; 16]> {
+        self.store_id
+    }
+    pub fn fs_type(&self) -> &str {
+        &self.fs_type
+    }
+    pub fn io_depth(&self) -> usize {
+        self.io_depth
+    }
+    pub fn file_size(&self) -> u64 {
+        self.data_offset + self.num_blocks * self.stride as u64
+    }
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+}
+
+/// Read and parse an existing persistent file's header (buffered, before
+/// O_DIRECT is set). None: an empty file from a creation that died early.
+fn read_header(fd: RawFd, path: &Path, st: &FileStat) -> Result<Option<DataHeader>> {
+    let n = (st.size as usize).min(header::MIN_REGION);
+    let mut buf = vec![0u8; n];
+    // SAFETY: buf is valid for n bytes.
+    unsafe { pread_all(fd, buf.as_mut_ptr(), n, 0) }
+        .map_err(|e| Error::io("pread(header)", path, 0, n as u64, e))?;
+    DataHeader::decode(path, &buf[..n.min(header::LEN)])
+}
+
+/// A reopened store must be opened with the geometry it was made with; its
+/// file must still have the size the header says.
+fn check_reopen(
+    path: &Path,
+    h: &DataHeader,
+    st: &FileStat,
+    num_blocks: u64,
+    block_size: usize,
+) -> Result<()> {
+    if h.block_size != block_size as u64 || h.num_blocks != num_blocks {
+        return Err(Error::InvalidArgument(format!(
+            "the store {} was made with block_size {} and {} blocks; this open asks for \
+             block_size {block_size} and {num_blocks} blocks. Open it with its own geometry, \
+             or delete it (data file and index) to start over",
+            path.display(),
+            h.block_size,
+            h.num_blocks
+        )));
+    }
+    let want = h.file_size().unwrap_or(u64::MAX);
+    if st.size != want {
+        return Err(Error::InvalidArgument(format!(
+            "the store {} holds {} bytes, but its header says {} slots of {} bytes after a \
+             {}-byte header ({want} bytes): the file was truncated or extended. Restore it, or \
+             delete it (data file and index) to start over",
+            path.display(),
+            st.size,
+            h.num_blocks,
+            h.stride,
+            h.data_offset
+        )));
+    }
+    Ok(())
+}
+
+impl Drop for DiskStorage {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_direct_and_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        for od in [ODirect::Auto, ODirect::Off] {
+            for bs in [4096usize, 5000, 65536] {
+                let opts = DiskOptions {
+                    o_direct: od,
+                    io_depth: 4,
+                    ..Default::default()
+                };
+                let s = DiskStorage::open(dir.path(), 16, bs, &opts).unwrap();
+                assert_eq!(s.slot_stride() % s.alignment().offset, 0);
+                let slots = [3u64, 4, 5, 9, 0, 15];
+                let src = pattern(bs * slots.len(), bs as u8);
+                s.write_blocks(&slots, &src).unwrap();
+                let mut dst = vec![0u8; src.len()];
+                s.read_blocks(&slots, &mut dst).unwrap();
+                assert_eq!(src, dst);
+                // read back in another order
+                let mut one = vec![0u8; bs];
+                s.read_blocks(&[9], &mut one).unwrap();
+                assert_eq!(&one[..], &src[3 * bs..4 * bs]);
+            }
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path(), 4, 4096, &DiskOptions::default()).unwrap();
+        assert!(matches!(
+            s.write_blocks(&[4], &[0u8; 4096]),
+            Err(Error::Index(_))
+        ));
+        assert!(matches!(
+            s.write_blocks(&[1], &[0u8; 10]),
+            Err(Error::Buffer(_))
+        ));
+        assert!(matches!(
+            s.write_blocks(&[1, 1], &[0u8; 8192]),
+            Err(Error::InvalidArgument(_))
+        ));
+        s.close();
+        assert!(matches!(
+            s.read_blocks(&[1], &mut [0u8; 4096]),
+            Err(Error::Closed(_))
+        ));
+    }
+}

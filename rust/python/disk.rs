@@ -1,0 +1,199 @@
+//! `dynblock._core.DiskStorage` (documented by the `dynblock.DiskStorage` wrapper).
+#![allow(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use super::buffers::{batch_call, log_warnings};
+use super::errors::to_py;
+use super::settings::{int_or_default, int_setting, ODirectArg, PreallocArg};
+use crate::align::{Alignment, AlignmentSource};
+use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
+
+/// The disk tier (see `dynblock.DiskStorage` for the documented wrapper).
+#[pyclass(name = "DiskStorage", module = "dynblock._core", frozen)]
+pub struct PyDiskStorage {
+    inner: Arc<DiskStorage>,
+}
+
+impl PyDiskStorage {
+    pub fn inner(&self) -> &Arc<DiskStorage> {
+        &self.inner
+    }
+}
+
+#[pymethods]
+impl PyDiskStorage {
+    #[new]
+    #[pyo3(signature = (path, num_blocks, block_size, *, o_direct=ODirectArg(ODirect::Auto),
+                        persist=false, preallocate=PreallocArg(Prealloc::Auto), io_depth=None,
+                        max_io_bytes=None, alignment=None, lock=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        num_blocks: &Bound<'_, PyAny>,
+        block_size: &Bound<'_, PyAny>,
+        o_direct: ODirectArg,
+        persist: bool,
+        preallocate: PreallocArg,
+        io_depth: Option<&Bound<'_, PyAny>>,
+        max_io_bytes: Option<&Bound<'_, PyAny>>,
+        alignment: Option<(usize, usize)>,
+        lock: bool,
+    ) -> PyResult<Self> {
+        let num_blocks = int_setting(num_blocks, "num_blocks")?;
+        let block_size = int_setting(block_size, "block_size")? as usize;
+        let alignment = match alignment {
+            Some((m, o)) => Some(Alignment::new(m, o, AlignmentSource::Override).map_err(to_py)?),
+            None => None,
+        };
+        let opts = DiskOptions {
+            o_direct: o_direct.0,
+            persist,
+            prealloc: preallocate.0,
+            io_depth: int_or_default(io_depth, "io_depth")? as usize,
+            max_io_bytes: int_or_default(max_io_bytes, "max_io_bytes")? as usize,
+            alignment,
+            lock,
+        };
+        let s = py
+            .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))
+            .map_err(to_py)?;
+        log_warnings(py, "dynblock.disk", s.take_warnings())?;
+        Ok(PyDiskStorage { inner: Arc::new(s) })
+    }
+
+    /// Write blocks from `src` (len(slot_ids) * block_size bytes) to the slots.
+    fn write_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        src: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let s = self.inner.clone();
+        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
+        let r = batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            src,
+            "src",
+            false,
+            self.inner.block_size(),
+            move |ids, p, n| unsafe { s.write_blocks_raw(ids, p as *const u8, n) },
+        );
+        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        r
+    }
+
+    /// Read the slots into `dst` (writable, len(slot_ids) * block_size bytes).
+    fn read_blocks(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let s = self.inner.clone();
+        // SAFETY: the buffer is held for the call and checked writable.
+        let r = batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            dst,
+            "dst",
+            true,
+            self.inner.block_size(),
+            move |ids, p, n| unsafe { s.read_blocks_raw(ids, p as *mut u8, n) },
+        );
+        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        r
+    }
+
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self.inner.clone();
+        py.detach(move || s.sync()).map_err(to_py)
+    }
+
+    fn drop_page_cache(&self, py: Python<'_>) -> PyResult<()> {
+        let s = self.inner.clone();
+        py.detach(move || s.drop_page_cache()).map_err(to_py)
+    }
+
+    fn close(&self, py: Python<'_>) {
+        let s = self.inner.clone();
+        py.detach(move || s.close())
+    }
+
+    /// Close, and remove the file if this open created it (for an owner
+    /// whose own open failed after the storage was made).
+    fn abandon(&self, py: Python<'_>) {
+        let s = self.inner.clone();
+        py.detach(move || s.abandon())
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+    #[getter]
+    fn num_blocks(&self) -> u64 {
+        self.inner.num_blocks()
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+    #[getter]
+    fn slot_stride(&self) -> usize {
+        self.inner.slot_stride()
+    }
+    /// (memory alignment, offset alignment, source)
+    #[getter]
+    fn alignment_info(&self) -> (usize, usize, &'static str) {
+        let a = self.inner.alignment();
+        (a.mem, a.offset, a.source.as_str())
+    }
+    #[getter]
+    fn o_direct(&self) -> bool {
+        self.inner.o_direct()
+    }
+    #[getter]
+    fn fallback_reason(&self) -> Option<String> {
+        self.inner.fallback_reason()
+    }
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+    #[getter]
+    fn anonymous(&self) -> bool {
+        self.inner.anonymous()
+    }
+    #[getter]
+    fn fs_type(&self) -> String {
+        self.inner.fs_type().to_string()
+    }
+    #[getter]
+    fn io_depth(&self) -> usize {
+        self.inner.io_depth()
+    }
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.inner.file_size()
+    }
+    #[getter]
+    fn data_offset(&self) -> u64 {
+        self.inner.data_offset()
+    }
+    #[getter]
+    fn created(&self) -> bool {
+        self.inner.created()
+    }
+    #[getter]
+    fn preallocation(&self) -> &'static str {
+        self.inner.preallocation()
+    }
+}

@@ -1,0 +1,198 @@
+//! `dynblock._core.BlockManager` (documented by the `dynblock.BlockManager` wrapper).
+#![allow(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use super::buffers::{batch_call, log_warnings, u64_list};
+use super::disk::PyDiskStorage;
+use super::errors::to_py;
+use super::host::PyHostStorage;
+use crate::manager::{BlockManager, ManagerOptions};
+
+/// The block manager over a host tier, a disk tier or both.
+#[pyclass(name = "BlockManager", module = "dynblock._core", frozen)]
+pub struct PyBlockManager {
+    inner: Arc<BlockManager>,
+}
+
+#[pymethods]
+impl PyBlockManager {
+    #[new]
+    #[pyo3(signature = (block_size, *, host=None, disk=None, checksums=true, write_through=false,
+                        index_path=None, sync=false, layout=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        block_size: usize,
+        host: Option<PyRef<'_, PyHostStorage>>,
+        disk: Option<PyRef<'_, PyDiskStorage>>,
+        checksums: bool,
+        write_through: bool,
+        index_path: Option<PathBuf>,
+        sync: bool,
+        layout: u64,
+    ) -> PyResult<Self> {
+        let opts = ManagerOptions {
+            checksums,
+            write_through,
+            index_path,
+            sync,
+            layout,
+        };
+        let (h, d) = (
+            host.map(|h| h.inner().clone()),
+            disk.map(|d| d.inner().clone()),
+        );
+        let m = py
+            .detach(move || BlockManager::new(block_size, h, d, opts))
+            .map_err(to_py)?;
+        let me = PyBlockManager { inner: Arc::new(m) };
+        me.flush_warnings(py)?;
+        Ok(me)
+    }
+
+    fn sync(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.sync()).map_err(to_py)
+    }
+
+    fn compact_index(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.compact_index()).map_err(to_py)
+    }
+
+    #[getter]
+    fn persistent(&self) -> bool {
+        self.inner.persistent()
+    }
+
+    fn put(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        src: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let m = self.inner.clone();
+        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
+        let r = batch_call(
+            py,
+            hashes,
+            "hashes",
+            src,
+            "src",
+            false,
+            self.inner.block_size(),
+            move |hs, p, n| unsafe { m.put_raw(hs, p as *const u8, n) },
+        );
+        self.flush_warnings(py)?;
+        r
+    }
+
+    fn get(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        dst: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let m = self.inner.clone();
+        // SAFETY: the buffer is held for the call and checked writable.
+        let r = batch_call(
+            py,
+            hashes,
+            "hashes",
+            dst,
+            "dst",
+            true,
+            self.inner.block_size(),
+            move |hs, p, n| unsafe { m.get_raw(hs, p as *mut u8, n) },
+        );
+        self.flush_warnings(py)?;
+        r
+    }
+
+    #[pyo3(name = "match")]
+    fn match_prefix(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        py.detach(move || m.match_prefix(&hs)).map_err(to_py)
+    }
+
+    fn contains(&self, py: Python<'_>, hash: u64) -> PyResult<bool> {
+        let m = self.inner.clone();
+        py.detach(move || m.contains(hash)).map_err(to_py)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        let m = self.inner.clone();
+        py.detach(move || m.len()).map_err(to_py)
+    }
+
+    /// Release the index file at once; later calls raise "closed".
+    fn close(&self, py: Python<'_>) {
+        let m = self.inner.clone();
+        py.detach(move || m.close())
+    }
+
+    fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        py.detach(move || m.remove(&hs)).map_err(to_py)
+    }
+
+    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.clear()).map_err(to_py)
+    }
+
+    fn counters(&self, py: Python<'_>) -> PyResult<std::collections::BTreeMap<&'static str, u64>> {
+        let m = self.inner.clone();
+        let (s, (host_used, disk_used)) = py.detach(move || m.stats()).map_err(to_py)?;
+        let bs = self.inner.block_size() as u64;
+        Ok([
+            ("put_blocks", s.put_blocks),
+            ("put_new", s.put_new),
+            ("get_calls", s.get_calls),
+            ("host_hits", s.host_hits),
+            ("disk_hits", s.disk_hits),
+            ("misses", s.misses),
+            ("offloaded_blocks", s.offloaded_blocks),
+            ("offloaded_bytes", s.offloaded_blocks * bs),
+            ("onboarded_blocks", s.onboarded_blocks),
+            ("onboarded_bytes", s.onboarded_blocks * bs),
+            ("host_evictions", s.host_evictions),
+            ("disk_evictions", s.disk_evictions),
+            ("dropped_blocks", s.dropped_blocks),
+            ("failed_writes", s.failed_writes),
+            ("corrupt_blocks", s.corrupt_blocks),
+            ("io_errors", s.io_errors),
+            ("recovered_blocks", s.recovered_blocks),
+            ("index_torn_bytes", s.index_torn_bytes),
+            ("index_bad_records", s.index_bad_records),
+            ("index_compactions", s.index_compactions),
+            ("host_blocks_used", host_used as u64),
+            ("disk_blocks_used", disk_used as u64),
+        ]
+        .into_iter()
+        .collect())
+    }
+
+    /// (host hashes, disk hashes), least recently used first.
+    fn lru_order(&self, py: Python<'_>) -> PyResult<(Vec<u64>, Vec<u64>)> {
+        let m = self.inner.clone();
+        py.detach(move || m.lru_order()).map_err(to_py)
+    }
+
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.inner.block_size()
+    }
+}
+
+impl PyBlockManager {
+    fn flush_warnings(&self, py: Python<'_>) -> PyResult<()> {
+        log_warnings(py, "dynblock.manager", self.inner.take_warnings())
+    }
+}

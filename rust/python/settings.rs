@@ -1,0 +1,182 @@
+//! Settings as Python sees them: typed arguments that parse each value once
+//! (`True | False | "require"` into [`ODirect`]/[`Pin`], integers through
+//! [`crate::settings::check_int`]), plus `settings_defaults()` and
+//! `check_setting()` so `dynblock.Config` takes its defaults and its checks
+//! from the same place as the tiers.
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyString};
+use pyo3::Borrowed;
+
+use super::errors::to_py;
+use crate::settings::{self, Durability, ODirect, Pin, Prealloc};
+
+/// `True`, `False` or `"require"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TriState {
+    On,
+    Off,
+    Require,
+}
+
+fn tri_state(obj: Borrowed<'_, '_, PyAny>, name: &str) -> PyResult<TriState> {
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(if b.is_true() {
+            TriState::On
+        } else {
+            TriState::Off
+        });
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        if s.to_cow()? == "require" {
+            return Ok(TriState::Require);
+        }
+    }
+    Err(PyValueError::new_err(format!(
+        "{name} must be True, False or \"require\", got {}",
+        obj.repr()?
+    )))
+}
+
+/// The `o_direct` argument.
+pub struct ODirectArg(pub ODirect);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for ODirectArg {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(ODirectArg(match tri_state(obj, "o_direct")? {
+            TriState::On => ODirect::Auto,
+            TriState::Off => ODirect::Off,
+            TriState::Require => ODirect::Require,
+        }))
+    }
+}
+
+/// The `pin` argument.
+pub struct PinArg(pub Pin);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for PinArg {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(PinArg(match tri_state(obj, "pin")? {
+            TriState::On => Pin::Auto,
+            TriState::Off => Pin::Off,
+            TriState::Require => Pin::Require,
+        }))
+    }
+}
+
+/// The `preallocate` argument.
+pub struct PreallocArg(pub Prealloc);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for PreallocArg {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let s = obj.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "preallocate must be a str, one of {:?}, got {}",
+                Prealloc::NAMES,
+                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        })?;
+        Prealloc::parse(&s.to_cow()?)
+            .map(PreallocArg)
+            .map_err(to_py)
+    }
+}
+
+/// An integer setting from any Python integer (numpy integers included;
+/// `bool` refused), checked against the setting's bounds.
+pub fn int_setting(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
+    if obj.is_instance_of::<PyBool>() || !obj.hasattr("__index__")? {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int, got {} {}",
+            obj.get_type().name()?,
+            obj.repr()?
+        )));
+    }
+    let idx = obj.call_method0("__index__")?;
+    match idx.extract::<u64>() {
+        Ok(v) => settings::check_int(name, v).map_err(to_py),
+        Err(_) => Err(to_py(settings::out_of_range(
+            name,
+            &idx.repr()?.to_string(),
+        ))),
+    }
+}
+
+/// An optional integer argument: the setting's default when `None`.
+pub fn int_or_default(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<u64> {
+    match obj {
+        Some(o) if !o.is_none() => int_setting(o, name),
+        _ => Ok(settings::default_int(name)),
+    }
+}
+
+fn want_bool(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(b.is_true());
+    }
+    Err(PyTypeError::new_err(format!(
+        "{name} must be a bool, got {}",
+        obj.repr()?
+    )))
+}
+
+/// The default of every setting that has one, by name.
+#[pyfunction]
+pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for s in settings::INTS {
+        if let Some(v) = s.default {
+            d.set_item(s.name, v)?;
+        }
+    }
+    d.set_item("o_direct", settings::DEFAULT_O_DIRECT)?;
+    d.set_item("pin", settings::DEFAULT_PIN)?;
+    d.set_item("preallocate", settings::DEFAULT_PREALLOCATE)?;
+    d.set_item("durability", settings::DEFAULT_DURABILITY)?;
+    d.set_item("checksums", settings::DEFAULT_CHECKSUMS)?;
+    d.set_item("write_through", settings::DEFAULT_WRITE_THROUGH)?;
+    d.set_item("persist", settings::DEFAULT_PERSIST)?;
+    d.set_item("huge_pages", settings::DEFAULT_HUGE_PAGES)?;
+    Ok(d)
+}
+
+/// Check one setting's value; returns it normalised (a plain `int` for
+/// integers). Raises `TypeError`/`ValueError` naming the setting.
+#[pyfunction]
+pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = value.py();
+    if settings::INTS.iter().any(|s| s.name == name) {
+        return Ok(int_setting(value, name)?.into_pyobject(py)?.into_any());
+    }
+    match name {
+        "o_direct" => {
+            value.extract::<ODirectArg>()?;
+        }
+        "pin" => {
+            value.extract::<PinArg>()?;
+        }
+        "preallocate" => {
+            value.extract::<PreallocArg>()?;
+        }
+        "durability" => {
+            let s = value.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "durability must be a str, got {}",
+                    value.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            Durability::parse(&s.to_cow()?).map_err(to_py)?;
+        }
+        "checksums" | "write_through" | "persist" | "huge_pages" | "lock" => {
+            want_bool(value, name)?;
+        }
+        other => {
+            return Err(PyValueError::new_err(format!("no setting named {other:?}")));
+        }
+    }
+    Ok(value.clone())
+}

@@ -1,0 +1,288 @@
+//! Every setting of the tiers and the manager: declared, defaulted and
+//! validated here, once. The Python layer (`dynblock.Config`, the tier
+//! classes) takes its defaults from [`DEFAULTS`] and its checks from
+//! [`check_int`] through the bindings, so a value gets the same message
+//! wherever it is given.
+
+use crate::error::{Error, Result};
+
+/// Whether to use O_DIRECT. Python: `True`, `False` or `"require"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ODirect {
+    /// Buffered I/O only.
+    Off,
+    /// O_DIRECT, falling back to buffered I/O where the filesystem refuses.
+    Auto,
+    /// O_DIRECT or an error.
+    Require,
+}
+
+/// Whether to `mlock` the host tier. Python: `True`, `False` or `"require"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    Off,
+    Auto,
+    Require,
+}
+
+/// How to reserve the disk file's space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prealloc {
+    /// `fallocate`, else zero-fill with aligned writes.
+    Auto,
+    /// `fallocate`, else a sparse file (a warning says ENOSPC may come later).
+    SparseFallback,
+    /// Always zero-fill (no `fallocate`).
+    Zero,
+    /// Reserve nothing: a sparse file (a warning says ENOSPC may come later).
+    Sparse,
+}
+
+impl Prealloc {
+    pub const NAMES: [&'static str; 4] = ["auto", "zero", "sparse-fallback", "sparse"];
+
+    pub fn parse(v: &str) -> Result<Self> {
+        Ok(match v {
+            "auto" => Prealloc::Auto,
+            "zero" => Prealloc::Zero,
+            "sparse-fallback" => Prealloc::SparseFallback,
+            "sparse" => Prealloc::Sparse,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "preallocate must be one of \"auto\", \"zero\", \"sparse-fallback\", \
+                     \"sparse\", got {other:?}"
+                )))
+            }
+        })
+    }
+}
+
+/// When a persistent store's writes are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Survive the death of the process (the default).
+    Process,
+    /// Also survive power loss: fdatasync data, then index, every batch.
+    Sync,
+}
+
+impl Durability {
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "process" => Ok(Durability::Process),
+            "sync" => Ok(Durability::Sync),
+            other => Err(Error::InvalidArgument(format!(
+                "durability must be \"process\" or \"sync\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Bounds of the integer settings: (name, minimum, maximum, default).
+/// `None` as default: no default (must be given) or "unset".
+pub struct IntSetting {
+    pub name: &'static str,
+    pub min: u64,
+    pub max: u64,
+    pub default: Option<u64>,
+    pub what: &'static str,
+}
+
+/// Largest block: 4 GiB (a 512-token block of a 70B model in fp16 is
+/// ~160 MiB; anything near this is a unit mistake).
+pub const MAX_BLOCK_SIZE: u64 = 1 << 32;
+/// Largest tier in blocks (slot ids are 32-bit in the registry and index).
+pub const MAX_TIER_BLOCKS: u64 = u32::MAX as u64 - 2;
+/// Largest tier in bytes: 1 PiB.
+pub const MAX_TIER_BYTES: u64 = 1 << 50;
+
+pub const INTS: &[IntSetting] = &[
+    IntSetting {
+        name: "block_size",
+        min: 1,
+        max: MAX_BLOCK_SIZE,
+        default: None,
+        what: "bytes per block",
+    },
+    IntSetting {
+        name: "host_blocks",
+        min: 0,
+        max: MAX_TIER_BLOCKS,
+        default: None,
+        what: "blocks in the host tier (0: no host tier)",
+    },
+    IntSetting {
+        name: "disk_blocks",
+        min: 0,
+        max: MAX_TIER_BLOCKS,
+        default: None,
+        what: "blocks in the disk tier (0: no disk tier)",
+    },
+    IntSetting {
+        name: "host_bytes",
+        min: 0,
+        max: MAX_TIER_BYTES,
+        default: None,
+        what: "bytes of host tier",
+    },
+    IntSetting {
+        name: "disk_bytes",
+        min: 0,
+        max: MAX_TIER_BYTES,
+        default: None,
+        what: "bytes of disk tier",
+    },
+    IntSetting {
+        name: "num_blocks",
+        min: 1,
+        max: MAX_TIER_BLOCKS,
+        default: None,
+        what: "slots in the tier",
+    },
+    IntSetting {
+        name: "io_depth",
+        min: 1,
+        max: 1024,
+        default: Some(16),
+        what: "disk I/Os in flight per batch",
+    },
+    IntSetting {
+        name: "max_io_bytes",
+        min: 1,
+        max: 1 << 30,
+        default: Some(4 << 20),
+        what: "largest single disk I/O after coalescing",
+    },
+    IntSetting {
+        name: "numa_node",
+        min: 0,
+        max: 1023,
+        default: None,
+        what: "NUMA node of the host tier",
+    },
+    IntSetting {
+        name: "gpu",
+        min: 0,
+        max: 1023,
+        default: None,
+        what: "CUDA device ordinal",
+    },
+    IntSetting {
+        name: "populate_threads",
+        min: 0,
+        max: 4096,
+        default: Some(0),
+        what: "threads that populate the host tier (0: one per CPU of the node)",
+    },
+    IntSetting {
+        name: "copy_threads",
+        min: 0,
+        max: 4096,
+        default: Some(0),
+        what: "threads for host copies (0: one per allowed CPU)",
+    },
+    IntSetting {
+        name: "alignment",
+        min: 64,
+        max: 1 << 30,
+        default: Some(4096),
+        what: "host slot alignment, a power of two",
+    },
+];
+
+/// Defaults of the settings that are not integers (Python names and values).
+pub const DEFAULT_O_DIRECT: bool = true;
+pub const DEFAULT_PIN: bool = true;
+pub const DEFAULT_PREALLOCATE: &str = "auto";
+pub const DEFAULT_DURABILITY: &str = "process";
+pub const DEFAULT_CHECKSUMS: bool = true;
+pub const DEFAULT_WRITE_THROUGH: bool = false;
+pub const DEFAULT_PERSIST: bool = false;
+pub const DEFAULT_HUGE_PAGES: bool = true;
+
+fn int_setting(name: &str) -> &'static IntSetting {
+    INTS.iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no integer setting named {name}"))
+}
+
+/// The default of an integer setting.
+pub fn default_int(name: &str) -> u64 {
+    int_setting(name)
+        .default
+        .unwrap_or_else(|| panic!("{name} has no default"))
+}
+
+/// The one message for an integer setting out of its bounds (`shown`: the
+/// value as the caller gave it, which may not fit a `u64`).
+pub fn out_of_range(name: &str, shown: &str) -> Error {
+    let s = int_setting(name);
+    Error::InvalidArgument(format!(
+        "{name} ({}) must be between {} and {}, got {shown}",
+        s.what, s.min, s.max
+    ))
+}
+
+/// Check an integer setting against its bounds.
+pub fn check_int(name: &str, v: u64) -> Result<u64> {
+    let s = int_setting(name);
+    if v < s.min || v > s.max {
+        return Err(out_of_range(name, &v.to_string()));
+    }
+    if name == "alignment" && !v.is_power_of_two() {
+        return Err(Error::Alignment(format!(
+            "alignment ({}) must be a power of two, got {v}",
+            s.what
+        )));
+    }
+    Ok(v)
+}
+
+/// `check_int` for a value already in a `usize`.
+pub fn check_usize(name: &str, v: usize) -> Result<usize> {
+    check_int(name, v as u64).map(|v| v as usize)
+}
+
+/// A tier's size: `num_blocks` slots of `block_size` bytes, each checked,
+/// and their product (with `stride` per slot) representable.
+pub fn check_tier(num_blocks: u64, block_size: usize, stride: usize) -> Result<u64> {
+    check_int("num_blocks", num_blocks)?;
+    check_int("block_size", block_size as u64)?;
+    (stride as u64)
+        .checked_mul(num_blocks)
+        .filter(|&b| b <= isize::MAX as u64)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "num_blocks * slot size is too large: {num_blocks} * {stride} bytes"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_message_per_setting() {
+        let e = check_int("io_depth", 0).unwrap_err().to_string();
+        assert!(
+            e.starts_with("io_depth") && e.contains("between 1 and 1024"),
+            "{e}"
+        );
+        assert_eq!(check_int("io_depth", 1024).unwrap(), 1024);
+        assert!(check_int("io_depth", 5000).is_err());
+        assert!(check_int("block_size", u64::MAX).is_err());
+        assert!(check_int("alignment", 96).is_err());
+        assert_eq!(default_int("io_depth"), 16);
+        assert!(check_tier(3, 4096, 4096).is_ok());
+        assert!(check_tier(MAX_TIER_BLOCKS, 1 << 32, 1 << 32).is_err());
+    }
+
+    #[test]
+    fn names_parse() {
+        assert_eq!(Prealloc::parse("sparse").unwrap(), Prealloc::Sparse);
+        assert!(Prealloc::parse("lots").is_err());
+        assert_eq!(Durability::parse("sync").unwrap(), Durability::Sync);
+        assert!(Durability::parse("SYNC").is_err());
+    }
+}
