@@ -96,21 +96,6 @@ impl Error {
     }
 }
 
-/// A tier's size arguments: both must be positive.
-pub fn check_sizes(num_blocks: u64, block_size: usize) -> Result<()> {
-    if num_blocks == 0 {
-        return Err(Error::InvalidArgument(
-            "num_blocks must be a positive integer, got 0".into(),
-        ));
-    }
-    if block_size == 0 {
-        return Err(Error::InvalidArgument(
-            "block_size must be a positive number of bytes, got 0".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// Name of an errno value (`EINVAL`), for messages.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {

@@ -149,7 +149,8 @@ pub struct HostStorage {
     huge_pages: bool,
     populate_threads: usize,
     copy_threads: usize,
-    pool: Option<rayon::ThreadPool>,
+    pool: RwLock<Option<rayon::ThreadPool>>,
+    fork: crate::process::ForkGuard,
     warnings: Mutex<Vec<String>>,
     pub populate_seconds: f64,
     bytes_in: AtomicU64,
@@ -164,24 +165,13 @@ fn thp_available(sysfs: &std::path::Path) -> bool {
 
 impl HostStorage {
     pub fn new(num_blocks: u64, block_size: usize, opts: &HostOptions) -> Result<Self> {
-        crate::error::check_sizes(num_blocks, block_size)?;
-        if !opts.alignment.is_power_of_two() || opts.alignment < 64 {
-            return Err(Error::Alignment(format!(
-                "host slot alignment must be a power of two >= 64, got {}",
-                opts.alignment
-            )));
-        }
-        let stride = round_up(block_size, opts.alignment);
-        let len = (stride as u64)
-            .checked_mul(num_blocks)
-            .filter(|&l| l <= isize::MAX as u64)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "num_blocks * block_size is too large: {num_blocks} * {block_size}"
-                ))
-            })? as usize;
+        crate::settings::check_int("alignment", opts.alignment as u64)?;
+        crate::settings::check_usize("populate_threads", opts.populate_threads)?;
+        crate::settings::check_usize("copy_threads", opts.copy_threads)?;
+        let stride = crate::align::round_up_checked(block_size, opts.alignment)?;
+        let len = crate::settings::check_tier(num_blocks, block_size, stride)? as usize;
         let mut warnings = Vec::new();
-        let nodes = numa::memory_nodes(&opts.sysfs_root);
+        let nodes = numa::memory_nodes(&opts.sysfs_root)?;
         if let Some(n) = opts.numa_node {
             if !nodes.contains(&n) {
                 return Err(Error::Numa(format!(
@@ -192,8 +182,9 @@ impl HostStorage {
         // Reserve-check against MemAvailable would be racy; mmap with
         // NORESERVE and let population report ENOMEM clearly.
         let use_huge = opts.huge_pages && len >= HUGE && thp_available(&opts.sysfs_root);
+        // Slots are aligned to `alignment` only if the mapping's start is.
         let align = if use_huge {
-            HUGE
+            HUGE.max(opts.alignment)
         } else {
             opts.alignment.max(4096)
         };
@@ -325,7 +316,8 @@ impl HostStorage {
             huge_pages: use_huge,
             populate_threads: threads,
             copy_threads,
-            pool: io::pool(copy_threads, "dynblock-copy"),
+            pool: RwLock::new(io::pool(copy_threads, "dynblock-copy")),
+            fork: crate::process::ForkGuard::new("HostStorage"),
             warnings: Mutex::new(warnings),
             populate_seconds,
             bytes_in: AtomicU64::new(0),
@@ -335,6 +327,7 @@ impl HostStorage {
 
     /// The mapping (kept alive by the returned Arc), or Closed.
     pub fn region(&self) -> Result<Arc<Region>> {
+        self.fork.check()?;
         self.region
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -438,8 +431,9 @@ impl HostStorage {
         };
         let base = SendPtr(region.ptr());
         let stride = self.stride;
+        let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
         let _ = io::run_on(
-            self.pool.as_ref(),
+            pool.as_ref(),
             n,
             threads,
             || Ok(()),
@@ -483,11 +477,14 @@ impl HostStorage {
         unsafe { numa::placement(r.ptr(), r.len(), page) }
     }
 
+    /// Release the memory (once no view points to it) and stop the copy
+    /// threads at once. Idempotent.
     pub fn close(&self) {
         self.region
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        self.pool.write().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     pub fn is_closed(&self) -> bool {

@@ -1,8 +1,9 @@
-//! The batched parallel I/O engine: a batch is cut into operations (adjacent
-//! slots coalesced), and up to `depth` worker threads keep that many
-//! operations in flight. Threads are scoped to the call: nothing outlives a
-//! batch, so there is no pool to shut down and no state shared between calls
-//! except what the caller passes in.
+//! The batched parallel I/O engine's building blocks: cutting a batch into
+//! operations (adjacent slots coalesced), a long-lived worker pool per
+//! storage (threads cost tens of microseconds each to create, so they are
+//! made once, at open, and dropped at `close()`), running a batch on that
+//! pool with at most `depth` operations in flight (scoped threads when there
+//! is no pool), and streaming copies for large host transfers.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

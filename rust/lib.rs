@@ -1,16 +1,32 @@
 //! dynblock: a KV-cache block store for LLM serving engines.
 //!
-//! Tiers below the GPU:
+//! Tiers below the GPU, and the manager over them:
+//! - **host** ([`host::HostStorage`]): one anonymous mapping of fixed-size
+//!   slots, bound to the GPU's NUMA node with `mbind`, populated in
+//!   parallel, pinned with `mlock` where the limits allow ([`numa`] holds
+//!   the sysfs and syscall helpers).
 //! - **disk** ([`disk::DiskStorage`]): one preallocated file of fixed-size
 //!   slots, read and written with `O_DIRECT` through memory aligned to what
-//!   the kernel reports for that file (`statx(STATX_DIOALIGN)`, else the
-//!   device's logical block size, else 4096). Where the filesystem refuses
-//!   `O_DIRECT` the file switches to buffered I/O and records why.
+//!   the kernel reports for that file, falling back to buffered I/O (and
+//!   saying why) where the filesystem refuses. A persistent file starts with
+//!   a header naming its geometry and a random store id.
+//! - **manager** ([`manager::BlockManager`]): sequence hash -> slot in each
+//!   tier, LRU per tier, offload and promotion, checksums, and the
+//!   persistent store's append-only [`index`] (bound to its data file by
+//!   the store id).
 //!
-//! Threading: each batch call is cut into I/O operations (adjacent slots
-//! coalesced) and up to `io_depth` scoped threads keep them in flight.
+//! Every setting is declared, defaulted and checked once, in [`settings`].
+//! [`process`] detects `fork()` (a storage refuses to work in a child) and
+//! keeps one open per store per process.
+//!
+//! Threading: each batch call is cut into operations (adjacent disk slots
+//! coalesced, host copies cut into pieces), run on the storage's own
+//! long-lived worker pool ([`io`]) with `io_depth` operations in flight;
+//! `close()` stops the pool at once. The manager holds one lock per call.
+//!
 //! Nothing here touches Python; the bindings live in `python/` behind the
-//! `python` feature, so `cargo test` needs no interpreter.
+//! `python` feature, so `cargo test` needs no interpreter. See
+//! `docs/ARCHITECTURE.md` for the whole picture.
 #![deny(unsafe_code)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 

@@ -10,6 +10,11 @@ pub const MPOL_DEFAULT: i32 = 0;
 pub const MPOL_PREFERRED: i32 = 1;
 pub const MPOL_BIND: i32 = 2;
 
+/// The largest CPU or node id a list may name: far above any kernel's
+/// limit (CONFIG_NR_CPUS is at most 8192), so a malformed list with a huge
+/// range is an error instead of an allocation of billions of ids.
+pub const MAX_LIST_ID: usize = 1 << 16;
+
 /// Parse a kernel CPU/node list such as `0-3,8,10-11`. Empty text is empty.
 pub fn parse_list(text: &str) -> Result<Vec<usize>> {
     let mut out = Vec::new();
@@ -20,31 +25,46 @@ pub fn parse_list(text: &str) -> Result<Vec<usize>> {
         .filter(|p| !p.is_empty())
     {
         let bad = || Error::InvalidArgument(format!("not a CPU/node list: {text:?}"));
+        let too_big = |v: usize| {
+            Error::InvalidArgument(format!(
+                "CPU/node list {:?} names id {v}, above the largest possible ({MAX_LIST_ID}): \
+                 the list is malformed",
+                text.chars().take(80).collect::<String>()
+            ))
+        };
         if let Some((a, b)) = part.split_once('-') {
             let (a, b): (usize, usize) =
                 (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
             if b < a {
                 return Err(bad());
             }
+            if b > MAX_LIST_ID {
+                return Err(too_big(b));
+            }
             out.extend(a..=b);
         } else {
-            out.push(part.parse().map_err(|_| bad())?);
+            let v: usize = part.parse().map_err(|_| bad())?;
+            if v > MAX_LIST_ID {
+                return Err(too_big(v));
+            }
+            out.push(v);
         }
     }
     Ok(out)
 }
 
-/// Nodes that are online and have memory (`/sys/devices/system/node`).
-pub fn memory_nodes(sysfs: &Path) -> Vec<usize> {
+/// Nodes that are online and have memory (`/sys/devices/system/node`). A
+/// list that cannot be parsed is an error naming the file.
+pub fn memory_nodes(sysfs: &Path) -> Result<Vec<usize>> {
     let base = sysfs.join("devices/system/node");
-    let read = |f: &str| std::fs::read_to_string(base.join(f)).ok();
-    if let Some(t) = read("has_memory").or_else(|| read("online")) {
-        if let Ok(v) = parse_list(&t) {
-            return v;
+    for f in ["has_memory", "online"] {
+        if let Ok(t) = std::fs::read_to_string(base.join(f)) {
+            return parse_list(&t)
+                .map_err(|e| Error::Numa(format!("{}: {e}", base.join(f).display())));
         }
     }
     // No NUMA support in the kernel: one node, 0.
-    vec![0]
+    Ok(vec![0])
 }
 
 /// CPUs of a node, from sysfs.
@@ -225,11 +245,14 @@ mod tests {
         assert_eq!(parse_list("").unwrap(), Vec::<usize>::new());
         assert!(parse_list("3-1").is_err());
         assert!(parse_list("a").is_err());
+        assert!(parse_list("0-4000000000").is_err());
+        assert!(parse_list("99999999999").is_err());
+        assert_eq!(parse_list("65536").unwrap(), vec![65536]);
     }
 
     #[test]
     fn this_machine_has_node_0_and_cpus() {
-        let nodes = memory_nodes(Path::new("/sys"));
+        let nodes = memory_nodes(Path::new("/sys")).unwrap();
         assert!(nodes.contains(&0));
         assert!(!allowed_cpus().is_empty());
     }

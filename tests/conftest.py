@@ -87,3 +87,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if k.startswith("DYNBLOCK_") or k.startswith("DYN_KVBM_") or k == "DYN_MEMORY_DISABLE_NUMA":
             monkeypatch.delenv(k)
     return monkeypatch
+
+
+@pytest.fixture(scope="session")
+def faultshim(tmp_path_factory) -> Path:
+    """tests/faults/faultshim.c built into an LD_PRELOAD library: makes chosen
+    I/O calls on chosen files fail (EIO, short writes, SIGKILL) like a failing
+    device. Skips when there is no C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler (cc) to build the fault-injection shim")
+    src = Path(__file__).parent / "faults" / "faultshim.c"
+    out = tmp_path_factory.mktemp("shim") / "faultshim.so"
+    r = _run(cc, "-shared", "-fPIC", "-O1", "-o", str(out), str(src), "-ldl")
+    if r.returncode != 0:
+        pytest.skip(f"cannot build the fault-injection shim: {r.stderr.strip()[:300]}")
+    return out

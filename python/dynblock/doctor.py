@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import resource
 import shutil
@@ -287,6 +288,27 @@ def check_gpus(gpu: Optional[int], nvidia_smi: str, sysfs_root: str, dev_root: s
     return out
 
 
+def _not_a_directory_fix(directory: str) -> str:
+    """Advice for a cache path that is not a usable directory, fitting what is there."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return f"create it (mkdir -p {directory}) or mount a volume there"
+    except OSError as e:
+        return f"{directory} cannot be examined ({e.strerror}); check the permissions of its parents"
+    import stat as _stat
+
+    if _stat.S_ISLNK(st.st_mode):
+        return (f"{directory} is a symbolic link that does not lead to a directory (broken or a "
+                "loop); point it at a directory or give the directory itself")
+    if _stat.S_ISDIR(st.st_mode):
+        return f"{directory} cannot be read by uid {os.geteuid()}; fix its permissions"
+    kind = ("a FIFO" if _stat.S_ISFIFO(st.st_mode) else "a socket" if _stat.S_ISSOCK(st.st_mode)
+            else "a device" if _stat.S_ISBLK(st.st_mode) or _stat.S_ISCHR(st.st_mode)
+            else "a file")
+    return f"{directory} is {kind}, not a directory: give a directory (e.g. its parent)"
+
+
 def check_cache_dir(directory: str, disk_bytes: int) -> List[Check]:
     from .disk import DiskStorage
 
@@ -295,7 +317,7 @@ def check_cache_dir(directory: str, disk_bytes: int) -> List[Check]:
     value: Dict[str, Any] = {"path": directory, "filesystem": fs}
     if fs is None:
         out.append(Check("cache_dir", FAIL, value, "an existing, writable directory",
-                         f"create it (mkdir -p {directory}) or mount a volume there"))
+                         _not_a_directory_fix(directory)))
         return out
     if not os.access(directory, os.W_OK):
         out.append(Check("cache_dir", FAIL, value, "write permission",
@@ -506,8 +528,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     for name in ("host_gib", "disk_gib", "shm_gib"):
         v = getattr(a, name)
-        if v is not None and (v < 0 or v != v):
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
+        if v is not None and not (math.isfinite(v) and 0 <= v <= 2**40):
+            p.error(f"--{name.replace('_', '-')} must be a finite number of GiB between 0 and "
+                    f"{2**40}, got {v}")
     if a.gpu is not None and a.gpu < 0:
         p.error("--gpu must be >= 0")
     host_bytes = int(a.host_gib * GiB)

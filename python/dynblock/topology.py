@@ -35,6 +35,10 @@ _TRAILING = ("CPU_AFFINITY", "NUMA_AFFINITY", "GPU_NUMA_ID")
 _LINK = re.compile(r"^(X|NV\d+|SYS|NODE|PHB|PXB|PIX|SOC|PHB\d*|C2C|N/A)$")
 _GPU_LABEL = re.compile(r"^GPU(\d+)$")
 _NOT_KNOWN = {"N/A", "NA", "", "-1", "-"}
+# Far above any real machine (Linux allows at most 8192 CPUs and 1024 nodes):
+# a larger id means the text is malformed, not that a huge list is wanted.
+MAX_CPU_ID = 1 << 16
+MAX_NODE_ID = 1023
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,15 @@ def parse_cpu_list(text: str) -> List[int]:
         part = part.strip()
         if not part:
             continue
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)
         if not m:
             raise ValueError(f"not a CPU list: {text!r}")
         a = int(m.group(1))
         b = int(m.group(2)) if m.group(2) is not None else a
         if b < a:
             raise ValueError(f"not a CPU list (range {part!r} runs backwards): {text!r}")
+        if b > MAX_CPU_ID:
+            raise ValueError(f"not a plausible CPU list (CPU {b} > {MAX_CPU_ID}): {text[:80]!r}")
         out.extend(range(a, b + 1))
     return out
 
@@ -71,10 +77,11 @@ def parse_cpu_list(text: str) -> List[int]:
 def _opt_int(cell: Optional[str], what: str, text_line: str) -> Optional[int]:
     if cell is None or cell.strip().upper() in _NOT_KNOWN:
         return None
-    try:
-        v = int(cell.strip())
-    except ValueError:
-        raise ValueError(f"{what} {cell!r} is not a number in line {text_line!r}") from None
+    if not re.fullmatch(r"-?[0-9]+", cell.strip()):
+        raise ValueError(f"{what} {cell!r} is not a number in line {text_line!r}")
+    v = int(cell.strip())
+    if v > MAX_NODE_ID:
+        raise ValueError(f"{what} {v} is not a plausible NUMA node (> {MAX_NODE_ID}) in line {text_line!r}")
     return v if v >= 0 else None
 
 
@@ -162,7 +169,7 @@ def parse_query_gpu(text: str) -> List[GpuInfo]:
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3 or not parts[0].isdigit():
+        if len(parts) != 3 or not re.fullmatch(r"[0-9]+", parts[0]):
             raise ValueError(f"unexpected nvidia-smi --query-gpu line: {line!r}")
         out.append(GpuInfo(int(parts[0]), parts[1], parts[2]))
     return out
@@ -182,9 +189,11 @@ def visible_gpu(
 ) -> Optional[GpuInfo]:
     """Map a CUDA ordinal to a physical GPU through ``CUDA_VISIBLE_DEVICES``.
 
-    Entries are physical indices or ``GPU-<uuid>`` (prefixes allowed, as CUDA
-    does). Returns None for entries that cannot be mapped (``MIG-`` ids).
-    Raises ``ValueError`` when the ordinal is not visible.
+    Entries are physical indices (ASCII digits) or ``GPU-<uuid>`` (prefixes
+    allowed, as CUDA does). Returns None for entries that cannot be mapped
+    (``MIG-`` ids). Raises ``ValueError`` naming the variable when the
+    ordinal is not visible or the variable holds what CUDA itself refuses
+    (other characters, an empty ``GPU-`` prefix, one GPU named twice).
     """
     if isinstance(device, bool) or not isinstance(device, int) or device < 0:
         raise ValueError(f"device must be a non-negative CUDA ordinal, got {device!r}")
@@ -192,6 +201,20 @@ def visible_gpu(
         entries = [str(g.index) for g in gpus]
     else:
         entries = [e.strip() for e in cuda_visible_devices.split(",") if e.strip()]
+        for e in entries:
+            ok = re.fullmatch(r"[0-9]+", e) or re.fullmatch(r"(GPU|MIG)-[0-9A-Za-z-]+", e, re.I)
+            if not ok:
+                raise ValueError(
+                    f"CUDA_VISIBLE_DEVICES={cuda_visible_devices!r}: entry {e!r} is not a device "
+                    "index (ASCII digits), GPU-<uuid> or MIG-<uuid>; CUDA refuses it too"
+                )
+        canon = [str(int(e)) if e.isascii() and e.isdigit() else e.upper() for e in entries]
+        dup = {e for e in canon if canon.count(e) > 1}
+        if dup:
+            raise ValueError(
+                f"CUDA_VISIBLE_DEVICES={cuda_visible_devices!r} names {sorted(dup)[0]} more than "
+                "once; CUDA refuses duplicate devices"
+            )
     if device >= len(entries):
         raise ValueError(
             f"CUDA device {device} is not visible: CUDA_VISIBLE_DEVICES="
@@ -233,7 +256,8 @@ class GpuResolution:
 
 def _run(cmd: List[str], timeout: float) -> Optional[str]:
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                           timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0:
@@ -266,7 +290,13 @@ def resolve_gpu(
     q = _run([exe, "--query-gpu=index,uuid,pci.bus_id", "--format=csv,noheader"], timeout)
     if q is None:
         return unknown(f"{exe} --query-gpu failed or timed out")
-    gpus = parse_query_gpu(q)
+    try:
+        gpus = parse_query_gpu(q)
+    except ValueError as err:
+        return unknown(f"{exe} --query-gpu printed what this parser does not know ({err}); "
+                       "not guessing")
+    if not gpus:
+        return unknown(f"{exe} lists no GPUs ({q.strip()[:80]!r}): nothing to be near")
     g = visible_gpu(device, gpus, e.get("CUDA_VISIBLE_DEVICES"))
     if g is None:
         return unknown(
@@ -275,15 +305,20 @@ def resolve_gpu(
     topo_node: Optional[int] = None
     topo = _run([exe, "topo", "-m"], timeout)
     if topo is not None:
-        rec = parse_nvidia_smi_topo(topo).get(g.index)
+        try:
+            rec = parse_nvidia_smi_topo(topo).get(g.index)
+        except ValueError as err:
+            return unknown(f"{exe} topo -m printed what this parser does not know ({err}); "
+                           "not guessing", physical_index=g.index, pci_bus_id=g.pci_bus_id)
         topo_node = rec.numa_node if rec else None
     sys_node: Optional[int] = None
     p = os.path.join(sysfs_root, "bus/pci/devices", _sysfs_bdf(g.pci_bus_id), "numa_node")
     try:
         with open(p) as f:
-            v = int(f.read().strip())
-        sys_node = v if v >= 0 else None
-    except (OSError, ValueError):
+            raw = f.read().strip()
+        v = int(raw) if re.fullmatch(r"-?[0-9]+", raw) else -1
+        sys_node = v if 0 <= v <= MAX_NODE_ID else None
+    except (OSError, UnicodeDecodeError):
         pass
     kw: Dict[str, Any] = dict(physical_index=g.index, pci_bus_id=g.pci_bus_id,
               topo_numa_node=topo_node, sysfs_numa_node=sys_node)

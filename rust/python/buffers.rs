@@ -81,6 +81,28 @@ pub fn hold_buffer(obj: &Bound<'_, PyAny>, name: &str, writable: bool) -> PyResu
     })
 }
 
+/// Sets and dicts have no order: never a list of block hashes.
+fn refuse_unordered(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<()> {
+    use pyo3::types::{PyByteArray, PyDict, PyFrozenSet, PySet};
+    let unordered = obj.is_instance_of::<PySet>()
+        || obj.is_instance_of::<PyFrozenSet>()
+        || obj.is_instance_of::<PyDict>();
+    if unordered {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an ordered sequence of unsigned 64-bit integers (a list, tuple or \
+             numpy array), got an unordered {}",
+            obj.get_type().name()?
+        )));
+    }
+    if obj.is_instance_of::<PyByteArray>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a sequence of unsigned 64-bit integers, got {} (a byte buffer)",
+            obj.get_type().name()?
+        )));
+    }
+    Ok(())
+}
+
 /// Sequence of unsigned 64-bit integers: a numpy integer array (fast path,
 /// read through the buffer protocol) or any sequence of ints.
 pub fn u64_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
@@ -127,17 +149,7 @@ pub fn u64_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
             )));
         }
     }
-    use pyo3::types::{PyDict, PyFrozenSet, PySet};
-    if obj.is_instance_of::<PySet>()
-        || obj.is_instance_of::<PyFrozenSet>()
-        || obj.is_instance_of::<PyDict>()
-    {
-        return Err(PyTypeError::new_err(format!(
-            "{name} must be an ordered sequence of unsigned 64-bit integers (a list, tuple or \
-             numpy array), got an unordered {}",
-            obj.get_type().name()?
-        )));
-    }
+    refuse_unordered(obj, name)?;
     if obj.is_instance_of::<pyo3::types::PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>()
     {
         return Err(PyTypeError::new_err(format!(
@@ -190,6 +202,7 @@ pub fn batch_call<T: Send>(
     unit: usize,
     op: impl FnOnce(&[u64], usize, usize) -> crate::error::Result<T> + Send,
 ) -> PyResult<T> {
+    refuse_unordered(ids, ids_name)?;
     let held = hold_buffer(buf, buf_name, writable)?;
     if let Ok(n) = ids.len() {
         let want = n.saturating_mul(unit);
