@@ -732,6 +732,16 @@ def test_d18_unordered_or_byte_hash_lists_are_refused(hashes) -> None:
             kv.put(hashes, np.zeros(2 * BS, np.uint8))
 
 
+def test_d18_ctypes_arrays_are_buffers_too() -> None:
+    import ctypes
+
+    with BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False)) as kv:
+        src = (ctypes.c_uint8 * BS)(*([7] * BS))
+        assert kv.put([1], src) == 1
+        dst = (ctypes.c_uint8 * BS)()
+        assert kv.get([1], dst) == 1 and bytes(dst) == bytes(src)
+
+
 def test_d18_a_huge_hash_range_is_refused_before_it_is_listed() -> None:
     with BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False)) as kv:
         # Listing 2**40 hashes would take TiBs of memory: the size check comes first.

@@ -37,7 +37,13 @@ fn same_memory(obj: &Bound<'_, PyAny>, ptr: usize) -> PyResult<bool> {
 }
 
 pub fn hold_buffer(obj: &Bound<'_, PyAny>, name: &str, writable: bool) -> PyResult<HeldBuffer> {
-    let buf = match PyUntypedBuffer::get(obj) {
+    // Exporters that give no strides (ctypes arrays) are read through a
+    // memoryview, which supplies them and keeps the exporter alive.
+    let direct = PyUntypedBuffer::get(obj).or_else(|e| {
+        let mv = pyo3::types::PyMemoryView::from(obj).map_err(|_| e)?;
+        PyUntypedBuffer::get(mv.as_any())
+    });
+    let buf = match direct {
         Ok(b) => b,
         Err(first) => {
             let has_array = obj.hasattr("__array_interface__")? || obj.hasattr("__array__")?;
