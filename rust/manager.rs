@@ -5,7 +5,8 @@
 //! - A block lives in the host tier, the disk tier, or both (identical bytes:
 //!   a block's content never changes for its hash).
 //! - **Touch** refreshes a block in every tier that holds it.
-//! - **put**: blocks already stored are touched; new ones go to the host tier
+//! - **put**: blocks of the batch already stored are touched first (so the
+//!   batch's new blocks never evict them); then new ones go to the host tier
 //!   (or straight to disk when there is no host tier), in the order given.
 //! - **Host full**: the host LRU block leaves the host tier; if it has no disk
 //!   copy it is inserted into the disk tier (the offload), else it just keeps
@@ -626,15 +627,69 @@ impl BlockManager {
         }
     }
 
-    fn check_len(&self, n: usize, len: usize, name: &str) -> Result<()> {
-        let want = n.saturating_mul(self.block_size);
-        if len != want {
-            return Err(Error::Buffer(format!(
-                "{name} holds {len} bytes but {n} blocks of block_size {} need exactly {want}",
-                self.block_size
+    /// The address of each block of a batch in the caller's buffer
+    /// `base..base+len`: back to back, or at `rows[i] * block_size` when rows
+    /// are given (the buffer seen as `[n_rows, block_size]` bytes). Every
+    /// check runs here, before any byte moves: sizes, row bounds, distinct
+    /// destination rows (`distinct`), and no overlap with the host tier's own
+    /// memory (a copy between a slot and itself would corrupt the cache).
+    fn block_addrs(
+        &self,
+        n: usize,
+        (base, len): (usize, usize),
+        rows: Option<&[u64]>,
+        name: &str,
+        distinct: bool,
+        region: Option<&Region>,
+    ) -> Result<Vec<usize>> {
+        let bs = self.block_size;
+        if let Some(r) = region {
+            let (lo, hi) = (r.ptr() as usize, r.ptr() as usize + r.len());
+            if len > 0 && base < hi && lo < base.saturating_add(len) {
+                return Err(Error::Buffer(format!(
+                    "{name} overlaps the host tier's own memory; pass a buffer of your own \
+                     (views of BlockManager.host are the cache itself)"
+                )));
+            }
+        }
+        let Some(rows) = rows else {
+            let want = n.saturating_mul(bs);
+            if len != want {
+                return Err(Error::Buffer(format!(
+                    "{name} holds {len} bytes but {n} blocks of block_size {bs} need exactly {want}"
+                )));
+            }
+            return Ok((0..n).map(|i| base + i * bs).collect());
+        };
+        if rows.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "rows has {} entries but hashes has {n}: give one row per hash",
+                rows.len()
             )));
         }
-        Ok(())
+        if len % bs != 0 {
+            return Err(Error::Buffer(format!(
+                "{name} holds {len} bytes, not a whole number of rows of block_size {bs}"
+            )));
+        }
+        let n_rows = (len / bs) as u64;
+        if let Some((i, &r)) = rows.iter().enumerate().find(|(_, &r)| r >= n_rows) {
+            return Err(Error::Index(format!(
+                "rows[{i}] is {r}, out of range: {name} holds {n_rows} rows of block_size {bs}"
+            )));
+        }
+        if distinct {
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_unstable_by_key(|&i| rows[i]);
+            if let Some(w) = order.windows(2).find(|w| rows[w[0]] == rows[w[1]]) {
+                let (a, b) = (w[0].min(w[1]), w[0].max(w[1]));
+                return Err(Error::InvalidArgument(format!(
+                    "rows[{a}] and rows[{b}] are both {}: each block needs its own row of {name}",
+                    rows[a]
+                )));
+            }
+        }
+        Ok(rows.iter().map(|&r| base + r as usize * bs).collect())
     }
 
     /// Run a plan: DEL records for reused disk slots, one batched disk
@@ -778,11 +833,42 @@ impl BlockManager {
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the whole call.
     pub unsafe fn put_raw(&self, hashes: &[u64], src: *const u8, len: usize) -> Result<usize> {
-        self.check_len(hashes.len(), len, "src")?;
+        // SAFETY: forwarded.
+        unsafe { self.put_rows(hashes, src, len, None) }
+    }
+
+    /// Store blocks `hashes[i]` from row `rows[i]` of `src` (seen as rows of
+    /// block_size bytes), or back to back without rows. Returns how many
+    /// were new.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes for the whole call.
+    pub unsafe fn put_rows(
+        &self,
+        hashes: &[u64],
+        src: *const u8,
+        len: usize,
+        rows: Option<&[u64]>,
+    ) -> Result<usize> {
         let region = self.region()?;
+        let addrs = self.block_addrs(
+            hashes.len(),
+            (src as usize, len),
+            rows,
+            "src",
+            false,
+            region.as_deref(),
+        )?;
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
         let mut plan = Plan::default();
+        // Refresh the batch's stored blocks first, so its new blocks never
+        // evict them (`put([3, 1])` into a full tier holding 1 keeps 1).
+        for h in hashes {
+            if let Some(&e) = st.map.get(h) {
+                st.touch(e);
+            }
+        }
         let mut new = 0usize;
         for (i, &h) in hashes.iter().enumerate() {
             if let Some(&e) = st.map.get(&h) {
@@ -790,7 +876,7 @@ impl BlockManager {
                 continue;
             }
             new += 1;
-            let addr = src as usize + i * self.block_size;
+            let addr = addrs[i];
             if st.host.is_some() {
                 st.host_insert(h, addr, &mut plan);
                 if self.opts.write_through && st.disk.is_some() {
@@ -813,8 +899,33 @@ impl BlockManager {
     /// `dst` must be valid for writes of `len` bytes for the whole call and
     /// untouched by others meanwhile.
     pub unsafe fn get_raw(&self, hashes: &[u64], dst: *mut u8, len: usize) -> Result<usize> {
-        self.check_len(hashes.len(), len, "dst")?;
+        // SAFETY: forwarded.
+        unsafe { self.get_rows(hashes, dst, len, None) }
+    }
+
+    /// Copy the longest stored prefix of `hashes` into row `rows[i]` of
+    /// `dst` (distinct rows), or back to back without rows; returns its
+    /// length.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes for the whole call and
+    /// untouched by others meanwhile.
+    pub unsafe fn get_rows(
+        &self,
+        hashes: &[u64],
+        dst: *mut u8,
+        len: usize,
+        rows: Option<&[u64]>,
+    ) -> Result<usize> {
         let region = self.region()?;
+        let addrs = self.block_addrs(
+            hashes.len(),
+            (dst as usize, len),
+            rows,
+            "dst",
+            true,
+            region.as_deref(),
+        )?;
         let mut st = self.open_state()?;
         if let Err(e) = self.settle_index(&mut st) {
             // Reads still work; promotions wait for the rewrite.
@@ -824,8 +935,7 @@ impl BlockManager {
         st.stats.get_calls += 1;
         let n = st.prefix(hashes);
         let bs = self.block_size;
-        let base = dst as usize;
-        let addr = move |i: usize| base + i * bs;
+        let addr = |i: usize| addrs[i];
         // Phase A: read every block from where it is now.
         let mut host_slots = Vec::new();
         let mut host_idx = Vec::new();
@@ -1187,6 +1297,25 @@ mod tests {
         l.remove(2);
         assert_eq!(l.order(), vec![0, 3, 1]);
         assert_eq!(l.front(), Some(0));
+    }
+
+    #[test]
+    fn a_batch_never_evicts_its_own_stored_blocks() {
+        // Disk-only, 2 slots holding [1, 2]: put([3, 1]) refreshes 1, and 3
+        // evicts the LRU block 2. One new block.
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096;
+        let m = mgr(0, 2, bs, dir.path());
+        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+            .unwrap();
+        let n = m
+            .put(&[3, 1], &[block(3, bs), block(1, bs)].concat())
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(m.lru_order().unwrap().1, vec![3, 1]); // the batch order is the recency order
+        let mut one = vec![0u8; bs];
+        assert_eq!(m.get(&[1], &mut one).unwrap(), 1);
+        assert_eq!(one, block(1, bs));
     }
 
     #[test]

@@ -66,6 +66,11 @@ class PolicyModel:
         self.disk[h] = None
 
     def put(self, hashes: List[int], blocks: List[bytes]) -> int:
+        # Blocks of the batch already stored are refreshed first, so the batch's own new
+        # blocks never evict them.
+        for h in hashes:
+            if self.present(h):
+                self.touch(h)
         new = 0
         for h, b in zip(hashes, blocks):
             if self.present(h):

@@ -9,6 +9,7 @@ crosses into Rust once and releases the GIL while data moves. The policy
 from __future__ import annotations
 
 import hashlib
+import operator
 from typing import Any, Dict, Optional, Sequence, Union
 
 from . import _core
@@ -17,6 +18,17 @@ from .disk import DiskStorage
 from .host import HostStorage
 
 Hashes = Union[Sequence[int], Any]  # a sequence of ints or a numpy uint64 array
+Rows = Optional[Union[Sequence[int], Any]]  # one row index per hash, or None
+
+
+def _hash_value(hash: Any) -> int:
+    """A hash given as a Python or numpy integer (not a bool), as an int."""
+    if isinstance(hash, bool) or not hasattr(hash, "__index__"):
+        raise TypeError(f"hash must be an integer in 0..2**64, got {type(hash).__name__} {hash!r}")
+    v = operator.index(hash)
+    if not 0 <= v < 2**64:
+        raise ValueError(f"hash must be an integer in 0..2**64, got {v}")
+    return v
 
 
 def _layout_fingerprint(config: Config) -> int:
@@ -107,35 +119,42 @@ class BlockManager:
         return self._m.persistent
 
     # --- the batch API ----------------------------------------------------
-    def put(self, hashes: Hashes, src: Any) -> int:
-        """Store ``len(hashes)`` blocks, back to back in ``src``. Blocks already
-        stored are skipped (and refreshed). Returns how many were new."""
+    def put(self, hashes: Hashes, src: Any, rows: Rows = None) -> int:
+        """Store ``len(hashes)`` blocks, back to back in ``src`` or, with
+        ``rows``, block ``i`` from row ``rows[i]`` of ``src`` seen as
+        ``[n_rows, block_size]`` bytes (a gather from one large KV buffer).
+        Blocks already stored are skipped (and refreshed). Returns how many
+        were new. Every check runs before any byte moves."""
         self._check_open()
-        return self._m.put(hashes, src)
+        return self._m.put(hashes, src, rows)
 
     def match(self, hashes: Hashes) -> int:
         """Length of the longest prefix of ``hashes`` stored in any tier."""
         self._check_open()
         return self._m.match(hashes)
 
-    def get(self, hashes: Hashes, dst: Any) -> int:
+    def get(self, hashes: Hashes, dst: Any, rows: Rows = None) -> int:
         """Copy the longest stored prefix of ``hashes`` into ``dst`` (writable,
-        ``len(hashes) * block_size`` bytes); returns its length. Blocks read
-        from disk are promoted into the host tier. Bytes of ``dst`` past the
-        returned count are unspecified."""
+        ``len(hashes) * block_size`` bytes) or, with ``rows``, block ``i`` into
+        row ``rows[i]`` of ``dst`` (distinct rows: a scatter into one large KV
+        buffer); returns the prefix length. Blocks read from disk are promoted
+        into the host tier. Bytes past the returned count (or rows of blocks
+        past it) are unspecified."""
         self._check_open()
-        return self._m.get(hashes, dst)
+        return self._m.get(hashes, dst, rows)
 
     def contains(self, hash: int) -> bool:
+        """Whether ``hash`` (a Python or numpy integer) is stored in any tier."""
         self._check_open()
-        if isinstance(hash, bool) or not isinstance(hash, int) or not 0 <= hash < 2**64:
-            raise ValueError(f"hash must be an integer in 0..2**64, got {hash!r}")
-        return self._m.contains(hash)
+        return self._m.contains(_hash_value(hash))
 
     def __contains__(self, hash: object) -> bool:
         self._check_open()
-        return (isinstance(hash, int) and not isinstance(hash, bool) and 0 <= hash < 2**64
-                and self._m.contains(hash))
+        try:
+            v = _hash_value(hash)
+        except (TypeError, ValueError):
+            return False
+        return self._m.contains(v)
 
     def __len__(self) -> int:
         self._check_open()

@@ -192,8 +192,8 @@ pub fn u64_list(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<u64>> {
 /// One batch call from Python: hold the caller's buffer for the call
 /// (checked for contiguity and, for destinations, writability), parse the
 /// ids, and run `op(ids, address, length)` with the GIL released. `unit` is
-/// the bytes each id moves: a sized id list that cannot fit the buffer is
-/// refused before it is materialised.
+/// the bytes each id moves when they lie back to back: a sized id list that
+/// cannot fit the buffer is refused before it is materialised.
 ///
 /// `op` receives the buffer's address; `HeldBuffer` keeps the exporter's
 /// memory alive and fixed until after the GIL is re-taken.
@@ -205,12 +205,12 @@ pub fn batch_call<T: Send>(
     buf: &Bound<'_, PyAny>,
     buf_name: &str,
     writable: bool,
-    unit: usize,
+    unit: Option<usize>,
     op: impl FnOnce(&[u64], usize, usize) -> crate::error::Result<T> + Send,
 ) -> PyResult<T> {
     refuse_unordered(ids, ids_name)?;
     let held = hold_buffer(buf, buf_name, writable)?;
-    if let Ok(n) = ids.len() {
+    if let (Some(unit), Ok(n)) = (unit, ids.len()) {
         let want = n.saturating_mul(unit);
         if want != held.len {
             return Err(to_py(crate::error::Error::Buffer(format!(

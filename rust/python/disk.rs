@@ -82,10 +82,11 @@ impl PyDiskStorage {
             src,
             "src",
             false,
-            self.inner.block_size(),
+            Some(self.inner.block_size()),
             move |ids, p, n| unsafe { s.write_blocks_raw(ids, p as *const u8, n) },
         );
-        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        let s = self.inner.clone();
+        log_warnings(py, "dynblock.disk", py.detach(move || s.take_warnings()))?;
         r
     }
 
@@ -105,10 +106,11 @@ impl PyDiskStorage {
             dst,
             "dst",
             true,
-            self.inner.block_size(),
+            Some(self.inner.block_size()),
             move |ids, p, n| unsafe { s.read_blocks_raw(ids, p as *mut u8, n) },
         );
-        log_warnings(py, "dynblock.disk", self.inner.take_warnings())?;
+        let s = self.inner.clone();
+        log_warnings(py, "dynblock.disk", py.detach(move || s.take_warnings()))?;
         r
     }
 

@@ -126,7 +126,7 @@ impl PyHostStorage {
             src,
             "src",
             false,
-            self.inner.block_size(),
+            Some(self.inner.block_size()),
             move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, true) },
         )
     }
@@ -146,7 +146,7 @@ impl PyHostStorage {
             dst,
             "dst",
             true,
-            self.inner.block_size(),
+            Some(self.inner.block_size()),
             move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, false) },
         )
     }

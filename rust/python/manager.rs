@@ -69,13 +69,17 @@ impl PyBlockManager {
         self.inner.persistent()
     }
 
+    #[pyo3(signature = (hashes, src, rows=None))]
     fn put(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
+        rows: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         let m = self.inner.clone();
+        let rows = rows_arg(rows)?;
+        let unit = rows.is_none().then(|| self.inner.block_size());
         // SAFETY: the buffer is held (alive, fixed) for the call; only read.
         let r = batch_call(
             py,
@@ -84,20 +88,24 @@ impl PyBlockManager {
             src,
             "src",
             false,
-            self.inner.block_size(),
-            move |hs, p, n| unsafe { m.put_raw(hs, p as *const u8, n) },
+            unit,
+            move |hs, p, n| unsafe { m.put_rows(hs, p as *const u8, n, rows.as_deref()) },
         );
         self.flush_warnings(py)?;
         r
     }
 
+    #[pyo3(signature = (hashes, dst, rows=None))]
     fn get(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
+        rows: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
         let m = self.inner.clone();
+        let rows = rows_arg(rows)?;
+        let unit = rows.is_none().then(|| self.inner.block_size());
         // SAFETY: the buffer is held for the call and checked writable.
         let r = batch_call(
             py,
@@ -106,8 +114,8 @@ impl PyBlockManager {
             dst,
             "dst",
             true,
-            self.inner.block_size(),
-            move |hs, p, n| unsafe { m.get_raw(hs, p as *mut u8, n) },
+            unit,
+            move |hs, p, n| unsafe { m.get_rows(hs, p as *mut u8, n, rows.as_deref()) },
         );
         self.flush_warnings(py)?;
         r
@@ -191,8 +199,21 @@ impl PyBlockManager {
     }
 }
 
+/// The optional `rows` argument: None, or one row index per hash.
+fn rows_arg(rows: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u64>>> {
+    match rows {
+        Some(r) if !r.is_none() => Ok(Some(u64_list(r, "rows")?)),
+        _ => Ok(None),
+    }
+}
+
 impl PyBlockManager {
+    /// Log the engine's pending warnings. They are taken with the GIL
+    /// released: the manager's lock may be held by another thread's batch,
+    /// and waiting for it must not stop every Python thread.
     fn flush_warnings(&self, py: Python<'_>) -> PyResult<()> {
-        log_warnings(py, "dynblock.manager", self.inner.take_warnings())
+        let m = self.inner.clone();
+        let w = py.detach(move || m.take_warnings());
+        log_warnings(py, "dynblock.manager", w)
     }
 }

@@ -1,0 +1,128 @@
+"""What a serving engine calls: blocks gathered from and scattered to rows of
+one large KV buffer, hashes of every integer kind at every entry point, a
+batch that never evicts its own blocks, and the cache's own memory refused
+as a source or destination."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynblock import BlockManager, Config
+
+BS = 4096
+
+
+def data_for(h: int, bs: int = BS) -> np.ndarray:
+    return np.random.default_rng(h).integers(0, 256, size=bs, dtype=np.uint8)
+
+
+def manager(tmp_path: Path, host: int, disk: int, bs: int = BS) -> BlockManager:
+    return BlockManager(Config(block_size=bs, host_blocks=host, disk_blocks=disk,
+                               disk_dir=str(tmp_path), numa_node=None, pin=False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_rows=st.integers(1, 48), data=st.data())
+def test_rows_gather_and_scatter_byte_exact(tmp_path_factory, n_rows: int, data) -> None:
+    # Blocks are put from random rows of one large buffer and come back into random, distinct
+    # rows of another, through the host tier and (with a small host tier) the disk tier.
+    k = data.draw(st.integers(1, n_rows), label="blocks")
+    src_rows = data.draw(st.lists(st.integers(0, n_rows - 1), min_size=k, max_size=k), label="src rows")
+    dst_rows = data.draw(st.permutations(range(n_rows)), label="dst rows")[:k]
+    hashes = [1000 + i for i in range(k)]
+    kv_src = np.random.default_rng(n_rows).integers(0, 256, size=n_rows * BS, dtype=np.uint8)
+    with manager(tmp_path_factory.mktemp("rows"), host=max(1, k // 3), disk=2 * k) as kv:
+        assert kv.put(hashes, kv_src, rows=src_rows) == k
+        dst = np.zeros(n_rows * BS, np.uint8)
+        assert kv.get(hashes, dst, rows=dst_rows) == k
+        for i in range(k):
+            got = dst[dst_rows[i] * BS:(dst_rows[i] + 1) * BS]
+            want = kv_src[src_rows[i] * BS:(src_rows[i] + 1) * BS]
+            assert np.array_equal(got, want), f"block {i}"
+        untouched = sorted(set(range(n_rows)) - set(dst_rows))
+        for r in untouched:
+            assert not dst[r * BS:(r + 1) * BS].any()
+
+
+def test_rows_in_a_2d_kv_buffer(tmp_path: Path) -> None:
+    # An engine's paged KV buffer: [n_pages, block_size] of float16, blocks at page ids.
+    pages = np.random.default_rng(1).standard_normal((32, BS // 2)).astype(np.float16)
+    with manager(tmp_path, 8, 0) as kv:
+        assert kv.put(np.array([7, 8, 9], np.uint64), pages, rows=np.array([30, 2, 17], np.int64)) == 3
+        out = np.zeros_like(pages)
+        assert kv.get([7, 8, 9, 10], out, rows=[0, 1, 5, 6]) == 3
+        assert np.array_equal(out[[0, 1, 5]], pages[[30, 2, 17]])
+        assert not out[6].any()
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda kv, b: kv.get([1, 2], b, rows=[3, 3]), ValueError, r"rows\[0\] and rows\[1\] are both 3"),
+    (lambda kv, b: kv.get([1, 2], b, rows=[0, 8]), IndexError, r"rows\[1\] is 8, out of range: dst holds 8 rows"),
+    (lambda kv, b: kv.get([1, 2], b, rows=[0]), ValueError, "rows has 1 entries but hashes has 2"),
+    (lambda kv, b: kv.get([1], b[:BS + 1], rows=[0]), ValueError, "not a whole number of rows"),
+    (lambda kv, b: kv.put([5, 6], b, rows=[0, -1]), ValueError, r"rows\[1\] must be an integer in 0..2\*\*64, got -1"),
+    (lambda kv, b: kv.put([5, 6], b, rows=[0, 9]), IndexError, r"rows\[1\] is 9"),
+])
+def test_bad_rows_are_refused_before_any_byte_moves(tmp_path: Path, call, exc, match) -> None:
+    with manager(tmp_path, 4, 0) as kv:
+        kv.put([1, 2], np.concatenate([data_for(1), data_for(2)]))
+        before = (kv.lru_order(), kv.stats())
+        buf = np.full(8 * BS, 0xAB, np.uint8)
+        with pytest.raises(exc, match=match):
+            call(kv, buf)
+        assert (buf == 0xAB).all()
+        assert (kv.lru_order(), kv.stats()) == before
+        assert 5 not in kv and 6 not in kv
+
+
+def test_a_batch_never_evicts_its_own_stored_blocks(tmp_path: Path) -> None:
+    # Disk-only store of 2 blocks holding [1, 2]: put([3, 1]) refreshes 1 and evicts 2 for 3.
+    with manager(tmp_path, 0, 2) as kv:
+        kv.put([1, 2], np.concatenate([data_for(1), data_for(2)]))
+        assert kv.put([3, 1], np.concatenate([data_for(3), data_for(1)])) == 1
+        assert 2 not in kv and 1 in kv and 3 in kv
+        out = np.zeros(BS, np.uint8)
+        assert kv.get([1], out) == 1 and np.array_equal(out, data_for(1))
+        assert kv.stats()["dropped_blocks"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda hs: list(hs),
+    lambda hs: tuple(np.uint64(h) for h in hs),
+    lambda hs: [np.int64(h) for h in hs],
+    lambda hs: np.array(hs, dtype=np.uint64),
+    lambda hs: np.array(hs, dtype=np.int64),
+    lambda hs: np.array(hs, dtype=np.uint32),
+])
+def test_hashes_of_every_integer_kind_at_every_entry_point(tmp_path: Path, make) -> None:
+    hs = [3, 1, 2]
+    with manager(tmp_path, 4, 4) as kv:
+        assert kv.put(make(hs), np.concatenate([data_for(h) for h in hs])) == 3
+        assert kv.match(make(hs)) == 3
+        out = np.zeros(3 * BS, np.uint8)
+        assert kv.get(make(hs), out) == 3
+        assert np.array_equal(out, np.concatenate([data_for(h) for h in hs]))
+        for h in make(hs):
+            assert kv.contains(h) and h in kv
+        assert kv.remove(make(hs[:1])) == 1
+        assert kv.match(make(hs)) == 0 and np.uint64(1) in kv
+
+
+def test_the_cache_own_memory_is_refused(tmp_path: Path) -> None:
+    with manager(tmp_path, 4, 0) as kv:
+        kv.put([1], np.full(BS, 0x41, np.uint8))
+        kv.put([2], np.full(BS, 0x42, np.uint8))
+        assert kv.host is not None
+        view = kv.host.view()
+        with pytest.raises(ValueError, match="overlaps the host tier's own memory"):
+            kv.get([2, 1], view[:2 * BS])
+        with pytest.raises(ValueError, match="overlaps the host tier's own memory"):
+            kv.put([3], view[:BS])
+        out = bytearray(BS)
+        assert kv.get([1], out) == 1 and out[:1] == b"A"  # hash 1 still serves its own bytes
+        assert 3 not in kv
