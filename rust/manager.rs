@@ -608,12 +608,56 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Close: release the index file at once. Later calls raise "closed".
-    /// In a forked child nothing is written.
-    pub fn close(&self) {
+    /// Close: with `flush`, a persistent store first writes the blocks that
+    /// live only in the host tier to disk (see [`Self::flush_host`]); then
+    /// the index file is released at once. Later calls raise "closed". In a
+    /// forked child nothing is written. Returns how many blocks were
+    /// written; a failure to write them is returned after closing anyway.
+    pub fn close(&self, flush: bool) -> Result<usize> {
         let mut st = self.lock();
+        if st.closed {
+            return Ok(0);
+        }
+        let written = if flush && self.persistent() && !self.fork.forked() {
+            self.flush_host(&mut st)
+        } else {
+            Ok(0)
+        };
         st.closed = true;
         st.index = None;
+        written
+    }
+
+    /// Write the blocks that live only in the host tier to the disk tier,
+    /// most recent first, as many as the disk tier holds (older disk blocks
+    /// make room, as in any offload): what a restart of a persistent store
+    /// should find. The host copies stay.
+    fn flush_host(&self, st: &mut State) -> Result<usize> {
+        let (Some(host), Some(disk)) = (st.host.as_ref(), st.disk.as_ref()) else {
+            return Ok(0);
+        };
+        let cap = disk.hash_of.len();
+        // Host LRU order, least recent first; keep the most recent `cap`.
+        let host_only: Vec<(u64, u32)> = host
+            .lru
+            .order()
+            .into_iter()
+            .map(|s| (host.hash_of[s as usize], s))
+            .filter(|(h, _)| st.map.get(h).is_some_and(|e| e.disk == NIL))
+            .collect();
+        let keep = &host_only[host_only.len().saturating_sub(cap)..];
+        if keep.is_empty() {
+            return Ok(0);
+        }
+        self.settle_index(st)?;
+        let region = self.region()?;
+        let mut plan = Plan::default();
+        // Least recent first, so the disk tier's LRU order follows the host's.
+        for &(h, slot) in keep {
+            st.disk_insert(h, Src::HostSlot(slot), true, &mut plan);
+        }
+        self.execute(st, &plan, region.as_deref())?;
+        Ok(keep.len())
     }
 
     pub fn is_closed(&self) -> bool {

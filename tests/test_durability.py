@@ -207,8 +207,9 @@ def test_write_through_makes_host_blocks_durable(tmp_path: Path) -> None:
         assert m.stats()["host_blocks_used"] == 2 and m.stats()["disk_blocks_used"] == 2
     with open_store(path, host_blocks=4, disk_blocks=16) as m:
         assert np.array_equal(get_one(m, 2), data_for(2))
-    with open_store(path, host_blocks=4, disk_blocks=16) as m:  # without: host blocks die with it
-        m.put([3], data_for(3))
+    m = open_store(path, host_blocks=4, disk_blocks=16)  # without: host blocks are not on disk
+    m.put([3], data_for(3))
+    m.close(flush=False)  # as a crash would leave it (a clean close writes them)
     with open_store(path, host_blocks=4, disk_blocks=16) as m:
         assert 3 not in m and 1 in m
 
@@ -336,3 +337,29 @@ def test_enospc_in_an_eviction_batch_leaves_the_store_consistent(tiny_tmpfs: Pat
             assert m.get([h], out) == 1 and np.array_equal(out, data_for(h, bs))
     assert m.stats()["corrupt_blocks"] == 0
     m.close()
+
+
+def test_clean_close_keeps_the_host_tier_of_a_persistent_store(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+        m.put(list(range(10)), blocks(list(range(10))))
+        assert m.stats()["disk_blocks_used"] == 0  # host tier only, until close
+    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+        assert len(m) == 10
+        for h in range(10):
+            assert np.array_equal(get_one(m, h), data_for(h))
+        m.put([20, 21], blocks([20, 21]))
+        m.close(flush=False)  # asked not to: the new host-only blocks are not kept
+    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+        assert len(m) == 10 and 20 not in m
+
+
+def test_close_keeps_the_most_recent_host_blocks_that_fit(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    with open_store(path, host_blocks=16, disk_blocks=4) as m:
+        m.put(list(range(10)), blocks(list(range(10))))
+        m.get([2], np.zeros(BS, np.uint8))  # 2 becomes the most recent
+    with open_store(path, host_blocks=16, disk_blocks=4) as m:
+        assert sorted(h for h in range(10) if h in m) == [2, 7, 8, 9]
+        assert m.lru_order()[1] == [7, 8, 9, 2]  # the disk tier keeps the host's recency order
+        assert all(np.array_equal(get_one(m, h), data_for(h)) for h in (2, 7, 8, 9))

@@ -223,15 +223,23 @@ class BlockManager:
         if self._host is not None:
             self._host.close()
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
         """Close both tiers and the index, releasing files and worker threads at
         once (the disk file disappears unless persistent). Idempotent. Every
-        later call raises ``ValueError("BlockManager is closed")``."""
+        later call raises ``ValueError("BlockManager is closed")``.
+
+        A persistent store first writes the blocks that live only in the host
+        tier to disk, most recent first, as many as the disk tier holds (its
+        least recent blocks make room), so a restart finds the hottest blocks
+        too. ``flush=False`` skips that. If that write fails, the store is
+        closed anyway and the error is raised."""
         if self._closed:
             return
         self._closed = True
-        self._m.close()
-        self._close_tiers()
+        try:
+            self._m.close(flush)
+        finally:
+            self._close_tiers()
 
     @property
     def closed(self) -> bool:

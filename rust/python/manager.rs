@@ -138,10 +138,14 @@ impl PyBlockManager {
         py.detach(move || m.len()).map_err(to_py)
     }
 
-    /// Release the index file at once; later calls raise "closed".
-    fn close(&self, py: Python<'_>) {
+    /// Close (see `dynblock.BlockManager.close`): returns how many host-only
+    /// blocks were written to disk first.
+    #[pyo3(signature = (flush=true))]
+    fn close(&self, py: Python<'_>, flush: bool) -> PyResult<usize> {
         let m = self.inner.clone();
-        py.detach(move || m.close())
+        let r = py.detach(move || m.close(flush)).map_err(to_py);
+        self.flush_warnings(py)?;
+        r
     }
 
     fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
