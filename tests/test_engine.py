@@ -126,3 +126,65 @@ def test_the_cache_own_memory_is_refused(tmp_path: Path) -> None:
         out = bytearray(BS)
         assert kv.get([1], out) == 1 and out[:1] == b"A"  # hash 1 still serves its own bytes
         assert 3 not in kv
+
+
+class DlpackOnly:
+    """Exposes an array through DLPack alone (no buffer protocol, no __array__), as a torch
+    tensor does; numpy is the real producer behind it."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
+def test_dlpack_tensors_round_trip_zero_copy(tmp_path: Path) -> None:
+    import sys
+
+    src = np.random.default_rng(3).standard_normal((2, BS // 4)).astype(np.float32)  # 2 blocks, 2-D
+    dst = np.zeros_like(src)
+    refs = sys.getrefcount(src), sys.getrefcount(dst)
+    with manager(tmp_path, 4, 4) as kv:
+        assert kv.put([1, 2], DlpackOnly(src)) == 2
+        assert kv.get([1, 2], DlpackOnly(dst)) == 2
+        assert np.array_equal(dst, src)  # written in place: the caller's memory, no copy
+        rows = np.zeros((4, BS // 4), np.float32)
+        assert kv.get([2, 1], DlpackOnly(rows), rows=[3, 0]) == 2
+        assert np.array_equal(rows[3], src[1]) and np.array_equal(rows[0], src[0])
+    assert (sys.getrefcount(src), sys.getrefcount(dst)) == refs  # every capsule's deleter ran
+
+
+def test_dlpack_refusals_change_nothing(tmp_path: Path) -> None:
+    with manager(tmp_path, 4, 0) as kv:
+        kv.put([1], np.full(BS, 5, np.uint8))
+        ro = np.zeros(BS, np.uint8)
+        ro.flags.writeable = False
+        with pytest.raises(BufferError, match="read-only"):
+            kv.get([1], DlpackOnly(ro))
+        assert kv.put([2], DlpackOnly(np.full(BS, 6, np.uint8)[:])) == 1  # read-only sources are fine
+        strided = np.zeros(2 * BS, np.uint8)[::2]
+        with pytest.raises(ValueError, match="contiguous"):
+            kv.get([1], DlpackOnly(strided))
+        assert not strided.any() and len(kv) == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "float16"])
+def test_torch_tensors_of_kv_dtypes_round_trip_byte_exact(tmp_path: Path, dtype: str) -> None:
+    torch = pytest.importorskip("torch", reason="torch is not installed (it is optional)")
+    if not hasattr(torch, dtype):
+        pytest.skip(f"this torch has no {dtype}")
+    n = BS  # elements: bytes differ per dtype, block_size follows
+    t = torch.randn(2, n).to(getattr(torch, dtype))
+    bs = t[0].numel() * t.element_size()
+    with BlockManager(Config(block_size=bs, host_blocks=4, disk_blocks=4, disk_dir=str(tmp_path),
+                             numa_node=None, pin=False)) as kv:
+        assert kv.put([1, 2], t) == 2
+        out = torch.zeros_like(t)
+        assert kv.get([1, 2], out) == 2
+        assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
+        with pytest.raises(ValueError, match="contiguous"):
+            kv.get([1], torch.zeros(2, n, dtype=t.dtype).t())

@@ -9,13 +9,19 @@ use pyo3::prelude::*;
 use super::errors::to_py;
 
 /// A caller's buffer held for the length of one call: exported through the
-/// buffer protocol (numpy arrays, memoryview, bytearray, ...), or through
-/// `numpy.asarray` for objects such as torch CPU tensors that only speak the
-/// array interface. Holding it keeps the memory alive and un-resizable.
+/// buffer protocol (numpy arrays, memoryview, bytearray, ...), through
+/// DLPack (torch tensors of any dtype: zero-copy, no numpy conversion), or
+/// through `numpy.asarray` for objects that only speak the array interface.
+/// Holding it keeps the memory alive and un-resizable. Drop it with the GIL.
 pub struct HeldBuffer {
-    _buf: PyUntypedBuffer,
+    _keep: Keep,
     pub ptr: usize,
     pub len: usize,
+}
+
+enum Keep {
+    Buffer(#[allow(dead_code)] PyUntypedBuffer),
+    Dlpack(#[allow(dead_code)] super::dlpack::DlpackHold),
 }
 
 /// Whether `obj` says its data starts at `ptr`: through
@@ -45,12 +51,20 @@ pub fn hold_buffer(obj: &Bound<'_, PyAny>, name: &str, writable: bool) -> PyResu
     });
     let buf = match direct {
         Ok(b) => b,
+        Err(_) if obj.hasattr("__dlpack__")? => {
+            let (hold, ptr, len) = super::dlpack::take(obj, name, writable)?;
+            return Ok(HeldBuffer {
+                _keep: Keep::Dlpack(hold),
+                ptr,
+                len,
+            });
+        }
         Err(first) => {
             let has_array = obj.hasattr("__array_interface__")? || obj.hasattr("__array__")?;
             if !has_array {
                 return Err(PyTypeError::new_err(format!(
-                    "{name} must support the buffer protocol (numpy array, memoryview, \
-                     bytearray, torch CPU tensor), got {}: {first}",
+                    "{name} must support the buffer protocol or DLPack (numpy array, \
+                     memoryview, bytearray, torch CPU tensor), got {}: {first}",
                     obj.get_type().name()?
                 )));
             }
@@ -81,7 +95,7 @@ pub fn hold_buffer(obj: &Bound<'_, PyAny>, name: &str, writable: bool) -> PyResu
     let ptr = buf.buf_ptr() as usize;
     let len = buf.len_bytes();
     Ok(HeldBuffer {
-        _buf: buf,
+        _keep: Keep::Buffer(buf),
         ptr,
         len,
     })

@@ -1,7 +1,8 @@
 //! The Python edge: `dynblock._core`. Everything that touches Python lives
 //! here; the engine modules never import PyO3. One file per concern:
 //! [`errors`] (the exception tree and the one conversion), [`buffers`]
-//! (caller buffers and id lists), [`settings`] (typed arguments, defaults,
+//! (caller buffers and id lists), [`dlpack`] (zero-copy tensors of any
+//! dtype), [`settings`] (typed arguments, defaults,
 //! checks), and one per class: [`disk`], [`host`], [`manager`].
 
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use pyo3::prelude::*;
 
 mod buffers;
 mod disk;
+mod dlpack;
 mod errors;
 mod host;
 mod manager;
