@@ -18,6 +18,13 @@
 //!   order; then blocks that were disk-only are promoted into the host tier
 //!   in order (keeping their disk copy).
 //! - **match** is a query: it changes no recency.
+//! - **Leases**: `lookup` pins the slots of the longest stored prefix (the
+//!   host slot where a block has one, else its disk slot). Eviction takes the
+//!   least recent *unpinned* block; when every candidate is pinned, the new
+//!   block is not stored and is counted (`rejected_full`); a host victim
+//!   whose disk tier is all pinned is dropped. A block removed while pinned
+//!   keeps its slot out of use until the last unpin. `get_lease` reads the
+//!   pinned blocks (the prefix rules of `get` apply) and releases the pins.
 //!
 //! - **Unreadable blocks**: a disk block that fails its checksum or whose
 //!   read fails (EIO) is a miss: dropped, counted (`corrupt_blocks`,
@@ -134,9 +141,6 @@ impl Lru {
             self.push_back(s);
         }
     }
-    fn front(&self) -> Option<u32> {
-        (self.head != NIL).then_some(self.head)
-    }
     fn order(&self) -> Vec<u32> {
         let mut out = Vec::new();
         let mut c = self.head;
@@ -148,13 +152,17 @@ impl Lru {
     }
 }
 
-/// One tier's slots: which hash each holds, LRU order, free list.
+/// One tier's slots: which hash each holds, LRU order, free list, and pins.
+/// A pinned slot (held by a lease) is never evicted nor reused: a block
+/// removed while pinned leaves its slot "doomed" until the last unpin.
 struct Tier {
     lru: Lru,
     hash_of: Vec<u64>,
     /// Checksum of each slot's block (disk tier; unused for host).
     crc: Vec<u32>,
     free: Vec<u32>,
+    pins: Vec<u32>,
+    doomed: Vec<bool>,
 }
 
 impl Tier {
@@ -164,6 +172,30 @@ impl Tier {
             hash_of: vec![0; cap as usize],
             crc: vec![0; cap as usize],
             free: (0..cap).rev().collect(),
+            pins: vec![0; cap as usize],
+            doomed: vec![false; cap as usize],
+        }
+    }
+    /// The least recently used slot that no lease pins.
+    fn evictable(&self) -> Option<u32> {
+        let mut c = self.lru.head;
+        while c != NIL {
+            if self.pins[c as usize] == 0 {
+                return Some(c);
+            }
+            c = self.lru.next[c as usize];
+        }
+        None
+    }
+    fn pin(&mut self, s: u32) {
+        self.pins[s as usize] += 1;
+    }
+    fn unpin(&mut self, s: u32) {
+        let p = &mut self.pins[s as usize];
+        *p = p.saturating_sub(1);
+        if *p == 0 && self.doomed[s as usize] {
+            self.doomed[s as usize] = false;
+            self.free.push(s);
         }
     }
     /// Fill from recovered entries (oldest first), marking their slots used.
@@ -185,14 +217,28 @@ impl Tier {
     }
     fn release(&mut self, s: u32) {
         self.lru.remove(s);
-        self.free.push(s);
+        if self.pins[s as usize] > 0 {
+            self.doomed[s as usize] = true;
+        } else {
+            self.free.push(s);
+        }
     }
     fn used(&self) -> usize {
         self.hash_of.len() - self.free.len()
     }
+    /// Forget every block; slots a lease still pins stay out of use until
+    /// their last unpin.
     fn reset(&mut self) {
         let cap = self.hash_of.len() as u32;
+        let pins = std::mem::take(&mut self.pins);
         *self = Tier::new(cap);
+        for (s, &p) in pins.iter().enumerate() {
+            if p > 0 {
+                self.doomed[s] = true;
+            }
+        }
+        self.free.retain(|&s| pins[s as usize] == 0);
+        self.pins = pins;
     }
 }
 
@@ -216,6 +262,10 @@ pub struct Stats {
     pub host_evictions: u64,
     pub disk_evictions: u64,
     pub dropped_blocks: u64,
+    /// New blocks not stored because every slot they could take was pinned.
+    pub rejected_full: u64,
+    /// Leases taken by `lookup`.
+    pub leases: u64,
     pub failed_writes: u64,
     pub corrupt_blocks: u64,
     pub io_errors: u64,
@@ -265,6 +315,17 @@ struct State {
     index: Option<IndexLog>,
     closed: bool,
     io_error_logged: bool,
+    /// Leases by id: the (tier, slot) each pins.
+    leases: Map<u64, Vec<Pinned>>,
+    next_lease: u64,
+}
+
+/// One block a lease holds: its host slot or, when it had none, its disk slot.
+#[derive(Clone, Copy, Debug)]
+struct Pinned {
+    hash: u64,
+    host: bool,
+    slot: u32,
 }
 
 impl State {
@@ -282,7 +343,9 @@ impl State {
     }
 
     /// Put `h` into the host tier with its bytes at `addr` (copied later).
-    fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) {
+    /// False when every host slot is pinned: nothing was registered.
+    fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
+        let had = self.map.contains_key(&h);
         self.map
             .entry(h)
             .and_modify(|e| e.host = PENDING)
@@ -293,10 +356,24 @@ impl State {
         let s = loop {
             let host = self.host.as_mut().expect("host tier");
             if let Some(s) = host.free.pop() {
-                break s;
+                break Some(s);
             }
-            let v = host.lru.front().expect("a full tier has an LRU block");
-            self.evict_host(v, plan);
+            match host.evictable() {
+                Some(v) => self.evict_host(v, plan),
+                None => break None,
+            }
+        };
+        let Some(s) = s else {
+            let e = self.map.get_mut(&h).expect("inserted above");
+            if e.disk != NIL {
+                e.host = NIL;
+            } else {
+                self.map.remove(&h);
+                if had {
+                    self.stats.dropped_blocks += 1; // its disk copy made room first
+                }
+            }
+            return false;
         };
         self.host.as_mut().expect("host tier").occupy(s, h);
         self.map.get_mut(&h).expect("inserted above").host = s;
@@ -306,6 +383,7 @@ impl State {
             addr,
             live: true,
         });
+        true
     }
 
     fn evict_host(&mut self, s: u32, plan: &mut Plan) {
@@ -327,22 +405,27 @@ impl State {
         if e.disk != NIL {
             return; // already on disk: nothing to write
         }
-        if self.disk.is_some() {
-            self.disk_insert(vh, src, true, plan);
-        } else {
+        if self.disk.is_none() || !self.disk_insert(vh, src, true, plan) {
             self.map.remove(&vh);
             self.stats.dropped_blocks += 1;
         }
     }
 
-    fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) {
+    /// Put `h` into the disk tier from `src`. False when every disk slot is
+    /// pinned: nothing was registered.
+    fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) -> bool {
         let t = loop {
             let disk = self.disk.as_mut().expect("disk tier");
             if let Some(t) = disk.free.pop() {
-                break t;
+                break Some(t);
             }
-            let w = disk.lru.front().expect("a full tier has an LRU block");
-            self.evict_disk(w, plan);
+            match disk.evictable() {
+                Some(w) => self.evict_disk(w, plan),
+                None => break None,
+            }
+        };
+        let Some(t) = t else {
+            return false;
         };
         self.disk.as_mut().expect("disk tier").occupy(t, h);
         self.map
@@ -357,6 +440,7 @@ impl State {
             victim,
             live: true,
         });
+        true
     }
 
     fn evict_disk(&mut self, t: u32, plan: &mut Plan) {
@@ -570,6 +654,8 @@ impl BlockManager {
                 index,
                 closed: false,
                 io_error_logged: false,
+                leases: Map::default(),
+                next_lease: 1,
             }),
             host,
             disk,
@@ -654,7 +740,9 @@ impl BlockManager {
         let mut plan = Plan::default();
         // Least recent first, so the disk tier's LRU order follows the host's.
         for &(h, slot) in keep {
-            st.disk_insert(h, Src::HostSlot(slot), true, &mut plan);
+            if !st.disk_insert(h, Src::HostSlot(slot), true, &mut plan) {
+                break; // the rest of the disk tier is leased
+            }
         }
         self.execute(st, &plan, region.as_deref())?;
         Ok(keep.len())
@@ -914,25 +1002,33 @@ impl BlockManager {
             }
         }
         let mut new = 0usize;
+        let mut rejected = 0u64;
         for (i, &h) in hashes.iter().enumerate() {
             if let Some(&e) = st.map.get(&h) {
                 st.touch(e);
                 continue;
             }
-            new += 1;
             let addr = addrs[i];
-            if st.host.is_some() {
-                st.host_insert(h, addr, &mut plan);
-                if self.opts.write_through && st.disk.is_some() {
+            let stored = if st.host.is_some() {
+                let ok = st.host_insert(h, addr, &mut plan);
+                if ok && self.opts.write_through && st.disk.is_some() {
+                    // Best effort: a pinned-full disk tier leaves it host-only.
                     st.disk_insert(h, Src::Addr(addr), false, &mut plan);
                 }
+                ok
             } else {
-                st.disk_insert(h, Src::Addr(addr), false, &mut plan);
+                st.disk_insert(h, Src::Addr(addr), false, &mut plan)
+            };
+            if stored {
+                new += 1;
+            } else {
+                rejected += 1; // every slot it could take is leased
             }
         }
         self.execute(&mut st, &plan, region.as_deref())?;
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
+        st.stats.rejected_full += rejected;
         Ok(new)
     }
 
@@ -971,7 +1067,107 @@ impl BlockManager {
             region.as_deref(),
         )?;
         let mut st = self.open_state()?;
-        if let Err(e) = self.settle_index(&mut st) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.get_locked(&mut st, hashes, &addrs, region.as_deref()) }
+    }
+
+    /// Pin the longest stored prefix of `hashes` so that no eviction or
+    /// slot reuse touches it until the lease is used ([`Self::get_lease`])
+    /// or released. Returns (lease id, prefix length).
+    pub fn lookup(&self, hashes: &[u64]) -> Result<(u64, usize)> {
+        let mut st = self.open_state()?;
+        let n = st.prefix(hashes);
+        let mut pins = Vec::with_capacity(n);
+        for &h in &hashes[..n] {
+            let e = st.map[&h];
+            let (tier, host, slot) = if e.host != NIL {
+                (st.host.as_mut(), true, e.host)
+            } else {
+                (st.disk.as_mut(), false, e.disk)
+            };
+            tier.expect("a registered block's tier").pin(slot);
+            pins.push(Pinned {
+                hash: h,
+                host,
+                slot,
+            });
+        }
+        let id = st.next_lease;
+        st.next_lease += 1;
+        st.leases.insert(id, pins);
+        st.stats.leases += 1;
+        Ok((id, n))
+    }
+
+    fn unpin_all(st: &mut State, pins: &[Pinned]) {
+        for p in pins {
+            let tier = if p.host {
+                st.host.as_mut()
+            } else {
+                st.disk.as_mut()
+            };
+            tier.expect("a pinned block's tier").unpin(p.slot);
+        }
+    }
+
+    /// Release a lease without reading it; false when it was already used
+    /// or released.
+    pub fn release_lease(&self, id: u64) -> bool {
+        let mut st = self.lock();
+        match st.leases.remove(&id) {
+            Some(pins) => {
+                Self::unpin_all(&mut st, &pins);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Read a lease's blocks into `dst` (back to back, or at `rows`) and
+    /// release it. Returns the lease's count: its blocks could not be
+    /// evicted meanwhile (only an explicit `remove`/`clear`, or a block that
+    /// fails its checksum or read, ends the prefix early).
+    ///
+    /// # Safety
+    /// As [`Self::get_rows`].
+    pub unsafe fn get_lease(
+        &self,
+        id: u64,
+        dst: *mut u8,
+        len: usize,
+        rows: Option<&[u64]>,
+    ) -> Result<usize> {
+        let region = self.region()?;
+        let mut st = self.open_state()?;
+        let n = st.leases.get(&id).map(Vec::len).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "lease {id} was already used or released: take a new one with lookup()"
+            ))
+        })?;
+        // Checked before the lease is used: bad input changes nothing.
+        let addrs =
+            self.block_addrs(n, (dst as usize, len), rows, "dst", true, region.as_deref())?;
+        let pins = st.leases.remove(&id).expect("checked above");
+        let hashes: Vec<u64> = pins.iter().map(|p| p.hash).collect();
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { self.get_locked(&mut st, &hashes, &addrs, region.as_deref()) };
+        Self::unpin_all(&mut st, &pins);
+        r
+    }
+
+    /// `get` with the state locked and the destinations checked.
+    ///
+    /// # Safety
+    /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
+    /// for the whole call.
+    unsafe fn get_locked(
+        &self,
+        st: &mut State,
+        hashes: &[u64],
+        addrs: &[usize],
+        region: Option<&Region>,
+    ) -> Result<usize> {
+        if let Err(e) = self.settle_index(st) {
             // Reads still work; promotions wait for the rewrite.
             st.warnings
                 .push(format!("rewriting the store's index failed: {e}"));
@@ -1000,7 +1196,7 @@ impl BlockManager {
             // SAFETY: slots registered in range; dst blocks are the caller's.
             unsafe {
                 host.copy_slots(
-                    region.as_deref().expect("region"),
+                    region.expect("region"),
                     &host_slots,
                     |k| addr(host_idx[k]),
                     false,
@@ -1126,10 +1322,11 @@ impl BlockManager {
                 if st.map.get(&h).is_some_and(|e| e.host != NIL) {
                     continue; // listed twice: already promoted
                 }
-                st.host_insert(h, addr(i), &mut plan);
-                promoted += 1;
+                if st.host_insert(h, addr(i), &mut plan) {
+                    promoted += 1;
+                }
             }
-            match self.execute(&mut st, &plan, region.as_deref()) {
+            match self.execute(st, &plan, region) {
                 Ok(()) => st.stats.onboarded_blocks += promoted,
                 Err(e) => {
                     // The caller's data is complete; only the promotion (and
@@ -1141,6 +1338,12 @@ impl BlockManager {
             }
         }
         Ok(n)
+    }
+
+    /// [`Self::get_lease`] into a slice.
+    pub fn get_lease_into(&self, id: u64, dst: &mut [u8]) -> Result<usize> {
+        // SAFETY: a valid exclusive slice.
+        unsafe { self.get_lease(id, dst.as_mut_ptr(), dst.len(), None) }
     }
 
     pub fn put(&self, hashes: &[u64], src: &[u8]) -> Result<usize> {
@@ -1340,7 +1543,56 @@ mod tests {
         l.touch(1);
         l.remove(2);
         assert_eq!(l.order(), vec![0, 3, 1]);
-        assert_eq!(l.front(), Some(0));
+        assert_eq!(l.head, 0);
+    }
+
+    #[test]
+    fn leased_blocks_are_never_evicted_and_a_full_pinned_tier_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096;
+        let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
+        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+            .unwrap();
+        let (lease, n) = m.lookup(&[1, 9]).unwrap();
+        assert_eq!(n, 1);
+        // 1 is pinned: new blocks evict 2, then each other, never 1.
+        for h in 10..20u64 {
+            assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
+        }
+        let (lease2, n2) = m.lookup(&[19]).unwrap();
+        assert_eq!(n2, 1);
+        // Both slots pinned: a new block is rejected, counted, not an error.
+        assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
+        let (s, _) = m.stats().unwrap();
+        assert_eq!((s.rejected_full, s.leases), (1, 2));
+        let mut out = vec![0u8; bs];
+        assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 1);
+        assert_eq!(out, block(1, bs));
+        assert!(m.release_lease(lease2));
+        assert!(!m.release_lease(lease2)); // once
+        assert!(m.get_lease_into(lease, &mut out).is_err()); // used
+        assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 1); // room again
+    }
+
+    #[test]
+    fn a_block_removed_while_leased_frees_its_slot_at_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = 4096;
+        let m = mgr(2, 0, bs, dir.path());
+        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+            .unwrap();
+        let (lease, _) = m.lookup(&[1, 2]).unwrap();
+        assert_eq!(m.remove(&[1]).unwrap(), 1);
+        m.clear().unwrap();
+        // Both slots still leased: nothing fits.
+        assert_eq!(m.put(&[5], &block(5, bs)).unwrap(), 0);
+        let mut out = vec![0u8; 2 * bs];
+        assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 0);
+        assert_eq!(
+            m.put(&[5, 6], &[block(5, bs), block(6, bs)].concat())
+                .unwrap(),
+            2
+        );
     }
 
     #[test]

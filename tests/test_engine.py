@@ -188,3 +188,78 @@ def test_torch_tensors_of_kv_dtypes_round_trip_byte_exact(tmp_path: Path, dtype:
         assert torch.equal(out.view(torch.uint8), t.view(torch.uint8))
         with pytest.raises(ValueError, match="contiguous"):
             kv.get([1], torch.zeros(2, n, dtype=t.dtype).t())
+
+
+def test_a_leased_get_returns_its_count_under_eviction_pressure(tmp_path: Path) -> None:
+    # Other threads fill a small cache as fast as they can (every put evicts); leased loads
+    # always get their whole prefix, byte-exact. Bounded in time; every join has a timeout.
+    import threading
+    import time
+
+    stop = threading.Event()
+    errors: list = []
+
+    def churn(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                hs = [int(x) for x in rng.integers(10_000, 10_000_000, size=4)]
+                kv.put(hs, np.concatenate([data_for(h) for h in hs]))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    with manager(tmp_path, host=6, disk=6) as kv:
+        threads = [threading.Thread(target=churn, args=(s,)) for s in range(2)]
+        for t in threads:
+            t.start()
+        loads = 0
+        deadline = time.monotonic() + 3
+        try:
+            while time.monotonic() < deadline:
+                hs = [loads * 4 + k for k in range(4)]
+                kv.put(hs, np.concatenate([data_for(h) for h in hs]))
+                with kv.lookup(hs) as lease:
+                    time.sleep(0.001)  # the churn threads run meanwhile
+                    out = np.zeros(lease.count * BS, np.uint8)
+                    assert kv.get(lease, out) == lease.count
+                    for i in range(lease.count):
+                        assert np.array_equal(out[i * BS:(i + 1) * BS], data_for(hs[i]))
+                loads += 1
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert loads > 10
+        assert kv.stats()["leases"] == loads
+
+
+def test_lease_api(tmp_path: Path) -> None:
+    with manager(tmp_path, 4, 0) as kv, manager(tmp_path, 4, 0) as other:
+        kv.put([1, 2], np.concatenate([data_for(1), data_for(2)]))
+        lease = kv.lookup([1, 2, 3])
+        assert lease.count == 2 and lease.active
+        with pytest.raises(ValueError, match="another BlockManager"):
+            other.get(lease, np.zeros(2 * BS, np.uint8))
+        with pytest.raises(ValueError, match="need exactly"):  # bad dst: the lease stays usable
+            kv.get(lease, np.zeros(BS, np.uint8))
+        rows = np.zeros(4 * BS, np.uint8)
+        assert kv.get(lease, rows, rows=[3, 1]) == 2
+        assert np.array_equal(rows[3 * BS:], data_for(1)) and np.array_equal(rows[BS:2 * BS], data_for(2))
+        assert not lease.active
+        with pytest.raises(ValueError, match="already used or released"):
+            kv.get(lease, np.zeros(2 * BS, np.uint8))
+        # Every host slot leased: a put stores nothing, counts it, raises nothing.
+        with kv.lookup([1, 2]), kv.lookup([1]):
+            kv.put([3, 4], np.concatenate([data_for(3), data_for(4)]))
+            with kv.lookup([1, 2, 3, 4]) as full:
+                assert full.count == 4
+                assert kv.put([5], data_for(5)) == 0
+                assert kv.stats()["rejected_full"] == 1
+        assert kv.put([5], data_for(5)) == 1  # released: room again
+        gone = kv.lookup([5])
+        del gone  # garbage collection releases a forgotten lease
+        import gc
+
+        gc.collect()
+        assert kv.put([6, 7, 8, 9], np.concatenate([data_for(h) for h in (6, 7, 8, 9)])) == 4

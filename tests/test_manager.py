@@ -30,7 +30,34 @@ class PolicyModel:
         self.disk: "OrderedDict[int, None]" = OrderedDict()
         self.data: Dict[int, bytes] = {}
         self.dropped = 0
+        self.rejected = 0
         self.inflight = None
+        # Leases: pins per (tier, hash) of a stored block; slots of blocks removed while
+        # pinned ("doomed") stay out of use until their last unpin.
+        self.pins: Dict[tuple, int] = {}
+        self.doomed: Dict[tuple, int] = {}  # (tier, token) -> pins left
+        self.leases: Dict[int, List[tuple]] = {}
+        self.next_lease = 0
+        self.doomed_tokens = 0
+
+    def _used(self, tier: str) -> int:
+        blocks = self.host if tier == "host" else self.disk
+        return len(blocks) + sum(1 for (t, _) in self.doomed if t == tier)
+
+    def _evictable(self, tier: str):
+        blocks = self.host if tier == "host" else self.disk
+        return next((h for h in blocks if not self.pins.get((tier, h))), None)
+
+    def _release_slot(self, tier: str, h: int) -> None:
+        """A stored block leaves `tier`; a pinned slot becomes doomed."""
+        n = self.pins.pop((tier, h), 0)
+        if n:
+            self.doomed_tokens += 1
+            self.doomed[(tier, f"doomed{self.doomed_tokens}")] = n
+            for pins in self.leases.values():  # the lease's pins now point at the doomed slot
+                for i, p in enumerate(pins):
+                    if p == (tier, h):
+                        pins[i] = (tier, f"doomed{self.doomed_tokens}")
 
     def present(self, h: int) -> bool:
         return h in self.host or h in self.disk
@@ -45,25 +72,32 @@ class PolicyModel:
         self.data.pop(h, None)
         self.dropped += 1
 
-    def host_insert(self, h: int) -> None:
+    def host_insert(self, h: int) -> bool:
         self.inflight = h  # its own eviction cascade must not drop it
-        while len(self.host) >= self.H:
-            v, _ = self.host.popitem(last=False)
+        while self._used("host") >= self.H:
+            v = self._evictable("host")
+            if v is None:  # every host slot leased
+                self.inflight = None
+                return False
+            del self.host[v]
             if v in self.disk:
                 continue
-            if self.D:
-                self.disk_insert(v)
-            else:
+            if not (self.D and self.disk_insert(v)):
                 self._drop(v)
         self.host[h] = None
         self.inflight = None
+        return True
 
-    def disk_insert(self, h: int) -> None:
-        while len(self.disk) >= self.D:
-            w, _ = self.disk.popitem(last=False)
+    def disk_insert(self, h: int) -> bool:
+        while self._used("disk") >= self.D:
+            w = self._evictable("disk")
+            if w is None:  # every disk slot leased
+                return False
+            del self.disk[w]
             if w not in self.host and w != self.inflight:
                 self._drop(w)
         self.disk[h] = None
+        return True
 
     def put(self, hashes: List[int], blocks: List[bytes]) -> int:
         # Blocks of the batch already stored are refreshed first, so the batch's own new
@@ -76,12 +110,11 @@ class PolicyModel:
             if self.present(h):
                 self.touch(h)
                 continue
-            new += 1
-            if self.H:
-                self.host_insert(h)
+            if self.host_insert(h) if self.H else self.disk_insert(h):
+                new += 1
+                self.data[h] = b
             else:
-                self.disk_insert(h)
-            self.data[h] = b
+                self.rejected += 1
         return new
 
     def match(self, hashes: List[int]) -> int:
@@ -102,8 +135,10 @@ class PolicyModel:
             for h in disk_only:
                 if h in self.host:
                     continue
-                self.host_insert(h)  # may drop its own disk copy: its bytes come from `got`
-                self.data[h] = got[hashes.index(h)]
+                if self.host_insert(h):  # may drop its own disk copy: bytes come from `got`
+                    self.data[h] = got[hashes.index(h)]
+                elif h not in self.disk:
+                    self.data.pop(h, None)
         return got
 
     def remove(self, hashes: List[int]) -> int:
@@ -111,10 +146,37 @@ class PolicyModel:
         for h in hashes:
             if self.present(h):
                 n += 1
-                self.host.pop(h, None)
-                self.disk.pop(h, None)
+                for tier, blocks in (("host", self.host), ("disk", self.disk)):
+                    if h in blocks:
+                        del blocks[h]
+                        self._release_slot(tier, h)
                 del self.data[h]
         return n
+
+    def lookup(self, hashes: List[int]) -> "tuple[int, int]":
+        n = self.match(hashes)
+        pins = [("host", h) if h in self.host else ("disk", h) for h in hashes[:n]]
+        for p in pins:
+            self.pins[p] = self.pins.get(p, 0) + 1
+        self.next_lease += 1
+        self.leases[self.next_lease] = pins
+        return self.next_lease, n
+
+    def release(self, lease: int) -> None:
+        for p in self.leases.pop(lease):
+            if p in self.doomed:
+                self.doomed[p] -= 1
+                if not self.doomed[p]:
+                    del self.doomed[p]
+            else:
+                self.pins[p] -= 1
+                if not self.pins[p]:
+                    del self.pins[p]
+
+    def get_lease(self, lease: int, hashes: List[int]) -> List[bytes]:
+        got = self.get(hashes)
+        self.release(lease)
+        return got
 
 
 hash_lists = st.lists(st.integers(0, 12), min_size=1, max_size=6)
@@ -162,6 +224,32 @@ class ManagerMachine(RuleBasedStateMachine):
         assert self.m.match(hashes) == self.model.match(hashes)
 
     @rule(hashes=hash_lists)
+    def lookup(self, hashes) -> None:
+        if not hasattr(self, "leases"):
+            self.leases = {}
+        lease = self.m.lookup(hashes)
+        mid, n = self.model.lookup(hashes)
+        assert lease.count == n
+        self.leases[mid] = (lease, list(hashes[:n]))
+
+    @rule(data=st.data())
+    def use_or_release_a_lease(self, data) -> None:
+        if not getattr(self, "leases", None):
+            return
+        mid = data.draw(st.sampled_from(sorted(self.leases)))
+        lease, hashes = self.leases.pop(mid)
+        if data.draw(st.booleans()):
+            lease.release()
+            self.model.release(mid)
+            return
+        dst = np.zeros(len(hashes) * self.bs, dtype=np.uint8)
+        n = self.m.get(lease, dst)
+        want = self.model.get_lease(mid, hashes)
+        assert n == len(want)
+        for i, b in enumerate(want):
+            assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"leased block {hashes[i]}"
+
+    @rule(hashes=hash_lists)
     def remove(self, hashes) -> None:
         assert self.m.remove(hashes) == self.model.remove(hashes)
 
@@ -176,6 +264,7 @@ class ManagerMachine(RuleBasedStateMachine):
         s = self.m.stats()
         assert s["host_blocks_used"] <= self.model.H and s["disk_blocks_used"] <= self.model.D
         assert s["dropped_blocks"] == self.model.dropped
+        assert s["rejected_full"] == self.model.rejected
         for h in range(13):
             assert (h in self.m) == self.model.present(h)
 

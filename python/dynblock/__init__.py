@@ -25,7 +25,7 @@ from .buffers import aligned_empty
 from .config import Config, KvLayout
 from .disk import DiskStorage
 from .host import HostStorage
-from .manager import BlockManager
+from .manager import BlockManager, Lease
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,7 @@ __all__ = [
     "ForkError",
     "HostStorage",
     "KvLayout",
+    "Lease",
     "NumaError",
     "ODirectError",
     "PinError",

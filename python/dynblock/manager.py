@@ -40,6 +40,54 @@ def _layout_fingerprint(config: Config) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+class Lease:
+    """Blocks kept for a coming load: returned by :meth:`BlockManager.lookup`.
+
+    ``count`` is the longest stored prefix of the hashes looked up (as
+    :meth:`~BlockManager.match` would say). Until the lease is used by
+    ``manager.get(lease, dst)`` or released (``release()``, leaving a ``with``
+    block, or garbage collection), its blocks are neither evicted nor their
+    slots reused, so the load returns ``count`` blocks even while other
+    threads fill the cache. Only an explicit ``remove``/``clear`` of a leased
+    block, or a block that fails its checksum or read, ends the prefix early.
+    """
+
+    __slots__ = ("_manager", "_id", "count", "_done")
+
+    def __init__(self, manager: "BlockManager", lease_id: int, count: int) -> None:
+        self._manager = manager
+        self._id = lease_id
+        self.count = count
+        self._done = False
+
+    @property
+    def active(self) -> bool:
+        """Not yet used nor released."""
+        return not self._done
+
+    def release(self) -> None:
+        """Let the blocks be evicted again. Idempotent."""
+        if not self._done:
+            self._done = True
+            if not self._manager.closed:
+                self._manager._m.release_lease(self._id)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Lease(count={self.count}{', active' if not self._done else ''})"
+
+
 class BlockManager:
     """Store KV blocks by sequence hash in a host tier and/or a disk tier.
 
@@ -133,15 +181,35 @@ class BlockManager:
         self._check_open()
         return self._m.match(hashes)
 
-    def get(self, hashes: Hashes, dst: Any, rows: Rows = None) -> int:
+    def get(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> int:
         """Copy the longest stored prefix of ``hashes`` into ``dst`` (writable,
         ``len(hashes) * block_size`` bytes) or, with ``rows``, block ``i`` into
         row ``rows[i]`` of ``dst`` (distinct rows: a scatter into one large KV
         buffer); returns the prefix length. Blocks read from disk are promoted
         into the host tier. Bytes past the returned count (or rows of blocks
-        past it) are unspecified."""
+        past it) are unspecified.
+
+        Given a :class:`Lease` instead of hashes, reads its ``count`` blocks
+        (``dst`` sized for ``count`` blocks, or ``rows`` with ``count``
+        entries) and releases it; returns ``lease.count``."""
         self._check_open()
+        if isinstance(hashes, Lease):
+            lease = hashes
+            if lease._manager is not self:
+                raise ValueError("this lease belongs to another BlockManager")
+            if lease._done:
+                raise ValueError("this lease was already used or released: take a new one with lookup()")
+            n = self._m.get_lease(lease._id, dst, rows)
+            lease._done = True
+            return n
         return self._m.get(hashes, dst, rows)
+
+    def lookup(self, hashes: Hashes) -> Lease:
+        """Pin the longest stored prefix of ``hashes`` until it is loaded with
+        ``get(lease, dst)`` or released: see :class:`Lease`. Takes no I/O."""
+        self._check_open()
+        lease_id, count = self._m.lookup(hashes)
+        return Lease(self, lease_id, count)
 
     def contains(self, hash: int) -> bool:
         """Whether ``hash`` (a Python or numpy integer) is stored in any tier."""

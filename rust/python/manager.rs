@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use super::buffers::{batch_call, log_warnings, u64_list};
+use super::buffers::{batch_call, hold_buffer, log_warnings, u64_list};
 use super::disk::PyDiskStorage;
 use super::errors::to_py;
 use super::host::PyHostStorage;
@@ -121,6 +121,39 @@ impl PyBlockManager {
         r
     }
 
+    /// Pin the longest stored prefix: (lease id, count).
+    fn lookup(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<(u64, usize)> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        py.detach(move || m.lookup(&hs)).map_err(to_py)
+    }
+
+    /// Release a lease unread; False when it was already used or released.
+    fn release_lease(&self, py: Python<'_>, lease: u64) -> bool {
+        let m = self.inner.clone();
+        py.detach(move || m.release_lease(lease))
+    }
+
+    /// Read a lease's blocks into `dst` (or at `rows`) and release it.
+    #[pyo3(signature = (lease, dst, rows=None))]
+    fn get_lease(
+        &self,
+        py: Python<'_>,
+        lease: u64,
+        dst: &Bound<'_, PyAny>,
+        rows: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let rows = rows_arg(rows)?;
+        let held = hold_buffer(dst, "dst", true)?;
+        let (p, n) = (held.ptr, held.len);
+        let m = self.inner.clone();
+        // SAFETY: the buffer is held for the call and checked writable.
+        let r = py.detach(move || unsafe { m.get_lease(lease, p as *mut u8, n, rows.as_deref()) });
+        drop(held);
+        self.flush_warnings(py)?;
+        r.map_err(to_py)
+    }
+
     #[pyo3(name = "match")]
     fn match_prefix(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hs = u64_list(hashes, "hashes")?;
@@ -177,6 +210,8 @@ impl PyBlockManager {
             ("host_evictions", s.host_evictions),
             ("disk_evictions", s.disk_evictions),
             ("dropped_blocks", s.dropped_blocks),
+            ("rejected_full", s.rejected_full),
+            ("leases", s.leases),
             ("failed_writes", s.failed_writes),
             ("corrupt_blocks", s.corrupt_blocks),
             ("io_errors", s.io_errors),
