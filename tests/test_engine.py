@@ -263,3 +263,137 @@ def test_lease_api(tmp_path: Path) -> None:
 
         gc.collect()
         assert kv.put([6, 7, 8, 9], np.concatenate([data_for(h) for h in (6, 7, 8, 9)])) == 4
+
+
+# --- asynchronous jobs -----------------------------------------------------------
+
+
+def test_jobs_run_in_the_background_and_a_get_after_a_put_sees_it(tmp_path: Path) -> None:
+    with manager(tmp_path, 4, 16) as kv:
+        src = np.concatenate([data_for(h) for h in range(8)])
+        put = kv.put_async(list(range(8)), src)
+        out = np.zeros(8 * BS, np.uint8)
+        get = kv.get_async(list(range(8)), out)  # submitted before the put is known to be done
+        assert get.wait(timeout=30) == 8 and put.wait(timeout=30) == 8
+        assert put.done() and get.done()
+        assert np.array_equal(out, src)
+        lease = kv.lookup(list(range(8)))
+        rows = np.zeros(16 * BS, np.uint8)
+        assert kv.get_async(lease, rows, rows=list(range(15, 7, -1))).wait(timeout=30) == 8
+        assert np.array_equal(rows[15 * BS:], data_for(0)) and not lease.active
+
+
+def test_a_job_reraises_its_error_and_the_manager_goes_on(tmp_path: Path) -> None:
+    with manager(tmp_path, 4, 0) as kv:
+        bad = kv.put_async([1, 2], np.zeros(BS, np.uint8))
+        with pytest.raises(ValueError, match="need exactly"):
+            bad.wait(timeout=30)
+        assert kv.put_async([1], data_for(1)).wait(timeout=30) == 1
+
+
+def test_jobs_in_asyncio(tmp_path: Path) -> None:
+    import asyncio
+
+    async def main(kv: BlockManager) -> int:
+        await kv.put_async([1, 2], np.concatenate([data_for(1), data_for(2)]))
+        out = np.zeros(2 * BS, np.uint8)
+        n = await kv.get_async([1, 2], out)
+        assert np.array_equal(out[BS:], data_for(2))
+        return n
+
+    with manager(tmp_path, 4, 0) as kv:
+        assert asyncio.run(main(kv)) == 2
+
+
+def test_wait_timeouts_and_close_waits_for_pending_jobs(tmp_path: Path) -> None:
+    import threading
+
+    gate = threading.Event()
+    kv = manager(tmp_path, 4, 0)
+    blocker = kv._submit("test", gate.wait, 30)  # a real job that holds the worker
+    queued = kv.put_async([1], data_for(1))
+    with pytest.raises(TimeoutError, match="not done after 0.05 s"):
+        queued.wait(timeout=0.05)
+    with pytest.raises(TimeoutError, match="2 job"):
+        kv.wait_all(timeout=0.05)
+    assert not queued.done()
+    gate.set()
+    kv.wait_all(timeout=30)
+    assert blocker.done() and queued.wait(timeout=0) == 1
+    late = kv.put_async([2], data_for(2))
+    kv.close()  # waits for it
+    assert late.done() and late.wait(timeout=0) == 1
+
+
+def test_eight_threads_mixing_jobs_leases_removes_and_clears(tmp_path: Path) -> None:
+    # Bounded in time; content derived from each hash; every wait has a timeout.
+    import threading
+    import time
+
+    stop = time.monotonic() + 3
+    wrong: list = []
+    errors: list = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            while time.monotonic() < stop:
+                hs = [int(x) for x in rng.integers(0, 64, size=int(rng.integers(1, 6)))]
+                op = int(rng.integers(0, 10))
+                if op < 4:
+                    kv.put_async(hs, np.concatenate([data_for(h) for h in hs])).wait(timeout=30)
+                elif op < 7:
+                    out = np.zeros(len(hs) * BS, np.uint8)
+                    n = kv.get_async(hs, out).wait(timeout=30)
+                    wrong.extend(h for i, h in enumerate(hs[:n])
+                                 if not np.array_equal(out[i * BS:(i + 1) * BS], data_for(h)))
+                elif op < 9:
+                    with kv.lookup(hs) as lease:
+                        out = np.zeros(max(lease.count, 1) * BS, np.uint8)
+                        n = kv.get(lease, out[:lease.count * BS])
+                        assert n <= lease.count
+                        wrong.extend(h for i, h in enumerate(hs[:n])
+                                     if not np.array_equal(out[i * BS:(i + 1) * BS], data_for(h)))
+                elif rng.integers(0, 20) == 0:
+                    kv.clear()
+                else:
+                    kv.remove(hs)
+        except Exception as e:
+            errors.append(e)
+
+    with manager(tmp_path, host=8, disk=16) as kv:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a worker hung"
+        assert not errors, errors[:3]
+        assert not wrong, f"{len(wrong)} blocks came back with other bytes"
+        kv.wait_all(timeout=30)
+
+
+def test_jobs_in_a_forked_child_raise_fork_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, numpy as np, dynblock
+        kv = dynblock.BlockManager(dynblock.Config(block_size=4096, host_blocks=4, disk_blocks=4,
+                                   disk_dir={str(tmp_path)!r}, numa_node=None, pin=False))
+        kv.put_async([1], np.ones(4096, np.uint8)).wait(timeout=30)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kv.put_async([2], np.ones(4096, np.uint8))
+                os._exit(3)
+            except dynblock.ForkError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert kv.put_async([2], np.ones(4096, np.uint8)).wait(timeout=30) == 1
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

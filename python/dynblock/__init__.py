@@ -25,7 +25,7 @@ from .buffers import aligned_empty
 from .config import Config, KvLayout
 from .disk import DiskStorage
 from .host import HostStorage
-from .manager import BlockManager, Lease
+from .manager import BlockManager, Job, Lease
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "EnvError",
     "ForkError",
     "HostStorage",
+    "Job",
     "KvLayout",
     "Lease",
     "NumaError",

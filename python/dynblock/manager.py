@@ -8,9 +8,13 @@ crosses into Rust once and releases the GIL while data moves. The policy
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import operator
-from typing import Any, Dict, Optional, Sequence, Union
+import os
+import threading
+from typing import Any, Dict, Generator, Optional, Sequence, Set, Union
 
 from . import _core
 from .config import Config, canonical_dtype
@@ -88,6 +92,40 @@ class Lease:
         return f"Lease(count={self.count}{', active' if not self._done else ''})"
 
 
+class Job:
+    """A transfer running in the background: returned by
+    :meth:`BlockManager.put_async` and :meth:`BlockManager.get_async`.
+
+    ``done()`` never blocks; ``wait(timeout=None)`` returns the call's result
+    (blocks stored or loaded) or re-raises its error, and raises
+    ``TimeoutError`` when the job is not done in time; ``await job`` works in
+    asyncio. The job keeps its buffer (and lease) alive until it finishes:
+    do not modify a ``put`` source or read a ``get`` destination before then.
+    """
+
+    __slots__ = ("_future", "_what")
+
+    def __init__(self, future: "concurrent.futures.Future[int]", what: str) -> None:
+        self._future = future
+        self._what = what
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the {self._what} job is not done after {timeout} s") from None
+
+    def __await__(self) -> Generator[Any, None, int]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"Job({self._what}, {state})"
+
+
 class BlockManager:
     """Store KV blocks by sequence hash in a host tier and/or a disk tier.
 
@@ -135,6 +173,10 @@ class BlockManager:
                 sync=config.durability == "sync",
                 layout=_layout_fingerprint(config),
             )
+            self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
+            self._jobs_pid = 0
+            self._pending: Set["concurrent.futures.Future[int]"] = set()
+            self._jobs_lock = threading.Lock()
         except BaseException:
             # Leave nothing behind: a data file this call created goes too.
             if self._disk is not None:
@@ -203,6 +245,42 @@ class BlockManager:
             lease._done = True
             return n
         return self._m.get(hashes, dst, rows)
+
+    # --- asynchronous jobs --------------------------------------------------
+    def _submit(self, what: str, fn: Any, *args: Any) -> Job:
+        self._check_open()
+        with self._jobs_lock:
+            if self._jobs is not None and self._jobs_pid != os.getpid():
+                self._m.contains(0)  # in a fork()ed child: raises ForkError, says what to do
+            if self._jobs is None:
+                self._jobs_pid = os.getpid()
+                # One worker, first in first out: a get submitted after a put
+                # of the same hash sees it. The calls it makes release the GIL.
+                self._jobs = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="dynblock-job")
+            fut = self._jobs.submit(fn, *args)
+            self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        return Job(fut, what)
+
+    def put_async(self, hashes: Hashes, src: Any, rows: Rows = None) -> Job:
+        """:meth:`put` in the background: returns a :class:`Job` at once."""
+        return self._submit("put", self.put, hashes, src, rows)
+
+    def get_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> Job:
+        """:meth:`get` (of hashes or a :class:`Lease`) in the background:
+        returns a :class:`Job` at once. A get submitted after a put of the same
+        hash sees it."""
+        return self._submit("get", self.get, hashes, dst, rows)
+
+    def wait_all(self, timeout: Optional[float] = None) -> None:
+        """Wait for every job submitted so far (their errors stay with each
+        job's ``wait()``); ``TimeoutError`` when they are not done in time."""
+        with self._jobs_lock:
+            pending = list(self._pending)
+        _, not_done = concurrent.futures.wait(pending, timeout)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} job(s) not done after {timeout} s")
 
     def lookup(self, hashes: Hashes) -> Lease:
         """Pin the longest stored prefix of ``hashes`` until it is loaded with
@@ -300,9 +378,13 @@ class BlockManager:
         tier to disk, most recent first, as many as the disk tier holds (its
         least recent blocks make room), so a restart finds the hottest blocks
         too. ``flush=False`` skips that. If that write fails, the store is
-        closed anyway and the error is raised."""
+        closed anyway and the error is raised. Pending jobs finish first."""
         if self._closed:
             return
+        with self._jobs_lock:
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            jobs.shutdown(wait=True)  # pending jobs finish first
         self._closed = True
         try:
             self._m.close(flush)
