@@ -16,7 +16,9 @@
 //! - **get**: the longest stored prefix is read from where each block is at
 //!   the start of the call (host preferred); then the blocks are touched in
 //!   order; then blocks that were disk-only are promoted into the host tier
-//!   in order (keeping their disk copy).
+//!   in order (keeping their disk copy). The reads run with the lock
+//!   released, the slots they read pinned (so other calls go on meanwhile);
+//!   a block removed by another thread during its read is not promoted.
 //! - **match** is a query: it changes no recency.
 //! - **Leases**: `lookup` pins the slots of the longest stored prefix (the
 //!   host slot where a block has one, else its disk slot). Eviction takes the
@@ -319,6 +321,11 @@ struct State {
     leases: Map<u64, Vec<Pinned>>,
     next_lease: u64,
 }
+
+/// What a get's disk reads found, for the commit under the lock: per block,
+/// whether it failed its checksum; and the first block that could not be
+/// read, with the error.
+type DiskOutcome = (Vec<AtomicBool>, Option<(usize, Error)>);
 
 /// One block a lease holds: its host slot or, when it had none, its disk slot.
 #[derive(Clone, Copy, Debug)]
@@ -1066,9 +1073,9 @@ impl BlockManager {
             true,
             region.as_deref(),
         )?;
-        let mut st = self.open_state()?;
+        let st = self.open_state()?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.get_locked(&mut st, hashes, &addrs, region.as_deref()) }
+        unsafe { self.get_locked(st, hashes, &addrs, region.as_deref()) }
     }
 
     /// Pin the longest stored prefix of `hashes` so that no eviction or
@@ -1150,8 +1157,8 @@ impl BlockManager {
         let pins = st.leases.remove(&id).expect("checked above");
         let hashes: Vec<u64> = pins.iter().map(|p| p.hash).collect();
         // SAFETY: forwarded from the caller.
-        let r = unsafe { self.get_locked(&mut st, &hashes, &addrs, region.as_deref()) };
-        Self::unpin_all(&mut st, &pins);
+        let r = unsafe { self.get_locked(st, &hashes, &addrs, region.as_deref()) };
+        Self::unpin_all(&mut self.lock(), &pins);
         r
     }
 
@@ -1162,12 +1169,12 @@ impl BlockManager {
     /// for the whole call.
     unsafe fn get_locked(
         &self,
-        st: &mut State,
+        mut st: std::sync::MutexGuard<'_, State>,
         hashes: &[u64],
         addrs: &[usize],
         region: Option<&Region>,
     ) -> Result<usize> {
-        if let Err(e) = self.settle_index(st) {
+        if let Err(e) = self.settle_index(&mut st) {
             // Reads still work; promotions wait for the rewrite.
             st.warnings
                 .push(format!("rewriting the store's index failed: {e}"));
@@ -1191,6 +1198,28 @@ impl BlockManager {
                 promote.push(i);
             }
         }
+        // Pin what is read, then read with the lock released: the slots can
+        // be neither evicted nor reused meanwhile, and other threads' calls
+        // (lookups, other reads, puts into other slots) go on.
+        for &s in &host_slots {
+            st.host.as_mut().expect("host tier").pin(s as u32);
+        }
+        for r in &disk_reads {
+            st.disk.as_mut().expect("disk tier").pin(r.0 as u32);
+        }
+        let expect: Vec<u32> = match st.disk.as_ref() {
+            Some(tier) => disk_reads.iter().map(|r| tier.crc[r.0 as usize]).collect(),
+            None => Vec::new(),
+        };
+        drop(st);
+        let unpin = |st: &mut State| {
+            for &s in &host_slots {
+                st.host.as_mut().expect("host tier").unpin(s as u32);
+            }
+            for r in &disk_reads {
+                st.disk.as_mut().expect("disk tier").unpin(r.0 as u32);
+            }
+        };
         if !host_slots.is_empty() {
             let host = self.host.as_ref().expect("host tier");
             // SAFETY: slots registered in range; dst blocks are the caller's.
@@ -1204,12 +1233,11 @@ impl BlockManager {
             };
         }
         let mut n = n;
+        let mut disk_outcome: Option<DiskOutcome> = None;
         if !disk_reads.is_empty() {
             let disk = self.disk.as_ref().expect("disk tier");
             let slots: Vec<u64> = disk_reads.iter().map(|r| r.0).collect();
             let dsts: Vec<usize> = disk_reads.iter().map(|r| addr(r.1)).collect();
-            let tier = st.disk.as_ref().expect("disk tier");
-            let expect: Vec<u32> = slots.iter().map(|&t| tier.crc[t as usize]).collect();
             let seeds: Vec<u64> = disk_reads.iter().map(|r| hashes[r.1]).collect();
             let bad: Vec<AtomicBool> = (0..slots.len()).map(|_| AtomicBool::new(false)).collect();
             let hook = |i: usize, a: usize| {
@@ -1231,6 +1259,7 @@ impl BlockManager {
             let mut unreadable: Option<(usize, Error)> = None;
             if let Err(e) = r {
                 if !matches!(e, Error::Io { .. }) {
+                    unpin(&mut self.lock());
                     return Err(e);
                 }
                 for k in 0..slots.len() {
@@ -1249,13 +1278,25 @@ impl BlockManager {
                             unreadable = Some((k, e));
                             break;
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            unpin(&mut self.lock());
+                            return Err(e);
+                        }
                     }
                 }
             }
             if let Some((k, _)) = &unreadable {
                 bad[*k].store(true, Ordering::Relaxed);
             }
+            disk_outcome = Some((bad, unreadable));
+        }
+        // Commit under the lock again.
+        let mut st = self.lock();
+        unpin(&mut st);
+        if st.closed {
+            return Ok(n); // the bytes were read while the store was open
+        }
+        if let Some((bad, unreadable)) = disk_outcome {
             // A block that fails its checksum is a miss: dropped, counted,
             // never returned; the prefix ends before it.
             let mut dels = Vec::new();
@@ -1319,14 +1360,16 @@ impl BlockManager {
             let mut promoted = 0u64;
             for &i in &promote {
                 let h = hashes[i];
-                if st.map.get(&h).is_some_and(|e| e.host != NIL) {
-                    continue; // listed twice: already promoted
+                if !st.map.get(&h).is_some_and(|e| e.host == NIL) {
+                    // Listed twice (already promoted), or removed by another
+                    // thread while it was read: nothing to promote.
+                    continue;
                 }
                 if st.host_insert(h, addr(i), &mut plan) {
                     promoted += 1;
                 }
             }
-            match self.execute(st, &plan, region) {
+            match self.execute(&mut st, &plan, region) {
                 Ok(()) => st.stats.onboarded_blocks += promoted,
                 Err(e) => {
                     // The caller's data is complete; only the promotion (and
