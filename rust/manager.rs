@@ -35,6 +35,12 @@
 //! Data movement is planned on the metadata first and then executed as one
 //! batched disk write (victims and direct-to-disk blocks, sorted by slot so
 //! adjacent slots coalesce) followed by one parallel copy into host slots.
+//! The lock is held to plan and to commit, not while bytes move: the slots a
+//! plan fills are `filling` (invisible to lookups) and pinned until its
+//! commit, and the slots a `get` reads are pinned until it is done. A victim
+//! moved to disk is invisible until its disk copy is committed (a transient
+//! miss for concurrent readers). Commits record PUTs only for blocks still
+//! registered in the slots written.
 //! A failed disk write registers nothing from the batch: every disk slot
 //! assigned and every host slot filled by the batch is released, and blocks
 //! left with no copy are dropped. No block is ever registered whose bytes are
@@ -53,7 +59,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::disk::DiskStorage;
 use crate::error::{Error, Result};
@@ -165,6 +171,9 @@ struct Tier {
     free: Vec<u32>,
     pins: Vec<u32>,
     doomed: Vec<bool>,
+    /// Bytes still arriving (a plan running without the lock): invisible
+    /// to lookups, and always pinned.
+    filling: Vec<bool>,
 }
 
 impl Tier {
@@ -176,6 +185,7 @@ impl Tier {
             free: (0..cap).rev().collect(),
             pins: vec![0; cap as usize],
             doomed: vec![false; cap as usize],
+            filling: vec![false; cap as usize],
         }
     }
     /// The least recently used slot that no lease pins.
@@ -501,10 +511,30 @@ impl State {
         }
     }
 
+    /// The copy of a block whose bytes are in place (host preferred):
+    /// (in the host tier?, slot). None while every copy is still filling.
+    fn readable(&self, h: u64) -> Option<(bool, u32)> {
+        let e = self.map.get(&h)?;
+        if e.host != NIL && e.host != PENDING {
+            let t = self.host.as_ref().expect("host tier");
+            if !t.filling[e.host as usize] {
+                return Some((true, e.host));
+            }
+        }
+        if e.disk != NIL {
+            let t = self.disk.as_ref().expect("disk tier");
+            if !t.filling[e.disk as usize] {
+                return Some((false, e.disk));
+            }
+        }
+        None
+    }
+
+    /// Length of the longest prefix whose bytes are in place.
     fn prefix(&self, hashes: &[u64]) -> usize {
         hashes
             .iter()
-            .position(|h| !self.map.contains_key(h))
+            .position(|&h| self.readable(h).is_none())
             .unwrap_or(hashes.len())
     }
 }
@@ -707,14 +737,14 @@ impl BlockManager {
     /// forked child nothing is written. Returns how many blocks were
     /// written; a failure to write them is returned after closing anyway.
     pub fn close(&self, flush: bool) -> Result<usize> {
-        let mut st = self.lock();
+        let st = self.lock();
         if st.closed {
             return Ok(0);
         }
-        let written = if flush && self.persistent() && !self.fork.forked() {
-            self.flush_host(&mut st)
+        let (mut st, written) = if flush && self.persistent() && !self.fork.forked() {
+            self.flush_host(st)
         } else {
-            Ok(0)
+            (st, Ok(0))
         };
         st.closed = true;
         st.index = None;
@@ -725,9 +755,12 @@ impl BlockManager {
     /// most recent first, as many as the disk tier holds (older disk blocks
     /// make room, as in any offload): what a restart of a persistent store
     /// should find. The host copies stay.
-    fn flush_host(&self, st: &mut State) -> Result<usize> {
+    fn flush_host<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> (MutexGuard<'a, State>, Result<usize>) {
         let (Some(host), Some(disk)) = (st.host.as_ref(), st.disk.as_ref()) else {
-            return Ok(0);
+            return (st, Ok(0));
         };
         let cap = disk.hash_of.len();
         // Host LRU order, least recent first; keep the most recent `cap`.
@@ -735,15 +768,21 @@ impl BlockManager {
             .lru
             .order()
             .into_iter()
+            .filter(|&s| !host.filling[s as usize]) // bytes still arriving
             .map(|s| (host.hash_of[s as usize], s))
             .filter(|(h, _)| st.map.get(h).is_some_and(|e| e.disk == NIL))
             .collect();
         let keep = &host_only[host_only.len().saturating_sub(cap)..];
         if keep.is_empty() {
-            return Ok(0);
+            return (st, Ok(0));
         }
-        self.settle_index(st)?;
-        let region = self.region()?;
+        if let Err(e) = self.settle_index(&mut st) {
+            return (st, Err(e));
+        }
+        let region = match self.region() {
+            Ok(r) => r,
+            Err(e) => return (st, Err(e)),
+        };
         let mut plan = Plan::default();
         // Least recent first, so the disk tier's LRU order follows the host's.
         for &(h, slot) in keep {
@@ -751,8 +790,9 @@ impl BlockManager {
                 break; // the rest of the disk tier is leased
             }
         }
-        self.execute(st, &plan, region.as_deref())?;
-        Ok(keep.len())
+        let n = keep.len();
+        let (st, r) = self.execute(st, &plan, region.as_deref());
+        (st, r.map(|()| n))
     }
 
     pub fn is_closed(&self) -> bool {
@@ -831,19 +871,33 @@ impl BlockManager {
         Ok(rows.iter().map(|&r| base + r as usize * bs).collect())
     }
 
-    /// Run a plan: DEL records for reused disk slots, one batched disk
-    /// write (checksummed on the I/O workers), PUT records, then one
-    /// parallel host copy.
-    fn execute(&self, st: &mut State, plan: &Plan, region: Option<&Region>) -> Result<()> {
+    /// Run a plan in three steps. Under the lock: the DEL records of reused
+    /// disk slots, and every slot the plan fills marked `filling` (invisible
+    /// to lookups) and pinned (never evicted nor reused by another call).
+    /// Without the lock: one batched disk write (checksummed on the I/O
+    /// workers), then one parallel copy into host slots. Under the lock
+    /// again: PUT records and checksums for the blocks still registered in
+    /// the slots written (another thread may have removed some meanwhile),
+    /// then the slots are released to lookups; on a failure the plan is
+    /// rolled back. Takes the guard and gives it back.
+    fn execute<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        plan: &Plan,
+        region: Option<&Region>,
+    ) -> (MutexGuard<'a, State>, Result<()>) {
         if st.index.as_ref().is_some_and(IndexLog::dirty) {
             // An append failed earlier in this call: no slot may be written
             // until the index is rewritten (at the start of the next call).
             st.roll_back(plan);
-            return Err(Error::InvalidArgument(
-                "the store's index could not be updated earlier in this call; nothing was \
-                 written, and the index is rewritten at the next call"
-                    .into(),
-            ));
+            return (
+                st,
+                Err(Error::InvalidArgument(
+                    "the store's index could not be updated earlier in this call; nothing was \
+                     written, and the index is rewritten at the next call"
+                        .into(),
+                )),
+            );
         }
         let mut writes: Vec<(u64, usize, bool, u64)> = plan
             .writes
@@ -860,6 +914,8 @@ impl BlockManager {
                 (w.disk_slot as u64, addr, w.victim, w.hash)
             })
             .collect();
+        writes.sort_unstable_by_key(|w| w.0);
+        let copies: Vec<&Copy> = plan.copies.iter().filter(|c| c.live).collect();
         if let Some(ix) = st.index.as_mut() {
             let dels: Vec<Record> = plan
                 .disk_evicted
@@ -868,14 +924,41 @@ impl BlockManager {
                 .collect();
             if let Err(e) = ix.append(&dels) {
                 st.roll_back(plan);
-                return Err(e);
+                return (st, Err(e));
             }
         }
+        if writes.is_empty() && copies.is_empty() {
+            return (st, Ok(()));
+        }
+        let hold = |st: &mut State, on: bool| {
+            for w in &writes {
+                let t = st.disk.as_mut().expect("disk tier");
+                t.filling[w.0 as usize] = on;
+                if on {
+                    t.pin(w.0 as u32);
+                } else {
+                    t.unpin(w.0 as u32);
+                }
+            }
+            for c in &copies {
+                let t = st.host.as_mut().expect("host tier");
+                t.filling[c.host_slot as usize] = on;
+                if on {
+                    t.pin(c.host_slot);
+                } else {
+                    t.unpin(c.host_slot);
+                }
+            }
+        };
+        hold(&mut st, true);
+        drop(st);
+
+        // Bytes move with the lock released.
+        let crcs: Vec<AtomicU32> = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
+        let mut r = Ok(());
         if !writes.is_empty() {
-            writes.sort_unstable_by_key(|w| w.0);
             let slots: Vec<u64> = writes.iter().map(|w| w.0).collect();
             let addrs: Vec<usize> = writes.iter().map(|w| w.1).collect();
-            let crcs: Vec<AtomicU32> = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
             let bs = self.block_size;
             let hook = |i: usize, addr: usize| {
                 // SAFETY: addr is block i's source, valid for bs bytes (see below).
@@ -883,49 +966,61 @@ impl BlockManager {
                 crcs[i].store(block_crc(writes[i].3, bytes), Ordering::Relaxed);
             };
             let disk = self.disk.as_ref().expect("disk tier");
-            // SAFETY: every address is a live host slot (region held) or a
-            // block of the caller's buffer, held for this call.
-            let r = unsafe {
+            // SAFETY: every address is a host slot pinned by this plan (region
+            // held) or a block of the caller's buffer, held for this call.
+            r = unsafe {
                 disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
             };
-            let r = r.and_then(|()| if self.opts.sync { disk.sync() } else { Ok(()) });
-            let r = r.and_then(|()| {
-                let tier = st.disk.as_mut().expect("disk tier");
-                for (i, w) in writes.iter().enumerate() {
-                    tier.crc[w.0 as usize] = crcs[i].load(Ordering::Relaxed);
-                }
-                match st.index.as_mut() {
-                    Some(ix) => {
-                        let puts: Vec<Record> = writes
-                            .iter()
-                            .enumerate()
-                            .map(|(i, w)| {
-                                Record::put(w.3, w.0 as u32, crcs[i].load(Ordering::Relaxed))
-                            })
-                            .collect();
-                        ix.append(&puts)
-                    }
-                    None => Ok(()),
-                }
-            });
-            if let Err(e) = r {
-                st.stats.failed_writes += slots.len() as u64;
-                st.roll_back(plan);
-                return Err(e);
-            }
-            st.stats.offloaded_blocks += writes.iter().filter(|w| w.2).count() as u64;
-            self.maybe_compact(st);
+            r = r.and_then(|()| if self.opts.sync { disk.sync() } else { Ok(()) });
         }
-        let copies: Vec<&Copy> = plan.copies.iter().filter(|c| c.live).collect();
-        if !copies.is_empty() {
+        if r.is_ok() && !copies.is_empty() {
             let host = self.host.as_ref().expect("host tier");
             let slots: Vec<u64> = copies.iter().map(|c| c.host_slot as u64).collect();
-            // SAFETY: slots are in range; each addr is a block of the caller's
-            // buffer held for this call; host slots are distinct (one live
-            // copy per slot).
+            // SAFETY: slots are in range and pinned by this plan (nobody else
+            // writes them); each addr is a block of the caller's buffer held
+            // for this call; host slots are distinct (one live copy per slot).
+            // Victims' bytes left these slots in the disk write above.
             unsafe { host.copy_slots(region.expect("region"), &slots, |i| copies[i].addr, true) };
         }
-        Ok(())
+
+        let mut st = self.lock();
+        hold(&mut st, false);
+        // Only blocks still registered in the slots written are recorded.
+        let current: Vec<bool> = writes
+            .iter()
+            .map(|w| st.map.get(&w.3).is_some_and(|e| e.disk == w.0 as u32))
+            .collect();
+        let r = r.and_then(|()| {
+            if let Some(tier) = st.disk.as_mut() {
+                for (i, w) in writes.iter().enumerate() {
+                    if current[i] {
+                        tier.crc[w.0 as usize] = crcs[i].load(Ordering::Relaxed);
+                    }
+                }
+            }
+            match st.index.as_mut() {
+                Some(ix) => {
+                    let puts: Vec<Record> = writes
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| current[*i])
+                        .map(|(i, w)| Record::put(w.3, w.0 as u32, crcs[i].load(Ordering::Relaxed)))
+                        .collect();
+                    ix.append(&puts)
+                }
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = r {
+            st.stats.failed_writes += writes.len() as u64;
+            st.roll_back(plan);
+            return (st, Err(e));
+        }
+        if !writes.is_empty() {
+            st.stats.offloaded_blocks += writes.iter().filter(|w| w.2).count() as u64;
+            self.maybe_compact(&mut st);
+        }
+        (st, Ok(()))
     }
 
     /// Live disk entries in LRU order (oldest first).
@@ -936,6 +1031,7 @@ impl BlockManager {
         t.lru
             .order()
             .into_iter()
+            .filter(|&s| !t.filling[s as usize])
             .map(|s| Live {
                 hash: t.hash_of[s as usize],
                 slot: s,
@@ -1032,7 +1128,8 @@ impl BlockManager {
                 rejected += 1; // every slot it could take is leased
             }
         }
-        self.execute(&mut st, &plan, region.as_deref())?;
+        let (mut st, r) = self.execute(st, &plan, region.as_deref());
+        r?;
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
         st.stats.rejected_full += rejected;
@@ -1086,11 +1183,11 @@ impl BlockManager {
         let n = st.prefix(hashes);
         let mut pins = Vec::with_capacity(n);
         for &h in &hashes[..n] {
-            let e = st.map[&h];
-            let (tier, host, slot) = if e.host != NIL {
-                (st.host.as_mut(), true, e.host)
+            let (host, slot) = st.readable(h).expect("in the prefix");
+            let tier = if host {
+                st.host.as_mut()
             } else {
-                (st.disk.as_mut(), false, e.disk)
+                st.disk.as_mut()
             };
             tier.expect("a registered block's tier").pin(slot);
             pins.push(Pinned {
@@ -1188,14 +1285,16 @@ impl BlockManager {
         let mut host_idx = Vec::new();
         let mut disk_reads: Vec<(u64, usize)> = Vec::new();
         let mut promote = Vec::new();
-        for (i, h) in hashes[..n].iter().enumerate() {
-            let e = st.map[h];
-            if e.host != NIL {
-                host_slots.push(e.host as u64);
-                host_idx.push(i);
-            } else {
-                disk_reads.push((e.disk as u64, i));
-                promote.push(i);
+        for (i, &h) in hashes[..n].iter().enumerate() {
+            match st.readable(h).expect("in the prefix") {
+                (true, s) => {
+                    host_slots.push(s as u64);
+                    host_idx.push(i);
+                }
+                (false, t) => {
+                    disk_reads.push((t as u64, i));
+                    promote.push(i);
+                }
             }
         }
         // Pin what is read, then read with the lock released: the slots can
@@ -1369,7 +1468,9 @@ impl BlockManager {
                     promoted += 1;
                 }
             }
-            match self.execute(&mut st, &plan, region) {
+            let (g, r) = self.execute(st, &plan, region);
+            st = g;
+            match r {
                 Ok(()) => st.stats.onboarded_blocks += promoted,
                 Err(e) => {
                     // The caller's data is complete; only the promotion (and
@@ -1405,7 +1506,7 @@ impl BlockManager {
     }
 
     pub fn contains(&self, h: u64) -> Result<bool> {
-        Ok(self.open_state()?.map.contains_key(&h))
+        Ok(self.open_state()?.readable(h).is_some())
     }
 
     pub fn len(&self) -> Result<usize> {
