@@ -278,6 +278,10 @@ pub struct Stats {
     pub rejected_full: u64,
     /// Leases taken by `lookup`.
     pub leases: u64,
+    /// Host-only blocks written to disk ahead of eviction (write-behind).
+    pub written_behind: u64,
+    /// Write-behind batches that failed (their blocks stay in the host tier).
+    pub failed_write_behind: u64,
     pub failed_writes: u64,
     pub corrupt_blocks: u64,
     pub io_errors: u64,
@@ -548,6 +552,20 @@ pub struct BlockManager {
     opts: ManagerOptions,
     geometry: Option<Geometry>,
     fork: ForkGuard,
+    writer: Arc<Writer>,
+    /// Held by a write-behind step for its whole duration: steps (the
+    /// background thread's and `flush()`'s) run one at a time, so `flush`
+    /// also waits for a step in flight.
+    cleaning: Mutex<()>,
+}
+
+/// The write-behind thread's controls: woken after puts, stopped by close.
+#[derive(Default)]
+struct Writer {
+    wake: Mutex<bool>,
+    cv: std::sync::Condvar,
+    stop: AtomicBool,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// How the manager treats the disk tier.
@@ -565,6 +583,10 @@ pub struct ManagerOptions {
     pub sync: bool,
     /// Fingerprint of the KV layout, checked on reopen.
     pub layout: u64,
+    /// Keep the least recent host-only blocks written to disk ahead of their
+    /// eviction (see [`BlockManager::clean_some`]), so a put into a full host
+    /// tier does not wait for disk writes.
+    pub write_behind: bool,
 }
 
 /// Checksum of a block: CRC32C over its hash (little endian) and its bytes.
@@ -700,7 +722,74 @@ impl BlockManager {
             opts,
             geometry,
             fork: ForkGuard::new("BlockManager"),
+            writer: Arc::new(Writer::default()),
+            cleaning: Mutex::new(()),
         })
+    }
+
+    /// Start the write-behind thread (with a host and a disk tier and
+    /// `write_behind` on). It holds only a weak reference: it ends with the
+    /// manager, or at `close()`.
+    pub fn start_write_behind(self: &Arc<Self>) {
+        if !self.opts.write_behind || self.host.is_none() || self.disk.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let w = self.writer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("dynblock-writeback".into())
+            .spawn(move || loop {
+                {
+                    let g = w.wake.lock().unwrap_or_else(|p| p.into_inner());
+                    let (mut g, _) = w
+                        .cv
+                        .wait_timeout_while(g, std::time::Duration::from_millis(200), |woken| {
+                            !*woken && !w.stop.load(Ordering::Relaxed)
+                        })
+                        .unwrap_or_else(|p| p.into_inner());
+                    *g = false;
+                }
+                if w.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Some(m) = weak.upgrade() else {
+                    return;
+                };
+                while !w.stop.load(Ordering::Relaxed) {
+                    if m.clean_some(32) == 0 {
+                        break;
+                    }
+                }
+            });
+        if let Ok(h) = spawned {
+            *self.writer.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        }
+    }
+
+    /// Wake the write-behind thread (after host blocks arrived).
+    fn nudge(&self) {
+        if self.opts.write_behind {
+            *self.writer.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.writer.cv.notify_one();
+        }
+    }
+
+    /// Stop the write-behind thread and wait for it (not in a forked child,
+    /// where it does not exist).
+    fn stop_write_behind(&self) {
+        self.writer.stop.store(true, Ordering::Relaxed);
+        self.writer.cv.notify_all();
+        let h = self
+            .writer
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = h {
+            if !self.fork.forked() && h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -731,12 +820,103 @@ impl BlockManager {
         Ok(())
     }
 
+    /// How many of the least recent host blocks write-behind keeps clean
+    /// (with a disk copy): a quarter of the host tier, at least one batch.
+    fn clean_depth(host_cap: usize) -> usize {
+        (host_cap / 4).max(32.min(host_cap))
+    }
+
+    /// One step of write-behind: write up to `max` of the least recent
+    /// host-only blocks (within the clean depth) to the disk tier, their host
+    /// slots pinned meanwhile: they stay readable from the host tier until
+    /// their disk copy is committed, and evicting them later needs no write.
+    /// Returns how many were written. A failed write is counted and logged;
+    /// the blocks stay in the host tier.
+    pub fn clean_some(&self, max: usize) -> usize {
+        if !self.opts.write_behind || self.fork.forked() {
+            return 0;
+        }
+        let _one_at_a_time = self.cleaning.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(mut st) = self.open_state() else {
+            return 0;
+        };
+        let (Some(host), Some(_)) = (st.host.as_ref(), st.disk.as_ref()) else {
+            return 0;
+        };
+        let depth = Self::clean_depth(host.hash_of.len());
+        let mut pick: Vec<(u64, u32)> = Vec::new();
+        let mut c = host.lru.head;
+        let mut seen = 0;
+        while c != NIL && seen < depth && pick.len() < max {
+            let s = c as usize;
+            let h = host.hash_of[s];
+            if host.pins[s] == 0
+                && !host.filling[s]
+                && st.map.get(&h).is_some_and(|e| e.disk == NIL)
+            {
+                pick.push((h, c));
+            }
+            seen += 1;
+            c = host.lru.next[s];
+        }
+        if pick.is_empty() {
+            return 0;
+        }
+        if self.settle_index(&mut st).is_err() {
+            return 0;
+        }
+        let Ok(region) = self.region() else {
+            return 0;
+        };
+        for &(_, s) in &pick {
+            st.host.as_mut().expect("host tier").pin(s);
+        }
+        let mut plan = Plan::default();
+        let mut n = 0;
+        for &(h, s) in &pick {
+            if !st.disk_insert(h, Src::HostSlot(s), true, &mut plan) {
+                break; // the rest of the disk tier is leased
+            }
+            n += 1;
+        }
+        let (mut st, r) = self.execute(st, &plan, region.as_deref());
+        for &(_, s) in &pick {
+            st.host.as_mut().expect("host tier").unpin(s);
+        }
+        match r {
+            Ok(()) => {
+                st.stats.written_behind += n as u64;
+                n
+            }
+            Err(e) => {
+                st.stats.failed_write_behind += 1;
+                if st.stats.failed_write_behind == 1 {
+                    st.warnings.push(format!(
+                        "writing {n} host blocks to disk ahead of eviction failed: {e}; they stay \
+                         in the host tier (later failures are counted in \
+                         stats()[\"failed_write_behind\"])"
+                    ));
+                }
+                0
+            }
+        }
+    }
+
+    /// Wait for write-behind: write every host-only block within the clean
+    /// depth to disk now.
+    pub fn flush(&self) -> Result<()> {
+        drop(self.open_state()?);
+        while self.clean_some(64) > 0 {}
+        Ok(())
+    }
+
     /// Close: with `flush`, a persistent store first writes the blocks that
     /// live only in the host tier to disk (see [`Self::flush_host`]); then
     /// the index file is released at once. Later calls raise "closed". In a
     /// forked child nothing is written. Returns how many blocks were
     /// written; a failure to write them is returned after closing anyway.
     pub fn close(&self, flush: bool) -> Result<usize> {
+        self.stop_write_behind();
         let st = self.lock();
         if st.closed {
             return Ok(0);
@@ -1133,6 +1313,10 @@ impl BlockManager {
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
         st.stats.rejected_full += rejected;
+        drop(st);
+        if new > 0 {
+            self.nudge();
+        }
         Ok(new)
     }
 

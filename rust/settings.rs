@@ -197,6 +197,7 @@ pub const DEFAULT_PREALLOCATE: &str = "auto";
 pub const DEFAULT_DURABILITY: &str = "process";
 pub const DEFAULT_CHECKSUMS: bool = true;
 pub const DEFAULT_WRITE_THROUGH: bool = false;
+pub const DEFAULT_WRITE_BEHIND: bool = true;
 pub const DEFAULT_PERSIST: bool = false;
 pub const DEFAULT_HUGE_PAGES: bool = true;
 

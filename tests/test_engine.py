@@ -397,3 +397,49 @@ def test_jobs_in_a_forked_child_raise_fork_error(tmp_path: Path) -> None:
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+# --- write-behind ----------------------------------------------------------------
+
+
+def test_write_behind_cleans_host_blocks_ahead_of_eviction(tmp_path: Path) -> None:
+    import time
+
+    with BlockManager(Config(block_size=BS, host_blocks=64, disk_blocks=256, disk_dir=str(tmp_path),
+                             numa_node=None, pin=False)) as kv:
+        assert kv.config.write_behind  # the default with both tiers
+        kv.put(list(range(64)), np.concatenate([data_for(h) for h in range(64)]))
+        kv.flush()
+        s = kv.stats()
+        assert s["written_behind"] >= 16 and s["disk_blocks_used"] >= 16  # the LRU quarter
+        host, disk = kv.lru_order()
+        assert host[:16] == list(range(16)) and set(range(16)) <= set(disk)
+        # Evicting clean blocks writes nothing more: the next put's victims are already on disk.
+        before = s["offloaded_blocks"]
+        kv.put(list(range(100, 108)), np.concatenate([data_for(h) for h in range(100, 108)]))
+        assert kv.stats()["offloaded_blocks"] == before or kv.stats()["written_behind"] > s["written_behind"]
+        out = np.zeros(64 * BS, np.uint8)
+        assert kv.get(list(range(64)), out) == 64
+        assert np.array_equal(out, np.concatenate([data_for(h) for h in range(64)]))
+        # The background thread keeps up by itself too (bounded wait, no timing assert).
+        kv.put(list(range(200, 264)), np.concatenate([data_for(h) for h in range(200, 264)]))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and kv.stats()["written_behind"] < s["written_behind"] + 16:
+            time.sleep(0.01)
+        assert kv.stats()["written_behind"] >= s["written_behind"] + 16
+
+
+def test_write_behind_is_optional_and_close_stops_it(tmp_path: Path) -> None:
+    import threading
+
+    with BlockManager(Config(block_size=BS, host_blocks=16, disk_blocks=16, disk_dir=str(tmp_path),
+                             numa_node=None, pin=False, write_behind=False)) as kv:
+        kv.put(list(range(16)), np.concatenate([data_for(h) for h in range(16)]))
+        kv.flush()
+        assert kv.stats()["written_behind"] == 0 and kv.stats()["disk_blocks_used"] == 0
+    names = {t.name for t in threading.enumerate()}
+    kv = BlockManager(Config(block_size=BS, host_blocks=16, disk_blocks=16, disk_dir=str(tmp_path),
+                             numa_node=None, pin=False))
+    kv.put([1], data_for(1))
+    kv.close()
+    assert {t.name for t in threading.enumerate()} == names  # no thread left behind

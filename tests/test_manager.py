@@ -193,8 +193,9 @@ class ManagerMachine(RuleBasedStateMachine):
         h, d = caps
         self.bs = block_size
         self.model = PolicyModel(h, d)
+        # The model is the synchronous policy: no background write-behind.
         cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
-                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3)
+                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False)
         self.m = BlockManager(cfg)
         self.rng = np.random.default_rng(0)
 
@@ -283,6 +284,8 @@ def block_for(h: int, bs: int) -> np.ndarray:
 
 
 def make(tmp_path: Path, h: int, d: int, bs: int = 4096, **kw) -> BlockManager:
+    # These tests pin down the synchronous policy: write-behind (background) is off unless asked.
+    kw.setdefault("write_behind", False)
     return BlockManager(Config(block_size=bs, host_blocks=h, disk_blocks=d, disk_dir=str(tmp_path),
                                numa_node=None, pin=False, **kw))
 
@@ -422,7 +425,7 @@ def test_failed_offload_registers_nothing(tiny_tmpfs: Path) -> None:
     nothing half-registered, and the manager keeps serving."""
     bs = 1 << 20
     cfg = Config(block_size=bs, host_blocks=2, disk_blocks=12, disk_dir=str(tiny_tmpfs),
-                 numa_node=None, pin=False, preallocate="sparse")
+                 numa_node=None, pin=False, preallocate="sparse", write_behind=False)
     m = BlockManager(cfg)
     m.put([1, 2], np.concatenate([block_for(1, bs), block_for(2, bs)]))
     filler = tiny_tmpfs / "filler"

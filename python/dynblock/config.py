@@ -45,6 +45,7 @@ variable                                  meaning
 ``DYNBLOCK_PERSIST``                      ``persist`` (boolean)
 ``DYNBLOCK_DURABILITY``                   ``durability``: ``process`` or ``sync``
 ``DYNBLOCK_WRITE_THROUGH``                ``write_through`` (boolean)
+``DYNBLOCK_WRITE_BEHIND``                 ``write_behind`` (boolean)
 ``DYNBLOCK_CHECKSUMS``                    ``checksums`` (boolean)
 ========================================  =====================================
 
@@ -162,6 +163,10 @@ class Config:
     ``"sync"`` also fdatasyncs data then index at every batch, surviving power
     loss (or call ``sync()`` at the points you choose). ``write_through=True``
     makes ``put`` write to disk too, so blocks in the host tier also survive.
+    ``write_behind`` (default on, with both tiers) keeps the least recent
+    quarter of the host tier written to disk in the background, so a ``put``
+    into a full host tier evicts without waiting for disk writes;
+    ``BlockManager.flush()`` waits for it.
     ``checksums`` (default on) verifies a CRC32C of every block read from disk:
     a mismatch is a miss, never wrong bytes.
     """
@@ -185,6 +190,7 @@ class Config:
     persist: bool = DEFAULTS["persist"]
     durability: Literal["process", "sync"] = DEFAULTS["durability"]
     write_through: bool = DEFAULTS["write_through"]
+    write_behind: bool = DEFAULTS["write_behind"]
     checksums: bool = DEFAULTS["checksums"]
 
     def __post_init__(self) -> None:
@@ -224,7 +230,7 @@ class Config:
         if self.host_blocks == 0 and self.disk_blocks == 0:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
         for name in ("o_direct", "pin", "preallocate", "io_depth", "durability",
-                     "persist", "write_through", "checksums", "huge_pages"):
+                     "persist", "write_through", "write_behind", "checksums", "huge_pages"):
             setattr(self, name, check(name, getattr(self, name)))
         if self.numa_node not in (None, "auto"):
             self.numa_node = check("numa_node", self.numa_node)
@@ -309,6 +315,7 @@ class Config:
         if path is not None:
             kw["disk_path"] = path
         for var, key in (("DYNBLOCK_PERSIST", "persist"), ("DYNBLOCK_WRITE_THROUGH", "write_through"),
+                         ("DYNBLOCK_WRITE_BEHIND", "write_behind"),
                          ("DYNBLOCK_CHECKSUMS", "checksums")):
             v = env_bool(var, e)
             if v is not None:

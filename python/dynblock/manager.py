@@ -172,6 +172,7 @@ class BlockManager:
                 index_path=(str(config.disk_path) + ".index") if config.persist else None,
                 sync=config.durability == "sync",
                 layout=_layout_fingerprint(config),
+                write_behind=config.write_behind,
             )
             self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
             self._jobs_pid = 0
@@ -197,6 +198,13 @@ class BlockManager:
         :class:`Config` fields (``block_size``/``layout`` and ``disk_blocks``
         must match what the store was made with)."""
         return cls(Config(disk_path=path, persist=True, **config))
+
+    def flush(self) -> None:
+        """Wait for write-behind: the host-only blocks it would write ahead of
+        their eviction (the least recent quarter of the host tier) are written
+        to disk now."""
+        self._check_open()
+        self._m.flush()
 
     def sync(self) -> None:
         """fdatasync the data file, then the index: everything stored so far

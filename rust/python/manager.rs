@@ -22,7 +22,7 @@ pub struct PyBlockManager {
 impl PyBlockManager {
     #[new]
     #[pyo3(signature = (block_size, *, host=None, disk=None, checksums=true, write_through=false,
-                        index_path=None, sync=false, layout=0))]
+                        index_path=None, sync=false, layout=0, write_behind=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -34,6 +34,7 @@ impl PyBlockManager {
         index_path: Option<PathBuf>,
         sync: bool,
         layout: u64,
+        write_behind: bool,
     ) -> PyResult<Self> {
         let opts = ManagerOptions {
             checksums,
@@ -41,6 +42,7 @@ impl PyBlockManager {
             index_path,
             sync,
             layout,
+            write_behind,
         };
         let (h, d) = (
             host.map(|h| h.inner().clone()),
@@ -49,9 +51,19 @@ impl PyBlockManager {
         let m = py
             .detach(move || BlockManager::new(block_size, h, d, opts))
             .map_err(to_py)?;
-        let me = PyBlockManager { inner: Arc::new(m) };
+        let inner = Arc::new(m);
+        inner.start_write_behind();
+        let me = PyBlockManager { inner };
         me.flush_warnings(py)?;
         Ok(me)
+    }
+
+    /// Wait for write-behind: host-only blocks near eviction are written now.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let m = self.inner.clone();
+        let r = py.detach(move || m.flush()).map_err(to_py);
+        self.flush_warnings(py)?;
+        r
     }
 
     fn sync(&self, py: Python<'_>) -> PyResult<()> {
@@ -212,6 +224,8 @@ impl PyBlockManager {
             ("dropped_blocks", s.dropped_blocks),
             ("rejected_full", s.rejected_full),
             ("leases", s.leases),
+            ("written_behind", s.written_behind),
+            ("failed_write_behind", s.failed_write_behind),
             ("failed_writes", s.failed_writes),
             ("corrupt_blocks", s.corrupt_blocks),
             ("io_errors", s.io_errors),

@@ -139,6 +139,7 @@ pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("durability", settings::DEFAULT_DURABILITY)?;
     d.set_item("checksums", settings::DEFAULT_CHECKSUMS)?;
     d.set_item("write_through", settings::DEFAULT_WRITE_THROUGH)?;
+    d.set_item("write_behind", settings::DEFAULT_WRITE_BEHIND)?;
     d.set_item("persist", settings::DEFAULT_PERSIST)?;
     d.set_item("huge_pages", settings::DEFAULT_HUGE_PAGES)?;
     Ok(d)
@@ -171,7 +172,7 @@ pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bou
             })?;
             Durability::parse(&s.to_cow()?).map_err(to_py)?;
         }
-        "checksums" | "write_through" | "persist" | "huge_pages" | "lock" => {
+        "checksums" | "write_through" | "write_behind" | "persist" | "huge_pages" | "lock" => {
             want_bool(value, name)?;
         }
         other => {
