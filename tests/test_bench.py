@@ -19,7 +19,8 @@ from dynblock.bench.trace import find_trace, load_trace, parse_trace, replay
 TINY = ["--repeat", "2", "--block-sizes", "64KiB", "--disk-size", "1MiB", "--batch-size", "256KiB",
         "--fio-depths", "1,4", "--host-size", "4MiB", "--populate-size", "4MiB",
         "--tiered-size", "16MiB", "--trace-requests", "20", "--payload", "16KiB",
-        "--trace-host-blocks", "64", "--trace-disk-blocks", "256", "--recovery-blocks", "500"]
+        "--trace-host-blocks", "64", "--trace-disk-blocks", "256", "--recovery-blocks", "500",
+        "--engine-seconds", "0.3"]
 
 
 def run_bench(args, env=None, timeout=240) -> subprocess.CompletedProcess:
@@ -51,13 +52,28 @@ def test_json_schema(tiny_run) -> None:
     m = tiny_run["machine"]
     for k in ("kernel", "filesystem", "cpus", "build", "python"):
         assert m[k]
-    assert {c["workload"] for c in tiny_run["cases"]} >= {"disk", "host", "tiered", "overhead", "durability"}
+    assert {c["workload"] for c in tiny_run["cases"]} >= {"disk", "host", "tiered", "overhead", "durability",
+                                                         "engine"}
     for c in tiny_run["cases"]:
         assert set(c) >= {"workload", "impl", "op", "params", "unit", "values", "median", "min", "max", "ratios"}
         assert len(c["values"]) == 2
         assert c["min"] <= c["median"] <= c["max"]
         assert all(v > 0 for v in c["values"])
     assert isinstance(tiny_run["goals"], list) and isinstance(tiny_run["notes"], list)
+
+
+def test_engine_ratios_follow_the_measured_medians(tiny_run) -> None:
+    by = {(c["impl"], c["op"], c["params"].get("threads")): c for c in tiny_run["cases"]
+          if c["workload"] == "engine"}
+    m = by[("dynblock", "match-32-during-disk-puts", None)]
+    assert m["ratios"]["goal_1ms_over_p99"] == pytest.approx(1.0 / m["median"])
+    free = by[("dynblock", "put-32-into-free-host-tier", None)]
+    full = by[("dynblock", "put-32-into-full-host-tier", None)]
+    assert full["ratios"]["free_over_full"] == pytest.approx(free["median"] / full["median"])
+    one, four = by[("dynblock", "async-put-get", 1)], by[("dynblock", "async-put-get", 4)]
+    assert four["ratios"]["vs_1_thread"] == pytest.approx(four["median"] / one["median"])
+    goals = {g["goal"] for g in tiny_run["goals"]}
+    assert any("match of 32 hashes" in g for g in goals)
 
 
 def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:

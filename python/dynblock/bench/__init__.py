@@ -18,6 +18,11 @@ Workloads (``--workloads``, comma-separated; default: all):
 - ``overhead``: per-call cost of match/put/get on small batches.
 - ``durability``: disk-only put/get with checksums on against off, and the
   time to reopen a persistent store of 100,000 blocks.
+- ``engine``: what a serving engine feels: ``match`` p99 while another thread
+  stores 128 MiB batches to disk, the longest stall of a Python thread ticking
+  every 1 ms while another thread puts and gets, a 32-block put into a full
+  host tier (write-behind) against one into free slots (p99), and 4 threads of
+  async put/get against 1.
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
@@ -32,19 +37,20 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _core
 from .baselines import FIO_INSTALL_HINT, Fio
 from .common import Case, Progress, Results, machine_info, parse_size, size_label
-from .workloads import run_disk, run_durability, run_host, run_overhead, run_tiered, run_trace
+from .workloads import (run_disk, run_durability, run_engine, run_host, run_overhead, run_tiered,
+                        run_trace)
 
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
-WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability")
+WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine")
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
-GOALS = [
+GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
     ("disk", "dynblock-o_direct", "read", dict(block_size=2 << 20, pattern="random"), "vs_device_limit", 0.9,
      "2 MiB random reads >= 0.9x fio's best depth"),
     ("disk", "dynblock-o_direct", "write", dict(block_size=2 << 20, pattern="random"), "vs_device_limit", 0.9,
@@ -67,6 +73,14 @@ GOALS = [
      "disk writes with checksums >= 0.9x without"),
     ("durability", "checksums-on", "get", {}, "vs_checksums_off", 0.9,
      "disk reads with checksums >= 0.9x without"),
+    ("engine", "dynblock", "match-32-during-disk-puts", {}, "goal_1ms_over_p99", 1.0,
+     "match of 32 hashes p99 < 1 ms while another thread stores 128 MiB batches"),
+    ("engine", "python-thread", "tick-gap-during-puts-gets", {}, "goal_5ms_over_max", 1.0,
+     "a ticking Python thread stalls < 5 ms while another thread puts and gets"),
+    ("engine", "dynblock", "put-32-into-full-host-tier", {}, "free_over_full", 0.5,
+     "32-block put into a full host tier (write-behind) p99 <= 2x into free slots"),
+    ("engine", "dynblock", "async-put-get", dict(threads=4), "vs_1_thread", 1.0,
+     "4 threads of async put/get >= 1.0x aggregate of 1 thread"),
 ]
 
 
@@ -144,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="working set of the tiered case (default: 256MiB)")
     g.add_argument("--tiered-block-size", type=parse_size, default=2 << 20,
                    help="block size of the tiered and host cases (default: 2MiB)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine-seconds", type=float, default=2.0,
+                   help="seconds each concurrent engine case runs (default: 2)")
     g = p.add_argument_group("trace")
     g.add_argument("--trace", help="trace: a JSONL file (.jsonl or .jsonl.gz) or a shipped one, "
                    "mooncake_conversation (default) or mooncake_synthetic")
@@ -207,6 +224,8 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
     if "durability" in a.workloads:
         run_durability(res, directory, a.tiered_block_size, a.tiered_size, a.recovery_blocks,
                        a.io_depth, a.batch_size, a.repeat, progress)
+    if "engine" in a.workloads:
+        run_engine(res, directory, a.repeat, progress, seconds=a.engine_seconds)
     return res, fio
 
 
