@@ -28,6 +28,11 @@
 //!   keeps its slot out of use until the last unpin. `get_lease` reads the
 //!   pinned blocks (the prefix rules of `get` apply) and releases the pins.
 //!
+//! - **Write-behind** (optional, on by default with both tiers): a background
+//!   step writes host-only blocks among the least recent quarter of the host
+//!   tier to disk; while a block is being written its host slot is pinned,
+//!   so an eviction at that moment takes the next unpinned block instead.
+//!   The policy above (and the model test) is the one without write-behind.
 //! - **Unreadable blocks**: a disk block that fails its checksum or whose
 //!   read fails (EIO) is a miss: dropped, counted (`corrupt_blocks`,
 //!   `io_errors`), logged; `get` returns the prefix before it.
@@ -821,9 +826,11 @@ impl BlockManager {
     }
 
     /// How many of the least recent host blocks write-behind keeps clean
-    /// (with a disk copy): a quarter of the host tier, at least one batch.
+    /// (with a disk copy): a quarter of the host tier (none under 4 blocks).
+    /// It never pins more, so a put always finds most of the tier evictable
+    /// (eviction skips the blocks being written behind).
     fn clean_depth(host_cap: usize) -> usize {
-        (host_cap / 4).max(32.min(host_cap))
+        host_cap / 4
     }
 
     /// One step of write-behind: write up to `max` of the least recent
