@@ -118,7 +118,16 @@ def test_the_cache_own_memory_is_refused(tmp_path: Path) -> None:
         kv.put([1], np.full(BS, 0x41, np.uint8))
         kv.put([2], np.full(BS, 0x42, np.uint8))
         assert kv.host is not None
-        view = kv.host.view()
+        ro = kv.host.view()  # what the manager hands out is read-only
+        assert ro.readonly
+        with pytest.raises(TypeError):
+            ro[0] = 1
+        with pytest.raises(BufferError, match="read-only"):
+            kv.get([2, 1], ro[:2 * BS])
+        with pytest.raises(AttributeError, match="read-only"):
+            kv.host.write_blocks([0], np.zeros(BS, np.uint8))
+        # Memory of the tier itself (reachable only by holding the HostStorage) is refused too.
+        view = kv._host.view()
         with pytest.raises(ValueError, match="overlaps the host tier's own memory"):
             kv.get([2, 1], view[:2 * BS])
         with pytest.raises(ValueError, match="overlaps the host tier's own memory"):

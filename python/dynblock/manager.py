@@ -44,6 +44,57 @@ def _layout_fingerprint(config: Config) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+class TierView:
+    """A read-only look at one of a manager's tiers (``BlockManager.host`` /
+    ``.disk``): its settings and state, and read-only views of its memory.
+    Writing through the tier would change cached blocks behind the
+    manager's back (their checksums and their hashes' meaning), so the
+    manager never hands out the tier itself."""
+
+    _READ = {
+        "host": ("num_blocks", "block_size", "slot_stride", "nbytes", "numa_node", "numa_reason",
+                 "policy", "pinned", "huge_pages", "populate_threads", "populate_seconds",
+                 "cuda_registered", "cuda_reason", "closed"),
+        "disk": ("num_blocks", "block_size", "slot_stride", "data_offset", "alignment",
+                 "memory_alignment", "alignment_source", "o_direct", "fallback_reason", "path",
+                 "anonymous", "fs_type", "io_depth", "file_size", "preallocation", "closed"),
+    }
+
+    __slots__ = ("_tier", "_kind")
+
+    def __init__(self, tier: Union[HostStorage, DiskStorage], kind: str) -> None:
+        self._tier = tier
+        self._kind = kind
+
+    def __getattr__(self, name: str) -> Any:
+        if name in TierView._READ[object.__getattribute__(self, "_kind")]:
+            return getattr(object.__getattribute__(self, "_tier"), name)
+        raise AttributeError(
+            f"{name!r}: a manager's {object.__getattribute__(self, '_kind')} tier is read-only "
+            "here (writing through it would corrupt cached blocks); use the BlockManager's calls")
+
+    def view(self) -> memoryview:
+        """Read-only view of the whole host tier (host only)."""
+        if not isinstance(self._tier, HostStorage):
+            raise AttributeError("view() is a host-tier call")
+        return self._tier.view().toreadonly()
+
+    def block(self, slot_id: int) -> memoryview:
+        """Read-only view of one host slot (host only)."""
+        if not isinstance(self._tier, HostStorage):
+            raise AttributeError("block() is a host-tier call")
+        return self._tier.block(slot_id).toreadonly()
+
+    def placement(self) -> Dict[int, int]:
+        """Pages per NUMA node (host only; see HostStorage.placement)."""
+        if not isinstance(self._tier, HostStorage):
+            raise AttributeError("placement() is a host-tier call")
+        return self._tier.placement()
+
+    def __repr__(self) -> str:
+        return f"TierView({self._tier!r})"
+
+
 class Lease:
     """Blocks kept for a coming load: returned by :meth:`BlockManager.lookup`.
 
@@ -363,12 +414,14 @@ class BlockManager:
         return self._m.block_size
 
     @property
-    def host(self) -> Optional[HostStorage]:
-        return self._host
+    def host(self) -> Optional[TierView]:
+        """The host tier, read-only (settings, state, read-only views)."""
+        return None if self._host is None else TierView(self._host, "host")
 
     @property
-    def disk(self) -> Optional[DiskStorage]:
-        return self._disk
+    def disk(self) -> Optional[TierView]:
+        """The disk tier, read-only (settings and state)."""
+        return None if self._disk is None else TierView(self._disk, "disk")
 
     # --- lifetime ---------------------------------------------------------
     def _close_tiers(self) -> None:

@@ -181,8 +181,10 @@ impl PyHostStorage {
         Ok(self.inner.region().map_err(to_py)?.ptr() as usize)
     }
 
-    fn close(&self) {
-        self.inner.close()
+    /// Waits for copies in flight: the GIL is released meanwhile.
+    fn close(&self, py: Python<'_>) {
+        let h = self.inner.clone();
+        py.detach(move || h.close())
     }
 
     #[getter]
