@@ -11,9 +11,10 @@
 //!   saying why) where the filesystem refuses. A persistent file starts with
 //!   a header naming its geometry and a random store id.
 //! - **manager** ([`manager::BlockManager`]): sequence hash -> slot in each
-//!   tier, LRU per tier, offload and promotion, checksums, and the
-//!   persistent store's append-only [`index`] (bound to its data file by
-//!   the store id).
+//!   tier, LRU per tier, pins and leases, offload and promotion, write-behind,
+//!   checksums, and the persistent store's append-only [`index`] (bound to
+//!   its data file by the store id). Its policy (no I/O, no `unsafe`) lives
+//!   in `manager/policy.rs`.
 //!
 //! Every setting is declared, defaulted and checked once, in [`settings`].
 //! [`process`] detects `fork()` (a storage refuses to work in a child) and
@@ -22,7 +23,8 @@
 //! Threading: each batch call is cut into operations (adjacent disk slots
 //! coalesced, host copies cut into pieces), run on the storage's own
 //! long-lived worker pool ([`io`]) with `io_depth` operations in flight;
-//! `close()` stops the pool at once. The manager holds one lock per call.
+//! `close()` stops the pool at once. The manager's lock is held to plan and
+//! commit a batch, never while bytes move.
 //!
 //! Nothing here touches Python; the bindings live in `python/` behind the
 //! `python` feature, so `cargo test` needs no interpreter. See
