@@ -277,6 +277,23 @@ def test_lease_api(tmp_path: Path) -> None:
 # --- asynchronous jobs -----------------------------------------------------------
 
 
+def test_a_get_job_waits_for_earlier_puts_of_its_hashes(tmp_path: Path) -> None:
+    # Many puts and gets submitted back to back without waiting: every get sees the put
+    # submitted before it, although jobs run side by side.
+    with manager(tmp_path, 64, 256) as kv:
+        gets = []
+        for r in range(40):
+            hs = [r * 4 + k for k in range(4)]
+            kv.put_async(hs, np.concatenate([data_for(h) for h in hs]))
+            out = np.zeros(4 * BS, np.uint8)
+            gets.append((hs, out, kv.get_async(hs, out)))
+        for hs, out, job in gets:
+            assert job.wait(timeout=60) == 4
+            assert np.array_equal(out, np.concatenate([data_for(h) for h in hs]))
+        kv.wait_all(timeout=60)
+        assert not kv._inflight  # bookkeeping emptied as jobs finish
+
+
 def test_jobs_run_in_the_background_and_a_get_after_a_put_sees_it(tmp_path: Path) -> None:
     with manager(tmp_path, 4, 16) as kv:
         src = np.concatenate([data_for(h) for h in range(8)])
@@ -319,16 +336,17 @@ def test_wait_timeouts_and_close_waits_for_pending_jobs(tmp_path: Path) -> None:
 
     gate = threading.Event()
     kv = manager(tmp_path, 4, 0)
-    blocker = kv._submit("test", gate.wait, 30)  # a real job that holds the worker
+    # Real jobs that hold every worker until the gate opens.
+    blockers = [kv._submit("test", gate.wait, 30) for _ in range(BlockManager.JOB_WORKERS)]
     queued = kv.put_async([1], data_for(1))
     with pytest.raises(TimeoutError, match="not done after 0.05 s"):
         queued.wait(timeout=0.05)
-    with pytest.raises(TimeoutError, match="2 job"):
+    with pytest.raises(TimeoutError, match=f"{BlockManager.JOB_WORKERS + 1} job"):
         kv.wait_all(timeout=0.05)
     assert not queued.done()
     gate.set()
     kv.wait_all(timeout=30)
-    assert blocker.done() and queued.wait(timeout=0) == 1
+    assert all(b.done() for b in blockers) and queued.wait(timeout=0) == 1
     late = kv.put_async([2], data_for(2))
     kv.close()  # waits for it
     assert late.done() and late.wait(timeout=0) == 1
@@ -452,3 +470,32 @@ def test_write_behind_is_optional_and_close_stops_it(tmp_path: Path) -> None:
     kv.put([1], data_for(1))
     kv.close()
     assert {t.name for t in threading.enumerate()} == names  # no thread left behind
+
+
+def test_a_failed_write_behind_loses_nothing_and_breaks_nothing(tiny_tmpfs: Path, caplog) -> None:
+    import logging
+
+    bs = 1 << 20
+    cfg = Config(block_size=bs, host_blocks=8, disk_blocks=12, disk_dir=str(tiny_tmpfs),
+                 numa_node=None, pin=False, preallocate="sparse")
+    with BlockManager(cfg) as kv:
+        filler = tiny_tmpfs / "filler"
+        with open(filler, "wb", buffering=0) as f:  # the sparse disk tier has nowhere to go
+            try:
+                while True:
+                    f.write(b"\0" * bs)
+            except OSError:
+                pass
+        blocks = [np.random.default_rng(h).integers(0, 256, bs, dtype=np.uint8) for h in range(8)]
+        with caplog.at_level(logging.WARNING, logger="dynblock"):
+            assert kv.put(list(range(8)), np.concatenate(blocks)) == 8
+            kv.flush()  # the background step fails with ENOSPC
+            s = kv.stats()
+            assert s["failed_write_behind"] >= 1 and s["written_behind"] == 0
+            out = np.zeros(8 * bs, np.uint8)
+            assert kv.get(list(range(8)), out) == 8  # still served from the host tier
+            assert np.array_equal(out, np.concatenate(blocks))
+        assert sum("ahead of eviction failed" in r.getMessage() for r in caplog.records) == 1
+        filler.unlink()
+        kv.flush()  # space again: the same blocks are written behind now
+        assert kv.stats()["written_behind"] >= 2

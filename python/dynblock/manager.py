@@ -25,6 +25,15 @@ Hashes = Union[Sequence[int], Any]  # a sequence of ints or a numpy uint64 array
 Rows = Optional[Union[Sequence[int], Any]]  # one row index per hash, or None
 
 
+def _hash_ints(hashes: Any) -> list:
+    """Hashes as a list of Python ints (for job bookkeeping; the engine
+    checks them)."""
+    try:
+        return [int(h) for h in (hashes.tolist() if hasattr(hashes, "tolist") else hashes)]
+    except (TypeError, ValueError):
+        return []  # not hashes: the call itself will say so
+
+
 def _hash_value(hash: Any) -> int:
     """A hash given as a Python or numpy integer (not a bool), as an int."""
     if isinstance(hash, bool) or not hasattr(hash, "__index__"):
@@ -228,7 +237,9 @@ class BlockManager:
             self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
             self._jobs_pid = 0
             self._pending: Set["concurrent.futures.Future[int]"] = set()
-            self._jobs_lock = threading.Lock()
+            # hash -> the latest put job storing it that has not finished
+            self._inflight: Dict[int, "concurrent.futures.Future[int]"] = {}
+            self._jobs_lock = threading.RLock()
         except BaseException:
             # Leave nothing behind: a data file this call created goes too.
             if self._disk is not None:
@@ -306,31 +317,54 @@ class BlockManager:
         return self._m.get(hashes, dst, rows)
 
     # --- asynchronous jobs --------------------------------------------------
-    def _submit(self, what: str, fn: Any, *args: Any) -> Job:
+    #: Worker threads running jobs. The calls they make release the GIL and
+    #: the manager's lock while bytes move, so jobs overlap.
+    JOB_WORKERS = 4
+
+    def _submit(self, what: str, fn: Any, *args: Any, stores: Optional[list] = None) -> Job:
         self._check_open()
         with self._jobs_lock:
             if self._jobs is not None and self._jobs_pid != os.getpid():
                 self._m.contains(0)  # in a fork()ed child: raises ForkError, says what to do
             if self._jobs is None:
                 self._jobs_pid = os.getpid()
-                # One worker, first in first out: a get submitted after a put
-                # of the same hash sees it. The calls it makes release the GIL.
                 self._jobs = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="dynblock-job")
+                    max_workers=self.JOB_WORKERS, thread_name_prefix="dynblock-job")
             fut = self._jobs.submit(fn, *args)
             self._pending.add(fut)
-        fut.add_done_callback(self._pending.discard)
+            for h in stores or ():
+                self._inflight[h] = fut
+            fut.add_done_callback(lambda f: self._job_done(f, stores))
         return Job(fut, what)
+
+    def _job_done(self, fut: "concurrent.futures.Future[int]", stores: Optional[list]) -> None:
+        with self._jobs_lock:
+            self._pending.discard(fut)
+            for h in stores or ():
+                if self._inflight.get(h) is fut:
+                    del self._inflight[h]
 
     def put_async(self, hashes: Hashes, src: Any, rows: Rows = None) -> Job:
         """:meth:`put` in the background: returns a :class:`Job` at once."""
-        return self._submit("put", self.put, hashes, src, rows)
+        return self._submit("put", self.put, hashes, src, rows, stores=_hash_ints(hashes))
 
     def get_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> Job:
         """:meth:`get` (of hashes or a :class:`Lease`) in the background:
         returns a :class:`Job` at once. A get submitted after a put of the same
-        hash sees it."""
-        return self._submit("get", self.get, hashes, dst, rows)
+        hash sees it: it waits for those puts (jobs start in submission order,
+        so they are already running); other jobs run side by side."""
+        deps = []
+        if not isinstance(hashes, Lease):
+            with self._jobs_lock:
+                deps = list({id(f): f for f in (self._inflight.get(h)
+                                                for h in _hash_ints(hashes)) if f}.values())
+
+        def run() -> int:
+            if deps:
+                concurrent.futures.wait(deps)
+            return self.get(hashes, dst, rows)
+
+        return self._submit("get", run)
 
     def wait_all(self, timeout: Optional[float] = None) -> None:
         """Wait for every job submitted so far (their errors stay with each

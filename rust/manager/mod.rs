@@ -41,10 +41,12 @@
 //! batched disk write (victims and direct-to-disk blocks, sorted by slot so
 //! adjacent slots coalesce) followed by one parallel copy into host slots.
 //! The lock is held to plan and to commit, not while bytes move: the slots a
-//! plan fills are `filling` (invisible to lookups) and pinned until its
-//! commit, and the slots a `get` reads are pinned until it is done. A victim
-//! moved to disk is invisible until its disk copy is committed (a transient
-//! miss for concurrent readers). Commits record PUTs only for blocks still
+//! plan fills are `filling` and pinned until its commit, and the slots a
+//! `get` reads are pinned until it is done. Lookups (`match`, `contains`,
+//! `lookup`) see a block from the moment it is registered and never wait; a
+//! `get` that meets a block whose bytes are still arriving (a put or an
+//! offload of another call) waits for that commit, so a get after a put of
+//! the same block always sees it. Commits record PUTs only for blocks still
 //! registered in the slots written.
 //! A failed disk write registers nothing from the batch: every disk slot
 //! assigned and every host slot filled by the batch is released, and blocks
@@ -93,6 +95,9 @@ pub struct BlockManager {
     /// background thread's and `flush()`'s) run one at a time, so `flush`
     /// also waits for a step in flight.
     cleaning: Mutex<()>,
+    /// Notified at every commit (or rollback) of a plan: reads waiting for
+    /// bytes in flight look again.
+    committed: std::sync::Condvar,
 }
 
 /// The write-behind thread's controls: woken after puts, stopped by close.
@@ -250,6 +255,7 @@ impl BlockManager {
             fork: ForkGuard::new("BlockManager"),
             writer: Arc::new(Writer::default()),
             cleaning: Mutex::new(()),
+            committed: std::sync::Condvar::new(),
         })
     }
 
@@ -693,6 +699,7 @@ impl BlockManager {
 
         let mut st = self.lock();
         hold(&mut st, false);
+        self.committed.notify_all();
         // Only blocks still registered in the slots written are recorded.
         let current: Vec<bool> = writes
             .iter()
@@ -895,7 +902,7 @@ impl BlockManager {
         let n = st.prefix(hashes);
         let mut pins = Vec::with_capacity(n);
         for &h in &hashes[..n] {
-            let (host, slot) = st.readable(h).expect("in the prefix");
+            let (host, slot) = st.lease_copy(h);
             let tier = if host {
                 st.host.as_mut()
             } else {
@@ -989,7 +996,20 @@ impl BlockManager {
                 .push(format!("rewriting the store's index failed: {e}"));
         }
         st.stats.get_calls += 1;
-        let n = st.prefix(hashes);
+        let mut n = st.prefix(hashes);
+        // Blocks whose bytes are still arriving (another call's put or
+        // offload, without the lock): wait for that commit, then look again.
+        while n > 0 && st.in_flight(&hashes[..n]) {
+            st = self
+                .committed
+                .wait_timeout(st, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if st.closed {
+                return Ok(0);
+            }
+            n = st.prefix(hashes);
+        }
         let bs = self.block_size;
         let addr = |i: usize| addrs[i];
         // Phase A: read every block from where it is now.
@@ -1218,7 +1238,7 @@ impl BlockManager {
     }
 
     pub fn contains(&self, h: u64) -> Result<bool> {
-        Ok(self.open_state()?.readable(h).is_some())
+        Ok(self.open_state()?.map.contains_key(&h))
     }
 
     pub fn len(&self) -> Result<usize> {

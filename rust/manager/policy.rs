@@ -474,12 +474,33 @@ impl State {
         None
     }
 
-    /// Length of the longest prefix whose bytes are in place.
+    /// Length of the longest registered prefix (bytes of some blocks may
+    /// still be arriving: see [`Self::in_flight`]).
     pub(super) fn prefix(&self, hashes: &[u64]) -> usize {
         hashes
             .iter()
-            .position(|&h| self.readable(h).is_none())
+            .position(|h| !self.map.contains_key(h))
             .unwrap_or(hashes.len())
+    }
+
+    /// Whether any block of `hashes` is registered but has no copy whose
+    /// bytes are in place yet (a put or an offload in flight): a read waits.
+    pub(super) fn in_flight(&self, hashes: &[u64]) -> bool {
+        hashes.iter().any(|&h| self.readable(h).is_none())
+    }
+
+    /// The copy a lease pins: the readable one, else the host copy being
+    /// filled, else the disk copy being filled (read once it is in place).
+    pub(super) fn lease_copy(&self, h: u64) -> (bool, u32) {
+        if let Some(c) = self.readable(h) {
+            return c;
+        }
+        let e = self.map[&h];
+        if e.host != NIL && e.host != PENDING {
+            (true, e.host)
+        } else {
+            (false, e.disk)
+        }
     }
 }
 
