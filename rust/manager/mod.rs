@@ -1063,7 +1063,6 @@ impl BlockManager {
                 )
             };
         }
-        let mut n = n;
         let mut disk_outcome: Option<DiskOutcome> = None;
         if !disk_reads.is_empty() {
             let disk = self.disk.as_ref().expect("disk tier");
