@@ -164,7 +164,7 @@ class Config:
     loss (or call ``sync()`` at the points you choose). ``write_through=True``
     makes ``put`` write to disk too, so blocks in the host tier also survive.
     ``write_behind`` (default on, with both tiers) keeps the least recent
-    quarter of the host tier written to disk in the background, so a ``put``
+    half of the host tier written to disk in the background, so a ``put``
     into a full host tier evicts without waiting for disk writes;
     ``BlockManager.flush()`` waits for it.
     ``checksums`` (default on) verifies a CRC32C of every block read from disk:

@@ -263,7 +263,7 @@ class BlockManager:
 
     def flush(self) -> None:
         """Wait for write-behind: the host-only blocks it would write ahead of
-        their eviction (the least recent quarter of the host tier) are written
+        their eviction (the least recent half of the host tier) are written
         to disk now."""
         self._check_open()
         self._m.flush()

@@ -29,8 +29,8 @@
 //!   pinned blocks (the prefix rules of `get` apply) and releases the pins.
 //!
 //! - **Write-behind** (optional, on by default with both tiers): a background
-//!   step writes host-only blocks among the least recent quarter of the host
-//!   tier to disk; while a block is being written its host slot is pinned,
+//!   step writes host-only blocks among the least recent half of the host
+//!   tier to disk (pinning at most a quarter of it); while a block is being written its host slot is pinned,
 //!   so an eviction at that moment takes the next unpinned block instead.
 //!   The policy above (and the model test) is the one without write-behind.
 //! - **Unreadable blocks**: a disk block that fails its checksum or whose
@@ -353,11 +353,16 @@ impl BlockManager {
     }
 
     /// How many of the least recent host blocks write-behind keeps clean
-    /// (with a disk copy): a quarter of the host tier (none under 4 blocks).
-    /// It never pins more, so a put always finds most of the tier evictable
-    /// (eviction skips the blocks being written behind).
+    /// (with a disk copy): half the host tier (none under 4 blocks). A step
+    /// pins at most a quarter of the tier (and at most its batch), so a put
+    /// always finds most of the tier evictable (eviction skips the blocks
+    /// being written behind).
     fn clean_depth(host_cap: usize) -> usize {
-        host_cap / 4
+        if host_cap < 4 {
+            0
+        } else {
+            host_cap / 2
+        }
     }
 
     /// One step of write-behind: write up to `max` of the least recent
@@ -378,6 +383,7 @@ impl BlockManager {
             return 0;
         };
         let depth = Self::clean_depth(host.hash_of.len());
+        let max = max.min(host.hash_of.len() / 4);
         let mut pick: Vec<(u64, u32)> = Vec::new();
         let mut c = host.lru.head;
         let mut seen = 0;
