@@ -224,6 +224,29 @@ class ManagerMachine(RuleBasedStateMachine):
     def match(self, hashes) -> None:
         assert self.m.match(hashes) == self.model.match(hashes)
 
+    @rule(put_hashes=hash_lists, extra=hash_lists, reverse=st.booleans())
+    def jobs(self, put_hashes, extra, reverse) -> None:
+        # A put job and a get job submitted back to back, waited for in either order. The get
+        # includes a hash of the put, so it waits for the put: the order is defined, and the
+        # model applies put then get.
+        get_hashes = [put_hashes[0]] + extra
+        src = self.rng.integers(0, 256, size=len(put_hashes) * self.bs, dtype=np.uint8)
+        blocks = [src[i * self.bs:(i + 1) * self.bs].tobytes() for i in range(len(put_hashes))]
+        dst = np.zeros(len(get_hashes) * self.bs, dtype=np.uint8)
+        put_job = self.m.put_async(put_hashes, src)
+        get_job = self.m.get_async(get_hashes, dst)
+        if reverse:
+            n = get_job.wait(timeout=60)
+            new = put_job.wait(timeout=60)
+        else:
+            new = put_job.wait(timeout=60)
+            n = get_job.wait(timeout=60)
+        assert new == self.model.put(put_hashes, blocks)
+        want = self.model.get(get_hashes)
+        assert n == len(want)
+        for i, b in enumerate(want):
+            assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"job block {get_hashes[i]}"
+
     @rule(hashes=hash_lists)
     def lookup(self, hashes) -> None:
         if not hasattr(self, "leases"):

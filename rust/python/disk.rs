@@ -137,8 +137,9 @@ impl PyDiskStorage {
     }
 
     #[getter]
-    fn closed(&self) -> bool {
-        self.inner.is_closed()
+    fn closed(&self, py: Python<'_>) -> bool {
+        let s = self.inner.clone();
+        py.detach(move || s.is_closed())
     }
     #[getter]
     fn num_blocks(&self) -> u64 {
@@ -163,8 +164,9 @@ impl PyDiskStorage {
         self.inner.o_direct()
     }
     #[getter]
-    fn fallback_reason(&self) -> Option<String> {
-        self.inner.fallback_reason()
+    fn fallback_reason(&self, py: Python<'_>) -> Option<String> {
+        let s = self.inner.clone();
+        py.detach(move || s.fallback_reason())
     }
     #[getter]
     fn path(&self) -> PathBuf {
@@ -195,7 +197,8 @@ impl PyDiskStorage {
         self.inner.created()
     }
     #[getter]
-    fn preallocation(&self) -> &'static str {
-        self.inner.preallocation()
+    fn preallocation(&self, py: Python<'_>) -> &'static str {
+        let s = self.inner.clone();
+        py.detach(move || s.preallocation())
     }
 }

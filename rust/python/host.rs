@@ -60,8 +60,11 @@ impl PyHostStorage {
     pub fn inner(&self) -> &Arc<HostStorage> {
         &self.inner
     }
-    fn view_of(&self, offset: usize, len: usize) -> PyResult<PyHostView> {
-        let region = self.inner.region().map_err(to_py)?;
+    /// Rust locks are never taken with the GIL held: the region is fetched
+    /// with it released.
+    fn view_of(&self, py: Python<'_>, offset: usize, len: usize) -> PyResult<PyHostView> {
+        let h = self.inner.clone();
+        let region = py.detach(move || h.region()).map_err(to_py)?;
         Ok(PyHostView {
             region,
             offset,
@@ -152,7 +155,7 @@ impl PyHostStorage {
     }
 
     /// A writable zero-copy view of one slot's block_size bytes.
-    fn block(&self, slot_id: i64) -> PyResult<PyHostView> {
+    fn block(&self, py: Python<'_>, slot_id: i64) -> PyResult<PyHostView> {
         if slot_id < 0 || slot_id as u64 >= self.inner.num_blocks() {
             return Err(PyIndexError::new_err(format!(
                 "slot id {slot_id} is out of range: this storage has slots 0..{}",
@@ -160,14 +163,15 @@ impl PyHostStorage {
             )));
         }
         self.view_of(
+            py,
             self.inner.slot_offset(slot_id as u64),
             self.inner.block_size(),
         )
     }
 
     /// A writable zero-copy view of the whole tier (num_blocks * slot_stride bytes).
-    fn view(&self) -> PyResult<PyHostView> {
-        self.view_of(0, self.inner.nbytes())
+    fn view(&self, py: Python<'_>) -> PyResult<PyHostView> {
+        self.view_of(py, 0, self.inner.nbytes())
     }
 
     fn placement(&self, py: Python<'_>) -> PyResult<std::collections::BTreeMap<i64, u64>> {
@@ -177,8 +181,9 @@ impl PyHostStorage {
 
     /// Address of the first slot (for DMA registration).
     #[getter]
-    fn data_ptr(&self) -> PyResult<usize> {
-        Ok(self.inner.region().map_err(to_py)?.ptr() as usize)
+    fn data_ptr(&self, py: Python<'_>) -> PyResult<usize> {
+        let h = self.inner.clone();
+        Ok(py.detach(move || h.region()).map_err(to_py)?.ptr() as usize)
     }
 
     /// Waits for copies in flight: the GIL is released meanwhile.
@@ -188,8 +193,9 @@ impl PyHostStorage {
     }
 
     #[getter]
-    fn closed(&self) -> bool {
-        self.inner.is_closed()
+    fn closed(&self, py: Python<'_>) -> bool {
+        let s = self.inner.clone();
+        py.detach(move || s.is_closed())
     }
     #[getter]
     fn num_blocks(&self) -> u64 {
