@@ -22,7 +22,7 @@ from dynblock import BlockManager, Config
 
 
 class PolicyModel:
-    """The documented policy, block by block (see rust/manager.rs)."""
+    """The documented policy, block by block (see rust/manager/mod.rs)."""
 
     def __init__(self, host_cap: int, disk_cap: int) -> None:
         self.H, self.D = host_cap, disk_cap

@@ -3,7 +3,7 @@
 Blocks are keyed by sequence hash (unsigned 64-bit). Every call takes a batch,
 crosses into Rust once and releases the GIL while data moves. The policy
 (LRU per tier, host -> disk offload, promotion on get) is documented in
-``rust/manager.rs`` and pinned down by ``tests/test_manager.py``'s model.
+``rust/manager/mod.rs`` and pinned down by ``tests/test_manager.py``'s model.
 """
 
 from __future__ import annotations
