@@ -96,6 +96,24 @@ impl Error {
     }
 }
 
+/// A batch's buffer must hold exactly `n` units (blocks or slots) of
+/// `block_size` bytes: the one check and message, wherever a batch enters.
+pub fn check_batch_len(
+    name: &str,
+    len: usize,
+    n: usize,
+    unit: &str,
+    block_size: usize,
+) -> Result<()> {
+    let want = n.saturating_mul(block_size);
+    if len != want {
+        return Err(Error::Buffer(format!(
+            "{name} holds {len} bytes but {n} {unit} of block_size {block_size} need exactly {want}"
+        )));
+    }
+    Ok(())
+}
+
 /// Name of an errno value (`EINVAL`), for messages.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {

@@ -347,14 +347,7 @@ impl HostStorage {
     }
 
     fn validate(&self, slots: &[u64], buf_len: usize) -> Result<()> {
-        let want = slots.len().saturating_mul(self.block_size);
-        if buf_len != want {
-            return Err(Error::Buffer(format!(
-                "buffer holds {buf_len} bytes but {} blocks of block_size {} need exactly {want}",
-                slots.len(),
-                self.block_size
-            )));
-        }
+        crate::error::check_batch_len("buffer", buf_len, slots.len(), "blocks", self.block_size)?;
         if let Some((i, s)) = slots
             .iter()
             .enumerate()

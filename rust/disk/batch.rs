@@ -92,14 +92,7 @@ impl DiskStorage {
     /// Check a batch's sizes and slot ids before any byte moves (duplicate
     /// slots in a write batch are refused in `run_batch`, also before I/O).
     fn validate(&self, slots: &[u64], buf_len: usize) -> Result<()> {
-        let want = slots.len().saturating_mul(self.block_size);
-        if buf_len != want {
-            return Err(Error::Buffer(format!(
-                "buffer holds {buf_len} bytes but {} slots of block_size {} need exactly {want}",
-                slots.len(),
-                self.block_size
-            )));
-        }
+        crate::error::check_batch_len("buffer", buf_len, slots.len(), "slots", self.block_size)?;
         for (i, &s) in slots.iter().enumerate() {
             if s >= self.num_blocks {
                 return Err(Error::Index(format!(

@@ -552,12 +552,7 @@ impl BlockManager {
             }
         }
         let Some(rows) = rows else {
-            let want = n.saturating_mul(bs);
-            if len != want {
-                return Err(Error::Buffer(format!(
-                    "{name} holds {len} bytes but {n} blocks of block_size {bs} need exactly {want}"
-                )));
-            }
+            crate::error::check_batch_len(name, len, n, "blocks", bs)?;
             return Ok((0..n).map(|i| base + i * bs).collect());
         };
         if rows.len() != n {

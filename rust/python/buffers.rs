@@ -225,13 +225,8 @@ pub fn batch_call<T: Send>(
     refuse_unordered(ids, ids_name)?;
     let held = hold_buffer(buf, buf_name, writable)?;
     if let (Some(unit), Ok(n)) = (unit, ids.len()) {
-        let want = n.saturating_mul(unit);
-        if want != held.len {
-            return Err(to_py(crate::error::Error::Buffer(format!(
-                "{buf_name} holds {} bytes but {n} blocks of block_size {unit} need exactly {want}",
-                held.len
-            ))));
-        }
+        // The engine checks this too; here it runs before the ids are listed.
+        crate::error::check_batch_len(buf_name, held.len, n, "blocks", unit).map_err(to_py)?;
     }
     let list = u64_list(ids, ids_name)?;
     let (ptr, len) = (held.ptr, held.len);
