@@ -271,7 +271,9 @@ impl BlockManager {
         let spawned = std::thread::Builder::new()
             .name("dynblock-writeback".into())
             .spawn(move || loop {
-                {
+                // Work only when a put woke the thread; the timeout only
+                // notices a manager that went away.
+                let woken = {
                     let g = w.wake.lock().unwrap_or_else(|p| p.into_inner());
                     let (mut g, _) = w
                         .cv
@@ -279,10 +281,13 @@ impl BlockManager {
                             !*woken && !w.stop.load(Ordering::Relaxed)
                         })
                         .unwrap_or_else(|p| p.into_inner());
-                    *g = false;
-                }
-                if w.stop.load(Ordering::Relaxed) {
+                    std::mem::replace(&mut *g, false)
+                };
+                if w.stop.load(Ordering::Relaxed) || weak.strong_count() == 0 {
                     return;
+                }
+                if !woken {
+                    continue;
                 }
                 let Some(m) = weak.upgrade() else {
                     return;
