@@ -22,6 +22,41 @@ impl PyDiskStorage {
     pub fn inner(&self) -> &Arc<DiskStorage> {
         &self.inner
     }
+
+    /// One batch between the slots and a caller buffer (`write`: from it,
+    /// read only; else into it, checked writable), GIL released; then the
+    /// tier's warnings are logged.
+    fn io(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+        write: bool,
+    ) -> PyResult<()> {
+        let s = self.inner.clone();
+        let name = if write { "src" } else { "dst" };
+        // SAFETY: the buffer is held (alive, fixed) for the call; written only
+        // when it is the destination, which batch_call checked writable.
+        let r = batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            buf,
+            name,
+            !write,
+            Some(self.inner.block_size()),
+            move |ids, p, n| unsafe {
+                if write {
+                    s.write_blocks_raw(ids, p as *const u8, n)
+                } else {
+                    s.read_blocks_raw(ids, p as *mut u8, n)
+                }
+            },
+        );
+        let s = self.inner.clone();
+        log_warnings(py, "dynblock.disk", py.detach(move || s.take_warnings()))?;
+        r
+    }
 }
 
 #[pymethods]
@@ -73,21 +108,7 @@ impl PyDiskStorage {
         slot_ids: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let s = self.inner.clone();
-        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
-        let r = batch_call(
-            py,
-            slot_ids,
-            "slot_ids",
-            src,
-            "src",
-            false,
-            Some(self.inner.block_size()),
-            move |ids, p, n| unsafe { s.write_blocks_raw(ids, p as *const u8, n) },
-        );
-        let s = self.inner.clone();
-        log_warnings(py, "dynblock.disk", py.detach(move || s.take_warnings()))?;
-        r
+        self.io(py, slot_ids, src, true)
     }
 
     /// Read the slots into `dst` (writable, len(slot_ids) * block_size bytes).
@@ -97,21 +118,7 @@ impl PyDiskStorage {
         slot_ids: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let s = self.inner.clone();
-        // SAFETY: the buffer is held for the call and checked writable.
-        let r = batch_call(
-            py,
-            slot_ids,
-            "slot_ids",
-            dst,
-            "dst",
-            true,
-            Some(self.inner.block_size()),
-            move |ids, p, n| unsafe { s.read_blocks_raw(ids, p as *mut u8, n) },
-        );
-        let s = self.inner.clone();
-        log_warnings(py, "dynblock.disk", py.detach(move || s.take_warnings()))?;
-        r
+        self.io(py, slot_ids, dst, false)
     }
 
     fn sync(&self, py: Python<'_>) -> PyResult<()> {

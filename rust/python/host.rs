@@ -60,6 +60,31 @@ impl PyHostStorage {
     pub fn inner(&self) -> &Arc<HostStorage> {
         &self.inner
     }
+    /// Copy between the slots and a caller buffer (`into_slots`: from it,
+    /// read only; else into it, checked writable), GIL released.
+    fn copy(
+        &self,
+        py: Python<'_>,
+        slot_ids: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+        into_slots: bool,
+    ) -> PyResult<()> {
+        let h = self.inner.clone();
+        let name = if into_slots { "src" } else { "dst" };
+        // SAFETY: the buffer is held (alive, fixed) for the call; written only
+        // when it is the destination, which batch_call checked writable.
+        batch_call(
+            py,
+            slot_ids,
+            "slot_ids",
+            buf,
+            name,
+            !into_slots,
+            Some(self.inner.block_size()),
+            move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, into_slots) },
+        )
+    }
+
     /// Rust locks are never taken with the GIL held: the region is fetched
     /// with it released.
     fn view_of(&self, py: Python<'_>, offset: usize, len: usize) -> PyResult<PyHostView> {
@@ -120,18 +145,7 @@ impl PyHostStorage {
         slot_ids: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let h = self.inner.clone();
-        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
-        batch_call(
-            py,
-            slot_ids,
-            "slot_ids",
-            src,
-            "src",
-            false,
-            Some(self.inner.block_size()),
-            move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, true) },
-        )
+        self.copy(py, slot_ids, src, true)
     }
 
     fn read_blocks(
@@ -140,18 +154,7 @@ impl PyHostStorage {
         slot_ids: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        let h = self.inner.clone();
-        // SAFETY: the buffer is held for the call and checked writable.
-        batch_call(
-            py,
-            slot_ids,
-            "slot_ids",
-            dst,
-            "dst",
-            true,
-            Some(self.inner.block_size()),
-            move |ids, p, n| unsafe { h.copy_raw(ids, p as *mut u8, n, false) },
-        )
+        self.copy(py, slot_ids, dst, false)
     }
 
     /// A writable zero-copy view of one slot's block_size bytes.

@@ -89,22 +89,7 @@ impl PyBlockManager {
         src: &Bound<'_, PyAny>,
         rows: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let m = self.inner.clone();
-        let rows = rows_arg(rows)?;
-        let unit = rows.is_none().then(|| self.inner.block_size());
-        // SAFETY: the buffer is held (alive, fixed) for the call; only read.
-        let r = batch_call(
-            py,
-            hashes,
-            "hashes",
-            src,
-            "src",
-            false,
-            unit,
-            move |hs, p, n| unsafe { m.put_rows(hs, p as *const u8, n, rows.as_deref()) },
-        );
-        self.flush_warnings(py)?;
-        r
+        self.transfer(py, hashes, src, rows, true)
     }
 
     #[pyo3(signature = (hashes, dst, rows=None))]
@@ -115,22 +100,7 @@ impl PyBlockManager {
         dst: &Bound<'_, PyAny>,
         rows: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<usize> {
-        let m = self.inner.clone();
-        let rows = rows_arg(rows)?;
-        let unit = rows.is_none().then(|| self.inner.block_size());
-        // SAFETY: the buffer is held for the call and checked writable.
-        let r = batch_call(
-            py,
-            hashes,
-            "hashes",
-            dst,
-            "dst",
-            true,
-            unit,
-            move |hs, p, n| unsafe { m.get_rows(hs, p as *mut u8, n, rows.as_deref()) },
-        );
-        self.flush_warnings(py)?;
-        r
+        self.transfer(py, hashes, dst, rows, false)
     }
 
     /// Pin the longest stored prefix: (lease id, count).
@@ -261,6 +231,43 @@ fn rows_arg(rows: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u64>>> {
 }
 
 impl PyBlockManager {
+    /// `put` (from `buf`, read only) or `get` (into `buf`, checked
+    /// writable), back to back or at `rows`, GIL released; then the
+    /// manager's warnings are logged.
+    fn transfer(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        buf: &Bound<'_, PyAny>,
+        rows: Option<&Bound<'_, PyAny>>,
+        put: bool,
+    ) -> PyResult<usize> {
+        let m = self.inner.clone();
+        let rows = rows_arg(rows)?;
+        let unit = rows.is_none().then(|| self.inner.block_size());
+        let name = if put { "src" } else { "dst" };
+        // SAFETY: the buffer is held (alive, fixed) for the call; written only
+        // by a get, whose destination batch_call checked writable.
+        let r = batch_call(
+            py,
+            hashes,
+            "hashes",
+            buf,
+            name,
+            !put,
+            unit,
+            move |hs, p, n| unsafe {
+                if put {
+                    m.put_rows(hs, p as *const u8, n, rows.as_deref())
+                } else {
+                    m.get_rows(hs, p as *mut u8, n, rows.as_deref())
+                }
+            },
+        );
+        self.flush_warnings(py)?;
+        r
+    }
+
     /// Log the engine's pending warnings. They are taken with the GIL
     /// released: the manager's lock may be held by another thread's batch,
     /// and waiting for it must not stop every Python thread.
