@@ -205,12 +205,12 @@ def test_write_through_makes_host_blocks_durable(tmp_path: Path) -> None:
     with open_store(path, host_blocks=4, disk_blocks=16, write_through=True) as m:
         m.put([1, 2], blocks([1, 2]))
         assert m.stats()["host_blocks_used"] == 2 and m.stats()["disk_blocks_used"] == 2
-    with open_store(path, host_blocks=4, disk_blocks=16) as m:
+    with open_store(path, host_blocks=4, disk_blocks=16, write_behind=False) as m:
         assert np.array_equal(get_one(m, 2), data_for(2))
-    m = open_store(path, host_blocks=4, disk_blocks=16)  # without: host blocks are not on disk
+    m = open_store(path, host_blocks=4, disk_blocks=16, write_behind=False)  # without: host blocks are not on disk
     m.put([3], data_for(3))
     m.close(flush=False)  # as a crash would leave it (a clean close writes them)
-    with open_store(path, host_blocks=4, disk_blocks=16) as m:
+    with open_store(path, host_blocks=4, disk_blocks=16, write_behind=False) as m:
         assert 3 not in m and 1 in m
 
 
@@ -340,17 +340,18 @@ def test_enospc_in_an_eviction_batch_leaves_the_store_consistent(tiny_tmpfs: Pat
 
 
 def test_clean_close_keeps_the_host_tier_of_a_persistent_store(tmp_path: Path) -> None:
+    # About the flush at close: write-behind (background) would put blocks on disk earlier.
     path = tmp_path / "kv.bin"
-    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+    with open_store(path, host_blocks=16, disk_blocks=64, write_behind=False) as m:
         m.put(list(range(10)), blocks(list(range(10))))
         assert m.stats()["disk_blocks_used"] == 0  # host tier only, until close
-    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+    with open_store(path, host_blocks=16, disk_blocks=64, write_behind=False) as m:
         assert len(m) == 10
         for h in range(10):
             assert np.array_equal(get_one(m, h), data_for(h))
         m.put([20, 21], blocks([20, 21]))
         m.close(flush=False)  # asked not to: the new host-only blocks are not kept
-    with open_store(path, host_blocks=16, disk_blocks=64) as m:
+    with open_store(path, host_blocks=16, disk_blocks=64, write_behind=False) as m:
         assert len(m) == 10 and 20 not in m
 
 
