@@ -16,6 +16,10 @@ def test_layout_computes_block_size() -> None:
     mla = KvLayout(num_layers=2, outer_dim=1, page_size=16, inner_dim=576, dtype="float8_e4m3fn")
     assert mla.block_size == 2 * 16 * 576
     assert KvLayout(1, 2, 4, 8, dtype="float32").block_size == 256
+    # one block per layer: the depth leaves the block size, not the identity
+    assert KvLayout(32, 2, 512, 8 * 128, dtype="bfloat16", per_layer=True).block_size == 2 << 20
+    with pytest.raises(TypeError, match="per_layer"):
+        KvLayout(1, 2, 4, 8, per_layer="yes")  # type: ignore[arg-type]
 
 
 def test_bytes_round_down_to_blocks_and_repr_shows_resolved_values(tmp_path) -> None:

@@ -141,6 +141,16 @@ def test_other_geometry_is_refused_naming_both(tmp_path: Path) -> None:
     BlockManager.open(str(p2), layout=lay, disk_blocks=4, numa_node=None, pin=False).close()
     with pytest.raises(ValueError, match="layout fingerprint"):
         BlockManager.open(str(p2), layout=lay2, disk_blocks=4, numa_node=None, pin=False)
+    # per-layer stores (one block per layer of a KV block): same block size for a model of
+    # another depth, but the depth is part of the identity
+    p3 = tmp_path / "per-layer.bin"
+    deep = KvLayout(8, 2, 16, 64, dtype="bfloat16", per_layer=True)
+    BlockManager.open(str(p3), layout=deep, disk_blocks=4, numa_node=None, pin=False).close()
+    shallow = KvLayout(4, 2, 16, 64, dtype="bfloat16", per_layer=True)
+    assert shallow.block_size == deep.block_size == 4096
+    with pytest.raises(ValueError, match="layout fingerprint"):
+        BlockManager.open(str(p3), layout=shallow, disk_blocks=4, numa_node=None, pin=False)
+    BlockManager.open(str(p3), layout=deep, disk_blocks=4, numa_node=None, pin=False).close()
     assert path.exists()  # a refused open never deletes the store
 
 

@@ -124,13 +124,20 @@ def _count(name: str, v: Any, *, allow_zero: bool = True) -> int:
 class KvLayout:
     """Shape of one KV block: ``num_layers x outer_dim x page_size x inner_dim``
     elements of ``dtype``. ``outer_dim`` is 2 for separate K and V, 1 for MLA;
-    ``page_size`` is tokens per block; ``inner_dim`` is ``kv_heads x head_dim``."""
+    ``page_size`` is tokens per block; ``inner_dim`` is ``kv_heads x head_dim``.
+
+    ``per_layer=True`` describes a store that keeps each layer of a KV block
+    as its own block (an engine that saves and loads layer by layer, as the
+    vLLM connector does): a block is then ``outer_dim x page_size x inner_dim``
+    elements, and ``num_layers`` still belongs to the layout's identity, so a
+    persistent store made for a model of another depth is refused at open."""
 
     num_layers: int
     outer_dim: int
     page_size: int
     inner_dim: int
     dtype: Any = "bfloat16"
+    per_layer: bool = False
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "outer_dim", "page_size", "inner_dim"):
@@ -138,10 +145,13 @@ class KvLayout:
         if self.outer_dim not in (1, 2):
             raise ValueError(f"layout.outer_dim must be 2 (K and V) or 1 (MLA), got {self.outer_dim}")
         _itemsize(self.dtype)
+        if not isinstance(self.per_layer, bool):
+            raise TypeError(f"layout.per_layer must be True or False, got {self.per_layer!r}")
 
     @property
     def block_size(self) -> int:
-        return self.num_layers * self.outer_dim * self.page_size * self.inner_dim * _itemsize(self.dtype)
+        layers = 1 if self.per_layer else self.num_layers
+        return layers * self.outer_dim * self.page_size * self.inner_dim * _itemsize(self.dtype)
 
 
 @dataclass

@@ -50,6 +50,8 @@ def _layout_fingerprint(config: Config) -> int:
         return 0
     # The canonical dtype name: "bf16", "bfloat16" and torch.bfloat16 are one layout.
     text = f"{lay.num_layers}/{lay.outer_dim}/{lay.page_size}/{lay.inner_dim}/{canonical_dtype(lay.dtype)}"
+    if lay.per_layer:
+        text += "/per-layer"  # stores made before per_layer existed keep their fingerprint
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
