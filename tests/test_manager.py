@@ -274,6 +274,15 @@ class ManagerMachine(RuleBasedStateMachine):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"leased block {hashes[i]}"
 
     @rule(hashes=hash_lists)
+    def touch(self, hashes) -> None:
+        want = 0
+        for h in hashes:
+            if self.model.present(h):
+                self.model.touch(h)
+                want += 1
+        assert self.m.touch(hashes) == want
+
+    @rule(hashes=hash_lists)
     def remove(self, hashes) -> None:
         assert self.m.remove(hashes) == self.model.remove(hashes)
 
@@ -472,3 +481,14 @@ def test_failed_offload_registers_nothing(tiny_tmpfs: Path) -> None:
     out = np.zeros(bs, np.uint8)
     assert m.get([5], out) == 1 and np.array_equal(out, block_for(5, bs))
     m.close()
+
+
+def test_touch_keeps_a_block_from_eviction() -> None:
+    cfg = Config(block_size=512, host_blocks=2, numa_node=None, pin=False)
+    with BlockManager(cfg) as m:
+        m.put([1, 2], np.zeros(1024, dtype=np.uint8))
+        assert m.touch([1, 99]) == 1  # 99 is not stored
+        m.put([3], np.zeros(512, dtype=np.uint8))  # evicts the least recent: 2, not 1
+        assert 1 in m and 2 not in m and 3 in m
+        with pytest.raises(ValueError, match=r"hashes\[0\] must be an integer"):
+            m.touch(["x"])

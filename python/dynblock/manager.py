@@ -384,6 +384,13 @@ class BlockManager:
         lease_id, count = self._m.lookup(hashes)
         return Lease(self, lease_id, count)
 
+    def touch(self, hashes: Hashes) -> int:
+        """Mark the stored blocks among ``hashes`` as the most recently used
+        (in the order given, the last one newest) without reading them;
+        returns how many were stored. Takes no I/O."""
+        self._check_open()
+        return self._m.touch(hashes)
+
     def contains(self, hash: int) -> bool:
         """Whether ``hash`` (a Python or numpy integer) is stored in any tier."""
         self._check_open()

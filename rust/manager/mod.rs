@@ -1242,6 +1242,21 @@ impl BlockManager {
         Ok(self.open_state()?.prefix(hashes))
     }
 
+    /// Mark the stored blocks among `hashes` as the most recently used, in
+    /// the order given (the last one is the newest), in every tier that
+    /// holds them; takes no I/O. Returns how many were stored.
+    pub fn touch(&self, hashes: &[u64]) -> Result<usize> {
+        let mut st = self.open_state()?;
+        let mut n = 0;
+        for h in hashes {
+            if let Some(&e) = st.map.get(h) {
+                st.touch(e);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn contains(&self, h: u64) -> Result<bool> {
         Ok(self.open_state()?.map.contains_key(&h))
     }

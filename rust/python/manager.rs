@@ -143,6 +143,13 @@ impl PyBlockManager {
         py.detach(move || m.match_prefix(&hs)).map_err(to_py)
     }
 
+    /// Mark stored blocks as the most recently used; returns how many were stored.
+    fn touch(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let hs = u64_list(hashes, "hashes")?;
+        let m = self.inner.clone();
+        py.detach(move || m.touch(&hs)).map_err(to_py)
+    }
+
     fn contains(&self, py: Python<'_>, hash: u64) -> PyResult<bool> {
         let m = self.inner.clone();
         py.detach(move || m.contains(hash)).map_err(to_py)
