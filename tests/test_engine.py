@@ -5,6 +5,7 @@ as a source or destination."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,30 @@ def test_a_job_reraises_its_error_and_the_manager_goes_on(tmp_path: Path) -> Non
         with pytest.raises(ValueError, match="need exactly"):
             bad.wait(timeout=30)
         assert kv.put_async([1], data_for(1)).wait(timeout=30) == 1
+
+
+def test_done_callbacks_see_results_and_errors(tmp_path: Path) -> None:
+    seen: list = []
+    done = threading.Event()
+
+    def record(job) -> None:
+        try:
+            seen.append(job.wait(0))
+        except ValueError as e:
+            seen.append(str(e))
+        if len(seen) == 2:
+            done.set()
+
+    with manager(tmp_path, 4, 0) as kv:
+        kv.put_async([1, 2], np.concatenate([data_for(1), data_for(2)])).add_done_callback(record)
+        kv.put_async([3, 4], np.zeros(BS, np.uint8)).add_done_callback(record)  # too short
+        assert done.wait(timeout=30)
+        assert 2 in seen and any("need exactly" in str(x) for x in seen)
+        finished = kv.put_async([5], data_for(5))
+        finished.wait(timeout=30)
+        late: list = []
+        finished.add_done_callback(lambda j: late.append(j.wait(0)))  # already done: at once
+        assert late == [1]
 
 
 def test_jobs_in_asyncio(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import hashlib
 import operator
 import os
 import threading
-from typing import Any, Dict, Generator, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Generator, Optional, Sequence, Set, Union
 
 from . import _core
 from .config import Config, canonical_dtype
@@ -179,6 +179,12 @@ class Job:
             return self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"the {self._what} job is not done after {timeout} s") from None
+
+    def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
+        """Call ``fn(job)`` once the job has finished (at once when it has),
+        on the thread that finished it; ``job.wait(0)`` then gives its result
+        or raises its error. Keep ``fn`` short: it runs on a job thread."""
+        self._future.add_done_callback(lambda _f: fn(self))
 
     def __await__(self) -> Generator[Any, None, int]:
         return asyncio.wrap_future(self._future).__await__()

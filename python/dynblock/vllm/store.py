@@ -1,0 +1,225 @@
+"""A dynblock store seen the way a layer-by-layer engine uses it: one dynblock
+block per (engine block, layer), keys from the engine's block hashes, leases
+held per request between "how much is cached" and "load it", and tensors moved
+at given rows (zero-copy for row-addressable CPU tensors, staged otherwise).
+Needs no vLLM; torch only for tensors that are not row-addressable."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..config import Config, KvLayout
+from ..manager import BlockManager, Job, Lease, _layout_fingerprint
+from .keys import layer_keys
+
+log = logging.getLogger("dynblock.vllm")
+
+#: ``kv_connector_extra_config`` keys that are the connector's own; every
+#: other key is a :class:`dynblock.Config` field.
+CONNECTOR_OPTIONS = {
+    "lookup_timeout_ms": 50,  # how long the scheduler waits for a worker's lookup
+    "lease_ttl_s": 30.0,  # a lookup lease never loaded is released after this
+}
+_DERIVED = ("block_size", "layout")  # the connector computes these from the model
+
+
+def split_extra_config(extra: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``kv_connector_extra_config`` -> (``Config`` fields, connector options);
+    unknown keys and the fields the connector derives raise ``ValueError``."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg, opts = {}, dict(CONNECTOR_OPTIONS)
+    for k, v in (extra or {}).items():
+        if k in CONNECTOR_OPTIONS:
+            opts[k] = v
+        elif k in _DERIVED:
+            raise ValueError(f"kv_connector_extra_config[{k!r}]: the connector derives {k} from the "
+                             "model's KV cache; remove it")
+        elif k in fields:
+            cfg[k] = v
+        else:
+            raise ValueError(f"kv_connector_extra_config[{k!r}] is neither a dynblock.Config field "
+                             f"nor a connector option ({', '.join(sorted(CONNECTOR_OPTIONS))})")
+    return cfg, opts
+
+
+@dataclass
+class _Held:
+    leases: List[Lease]
+    count: int
+    since: float = field(default_factory=time.monotonic)
+
+
+def row_view(tensor: Any, num_blocks: int) -> "tuple[bool, int, str]":
+    """Whether ``tensor`` (an engine's KV buffer of one layer) can be moved at
+    rows without staging: returns ``(zero_copy, block_dim, why_not)``. The
+    block dimension is the first of size ``num_blocks``; zero-copy needs a CPU
+    tensor, contiguous, with the blocks outermost (so block ``b`` is row ``b``
+    of ``[num_blocks, row_bytes]``)."""
+    shape = tuple(int(d) for d in tensor.shape)
+    dims = [i for i, d in enumerate(shape) if d == num_blocks]
+    if not dims:
+        raise ValueError(f"no dimension of the KV tensor {shape} has the engine's {num_blocks} blocks")
+    bd = dims[0]
+    device = str(getattr(tensor, "device", "cpu"))
+    if device != "cpu":
+        return False, bd, f"the KV tensor is on {device}"
+    if bd != 0:
+        return False, bd, f"blocks are dimension {bd} of {shape}, not the outermost"
+    if hasattr(tensor, "is_contiguous") and not tensor.is_contiguous():
+        return False, bd, "the KV tensor is not contiguous"
+    return True, bd, ""
+
+
+class _Staged:
+    """A load through a staging buffer: ``wait()`` finishes the copy into the
+    engine's tensor (rows of the prefix that arrived)."""
+
+    def __init__(self, job: Job, staged: Any, tensor: Any, block_dim: int, rows: Sequence[int]):
+        self._job, self._staged, self._tensor, self._bd, self._rows = job, staged, tensor, block_dim, rows
+        self._n: Optional[int] = None
+
+    def done(self) -> bool:
+        return self._job.done()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self._n is None:
+            n = self._job.wait(timeout)
+            if n:
+                import torch
+
+                idx = torch.tensor(list(self._rows[:n]), dtype=torch.long, device=self._tensor.device)
+                self._tensor.movedim(self._bd, 0)[idx] = self._staged[:n].to(self._tensor.device)
+            self._n = n
+        return self._n
+
+
+class LayerStore:
+    """A :class:`~dynblock.BlockManager` holding one block per (engine block,
+    layer) of a model with ``layout`` (``per_layer=True``)."""
+
+    def __init__(self, config: Config, num_layers: int, lease_ttl_s: float = 30.0) -> None:
+        if config.layout is None or not config.layout.per_layer:
+            raise ValueError("LayerStore needs a Config with layout=KvLayout(..., per_layer=True)")
+        if config.layout.num_layers != num_layers:
+            raise ValueError(f"layout.num_layers is {config.layout.num_layers}, the model has {num_layers}")
+        self.kv = BlockManager(config)
+        self.num_layers = num_layers
+        self.fingerprint = _layout_fingerprint(config)
+        self.lease_ttl_s = lease_ttl_s
+        self._held: Dict[str, _Held] = {}
+        self._lock = threading.Lock()
+        self.lookups = 0
+        self.hit_blocks = 0
+
+    @staticmethod
+    def layout_for(num_layers: int, block_tokens: int, row_shape: Sequence[int], dtype: Any,
+                   mla: bool = False) -> KvLayout:
+        """The per-layer :class:`~dynblock.KvLayout` of a KV tensor whose block
+        rows have ``row_shape`` (the tensor's shape without its block
+        dimension)."""
+        elems = 1
+        for d in row_shape:
+            elems *= int(d)
+        outer = 1 if mla else 2
+        if elems % (outer * block_tokens):
+            raise ValueError(f"a KV block row of shape {tuple(row_shape)} is not {outer} x "
+                             f"{block_tokens} tokens x a row width")
+        return KvLayout(num_layers=num_layers, outer_dim=outer, page_size=block_tokens,
+                        inner_dim=elems // (outer * block_tokens), dtype=dtype, per_layer=True)
+
+    def keys(self, hashes: Sequence[bytes], layer: int) -> List[int]:
+        return layer_keys(hashes, layer, self.fingerprint)
+
+    # --- leases, per request ----------------------------------------------
+    def lookup(self, req_id: str, hashes: Sequence[bytes]) -> int:
+        """Lease the longest prefix of ``hashes`` stored for every layer, for
+        ``req_id`` (its earlier lease is released); returns its length."""
+        self.release(req_id)
+        self._expire()
+        c = len(hashes)
+        leases: List[Lease] = []
+        while c:
+            leases = []
+            for layer in range(self.num_layers):
+                lease = self.kv.lookup(self.keys(hashes[:c], layer))
+                leases.append(lease)
+                if lease.count < c:
+                    break
+            m = min(le.count for le in leases)
+            if m == c and len(leases) == self.num_layers:
+                break
+            for le in leases:
+                le.release()
+            leases, c = [], m
+        self.lookups += 1
+        if c:
+            self.hit_blocks += c
+            with self._lock:
+                self._held[req_id] = _Held(leases, c)
+        return c
+
+    def take(self, req_id: str) -> Optional[_Held]:
+        """The request's leases (now the caller's to use or release)."""
+        with self._lock:
+            return self._held.pop(req_id, None)
+
+    def release(self, req_id: str) -> bool:
+        held = self.take(req_id)
+        if held is None:
+            return False
+        for le in held.leases:
+            le.release()
+        return True
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            old = [r for r, h in self._held.items() if now - h.since > self.lease_ttl_s]
+        for r in old:
+            if self.release(r):
+                log.warning("dynblock: released the lease of request %s after %.0f s unused", r,
+                            self.lease_ttl_s)
+
+    # --- moving blocks ----------------------------------------------------
+    def save(self, layer: int, hashes: Sequence[bytes], tensor: Any, rows: Sequence[int],
+             zero_copy: bool, block_dim: int = 0) -> Job:
+        """Store rows ``rows`` of one layer's KV tensor under ``hashes`` in
+        the background; the job keeps what it reads alive."""
+        keys = self.keys(hashes, layer)
+        if zero_copy:
+            return self.kv.put_async(keys, tensor, rows=list(rows))
+        import torch
+
+        idx = torch.tensor(list(rows), dtype=torch.long, device=tensor.device)
+        staged = tensor.movedim(block_dim, 0)[idx].to("cpu").contiguous()
+        return self.kv.put_async(keys, staged)
+
+    def load(self, layer: int, src: "Lease | Sequence[bytes]", tensor: Any, rows: Sequence[int],
+             zero_copy: bool, block_dim: int = 0) -> Any:
+        """Read a lease (or the stored prefix of ``hashes``) of one layer into
+        rows ``rows`` of its KV tensor in the background; ``wait()`` returns
+        how many leading blocks arrived."""
+        what = src if isinstance(src, Lease) else self.keys(src, layer)
+        if zero_copy:
+            return self.kv.get_async(what, tensor, rows=list(rows))
+        import torch
+
+        shape = list(tensor.movedim(block_dim, 0).shape[1:])
+        staged = torch.empty([len(rows)] + shape, dtype=tensor.dtype, device="cpu")
+        return _Staged(self.kv.get_async(what, staged), staged, tensor, block_dim, rows)
+
+    def close(self) -> None:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            for le in h.leases:
+                le.release()
+        try:
+            self.kv.wait_all(timeout=60)
+        finally:
+            self.kv.close()

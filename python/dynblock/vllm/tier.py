@@ -1,0 +1,186 @@
+"""``DynblockTier``: dynblock as a secondary tier of vLLM's
+``TieringOffloadingSpec`` (vLLM's CPU tier is primary; GPU hosts).
+
+vLLM moves KV between the GPU and its CPU tier and asks secondary tiers to
+copy chunks between that CPU tier (a memoryview of shape ``(num_chunks,
+chunk_bytes)``) and their own storage. Here a chunk is one dynblock block:
+stores are ``put_async`` of the chunks' rows, loads ``get_async`` into the
+rows vLLM allocated, both zero-copy on the primary tier's memory; they run
+on dynblock's job threads, never on the scheduler's::
+
+    kv_transfer_config={
+        "kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 16 << 30,
+            "secondary_tiers": [{"type": "DynblockTier", "module_path": "dynblock.vllm",
+                                 "disk_path": "/nvme/kv.bin", "persist": True,
+                                 "disk_bytes": 500 << 30}]}}
+
+Every other key of the tier's entry is a :class:`dynblock.Config` field
+(``block_size`` comes from the primary tier).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Deque, Dict, Iterable, List, Optional
+
+import numpy as np
+from vllm.v1.kv_offload.base import LookupResult, Medium, RequestOffloadingContext
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
+
+from ..config import Config
+from ..manager import BlockManager, Job
+from .keys import block_key
+from .store import split_extra_config
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_offload.base import OffloadingSpec, OffloadKey, ReqContext
+
+log = logging.getLogger("dynblock.vllm")
+
+
+def tier_fingerprint(spec: Any, chunk_bytes: int) -> int:
+    """What makes two engines' chunks interchangeable: the model and its KV
+    dtype, tokens per block and per chunk, the parallel layout, the chunk's
+    bytes. Part of every key, so another model's chunks are never read."""
+    cfg = getattr(spec, "config", None)
+    parts = [f"chunk={chunk_bytes}"]
+    if cfg is not None:
+        model, cache, par = getattr(cfg, "model", None), getattr(cfg, "cache", None), getattr(cfg, "parallel", None)
+        parts += [f"model={getattr(model, 'name', '')}", f"dtype={getattr(model, 'dtype', '')}",
+                  f"tokens={[g.tokens_per_block for g in getattr(cfg, 'groups', ())]}",
+                  f"hash={getattr(cache, 'tokens_per_hash', '')}",
+                  f"chunk_blocks={getattr(cache, 'blocks_per_chunk', '')}",
+                  f"world={getattr(par, 'world_size', '')}",
+                  f"layout={getattr(cfg, 'kv_cache_layout', '')}"]
+    digest = hashlib.blake2b("/".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class DynblockTier(SecondaryTierManager):
+    """A secondary tier on a dynblock store (host and/or disk tiers)."""
+
+    medium: ClassVar[Medium] = Medium.STORAGE
+
+    def __init__(self, offloading_spec: "OffloadingSpec", primary_kv_view: memoryview,
+                 tier_type: str, backpressure_detector: Any = None, **config: Any) -> None:
+        super().__init__(offloading_spec=offloading_spec, primary_kv_view=primary_kv_view,
+                         tier_type=tier_type, backpressure_detector=backpressure_detector)
+        fields, opts = split_extra_config(config)
+        if opts != split_extra_config({})[1]:
+            raise ValueError("lookup_timeout_ms and lease_ttl_s are DynblockConnector options; "
+                             "DynblockTier runs in the scheduler and needs neither")
+        view = primary_kv_view
+        if view.ndim != 2 or not view.c_contiguous or view.shape is None:
+            raise ValueError(f"the primary tier's view must be a contiguous (chunks, bytes) array, "
+                             f"got shape {view.shape} strides {view.strides}")
+        # A numpy array over the primary tier's memory (no copy): rows are chunks.
+        chunks = int(view.shape[0])
+        self._primary = np.frombuffer(view.cast("B"), dtype=np.uint8).reshape(chunks, -1)
+        self._fingerprint = tier_fingerprint(offloading_spec, self.block_size_bytes)
+        self.kv = BlockManager(Config.from_env(**fields, block_size=self.block_size_bytes))
+        self._done: Deque[JobResult] = collections.deque()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._idle = threading.Condition(self._lock)
+        self._failed_logged = False
+        self.counters = {"stored_chunks": 0, "loaded_chunks": 0, "failed_jobs": 0}
+
+    def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
+        return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
+
+    def lookup(self, key: "OffloadKey", req_context: "ReqContext") -> LookupResult:
+        return LookupResult.HIT if self.kv.contains(self._keys([key])[0]) else LookupResult.MISS
+
+    def touch(self, keys: Any, req_context: "ReqContext") -> None:
+        self.kv.touch(self._keys(keys))
+
+    def _submit(self, job: TransferJob, load: bool) -> None:
+        keys = list(job.keys)
+        rows = [int(c) for c in np.asarray(job.chunk_ids).reshape(-1)]
+        if len(keys) != len(rows):
+            raise ValueError(f"job {job.job_id}: {len(keys)} keys but {len(rows)} chunk_ids")
+        hashes = self._keys(keys)
+        t0 = time.monotonic()
+        with self._lock:
+            self._pending += 1
+        if load:
+            fut = self.kv.get_async(hashes, self._primary, rows=rows)
+        else:
+            fut = self.kv.put_async(hashes, self._primary, rows=rows)
+        fut.add_done_callback(lambda j: self._finish(job, keys, load, j, t0))
+
+    def _finish(self, job: TransferJob, keys: List[Any], load: bool, done: Job, t0: float) -> None:
+        try:
+            n = done.wait(0)
+            err: Optional[BaseException] = None
+        except Exception as e:
+            n, err = 0, e
+        if err is not None:
+            result = JobResult(job_id=job.job_id, success=False)
+            self.counters["failed_jobs"] += 1
+            if not self._failed_logged:
+                self._failed_logged = True
+                log.warning("dynblock tier: a %s job failed (%s: %s); vLLM treats its chunks as "
+                            "missing (logged once)", "load" if load else "store",
+                            type(err).__name__, err)
+        elif load:
+            self.counters["loaded_chunks"] += n
+            result = JobResult(job_id=job.job_id, success=n == len(keys),
+                               successful_keys=None if n == len(keys) else keys[:n],
+                               transfer_time=time.monotonic() - t0,
+                               transfer_bytes=n * self.block_size_bytes)
+        else:
+            self.counters["stored_chunks"] += len(keys)
+            result = JobResult(job_id=job.job_id, success=True,
+                               transfer_time=time.monotonic() - t0,
+                               transfer_bytes=len(keys) * self.block_size_bytes)
+        with self._lock:
+            self._done.append(result)
+            self._pending -= 1
+            self._idle.notify_all()
+
+    def submit_store(self, job_metadata: TransferJob) -> None:
+        self._submit(job_metadata, load=False)
+
+    def submit_load(self, job_metadata: TransferJob) -> None:
+        self._submit(job_metadata, load=True)
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        out = []
+        with self._lock:
+            while self._done:
+                out.append(self._done.popleft())
+        return out
+
+    def has_pending_work(self) -> bool:
+        with self._lock:
+            return self._pending > 0
+
+    def on_new_request(self, req_context: "ReqContext") -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def drain_jobs(self) -> None:
+        with self._lock:
+            while self._pending:
+                self._idle.wait()
+
+    def shutdown(self) -> None:
+        if not self.kv.closed:
+            self.drain_jobs()
+            self.kv.close()
+
+    def stats(self) -> Dict[str, Any]:
+        """The tier's job counters and its store's ``stats()``."""
+        out: Dict[str, Any] = dict(self.counters)
+        if not self.kv.closed:
+            out["store"] = self.kv.stats()
+        return out
+
+    def get_stats(self) -> Optional[Any]:
+        return None

@@ -1,0 +1,214 @@
+"""dynblock.vllm.DynblockConnector in a real vLLM engine (the CPU build),
+running a tiny random-weight Llama's forward passes.
+
+Each engine runs in its own process with the interpreter of the separate vLLM
+environment that `.ci/vllm-env` builds (`.venv-vllm`, or DYNBLOCK_VLLM_PYTHON);
+the tests skip, saying why, when that environment is missing. vLLM's own KV
+cache is cut to 16 blocks of 128 tokens, so a prompt is evicted from it by a
+few others and can only come back from dynblock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).resolve().parent / "vllm" / "driver.py"
+BLOCK = 128  # tokens per KV block on vLLM's CPU backend
+
+
+def _vllm_python() -> str:
+    env = os.environ.get("DYNBLOCK_VLLM_PYTHON")
+    venv = ROOT / ".venv-vllm"
+    py = Path(env) if env else venv / "bin" / "python"
+    failed = venv / "FAILED"
+    if not env and failed.exists():
+        pytest.skip(f"no usable vLLM environment at {venv}: {failed.read_text().strip()}")
+    if not py.exists():
+        pytest.skip(f"no vLLM environment at {py}: run `bash .ci/vllm-env` to build it")
+    _check_fresh(str(py))
+    return str(py)
+
+
+_FRESH: Dict[str, bool] = {}
+
+
+def _check_fresh(py: str) -> None:
+    """The vLLM environment must run this checkout's dynblock, not an older install."""
+    if py in _FRESH:
+        return
+    r = subprocess.run([py, "-c", "import dynblock, os; print(os.path.dirname(dynblock.__file__))"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"dynblock does not import in {py}: {r.stderr[-2000:]}"
+    installed = Path(r.stdout.strip().splitlines()[-1])
+    src = ROOT / "python" / "dynblock"
+    stale = [str(p.relative_to(src)) for p in src.rglob("*.py")
+             if not (installed / p.relative_to(src)).exists()
+             or (installed / p.relative_to(src)).read_bytes() != p.read_bytes()]
+    assert not stale, (f"the vLLM environment's dynblock ({installed}) is older than this checkout "
+                       f"({', '.join(stale[:5])} differ): run `bash .ci/vllm-env`")
+    _FRESH[py] = True
+
+
+def run_engine(args: Dict[str, Any], record: Optional[Path] = None,
+               timeout: int = 600) -> "tuple[Dict[str, Any], str]":
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(DRIVER.parent)
+    env.pop("DYNBLOCK_TEST_RECORD", None)
+    if record is not None:
+        env["DYNBLOCK_TEST_RECORD"] = str(record)
+    r = subprocess.run([_vllm_python(), str(DRIVER), json.dumps(args)], capture_output=True,
+                       text=True, timeout=timeout, env=env, cwd=str(DRIVER.parent))
+    out = r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"engine run failed (rc {r.returncode}):\n{out[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):]), out
+
+
+def connector(store: Path, **extra: Any) -> Dict[str, Any]:
+    cfg = {"host_blocks": 64, "disk_blocks": 256, "disk_path": str(store), "persist": True}
+    cfg.update(extra)
+    return {"kv_connector": "RecordingConnector", "kv_connector_module_path": "driver",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": cfg}
+
+
+def scenario() -> "tuple[List[int], List[List[int]], List[int]]":
+    """A prompt of 3 full blocks and a bit, 6 other prompts that evict it from
+    vLLM's 16 blocks, and the same 3-block prefix with a new suffix."""
+    r = random.Random(1)
+    first = [r.randrange(1, 1000) for _ in range(3 * BLOCK + 20)]
+    others = [[r.randrange(1, 1000) for _ in range(400)] for _ in range(6)]
+    final = first[:3 * BLOCK] + [r.randrange(1, 1000) for _ in range(30)]
+    return first, others, final
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _vllm_python()
+    return tmp_path_factory.mktemp("vllm-model") / "tiny-llama"
+
+
+def base_args(model_dir: Path, prompts: List[List[int]], dtype: str = "float32") -> Dict[str, Any]:
+    return {"model_dir": str(model_dir), "prompts": prompts, "num_blocks": 16, "max_tokens": 8,
+            "dtype": dtype, "connector": None}
+
+
+class Runs:
+    """The baseline engine (no connector) and the engine with the connector,
+    on the same prompts, shared by the tests of one dtype."""
+
+    def __init__(self, model_dir: Path, store_dir: Path, dtype: str) -> None:
+        first, others, final = scenario()
+        self.prompts = [first] + others + [final]
+        self.final = final
+        self.store = store_dir / "kv.bin"
+        self.baseline, _ = run_engine(base_args(model_dir, self.prompts, dtype))
+        args = base_args(model_dir, self.prompts, dtype)
+        args["connector"] = connector(self.store)
+        self.record = store_dir / "record.json"
+        self.with_connector, self.log = run_engine(args, record=self.record)
+        self.model_dir, self.dtype = model_dir, dtype
+
+    def tokens(self, res: Dict[str, Any]) -> List[List[int]]:
+        return [r["tokens"] for r in res["results"]]
+
+
+@pytest.fixture(scope="module")
+def f32(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(model_dir, tmp_path_factory.mktemp("store-f32"), "float32")
+
+
+def test_evicted_prefix_comes_back_from_dynblock_with_identical_output(f32: Runs) -> None:
+    base, conn = f32.baseline["results"], f32.with_connector["results"]
+    # vLLM's own cache lost the prefix: without the connector nothing is cached
+    assert base[-1]["cached"] == 0
+    # with it, the 3 full blocks come from dynblock
+    assert conn[-1]["cached"] == 3 * BLOCK
+    assert f32.tokens(f32.with_connector) == f32.tokens(f32.baseline)
+    rec = json.loads(f32.record.read_text())
+    assert rec["loaded_blocks"] == 3 * 2  # 3 blocks x 2 layers, each its own dynblock block
+    assert rec["load_errors"] == 0 and rec["save_errors"] == 0
+    # every full block of every prompt was saved, per layer
+    full = sum(min(len(p) - 1, len(p)) // BLOCK for p in f32.prompts)
+    assert rec["store"]["blocks"] >= full * 2 - 3 * 2
+
+
+def test_warm_restart_serves_the_prefix_from_disk(f32: Runs) -> None:
+    # A new engine process on the same persistent store, loaded through the public
+    # module path: the prefix comes from the disk tier.
+    args = base_args(f32.model_dir, [f32.final])
+    args["connector"] = dict(connector(f32.store), kv_connector="DynblockConnector",
+                             kv_connector_module_path="dynblock.vllm")
+    res, _ = run_engine(args)
+    assert res["results"][0]["cached"] == 3 * BLOCK
+    assert res["results"][0]["tokens"] == f32.tokens(f32.baseline)[-1]
+
+
+def test_unreadable_blocks_are_recomputed_and_the_engine_keeps_serving(
+        f32: Runs, tmp_path: Path) -> None:
+    # A copy of the store whose block bytes are garbage: every read fails its checksum.
+    store = tmp_path / "kv.bin"
+    shutil.copy(f32.store, store)
+    shutil.copy(str(f32.store) + ".index", str(store) + ".index")
+    with open(store, "r+b") as f:
+        f.seek(4096)  # past the data file's header
+        size = store.stat().st_size - 4096
+        f.write(bytes(random.Random(2).getrandbits(8) for _ in range(min(size, 8 << 20))))
+    later = [random.Random(3).randrange(1, 1000) for _ in range(200)]
+    args = base_args(f32.model_dir, [f32.final, later])
+    args["connector"] = connector(store)
+    record = tmp_path / "record.json"
+    res, log = run_engine(args, record=record)
+    assert res["results"][0]["tokens"] == f32.tokens(f32.baseline)[-1]  # recomputed, identical
+    assert len(res["results"][1]["tokens"]) == 8  # and the engine keeps serving
+    rec = json.loads(record.read_text())
+    assert rec["load_errors"] > 0 and rec["store"]["corrupt_blocks"] > 0
+    assert rec["reported_errors"] > 0  # handed to vLLM, which recomputed them
+    assert log.count("could not be loaded") == 1  # logged once
+
+
+def test_a_full_disk_costs_hits_not_output(f32: Runs, tiny_tmpfs: Path, tmp_path: Path) -> None:
+    # The store's filesystem fills up after the engine opened it (a sparse data file,
+    # so writes hit ENOSPC): saves fail, outputs stay identical, the engine keeps serving.
+    store = tiny_tmpfs / "kv.bin"
+    args = base_args(f32.model_dir, f32.prompts)
+    args["connector"] = connector(store, host_blocks=4, disk_blocks=48, preallocate="sparse")
+    args["fill_after_start"] = str(tiny_tmpfs / "filler")
+    record = tmp_path / "record.json"
+    res, log = run_engine(args, record=record)
+    assert [r["tokens"] for r in res["results"]] == f32.tokens(f32.baseline)
+    rec = json.loads(record.read_text())
+    st = rec["store"]
+    assert st["failed_writes"] + st["failed_write_behind"] + rec["save_errors"] > 0, rec
+    assert "No space left on device" in log or "ENOSPC" in log
+
+
+@pytest.fixture(scope="module")
+def bf16(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(model_dir, tmp_path_factory.mktemp("store-bf16"), "bfloat16")
+
+
+def test_bfloat16_kv_round_trips(bf16: Runs) -> None:
+    base, conn = bf16.baseline["results"], bf16.with_connector["results"]
+    assert base[-1]["cached"] == 0 and conn[-1]["cached"] == 3 * BLOCK
+    assert bf16.tokens(bf16.with_connector) == bf16.tokens(bf16.baseline)
+    rec = json.loads(bf16.record.read_text())
+    assert rec["loaded_blocks"] == 6 and rec["store"]["block_size"] == 2 * BLOCK * 128 * 2
+
+
+def test_dynblock_tier_against_the_installed_secondary_tier_interface(tmp_path: Path) -> None:
+    r = subprocess.run([_vllm_python(), str(DRIVER.parent / "tier_check.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600, cwd=str(DRIVER.parent))
+    assert r.returncode == 0 and "TIER OK" in r.stdout, (r.stdout + r.stderr)[-6000:]
+    stats = json.loads(r.stdout.split("TIER OK ", 1)[1].splitlines()[0])
+    assert stats["stored_chunks"] == 12 and stats["loaded_chunks"] == 12 + 1

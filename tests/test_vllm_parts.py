@@ -1,0 +1,197 @@
+"""The parts of dynblock.vllm that need no vLLM: keys, the lookup service over a
+real Unix socket, and LayerStore (leases per request, rows, staging)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynblock import Config
+from dynblock.vllm import LayerStore, block_key, socket_path
+from dynblock.vllm.keys import runtime_dir
+from dynblock.vllm.service import LookupClient, LookupServer
+from dynblock.vllm.store import row_view, split_extra_config
+
+H = [bytes([i]) * 32 for i in range(1, 9)]  # vLLM-style 32-byte block hashes
+ROW = (2, 4, 8)  # K/V x 4 tokens x 8 floats: 256 bytes of float32
+
+
+def layer_store(tmp_path: Path, layers: int = 2, host: int = 16, disk: int = 0, **kw) -> LayerStore:
+    layout = LayerStore.layout_for(layers, 4, ROW, "float32")
+    cfg = Config(layout=layout, host_blocks=host, disk_blocks=disk, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False, **kw)
+    return LayerStore(cfg, layers)
+
+
+def kv_tensor(n_blocks: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n_blocks,) + ROW, dtype=np.float32)
+
+
+def test_block_keys_separate_layers_models_and_hashes() -> None:
+    k = block_key(H[0], 0, 7)
+    assert k == block_key(H[0], 0, 7) and 0 <= k < 2**64
+    others = {block_key(H[0], 1, 7), block_key(H[0], 0, 8), block_key(H[1], 0, 7)}
+    assert k not in others and len(others) == 3
+    with pytest.raises(TypeError, match="block_hash must be bytes"):
+        block_key("abc", 0, 7)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layer"):
+        block_key(H[0], -1, 7)
+
+
+def test_socket_paths_are_private_and_per_engine_and_rank(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    p = socket_path("engine-a", 0)
+    assert p == socket_path("engine-a", 0) and p.startswith(str(tmp_path / "dynblock"))
+    assert len({p, socket_path("engine-a", 1), socket_path("engine-b", 0)}) == 3
+    assert len(p.encode()) < 108
+    assert stat.S_IMODE(os.stat(runtime_dir()).st_mode) == 0o700
+    os.chmod(runtime_dir(), 0o777)
+    with pytest.raises(PermissionError, match="only its owner may write"):
+        socket_path("engine-a", 0)
+
+
+def test_extra_config_is_split_and_checked() -> None:
+    cfg, opts = split_extra_config({"host_bytes": 1 << 20, "lookup_timeout_ms": 5})
+    assert cfg == {"host_bytes": 1 << 20} and opts["lookup_timeout_ms"] == 5
+    with pytest.raises(ValueError, match="'colour'.*neither a dynblock.Config field"):
+        split_extra_config({"colour": "blue"})
+    with pytest.raises(ValueError, match="derives block_size"):
+        split_extra_config({"block_size": 4096})
+
+
+def test_save_then_lease_and_load_every_layer_at_rows(tmp_path: Path) -> None:
+    st = layer_store(tmp_path, disk=16)
+    src = [kv_tensor(8, 1), kv_tensor(8, 2)]
+    for layer in range(2):
+        assert st.save(layer, H[:4], src[layer], [5, 1, 7, 2], True).wait(30) == 4
+    assert st.lookup("req", H[:6]) == 4  # the 4 stored of 6
+    held = st.take("req")
+    assert held is not None and held.count == 4 and st.take("req") is None
+    dst = [np.zeros_like(src[0]), np.zeros_like(src[1])]
+    for layer in range(2):
+        assert st.load(layer, held.leases[layer], dst[layer], [0, 3, 4, 6], True).wait(30) == 4
+        assert np.array_equal(dst[layer][[0, 3, 4, 6]], src[layer][[5, 1, 7, 2]])
+    # without a lease: by hashes
+    out = np.zeros_like(src[1])
+    assert st.load(1, H[:2], out, [2, 3], True).wait(30) == 2
+    assert np.array_equal(out[2], src[1][5])
+    st.close()
+
+
+def test_a_prefix_counts_only_where_every_layer_has_it(tmp_path: Path) -> None:
+    st = layer_store(tmp_path)
+    t = kv_tensor(8, 3)
+    st.save(0, H[:4], t, [0, 1, 2, 3], True).wait(30)
+    st.save(1, H[:2], t, [0, 1], True).wait(30)  # layer 1 lacks blocks 2 and 3
+    assert st.lookup("r", H[:4]) == 2
+    assert st.kv.stats()["leases"] >= 2
+    assert st.release("r") and not st.release("r")
+    assert st.lookup("r", [H[5]]) == 0 and st.take("r") is None
+    st.close()
+
+
+def test_leases_hold_blocks_against_eviction_until_released_or_expired(tmp_path: Path) -> None:
+    st = layer_store(tmp_path, layers=1, host=4)
+    t = kv_tensor(8, 4)
+    st.save(0, H[:2], t, [0, 1], True).wait(30)
+    assert st.lookup("a", H[:2]) == 2
+    st.save(0, H[2:8], t, [2, 3, 4, 5, 6, 7], True).wait(30)  # wants all 4 slots
+    assert st.kv.match(st.keys(H[:2], 0)) == 2  # leased: still there
+    assert len(st.kv) == 4  # the batch filled only the 2 unleased slots
+    # a lease nobody loads expires at the next lookup after its TTL
+    st.lease_ttl_s = 0.0
+    time.sleep(0.01)
+    st.lookup("b", [H[7]])
+    assert st.take("a") is None
+    st.close()
+
+
+def test_staging_path_for_tensors_that_are_not_rows(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st = layer_store(tmp_path, layers=1)
+    # blocks in dimension 1 (like K/V-outermost GPU layouts): not row-addressable
+    full = torch.rand((2, 8, 4, 8), dtype=torch.float32)
+    zc, bd, why = row_view(full, 8)
+    assert not zc and bd == 1 and "not the outermost" in why
+    assert st.save(0, H[:3], full, [6, 0, 3], zc, bd).wait(30) == 3
+    out = torch.zeros_like(full)
+    job = st.load(0, H[:3], out, [1, 2, 5], zc, bd)
+    assert job.wait(30) == 3
+    for src_row, dst_row in zip([6, 0, 3], [1, 2, 5]):
+        assert torch.equal(out[:, dst_row], full[:, src_row])
+    assert torch.count_nonzero(out[:, [0, 3, 4, 6, 7]]) == 0
+    assert row_view(torch.zeros((8, 2, 4, 8)), 8)[0]
+    assert not row_view(torch.zeros((8, 2, 4, 8)).transpose(2, 3), 8)[0]
+    with pytest.raises(ValueError, match="no dimension"):
+        row_view(torch.zeros((3, 3)), 8)
+    st.close()
+
+
+def test_lookup_service_over_a_real_socket(tmp_path: Path) -> None:
+    st = layer_store(tmp_path)
+    t = kv_tensor(8, 5)
+    for layer in range(2):
+        st.save(layer, H[:3], t, [0, 1, 2], True).wait(30)
+    path = str(tmp_path / "s.sock")
+    srv = LookupServer(path, st.lookup, st.release)
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0
+    cli = LookupClient(path, timeout=5, retry_s=0.0)
+    assert cli.lookup("req", H[:5]) == 3
+    assert st.take("req") is not None  # the lease lives in the store's process
+    assert cli.lookup("req2", H[:1]) == 1
+    cli.release("req2")
+    assert st.take("req2") is None
+    assert cli.lookup("x", []) == 0
+    with pytest.raises(RuntimeError, match="already serves"):
+        LookupServer(path, st.lookup, st.release)
+    srv.close()
+    assert not os.path.exists(path)
+    # the service is gone: no hit, no hang, one error counted
+    assert cli.lookup("req3", H[:3]) == 0
+    # a stale socket file from a dead process is replaced
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(path)
+    dead.close()
+    srv = LookupServer(path, st.lookup, st.release)
+    assert cli.lookup("req4", H[:3]) == 3  # reconnected by itself
+    srv.close()
+    cli.close()
+    st.close()
+
+
+def test_a_slow_or_silent_service_is_no_hit_not_a_hang(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow_lookup(req_id: str, hashes: list) -> int:
+        gate.wait(10)
+        return len(hashes)
+
+    path = str(tmp_path / "slow.sock")
+    srv = LookupServer(path, slow_lookup, lambda r: False)
+    cli = LookupClient(path, timeout=0.05, retry_s=0.0)
+    result: list = []
+    th = threading.Thread(target=lambda: result.append(cli.lookup("r", H[:2])))
+    th.start()
+    th.join(timeout=5)
+    assert not th.is_alive() and result == [0] and cli.errors == 1
+    gate.set()  # the late answer must not be read as the next call's
+    srv.close()
+    srv = LookupServer(path, lambda r, h: 1, lambda r: False)
+    assert cli.lookup("r2", H[:2]) == 1
+    srv.close()
+    # a peer that sends garbage gets "no hit", and the service goes on
+    srv = LookupServer(path, lambda r, h: len(h), lambda r: False)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall((5).to_bytes(4, "little") + b"\x09abcd")
+    assert s.recv(8) == (4).to_bytes(4, "little") + (0).to_bytes(4, "little")
+    s.close()
+    assert LookupClient(path, timeout=5).lookup("ok", H[:2]) == 2
+    srv.close()

@@ -1,0 +1,126 @@
+"""Checks dynblock.vllm.DynblockTier against the installed vLLM's secondary-tier
+interface, with a primary tier made of a CPU tensor (vLLM's tiering runs on GPU
+hosts only, so no engine here). Run by tests/test_vllm.py in the vLLM
+environment: ``python tier_check.py WORKDIR``; exits non-zero on the first
+failed check and prints ``TIER OK <json>`` at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+from vllm.v1.kv_offload.base import LookupResult, ReqContext, make_offload_key
+from vllm.v1.kv_offload.tiering.base import SecondaryTierManager, TransferJob
+from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
+
+CHUNK = 4096
+
+
+def wait_jobs(tier: SecondaryTierManager, ids: set) -> dict:
+    out: dict = {}
+    deadline = time.monotonic() + 60
+    while ids - set(out):
+        assert time.monotonic() < deadline, f"jobs {ids - set(out)} never finished"
+        for r in tier.get_finished_jobs():
+            out[r.job_id] = r
+        time.sleep(0.001)
+    return out
+
+
+def make(primary: torch.Tensor, spec: object, **cfg: object) -> SecondaryTierManager:
+    view = memoryview(primary.numpy())
+    tier = SecondaryTierFactory.create_secondary_tier(
+        {"type": "DynblockTier", "module_path": "dynblock.vllm", **cfg}, view, spec)
+    assert type(tier).__name__ == "DynblockTier" and tier.block_size_bytes == primary.shape[1]
+    return tier
+
+
+def main() -> None:
+    work = sys.argv[1]
+    rng = np.random.default_rng(0)
+    primary = torch.zeros((64, CHUNK), dtype=torch.uint8)
+    spec = types.SimpleNamespace(config=None)
+    ctx = ReqContext(req_id="r1")
+    store = os.path.join(work, "tier.bin")
+    tier = make(primary, spec, host_blocks=4, disk_blocks=64, disk_path=store, persist=True,
+                numa_node=None, pin=False)
+    keys = [make_offload_key(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), 0) for _ in range(12)]
+    primary[:12] = torch.from_numpy(rng.integers(0, 256, (12, CHUNK), dtype=np.uint8))
+    want = primary[:12].clone()
+
+    # store: 12 chunks from rows 0..11 (more than the 4 host slots: evictions go to disk)
+    tier.submit_store(TransferJob(job_id=1, keys=keys, chunk_ids=np.arange(12),
+                                  is_promotion=False, req_context=ctx))
+    tier.drain_jobs()
+    assert not tier.has_pending_work()
+    r = wait_jobs(tier, {1})[1]
+    assert r.success and r.transfer_bytes == 12 * CHUNK, r
+    assert all(tier.lookup(k, ctx) == LookupResult.HIT for k in keys)
+    other = make_offload_key(b"\x01" * 32, 0)
+    assert tier.lookup(other, ctx) == LookupResult.MISS
+
+    # load: into other rows, byte-exact (from host and disk slots)
+    primary[20:32] = 0
+    tier.submit_load(TransferJob(job_id=2, keys=keys, chunk_ids=np.arange(20, 32),
+                                 is_promotion=True, req_context=ctx))
+    r = wait_jobs(tier, {2})[2]
+    assert r.success and r.successful_keys is None, r
+    assert torch.equal(primary[20:32], want)
+
+    # a load whose second chunk is missing: the first arrives, reported as the successful keys
+    tier.submit_load(TransferJob(job_id=3, keys=[keys[0], other, keys[2]],
+                                 chunk_ids=np.array([40, 41, 42]), is_promotion=True,
+                                 req_context=ctx))
+    r = wait_jobs(tier, {3})[3]
+    assert not r.success and list(r.successful_keys) == [keys[0]], r
+    assert torch.equal(primary[40], want[0])
+
+    # a store job that fails (a chunk id past the primary tier) fails alone
+    tier.submit_store(TransferJob(job_id=4, keys=[other], chunk_ids=np.array([64]),
+                                  is_promotion=False, req_context=ctx))
+    r = wait_jobs(tier, {4})[4]
+    assert not r.success
+    assert tier.lookup(other, ctx) == LookupResult.MISS and tier.stats()["failed_jobs"] == 1
+
+    # touch keeps chunks from eviction, in the host tier's LRU
+    tier.touch([keys[0]], ctx)
+    assert tier.kv.lru_order()[0][-1] in tier._keys([keys[0]])
+    stats = tier.stats()
+    tier.shutdown()
+
+    # a restarted tier on the same persistent store serves every chunk
+    primary2 = torch.zeros((64, CHUNK), dtype=torch.uint8)
+    tier2 = make(primary2, spec, host_blocks=4, disk_blocks=64, disk_path=store, persist=True,
+                 numa_node=None, pin=False)
+    assert all(tier2.lookup(k, ctx) == LookupResult.HIT for k in keys)
+    tier2.submit_load(TransferJob(job_id=5, keys=keys, chunk_ids=np.arange(12),
+                                  is_promotion=True, req_context=ctx))
+    assert wait_jobs(tier2, {5})[5].success and torch.equal(primary2[:12], want)
+    tier2.shutdown()
+
+    # another model (here: another fingerprint) never sees these chunks
+    spec2 = types.SimpleNamespace(config=types.SimpleNamespace(
+        model=types.SimpleNamespace(name="other-model", dtype="bfloat16"), groups=(),
+        cache=None, parallel=None, kv_cache_layout=None))
+    tier3 = make(primary2, spec2, host_blocks=4, disk_blocks=64, disk_path=store, persist=True,
+                 numa_node=None, pin=False)
+    assert all(tier3.lookup(k, ctx) == LookupResult.MISS for k in keys)
+    tier3.shutdown()
+
+    # bad configuration is refused with the key's name
+    try:
+        make(primary2, spec, host_blocks=4, numa_node=None, pin=False, colour="blue")
+    except ValueError as e:
+        assert "colour" in str(e), e
+    else:
+        raise AssertionError("an unknown tier option was accepted")
+    print("TIER OK " + json.dumps({k: v for k, v in stats.items() if k != "store"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
