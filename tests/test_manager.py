@@ -492,3 +492,21 @@ def test_touch_keeps_a_block_from_eviction() -> None:
         assert 1 in m and 2 not in m and 3 in m
         with pytest.raises(ValueError, match=r"hashes\[0\] must be an integer"):
             m.touch(["x"])
+
+
+def test_a_get_whose_promotions_overflow_the_disk_tier_loses_no_block(tmp_path: Path) -> None:
+    # Host 2 + disk 5 slots, 6 blocks. A get of disk-only blocks (with repeats) promotes them
+    # one by one; each promotion offloads a host-only block into the full disk tier, which pushes
+    # out a disk-only block that this very get has read and will promote later. Found by the
+    # model test: that block must be promoted from the caller's buffer, not lost.
+    cfg = Config(block_size=512, host_blocks=2, disk_blocks=5, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False, write_behind=False)
+    with BlockManager(cfg) as m:
+        data = np.random.default_rng(0).integers(0, 256, 6 * 512, dtype=np.uint8)
+        hs = [0, 1, 3, 5, 2, 4]
+        m.put(hs, data)
+        out = np.zeros(6 * 512, np.uint8)
+        assert m.get([0, 1, 3, 5, 3, 1], out) == 6
+        assert all(h in m for h in hs), m.lru_order()
+        back = np.zeros(6 * 512, np.uint8)
+        assert m.get(hs, back) == 6 and np.array_equal(back, data)

@@ -1194,13 +1194,22 @@ impl BlockManager {
         if st.host.is_some() && !promote.is_empty() {
             let mut plan = Plan::default();
             let mut promoted = 0u64;
+            // Still disk-only now that the lock is held again: a block
+            // removed by another thread while it was read is not promoted.
+            let eligible: std::collections::HashSet<u64> = promote
+                .iter()
+                .map(|&i| hashes[i])
+                .filter(|h| st.map.get(h).is_some_and(|e| e.host == NIL))
+                .collect();
             for &i in &promote {
                 let h = hashes[i];
-                if !st.map.get(&h).is_some_and(|e| e.host == NIL) {
-                    // Listed twice (already promoted), or removed by another
-                    // thread while it was read: nothing to promote.
+                if !eligible.contains(&h) || st.map.get(&h).is_some_and(|e| e.host != NIL) {
+                    // Removed meanwhile, or listed twice and already promoted.
                     continue;
                 }
+                // A block this loop's own offloads pushed out of a full disk
+                // tier is gone from the map, but its bytes are in the
+                // caller's buffer: it is promoted all the same, not lost.
                 if st.host_insert(h, addr(i), &mut plan) {
                     promoted += 1;
                 }
