@@ -42,6 +42,8 @@ pub struct HostOptions {
     pub populate_threads: usize,
     /// Threads for copies in and out (0: one per allowed CPU).
     pub copy_threads: usize,
+    /// Nice value of the copy threads.
+    pub worker_nice: u32,
     pub huge_pages: bool,
     /// Slot alignment (a power of two, at least 64).
     pub alignment: usize,
@@ -55,6 +57,7 @@ impl Default for HostOptions {
             pin: Pin::Auto,
             populate_threads: 0,
             copy_threads: 0,
+            worker_nice: crate::settings::default_int("worker_nice") as u32,
             huge_pages: true,
             alignment: 4096,
             sysfs_root: PathBuf::from("/sys"),
@@ -168,6 +171,7 @@ impl HostStorage {
         crate::settings::check_int("alignment", opts.alignment as u64)?;
         crate::settings::check_usize("populate_threads", opts.populate_threads)?;
         crate::settings::check_usize("copy_threads", opts.copy_threads)?;
+        crate::settings::check_int("worker_nice", opts.worker_nice as u64)?;
         let stride = crate::align::round_up_checked(block_size, opts.alignment)?;
         let len = crate::settings::check_tier(num_blocks, block_size, stride)? as usize;
         let mut warnings = Vec::new();
@@ -316,7 +320,7 @@ impl HostStorage {
             huge_pages: use_huge,
             populate_threads: threads,
             copy_threads,
-            pool: RwLock::new(io::pool(copy_threads, "dynblock-copy")),
+            pool: RwLock::new(io::pool(copy_threads, "dynblock-copy", opts.worker_nice)),
             fork: crate::process::ForkGuard::new("HostStorage"),
             warnings: Mutex::new(warnings),
             populate_seconds,

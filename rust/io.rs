@@ -72,14 +72,32 @@ pub fn coalesce(
 }
 
 /// A pool of long-lived worker threads for one storage, so a batch does not
-/// pay for creating threads (tens of microseconds each).
-pub fn pool(threads: usize, name: &str) -> Option<rayon::ThreadPool> {
+/// pay for creating threads (tens of microseconds each), running at nice
+/// value `nice` (see [`lower_priority`]).
+pub fn pool(threads: usize, name: &str, nice: u32) -> Option<rayon::ThreadPool> {
     let name = name.to_string();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(move |i| format!("{name}-{i}"))
+        .start_handler(move |_| lower_priority(nice))
         .build()
         .ok()
+}
+
+/// Raise the calling thread's nice value to `nice` (never lower it: that
+/// would need privileges and would take CPU from the caller's threads). On
+/// Linux nice is per thread. Best effort: a failure leaves the priority as
+/// it was, which changes only who wins a busy CPU.
+pub fn lower_priority(nice: u32) {
+    // SAFETY: gettid and get/setpriority on the calling thread take no pointers.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if *libc::__errno_location() == 0 && now < nice as i32 {
+            libc::setpriority(libc::PRIO_PROCESS, tid, nice as i32);
+        }
+    }
 }
 
 /// Run `work(op_index, worker_state)` for every index in `0..n` on up to
@@ -247,7 +265,7 @@ mod tests {
 
     #[test]
     fn run_reports_the_first_error_and_stops() {
-        let p = pool(4, "test");
+        let p = pool(4, "test", 0);
         for on in [p.as_ref(), None] {
             let done = AtomicUsize::new(0);
             let r = run_on(

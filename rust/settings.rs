@@ -182,6 +182,13 @@ pub const INTS: &[IntSetting] = &[
         what: "threads for host copies (0: one per allowed CPU)",
     },
     IntSetting {
+        name: "worker_nice",
+        min: 0,
+        max: 19,
+        default: Some(5),
+        what: "nice value of dynblock's worker threads",
+    },
+    IntSetting {
         name: "alignment",
         min: 64,
         max: 1 << 30,

@@ -72,8 +72,10 @@ def test_from_env_reads_dynblock_names() -> None:
         "DYNBLOCK_GPU": "3",
         "DYNBLOCK_PIN": "off",
         "DYNBLOCK_IO_DEPTH": "32",
+        "DYNBLOCK_WORKER_NICE": "12",
     }
     c = Config.from_env(env)
+    assert c.worker_nice == 12 and Config(block_size=1, host_blocks=1).worker_nice == 5
     assert (c.block_size, c.host_blocks, c.disk_blocks) == (65536, 100, 100)
     assert c.disk_dir == "/mnt/nvme" and c.o_direct is False
     assert c.numa_node == 1 and c.gpu == 3 and c.pin is False and c.io_depth == 32
@@ -130,6 +132,7 @@ def test_dynblock_names_win_and_overrides_win_over_both() -> None:
         ("DYNBLOCK_NUMA_NODE", "first", "whole number"),
         ("DYNBLOCK_PIN", "sometimes", "1/true/yes/on"),
         ("DYNBLOCK_IO_DEPTH", "0", ">= 1"),
+        ("DYNBLOCK_WORKER_NICE", "20", "between 0 and 19"),
     ],
 )
 def test_from_env_rejects_invalid_values_naming_the_variable(var, value, match) -> None:

@@ -530,3 +530,31 @@ def test_a_failed_write_behind_loses_nothing_and_breaks_nothing(tiny_tmpfs: Path
         filler.unlink()
         kv.flush()  # space again: the same blocks are written behind now
         assert kv.stats()["written_behind"] >= 2
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_worker_threads_run_at_worker_nice(tmp_path: Path, nice: int) -> None:
+    import os
+
+    cfg = Config(block_size=BS, host_blocks=4, disk_blocks=16, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False, worker_nice=nice)
+    with BlockManager(cfg) as kv:
+        kv.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
+        kv.flush()
+        out = np.zeros(8 * BS, np.uint8)
+        assert kv.get(list(range(8)), out) == 8
+        seen = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                prio = os.getpriority(os.PRIO_PROCESS, int(tid))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if name.startswith("dynblock-") and not name.startswith("dynblock-job"):
+                seen[name] = prio
+        kinds = {n.split("-")[1] for n in seen}
+        assert {"copy", "io", "writeb"} <= kinds, seen  # comm is cut at 15 bytes: "dynblock-writeb"
+        assert set(seen.values()) == {max(nice, os.getpriority(os.PRIO_PROCESS, 0))}, seen
+    with pytest.raises(ValueError, match="worker_nice .* must be between 0 and 19, got 20"):
+        Config(block_size=BS, host_blocks=4, worker_nice=20)

@@ -41,6 +41,7 @@ variable                                  meaning
 ``DYNBLOCK_GPU``                          ``gpu`` (CUDA ordinal)
 ``DYNBLOCK_PIN``                          ``pin`` (boolean)
 ``DYNBLOCK_IO_DEPTH``                     ``io_depth``
+``DYNBLOCK_WORKER_NICE``                  ``worker_nice`` (0-19)
 ``DYNBLOCK_DISK_PATH``                    ``disk_path`` (a persistent store's file)
 ``DYNBLOCK_PERSIST``                      ``persist`` (boolean)
 ``DYNBLOCK_DURABILITY``                   ``durability``: ``process`` or ``sync``
@@ -177,6 +178,9 @@ class Config:
     half of the host tier written to disk in the background, so a ``put``
     into a full host tier evicts without waiting for disk writes;
     ``BlockManager.flush()`` waits for it.
+    ``worker_nice`` (default 5, 0-19) is the nice value of the threads that
+    copy and do disk I/O in the background: a busy CPU goes to the engine's
+    own threads (its scheduler loop) first; 0 gives them the caller's priority.
     ``checksums`` (default on) verifies a CRC32C of every block read from disk:
     a mismatch is a miss, never wrong bytes.
     """
@@ -194,6 +198,7 @@ class Config:
     gpu: Optional[int] = None
     pin: Union[bool, Literal["require"]] = DEFAULTS["pin"]
     io_depth: int = DEFAULTS["io_depth"]
+    worker_nice: int = DEFAULTS["worker_nice"]
     huge_pages: bool = DEFAULTS["huge_pages"]
     policy: Literal["lru"] = "lru"
     disk_path: Optional[str] = None
@@ -239,7 +244,7 @@ class Config:
             setattr(self, f"{tier}_bytes", check(f"{tier}_bytes", blocks * bs))
         if self.host_blocks == 0 and self.disk_blocks == 0:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
-        for name in ("o_direct", "pin", "preallocate", "io_depth", "durability",
+        for name in ("o_direct", "pin", "preallocate", "io_depth", "worker_nice", "durability",
                      "persist", "write_through", "write_behind", "checksums", "huge_pages"):
             setattr(self, name, check(name, getattr(self, name)))
         if self.numa_node not in (None, "auto"):
@@ -321,6 +326,12 @@ class Config:
         depth = env_int("DYNBLOCK_IO_DEPTH", e, minimum=1)
         if depth is not None:
             kw["io_depth"] = depth
+        nice = env_int("DYNBLOCK_WORKER_NICE", e)
+        if nice is not None:
+            try:
+                kw["worker_nice"] = _core.check_setting("worker_nice", nice)
+            except ValueError as ex:
+                raise EnvError(f"environment variable DYNBLOCK_WORKER_NICE={nice}: {ex}") from None
         path = env_str("DYNBLOCK_DISK_PATH", e)
         if path is not None:
             kw["disk_path"] = path

@@ -80,6 +80,7 @@ class DiskStorage:
         max_io_bytes: int = DEFAULTS["max_io_bytes"],
         alignment: Optional[Tuple[int, int]] = None,
         lock: bool = True,
+        worker_nice: int = DEFAULTS["worker_nice"],
     ) -> None:
         # Every argument is checked once, by the engine (rust/settings.rs).
         path = os.fspath(directory_or_path)
@@ -94,6 +95,7 @@ class DiskStorage:
             max_io_bytes=max_io_bytes,
             alignment=alignment,
             lock=bool(lock),
+            worker_nice=worker_nice,
         )
 
     # --- I/O -------------------------------------------------------------

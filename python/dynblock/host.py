@@ -80,6 +80,7 @@ class HostStorage:
         cuda_register: bool = False,
         nvidia_smi: str = "nvidia-smi",
         sysfs_root: str = "/sys",
+        worker_nice: int = DEFAULTS["worker_nice"],
     ) -> None:
         # Every argument is checked once, by the engine (rust/settings.rs).
         node, self.numa_reason = resolve_numa_node(
@@ -94,6 +95,7 @@ class HostStorage:
             huge_pages=huge_pages,
             alignment=alignment,
             sysfs_root=sysfs_root,
+            worker_nice=worker_nice,
         )
         self.cuda_registered = False
         self.cuda_reason = "not asked (cuda_register=False)"

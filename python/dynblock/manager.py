@@ -220,6 +220,7 @@ class BlockManager:
                     gpu=config.gpu,
                     pin=config.pin,
                     huge_pages=config.huge_pages,
+                    worker_nice=config.worker_nice,
                 )
             if config.disk_blocks:
                 self._disk = DiskStorage(
@@ -230,6 +231,7 @@ class BlockManager:
                     preallocate=config.preallocate,
                     io_depth=config.io_depth,
                     persist=config.persist,
+                    worker_nice=config.worker_nice,
                 )
             self._m = _core.BlockManager(
                 bs,

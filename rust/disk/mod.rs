@@ -52,6 +52,8 @@ pub struct DiskOptions {
     /// Take an exclusive flock on a persistent file (default). Off only for
     /// tools that deliberately open one file twice (the bench).
     pub lock: bool,
+    /// Nice value of the I/O threads.
+    pub worker_nice: u32,
 }
 
 impl Default for DiskOptions {
@@ -64,6 +66,7 @@ impl Default for DiskOptions {
             max_io_bytes: settings::default_int("max_io_bytes") as usize,
             alignment: None,
             lock: true,
+            worker_nice: settings::default_int("worker_nice") as u32,
         }
     }
 }
@@ -83,6 +86,7 @@ pub struct DiskStorage {
     data_offset: u64,
     align: Alignment,
     io_depth: usize,
+    worker_nice: u32,
     max_io_bytes: usize,
     fs_type: String,
     direct: DirectIo,
@@ -109,6 +113,7 @@ impl DiskStorage {
         settings::check_int("num_blocks", num_blocks)?;
         settings::check_int("block_size", block_size as u64)?;
         settings::check_usize("io_depth", opts.io_depth)?;
+        settings::check_int("worker_nice", opts.worker_nice as u64)?;
         settings::check_usize("max_io_bytes", opts.max_io_bytes)?;
         let is_dir = path.is_dir();
         if opts.persist && is_dir {
@@ -317,6 +322,7 @@ impl DiskStorage {
             data_offset,
             align,
             io_depth: opts.io_depth,
+            worker_nice: opts.worker_nice,
             max_io_bytes: opts.max_io_bytes.max(stride),
             fs_type,
             direct,
@@ -325,7 +331,11 @@ impl DiskStorage {
             bytes_written: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
             preallocation: Mutex::new("existing"),
-            pool: RwLock::new(crate::io::pool(opts.io_depth, "dynblock-io")),
+            pool: RwLock::new(crate::io::pool(
+                opts.io_depth,
+                "dynblock-io",
+                opts.worker_nice,
+            )),
             store_id,
             registration: Mutex::new(registration),
             fork: ForkGuard::new("DiskStorage"),
@@ -686,6 +696,10 @@ impl DiskStorage {
     }
     pub fn io_depth(&self) -> usize {
         self.io_depth
+    }
+    /// Nice value of the I/O threads (and of a manager's write-behind thread).
+    pub fn worker_nice(&self) -> u32 {
+        self.worker_nice
     }
     pub fn file_size(&self) -> u64 {
         self.data_offset + self.num_blocks * self.stride as u64

@@ -268,33 +268,37 @@ impl BlockManager {
         }
         let weak = Arc::downgrade(self);
         let w = self.writer.clone();
+        let nice = self.disk.as_ref().map_or(0, |d| d.worker_nice());
         let spawned = std::thread::Builder::new()
             .name("dynblock-writeback".into())
-            .spawn(move || loop {
-                // Work only when a put woke the thread; the timeout only
-                // notices a manager that went away.
-                let woken = {
-                    let g = w.wake.lock().unwrap_or_else(|p| p.into_inner());
-                    let (mut g, _) = w
-                        .cv
-                        .wait_timeout_while(g, std::time::Duration::from_millis(200), |woken| {
-                            !*woken && !w.stop.load(Ordering::Relaxed)
-                        })
-                        .unwrap_or_else(|p| p.into_inner());
-                    std::mem::replace(&mut *g, false)
-                };
-                if w.stop.load(Ordering::Relaxed) || weak.strong_count() == 0 {
-                    return;
-                }
-                if !woken {
-                    continue;
-                }
-                let Some(m) = weak.upgrade() else {
-                    return;
-                };
-                while !w.stop.load(Ordering::Relaxed) {
-                    if m.clean_some(32) == 0 {
-                        break;
+            .spawn(move || {
+                crate::io::lower_priority(nice);
+                loop {
+                    // Work only when a put woke the thread; the timeout only
+                    // notices a manager that went away.
+                    let woken = {
+                        let g = w.wake.lock().unwrap_or_else(|p| p.into_inner());
+                        let (mut g, _) = w
+                            .cv
+                            .wait_timeout_while(g, std::time::Duration::from_millis(200), |woken| {
+                                !*woken && !w.stop.load(Ordering::Relaxed)
+                            })
+                            .unwrap_or_else(|p| p.into_inner());
+                        std::mem::replace(&mut *g, false)
+                    };
+                    if w.stop.load(Ordering::Relaxed) || weak.strong_count() == 0 {
+                        return;
+                    }
+                    if !woken {
+                        continue;
+                    }
+                    let Some(m) = weak.upgrade() else {
+                        return;
+                    };
+                    while !w.stop.load(Ordering::Relaxed) {
+                        if m.clean_some(32) == 0 {
+                            break;
+                        }
                     }
                 }
             });

@@ -64,7 +64,7 @@ impl PyDiskStorage {
     #[new]
     #[pyo3(signature = (path, num_blocks, block_size, *, o_direct=ODirectArg(ODirect::Auto),
                         persist=false, preallocate=PreallocArg(Prealloc::Auto), io_depth=None,
-                        max_io_bytes=None, alignment=None, lock=true))]
+                        max_io_bytes=None, alignment=None, lock=true, worker_nice=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -78,6 +78,7 @@ impl PyDiskStorage {
         max_io_bytes: Option<&Bound<'_, PyAny>>,
         alignment: Option<(usize, usize)>,
         lock: bool,
+        worker_nice: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let num_blocks = int_setting(num_blocks, "num_blocks")?;
         let block_size = int_setting(block_size, "block_size")? as usize;
@@ -93,6 +94,7 @@ impl PyDiskStorage {
             max_io_bytes: int_or_default(max_io_bytes, "max_io_bytes")? as usize,
             alignment,
             lock,
+            worker_nice: int_or_default(worker_nice, "worker_nice")? as u32,
         };
         let s = py
             .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))

@@ -103,7 +103,7 @@ impl PyHostStorage {
     #[new]
     #[pyo3(signature = (num_blocks, block_size, *, numa_node=None, pin=PinArg(Pin::Auto),
                         populate_threads=None, copy_threads=None, huge_pages=true,
-                        alignment=None, sysfs_root=None))]
+                        alignment=None, sysfs_root=None, worker_nice=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -116,6 +116,7 @@ impl PyHostStorage {
         huge_pages: bool,
         alignment: Option<&Bound<'_, PyAny>>,
         sysfs_root: Option<PathBuf>,
+        worker_nice: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let num_blocks = int_setting(num_blocks, "num_blocks")?;
         let block_size = int_setting(block_size, "block_size")? as usize;
@@ -128,6 +129,7 @@ impl PyHostStorage {
             pin: pin.0,
             populate_threads: int_or_default(populate_threads, "populate_threads")? as usize,
             copy_threads: int_or_default(copy_threads, "copy_threads")? as usize,
+            worker_nice: int_or_default(worker_nice, "worker_nice")? as u32,
             huge_pages,
             alignment: int_or_default(alignment, "alignment")? as usize,
             sysfs_root: sysfs_root.unwrap_or_else(|| PathBuf::from("/sys")),
