@@ -195,3 +195,35 @@ def test_a_slow_or_silent_service_is_no_hit_not_a_hang(tmp_path: Path) -> None:
     s.close()
     assert LookupClient(path, timeout=5).lookup("ok", H[:2]) == 2
     srv.close()
+
+
+def test_the_readme_vllm_configs_are_valid(tmp_path: Path, monkeypatch) -> None:
+    # The README's two vLLM configs: every extra key is a Config field or an option, and the
+    # sizes make a valid Config once the connector adds the block size.
+    import re
+    import sys
+    import types
+
+    from dynblock.vllm.keys import socket_path as _sp  # noqa: F401  (the module imports cleanly)
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "vllm" in b]
+    assert len(blocks) == 2
+    seen: dict = {}
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kw: seen.update(kw)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    ns: dict = {}
+    for code in blocks:
+        exec(compile(code.replace("/nvme", str(tmp_path)), "README.md", "exec"), ns)
+    conn = seen["kv_transfer_config"]
+    assert conn["kv_connector_module_path"] == "dynblock.vllm"
+    import dynblock.vllm as dv
+
+    assert conn["kv_connector"] in dv.__all__
+    fields, _ = split_extra_config(conn["kv_connector_extra_config"])
+    Config(block_size=4096, **fields)
+    tier = ns["kv_transfer_config"]["kv_connector_extra_config"]["secondary_tiers"][0]
+    assert tier["type"] in dv.__all__ and tier["module_path"] == "dynblock.vllm"
+    fields, _ = split_extra_config({k: v for k, v in tier.items() if k not in ("type", "module_path")})
+    Config(block_size=4096, **fields)

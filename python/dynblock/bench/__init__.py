@@ -1,7 +1,7 @@
 """``python -m dynblock.bench``: throughput of dynblock's tiers side by side
 with what users would otherwise use, measured in one run.
 
-Workloads (``--workloads``, comma-separated; default: all):
+Workloads (``--workloads``, comma-separated; default: all but ``vllm``):
 
 - ``disk``: write and read of N blocks per block size, random (and with
   ``--patterns random,sequential`` sequential) slot order, O_DIRECT and
@@ -23,6 +23,10 @@ Workloads (``--workloads``, comma-separated; default: all):
   every 1 ms while another thread puts and gets, a 32-block put into a full
   host tier (write-behind) against one into free slots (p99), and 4 threads of
   async put/get against 1.
+- ``vllm`` (not in the default run; needs vLLM, see :mod:`dynblock.bench.vllm`):
+  time to first token of a request whose prefix comes from dynblock's disk
+  tier against the same request recomputed, in real vLLM engines
+  (``--vllm-models tiny,large``).
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
@@ -47,7 +51,8 @@ from .workloads import (run_disk, run_durability, run_engine, run_host, run_over
 
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
-WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine")
+WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm")
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w != "vllm"]
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
@@ -75,6 +80,8 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "disk reads with checksums >= 0.9x without"),
     ("engine", "dynblock", "match-32-during-disk-puts", {}, "goal_1ms_over_p99", 1.0,
      "match of 32 hashes p99 < 1 ms while another thread stores 128 MiB batches"),
+    ("engine", "python-thread", "tick-gap-during-puts-gets", {}, "vs_numpy_copies", 1.0,
+     "a ticking Python thread stalls no longer during dynblock puts/gets than during numpy copies"),
     ("engine", "python-thread", "tick-gap-during-puts-gets", {}, "goal_5ms_over_max", 1.0,
      "a ticking Python thread stalls < 5 ms while another thread puts and gets"),
     ("engine", "dynblock", "put-32-into-full-host-tier", {}, "free_over_full", 0.5,
@@ -129,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dynblock.bench",
         description="dynblock throughput, side by side with fio, naive Python and numpy.",
     )
-    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(DEFAULT_WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all but vllm)")
     p.add_argument("--dir", help="directory for test files (default: a new temporary directory)")
     p.add_argument("--repeat", type=int, default=3, help="runs per case (default: 3)")
     g = p.add_argument_group("disk")
@@ -161,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--engine-seconds", type=float, default=2.0,
                    help="seconds each concurrent engine case runs (default: 2)")
+    g = p.add_argument_group("vllm")
+    g.add_argument("--vllm-python", help="an interpreter with vllm and dynblock (default: "
+                   "$DYNBLOCK_VLLM_PYTHON, .venv-vllm/bin/python, this one)")
+    g.add_argument("--vllm-models", type=_choices(("tiny", "large")), default=["tiny", "large"],
+                   help="random-weight Llamas: tiny (2 layers, 384-token prefix), large (8 layers, "
+                   "hidden 1024, 2048-token prefix) (default: tiny,large)")
     g = p.add_argument_group("trace")
     g.add_argument("--trace", help="trace: a JSONL file (.jsonl or .jsonl.gz) or a shipped one, "
                    "mooncake_conversation (default) or mooncake_synthetic")
@@ -226,6 +239,10 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
                        a.io_depth, a.batch_size, a.repeat, progress)
     if "engine" in a.workloads:
         run_engine(res, directory, a.repeat, progress, seconds=a.engine_seconds)
+    if "vllm" in a.workloads:
+        from .vllm import run_vllm
+
+        run_vllm(res, directory, a.vllm_python, a.vllm_models, a.repeat, progress)
     return res, fio
 
 
@@ -248,6 +265,8 @@ def format_table(res: Results) -> str:
             bits = [size_label(int(c.params["bytes"]))]
         if c.workload == "durability" and c.op == "reopen":
             bits = [f"{c.params['blocks']} blocks"]
+        if c.workload == "vllm":
+            bits = [f"{c.params['model']}, {c.params['prefix_tokens']}-token prefix"]
         ratios = " ".join(f"{k}={v:.2f}x" for k, v in c.ratios.items())
         if c.workload == "trace":
             e = c.extra
@@ -259,6 +278,8 @@ def format_table(res: Results) -> str:
             ratios = ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items())
         if c.workload == "durability" and c.op == "reopen":
             ratios = ", ".join(f"{k}={v}" for k, v in c.extra.items())
+        if c.workload == "vllm" and c.impl != "recompute":
+            ratios += " " + ", ".join(f"{k}={v}" for k, v in c.extra.items())
         rows.append((c.workload, c.impl, c.op, ", ".join(bits), f"{c.median:.3g} {c.unit}",
                      f"{min(c.values):.3g}..{max(c.values):.3g}" if c.values else "", ratios))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]

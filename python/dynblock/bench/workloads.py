@@ -467,6 +467,34 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         c = res.case("engine", "python-thread", "tick-gap-during-puts-gets", unit="ms max")
         c.values.append(max(gaps) * 1e3)
         c.extra = {"p99_ms": _p(gaps, 0.99) * 1e3}
+        # The machine's floor: the same ticker while two threads copy 128 MiB with numpy
+        # (which releases the GIL), i.e. two busy threads that are not dynblock's.
+        na, nb = aligned_empty(64 * bs), aligned_empty(64 * bs)
+        na[:] = 1
+        nb[:] = 0
+        stop = threading.Event()
+
+        def copies() -> None:
+            while not stop.is_set():
+                np.copyto(nb, na)
+
+        ws = [threading.Thread(target=copies) for _ in range(2)]
+        for t in ws:
+            t.start()
+        gaps = []
+        last = time.perf_counter()
+        end = last + seconds
+        while last < end:
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        stop.set()
+        for t in ws:
+            t.join(timeout=120)
+        c = res.case("engine", "numpy-copyto-2threads", "tick-gap-during-copies", unit="ms max")
+        c.values.append(max(gaps) * 1e3)
+        c.extra = {"p99_ms": _p(gaps, 0.99) * 1e3}
         progress.step("engine GIL stall")
 
         # 3. p99 of a 32-block put (256 KiB blocks) into free host slots vs into a full host
@@ -533,6 +561,9 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
     g = res.find("engine", "python-thread", "tick-gap-during-puts-gets")
     if g is not None and g.values:
         g.ratios["goal_5ms_over_max"] = 5.0 / g.median if g.median > 0 else float("inf")
+        floor = res.find("engine", "numpy-copyto-2threads", "tick-gap-during-copies")
+        if floor is not None and floor.values and g.median > 0:
+            g.ratios["vs_numpy_copies"] = floor.median / g.median
     free = res.find("engine", "dynblock", "put-32-into-free-host-tier")
     full = res.find("engine", "dynblock", "put-32-into-full-host-tier")
     if free is not None and full is not None and free.values and full.values:

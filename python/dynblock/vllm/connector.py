@@ -119,20 +119,20 @@ class DynblockConnector(KVConnectorBase_V1):
                                    num_computed_tokens: int) -> Tuple[Optional[int], bool]:
         bs = self._block_tokens
         rid = request.request_id
-        if rid in self._leased:
-            self._leased.pop(rid)
-            for c in self._clients:
-                c.release(rid)
+        # A new lookup for the request replaces its earlier lease on the worker.
+        self._leased.pop(rid, None)
         # Leave at least one token to compute: vLLM needs a last token to sample from.
         usable = min(len(request.block_hashes), (request.num_tokens - 1) // bs)
         skip = num_computed_tokens // bs
         if usable <= skip or not self._clients:
             return 0, False
         hashes = [bytes(h) for h in request.block_hashes[skip:usable]]
-        count = min(c.lookup(rid, hashes) for c in self._clients)
+        counts = [c.lookup(rid, hashes) for c in self._clients]
+        count = min(counts)
         if count == 0:
-            for c in self._clients:
-                c.release(rid)
+            if any(counts):  # another rank holds a lease this request will not use
+                for c in self._clients:
+                    c.release(rid)
             return 0, False
         self._leased[rid] = (skip, count)
         return count * bs, False
