@@ -53,6 +53,9 @@ pub enum Error {
     /// A storage made before fork() was used in the child.
     #[error("{0}")]
     Forked(String),
+    /// The remote tier (Redis/Valkey) refused or could not be reached at open.
+    #[error("{0}")]
+    Remote(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

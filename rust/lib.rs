@@ -41,6 +41,7 @@ pub mod io;
 pub mod manager;
 pub mod numa;
 pub mod process;
+pub mod remote;
 pub mod settings;
 
 #[cfg(feature = "python")]

@@ -48,6 +48,13 @@ variable                                  meaning
 ``DYNBLOCK_WRITE_THROUGH``                ``write_through`` (boolean)
 ``DYNBLOCK_WRITE_BEHIND``                 ``write_behind`` (boolean)
 ``DYNBLOCK_CHECKSUMS``                    ``checksums`` (boolean)
+``DYNBLOCK_REMOTE_URL``                   ``remote`` (``redis://``, ``rediss://``,
+                                          ``redis+cluster://`` URL)
+``DYNBLOCK_REMOTE_PREFIX``                ``remote_prefix``
+``DYNBLOCK_REMOTE_TTL_S``                 ``remote_ttl_s`` (seconds; 0: no expiry)
+``DYNBLOCK_REMOTE_TIMEOUT_MS``            ``remote_timeout_ms``
+``DYNBLOCK_REMOTE_WRITE``                 ``remote_write``: ``async``, ``sync``, ``off``
+``DYNBLOCK_REMOTE_CA_FILE``               ``remote_ca_file``
 ========================================  =====================================
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; integers
@@ -119,6 +126,20 @@ def _count(name: str, v: Any, *, allow_zero: bool = True) -> int:
     if v < (0 if allow_zero else 1):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {v}")
     return int(v)
+
+
+_REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and reprs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    auth, _, host = rest.rpartition("@")
+    if ":" in auth:
+        return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
+    return url
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,12 @@ class Config:
     write_through: bool = DEFAULTS["write_through"]
     write_behind: bool = DEFAULTS["write_behind"]
     checksums: bool = DEFAULTS["checksums"]
+    remote: Optional[str] = dataclasses.field(default=None, repr=False)
+    remote_prefix: str = "dynblock"
+    remote_ttl_s: Optional[int] = None
+    remote_timeout_ms: int = 200
+    remote_write: Literal["async", "sync", "off"] = "async"
+    remote_ca_file: Optional[str] = None
 
     def __post_init__(self) -> None:
         check = _core.check_setting
@@ -251,6 +278,7 @@ class Config:
             self.numa_node = check("numa_node", self.numa_node)
         if self.gpu is not None:
             self.gpu = check("gpu", self.gpu)
+        self._check_remote()
         if self.policy != "lru":
             raise ValueError(f"policy must be 'lru' (the only policy so far), got {self.policy!r}")
         if self.disk_path is not None:
@@ -341,6 +369,27 @@ class Config:
             v = env_bool(var, e)
             if v is not None:
                 kw[key] = v
+        url = env_str("DYNBLOCK_REMOTE_URL", e)
+        if url is not None:
+            kw["remote"] = url.strip()
+        prefix = env_str("DYNBLOCK_REMOTE_PREFIX", e)
+        if prefix is not None:
+            kw["remote_prefix"] = prefix.strip()
+        ttl = env_int("DYNBLOCK_REMOTE_TTL_S", e)
+        if ttl is not None:
+            kw["remote_ttl_s"] = ttl or None
+        tmo = env_int("DYNBLOCK_REMOTE_TIMEOUT_MS", e, minimum=1)
+        if tmo is not None:
+            kw["remote_timeout_ms"] = tmo
+        rw = env_str("DYNBLOCK_REMOTE_WRITE", e)
+        if rw is not None:
+            if rw.strip().lower() not in ("async", "sync", "off"):
+                raise EnvError(f"environment variable DYNBLOCK_REMOTE_WRITE={rw!r} must be "
+                               "'async', 'sync' or 'off'")
+            kw["remote_write"] = rw.strip().lower()
+        ca = env_str("DYNBLOCK_REMOTE_CA_FILE", e)
+        if ca is not None:
+            kw["remote_ca_file"] = ca.strip()
         dur = env_str("DYNBLOCK_DURABILITY", e)
         if dur is not None:
             if dur.strip().lower() not in ("process", "sync"):
@@ -360,6 +409,42 @@ class Config:
                 "to Config.from_env()"
             )
         return cls(**kw)
+
+    def _check_remote(self) -> None:
+        if self.remote is not None:
+            if not isinstance(self.remote, str):
+                raise TypeError(f"remote must be a URL string, got {type(self.remote).__name__}")
+            self.remote = self.remote.strip()
+            if not self.remote.startswith(_REMOTE_SCHEMES):
+                raise ValueError(
+                    f"remote must be a redis://[user:password@]host:port[/db], rediss:// (TLS) or "
+                    f"redis+cluster://host:port[,host:port...] URL, got {redact_url(self.remote)!r}")
+        if not isinstance(self.remote_prefix, str) or not self.remote_prefix \
+                or any(c.isspace() for c in self.remote_prefix):
+            raise ValueError(f"remote_prefix must be a non-empty string without spaces, "
+                             f"got {self.remote_prefix!r}")
+        if self.remote_ttl_s is not None:
+            if isinstance(self.remote_ttl_s, bool) or not isinstance(self.remote_ttl_s, int) \
+                    or self.remote_ttl_s < 1:
+                raise ValueError(f"remote_ttl_s must be a whole number of seconds >= 1 or None "
+                                 f"(no expiry), got {self.remote_ttl_s!r}")
+        if isinstance(self.remote_timeout_ms, bool) or not isinstance(self.remote_timeout_ms, int) \
+                or not 1 <= self.remote_timeout_ms <= 600_000:
+            raise ValueError(f"remote_timeout_ms must be between 1 and 600000, "
+                             f"got {self.remote_timeout_ms!r}")
+        if self.remote_write not in ("async", "sync", "off"):
+            raise ValueError(f"remote_write must be 'async', 'sync' or 'off', got {self.remote_write!r}")
+        if self.remote_ca_file is not None:
+            self.remote_ca_file = os.fspath(self.remote_ca_file)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "remote":
+                v = None if v is None else redact_url(v)
+            parts.append(f"{f.name}={v!r}")
+        return f"Config({', '.join(parts)})"
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (sizes re-resolved)."""

@@ -244,6 +244,13 @@ class BlockManager:
                 layout=_layout_fingerprint(config),
                 write_behind=config.write_behind,
             )
+            self._remote: Optional[_core.RemoteTier] = None
+            if config.remote:
+                self._remote = _core.RemoteTier(
+                    config.remote, bs, prefix=config.remote_prefix, ttl_s=config.remote_ttl_s,
+                    timeout_ms=config.remote_timeout_ms, ca_file=config.remote_ca_file,
+                    layout=_layout_fingerprint(config))
+                self._m.attach_remote(self._remote, config.remote_write)
             self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
             self._jobs_pid = 0
             self._pending: Set["concurrent.futures.Future[int]"] = set()
@@ -431,6 +438,10 @@ class BlockManager:
         actual modes."""
         self._check_open()
         out: Dict[str, Any] = dict(self._m.counters())
+        r = self._remote
+        if r is not None:
+            r.log_warnings()
+            out.update(r.counters())
         out["block_size"] = self._m.block_size
         out["blocks"] = len(self._m)
         h, d = self._host, self._disk
@@ -452,6 +463,14 @@ class BlockManager:
             "slot_stride": d.slot_stride,
             "fs_type": d.fs_type,
             "path": d.path,
+        }
+        out["remote"] = None if r is None else {
+            "url": r.url,  # without its password
+            "cluster": r.cluster,
+            "down": r.down,
+            "queued": r.queued,
+            "write": self.config.remote_write,
+            "prefix": self.config.remote_prefix,
         }
         return out
 

@@ -71,6 +71,7 @@ use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
 use crate::index::{Geometry, IndexLog, Live, Record};
 use crate::process::ForkGuard;
+use crate::remote::{RemoteTier, RemoteWrite};
 
 mod policy;
 use policy::{capacity, Copy, Entry, Map, Pinned, Plan, Src, State, Tier, NIL};
@@ -98,6 +99,8 @@ pub struct BlockManager {
     /// Notified at every commit (or rollback) of a plan: reads waiting for
     /// bytes in flight look again.
     committed: std::sync::Condvar,
+    /// The remote tier below host and disk, if any, and how puts reach it.
+    remote: std::sync::OnceLock<(Arc<RemoteTier>, RemoteWrite)>,
 }
 
 /// The write-behind thread's controls: woken after puts, stopped by close.
@@ -256,6 +259,7 @@ impl BlockManager {
             writer: Arc::new(Writer::default()),
             cleaning: Mutex::new(()),
             committed: std::sync::Condvar::new(),
+            remote: std::sync::OnceLock::new(),
         })
     }
 
@@ -456,7 +460,23 @@ impl BlockManager {
     pub fn flush(&self) -> Result<()> {
         drop(self.open_state()?);
         while self.clean_some(64) > 0 {}
+        if let Some((r, _)) = self.remote.get() {
+            r.flush(std::time::Duration::from_secs(60));
+        }
         Ok(())
+    }
+
+    /// Put a remote tier below the local ones (once): gets and lookups
+    /// fetch what the local tiers miss from it, `match` counts it, and puts
+    /// send their new blocks to it as `write` says.
+    pub fn attach_remote(&self, remote: Arc<RemoteTier>, write: RemoteWrite) -> Result<()> {
+        self.remote
+            .set((remote, write))
+            .map_err(|_| Error::InvalidArgument("this manager already has a remote tier".into()))
+    }
+
+    pub fn remote(&self) -> Option<&Arc<RemoteTier>> {
+        self.remote.get().map(|(r, _)| r)
     }
 
     /// Close: with `flush`, a persistent store first writes the blocks that
@@ -466,6 +486,10 @@ impl BlockManager {
     /// written; a failure to write them is returned after closing anyway.
     pub fn close(&self, flush: bool) -> Result<usize> {
         self.stop_write_behind();
+        if let Some((r, _)) = self.remote.get() {
+            // Queued remote writes get a few seconds; what is left is counted as skipped.
+            r.close(std::time::Duration::from_secs(if flush { 10 } else { 0 }));
+        }
         let st = self.lock();
         if st.closed {
             return Ok(0);
@@ -819,9 +843,26 @@ impl BlockManager {
             false,
             region.as_deref(),
         )?;
+        // SAFETY: forwarded from the caller; the addresses were checked.
+        unsafe { self.put_addrs(hashes, &addrs, region.as_deref(), true) }
+    }
+
+    /// `put` of blocks at checked addresses; `to_remote`: also send the new
+    /// ones to the remote tier (not for blocks that came from it).
+    ///
+    /// # Safety
+    /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
+    unsafe fn put_addrs(
+        &self,
+        hashes: &[u64],
+        addrs: &[usize],
+        region: Option<&Region>,
+        to_remote: bool,
+    ) -> Result<usize> {
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
         let mut plan = Plan::default();
+        let mut unseen: Vec<usize> = Vec::new();
         // Refresh the batch's stored blocks first, so its new blocks never
         // evict them (`put([3, 1])` into a full tier holding 1 keeps 1).
         for h in hashes {
@@ -836,6 +877,7 @@ impl BlockManager {
                 st.touch(e);
                 continue;
             }
+            unseen.push(i);
             let addr = addrs[i];
             let stored = if st.host.is_some() {
                 let ok = st.host_insert(h, addr, &mut plan);
@@ -853,7 +895,7 @@ impl BlockManager {
                 rejected += 1; // every slot it could take is leased
             }
         }
-        let (mut st, r) = self.execute(st, &plan, region.as_deref());
+        let (mut st, r) = self.execute(st, &plan, region);
         r?;
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
@@ -861,6 +903,21 @@ impl BlockManager {
         drop(st);
         if new > 0 {
             self.nudge();
+        }
+        match self.remote.get() {
+            Some((r, w)) if to_remote && !unseen.is_empty() && *w != RemoteWrite::Off => {
+                let hs: Vec<u64> = unseen.iter().map(|&i| hashes[i]).collect();
+                let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    if *w == RemoteWrite::Sync {
+                        r.store(&hs, &src);
+                    } else {
+                        r.enqueue(&hs, &src);
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(new)
     }
@@ -901,14 +958,89 @@ impl BlockManager {
         )?;
         let st = self.open_state()?;
         // SAFETY: forwarded from the caller.
-        unsafe { self.get_locked(st, hashes, &addrs, region.as_deref()) }
+        let n = unsafe { self.get_locked(st, hashes, &addrs, region.as_deref()) }?;
+        // SAFETY: forwarded from the caller; the addresses were checked (distinct).
+        Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref()) })
+    }
+
+    /// What the local tiers missed, from the remote tier: the longest
+    /// prefix of `hashes` it holds, verified, into `addrs`, then stored in
+    /// the local tiers (promoted; not sent back). Returns its length.
+    ///
+    /// # Safety
+    /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
+    /// and untouched by others for the whole call.
+    unsafe fn fetch_remote(
+        &self,
+        hashes: &[u64],
+        addrs: &[usize],
+        region: Option<&Region>,
+    ) -> usize {
+        let Some((r, _)) = self.remote.get() else {
+            return 0;
+        };
+        if hashes.is_empty() {
+            return 0;
+        }
+        // SAFETY: forwarded from the caller.
+        let k = unsafe { r.fetch(hashes, addrs) };
+        if k > 0 {
+            // SAFETY: the k blocks were just written there and stay the caller's.
+            if let Err(e) = unsafe { self.put_addrs(&hashes[..k], &addrs[..k], region, false) } {
+                self.lock().warnings.push(format!(
+                    "keeping {k} blocks fetched from the remote tier in the local tiers failed: {e}"
+                ));
+            }
+        }
+        k
     }
 
     /// Pin the longest stored prefix of `hashes` so that no eviction or
     /// slot reuse touches it until the lease is used ([`Self::get_lease`])
     /// or released. Returns (lease id, prefix length).
+    ///
+    /// With a remote tier, what the local tiers miss is fetched from it
+    /// (one batched round trip), kept in the local tiers, and leased too.
     pub fn lookup(&self, hashes: &[u64]) -> Result<(u64, usize)> {
         let mut st = self.open_state()?;
+        let pins = Self::pin_prefix(&mut st, hashes);
+        let n = pins.len();
+        let id = st.next_lease;
+        st.next_lease += 1;
+        st.leases.insert(id, pins);
+        st.stats.leases += 1;
+        drop(st);
+        if n == hashes.len() || self.remote.get().is_none() {
+            return Ok((id, n));
+        }
+        let bs = self.block_size;
+        let rest = &hashes[n..];
+        let mut buf = vec![0u8; rest.len() * bs];
+        let base = buf.as_mut_ptr() as usize;
+        let addrs: Vec<usize> = (0..rest.len()).map(|i| base + i * bs).collect();
+        let region = self.region()?;
+        // SAFETY: `buf` is ours, rest.len() blocks long, alive for the call.
+        let k = unsafe { self.fetch_remote(rest, &addrs, region.as_deref()) };
+        drop(buf);
+        if k == 0 {
+            return Ok((id, n));
+        }
+        // Re-pin the whole prefix under one lock: the lease never lets go of
+        // the local part meanwhile.
+        let mut st = self.lock();
+        let Some(old) = st.leases.remove(&id) else {
+            return Ok((id, n)); // released by another thread meanwhile
+        };
+        let pins = Self::pin_prefix(&mut st, hashes);
+        Self::unpin_all(&mut st, &old);
+        let count = pins.len();
+        st.leases.insert(id, pins);
+        Ok((id, count))
+    }
+
+    /// Pin the longest stored prefix of `hashes` (the slot each block is
+    /// read from).
+    fn pin_prefix(st: &mut State, hashes: &[u64]) -> Vec<Pinned> {
         let n = st.prefix(hashes);
         let mut pins = Vec::with_capacity(n);
         for &h in &hashes[..n] {
@@ -925,11 +1057,7 @@ impl BlockManager {
                 slot,
             });
         }
-        let id = st.next_lease;
-        st.next_lease += 1;
-        st.leases.insert(id, pins);
-        st.stats.leases += 1;
-        Ok((id, n))
+        pins
     }
 
     fn unpin_all(st: &mut State, pins: &[Pinned]) {
@@ -1252,7 +1380,11 @@ impl BlockManager {
 
     /// Length of the longest stored prefix (changes no recency).
     pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
-        Ok(self.open_state()?.prefix(hashes))
+        let n = self.open_state()?.prefix(hashes);
+        Ok(match self.remote.get() {
+            Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..]),
+            _ => n,
+        })
     }
 
     /// Mark the stored blocks among `hashes` as the most recently used, in

@@ -52,6 +52,12 @@ create_exception!(
 );
 create_exception!(
     _core,
+    RemoteError,
+    DynblockError,
+    "The remote tier (Redis/Valkey) refused the connection or could not be reached at open."
+);
+create_exception!(
+    _core,
     ForkError,
     DynblockError,
     "A storage opened before fork() was used in the child process."
@@ -76,6 +82,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Pin(_) => PinError::new_err(msg),
         Error::Locked(_) => StoreLockedError::new_err(msg),
         Error::Forked(_) => ForkError::new_err(msg),
+        Error::Remote(_) => RemoteError::new_err(msg),
     }
 }
 
@@ -90,5 +97,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PinError", py.get_type::<PinError>())?;
     m.add("StoreLockedError", py.get_type::<StoreLockedError>())?;
     m.add("ForkError", py.get_type::<ForkError>())?;
+    m.add("RemoteError", py.get_type::<RemoteError>())?;
     Ok(())
 }

@@ -10,7 +10,9 @@ use super::buffers::{batch_call, hold_buffer, log_warnings, u64_list};
 use super::disk::PyDiskStorage;
 use super::errors::to_py;
 use super::host::PyHostStorage;
+use super::remote::PyRemoteTier;
 use crate::manager::{BlockManager, ManagerOptions};
+use crate::remote::RemoteWrite;
 
 /// The block manager over a host tier, a disk tier or both.
 #[pyclass(name = "BlockManager", module = "dynblock._core", frozen)]
@@ -103,11 +105,23 @@ impl PyBlockManager {
         self.transfer(py, hashes, dst, rows, false)
     }
 
+    /// Put a remote tier below the local ones; `write`: "async", "sync" or "off".
+    fn attach_remote(&self, remote: PyRef<'_, PyRemoteTier>, write: &str) -> PyResult<()> {
+        let w = RemoteWrite::parse(write).map_err(to_py)?;
+        self.inner
+            .attach_remote(remote.inner().clone(), w)
+            .map_err(to_py)
+    }
+
     /// Pin the longest stored prefix: (lease id, count).
     fn lookup(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<(u64, usize)> {
         let hs = u64_list(hashes, "hashes")?;
         let m = self.inner.clone();
-        py.detach(move || m.lookup(&hs)).map_err(to_py)
+        let r = py.detach(move || m.lookup(&hs)).map_err(to_py);
+        if self.inner.remote().is_some() {
+            self.flush_warnings(py)?;
+        }
+        r
     }
 
     /// Release a lease unread; False when it was already used or released.
@@ -140,7 +154,11 @@ impl PyBlockManager {
     fn match_prefix(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
         let hs = u64_list(hashes, "hashes")?;
         let m = self.inner.clone();
-        py.detach(move || m.match_prefix(&hs)).map_err(to_py)
+        let r = py.detach(move || m.match_prefix(&hs)).map_err(to_py);
+        if self.inner.remote().is_some() {
+            self.flush_warnings(py)?;
+        }
+        r
     }
 
     /// Mark stored blocks as the most recently used; returns how many were stored.
@@ -280,7 +298,11 @@ impl PyBlockManager {
     /// and waiting for it must not stop every Python thread.
     fn flush_warnings(&self, py: Python<'_>) -> PyResult<()> {
         let m = self.inner.clone();
-        let w = py.detach(move || m.take_warnings());
+        let (w, rw) = py.detach(move || {
+            let rw = m.remote().map(|r| r.take_warnings()).unwrap_or_default();
+            (m.take_warnings(), rw)
+        });
+        log_warnings(py, "dynblock.remote", rw)?;
         log_warnings(py, "dynblock.manager", w)
     }
 }

@@ -15,12 +15,14 @@ mod dlpack;
 mod errors;
 mod host;
 mod manager;
+mod remote;
 mod settings;
 
 use disk::PyDiskStorage;
 use errors::to_py;
 use host::{PyHostStorage, PyHostView};
 use manager::PyBlockManager;
+use remote::PyRemoteTier;
 
 /// Seconds a single thread takes to first-touch a fresh `nbytes` mapping
 /// (the bench's population baseline).
@@ -66,6 +68,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHostStorage>()?;
     m.add_class::<PyHostView>()?;
     m.add_class::<PyBlockManager>()?;
+    m.add_class::<PyRemoteTier>()?;
     m.add_function(wrap_pyfunction!(single_thread_touch_seconds, m)?)?;
     m.add_function(wrap_pyfunction!(memlock_limit, m)?)?;
     m.add_function(wrap_pyfunction!(has_capability, m)?)?;

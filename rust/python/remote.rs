@@ -1,0 +1,117 @@
+//! `dynblock._core.RemoteTier` (used through `dynblock.Config(remote=...)`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+use super::buffers::log_warnings;
+use super::errors::to_py;
+use crate::remote::{RemoteOptions, RemoteTier};
+
+/// A connection to a Redis/Valkey remote tier (see `rust/remote.rs`).
+#[pyclass(name = "RemoteTier", module = "dynblock._core", frozen)]
+pub struct PyRemoteTier {
+    inner: Arc<RemoteTier>,
+}
+
+impl PyRemoteTier {
+    pub fn inner(&self) -> &Arc<RemoteTier> {
+        &self.inner
+    }
+}
+
+#[pymethods]
+impl PyRemoteTier {
+    #[new]
+    #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
+                        timeout_ms=200, ca_file=None, layout=0, queue_bytes=256 << 20))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        url: String,
+        block_size: usize,
+        prefix: String,
+        ttl_s: Option<u64>,
+        timeout_ms: u64,
+        ca_file: Option<PathBuf>,
+        layout: u64,
+        queue_bytes: usize,
+    ) -> PyResult<Self> {
+        let opts = RemoteOptions {
+            url,
+            prefix,
+            ttl_s,
+            timeout_ms,
+            ca_file,
+            block_size,
+            layout,
+            queue_bytes,
+        };
+        let inner = py.detach(move || RemoteTier::open(opts)).map_err(to_py)?;
+        Ok(PyRemoteTier { inner })
+    }
+
+    /// The URL without its password.
+    #[getter]
+    fn url(&self) -> String {
+        self.inner.display_url().to_string()
+    }
+
+    #[getter]
+    fn cluster(&self) -> bool {
+        self.inner.is_cluster()
+    }
+
+    /// Whether the tier is marked down (skipped until its backoff ends).
+    #[getter]
+    fn down(&self) -> bool {
+        self.inner.is_down()
+    }
+
+    /// Blocks waiting in the background write queue.
+    #[getter]
+    fn queued(&self) -> usize {
+        self.inner.queued()
+    }
+
+    /// (name, value) counters: remote_hits, remote_misses, remote_errors,
+    /// remote_skipped, remote_corrupt, remote_stored.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.inner.stats;
+        vec![
+            ("remote_hits", s.hits.load(Relaxed)),
+            ("remote_misses", s.misses.load(Relaxed)),
+            ("remote_errors", s.errors.load(Relaxed)),
+            ("remote_skipped", s.skipped.load(Relaxed)),
+            ("remote_corrupt", s.corrupt.load(Relaxed)),
+            ("remote_stored", s.stored.load(Relaxed)),
+        ]
+    }
+
+    /// Wait for the background writes; False after `timeout_s`.
+    #[pyo3(signature = (timeout_s=60.0))]
+    fn flush(&self, py: Python<'_>, timeout_s: f64) -> bool {
+        let r = self.inner.clone();
+        py.detach(move || r.flush(Duration::from_secs_f64(timeout_s.max(0.0))))
+    }
+
+    /// Log the tier's pending warnings (state changes, corrupt values).
+    fn log_warnings(&self, py: Python<'_>) -> PyResult<()> {
+        let r = self.inner.clone();
+        let w = py.detach(move || r.take_warnings());
+        log_warnings(py, "dynblock.remote", w)
+    }
+
+    #[pyo3(signature = (timeout_s=10.0))]
+    fn close(&self, py: Python<'_>, timeout_s: f64) {
+        let r = self.inner.clone();
+        py.detach(move || r.close(Duration::from_secs_f64(timeout_s.max(0.0))))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("RemoteTier({:?})", self.inner.display_url())
+    }
+}

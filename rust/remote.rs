@@ -1,0 +1,845 @@
+//! The remote tier: KV blocks in Redis or Valkey (one server, or a cluster),
+//! below the host and disk tiers, shared by every process that names the
+//! same server, prefix and layout.
+//!
+//! - **Keys** `"{prefix}:{layout:016x}:{block_size}:{hash:016x}"`: two
+//!   models (layout fingerprints) or two block sizes never share a key. In a
+//!   cluster the keys spread over every master by their hash slot.
+//! - **Values**: a 32-byte header (magic `DYNR`, version, header length,
+//!   block size, CRC32C of the hash and the bytes, the hash, the layout)
+//!   then the block. A value that fails any check is a miss, counted
+//!   (`remote_corrupt`) and deleted, never served.
+//! - **Failure**: every connect, read and write gives up after
+//!   `timeout_ms`. An error marks the tier down for a backoff (250 ms,
+//!   doubling to 10 s) during which calls skip it at once (counted as
+//!   `remote_skipped` for writes); one warning per change of state.
+//! - **Secrets**: the password (from the URL) never appears in
+//!   [`RemoteTier::display_url`], counters, warnings or errors: every
+//!   message is scrubbed of it.
+//! - **Writes in the background**: [`RemoteTier::enqueue`] copies blocks
+//!   into a bounded queue (`queue_bytes`) drained by one writer thread in
+//!   pipelined batches; when the queue is full, blocks are skipped and
+//!   counted, and the caller never waits.
+//!
+//! `unsafe` here only reads and writes callers' blocks given as addresses
+//! (the manager checked them, as for the local tiers).
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::{Client, Connection, RedisResult};
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 4] = b"DYNR";
+const VERSION: u16 = 1;
+/// Bytes of the value header before the block.
+pub const HEADER: usize = 32;
+/// Commands per pipelined round trip.
+const PIPELINE: usize = 64;
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// How `put` reaches the remote tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteWrite {
+    /// Queued and written by a background thread; the caller never waits.
+    Async,
+    /// Written before `put` returns.
+    Sync,
+    /// Never written (the remote is read only).
+    Off,
+}
+
+impl RemoteWrite {
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "async" => Ok(RemoteWrite::Async),
+            "sync" => Ok(RemoteWrite::Sync),
+            "off" => Ok(RemoteWrite::Off),
+            other => Err(Error::InvalidArgument(format!(
+                "remote_write must be \"async\", \"sync\" or \"off\", got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// How to reach the remote and what to store there.
+#[derive(Clone, Debug)]
+pub struct RemoteOptions {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://...` (TLS),
+    /// `redis+cluster://[user:password@]host:port[,host:port...]` (or
+    /// `rediss+cluster://` for a TLS cluster).
+    pub url: String,
+    pub prefix: String,
+    /// Expiry of every stored value (None: none).
+    pub ttl_s: Option<u64>,
+    pub timeout_ms: u64,
+    /// PEM file of the CA that signed the server's certificate (TLS);
+    /// None: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    pub block_size: usize,
+    /// The layout fingerprint (0: none), part of every key and value.
+    pub layout: u64,
+    /// Bound of the background write queue, in bytes.
+    pub queue_bytes: usize,
+}
+
+enum Clients {
+    One(Client),
+    Cluster(ClusterClient),
+}
+
+enum Conn {
+    One(Connection),
+    Cluster(Box<ClusterConnection>),
+}
+
+#[derive(Default)]
+struct Health {
+    down: bool,
+    until: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Counters, as `stats()` shows them.
+#[derive(Default)]
+pub struct RemoteStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub errors: AtomicU64,
+    pub skipped: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub stored: AtomicU64,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(u64, Vec<u8>)>,
+    bytes: usize,
+    busy: bool,
+    stop: bool,
+}
+
+/// One remote store (see the module docs).
+pub struct RemoteTier {
+    clients: Clients,
+    pool: Mutex<Vec<Conn>>,
+    opts: RemoteOptions,
+    shown: String,
+    secret: Option<String>,
+    health: Mutex<Health>,
+    pub stats: RemoteStats,
+    warnings: Mutex<Vec<String>>,
+    queue: Mutex<Queue>,
+    queue_cv: Condvar,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+/// `url` parsed: (cluster, tls, user, password, hosts as `host:port`, db path).
+struct Parsed {
+    cluster: bool,
+    tls: bool,
+    user: Option<String>,
+    password: Option<String>,
+    hosts: Vec<String>,
+    tail: String,
+}
+
+fn parse_url(url: &str) -> Result<Parsed> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "remote must be redis://[user:password@]host:port[/db], rediss://... (TLS) or \
+             redis+cluster://host:port[,host:port...]; {why}"
+        ))
+    };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("no scheme"))?;
+    let (cluster, tls) = match scheme {
+        "redis" => (false, false),
+        "rediss" => (false, true),
+        "redis+cluster" => (true, false),
+        "rediss+cluster" => (true, true),
+        other => return Err(bad(&format!("the scheme is {other:?}"))),
+    };
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((a, r)) => (Some(a), r),
+        None => (None, rest),
+    };
+    let (user, password) = match auth {
+        None => (None, None),
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) => ((!u.is_empty()).then(|| u.to_string()), Some(p.to_string())),
+            None => (Some(a.to_string()), None),
+        },
+    };
+    let (hostpart, tail) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, String::new()),
+    };
+    let hosts: Vec<String> = hostpart
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(str::to_string)
+        .collect();
+    if hosts.is_empty() {
+        return Err(bad("no host"));
+    }
+    if !cluster && hosts.len() > 1 {
+        return Err(bad("several hosts need redis+cluster://"));
+    }
+    for h in &hosts {
+        let Some((host, port)) = h.rsplit_once(':') else {
+            return Err(bad(&format!("{h:?} has no port")));
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(bad(&format!("{h:?} is not host:port")));
+        }
+    }
+    Ok(Parsed {
+        cluster,
+        tls,
+        user,
+        password,
+        hosts,
+        tail,
+    })
+}
+
+/// `url` with its password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (auth, host) = rest.rsplit_once('@').expect("has @");
+            let user = auth.split_once(':').map_or(auth, |(u, _)| u);
+            if auth.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RemoteTier {
+    /// Connect (and check the connection with a PING): a wrong password, an
+    /// untrusted certificate or an unreachable server is an error here,
+    /// naming the URL without its password.
+    pub fn open(opts: RemoteOptions) -> Result<Arc<Self>> {
+        let p = parse_url(&opts.url)?;
+        let shown = redact(&opts.url);
+        let secret = p.password.clone().filter(|s| !s.is_empty());
+        let scrub = |e: &dyn std::fmt::Display| scrub(&e.to_string(), secret.as_deref());
+        let certs = match &opts.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "remote_ca_file {}: {e}; give the PEM file of the CA that signed the \
+                         server's certificate",
+                        path.display()
+                    ))
+                })?;
+                Some(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                })
+            }
+            None => None,
+        };
+        if certs.is_some() && !p.tls {
+            return Err(Error::InvalidArgument(format!(
+                "remote_ca_file is set but {shown} is not a TLS URL (rediss://)"
+            )));
+        }
+        install_crypto_provider();
+        let timeout = Duration::from_millis(opts.timeout_ms.max(1));
+        let scheme = if p.tls { "rediss" } else { "redis" };
+        let clients = if p.cluster {
+            let nodes: Vec<String> = p.hosts.iter().map(|h| format!("{scheme}://{h}")).collect();
+            let mut b = ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(1);
+            if let Some(u) = &p.user {
+                b = b.username(u);
+            }
+            if let Some(pw) = &p.password {
+                b = b.password(pw);
+            }
+            if let Some(c) = certs {
+                b = b.certs(c);
+            }
+            Clients::Cluster(
+                b.build()
+                    .map_err(|e| Error::Remote(format!("remote {shown}: {}", scrub(&e))))?,
+            )
+        } else {
+            let auth = match (&p.user, &p.password) {
+                (Some(u), Some(pw)) => format!("{u}:{pw}@"),
+                (None, Some(pw)) => format!(":{pw}@"),
+                (Some(u), None) => format!("{u}@"),
+                (None, None) => String::new(),
+            };
+            let url = format!("{scheme}://{auth}{}{}", p.hosts[0], p.tail);
+            let c = match certs {
+                Some(c) => Client::build_with_tls(url.as_str(), c),
+                None => Client::open(url.as_str()),
+            }
+            .map_err(|e| Error::Remote(format!("remote {shown}: {}", scrub(&e))))?;
+            Clients::One(c)
+        };
+        let tier = Arc::new(RemoteTier {
+            clients,
+            pool: Mutex::new(Vec::new()),
+            opts,
+            shown,
+            secret,
+            health: Mutex::new(Health::default()),
+            stats: RemoteStats::default(),
+            warnings: Mutex::new(Vec::new()),
+            queue: Mutex::new(Queue::default()),
+            queue_cv: Condvar::new(),
+            writer: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        // Check now: a wrong password or CA is a clear error at open.
+        let mut conn = tier
+            .connect()
+            .map_err(|e| Error::Remote(format!("remote {}: {}", tier.shown, tier.scrub(&e))))?;
+        let pong: RedisResult<String> = match &mut conn {
+            Conn::One(c) => redis::cmd("PING").query(c),
+            Conn::Cluster(c) => redis::cmd("PING").query(c.as_mut()),
+        };
+        pong.map_err(|e| Error::Remote(format!("remote {}: {}", tier.shown, tier.scrub(&e))))?;
+        tier.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        let weak = Arc::downgrade(&tier);
+        let h = std::thread::Builder::new()
+            .name("dynblock-remote".into())
+            .spawn(move || writer_loop(weak))
+            .map_err(|e| Error::Remote(format!("cannot start the remote writer thread: {e}")))?;
+        *tier.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        Ok(tier)
+    }
+
+    /// The URL without its password.
+    pub fn display_url(&self) -> &str {
+        &self.shown
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.clients, Clients::Cluster(_))
+    }
+
+    /// Whether the tier is marked down (calls skip it until the backoff ends).
+    pub fn is_down(&self) -> bool {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).down
+    }
+
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn scrub(&self, e: &dyn std::fmt::Display) -> String {
+        scrub(&e.to_string(), self.secret.as_deref())
+    }
+
+    fn key(&self, h: u64) -> String {
+        format!(
+            "{}:{:016x}:{}:{h:016x}",
+            self.opts.prefix, self.opts.layout, self.opts.block_size
+        )
+    }
+
+    fn connect(&self) -> RedisResult<Conn> {
+        let timeout = Duration::from_millis(self.opts.timeout_ms.max(1));
+        match &self.clients {
+            Clients::One(c) => {
+                let conn = c.get_connection_with_timeout(timeout)?;
+                conn.set_read_timeout(Some(timeout))?;
+                conn.set_write_timeout(Some(timeout))?;
+                Ok(Conn::One(conn))
+            }
+            Clients::Cluster(c) => Ok(Conn::Cluster(Box::new(c.get_connection()?))),
+        }
+    }
+
+    /// Run `f` on a pooled connection; `None` when the tier is down (or
+    /// went down on this call: the error is counted and logged once).
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
+        {
+            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            if h.down && h.until.is_some_and(|u| Instant::now() < u) {
+                return None;
+            }
+        }
+        let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => match self.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    self.went_down(&e);
+                    return None;
+                }
+            },
+        };
+        match f(&mut conn) {
+            Ok(v) => {
+                self.pool
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(conn);
+                self.came_up();
+                Some(v)
+            }
+            Err(e) => {
+                // The connection may hold a late answer: never reuse it.
+                drop(conn);
+                self.went_down(&e);
+                None
+            }
+        }
+    }
+
+    fn went_down(&self, e: &dyn std::fmt::Display) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.backoff = if h.down {
+            (h.backoff * 2).min(BACKOFF_MAX)
+        } else {
+            BACKOFF_MIN
+        };
+        h.until = Some(Instant::now() + h.backoff);
+        if !h.down {
+            h.down = true;
+            self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "remote tier {} is unavailable ({}): the local tiers keep serving; \
+                     retrying with backoff",
+                    self.shown,
+                    self.scrub(e)
+                ));
+        }
+    }
+
+    fn came_up(&self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.down {
+            *h = Health::default();
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("remote tier {} is reachable again", self.shown));
+        }
+    }
+
+    fn encode(&self, h: u64, block: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(HEADER + block.len());
+        v.extend_from_slice(MAGIC);
+        v.extend_from_slice(&VERSION.to_le_bytes());
+        v.extend_from_slice(&(HEADER as u16).to_le_bytes());
+        v.extend_from_slice(&(self.opts.block_size as u32).to_le_bytes());
+        v.extend_from_slice(&crc(h, block).to_le_bytes());
+        v.extend_from_slice(&h.to_le_bytes());
+        v.extend_from_slice(&self.opts.layout.to_le_bytes());
+        v.extend_from_slice(block);
+        v
+    }
+
+    /// The block in a value, if every check passes.
+    fn decode<'a>(&self, h: u64, v: &'a [u8]) -> Option<&'a [u8]> {
+        let bs = self.opts.block_size;
+        if v.len() != HEADER + bs || &v[..4] != MAGIC {
+            return None;
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([v[i], v[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes(v[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+        let block = &v[HEADER..];
+        (u16_at(4) == VERSION
+            && u16_at(6) as usize == HEADER
+            && u32_at(8) as usize == bs
+            && u64_at(16) == h
+            && u64_at(24) == self.opts.layout
+            && u32_at(12) == crc(h, block))
+        .then_some(block)
+    }
+
+    /// Length of the longest prefix of `hashes` the remote holds (one
+    /// pipelined round trip per 64 hashes, stopping at the first miss).
+    pub fn count_prefix(&self, hashes: &[u64]) -> usize {
+        let mut n = 0;
+        for chunk in hashes.chunks(PIPELINE) {
+            let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+            let Some(found) = self.with_conn(|c| exists(c, &keys)) else {
+                return n;
+            };
+            let k = found.iter().take_while(|&&x| x).count();
+            n += k;
+            if k < chunk.len() {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Fetch the longest prefix of `hashes` the remote holds, verified,
+    /// block `i` into `dst[i]` (each `block_size` bytes); returns its
+    /// length. A value that fails verification ends the prefix, is counted
+    /// and deleted.
+    ///
+    /// # Safety
+    /// Every `dst[i]` is valid for writes of `block_size` bytes, distinct,
+    /// and untouched by others for the whole call.
+    pub unsafe fn fetch(&self, hashes: &[u64], dst: &[usize]) -> usize {
+        let bs = self.opts.block_size;
+        let mut n = 0;
+        'chunks: for (ci, chunk) in hashes.chunks(PIPELINE).enumerate() {
+            let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+            let Some(values) = self.with_conn(|c| get_many(c, &keys)) else {
+                break;
+            };
+            for (j, v) in values.iter().enumerate() {
+                let h = chunk[j];
+                let Some(v) = v else {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                    break 'chunks;
+                };
+                let Some(block) = self.decode(h, v) else {
+                    self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                    self.warnings
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(format!(
+                            "remote block {h:#018x} at {} failed verification (wrong size, \
+                             header or checksum); deleted and counted as a miss",
+                            self.shown
+                        ));
+                    let key = keys[j].clone();
+                    self.with_conn(|c| del(c, &key));
+                    break 'chunks;
+                };
+                // SAFETY: the caller guarantees dst[ci * PIPELINE + j] is
+                // valid for writes of block_size bytes; `block` is bs bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        block.as_ptr(),
+                        dst[ci * PIPELINE + j] as *mut u8,
+                        bs,
+                    )
+                };
+                self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Store blocks now (`remote_write="sync"`), in pipelined batches;
+    /// returns how many were stored (0 when the remote is down).
+    ///
+    /// # Safety
+    /// Every `src[i]` is valid for reads of `block_size` bytes.
+    pub unsafe fn store(&self, hashes: &[u64], src: &[usize]) -> usize {
+        let bs = self.opts.block_size;
+        let items: Vec<(u64, Vec<u8>)> = hashes
+            .iter()
+            .zip(src)
+            .map(|(&h, &a)| {
+                // SAFETY: forwarded from the caller.
+                let block = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
+                (h, self.encode(h, block))
+            })
+            .collect();
+        self.store_encoded(&items)
+    }
+
+    fn store_encoded(&self, items: &[(u64, Vec<u8>)]) -> usize {
+        let mut n = 0;
+        for chunk in items.chunks(PIPELINE) {
+            let pairs: Vec<(String, &[u8])> =
+                chunk.iter().map(|(h, v)| (self.key(*h), &v[..])).collect();
+            let ttl = self.opts.ttl_s;
+            if self.with_conn(|c| set_many(c, &pairs, ttl)).is_none() {
+                // Down (or went down now): the rest of the batch is skipped.
+                self.stats
+                    .skipped
+                    .fetch_add((items.len() - n) as u64, Ordering::Relaxed);
+                break;
+            }
+            n += chunk.len();
+        }
+        self.stats.stored.fetch_add(n as u64, Ordering::Relaxed);
+        n
+    }
+
+    /// Queue blocks for the background writer (copies their bytes); blocks
+    /// that do not fit the queue, or arrive while the tier is down, are
+    /// skipped and counted. Never waits for the network.
+    ///
+    /// # Safety
+    /// Every `src[i]` is valid for reads of `block_size` bytes.
+    pub unsafe fn enqueue(&self, hashes: &[u64], src: &[usize]) -> usize {
+        let bs = self.opts.block_size;
+        if self.is_down_now() {
+            self.stats
+                .skipped
+                .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+            return 0;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queued = 0;
+        for (&h, &a) in hashes.iter().zip(src) {
+            if q.bytes + HEADER + bs > self.opts.queue_bytes.max(HEADER + bs) {
+                self.stats
+                    .skipped
+                    .fetch_add((hashes.len() - queued) as u64, Ordering::Relaxed);
+                break;
+            }
+            // SAFETY: forwarded from the caller.
+            let block = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
+            let v = self.encode(h, block);
+            q.bytes += v.len();
+            q.items.push_back((h, v));
+            queued += 1;
+        }
+        drop(q);
+        self.queue_cv.notify_all();
+        queued
+    }
+
+    fn is_down_now(&self) -> bool {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.down && h.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Wait until the background queue is written (or given up on); false
+    /// after `timeout`.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        while !q.items.is_empty() || q.busy {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self
+                .queue_cv
+                .wait_timeout(q, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Blocks waiting in the background queue.
+    pub fn queued(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .items
+            .len()
+    }
+
+    /// Write what is queued (for up to `timeout`), stop the writer, drop
+    /// the connections.
+    pub fn close(&self, timeout: Duration) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.flush(timeout);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            q.stop = true;
+            let dropped = q.items.len() as u64;
+            self.stats.skipped.fetch_add(dropped, Ordering::Relaxed);
+            q.items.clear();
+            q.bytes = 0;
+        }
+        self.queue_cv.notify_all();
+        let h = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl Drop for RemoteTier {
+    fn drop(&mut self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.stop = true;
+        drop(q);
+        self.queue_cv.notify_all();
+    }
+}
+
+fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
+    loop {
+        let Some(t) = weak.upgrade() else { return };
+        let batch: Vec<(u64, Vec<u8>)> = {
+            let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.stop {
+                return;
+            }
+            if q.items.is_empty() {
+                q.busy = false;
+                t.queue_cv.notify_all();
+                let (g, _) = t
+                    .queue_cv
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .unwrap_or_else(|p| p.into_inner());
+                drop(g);
+                continue;
+            }
+            let n = q.items.len().min(PIPELINE);
+            let batch: Vec<_> = q.items.drain(..n).collect();
+            q.bytes -= batch.iter().map(|(_, v)| v.len()).sum::<usize>();
+            q.busy = true;
+            batch
+        };
+        t.store_encoded(&batch);
+        let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.busy = false;
+        drop(q);
+        t.queue_cv.notify_all();
+    }
+}
+
+fn crc(h: u64, block: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&h.to_le_bytes()), block)
+}
+
+fn scrub(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(s) if !s.is_empty() => text.replace(s, "***"),
+        _ => text.to_string(),
+    }
+}
+
+fn install_crypto_provider() {
+    // rustls needs one process-wide provider; another library may have
+    // installed one already, which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn exists(c: &mut Conn, keys: &[String]) -> RedisResult<Vec<bool>> {
+    match c {
+        Conn::One(c) => {
+            let mut p = redis::pipe();
+            for k in keys {
+                p.exists(k);
+            }
+            p.query(c)
+        }
+        Conn::Cluster(c) => {
+            let mut p = redis::cluster::cluster_pipe();
+            for k in keys {
+                p.exists(k);
+            }
+            p.query(c.as_mut())
+        }
+    }
+}
+
+fn get_many(c: &mut Conn, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
+    match c {
+        Conn::One(c) => {
+            let mut p = redis::pipe();
+            for k in keys {
+                p.get(k);
+            }
+            p.query(c)
+        }
+        Conn::Cluster(c) => {
+            let mut p = redis::cluster::cluster_pipe();
+            for k in keys {
+                p.get(k);
+            }
+            p.query(c.as_mut())
+        }
+    }
+}
+
+fn set_many(c: &mut Conn, pairs: &[(String, &[u8])], ttl: Option<u64>) -> RedisResult<()> {
+    macro_rules! fill {
+        ($p:expr) => {{
+            for (k, v) in pairs {
+                match ttl {
+                    Some(s) => {
+                        $p.set_ex(k, *v, s).ignore();
+                    }
+                    None => {
+                        $p.set(k, *v).ignore();
+                    }
+                }
+            }
+        }};
+    }
+    match c {
+        Conn::One(c) => {
+            let mut p = redis::pipe();
+            fill!(p);
+            p.query(c)
+        }
+        Conn::Cluster(c) => {
+            let mut p = redis::cluster::cluster_pipe();
+            fill!(p);
+            p.query(c.as_mut())
+        }
+    }
+}
+
+fn del(c: &mut Conn, key: &str) -> RedisResult<()> {
+    match c {
+        Conn::One(c) => redis::cmd("DEL").arg(key).query(c),
+        Conn::Cluster(c) => redis::cmd("DEL").arg(key).query(c.as_mut()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_redact() {
+        let p = parse_url("redis://alice:s3cret@127.0.0.1:6379/2").unwrap();
+        assert!(!p.cluster && !p.tls);
+        assert_eq!(p.user.as_deref(), Some("alice"));
+        assert_eq!(p.password.as_deref(), Some("s3cret"));
+        assert_eq!(p.hosts, vec!["127.0.0.1:6379"]);
+        assert_eq!(p.tail, "/2");
+        let c = parse_url("redis+cluster://h1:7000,h2:7001").unwrap();
+        assert!(c.cluster && c.hosts.len() == 2);
+        assert!(parse_url("rediss://:pw@h:1").unwrap().tls);
+        for bad in [
+            "http://h:1",
+            "redis://",
+            "redis://h",
+            "redis://h:x",
+            "redis://a:1,b:2",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            redact("redis://alice:s3cret@h:1/0"),
+            "redis://alice:***@h:1/0"
+        );
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(scrub("bad s3cret here", Some("s3cret")), "bad *** here");
+    }
+}

@@ -1,0 +1,468 @@
+"""The remote tier against real Redis servers started here on loopback ports (no mocks):
+standalone, with an ACL user and password, with TLS (a CA made in the test), and a
+3-master cluster made with `redis-cli --cluster create`. Skips, saying why, without
+redis-server (`.ci/run` installs Debian's)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dynblock import BlockManager, Config, RemoteError
+
+BS = 4096
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (apt-get install redis-server redis-tools)")
+    return path
+
+
+def _free_port() -> int:
+    # At most 55535: a cluster node also listens on its port + 10000.
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port <= 55535:
+            return port
+    raise RuntimeError("no free loopback port at or below 55535")
+
+
+class Server:
+    """One redis-server process on 127.0.0.1, in its own directory."""
+
+    def __init__(self, directory: Path, extra: List[str], port: Optional[int] = None,
+                 tls: bool = False) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.extra = extra
+        self.tls = tls
+        self.proc: Optional[subprocess.Popen] = None
+        self.start()
+
+    def start(self) -> None:
+        port_args = (["--port", "0", "--tls-port", str(self.port)] if self.tls
+                     else ["--port", str(self.port)])
+        self.proc = subprocess.Popen(
+            [_need("redis-server"), *port_args, "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra],
+            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.dir / 'log').read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start listening")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def cli(self, *args: str, user: Optional[str] = None, password: Optional[str] = None) -> str:
+        cmd = [_need("redis-cli"), "-p", str(self.port)]
+        if user:
+            cmd += ["--user", user]
+        if password:
+            cmd += ["--pass", password, "--no-auth-warning"]
+        r = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path / "redis", [])
+    yield s
+    s.stop()
+
+
+def manager(url: str, host_blocks: int = 64, **kw) -> BlockManager:
+    kw.setdefault("remote_timeout_ms", 500)
+    return BlockManager(Config(block_size=BS, host_blocks=host_blocks, numa_node=None, pin=False,
+                               remote=url, **kw))
+
+
+def blocks(hs) -> np.ndarray:
+    return np.concatenate([np.full(BS, h % 251, np.uint8) ^ np.arange(BS, dtype=np.uint8)
+                           for h in hs]) if len(hs) else np.zeros(0, np.uint8)
+
+
+# --- a second process ---------------------------------------------------------------------
+
+_READER = textwrap.dedent("""
+    import sys, json, numpy as np
+    from dynblock import BlockManager, Config
+    url, n, bs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    m = BlockManager(Config(block_size=bs, host_blocks=n, numa_node=None, pin=False, remote=url,
+                            remote_timeout_ms=2000))
+    assert len(m) == 0  # empty local tiers: whatever comes back comes from the remote
+    out = np.zeros(n * bs, np.uint8)
+    got = m.get(list(range(1000, 1000 + n)), out)
+    s = m.stats()
+    print(json.dumps({"got": got, "digest": out.tobytes().hex()[:0] or int(out.sum()),
+                      "same": None, "hits": s["remote_hits"], "local": len(m)}))
+    np.save(sys.argv[4], out)
+    m.close()
+""")
+
+
+def read_in_another_process(url: str, n: int, tmp_path: Path) -> "tuple[dict, np.ndarray]":
+    import json
+
+    out = tmp_path / "out.npy"
+    r = subprocess.run([sys.executable, "-c", _READER, url, str(n), str(BS), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), np.load(out)
+
+
+def test_blocks_put_by_one_process_come_back_in_another(redis: Server, tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = list(range(1000, 1040))
+    with manager(url) as a:
+        assert a.put(hs, blocks(hs)) == 40
+        a.flush()  # the background writes are done
+        s = a.stats()
+        assert s["remote_stored"] == 40 and s["remote"]["url"] == url
+    info, out = read_in_another_process(url, 40, tmp_path)
+    assert info["got"] == 40 and info["hits"] == 40 and info["local"] == 40  # promoted locally
+    assert np.array_equal(out, blocks(hs))
+
+
+def test_match_lookup_and_get_continue_past_the_local_tiers(redis: Server) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = list(range(10))
+    with manager(url) as a:
+        a.put(hs, blocks(hs))
+        a.flush()
+    with manager(url, host_blocks=16) as b:
+        b.put(hs[:3], blocks(hs[:3]))  # the local tiers hold a prefix
+        assert b.match(hs + [99]) == 10  # local 3, then one round trip for the rest
+        lease = b.lookup(hs)
+        assert lease.count == 10  # fetched, kept locally, leased
+        out = np.zeros(10 * BS, np.uint8)
+        assert b.get(lease, out) == 10 and np.array_equal(out, blocks(hs))
+        # a hole in the remote ends the prefix
+        redis.cli("DEL", f"dynblock:{0:016x}:{BS}:{5:016x}")
+        with manager(url, host_blocks=16) as c:
+            out = np.zeros(10 * BS, np.uint8)
+            assert c.get(hs, out) == 5 and np.array_equal(out[:5 * BS], blocks(hs[:5]))
+            assert c.stats()["remote_misses"] == 1
+
+
+def test_keys_carry_prefix_layout_and_block_size(redis: Server) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    with manager(url, remote_prefix="svcA") as a:
+        a.put([7], blocks([7]))
+        a.flush()
+    assert redis.cli("EXISTS", f"svcA:{0:016x}:{BS}:{7:016x}") == "1"
+    # another prefix, another block size: never the same keys
+    with manager(url, remote_prefix="svcB") as b:
+        assert b.match([7]) == 0
+    with BlockManager(Config(block_size=2 * BS, host_blocks=4, numa_node=None, pin=False,
+                             remote=url, remote_prefix="svcA")) as c:
+        assert c.match([7]) == 0
+
+
+def test_a_corrupt_value_is_detected_counted_deleted_never_served(redis: Server,
+                                                                  caplog) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = [1, 2, 3]
+    with manager(url) as a:
+        a.put(hs, blocks(hs))
+        a.flush()
+    key = f"dynblock:{0:016x}:{BS}:{2:016x}"
+    redis.cli("SET", key, "garbage")
+    with caplog.at_level(logging.WARNING, logger="dynblock"):
+        with manager(url) as b:
+            out = np.zeros(3 * BS, np.uint8)
+            assert b.get(hs, out) == 1  # block 2 is not served, nor anything after it
+            assert np.array_equal(out[:BS], blocks([1]))
+            assert b.stats()["remote_corrupt"] == 1
+    assert redis.cli("EXISTS", key) == "0"  # deleted
+    assert any("failed verification" in r.getMessage() for r in caplog.records)
+    # a value of the right size with one flipped byte fails its checksum too
+    with manager(url) as a:
+        a.put([2], blocks([2]))
+        a.flush()
+    raw = subprocess.run([_need("redis-cli"), "-p", str(redis.port), "--no-raw", "GETRANGE", key,
+                          "40", "40"], capture_output=True, text=True).stdout
+    assert raw  # the value exists again
+    redis.cli("SETRANGE", key, "40", "\x01" if raw.strip() != '"\\x01"' else "\x02")
+    with manager(url) as b:
+        assert b.get([2], np.zeros(BS, np.uint8)) == 0
+        assert b.stats()["remote_corrupt"] == 1
+
+
+def test_remote_write_modes(redis: Server) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    with manager(url, remote_write="sync") as a:
+        a.put([1, 2], blocks([1, 2]))
+        assert redis.cli("DBSIZE") == "2"  # written before put returned
+        a.put([1, 3], blocks([1, 3]))  # only the new block goes out
+        assert a.stats()["remote_stored"] == 3
+    with manager(url, remote_write="off") as b:
+        b.put([9], blocks([9]))
+        b.flush()
+        assert redis.cli("DBSIZE") == "3" and b.match([1, 2, 3]) == 3  # still reads
+    with manager(url, remote_ttl_s=100, remote_write="sync") as c:
+        c.put([20], blocks([20]))
+    ttl = int(redis.cli("TTL", f"dynblock:{0:016x}:{BS}:{20:016x}"))
+    assert 0 < ttl <= 100
+
+
+def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
+        tmp_path: Path, caplog) -> None:
+    srv = Server(tmp_path / "r", [])
+    url = f"redis://127.0.0.1:{srv.port}"
+    try:
+        with caplog.at_level(logging.WARNING, logger="dynblock"):
+            m = manager(url, host_blocks=4096, remote_write="sync", remote_timeout_ms=300)
+            hs = list(range(3000))  # 12 MiB in 47 pipelined round trips: the kill lands mid-batch
+            done = threading.Event()
+            result: Dict[str, int] = {}
+
+            def big_put() -> None:
+                result["n"] = m.put(hs, blocks(hs))
+                done.set()
+
+            th = threading.Thread(target=big_put)
+            th.start()
+            while srv.cli("DBSIZE") == "0" and not done.is_set():
+                pass  # until the first of the batch's 47 round trips landed
+            srv.kill()  # SIGKILL in the middle of the batch
+            assert done.wait(30), "put did not return after the server died"
+            th.join()
+            assert result["n"] == 3000  # the local tiers took every block
+            out = np.zeros(3000 * BS, np.uint8)
+            assert m.get(hs, out) == 3000 and np.array_equal(out, blocks(hs))
+            s = m.stats()
+            # what went out before the kill, and what was skipped after it, make the batch
+            assert s["remote_stored"] + s["remote_skipped"] == 3000 and s["remote_skipped"] > 0
+            assert m.match([5000]) == 0  # a miss costs no hang
+            m.put([5001], blocks([5001]))  # nor does a put
+            s = m.stats()
+            assert s["remote_errors"] >= 1 and s["remote"]["down"]
+            # the server comes back on the same port: the tier reconnects by itself
+            srv.start()
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                m.put([6000 + int(time.time() * 1000) % 100000], blocks([1]))
+                if not m.stats()["remote"]["down"] and int(srv.cli("DBSIZE")) > 0:
+                    break
+                time.sleep(0.2)
+            assert not m.stats()["remote"]["down"] and int(srv.cli("DBSIZE")) > 0
+            m.close()
+        msgs = [r.getMessage() for r in caplog.records if "remote tier" in r.getMessage()]
+        assert sum("unavailable" in x for x in msgs) == 1  # one line per change, not per call
+        assert sum("reachable again" in x for x in msgs) == 1
+    finally:
+        srv.stop()
+
+
+def test_wrong_password_and_bad_urls_fail_at_open_without_the_password(tmp_path: Path,
+                                                                        caplog) -> None:
+    conf = tmp_path / "acl.conf"
+    conf.write_text("user default off\nuser alice on >s3cret-pw ~* &* +@all\n")
+    srv = Server(tmp_path / "acl", ["--aclfile", str(conf)])
+    try:
+        good = f"redis://alice:s3cret-pw@127.0.0.1:{srv.port}"
+        with caplog.at_level(logging.DEBUG, logger="dynblock"):
+            with manager(good) as m:
+                m.put([1], blocks([1]))
+                m.flush()
+                s = m.stats()
+                assert "s3cret-pw" not in repr(s) and s["remote"]["url"].endswith(
+                    f"alice:***@127.0.0.1:{srv.port}")
+                assert "s3cret-pw" not in repr(m.config) and "s3cret-pw" not in repr(m)
+        assert srv.cli("DBSIZE", user="alice", password="s3cret-pw") == "1"
+        with pytest.raises(RemoteError) as e:
+            manager(f"redis://alice:wrong-pw@127.0.0.1:{srv.port}")
+        msg = str(e.value)
+        assert "wrong-pw" not in msg and f"alice:***@127.0.0.1:{srv.port}" in msg
+        with pytest.raises(RemoteError):
+            manager(f"redis://127.0.0.1:{srv.port}")  # no credentials: default user is off
+        assert not any("s3cret-pw" in r.getMessage() or "wrong-pw" in r.getMessage()
+                       for r in caplog.records)
+    finally:
+        srv.stop()
+    with pytest.raises(ValueError, match=r"remote must be a redis://.*got 'http://u:\*\*\*@h:1'"):
+        Config(block_size=BS, host_blocks=1, remote="http://u:pw@h:1")
+    with pytest.raises(RemoteError, match="127.0.0.1:1"):
+        manager("redis://127.0.0.1:1")  # nothing listens there
+    with pytest.raises(ValueError, match="remote_write"):
+        Config(block_size=BS, host_blocks=1, remote="redis://h:1", remote_write="later")
+
+
+def _make_ca(d: Path) -> "tuple[Path, Path, Path, Path]":
+    _need("openssl")
+    d.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt"))
+
+    def run(*a: str) -> None:
+        r = subprocess.run(["openssl", *a], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=dynblock test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+        "-subj", "/CN=localhost")
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    other = d / "other"
+    other.mkdir()
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(other / "k"),
+        "-out", str(other / "ca.crt"), "-days", "2", "-subj", "/CN=another CA")
+    return ca, crt, key, other / "ca.crt"
+
+
+def test_tls_with_a_ca_file_and_a_wrong_ca(tmp_path: Path) -> None:
+    ca, crt, key, wrong_ca = _make_ca(tmp_path / "pki")
+    srv = Server(tmp_path / "tls", ["--tls-cert-file", str(crt), "--tls-key-file", str(key),
+                                    "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
+                 tls=True)
+    try:
+        url = f"rediss://127.0.0.1:{srv.port}"
+        hs = list(range(8))
+        with manager(url, remote_ca_file=str(ca)) as a:
+            a.put(hs, blocks(hs))
+            a.flush()
+            assert a.stats()["remote_stored"] == 8
+        with manager(url, remote_ca_file=str(ca)) as b:
+            out = np.zeros(8 * BS, np.uint8)
+            assert b.get(hs, out) == 8 and np.array_equal(out, blocks(hs))
+        with pytest.raises(RemoteError, match=f"rediss://127.0.0.1:{srv.port}"):
+            manager(url, remote_ca_file=str(wrong_ca))  # certificate not trusted
+        with pytest.raises(RemoteError):
+            manager(url)  # the system roots do not know the test CA either
+        with pytest.raises(ValueError, match="not a TLS URL"):
+            manager(f"redis://127.0.0.1:{srv.port}", remote_ca_file=str(ca))
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[List[Server]]:
+    _need("redis-cli")
+    nodes = [Server(tmp_path / f"c{i}", ["--cluster-enabled", "yes", "--cluster-config-file",
+                                         "nodes.conf", "--cluster-node-timeout", "2000"])
+             for i in range(3)]
+    try:
+        r = subprocess.run([_need("redis-cli"), "--cluster", "create",
+                            *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", "0",
+                            "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            pytest.skip(f"redis-cli --cluster create failed here: {r.stdout[-500:]} {r.stderr[-500:]}")
+        deadline = time.time() + 30
+        while "cluster_state:ok" not in nodes[0].cli("CLUSTER", "INFO"):
+            assert time.time() < deadline, "the cluster never became ok"
+            time.sleep(0.2)
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_cluster_spreads_keys_over_every_master_and_serves_another_process(
+        cluster: List[Server], tmp_path: Path) -> None:
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster[:2])
+    hs = list(range(1000, 1060))
+    with manager(url, remote_timeout_ms=2000) as a:
+        assert a.stats()["remote"]["cluster"]
+        a.put(hs, blocks(hs))
+        a.flush()
+        assert a.stats()["remote_stored"] == 60
+    sizes = [int(n.cli("DBSIZE")) for n in cluster]
+    assert sum(sizes) == 60 and all(s > 0 for s in sizes), sizes
+    info, out = read_in_another_process(url, 60, tmp_path)
+    assert info["got"] == 60 and np.array_equal(out, blocks(hs))
+
+
+# --- the block-manager model with a remote that may lose entries -------------------------
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = Server(tmp_path_factory.mktemp("redis-model"), [])
+    yield s
+    s.stop()
+
+
+ops = st.lists(st.tuples(st.sampled_from(["put", "get", "match", "lose", "new_process"]),
+                         st.lists(st.integers(0, 11), min_size=1, max_size=6)),
+               min_size=1, max_size=12)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(ops=ops)
+def test_model_remote_as_an_unbounded_tier_that_loses_entries(shared_redis: Server, ops) -> None:
+    # Model: the remote holds every block ever put (sync) unless lost; a manager's answer to
+    # get/match is its local prefix continued by the remote's. Served bytes are always right,
+    # and never less than the local prefix.
+    shared_redis.cli("FLUSHALL")
+    url = f"redis://127.0.0.1:{shared_redis.port}"
+    remote: set = set()
+    m = manager(url, host_blocks=3, remote_write="sync")
+    try:
+        for op, hs in ops:
+            if op == "put":
+                before = {h for h in hs if h in m}
+                m.put(hs, blocks(hs))
+                remote |= set(hs) - before  # only blocks new to this manager go out
+            elif op == "lose":
+                for h in hs:
+                    shared_redis.cli("DEL", f"dynblock:{0:016x}:{BS}:{h:016x}")
+                remote -= set(hs)
+            elif op == "new_process":
+                m.close()
+                m = manager(url, host_blocks=3, remote_write="sync")
+            else:
+                # the local prefix, then the remote's continuation of it
+                k = 0
+                while k < len(hs) and hs[k] in m:
+                    k += 1
+                while k < len(hs) and hs[k] in remote:
+                    k += 1
+                if op == "match":
+                    assert m.match(hs) == k
+                else:
+                    out = np.zeros(len(hs) * BS, np.uint8)
+                    n = m.get(hs, out)
+                    assert n == k, (hs, sorted(remote))
+                    assert np.array_equal(out[:n * BS], blocks(hs[:n]))
+    finally:
+        m.close()
