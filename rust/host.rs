@@ -152,6 +152,7 @@ pub struct HostStorage {
     huge_pages: bool,
     populate_threads: usize,
     copy_threads: usize,
+    worker_nice: u32,
     pool: RwLock<Option<rayon::ThreadPool>>,
     fork: crate::process::ForkGuard,
     warnings: Mutex<Vec<String>>,
@@ -167,6 +168,11 @@ fn thp_available(sysfs: &std::path::Path) -> bool {
 }
 
 impl HostStorage {
+    /// Nice value of the copy threads.
+    pub fn worker_nice(&self) -> u32 {
+        self.worker_nice
+    }
+
     pub fn new(num_blocks: u64, block_size: usize, opts: &HostOptions) -> Result<Self> {
         crate::settings::check_int("alignment", opts.alignment as u64)?;
         crate::settings::check_usize("populate_threads", opts.populate_threads)?;
@@ -320,6 +326,7 @@ impl HostStorage {
             huge_pages: use_huge,
             populate_threads: threads,
             copy_threads,
+            worker_nice: opts.worker_nice,
             pool: RwLock::new(io::pool(copy_threads, "dynblock-copy", opts.worker_nice)),
             fork: crate::process::ForkGuard::new("HostStorage"),
             warnings: Mutex::new(warnings),

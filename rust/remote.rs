@@ -42,6 +42,8 @@ const VERSION: u16 = 1;
 pub const HEADER: usize = 32;
 /// Commands per pipelined round trip.
 const PIPELINE: usize = 64;
+/// Connections one fetch uses at once.
+const FETCH_THREADS: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -120,10 +122,18 @@ pub struct RemoteStats {
 
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<(u64, Vec<u8>)>,
-    bytes: usize,
+    /// Hashes to send; the writer reads their bytes from the local tiers.
+    items: VecDeque<u64>,
     busy: bool,
     stop: bool,
+}
+
+/// Where the background writer reads the bytes of the blocks it sends: the
+/// local tiers of the manager the remote belongs to.
+pub trait LocalSource: Send + Sync {
+    /// Copy block `h` into `dst` (block_size bytes) when the local tiers
+    /// hold it, changing nothing else (no recency, no promotion).
+    fn read_local(&self, h: u64, dst: &mut [u8]) -> bool;
 }
 
 /// One remote store (see the module docs).
@@ -140,6 +150,8 @@ pub struct RemoteTier {
     queue_cv: Condvar,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     closed: AtomicBool,
+    source: std::sync::OnceLock<std::sync::Weak<dyn LocalSource>>,
+    writer_nice: std::sync::atomic::AtomicU32,
 }
 
 /// `url` parsed: (cluster, tls, user, password, hosts as `host:port`, db path).
@@ -307,6 +319,8 @@ impl RemoteTier {
             queue_cv: Condvar::new(),
             writer: Mutex::new(None),
             closed: AtomicBool::new(false),
+            source: std::sync::OnceLock::new(),
+            writer_nice: std::sync::atomic::AtomicU32::new(0),
         });
         // Check now: a wrong password or CA is a clear error at open.
         let mut conn = tier
@@ -481,7 +495,7 @@ impl RemoteTier {
     /// pipelined round trip per 64 hashes, stopping at the first miss).
     pub fn count_prefix(&self, hashes: &[u64]) -> usize {
         let mut n = 0;
-        for chunk in hashes.chunks(PIPELINE) {
+        for chunk in hashes.chunks(self.chunk_len()) {
             let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
             let Some(found) = self.with_conn(|c| exists(c, &keys)) else {
                 return n;
@@ -505,46 +519,87 @@ impl RemoteTier {
     /// and untouched by others for the whole call.
     pub unsafe fn fetch(&self, hashes: &[u64], dst: &[usize]) -> usize {
         let bs = self.opts.block_size;
+        let per = self.chunk_len();
+        let chunks: Vec<&[u64]> = hashes.chunks(per).collect();
+        // Large values are parsed and copied at CPU speed: spread them over a
+        // few connections. Small ones are latency-bound: one pipeline is best.
+        let threads = if bs >= 1 << 20 { FETCH_THREADS } else { 1 };
         let mut n = 0;
-        'chunks: for (ci, chunk) in hashes.chunks(PIPELINE).enumerate() {
-            let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
-            let Some(values) = self.with_conn(|c| get_many(c, &keys)) else {
-                break;
+        for (gi, group) in chunks.chunks(threads).enumerate() {
+            let results: Vec<Option<Vec<Option<Vec<u8>>>>> = if group.len() == 1 {
+                vec![self.get_chunk(group[0])]
+            } else {
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = group
+                        .iter()
+                        .map(|c| sc.spawn(move || self.get_chunk(c)))
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap_or(None)).collect()
+                })
             };
-            for (j, v) in values.iter().enumerate() {
-                let h = chunk[j];
-                let Some(v) = v else {
-                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                    break 'chunks;
-                };
-                let Some(block) = self.decode(h, v) else {
-                    self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                    self.warnings
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(format!(
-                            "remote block {h:#018x} at {} failed verification (wrong size, \
-                             header or checksum); deleted and counted as a miss",
-                            self.shown
-                        ));
-                    let key = keys[j].clone();
-                    self.with_conn(|c| del(c, &key));
-                    break 'chunks;
-                };
-                // SAFETY: the caller guarantees dst[ci * PIPELINE + j] is
-                // valid for writes of block_size bytes; `block` is bs bytes.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        block.as_ptr(),
-                        dst[ci * PIPELINE + j] as *mut u8,
-                        bs,
-                    )
-                };
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                n += 1;
+            // Checked and copied in order (each group's values are dropped
+            // before the next round trips): only the prefix counts.
+            for (k, values) in results.into_iter().enumerate() {
+                let ci = gi * threads + k;
+                let Some(values) = values else { return n };
+                for (j, v) in values.iter().enumerate() {
+                    let h = chunks[ci][j];
+                    let Some(v) = v else {
+                        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        return n;
+                    };
+                    let Some(block) = self.decode(h, v) else {
+                        self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                        self.warnings
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!(
+                                "remote block {h:#018x} at {} failed verification (wrong size, \
+                                 header or checksum); deleted and counted as a miss",
+                                self.shown
+                            ));
+                        let key = self.key(h);
+                        self.with_conn(|c| del(c, &key));
+                        return n;
+                    };
+                    // SAFETY: the caller guarantees dst[ci * per + j] is valid
+                    // for writes of block_size bytes; `block` is bs bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            block.as_ptr(),
+                            dst[ci * per + j] as *mut u8,
+                            bs,
+                        )
+                    };
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
             }
         }
         n
+    }
+
+    /// One pipelined round trip of GETs (None: the tier is down).
+    fn get_chunk(&self, chunk: &[u64]) -> Option<Vec<Option<Vec<u8>>>> {
+        let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+        self.with_conn(|c| get_many(c, &keys))
+    }
+
+    /// Blocks per pipelined round trip: 64, or about 8 MiB of blocks of
+    /// 1 MiB and more (those round trips run side by side in `fetch`).
+    fn chunk_len(&self) -> usize {
+        let bs = self.opts.block_size;
+        if bs >= 1 << 20 {
+            ((8 << 20) / (HEADER + bs)).clamp(1, PIPELINE)
+        } else {
+            PIPELINE
+        }
+    }
+
+    /// Nice value of the background writer thread (the manager's
+    /// `worker_nice`), applied before its next batch.
+    pub fn set_writer_nice(&self, nice: u32) {
+        self.writer_nice.store(nice, Ordering::Relaxed);
     }
 
     /// Store blocks now (`remote_write="sync"`), in pipelined batches;
@@ -568,7 +623,7 @@ impl RemoteTier {
 
     fn store_encoded(&self, items: &[(u64, Vec<u8>)]) -> usize {
         let mut n = 0;
-        for chunk in items.chunks(PIPELINE) {
+        for chunk in items.chunks(self.chunk_len()) {
             let pairs: Vec<(String, &[u8])> =
                 chunk.iter().map(|(h, v)| (self.key(*h), &v[..])).collect();
             let ttl = self.opts.ttl_s;
@@ -585,39 +640,34 @@ impl RemoteTier {
         n
     }
 
-    /// Queue blocks for the background writer (copies their bytes); blocks
-    /// that do not fit the queue, or arrive while the tier is down, are
-    /// skipped and counted. Never waits for the network.
-    ///
-    /// # Safety
-    /// Every `src[i]` is valid for reads of `block_size` bytes.
-    pub unsafe fn enqueue(&self, hashes: &[u64], src: &[usize]) -> usize {
-        let bs = self.opts.block_size;
-        if self.is_down_now() {
+    /// Where the background writer reads queued blocks (set once).
+    pub fn set_source(&self, source: std::sync::Weak<dyn LocalSource>) {
+        let _ = self.source.set(source);
+    }
+
+    /// Queue blocks for the background writer, which reads their bytes
+    /// back from the local tiers (the caller copies nothing and never waits
+    /// for the network). Blocks that do not fit the queue (`queue_bytes`),
+    /// or arrive while the tier is down, are skipped and counted.
+    pub fn enqueue(&self, hashes: &[u64]) -> usize {
+        if self.is_down_now() || self.source.get().is_none() {
             self.stats
                 .skipped
                 .fetch_add(hashes.len() as u64, Ordering::Relaxed);
             return 0;
         }
+        let cap = (self.opts.queue_bytes / (HEADER + self.opts.block_size)).max(1);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let mut queued = 0;
-        for (&h, &a) in hashes.iter().zip(src) {
-            if q.bytes + HEADER + bs > self.opts.queue_bytes.max(HEADER + bs) {
-                self.stats
-                    .skipped
-                    .fetch_add((hashes.len() - queued) as u64, Ordering::Relaxed);
-                break;
-            }
-            // SAFETY: forwarded from the caller.
-            let block = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
-            let v = self.encode(h, block);
-            q.bytes += v.len();
-            q.items.push_back((h, v));
-            queued += 1;
-        }
+        let room = cap.saturating_sub(q.items.len()).min(hashes.len());
+        q.items.extend(&hashes[..room]);
         drop(q);
+        if room < hashes.len() {
+            self.stats
+                .skipped
+                .fetch_add((hashes.len() - room) as u64, Ordering::Relaxed);
+        }
         self.queue_cv.notify_all();
-        queued
+        room
     }
 
     fn is_down_now(&self) -> bool {
@@ -666,7 +716,6 @@ impl RemoteTier {
             let dropped = q.items.len() as u64;
             self.stats.skipped.fetch_add(dropped, Ordering::Relaxed);
             q.items.clear();
-            q.bytes = 0;
         }
         self.queue_cv.notify_all();
         let h = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -689,9 +738,10 @@ impl Drop for RemoteTier {
 }
 
 fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let Some(t) = weak.upgrade() else { return };
-        let batch: Vec<(u64, Vec<u8>)> = {
+        let batch: Vec<u64> = {
             let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.stop {
                 return;
@@ -706,13 +756,25 @@ fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
                 drop(g);
                 continue;
             }
-            let n = q.items.len().min(PIPELINE);
-            let batch: Vec<_> = q.items.drain(..n).collect();
-            q.bytes -= batch.iter().map(|(_, v)| v.len()).sum::<usize>();
+            let n = q.items.len().min(t.chunk_len());
             q.busy = true;
-            batch
+            q.items.drain(..n).collect()
         };
-        t.store_encoded(&batch);
+        crate::io::lower_priority(t.writer_nice.load(Ordering::Relaxed));
+        let bs = t.opts.block_size;
+        buf.resize(bs, 0);
+        let source = t.source.get().and_then(|w| w.upgrade());
+        let mut items = Vec::with_capacity(batch.len());
+        for h in batch.iter().copied() {
+            if source.as_ref().is_some_and(|s| s.read_local(h, &mut buf)) {
+                items.push((h, t.encode(h, &buf)));
+            } else {
+                // Gone from the local tiers before its turn: nothing to send.
+                t.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(source);
+        t.store_encoded(&items);
         let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.busy = false;
         drop(q);

@@ -225,3 +225,22 @@ def test_plot(tmp_path: Path) -> None:
     r = run_bench(args)
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remote_workload_runs_against_real_servers(tmp_path: Path) -> None:
+    # Small sizes; the workload asserts the bytes it gets back itself.
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server redis-tools)")
+    from dynblock.bench.common import Progress, Results
+    from dynblock.bench.remote import run_remote
+
+    res = Results()
+    run_remote(res, str(tmp_path), 1, Progress(False), total=4 << 20)
+    got = {(c.impl, c.op, c.params.get("block_size")) for c in res.cases if c.values}
+    assert ("dynblock", "get", 256 << 10) in got and ("dynblock", "get", 2 << 20) in got
+    assert ("dynblock-async", "put-32", 256 << 10) in got
+    async_put = res.find("remote", "dynblock-async", "put-32", block_size=256 << 10)
+    assert async_put is not None and "no_remote_over_async" in async_put.ratios
+    cluster = res.find("remote", "3-master-cluster", "get-4-threads", block_size=256 << 10)
+    assert cluster is None or "vs_1_server" in cluster.ratios  # absent only with a note
+    assert cluster is not None or res.notes

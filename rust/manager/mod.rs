@@ -71,7 +71,7 @@ use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
 use crate::index::{Geometry, IndexLog, Live, Record};
 use crate::process::ForkGuard;
-use crate::remote::{RemoteTier, RemoteWrite};
+use crate::remote::{LocalSource, RemoteTier, RemoteWrite};
 
 mod policy;
 use policy::{capacity, Copy, Entry, Map, Pinned, Plan, Src, State, Tier, NIL};
@@ -469,7 +469,19 @@ impl BlockManager {
     /// Put a remote tier below the local ones (once): gets and lookups
     /// fetch what the local tiers miss from it, `match` counts it, and puts
     /// send their new blocks to it as `write` says.
-    pub fn attach_remote(&self, remote: Arc<RemoteTier>, write: RemoteWrite) -> Result<()> {
+    pub fn attach_remote(
+        self: &Arc<Self>,
+        remote: Arc<RemoteTier>,
+        write: RemoteWrite,
+    ) -> Result<()> {
+        let weak: std::sync::Weak<dyn LocalSource> = Arc::downgrade(self) as _;
+        remote.set_source(weak);
+        let nice = match (&self.disk, &self.host) {
+            (Some(d), _) => d.worker_nice(),
+            (None, Some(h)) => h.worker_nice(),
+            (None, None) => 0,
+        };
+        remote.set_writer_nice(nice);
         self.remote
             .set((remote, write))
             .map_err(|_| Error::InvalidArgument("this manager already has a remote tier".into()))
@@ -907,14 +919,13 @@ impl BlockManager {
         match self.remote.get() {
             Some((r, w)) if to_remote && !unseen.is_empty() && *w != RemoteWrite::Off => {
                 let hs: Vec<u64> = unseen.iter().map(|&i| hashes[i]).collect();
-                let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
-                // SAFETY: forwarded from the caller.
-                unsafe {
-                    if *w == RemoteWrite::Sync {
-                        r.store(&hs, &src);
-                    } else {
-                        r.enqueue(&hs, &src);
-                    }
+                if *w == RemoteWrite::Sync {
+                    let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
+                    // SAFETY: forwarded from the caller.
+                    unsafe { r.store(&hs, &src) };
+                } else {
+                    // The writer reads them back from the local tiers.
+                    r.enqueue(&hs);
                 }
             }
             _ => {}
@@ -958,7 +969,7 @@ impl BlockManager {
         )?;
         let st = self.open_state()?;
         // SAFETY: forwarded from the caller.
-        let n = unsafe { self.get_locked(st, hashes, &addrs, region.as_deref()) }?;
+        let n = unsafe { self.get_locked(st, hashes, &addrs, region.as_deref(), true) }?;
         // SAFETY: forwarded from the caller; the addresses were checked (distinct).
         Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref()) })
     }
@@ -1111,7 +1122,7 @@ impl BlockManager {
         let pins = st.leases.remove(&id).expect("checked above");
         let hashes: Vec<u64> = pins.iter().map(|p| p.hash).collect();
         // SAFETY: forwarded from the caller.
-        let r = unsafe { self.get_locked(st, &hashes, &addrs, region.as_deref()) };
+        let r = unsafe { self.get_locked(st, &hashes, &addrs, region.as_deref(), true) };
         Self::unpin_all(&mut self.lock(), &pins);
         r
     }
@@ -1121,19 +1132,26 @@ impl BlockManager {
     /// # Safety
     /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
     /// for the whole call.
+    ///
+    /// `side_effects: false` reads only (no recency change, no promotion,
+    /// no hit counters): the remote tier's background writer reading back
+    /// the blocks it sends.
     unsafe fn get_locked(
         &self,
         mut st: std::sync::MutexGuard<'_, State>,
         hashes: &[u64],
         addrs: &[usize],
         region: Option<&Region>,
+        side_effects: bool,
     ) -> Result<usize> {
         if let Err(e) = self.settle_index(&mut st) {
             // Reads still work; promotions wait for the rewrite.
             st.warnings
                 .push(format!("rewriting the store's index failed: {e}"));
         }
-        st.stats.get_calls += 1;
+        if side_effects {
+            st.stats.get_calls += 1;
+        }
         let mut n = st.prefix(hashes);
         // Blocks whose bytes are still arriving (another call's put or
         // offload, without the lock): wait for that commit, then look again.
@@ -1312,6 +1330,9 @@ impl BlockManager {
                     ));
                 }
             }
+        }
+        if !side_effects {
+            return Ok(n);
         }
         st.stats.host_hits += host_idx.iter().filter(|&&i| i < n).count() as u64;
         st.stats.disk_hits += disk_reads.iter().filter(|r| r.1 < n).count() as u64;
@@ -1534,6 +1555,21 @@ impl BlockManager {
 
     pub fn disk(&self) -> Option<&Arc<DiskStorage>> {
         self.disk.as_ref()
+    }
+}
+
+impl LocalSource for BlockManager {
+    fn read_local(&self, h: u64, dst: &mut [u8]) -> bool {
+        if dst.len() != self.block_size {
+            return false;
+        }
+        let (Ok(region), Ok(st)) = (self.region(), self.open_state()) else {
+            return false;
+        };
+        let addr = [dst.as_mut_ptr() as usize];
+        // SAFETY: `dst` is the caller's exclusive buffer of block_size bytes.
+        let r = unsafe { self.get_locked(st, &[h], &addr, region.as_deref(), false) };
+        matches!(r, Ok(1))
     }
 }
 

@@ -1,7 +1,7 @@
 """``python -m dynblock.bench``: throughput of dynblock's tiers side by side
 with what users would otherwise use, measured in one run.
 
-Workloads (``--workloads``, comma-separated; default: all but ``vllm``):
+Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``remote``):
 
 - ``disk``: write and read of N blocks per block size, random (and with
   ``--patterns random,sequential`` sequential) slot order, O_DIRECT and
@@ -27,6 +27,10 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm``):
   time to first token of a request whose prefix comes from dynblock's disk
   tier against the same request recomputed, in real vLLM engines
   (``--vllm-models tiny,large``).
+- ``remote`` (not in the default run; needs ``redis-server``, and redis-py for
+  its baseline): the Redis remote tier's get against redis-py pipelined
+  ``MGET``, async puts against no remote, a 3-master cluster against one
+  server (:mod:`dynblock.bench.remote`).
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
@@ -51,8 +55,9 @@ from .workloads import (run_disk, run_durability, run_engine, run_host, run_over
 
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
-WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm")
-DEFAULT_WORKLOADS = [w for w in WORKLOADS if w != "vllm"]
+WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm",
+             "remote")
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote")]
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
@@ -86,6 +91,12 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "a ticking Python thread stalls < 5 ms while another thread puts and gets"),
     ("engine", "dynblock", "put-32-into-full-host-tier", {}, "free_over_full", 0.5,
      "32-block put into a full host tier (write-behind) p99 <= 2x into free slots"),
+    ("remote", "dynblock", "get", dict(block_size=256 << 10), "vs_redis_py_mget", 1.5,
+     "256 KiB get through the remote tier >= 1.5x redis-py pipelined MGET"),
+    ("remote", "dynblock", "get", dict(block_size=2 << 20), "vs_redis_py_mget", 1.5,
+     "2 MiB get through the remote tier >= 1.5x redis-py pipelined MGET"),
+    ("remote", "dynblock-async", "put-32", {}, "no_remote_over_async", 1 / 1.2,
+     "put with remote_write='async': caller-visible time <= 1.2x the same put without a remote"),
     ("engine", "dynblock", "async-put-get", dict(threads=4), "vs_1_thread", 1.0,
      "4 threads of async put/get >= 1.0x aggregate of 1 thread"),
 ]
@@ -137,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="dynblock throughput, side by side with fio, naive Python and numpy.",
     )
     p.add_argument("--workloads", type=_choices(WORKLOADS), default=list(DEFAULT_WORKLOADS),
-                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all but vllm)")
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all but vllm "
+                   "and remote)")
     p.add_argument("--dir", help="directory for test files (default: a new temporary directory)")
     p.add_argument("--repeat", type=int, default=3, help="runs per case (default: 3)")
     g = p.add_argument_group("disk")
@@ -243,6 +255,10 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
         from .vllm import run_vllm
 
         run_vllm(res, directory, a.vllm_python, a.vllm_models, a.repeat, progress)
+    if "remote" in a.workloads:
+        from .remote import run_remote
+
+        run_remote(res, directory, a.repeat, progress)
     return res, fio
 
 

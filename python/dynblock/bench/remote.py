@@ -1,0 +1,217 @@
+"""The bench's ``remote`` workload: the Redis/Valkey remote tier against
+redis-py (``pip install redis``), on servers this workload starts on loopback
+ports (``redis-server``; a 3-master cluster with ``redis-cli --cluster
+create``) and stops.
+
+- get of 256 KiB and 2 MiB blocks through the remote tier (a manager with
+  empty local tiers) against redis-py pipelined ``MGET`` of the same keys
+  (values copied into one buffer, as an engine needs them);
+- ``put`` with ``remote_write="async"``: the caller-visible time against the
+  same put without a remote;
+- a 3-master cluster against 1 server, 4 client threads getting.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from typing import Any, List, Optional
+
+import numpy as np
+
+from ..config import Config
+from ..manager import BlockManager
+from .common import GiB, Progress, Results
+
+HEADER = 32  # bytes before the block in a remote value (rust/remote.rs)
+
+
+def _port() -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            p = int(s.getsockname()[1])
+        if p <= 55535:  # a cluster node also uses port + 10000
+            return p
+    raise RuntimeError("no free loopback port")
+
+
+class _Server:
+    def __init__(self, directory: str, extra: List[str]) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.port = _port()
+        exe = shutil.which("redis-server")
+        assert exe is not None
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", directory, "--save", "",
+             "--appendonly", "no", "--protected-mode", "no", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def _manager(url: str, bs: int, n: int, **kw: Any) -> BlockManager:
+    return BlockManager(Config(block_size=bs, host_blocks=n, numa_node=None, pin=False,
+                               remote=url, remote_timeout_ms=5000, **kw))
+
+
+def run_remote(res: Results, directory: str, repeat: int, progress: Progress,
+               total: int = 64 << 20) -> None:
+    if shutil.which("redis-server") is None:
+        res.note("remote workload skipped: redis-server is not installed "
+                 "(apt-get install redis-server redis-tools)")
+        return
+    redis_py: Any
+    try:
+        redis_py = importlib.import_module("redis")
+    except ImportError:
+        redis_py = None
+        res.note("remote: redis-py is not installed (pip install redis): no MGET baseline")
+    servers: List[_Server] = []
+    try:
+        one = _Server(os.path.join(directory, "redis-one"), [])
+        servers.append(one)
+        url = f"redis://127.0.0.1:{one.port}"
+        sizes = [256 << 10, 2 << 20]
+        progress.add(len(sizes) * repeat * 2 + 2 * repeat)
+        for bs in sizes:
+            n = max(1, total // bs)
+            hs = list(range(1, n + 1))
+            src = np.random.default_rng(bs).integers(0, 256, n * bs, dtype=np.uint8)
+            with _manager(url, bs, n, remote_write="sync") as m:
+                m.put(hs, src)
+            keys = [f"dynblock:{0:016x}:{bs}:{h:016x}" for h in hs]
+            out = np.zeros(n * bs, np.uint8)
+            out[:] = 1  # touched before timing
+            a = res.case("remote", "dynblock", "get", block_size=bs)
+            b = res.case("remote", "redis-py-mget", "get", block_size=bs)
+            client = redis_py.Redis(port=one.port) if redis_py else None
+            for _ in range(repeat):
+                with _manager(url, bs, n) as m:  # empty local tiers: every block from the remote
+                    t0 = time.perf_counter()
+                    got = m.get(hs, out)
+                    dt = time.perf_counter() - t0
+                assert got == n and np.array_equal(out, src), "remote get returned wrong bytes"
+                a.values.append(n * bs / GiB / dt)
+                progress.step(f"remote get {bs >> 10} KiB")
+                if client is not None:
+                    t0 = time.perf_counter()
+                    for i in range(0, n, 64):
+                        pipe = client.pipeline(transaction=False)
+                        pipe.mget(keys[i:i + 64])
+                        (vals,) = pipe.execute()
+                        for j, v in enumerate(vals):
+                            k = i + j
+                            out[k * bs:(k + 1) * bs] = np.frombuffer(v, np.uint8, bs, HEADER)
+                    dt = time.perf_counter() - t0
+                    b.values.append(n * bs / GiB / dt)
+                progress.step(f"redis-py mget {bs >> 10} KiB")
+            if b.values:
+                a.ratios["vs_redis_py_mget"] = a.median / b.median
+            else:
+                res.cases.remove(b)
+            one_cli = client
+            if one_cli is not None:
+                one_cli.flushall()
+        # put with remote_write="async": what the caller waits for, vs no remote
+        bs = 256 << 10
+        n = 32
+        src = np.random.default_rng(7).integers(0, 256, n * bs, dtype=np.uint8)
+        a = res.case("remote", "dynblock-async", "put-32", unit="ms median", block_size=bs)
+        b = res.case("remote", "dynblock-no-remote", "put-32", unit="ms median", block_size=bs)
+        for r in range(repeat):
+            for case, remote in ((a, url), (b, None)):
+                cfg = Config(block_size=bs, host_blocks=64 * 32, numa_node=None, pin=False,
+                             remote=remote, remote_timeout_ms=5000)
+                with BlockManager(cfg) as m:
+                    times = []
+                    for k in range(48):
+                        hs = list(range(k * n + r * 10_000_000 + 1, (k + 1) * n + r * 10_000_000 + 1))
+                        t0 = time.perf_counter()
+                        m.put(hs, src)
+                        times.append(time.perf_counter() - t0)
+                        time.sleep(0.004)  # engine steps, a few ms apart
+                    case.values.append(float(np.median(times)) * 1e3)
+                    if remote:
+                        m.flush()
+                progress.step("remote async put")
+        a.ratios["no_remote_over_async"] = b.median / a.median  # >= 1/1.2: at most 1.2x slower
+        # 3-master cluster vs 1 server, 4 client threads getting
+        _cluster_vs_one(res, directory, url, servers, repeat, progress)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _cluster_vs_one(res: Results, directory: str, one_url: str, servers: List[_Server],
+                    repeat: int, progress: Progress) -> None:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        res.note("remote: redis-cli is missing: no cluster case")
+        return
+    nodes = [_Server(os.path.join(directory, f"redis-c{i}"),
+                     ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+             for i in range(3)]
+    servers.extend(nodes)
+    r = subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True)
+    if r.returncode != 0:
+        res.note(f"remote: could not create a cluster: {r.stdout[-300:]}")
+        return
+    deadline = time.time() + 30
+    while "cluster_state:ok" not in subprocess.run(
+            [cli, "-p", str(nodes[0].port), "CLUSTER", "INFO"], capture_output=True,
+            text=True).stdout:
+        if time.time() > deadline:
+            res.note("remote: the cluster never became ok")
+            return
+        time.sleep(0.2)
+    cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in nodes)
+    bs, per_thread, threads = 256 << 10, 64, 4
+    for label, url in (("1-server", one_url), ("3-master-cluster", cluster_url)):
+        hs_all = [list(range(t * 100_000 + 1, t * 100_000 + per_thread + 1)) for t in range(threads)]
+        src = np.random.default_rng(3).integers(0, 256, per_thread * bs, dtype=np.uint8)
+        for hs in hs_all:
+            with _manager(url, bs, per_thread, remote_write="sync") as m:
+                m.put(hs, src)
+        c = res.case("remote", label, "get-4-threads", block_size=bs)
+        for _ in range(repeat):
+            mgrs = [_manager(url, bs, per_thread) for _ in range(threads)]
+            outs = [np.ones(per_thread * bs, np.uint8) for _ in range(threads)]
+            ths = [threading.Thread(target=m.get, args=(hs, o)) for m, hs, o in zip(mgrs, hs_all, outs)]
+            t0 = time.perf_counter()
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            dt = time.perf_counter() - t0
+            for m in mgrs:
+                m.close()
+            assert all(np.array_equal(o, src) for o in outs), "wrong bytes from the remote"
+            c.values.append(threads * per_thread * bs / GiB / dt)
+        progress.step(f"remote {label} 4 threads")
+    one = res.find("remote", "1-server", "get-4-threads", block_size=bs)
+    clu = res.find("remote", "3-master-cluster", "get-4-threads", block_size=bs)
+    if one is not None and clu is not None and one.values and clu.values:
+        clu.ratios["vs_1_server"] = clu.median / one.median
