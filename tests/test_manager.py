@@ -9,7 +9,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -99,9 +99,11 @@ class PolicyModel:
         self.disk[h] = None
         return True
 
-    def put(self, hashes: List[int], blocks: List[bytes]) -> int:
+    def put(self, hashes: List[int], blocks: List[bytes],
+            inserted: "Optional[List[tuple]]" = None) -> int:
         # Blocks of the batch already stored are refreshed first, so the batch's own new
-        # blocks never evict them.
+        # blocks never evict them. `inserted` collects (hash, bytes) of every block that was
+        # not stored when its turn came (what goes to a remote tier).
         for h in hashes:
             if self.present(h):
                 self.touch(h)
@@ -110,6 +112,8 @@ class PolicyModel:
             if self.present(h):
                 self.touch(h)
                 continue
+            if inserted is not None:
+                inserted.append((h, b))
             if self.host_insert(h) if self.H else self.disk_insert(h):
                 new += 1
                 self.data[h] = b
@@ -209,20 +213,33 @@ class ManagerMachine(RuleBasedStateMachine):
     def put(self, hashes) -> None:
         src = self.rng.integers(0, 256, size=len(hashes) * self.bs, dtype=np.uint8)
         blocks = [src[i * self.bs:(i + 1) * self.bs].tobytes() for i in range(len(hashes))]
-        assert self.m.put(np.array(hashes, dtype=np.uint64), src) == self.model.put(hashes, blocks)
+        assert self.m.put(np.array(hashes, dtype=np.uint64), src) == self.expect_put(hashes, blocks)
+
+    # What the model expects; the remote variant below adds its tier.
+    def expect_put(self, hashes, blocks) -> int:
+        return self.model.put(hashes, blocks)
+
+    def expect_get(self, hashes) -> list:
+        return self.model.get(hashes)
+
+    def expect_match(self, hashes) -> int:
+        return self.model.match(hashes)
+
+    def expect_lookup(self, hashes) -> "tuple[int, int]":
+        return self.model.lookup(hashes)
 
     @rule(hashes=hash_lists)
     def get(self, hashes) -> None:
         dst = np.zeros(len(hashes) * self.bs, dtype=np.uint8)
         n = self.m.get(hashes, dst)
-        want = self.model.get(hashes)
+        want = self.expect_get(hashes)
         assert n == len(want)
         for i, b in enumerate(want):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"block {hashes[i]}"
 
     @rule(hashes=hash_lists)
     def match(self, hashes) -> None:
-        assert self.m.match(hashes) == self.model.match(hashes)
+        assert self.m.match(hashes) == self.expect_match(hashes)
 
     @rule(put_hashes=hash_lists, extra=hash_lists, reverse=st.booleans())
     def jobs(self, put_hashes, extra, reverse) -> None:
@@ -241,8 +258,8 @@ class ManagerMachine(RuleBasedStateMachine):
         else:
             new = put_job.wait(timeout=60)
             n = get_job.wait(timeout=60)
-        assert new == self.model.put(put_hashes, blocks)
-        want = self.model.get(get_hashes)
+        assert new == self.expect_put(put_hashes, blocks)
+        want = self.expect_get(get_hashes)
         assert n == len(want)
         for i, b in enumerate(want):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"job block {get_hashes[i]}"
@@ -252,7 +269,7 @@ class ManagerMachine(RuleBasedStateMachine):
         if not hasattr(self, "leases"):
             self.leases = {}
         lease = self.m.lookup(hashes)
-        mid, n = self.model.lookup(hashes)
+        mid, n = self.expect_lookup(hashes)
         assert lease.count == n
         self.leases[mid] = (lease, list(hashes[:n]))
 
@@ -307,6 +324,132 @@ ManagerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestManagerModel = ManagerMachine.TestCase
+
+
+# --- the same model with a remote tier below (a real redis-server) -----------------------
+
+_REDIS: Dict[str, object] = {}
+
+
+def _redis_port() -> int:
+    """One redis-server on a loopback port for this module's remote machines (stopped at exit)."""
+    if "port" not in _REDIS:
+        import atexit
+        import socket
+        import subprocess
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        d = tempfile.mkdtemp(prefix="dynblock-redis-")
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--dir", d, "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+        def stop() -> None:
+            proc.terminate()
+            proc.wait(timeout=10)
+            shutil.rmtree(d, ignore_errors=True)
+
+        atexit.register(stop)
+        _REDIS.update(port=port, proc=proc)
+    return int(_REDIS["port"])  # type: ignore[call-overload]
+
+
+class RemoteManagerMachine(ManagerMachine):
+    """Every rule of the local model, with a remote tier below: an unbounded tier (written
+    synchronously) that may lose entries at any time. Gets, lookups and matches continue the
+    local prefix from it; what a get or lookup fetches is stored locally by the same policy as
+    a put (and not sent back); a put sends the blocks new to the local tiers."""
+
+    @initialize(
+        caps=st.sampled_from([(0, 3), (1, 0), (2, 0), (1, 1), (2, 3), (3, 2)]),
+        block_size=st.sampled_from([512, 4096]),
+        o_direct=st.booleans(),
+    )
+    def setup(self, caps, block_size, o_direct) -> None:
+        import uuid
+
+        self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
+        h, d = caps
+        self.bs = block_size
+        self.model = PolicyModel(h, d)
+        self.remote: Dict[int, bytes] = {}
+        self.prefix = f"model-{uuid.uuid4().hex[:12]}"
+        self.port = _redis_port()
+        cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
+                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
+                     remote=f"redis://127.0.0.1:{self.port}", remote_prefix=self.prefix,
+                     remote_write="sync", remote_timeout_ms=5000)
+        self.m = BlockManager(cfg)
+        self.rng = np.random.default_rng(0)
+
+    def _continue(self, hashes, n) -> list:
+        out = []
+        for h in hashes[n:]:
+            if h not in self.remote:
+                break
+            out.append(h)
+        return out
+
+    def expect_put(self, hashes, blocks) -> int:
+        sent: list = []
+        new = self.model.put(hashes, blocks, sent)
+        self.remote.update(sent)  # in order: a hash sent twice keeps its last bytes
+        return new
+
+    def expect_get(self, hashes) -> list:
+        local = self.model.get(hashes)
+        more = self._continue(hashes, len(local))
+        got = [self.remote[h] for h in more]
+        self.model.put(more, got)  # kept in the local tiers, not sent back
+        return local + got
+
+    def expect_match(self, hashes) -> int:
+        n = self.model.match(hashes)
+        return n + len(self._continue(hashes, n))
+
+    def expect_lookup(self, hashes) -> "tuple[int, int]":
+        mid, n = self.model.lookup(hashes)
+        more = self._continue(hashes, n)
+        if not more:
+            return mid, n
+        self.model.put(more, [self.remote[h] for h in more])
+        mid2, n2 = self.model.lookup(hashes)  # the whole prefix, pinned before the old pins go
+        self.model.release(mid)
+        return mid2, n2
+
+    @rule(data=st.data())
+    def remote_loses_entries(self, data) -> None:
+        if not self.remote:
+            return
+        gone = data.draw(st.lists(st.sampled_from(sorted(self.remote)), min_size=1, max_size=4))
+        import subprocess
+
+        keys = [f"{self.prefix}:{0:016x}:{self.bs}:{h:016x}" for h in gone]
+        subprocess.run(["redis-cli", "-p", str(self.port), "DEL", *keys], check=True,
+                       capture_output=True)
+        for h in gone:
+            self.remote.pop(h, None)
+
+
+if shutil.which("redis-server") and shutil.which("redis-cli"):
+    RemoteManagerMachine.TestCase.settings = settings(
+        max_examples=30, stateful_step_count=20, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    TestRemoteManagerModel = RemoteManagerMachine.TestCase
+else:
+    def test_remote_manager_model() -> None:
+        pytest.skip("redis-server/redis-cli are not installed (apt-get install redis-server "
+                    "redis-tools)")
 
 
 # --- concrete behaviour -------------------------------------------------------
