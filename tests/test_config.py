@@ -151,3 +151,29 @@ def test_replace_re_resolves_sizes() -> None:
     c = Config(block_size=4096, host_blocks=4)
     d = c.replace(host_bytes=4096 * 10, block_size=4096)
     assert d.host_blocks == 10 and c.host_blocks == 4
+
+
+def test_remote_settings_from_env_and_checks() -> None:
+    env = {"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BLOCKS": "1",
+           "DYNBLOCK_REMOTE_URL": " redis://bob:hunter2@10.0.0.5:6380/1 ",
+           "DYNBLOCK_REMOTE_PREFIX": "fleet", "DYNBLOCK_REMOTE_TTL_S": "3600",
+           "DYNBLOCK_REMOTE_TIMEOUT_MS": "150", "DYNBLOCK_REMOTE_WRITE": "sync",
+           "DYNBLOCK_REMOTE_CA_FILE": "/etc/ca.pem"}
+    c = Config.from_env(env)
+    assert c.remote == "redis://bob:hunter2@10.0.0.5:6380/1" and c.remote_prefix == "fleet"
+    assert (c.remote_ttl_s, c.remote_timeout_ms, c.remote_write) == (3600, 150, "sync")
+    assert c.remote_ca_file == "/etc/ca.pem"
+    assert "hunter2" not in repr(c) and "bob:***@10.0.0.5:6380/1" in repr(c)
+    assert Config.from_env({**env, "DYNBLOCK_REMOTE_TTL_S": "0"}).remote_ttl_s is None
+    with pytest.raises(EnvError, match="DYNBLOCK_REMOTE_WRITE"):
+        Config.from_env({**env, "DYNBLOCK_REMOTE_WRITE": "later"})
+    base = dict(block_size=4096, host_blocks=1)
+    with pytest.raises(ValueError, match="remote must be a redis://") as e:
+        Config(**base, remote="memcached://u:hunter2@h:1")
+    assert "hunter2" not in str(e.value)
+    for bad, match in ((dict(remote_prefix="a b"), "remote_prefix"),
+                       (dict(remote_ttl_s=0), "remote_ttl_s"),
+                       (dict(remote_timeout_ms=0), "remote_timeout_ms"),
+                       (dict(remote_write="maybe"), "remote_write")):
+        with pytest.raises(ValueError, match=match):
+            Config(**base, remote="redis://h:1", **bad)

@@ -76,8 +76,9 @@ def test_readme_examples_run(tmp_path: Path) -> None:
     assert len(blocks) >= 2
     ns: dict = {}
     for code in blocks:
-        if "vllm" in code:
-            continue  # the vLLM configs: checked by tests/test_vllm_parts.py
+        if "vllm" in code or "remote=" in code:
+            continue  # checked by tests/test_vllm_parts.py and tests/test_remote.py
+
         code = code.replace("/mnt/nvme", str(tmp_path)).replace("16384", "64").replace("1024", "16")
         exec(compile(code, "README.md", "exec"), ns)
     ns["kv"].close()

@@ -466,3 +466,17 @@ def test_model_remote_as_an_unbounded_tier_that_loses_entries(shared_redis: Serv
                     assert np.array_equal(out[:n * BS], blocks(hs[:n]))
     finally:
         m.close()
+
+
+def test_the_readme_remote_example_runs(redis: Server) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "remote=" in b]
+    code = re.sub(r"redis://[^\"]+", f"redis://127.0.0.1:{redis.port}/0", code)
+    code = code.replace("host_blocks=1024", "host_blocks=4")
+    ns: dict = {"BlockManager": BlockManager, "Config": Config}
+    exec(compile(code, "README.md", "exec"), ns)
+    kv = ns["kv"]
+    assert kv.stats()["remote"]["url"] == f"redis://127.0.0.1:{redis.port}/0"
+    kv.close()
