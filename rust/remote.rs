@@ -460,16 +460,22 @@ impl RemoteTier {
     }
 
     fn encode(&self, h: u64, block: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(HEADER + block.len());
-        v.extend_from_slice(MAGIC);
-        v.extend_from_slice(&VERSION.to_le_bytes());
-        v.extend_from_slice(&(HEADER as u16).to_le_bytes());
-        v.extend_from_slice(&(self.opts.block_size as u32).to_le_bytes());
-        v.extend_from_slice(&crc(h, block).to_le_bytes());
-        v.extend_from_slice(&h.to_le_bytes());
-        v.extend_from_slice(&self.opts.layout.to_le_bytes());
-        v.extend_from_slice(block);
+        let mut v = vec![0u8; HEADER + block.len()];
+        v[HEADER..].copy_from_slice(block);
+        self.fill_header(h, &mut v);
         v
+    }
+
+    /// Write the header of a value whose block is already at `v[HEADER..]`.
+    fn fill_header(&self, h: u64, v: &mut [u8]) {
+        let c = crc(h, &v[HEADER..]);
+        v[..4].copy_from_slice(MAGIC);
+        v[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        v[6..8].copy_from_slice(&(HEADER as u16).to_le_bytes());
+        v[8..12].copy_from_slice(&(self.opts.block_size as u32).to_le_bytes());
+        v[12..16].copy_from_slice(&c.to_le_bytes());
+        v[16..24].copy_from_slice(&h.to_le_bytes());
+        v[24..32].copy_from_slice(&self.opts.layout.to_le_bytes());
     }
 
     /// The block in a value, if every check passes.
@@ -762,13 +768,20 @@ fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         };
         crate::io::lower_priority(t.writer_nice.load(Ordering::Relaxed));
         let bs = t.opts.block_size;
-        buf.resize(bs, 0);
         let source = t.source.get().and_then(|w| w.upgrade());
         let mut items = Vec::with_capacity(batch.len());
         for h in batch.iter().copied() {
-            if source.as_ref().is_some_and(|s| s.read_local(h, &mut buf)) {
-                items.push((h, t.encode(h, &buf)));
+            // Read straight into the value, after its header: one copy.
+            let mut v = std::mem::take(&mut buf);
+            v.resize(HEADER + bs, 0);
+            if source
+                .as_ref()
+                .is_some_and(|s| s.read_local(h, &mut v[HEADER..]))
+            {
+                t.fill_header(h, &mut v);
+                items.push((h, v));
             } else {
+                buf = v;
                 // Gone from the local tiers before its turn: nothing to send.
                 t.stats.skipped.fetch_add(1, Ordering::Relaxed);
             }
