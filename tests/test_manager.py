@@ -193,13 +193,17 @@ class ManagerMachine(RuleBasedStateMachine):
         o_direct=st.booleans(),
     )
     def setup(self, caps, block_size, o_direct) -> None:
+        self.open(caps, block_size, o_direct)
+
+    def open(self, caps, block_size, o_direct, **extra) -> None:
         self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
         h, d = caps
         self.bs = block_size
         self.model = PolicyModel(h, d)
         # The model is the synchronous policy: no background write-behind.
         cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
-                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False)
+                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
+                     **extra)
         self.m = BlockManager(cfg)
         self.rng = np.random.default_rng(0)
 
@@ -377,19 +381,11 @@ class RemoteManagerMachine(ManagerMachine):
     def setup(self, caps, block_size, o_direct) -> None:
         import uuid
 
-        self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
-        h, d = caps
-        self.bs = block_size
-        self.model = PolicyModel(h, d)
         self.remote: Dict[int, bytes] = {}
         self.prefix = f"model-{uuid.uuid4().hex[:12]}"
         self.port = _redis_port()
-        cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
-                     o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
-                     remote=f"redis://127.0.0.1:{self.port}", remote_prefix=self.prefix,
-                     remote_write="sync", remote_timeout_ms=5000)
-        self.m = BlockManager(cfg)
-        self.rng = np.random.default_rng(0)
+        self.open(caps, block_size, o_direct, remote=f"redis://127.0.0.1:{self.port}",
+                  remote_prefix=self.prefix, remote_write="sync", remote_timeout_ms=5000)
 
     def _continue(self, hashes, n) -> list:
         out = []

@@ -395,6 +395,29 @@ def _p(values: List[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _tick_gaps(seconds: float, workers: List[Any]) -> List[float]:
+    """The gaps of this thread ticking every 1 ms for `seconds` while each of `workers`
+    (called with a stop event) runs on a thread of its own."""
+    import threading
+
+    stop = threading.Event()
+    ths = [threading.Thread(target=w, args=(stop,)) for w in workers]
+    for t in ths:
+        t.start()
+    gaps: List[float] = []
+    last = time.perf_counter()
+    end = last + seconds
+    while last < end:
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    stop.set()
+    for t in ths:
+        t.join(timeout=120)
+    return gaps
+
+
 def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
                seconds: float = 2.0) -> None:
     """What a serving engine feels: lookup latency while another thread does disk I/O, how
@@ -443,27 +466,15 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         out = aligned_empty(64 * bs)
         out[:] = 0
         with BlockManager(cfg) as kv:
-            stop = threading.Event()
 
-            def churn() -> None:
+            def churn(stop: threading.Event) -> None:
                 h = 0
                 while not stop.is_set():
                     kv.put(list(range(h, h + 64)), batch)
                     kv.get(list(range(h, h + 64)), out)
                     h += 64
 
-            gaps: List[float] = []
-            w = threading.Thread(target=churn)
-            w.start()
-            last = time.perf_counter()
-            end = last + seconds
-            while last < end:
-                time.sleep(0.001)
-                now = time.perf_counter()
-                gaps.append(now - last)
-                last = now
-            stop.set()
-            w.join(timeout=120)
+            gaps = _tick_gaps(seconds, [churn])
         c = res.case("engine", "python-thread", "tick-gap-during-puts-gets", unit="ms max")
         c.values.append(max(gaps) * 1e3)
         c.extra = {"p99_ms": _p(gaps, 0.99) * 1e3}
@@ -472,26 +483,12 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         na, nb = aligned_empty(64 * bs), aligned_empty(64 * bs)
         na[:] = 1
         nb[:] = 0
-        stop = threading.Event()
 
-        def copies() -> None:
+        def copies(stop: threading.Event) -> None:
             while not stop.is_set():
                 np.copyto(nb, na)
 
-        ws = [threading.Thread(target=copies) for _ in range(2)]
-        for t in ws:
-            t.start()
-        gaps = []
-        last = time.perf_counter()
-        end = last + seconds
-        while last < end:
-            time.sleep(0.001)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-        stop.set()
-        for t in ws:
-            t.join(timeout=120)
+        gaps = _tick_gaps(seconds, [copies, copies])
         c = res.case("engine", "numpy-copyto-2threads", "tick-gap-during-copies", unit="ms max")
         c.values.append(max(gaps) * 1e3)
         c.extra = {"p99_ms": _p(gaps, 0.99) * 1e3}
