@@ -221,5 +221,11 @@ class LayerStore:
                 le.release()
         try:
             self.kv.wait_all(timeout=60)
-        finally:
+        except TimeoutError as e:
+            log.warning("dynblock: closing the store with jobs still running: %s", e)
+        try:
             self.kv.close()
+        except OSError as e:
+            # The store is closed anyway; only the host-only blocks meant for a restart are lost.
+            log.warning("dynblock: closing the store could not write its host-only blocks to "
+                        "disk (%s); a restart will not find them", e)

@@ -173,7 +173,11 @@ class DynblockTier(SecondaryTierManager):
     def shutdown(self) -> None:
         if not self.kv.closed:
             self.drain_jobs()
-            self.kv.close()
+            try:
+                self.kv.close()
+            except OSError as e:  # closed anyway; only the host-only blocks are lost
+                log.warning("dynblock tier: closing the store could not write its host-only "
+                            "blocks to disk (%s); a restart will not find them", e)
 
     def stats(self) -> Dict[str, Any]:
         """The tier's job counters and its store's ``stats()``."""
