@@ -481,7 +481,9 @@ impl BlockManager {
             (None, Some(h)) => h.worker_nice(),
             (None, None) => 0,
         };
-        remote.set_writer_nice(nice);
+        // Nobody waits for the remote writer (unlike copies and I/O, which a
+        // caller waits for): it yields to those too.
+        remote.set_writer_nice((nice + 5).min(19));
         self.remote
             .set((remote, write))
             .map_err(|_| Error::InvalidArgument("this manager already has a remote tier".into()))
