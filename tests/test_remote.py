@@ -249,8 +249,8 @@ def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
     url = f"redis://127.0.0.1:{srv.port}"
     try:
         with caplog.at_level(logging.WARNING, logger="dynblock"):
-            m = manager(url, host_blocks=4096, remote_write="sync", remote_timeout_ms=300)
-            hs = list(range(3000))  # 12 MiB in 47 pipelined round trips: the kill lands mid-batch
+            m = manager(url, host_blocks=8192, remote_write="sync", remote_timeout_ms=300)
+            hs = list(range(8000))  # 32 MiB in 125 pipelined round trips: the kill lands mid-batch
             done = threading.Event()
             result: Dict[str, int] = {}
 
@@ -261,25 +261,27 @@ def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
             th = threading.Thread(target=big_put)
             th.start()
             while srv.cli("DBSIZE") == "0" and not done.is_set():
-                pass  # until the first of the batch's 47 round trips landed
+                pass  # until the first of the batch's 125 round trips landed
             srv.kill()  # SIGKILL in the middle of the batch
             assert done.wait(30), "put did not return after the server died"
             th.join()
-            assert result["n"] == 3000  # the local tiers took every block
-            out = np.zeros(3000 * BS, np.uint8)
-            assert m.get(hs, out) == 3000 and np.array_equal(out, blocks(hs))
+            assert result["n"] == 8000  # the local tiers took every block
+            out = np.zeros(8000 * BS, np.uint8)
+            assert m.get(hs, out) == 8000 and np.array_equal(out, blocks(hs))
             s = m.stats()
             # what went out before the kill, and what was skipped after it, make the batch
-            assert s["remote_stored"] + s["remote_skipped"] == 3000 and s["remote_skipped"] > 0
-            assert m.match([5000]) == 0  # a miss costs no hang
-            m.put([5001], blocks([5001]))  # nor does a put
+            assert s["remote_stored"] + s["remote_skipped"] == 8000 and s["remote_skipped"] > 0
+            assert m.match([50000]) == 0  # a miss costs no hang
+            m.put([50001], blocks([50001]))  # nor does a put
             s = m.stats()
             assert s["remote_errors"] >= 1 and s["remote"]["down"]
             # the server comes back on the same port: the tier reconnects by itself
             srv.start()
             deadline = time.time() + 30
+            fresh = 200_000
             while time.time() < deadline:
-                m.put([6000 + int(time.time() * 1000) % 100000], blocks([1]))
+                fresh += 1
+                m.put([fresh], blocks([fresh]))  # a block new to the local tiers goes out
                 if not m.stats()["remote"]["down"] and int(srv.cli("DBSIZE")) > 0:
                     break
                 time.sleep(0.2)
