@@ -35,6 +35,7 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::{Client, Connection, RedisResult};
 
 use crate::error::{Error, Result};
+use crate::manager::block_crc;
 
 const MAGIC: &[u8; 4] = b"DYNR";
 const VERSION: u16 = 1;
@@ -468,7 +469,7 @@ impl RemoteTier {
 
     /// Write the header of a value whose block is already at `v[HEADER..]`.
     fn fill_header(&self, h: u64, v: &mut [u8]) {
-        let c = crc(h, &v[HEADER..]);
+        let c = block_crc(h, &v[HEADER..]);
         v[..4].copy_from_slice(MAGIC);
         v[4..6].copy_from_slice(&VERSION.to_le_bytes());
         v[6..8].copy_from_slice(&(HEADER as u16).to_le_bytes());
@@ -493,7 +494,7 @@ impl RemoteTier {
             && u32_at(8) as usize == bs
             && u64_at(16) == h
             && u64_at(24) == self.opts.layout
-            && u32_at(12) == crc(h, block))
+            && u32_at(12) == block_crc(h, block))
         .then_some(block)
     }
 
@@ -793,10 +794,6 @@ fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         drop(q);
         t.queue_cv.notify_all();
     }
-}
-
-fn crc(h: u64, block: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&h.to_le_bytes()), block)
 }
 
 fn scrub(text: &str, secret: Option<&str>) -> String {
