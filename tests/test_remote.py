@@ -482,3 +482,19 @@ def test_the_readme_remote_example_runs(redis: Server) -> None:
     kv = ns["kv"]
     assert kv.stats()["remote"]["url"] == f"redis://127.0.0.1:{redis.port}/0"
     kv.close()
+
+
+def test_a_lookup_fetches_a_long_remote_prefix_in_bounded_pieces(redis: Server) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = list(range(5000, 5150))  # more than one 64-block piece
+    with manager(url, host_blocks=256) as a:
+        a.put(hs, blocks(hs))
+        a.flush()
+    with manager(url, host_blocks=256) as b:
+        lease = b.lookup(hs)
+        assert lease.count == 150 and len(b) == 150
+        out = np.zeros(150 * BS, np.uint8)
+        assert b.get(lease, out) == 150 and np.array_equal(out, blocks(hs))
+        redis.cli("DEL", f"dynblock:{0:016x}:{BS}:{5100:016x}")
+    with manager(url, host_blocks=256) as c:  # a hole in the second piece ends the prefix there
+        assert c.lookup(hs).count == 100

@@ -876,6 +876,12 @@ impl BlockManager {
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
         let mut plan = Plan::default();
+        // The blocks a remote tier gets: tracked only when there is one to send to.
+        let send = to_remote
+            && self
+                .remote
+                .get()
+                .is_some_and(|(_, w)| *w != RemoteWrite::Off);
         let mut unseen: Vec<usize> = Vec::new();
         // Refresh the batch's stored blocks first, so its new blocks never
         // evict them (`put([3, 1])` into a full tier holding 1 keeps 1).
@@ -891,7 +897,9 @@ impl BlockManager {
                 st.touch(e);
                 continue;
             }
-            unseen.push(i);
+            if send {
+                unseen.push(i);
+            }
             let addr = addrs[i];
             let stored = if st.host.is_some() {
                 let ok = st.host_insert(h, addr, &mut plan);
@@ -919,7 +927,7 @@ impl BlockManager {
             self.nudge();
         }
         match self.remote.get() {
-            Some((r, w)) if to_remote && !unseen.is_empty() && *w != RemoteWrite::Off => {
+            Some((r, w)) if !unseen.is_empty() => {
                 let hs: Vec<u64> = unseen.iter().map(|&i| hashes[i]).collect();
                 if *w == RemoteWrite::Sync {
                     let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
@@ -1026,14 +1034,23 @@ impl BlockManager {
         if n == hashes.len() || self.remote.get().is_none() {
             return Ok((id, n));
         }
+        // Fetched through a bounded buffer, 64 blocks at a time (stored
+        // locally as they come), never one sized for the whole remainder.
         let bs = self.block_size;
-        let rest = &hashes[n..];
-        let mut buf = vec![0u8; rest.len() * bs];
-        let base = buf.as_mut_ptr() as usize;
-        let addrs: Vec<usize> = (0..rest.len()).map(|i| base + i * bs).collect();
         let region = self.region()?;
-        // SAFETY: `buf` is ours, rest.len() blocks long, alive for the call.
-        let k = unsafe { self.fetch_remote(rest, &addrs, region.as_deref()) };
+        let mut buf: Vec<u8> = Vec::new();
+        let mut k = 0;
+        for chunk in hashes[n..].chunks(64) {
+            buf.resize(chunk.len() * bs, 0);
+            let base = buf.as_mut_ptr() as usize;
+            let addrs: Vec<usize> = (0..chunk.len()).map(|i| base + i * bs).collect();
+            // SAFETY: `buf` is ours, chunk.len() blocks long, alive for the call.
+            let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref()) };
+            k += got;
+            if got < chunk.len() {
+                break;
+            }
+        }
         drop(buf);
         if k == 0 {
             return Ok((id, n));
