@@ -131,15 +131,9 @@ def _count(name: str, v: Any, *, allow_zero: bool = True) -> int:
 _REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (for messages and reprs)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    auth, _, host = rest.rpartition("@")
-    if ":" in auth:
-        return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
-    return url
+#: ``url`` with its password replaced by ``***`` (for messages and reprs): the remote
+#: tier's own function, so a password is hidden the same way everywhere.
+redact_url = _core.redact_url
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,12 @@ fn fs_type(path: PathBuf) -> String {
     crate::disk::fs_type_of_path(&path)
 }
 
+/// A remote URL with its password replaced by `***` (for messages and reprs).
+#[pyfunction]
+fn redact_url(url: &str) -> String {
+    crate::remote::redact(url)
+}
+
 #[pyfunction]
 fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
@@ -74,6 +80,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(has_capability, m)?)?;
     m.add_function(wrap_pyfunction!(fs_type, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(redact_url, m)?)?;
     m.add_function(wrap_pyfunction!(settings::settings_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(settings::check_setting, m)?)?;
     errors::register(m)
