@@ -27,7 +27,7 @@ def layer_store(tmp_path: Path, layers: int = 2, host: int = 16, disk: int = 0, 
     layout = LayerStore.layout_for(layers, 4, ROW, "float32")
     cfg = Config(layout=layout, host_blocks=host, disk_blocks=disk, disk_dir=str(tmp_path),
                  numa_node=None, pin=False, **kw)
-    return LayerStore(cfg, layers)
+    return LayerStore(cfg)
 
 
 def kv_tensor(n_blocks: int, seed: int) -> np.ndarray:
@@ -204,7 +204,6 @@ def test_the_readme_vllm_configs_are_valid(tmp_path: Path, monkeypatch) -> None:
     import sys
     import types
 
-    from dynblock.vllm.keys import socket_path as _sp  # noqa: F401  (the module imports cleanly)
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "vllm" in b]

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, List
 
 import numpy as np
 

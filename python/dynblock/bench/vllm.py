@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import Case, Progress, Results
+from .common import Progress, Results
 
 BLOCK_TOKENS = 128  # vLLM's CPU backend
 MODELS: Dict[str, Dict[str, int]] = {

@@ -224,7 +224,7 @@ class DynblockConnector(KVConnectorBase_V1):
         if self._world > 1 and fields.get("disk_path"):
             fields["disk_path"] = f"{fields['disk_path']}.rank{rank}"
         cfg = Config.from_env(**fields, layout=layout)
-        self._store = LayerStore(cfg, len(names), lease_ttl_s=self._lease_ttl)
+        self._store = LayerStore(cfg, lease_ttl_s=self._lease_ttl)
         self._layers = {n: i for i, n in enumerate(names)}
         self._caches = dict(kv_caches)
         for n in names:

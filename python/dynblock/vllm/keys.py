@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from typing import Sequence
 
@@ -52,9 +53,7 @@ def runtime_dir() -> str:
     except FileExistsError:
         pass
     st = os.lstat(path)
-    import stat as _stat
-
-    if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         raise PermissionError(
             f"{path} must be a directory owned by uid {os.geteuid()} that only its owner may "
             f"write (it is uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}); remove it or set "

@@ -100,15 +100,14 @@ class _Staged:
 
 class LayerStore:
     """A :class:`~dynblock.BlockManager` holding one block per (engine block,
-    layer) of a model with ``layout`` (``per_layer=True``)."""
+    layer) of a model with ``config.layout`` (``per_layer=True``; its
+    ``num_layers`` is the model's depth)."""
 
-    def __init__(self, config: Config, num_layers: int, lease_ttl_s: float = 30.0) -> None:
+    def __init__(self, config: Config, lease_ttl_s: float = 30.0) -> None:
         if config.layout is None or not config.layout.per_layer:
             raise ValueError("LayerStore needs a Config with layout=KvLayout(..., per_layer=True)")
-        if config.layout.num_layers != num_layers:
-            raise ValueError(f"layout.num_layers is {config.layout.num_layers}, the model has {num_layers}")
         self.kv = BlockManager(config)
-        self.num_layers = num_layers
+        self.num_layers = config.layout.num_layers
         self.fingerprint = _layout_fingerprint(config)
         self.lease_ttl_s = lease_ttl_s
         self._held: Dict[str, _Held] = {}

@@ -36,7 +36,7 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 from ..config import Config
 from ..manager import BlockManager, Job
 from .keys import block_key
-from .store import split_extra_config
+from .store import CONNECTOR_OPTIONS, split_extra_config
 
 if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec, OffloadKey, ReqContext
@@ -71,8 +71,8 @@ class DynblockTier(SecondaryTierManager):
                  tier_type: str, backpressure_detector: Any = None, **config: Any) -> None:
         super().__init__(offloading_spec=offloading_spec, primary_kv_view=primary_kv_view,
                          tier_type=tier_type, backpressure_detector=backpressure_detector)
-        fields, opts = split_extra_config(config)
-        if opts != split_extra_config({})[1]:
+        fields, _ = split_extra_config(config)
+        if CONNECTOR_OPTIONS.keys() & config.keys():
             raise ValueError("lookup_timeout_ms and lease_ttl_s are DynblockConnector options; "
                              "DynblockTier runs in the scheduler and needs neither")
         view = primary_kv_view
