@@ -44,8 +44,23 @@ def ramfs_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def tiny_tmpfs() -> Iterator[Path]:
-    """A 16 MiB tmpfs mount, for running out of space."""
+    """A 16 MiB tmpfs mount, for running out of space (see :func:`fill_up`)."""
     yield from _mount("tmpfs", "size=16m")
+
+
+def fill_up(directory: Path) -> Path:
+    """Fill the filesystem of `directory` to the last byte with a file of zeros (unbuffered
+    writes: a short write takes what is left) and return that file; stops at ENOSPC."""
+    import errno
+
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import dynblock
 from dynblock import CapacityError, DiskStorage, EnvError, ODirectError
+from conftest import fill_up
 
 BS = 8192
 
@@ -246,14 +247,7 @@ def test_enospc_during_io_is_reported_and_storage_survives(tiny_tmpfs: Path, cle
     s = DiskStorage(tiny_tmpfs, 12, 1 << 20, preallocate="sparse")
     first = rand_blocks(1, 1 << 20, seed=5)
     s.write_blocks([0], first)
-    filler = tiny_tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+    filler = fill_up(tiny_tmpfs)
     with pytest.raises(OSError) as ei:
         s.write_blocks([5, 6, 7], rand_blocks(3, 1 << 20, seed=6))
     assert ei.value.errno == errno.ENOSPC

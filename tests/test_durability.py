@@ -19,8 +19,8 @@ from typing import List
 import numpy as np
 import pytest
 
-import dynblock
-from dynblock import BlockManager, Config, KvLayout, StoreLockedError
+from dynblock import BlockManager, KvLayout, StoreLockedError
+from conftest import fill_up
 
 BS = 4096
 
@@ -324,13 +324,7 @@ def test_enospc_in_an_eviction_batch_leaves_the_store_consistent(tiny_tmpfs: Pat
     m = BlockManager.open(str(path), block_size=bs, disk_blocks=12, host_blocks=2, numa_node=None,
                           pin=False, preallocate="sparse")
     m.put([1, 2, 3], np.concatenate([data_for(h, bs) for h in (1, 2, 3)]))  # 1 offloaded
-    filler = tiny_tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+    filler = fill_up(tiny_tmpfs)
     with pytest.raises(OSError) as ei:
         m.put([4, 5, 6], np.concatenate([data_for(h, bs) for h in (4, 5, 6)]))
     assert ei.value.errno == errno.ENOSPC

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynblock import BlockManager, Config
+from conftest import fill_up
 
 BS = 4096
 
@@ -510,13 +511,7 @@ def test_a_failed_write_behind_loses_nothing_and_breaks_nothing(tiny_tmpfs: Path
     cfg = Config(block_size=bs, host_blocks=8, disk_blocks=12, disk_dir=str(tiny_tmpfs),
                  numa_node=None, pin=False, preallocate="sparse")
     with BlockManager(cfg) as kv:
-        filler = tiny_tmpfs / "filler"
-        with open(filler, "wb", buffering=0) as f:  # the sparse disk tier has nowhere to go
-            try:
-                while True:
-                    f.write(b"\0" * bs)
-            except OSError:
-                pass
+        filler = fill_up(tiny_tmpfs)  # the sparse disk tier has nowhere to go
         blocks = [np.random.default_rng(h).integers(0, 256, bs, dtype=np.uint8) for h in range(8)]
         with caplog.at_level(logging.WARNING, logger="dynblock"):
             assert kv.put(list(range(8)), np.concatenate(blocks)) == 8

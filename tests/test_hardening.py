@@ -17,7 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import pytest
@@ -25,6 +25,7 @@ import pytest
 import dynblock
 from dynblock import BlockManager, Config, DiskStorage, HostStorage, KvLayout, doctor
 
+from conftest import fill_up
 from test_topology import env_with, fake_nvidia_smi, load
 
 BS = 4096
@@ -124,14 +125,7 @@ def test_d2_clear_and_remove_on_a_full_filesystem_change_nothing(tiny_tmpfs: Pat
         m.put([500], data_for(500))
         m.remove([500])
     assert index.stat().st_size == 4096 and len(m) == 10
-    filler = tiny_tmpfs / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 16))
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+    filler = fill_up(tiny_tmpfs)
     with pytest.raises(OSError) as e:
         m.remove([3])
     assert e.value.errno == errno.ENOSPC

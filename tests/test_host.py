@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import dynblock
-from dynblock import HostStorage, NumaError, PinError
+from dynblock import HostStorage, NumaError
 from dynblock.cuda import MAX_REGISTER_CHUNK, chunks
 
 MiB = 1 << 20

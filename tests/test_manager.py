@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-import dynblock
 from dynblock import BlockManager, Config
+from conftest import fill_up
+from redis_servers import Server
 
 
 class PolicyModel:
@@ -332,39 +333,19 @@ TestManagerModel = ManagerMachine.TestCase
 
 # --- the same model with a remote tier below (a real redis-server) -----------------------
 
-_REDIS: Dict[str, object] = {}
+_REDIS: "Dict[str, Server]" = {}
 
 
-def _redis_port() -> int:
-    """One redis-server on a loopback port for this module's remote machines (stopped at exit)."""
-    if "port" not in _REDIS:
+def _redis() -> "Server":
+    """One redis-server for this module's remote machines (hypothesis state machines take no
+    fixtures), stopped when the interpreter exits."""
+    if "server" not in _REDIS:
         import atexit
-        import socket
-        import subprocess
-        import time
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        d = tempfile.mkdtemp(prefix="dynblock-redis-")
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--dir", d, "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-
-        def stop() -> None:
-            proc.terminate()
-            proc.wait(timeout=10)
-            shutil.rmtree(d, ignore_errors=True)
-
-        atexit.register(stop)
-        _REDIS.update(port=port, proc=proc)
-    return int(_REDIS["port"])  # type: ignore[call-overload]
+        d = Path(tempfile.mkdtemp(prefix="dynblock-redis-"))
+        _REDIS["server"] = server = Server(d, [])
+        atexit.register(lambda: (server.stop(), shutil.rmtree(d, ignore_errors=True)))
+    return _REDIS["server"]
 
 
 class RemoteManagerMachine(ManagerMachine):
@@ -383,8 +364,8 @@ class RemoteManagerMachine(ManagerMachine):
 
         self.remote: Dict[int, bytes] = {}
         self.prefix = f"model-{uuid.uuid4().hex[:12]}"
-        self.port = _redis_port()
-        self.open(caps, block_size, o_direct, remote=f"redis://127.0.0.1:{self.port}",
+        self.redis = _redis()
+        self.open(caps, block_size, o_direct, remote=f"redis://127.0.0.1:{self.redis.port}",
                   remote_prefix=self.prefix, remote_write="sync", remote_timeout_ms=5000)
 
     def _continue(self, hashes, n) -> list:
@@ -427,11 +408,7 @@ class RemoteManagerMachine(ManagerMachine):
         if not self.remote:
             return
         gone = data.draw(st.lists(st.sampled_from(sorted(self.remote)), min_size=1, max_size=4))
-        import subprocess
-
-        keys = [f"{self.prefix}:{0:016x}:{self.bs}:{h:016x}" for h in gone]
-        subprocess.run(["redis-cli", "-p", str(self.port), "DEL", *keys], check=True,
-                       capture_output=True)
+        self.redis.cli("DEL", *[f"{self.prefix}:{0:016x}:{self.bs}:{h:016x}" for h in gone])
         for h in gone:
             self.remote.pop(h, None)
 
@@ -599,14 +576,7 @@ def test_failed_offload_registers_nothing(tiny_tmpfs: Path) -> None:
                  numa_node=None, pin=False, preallocate="sparse", write_behind=False)
     m = BlockManager(cfg)
     m.put([1, 2], np.concatenate([block_for(1, bs), block_for(2, bs)]))
-    filler = tiny_tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * bs)
-                f.flush()
-        except OSError:
-            pass
+    filler = fill_up(tiny_tmpfs)
     with pytest.raises(OSError) as ei:
         m.put([3, 4], np.concatenate([block_for(3, bs), block_for(4, bs)]))
     assert ei.value.errno == 28  # ENOSPC

@@ -6,17 +6,13 @@ redis-server (`.ci/run` installs Debian's)."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import numpy as np
 import pytest
@@ -24,81 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynblock import BlockManager, Config, RemoteError
+from redis_servers import Server, need
 
 BS = 4096
-
-
-def _need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (apt-get install redis-server redis-tools)")
-    return path
-
-
-def _free_port() -> int:
-    # At most 55535: a cluster node also listens on its port + 10000.
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port <= 55535:
-            return port
-    raise RuntimeError("no free loopback port at or below 55535")
-
-
-class Server:
-    """One redis-server process on 127.0.0.1, in its own directory."""
-
-    def __init__(self, directory: Path, extra: List[str], port: Optional[int] = None,
-                 tls: bool = False) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
-        self.extra = extra
-        self.tls = tls
-        self.proc: Optional[subprocess.Popen] = None
-        self.start()
-
-    def start(self) -> None:
-        port_args = (["--port", "0", "--tls-port", str(self.port)] if self.tls
-                     else ["--port", str(self.port)])
-        self.proc = subprocess.Popen(
-            [_need("redis-server"), *port_args, "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra],
-            stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.dir / 'log').read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start listening")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def cli(self, *args: str, user: Optional[str] = None, password: Optional[str] = None) -> str:
-        cmd = [_need("redis-cli"), "-p", str(self.port)]
-        if user:
-            cmd += ["--user", user]
-        if password:
-            cmd += ["--pass", password, "--no-auth-warning"]
-        r = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=30)
-        assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
 
 
 @pytest.fixture
@@ -131,8 +55,7 @@ _READER = textwrap.dedent("""
     out = np.zeros(n * bs, np.uint8)
     got = m.get(list(range(1000, 1000 + n)), out)
     s = m.stats()
-    print(json.dumps({"got": got, "digest": out.tobytes().hex()[:0] or int(out.sum()),
-                      "same": None, "hits": s["remote_hits"], "local": len(m)}))
+    print(json.dumps({"got": got, "hits": s["remote_hits"], "local": len(m)}))
     np.save(sys.argv[4], out)
     m.close()
 """)
@@ -217,7 +140,7 @@ def test_a_corrupt_value_is_detected_counted_deleted_never_served(redis: Server,
     with manager(url) as a:
         a.put([2], blocks([2]))
         a.flush()
-    raw = subprocess.run([_need("redis-cli"), "-p", str(redis.port), "--no-raw", "GETRANGE", key,
+    raw = subprocess.run([need("redis-cli"), "-p", str(redis.port), "--no-raw", "GETRANGE", key,
                           "40", "40"], capture_output=True, text=True).stdout
     assert raw  # the value exists again
     redis.cli("SETRANGE", key, "40", "\x01" if raw.strip() != '"\\x01"' else "\x02")
@@ -329,7 +252,7 @@ def test_wrong_password_and_bad_urls_fail_at_open_without_the_password(tmp_path:
 
 
 def _make_ca(d: Path) -> "tuple[Path, Path, Path, Path]":
-    _need("openssl")
+    need("openssl")
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt"))
 
@@ -379,12 +302,12 @@ def test_tls_with_a_ca_file_and_a_wrong_ca(tmp_path: Path) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[List[Server]]:
-    _need("redis-cli")
+    need("redis-cli")
     nodes = [Server(tmp_path / f"c{i}", ["--cluster-enabled", "yes", "--cluster-config-file",
                                          "nodes.conf", "--cluster-node-timeout", "2000"])
              for i in range(3)]
     try:
-        r = subprocess.run([_need("redis-cli"), "--cluster", "create",
+        r = subprocess.run([need("redis-cli"), "--cluster", "create",
                             *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", "0",
                             "--cluster-yes"], capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
