@@ -16,10 +16,11 @@
 //! - **Secrets**: the password (from the URL) never appears in
 //!   [`RemoteTier::display_url`], counters, warnings or errors: every
 //!   message is scrubbed of it.
-//! - **Writes in the background**: [`RemoteTier::enqueue`] copies blocks
-//!   into a bounded queue (`queue_bytes`) drained by one writer thread in
-//!   pipelined batches; when the queue is full, blocks are skipped and
-//!   counted, and the caller never waits.
+//! - **Writes in the background**: [`RemoteTier::enqueue`] queues hashes
+//!   (bounded by `queue_bytes` of blocks) for one writer thread, which
+//!   reads each block from the local tiers straight into the command that
+//!   carries it and streams pipelined batches; when the queue is full,
+//!   blocks are skipped and counted, and the caller never waits.
 //!
 //! `unsafe` here only reads and writes callers' blocks given as addresses
 //! (the manager checked them, as for the local tiers).
@@ -43,6 +44,8 @@ const VERSION: u16 = 1;
 pub const HEADER: usize = 32;
 /// Commands per pipelined round trip.
 const PIPELINE: usize = 64;
+/// Bytes of commands gathered before each socket write when storing.
+const STREAM_BYTES: usize = 1 << 20;
 /// Connections one fetch uses at once.
 const FETCH_THREADS: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -132,9 +135,22 @@ struct Queue {
 /// Where the background writer reads the bytes of the blocks it sends: the
 /// local tiers of the manager the remote belongs to.
 pub trait LocalSource: Send + Sync {
-    /// Copy block `h` into `dst` (block_size bytes) when the local tiers
-    /// hold it, changing nothing else (no recency, no promotion).
-    fn read_local(&self, h: u64, dst: &mut [u8]) -> bool;
+    /// Hand block `h`'s bytes to `f` when the local tiers hold it, changing
+    /// nothing else (no recency, no promotion): a host-tier block in place
+    /// (its slot held meanwhile), a disk-tier block read into `scratch`.
+    /// False when the block is not held.
+    fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool;
+}
+
+/// `read(i, f)`: hand block `i`'s bytes to `f`; false when it is gone.
+type ReadBlock<'a> = dyn FnMut(usize, &mut dyn FnMut(&[u8])) -> bool + 'a;
+
+/// Buffers a storing thread reuses from batch to batch (no allocation or
+/// page fault per block once they have grown).
+#[derive(Default)]
+struct Writer {
+    cmd: redis::Cmd,
+    packed: Vec<u8>,
 }
 
 /// One remote store (see the module docs).
@@ -460,23 +476,35 @@ impl RemoteTier {
         }
     }
 
-    fn encode(&self, h: u64, block: &[u8]) -> Vec<u8> {
-        let mut v = vec![0u8; HEADER + block.len()];
-        v[HEADER..].copy_from_slice(block);
-        self.fill_header(h, &mut v);
-        v
-    }
-
-    /// Write the header of a value whose block is already at `v[HEADER..]`.
-    fn fill_header(&self, h: u64, v: &mut [u8]) {
-        let c = block_crc(h, &v[HEADER..]);
+    /// The header of block `h`'s value.
+    fn header(&self, h: u64, block: &[u8]) -> [u8; HEADER] {
+        let mut v = [0u8; HEADER];
         v[..4].copy_from_slice(MAGIC);
         v[4..6].copy_from_slice(&VERSION.to_le_bytes());
         v[6..8].copy_from_slice(&(HEADER as u16).to_le_bytes());
         v[8..12].copy_from_slice(&(self.opts.block_size as u32).to_le_bytes());
-        v[12..16].copy_from_slice(&c.to_le_bytes());
+        v[12..16].copy_from_slice(&block_crc(h, block).to_le_bytes());
         v[16..24].copy_from_slice(&h.to_le_bytes());
         v[24..32].copy_from_slice(&self.opts.layout.to_le_bytes());
+        v
+    }
+
+    /// `cmd` becomes `SET key value [EX ttl]` for block `h`: the header and
+    /// the block written straight into the command's buffer (one copy).
+    fn set_command(&self, cmd: &mut redis::Cmd, h: u64, block: &[u8]) {
+        use redis::RedisWrite;
+        use std::io::Write;
+        cmd.clear();
+        cmd.arg("SET").arg(self.key(h));
+        {
+            let mut w = cmd.writer_for_next_arg();
+            // Writing into a Vec cannot fail.
+            let _ = w.write_all(&self.header(h, block));
+            let _ = w.write_all(block);
+        }
+        if let Some(s) = self.opts.ttl_s {
+            cmd.arg("EX").arg(s);
+        }
     }
 
     /// The block in a value, if every check passes.
@@ -616,35 +644,88 @@ impl RemoteTier {
     /// Every `src[i]` is valid for reads of `block_size` bytes.
     pub unsafe fn store(&self, hashes: &[u64], src: &[usize]) -> usize {
         let bs = self.opts.block_size;
-        let items: Vec<(u64, Vec<u8>)> = hashes
-            .iter()
-            .zip(src)
-            .map(|(&h, &a)| {
-                // SAFETY: forwarded from the caller.
-                let block = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
-                (h, self.encode(h, block))
-            })
-            .collect();
-        self.store_encoded(&items)
+        let mut w = Writer::default();
+        self.store_from(&mut w, hashes, &mut |i, f| {
+            // SAFETY: forwarded from the caller.
+            f(unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) });
+            true
+        })
     }
 
-    fn store_encoded(&self, items: &[(u64, Vec<u8>)]) -> usize {
-        let mut n = 0;
-        for chunk in items.chunks(self.chunk_len()) {
-            let pairs: Vec<(String, &[u8])> =
-                chunk.iter().map(|(h, v)| (self.key(*h), &v[..])).collect();
-            let ttl = self.opts.ttl_s;
-            if self.with_conn(|c| set_many(c, &pairs, ttl)).is_none() {
-                // Down (or went down now): the rest of the batch is skipped.
-                self.stats
-                    .skipped
-                    .fetch_add((items.len() - n) as u64, Ordering::Relaxed);
+    /// Store `hashes` in pipelined batches, block `i`'s bytes being what
+    /// `read(i, f)` hands to `f` (false: the block is gone, skipped). Each
+    /// value is built once, in the command that carries it; to one server
+    /// the commands stream out in ~1 MiB writes (a buffer that stays in
+    /// cache) and the answers are read after each batch. Returns how many
+    /// were stored; the rest are counted as skipped.
+    fn store_from(&self, w: &mut Writer, hashes: &[u64], read: &mut ReadBlock<'_>) -> usize {
+        let mut stored = 0;
+        let mut start = 0;
+        for chunk in hashes.chunks(self.chunk_len()) {
+            let done = self.with_conn(|c| {
+                let mut sent = 0;
+                match c {
+                    Conn::One(con) => {
+                        w.packed.clear();
+                        for (k, &h) in chunk.iter().enumerate() {
+                            let ok = read(start + k, &mut |block| {
+                                self.set_command(&mut w.cmd, h, block);
+                                w.cmd.write_packed_command(&mut w.packed);
+                            });
+                            if !ok {
+                                continue;
+                            }
+                            sent += 1;
+                            if w.packed.len() >= STREAM_BYTES {
+                                con.send_packed_command(&w.packed)?;
+                                w.packed.clear();
+                            }
+                        }
+                        if !w.packed.is_empty() {
+                            con.send_packed_command(&w.packed)?;
+                        }
+                        let mut first_error = None;
+                        for _ in 0..sent {
+                            if let Err(e) = con.recv_response()?.extract_error() {
+                                first_error.get_or_insert(e);
+                            }
+                        }
+                        if let Some(e) = first_error {
+                            return Err(e);
+                        }
+                    }
+                    Conn::Cluster(c) => {
+                        let mut p = redis::cluster::cluster_pipe();
+                        for (k, &h) in chunk.iter().enumerate() {
+                            let mut cmd = redis::Cmd::new();
+                            if !read(start + k, &mut |block| self.set_command(&mut cmd, h, block)) {
+                                continue;
+                            }
+                            p.add_command(cmd).ignore();
+                            sent += 1;
+                        }
+                        if sent > 0 {
+                            p.query::<()>(c.as_mut())?;
+                        }
+                    }
+                }
+                Ok(sent)
+            });
+            let Some(sent) = done else {
+                // Down (or went down now): the rest is skipped.
                 break;
-            }
-            n += chunk.len();
+            };
+            stored += sent;
+            start += chunk.len();
         }
-        self.stats.stored.fetch_add(n as u64, Ordering::Relaxed);
-        n
+        let skipped = hashes.len() - stored;
+        self.stats
+            .stored
+            .fetch_add(stored as u64, Ordering::Relaxed);
+        self.stats
+            .skipped
+            .fetch_add(skipped as u64, Ordering::Relaxed);
+        stored
     }
 
     /// Where the background writer reads queued blocks (set once).
@@ -745,7 +826,8 @@ impl Drop for RemoteTier {
 }
 
 fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut w = Writer::default();
+    let mut scratch = Vec::new();
     loop {
         let Some(t) = weak.upgrade() else { return };
         let batch: Vec<u64> = {
@@ -768,27 +850,15 @@ fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
             q.items.drain(..n).collect()
         };
         crate::io::lower_priority(t.writer_nice.load(Ordering::Relaxed));
-        let bs = t.opts.block_size;
-        let source = t.source.get().and_then(|w| w.upgrade());
-        let mut items = Vec::with_capacity(batch.len());
-        for h in batch.iter().copied() {
-            // Read straight into the value, after its header: one copy.
-            let mut v = std::mem::take(&mut buf);
-            v.resize(HEADER + bs, 0);
-            if source
+        let source = t.source.get().and_then(|s| s.upgrade());
+        // Each block goes from the local tiers straight into its command; a
+        // block gone from them before its turn is skipped.
+        t.store_from(&mut w, &batch, &mut |i, f| {
+            source
                 .as_ref()
-                .is_some_and(|s| s.read_local(h, &mut v[HEADER..]))
-            {
-                t.fill_header(h, &mut v);
-                items.push((h, v));
-            } else {
-                buf = v;
-                // Gone from the local tiers before its turn: nothing to send.
-                t.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+                .is_some_and(|s| s.with_local(batch[i], &mut scratch, f))
+        });
         drop(source);
-        t.store_encoded(&items);
         let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.busy = false;
         drop(q);
@@ -842,35 +912,6 @@ fn get_many(c: &mut Conn, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> 
             for k in keys {
                 p.get(k);
             }
-            p.query(c.as_mut())
-        }
-    }
-}
-
-fn set_many(c: &mut Conn, pairs: &[(String, &[u8])], ttl: Option<u64>) -> RedisResult<()> {
-    macro_rules! fill {
-        ($p:expr) => {{
-            for (k, v) in pairs {
-                match ttl {
-                    Some(s) => {
-                        $p.set_ex(k, *v, s).ignore();
-                    }
-                    None => {
-                        $p.set(k, *v).ignore();
-                    }
-                }
-            }
-        }};
-    }
-    match c {
-        Conn::One(c) => {
-            let mut p = redis::pipe();
-            fill!(p);
-            p.query(c)
-        }
-        Conn::Cluster(c) => {
-            let mut p = redis::cluster::cluster_pipe();
-            fill!(p);
             p.query(c.as_mut())
         }
     }

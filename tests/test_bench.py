@@ -113,6 +113,13 @@ def test_goals_follow_the_ratios() -> None:
     by = {g["goal"]: g for g in goals}
     assert by["2 MiB random reads >= 0.9x fio's best depth"]["met"] is True
     assert by["cold reads at least as fast as naive buffered Python (2 MiB)"]["met"] is False
+    # An upper bound (a time over its baseline's): met at or below the threshold.
+    put = Case("remote", "dynblock-async", "put-32", dict(block_size=256 << 10))
+    put.values = [1.0]
+    for ratio, met in ((1.1, True), (1.3, False)):
+        put.ratios = {"vs_no_remote": ratio}
+        (g,) = evaluate_goals([put])
+        assert g["met"] is met and g["threshold"] == 1.2
 
 
 def test_clear_message_when_fio_is_missing(tmp_path: Path) -> None:
@@ -240,7 +247,7 @@ def test_remote_workload_runs_against_real_servers(tmp_path: Path) -> None:
     assert ("dynblock", "get", 256 << 10) in got and ("dynblock", "get", 2 << 20) in got
     assert ("dynblock-async", "put-32", 256 << 10) in got
     async_put = res.find("remote", "dynblock-async", "put-32", block_size=256 << 10)
-    assert async_put is not None and "no_remote_over_async" in async_put.ratios
+    assert async_put is not None and "vs_no_remote" in async_put.ratios
     cluster = res.find("remote", "3-master-cluster", "get-4-threads", block_size=256 << 10)
     assert cluster is None or "vs_1_server" in cluster.ratios  # absent only with a note
     assert cluster is not None or res.notes

@@ -84,6 +84,34 @@ def test_blocks_put_by_one_process_come_back_in_another(redis: Server, tmp_path:
     assert np.array_equal(out, blocks(hs))
 
 
+def test_background_writes_read_blocks_from_host_and_disk_and_skip_dropped_ones(
+        redis: Server, tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = list(range(1000, 1040))
+    # 2 host slots: most blocks are on disk when the writer reads them back.
+    with manager(url, host_blocks=2, disk_blocks=64, disk_dir=str(tmp_path)) as a:
+        assert a.put(hs, blocks(hs)) == 40
+        a.flush()
+        assert a.stats()["remote_stored"] == 40
+    info, out = read_in_another_process(url, 40, tmp_path)
+    assert info["got"] == 40 and np.array_equal(out, blocks(hs))
+    # Blocks gone from the local tiers before the writer reads them are
+    # skipped, never sent with other bytes: a host-only tier of 2 slots, one
+    # put of 40 (the writer starts after the put, when 38 are already gone).
+    redis.cli("FLUSHALL")
+    with manager(url, host_blocks=2) as b:
+        b.put(hs, blocks(hs))
+        b.flush()
+        s = b.stats()
+        assert s["remote_stored"] + s["remote_skipped"] == 40 and s["remote_skipped"] >= 38
+        stored = int(redis.cli("DBSIZE"))
+        assert stored == s["remote_stored"]
+    sent = hs[len(hs) - stored:]  # the blocks still held when the writer ran: the last ones
+    with manager(url, host_blocks=40) as c:
+        out = np.zeros(len(sent) * BS, np.uint8)
+        assert c.get(sent, out) == stored and np.array_equal(out, blocks(sent))
+
+
 def test_match_lookup_and_get_continue_past_the_local_tiers(redis: Server) -> None:
     url = f"redis://127.0.0.1:{redis.port}"
     hs = list(range(10))

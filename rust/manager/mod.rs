@@ -1578,17 +1578,35 @@ impl BlockManager {
 }
 
 impl LocalSource for BlockManager {
-    fn read_local(&self, h: u64, dst: &mut [u8]) -> bool {
-        if dst.len() != self.block_size {
-            return false;
-        }
-        let (Ok(region), Ok(st)) = (self.region(), self.open_state()) else {
+    fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
+        let (Ok(region), Ok(mut st)) = (self.region(), self.open_state()) else {
             return false;
         };
-        let addr = [dst.as_mut_ptr() as usize];
-        // SAFETY: `dst` is the caller's exclusive buffer of block_size bytes.
+        if let (Some(region), Some((true, slot))) = (region.as_deref(), st.readable(h)) {
+            // In the host tier: read in place, the slot pinned meanwhile.
+            st.host.as_mut().expect("host tier").pin(slot);
+            drop(st);
+            let host = self.host.as_ref().expect("host tier");
+            // SAFETY: the slot holds h's bytes, in place (readable: not
+            // filling); pinned, it is neither evicted nor reused (nor written)
+            // until unpinned below; `region` (held) maps it.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(host.slot_ptr(region, slot as u64), self.block_size)
+            };
+            f(bytes);
+            self.lock().host.as_mut().expect("host tier").unpin(slot);
+            return true;
+        }
+        scratch.resize(self.block_size, 0);
+        let addr = [scratch.as_mut_ptr() as usize];
+        // SAFETY: `scratch` is this call's exclusive buffer of block_size bytes.
         let r = unsafe { self.get_locked(st, &[h], &addr, region.as_deref(), false) };
-        matches!(r, Ok(1))
+        if matches!(r, Ok(1)) {
+            f(scratch);
+            true
+        } else {
+            false
+        }
     }
 }
 
