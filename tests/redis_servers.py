@@ -1,6 +1,6 @@
-"""Real redis-server processes on loopback ports for the tests (test_remote.py, the remote
-model machine in test_manager.py): started in a directory of their own, stopped by the test.
-A missing redis-server or redis-cli skips the test that needs it, saying so."""
+"""Real Redis or Valkey server processes on loopback ports for the tests (test_remote.py, the
+remote model machine in test_manager.py): started in a directory of their own, stopped by the
+test. A missing server or cli skips the test that needs it, saying so."""
 
 from __future__ import annotations
 
@@ -15,10 +15,19 @@ from typing import List, Optional
 import pytest
 
 
+# The servers the remote tier is tested against: one protocol, two implementations.
+KINDS = ("redis", "valkey")
+_INSTALL = {
+    "redis": "apt-get install redis-server redis-tools",
+    "valkey": "on Debian 12: apt-get install -t bookworm-backports valkey-server valkey-tools",
+}
+
+
 def need(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        pytest.skip(f"{tool} is not installed (apt-get install redis-server redis-tools)")
+        kind = tool.split("-")[0]
+        pytest.skip(f"{tool} is not installed ({_INSTALL.get(kind, 'apt-get install ' + tool)})")
     return path
 
 
@@ -34,10 +43,11 @@ def free_port() -> int:
 
 
 class Server:
-    """One redis-server process on 127.0.0.1, in its own directory."""
+    """One server process (``kind``: "redis" or "valkey") on 127.0.0.1, in its own directory."""
 
     def __init__(self, directory: Path, extra: List[str], port: Optional[int] = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, kind: str = "redis") -> None:
+        self.kind = kind
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -50,19 +60,19 @@ class Server:
         port_args = (["--port", "0", "--tls-port", str(self.port)] if self.tls
                      else ["--port", str(self.port)])
         self.proc = subprocess.Popen(
-            [need("redis-server"), *port_args, "--bind", "127.0.0.1", "--dir", str(self.dir),
+            [need(f"{self.kind}-server"), *port_args, "--bind", "127.0.0.1", "--dir", str(self.dir),
              "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra],
             stdout=open(self.dir / "log", "ab"), stderr=subprocess.STDOUT)
         deadline = time.time() + 20
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.dir / 'log').read_text()[-2000:]}")
+                raise RuntimeError(f"{self.kind}-server exited: {(self.dir / 'log').read_text()[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start listening")
+        raise RuntimeError(f"{self.kind}-server did not start listening")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -78,7 +88,7 @@ class Server:
                 self.kill()
 
     def cli(self, *args: str, user: Optional[str] = None, password: Optional[str] = None) -> str:
-        cmd = [need("redis-cli"), "-p", str(self.port)]
+        cmd = [need(f"{self.kind}-cli"), "-p", str(self.port)]
         if user:
             cmd += ["--user", user]
         if password:

@@ -1,7 +1,7 @@
-"""The remote tier against real Redis servers started here on loopback ports (no mocks):
-standalone, with an ACL user and password, with TLS (a CA made in the test), and a
-3-master cluster made with `redis-cli --cluster create`. Skips, saying why, without
-redis-server (`.ci/run` installs Debian's)."""
+"""The remote tier against real servers started here on loopback ports (no mocks), each test
+against Redis and against Valkey: standalone, with an ACL user and password, with TLS (a CA
+made in the test), and a 3-master cluster made with `redis-cli --cluster create` (or
+valkey-cli's). Skips, saying why, without the server (`.ci/run` installs Debian's)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynblock import BlockManager, Config, RemoteError
-from redis_servers import Server, need
+from redis_servers import KINDS, Server, need
 
 BS = 4096
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Server]:
-    s = Server(tmp_path / "redis", [])
+@pytest.fixture(params=KINDS)
+def redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """A Redis server, then (a second run of the test) a Valkey server."""
+    s = Server(tmp_path / "redis", [], kind=request.param)
     yield s
     s.stop()
 
@@ -194,9 +195,10 @@ def test_remote_write_modes(redis: Server) -> None:
     assert 0 < ttl <= 100
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
-        tmp_path: Path, caplog) -> None:
-    srv = Server(tmp_path / "r", [])
+        tmp_path: Path, caplog, kind: str) -> None:
+    srv = Server(tmp_path / "r", [], kind=kind)
     url = f"redis://127.0.0.1:{srv.port}"
     try:
         with caplog.at_level(logging.WARNING, logger="dynblock"):
@@ -245,11 +247,12 @@ def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
         srv.stop()
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_wrong_password_and_bad_urls_fail_at_open_without_the_password(tmp_path: Path,
-                                                                        caplog) -> None:
+                                                                        caplog, kind: str) -> None:
     conf = tmp_path / "acl.conf"
     conf.write_text("user default off\nuser alice on >s3cret-pw ~* &* +@all\n")
-    srv = Server(tmp_path / "acl", ["--aclfile", str(conf)])
+    srv = Server(tmp_path / "acl", ["--aclfile", str(conf)], kind=kind)
     try:
         good = f"redis://alice:s3cret-pw@127.0.0.1:{srv.port}"
         with caplog.at_level(logging.DEBUG, logger="dynblock"):
@@ -303,11 +306,12 @@ def _make_ca(d: Path) -> "tuple[Path, Path, Path, Path]":
     return ca, crt, key, other / "ca.crt"
 
 
-def test_tls_with_a_ca_file_and_a_wrong_ca(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_tls_with_a_ca_file_and_a_wrong_ca(tmp_path: Path, kind: str) -> None:
     ca, crt, key, wrong_ca = _make_ca(tmp_path / "pki")
     srv = Server(tmp_path / "tls", ["--tls-cert-file", str(crt), "--tls-key-file", str(key),
                                     "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
-                 tls=True)
+                 tls=True, kind=kind)
     try:
         url = f"rediss://127.0.0.1:{srv.port}"
         hs = list(range(8))
@@ -328,18 +332,19 @@ def test_tls_with_a_ca_file_and_a_wrong_ca(tmp_path: Path) -> None:
         srv.stop()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[List[Server]]:
-    need("redis-cli")
+@pytest.fixture(params=KINDS)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[List[Server]]:
+    kind = request.param
+    cli = need(f"{kind}-cli")
     nodes = [Server(tmp_path / f"c{i}", ["--cluster-enabled", "yes", "--cluster-config-file",
-                                         "nodes.conf", "--cluster-node-timeout", "2000"])
+                                         "nodes.conf", "--cluster-node-timeout", "2000"], kind=kind)
              for i in range(3)]
     try:
-        r = subprocess.run([need("redis-cli"), "--cluster", "create",
+        r = subprocess.run([cli, "--cluster", "create",
                             *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", "0",
                             "--cluster-yes"], capture_output=True, text=True, timeout=60)
         if r.returncode != 0:
-            pytest.skip(f"redis-cli --cluster create failed here: {r.stdout[-500:]} {r.stderr[-500:]}")
+            pytest.skip(f"{kind}-cli --cluster create failed here: {r.stdout[-500:]} {r.stderr[-500:]}")
         deadline = time.time() + 30
         while "cluster_state:ok" not in nodes[0].cli("CLUSTER", "INFO"):
             assert time.time() < deadline, "the cluster never became ok"
