@@ -111,6 +111,12 @@ struct Health {
     down: bool,
     until: Option<Instant>,
     backoff: Duration,
+    /// The server answers but refuses writes (OOM at `maxmemory`, a
+    /// read-only replica, ...): writes are skipped until `refused_until`,
+    /// reads go on.
+    refusing: bool,
+    refused_until: Option<Instant>,
+    refused_backoff: Duration,
 }
 
 /// Counters, as `stats()` shows them.
@@ -373,6 +379,60 @@ impl RemoteTier {
     /// Whether the tier is marked down (calls skip it until the backoff ends).
     pub fn is_down(&self) -> bool {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).down
+    }
+
+    /// Whether the server refused the last writes (see [`Self::store`]).
+    pub fn is_refusing_writes(&self) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refusing
+    }
+
+    /// Writes are skipped now: the tier is down or refusing them.
+    fn writes_paused(&self) -> bool {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        (h.down && h.until.is_some_and(|u| now < u))
+            || (h.refusing && h.refused_until.is_some_and(|u| now < u))
+    }
+
+    /// The server answered a write with an error: skip writes for a backoff
+    /// (250 ms, doubling to 10 s while it keeps refusing); one warning.
+    fn refused(&self, why: &str) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.refused_backoff = if h.refusing {
+            (h.refused_backoff * 2).min(BACKOFF_MAX)
+        } else {
+            BACKOFF_MIN
+        };
+        h.refused_until = Some(Instant::now() + h.refused_backoff);
+        if !h.refusing {
+            h.refusing = true;
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "remote tier {} refuses writes ({}): blocks are not sent there for a while \
+                     (retried with backoff); reads go on. A server used as a cache wants \
+                     `maxmemory-policy allkeys-lru` (or remote_ttl_s with a volatile-* policy)",
+                    self.shown,
+                    self.scrub(&why)
+                ));
+        }
+    }
+
+    fn accepted(&self) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.refusing {
+            h.refusing = false;
+            h.refused_until = None;
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("remote tier {} accepts writes again", self.shown));
+        }
     }
 
     pub fn take_warnings(&self) -> Vec<String> {
@@ -661,9 +721,15 @@ impl RemoteTier {
     fn store_from(&self, w: &mut Writer, hashes: &[u64], read: &mut ReadBlock<'_>) -> usize {
         let mut stored = 0;
         let mut start = 0;
+        let mut refusal = None;
         for chunk in hashes.chunks(self.chunk_len()) {
+            if self.writes_paused() {
+                break;
+            }
+            // (blocks the server took, its first refusal)
             let done = self.with_conn(|c| {
                 let mut sent = 0;
+                let mut refused: Option<String> = None;
                 match c {
                     Conn::One(con) => {
                         w.packed.clear();
@@ -684,13 +750,21 @@ impl RemoteTier {
                         if !w.packed.is_empty() {
                             con.send_packed_command(&w.packed)?;
                         }
-                        let mut first_error = None;
-                        for _ in 0..sent {
+                        // Every answer is read (the connection stays in step);
+                        // the ones that are errors were refused.
+                        let n = sent;
+                        let mut failure = None;
+                        for _ in 0..n {
                             if let Err(e) = con.recv_response()?.extract_error() {
-                                first_error.get_or_insert(e);
+                                sent -= 1;
+                                if !is_refusal(&e) {
+                                    failure.get_or_insert(e);
+                                } else if refused.is_none() {
+                                    refused = Some(refusal_text(e, 1).1);
+                                }
                             }
                         }
-                        if let Some(e) = first_error {
+                        if let Some(e) = failure {
                             return Err(e);
                         }
                     }
@@ -705,18 +779,35 @@ impl RemoteTier {
                             sent += 1;
                         }
                         if sent > 0 {
-                            p.query::<()>(c.as_mut())?;
+                            if let Err(e) = p.query::<()>(c.as_mut()) {
+                                if !is_refusal(&e) {
+                                    return Err(e);
+                                }
+                                // The error lists the commands refused.
+                                let (failed, why) = refusal_text(e, sent);
+                                sent -= failed;
+                                refused = Some(why);
+                            }
                         }
                     }
                 }
-                Ok(sent)
+                Ok((sent, refused))
             });
-            let Some(sent) = done else {
+            let Some((sent, refused)) = done else {
                 // Down (or went down now): the rest is skipped.
                 break;
             };
             stored += sent;
             start += chunk.len();
+            if let Some(why) = refused {
+                refusal = Some(why);
+                break;
+            }
+        }
+        match refusal {
+            Some(why) => self.refused(&why),
+            None if stored > 0 => self.accepted(),
+            None => {}
         }
         let skipped = hashes.len() - stored;
         self.stats
@@ -738,7 +829,7 @@ impl RemoteTier {
     /// for the network). Blocks that do not fit the queue (`queue_bytes`),
     /// or arrive while the tier is down, are skipped and counted.
     pub fn enqueue(&self, hashes: &[u64]) -> usize {
-        if self.is_down_now() || self.source.get().is_none() {
+        if self.writes_paused() || self.source.get().is_none() {
             self.stats
                 .skipped
                 .fetch_add(hashes.len() as u64, Ordering::Relaxed);
@@ -756,11 +847,6 @@ impl RemoteTier {
         }
         self.queue_cv.notify_all();
         room
-    }
-
-    fn is_down_now(&self) -> bool {
-        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.down && h.until.is_some_and(|u| Instant::now() < u)
     }
 
     /// Wait until the background queue is written (or given up on); false
@@ -863,6 +949,41 @@ fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         q.busy = false;
         drop(q);
         t.queue_cv.notify_all();
+    }
+}
+
+/// An error the server answered a write with while the connection stays
+/// usable (OOM at `maxmemory`, READONLY, NOPERM, MISCONF, ...), as opposed
+/// to a failed connection, a timeout or a cluster that cannot serve.
+fn is_refusal(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Extension
+            | ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::NoPerm
+            )
+    ) && !e.is_io_error()
+        && !e.is_timeout()
+        && !e.is_connection_dropped()
+}
+
+/// (commands refused, a line saying why) for a refusal of `sent` writes:
+/// the first server error, and how many more there were.
+fn refusal_text(e: redis::RedisError, sent: usize) -> (usize, String) {
+    let whole = e.to_string();
+    match e.into_server_errors() {
+        Some(list) if !list.is_empty() => {
+            let (_, first) = &list[0];
+            let mut why = format!("{} {}", first.code(), first.details().unwrap_or(""));
+            if list.len() > 1 {
+                why.push_str(&format!(" (and {} more refused)", list.len() - 1));
+            }
+            (list.len().min(sent), why.trim().to_string())
+        }
+        _ => (sent, whole),
     }
 }
 

@@ -247,6 +247,62 @@ def test_a_killed_server_costs_hits_never_liveness_and_the_tier_comes_back(
         srv.stop()
 
 
+def used_memory(srv: Server) -> int:
+    info = srv.cli("INFO", "memory").splitlines()
+    return int(next(ln.split(":")[1] for ln in info if ln.startswith("used_memory:")))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("write", ["async", "sync"])
+def test_a_full_server_refusing_writes_keeps_reads_and_comes_back(tmp_path: Path, caplog,
+                                                                  kind: str, write: str) -> None:
+    # maxmemory with noeviction: once full, every SET is answered with an OOM error.
+    srv = Server(tmp_path / "full", ["--maxmemory-policy", "noeviction"], kind=kind)
+    srv.cli("CONFIG", "SET", "maxmemory", str(used_memory(srv) + (2 << 20)))  # room for ~2 MiB
+    url = f"redis://127.0.0.1:{srv.port}"
+    bs = 64 << 10
+    try:
+        with caplog.at_level(logging.WARNING, logger="dynblock"):
+            m = BlockManager(Config(block_size=bs, host_blocks=512, numa_node=None, pin=False,
+                                    remote=url, remote_write=write))
+            data = lambda hs: np.concatenate([np.full(bs, h % 251, np.uint8) for h in hs])  # noqa: E731
+            for k in range(12):  # 12 x 8 blocks of 64 KiB: 6 MiB into room for 2 MiB
+                hs = list(range(k * 8, k * 8 + 8))
+                assert m.put(hs, data(hs)) == 8  # the local tiers take every block
+                m.flush()
+            s = m.stats()
+            stored = s["remote_stored"]
+            assert 0 < stored < 96 and stored + s["remote_skipped"] == 96
+            assert stored == int(srv.cli("DBSIZE"))  # counted exactly: what the server took
+            assert s["remote"]["refusing_writes"] and not s["remote"]["down"]
+            assert s["remote_errors"] >= 1
+            # reads go on: a fresh process gets what the server holds
+            with BlockManager(Config(block_size=bs, host_blocks=512, numa_node=None, pin=False,
+                                     remote=url)) as b:
+                out = np.zeros(96 * bs, np.uint8)
+                assert b.match(list(range(96))) == stored
+                assert b.get(list(range(96)), out) == stored
+                assert np.array_equal(out[:stored * bs], data(range(stored)))
+            # room again: after the backoff (250 ms at first) new blocks go out again
+            srv.cli("CONFIG", "SET", "maxmemory", "0")
+            deadline = time.time() + 30
+            fresh = 1000
+            while m.stats()["remote"]["refusing_writes"] and time.time() < deadline:
+                time.sleep(0.1)
+                fresh += 1
+                m.put([fresh], data([fresh]))
+                m.flush()
+            assert not m.stats()["remote"]["refusing_writes"]
+            assert m.stats()["remote_stored"] > stored
+            m.close()
+        msgs = [r.getMessage() for r in caplog.records if "remote tier" in r.getMessage()]
+        assert sum("refuses writes" in x and "OOM" in x for x in msgs) == 1, msgs
+        assert sum("accepts writes again" in x for x in msgs) == 1, msgs
+        assert not any("unavailable" in x for x in msgs), msgs
+    finally:
+        srv.stop()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrong_password_and_bad_urls_fail_at_open_without_the_password(tmp_path: Path,
                                                                         caplog, kind: str) -> None:
@@ -368,6 +424,36 @@ def test_cluster_spreads_keys_over_every_master_and_serves_another_process(
     assert sum(sizes) == 60 and all(s > 0 for s in sizes), sizes
     info, out = read_in_another_process(url, 60, tmp_path)
     assert info["got"] == 60 and np.array_equal(out, blocks(hs))
+
+
+def test_a_full_cluster_refusing_writes_is_not_down(cluster: List[Server]) -> None:
+    for n in cluster:  # room for about 1.5 MiB of values on each master
+        n.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        n.cli("CONFIG", "SET", "maxmemory", str(used_memory(n) + (3 << 19)))
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster)
+    bs = 64 << 10
+    hs = list(range(300))  # 19 MiB into 3 x 1.5 MiB
+    src = np.concatenate([np.full(bs, h % 251, np.uint8) for h in hs])
+    with BlockManager(Config(block_size=bs, host_blocks=512, numa_node=None, pin=False, remote=url,
+                             remote_write="sync", remote_timeout_ms=2000)) as m:
+        for i in range(0, 300, 20):
+            assert m.put(hs[i:i + 20], src[i * bs:(i + 20) * bs]) == 20
+        s = m.stats()
+        assert s["remote"]["refusing_writes"] and not s["remote"]["down"]
+        keys = [k for n in cluster for k in n.cli("KEYS", "*").split()]
+        held = {int(k.rsplit(":", 1)[1], 16) for k in keys}
+        # counted exactly: the refusal lists the commands the masters refused
+        assert 0 < s["remote_stored"] == len(held) < 300
+        assert s["remote_stored"] + s["remote_skipped"] == 300
+    # reads go on: a fresh process gets the prefix the cluster holds
+    k = 0
+    while k < len(hs) and hs[k] in held:
+        k += 1
+    with BlockManager(Config(block_size=bs, host_blocks=512, numa_node=None, pin=False, remote=url,
+                             remote_timeout_ms=2000)) as b:
+        assert b.match(hs) == k
+        out = np.zeros(300 * bs, np.uint8)
+        assert b.get(hs, out) == k and np.array_equal(out[:k * bs], src[:k * bs])
 
 
 # --- the block-manager model with a remote that may lose entries -------------------------

@@ -468,6 +468,7 @@ class BlockManager:
             "url": r.url,  # without its password
             "cluster": r.cluster,
             "down": r.down,
+            "refusing_writes": r.refusing_writes,  # e.g. OOM at maxmemory; reads go on
             "queued": r.queued,
             "write": self.config.remote_write,
             "prefix": self.config.remote_prefix,

@@ -70,6 +70,13 @@ impl PyRemoteTier {
         self.inner.is_down()
     }
 
+    /// Whether the server refuses writes (e.g. OOM at `maxmemory`): writes
+    /// are skipped for a backoff, reads go on.
+    #[getter]
+    fn refusing_writes(&self) -> bool {
+        self.inner.is_refusing_writes()
+    }
+
     /// Blocks waiting in the background write queue.
     #[getter]
     fn queued(&self) -> usize {
