@@ -113,6 +113,37 @@ def test_background_writes_read_blocks_from_host_and_disk_and_skip_dropped_ones(
         assert c.get(sent, out) == stored and np.array_equal(out, blocks(sent))
 
 
+def test_background_writes_never_send_bytes_of_a_reused_slot(redis: Server) -> None:
+    # A tiny host tier under two putting threads: slots are evicted and reused while the
+    # writer reads blocks in place. Whatever reaches the server must be the block's own bytes
+    # (a value's checksum is computed from what was read, so it cannot tell).
+    url = f"redis://127.0.0.1:{redis.port}"
+    n_threads, per_thread, batch = 2, 600, 4
+    with manager(url, host_blocks=8) as m:
+        def putter(t: int) -> None:
+            for i in range(0, per_thread, batch):
+                hs = [t * 100_000 + i + j for j in range(batch)]
+                m.put(hs, blocks(hs))
+
+        ths = [threading.Thread(target=putter, args=(t,)) for t in range(n_threads)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        m.flush()
+        s = m.stats()
+        assert s["remote_stored"] + s["remote_skipped"] == n_threads * per_thread
+        assert s["remote_stored"] > 0
+    keys = redis.cli("KEYS", "*").split()
+    assert len(keys) == s["remote_stored"]
+    sent = sorted(int(k.rsplit(":", 1)[1], 16) for k in keys)
+    with manager(url, host_blocks=len(sent)) as fresh:
+        out = np.zeros(len(sent) * BS, np.uint8)
+        for i, h in enumerate(sent):
+            assert fresh.get([h], out[i * BS:(i + 1) * BS]) == 1
+        assert np.array_equal(out, blocks(sent))
+
+
 def test_match_lookup_and_get_continue_past_the_local_tiers(redis: Server) -> None:
     url = f"redis://127.0.0.1:{redis.port}"
     hs = list(range(10))
