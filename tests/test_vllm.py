@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
+from redis_servers import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "vllm" / "driver.py"
@@ -73,8 +74,11 @@ def run_engine(args: Dict[str, Any], record: Optional[Path] = None,
     return json.loads(lines[-1][len("RESULT "):]), out
 
 
-def connector(store: Path, **extra: Any) -> Dict[str, Any]:
-    cfg = {"host_blocks": 64, "disk_blocks": 256, "disk_path": str(store), "persist": True}
+def connector(store: Optional[Path], **extra: Any) -> Dict[str, Any]:
+    """The recording connector on a persistent store at ``store`` (None: a host tier only)."""
+    cfg: Dict[str, Any] = {"host_blocks": 64}
+    if store is not None:
+        cfg.update(disk_blocks=256, disk_path=str(store), persist=True)
     cfg.update(extra)
     return {"kv_connector": "RecordingConnector", "kv_connector_module_path": "driver",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -151,6 +155,28 @@ def test_warm_restart_serves_the_prefix_from_disk(f32: Runs) -> None:
     res, _ = run_engine(args)
     assert res["results"][0]["cached"] == 3 * BLOCK
     assert res["results"][0]["tokens"] == f32.tokens(f32.baseline)[-1]
+
+
+def test_two_engines_share_a_prefix_through_a_redis_server(f32: Runs, tmp_path: Path) -> None:
+    # Engine A (its own host tier, no disk) sends its blocks to a Redis server; engine B, a
+    # fresh process on "another machine" (empty local tiers), gets the prefix from there.
+    srv = Server(tmp_path / "redis", [])
+    try:
+        url = f"redis://127.0.0.1:{srv.port}"
+        a = base_args(f32.model_dir, [f32.prompts[0]])
+        a["connector"] = connector(None, remote=url, remote_write="sync", remote_timeout_ms=2000)
+        run_engine(a)
+        assert int(srv.cli("DBSIZE")) == 3 * 2  # 3 full blocks x 2 layers
+        b = base_args(f32.model_dir, [f32.final])
+        b["connector"] = connector(None, remote=url, remote_timeout_ms=2000)
+        record = tmp_path / "record.json"
+        res, _ = run_engine(b, record=record)
+        assert res["results"][0]["cached"] == 3 * BLOCK
+        assert res["results"][0]["tokens"] == f32.tokens(f32.baseline)[-1]
+        rec = json.loads(record.read_text())
+        assert rec["store"]["remote_hits"] == 3 * 2 and rec["loaded_blocks"] == 3 * 2
+    finally:
+        srv.stop()
 
 
 def test_unreadable_blocks_are_recomputed_and_the_engine_keeps_serving(
