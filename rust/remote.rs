@@ -108,15 +108,43 @@ enum Conn {
 
 #[derive(Default)]
 struct Health {
-    down: bool,
-    until: Option<Instant>,
-    backoff: Duration,
+    /// Connections fail: every call skips the tier during the backoff.
+    down: Backoff,
     /// The server answers but refuses writes (OOM at `maxmemory`, a
-    /// read-only replica, ...): writes are skipped until `refused_until`,
-    /// reads go on.
-    refusing: bool,
-    refused_until: Option<Instant>,
-    refused_backoff: Duration,
+    /// read-only replica, ...): writes skip it during the backoff, reads go on.
+    refusing: Backoff,
+}
+
+/// A state entered on failure and left on the next success, skipped for a
+/// backoff of 250 ms doubling to 10 s while failures go on.
+#[derive(Default)]
+struct Backoff {
+    on: bool,
+    until: Option<Instant>,
+    step: Duration,
+}
+
+impl Backoff {
+    /// A failure: (re)start the backoff; true when the state begins now.
+    fn fail(&mut self) -> bool {
+        self.step = if self.on {
+            (self.step * 2).min(BACKOFF_MAX)
+        } else {
+            BACKOFF_MIN
+        };
+        self.until = Some(Instant::now() + self.step);
+        !std::mem::replace(&mut self.on, true)
+    }
+
+    /// A success: true when the state ends now.
+    fn clear(&mut self) -> bool {
+        std::mem::take(self).on
+    }
+
+    /// Whether calls skip now.
+    fn active(&self) -> bool {
+        self.on && self.until.is_some_and(|u| Instant::now() < u)
+    }
 }
 
 /// Counters, as `stats()` shows them.
@@ -378,7 +406,11 @@ impl RemoteTier {
 
     /// Whether the tier is marked down (calls skip it until the backoff ends).
     pub fn is_down(&self) -> bool {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).down
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .down
+            .on
     }
 
     /// Whether the server refused the last writes (see [`Self::store`]).
@@ -387,14 +419,13 @@ impl RemoteTier {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .refusing
+            .on
     }
 
     /// Writes are skipped now: the tier is down or refusing them.
     fn writes_paused(&self) -> bool {
         let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        (h.down && h.until.is_some_and(|u| now < u))
-            || (h.refusing && h.refused_until.is_some_and(|u| now < u))
+        h.down.active() || h.refusing.active()
     }
 
     /// The server answered a write with an error: skip writes for a backoff
@@ -402,37 +433,30 @@ impl RemoteTier {
     fn refused(&self, why: &str) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.refused_backoff = if h.refusing {
-            (h.refused_backoff * 2).min(BACKOFF_MAX)
-        } else {
-            BACKOFF_MIN
-        };
-        h.refused_until = Some(Instant::now() + h.refused_backoff);
-        if !h.refusing {
-            h.refusing = true;
-            self.warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(format!(
-                    "remote tier {} refuses writes ({}): blocks are not sent there for a while \
+        if h.refusing.fail() {
+            self.warn(format!(
+                "remote tier {} refuses writes ({}): blocks are not sent there for a while \
                      (retried with backoff); reads go on. A server used as a cache wants \
                      `maxmemory-policy allkeys-lru` (or remote_ttl_s with a volatile-* policy)",
-                    self.shown,
-                    self.scrub(&why)
-                ));
+                self.shown,
+                self.scrub(&why)
+            ));
         }
     }
 
     fn accepted(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if h.refusing {
-            h.refusing = false;
-            h.refused_until = None;
-            self.warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(format!("remote tier {} accepts writes again", self.shown));
+        if h.refusing.clear() {
+            self.warn(format!("remote tier {} accepts writes again", self.shown));
         }
+    }
+
+    /// Queue a warning for the next `take_warnings` (logged by the caller).
+    fn warn(&self, msg: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(msg);
     }
 
     pub fn take_warnings(&self) -> Vec<String> {
@@ -467,8 +491,13 @@ impl RemoteTier {
     /// went down on this call: the error is counted and logged once).
     fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
         {
-            let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            if h.down && h.until.is_some_and(|u| Instant::now() < u) {
+            if self
+                .health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .down
+                .active()
+            {
                 return None;
             }
         }
@@ -504,35 +533,21 @@ impl RemoteTier {
     fn went_down(&self, e: &dyn std::fmt::Display) {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.backoff = if h.down {
-            (h.backoff * 2).min(BACKOFF_MAX)
-        } else {
-            BACKOFF_MIN
-        };
-        h.until = Some(Instant::now() + h.backoff);
-        if !h.down {
-            h.down = true;
+        if h.down.fail() {
             self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(format!(
-                    "remote tier {} is unavailable ({}): the local tiers keep serving; \
+            self.warn(format!(
+                "remote tier {} is unavailable ({}): the local tiers keep serving; \
                      retrying with backoff",
-                    self.shown,
-                    self.scrub(e)
-                ));
+                self.shown,
+                self.scrub(e)
+            ));
         }
     }
 
     fn came_up(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if h.down {
-            *h = Health::default();
-            self.warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(format!("remote tier {} is reachable again", self.shown));
+        if h.down.clear() {
+            self.warn(format!("remote tier {} is reachable again", self.shown));
         }
     }
 
@@ -645,14 +660,11 @@ impl RemoteTier {
                     };
                     let Some(block) = self.decode(h, v) else {
                         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                        self.warnings
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(format!(
-                                "remote block {h:#018x} at {} failed verification (wrong size, \
+                        self.warn(format!(
+                            "remote block {h:#018x} at {} failed verification (wrong size, \
                                  header or checksum); deleted and counted as a miss",
-                                self.shown
-                            ));
+                            self.shown
+                        ));
                         let key = self.key(h);
                         self.with_conn(|c| del(c, &key));
                         return n;
@@ -1048,6 +1060,23 @@ fn del(c: &mut Conn, key: &str) -> RedisResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_clears_once() {
+        let mut b = Backoff::default();
+        assert!(!b.active() && !b.clear());
+        assert!(b.fail()); // the state begins
+        assert!(b.active() && b.step == BACKOFF_MIN);
+        assert!(!b.fail()); // already on: no second start
+        assert_eq!(b.step, BACKOFF_MIN * 2);
+        for _ in 0..10 {
+            b.fail();
+        }
+        assert_eq!(b.step, BACKOFF_MAX);
+        assert!(b.clear()); // ends once
+        assert!(!b.on && !b.active() && !b.clear());
+        assert!(b.fail() && b.step == BACKOFF_MIN); // a new start begins small again
+    }
 
     #[test]
     fn urls_parse_and_redact() {
