@@ -138,3 +138,23 @@ pub fn errno_name(errno: i32) -> &'static str {
         _ => "errno",
     }
 }
+
+/// Warnings a tier gathered (a fallback taken, a state change), kept until
+/// the Python layer takes and logs them.
+#[derive(Default)]
+pub struct Warnings(std::sync::Mutex<Vec<String>>);
+
+impl Warnings {
+    pub fn new(first: Vec<String>) -> Self {
+        Warnings(std::sync::Mutex::new(first))
+    }
+
+    pub fn push(&self, msg: String) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
+    }
+
+    /// The warnings since the last call.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}

@@ -155,7 +155,7 @@ pub struct HostStorage {
     worker_nice: u32,
     pool: RwLock<Option<rayon::ThreadPool>>,
     fork: crate::process::ForkGuard,
-    warnings: Mutex<Vec<String>>,
+    warnings: crate::error::Warnings,
     pub populate_seconds: f64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
@@ -329,7 +329,7 @@ impl HostStorage {
             worker_nice: opts.worker_nice,
             pool: RwLock::new(io::pool(copy_threads, "dynblock-copy", opts.worker_nice)),
             fork: crate::process::ForkGuard::new("HostStorage"),
-            warnings: Mutex::new(warnings),
+            warnings: crate::error::Warnings::new(warnings),
             populate_seconds,
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -498,7 +498,7 @@ impl HostStorage {
             .is_none()
     }
     pub fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+        self.warnings.take()
     }
     pub fn num_blocks(&self) -> u64 {
         self.num_blocks

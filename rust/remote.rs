@@ -196,7 +196,7 @@ pub struct RemoteTier {
     secret: Option<String>,
     health: Mutex<Health>,
     pub stats: RemoteStats,
-    warnings: Mutex<Vec<String>>,
+    warnings: crate::error::Warnings,
     queue: Mutex<Queue>,
     queue_cv: Condvar,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -365,7 +365,7 @@ impl RemoteTier {
             secret,
             health: Mutex::new(Health::default()),
             stats: RemoteStats::default(),
-            warnings: Mutex::new(Vec::new()),
+            warnings: crate::error::Warnings::default(),
             queue: Mutex::new(Queue::default()),
             queue_cv: Condvar::new(),
             writer: Mutex::new(None),
@@ -434,7 +434,7 @@ impl RemoteTier {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.refusing.fail() {
-            self.warn(format!(
+            self.warnings.push(format!(
                 "remote tier {} refuses writes ({}): blocks are not sent there for a while \
                      (retried with backoff); reads go on. A server used as a cache wants \
                      `maxmemory-policy allkeys-lru` (or remote_ttl_s with a volatile-* policy)",
@@ -447,20 +447,13 @@ impl RemoteTier {
     fn accepted(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.refusing.clear() {
-            self.warn(format!("remote tier {} accepts writes again", self.shown));
+            self.warnings
+                .push(format!("remote tier {} accepts writes again", self.shown));
         }
     }
 
-    /// Queue a warning for the next `take_warnings` (logged by the caller).
-    fn warn(&self, msg: String) {
-        self.warnings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(msg);
-    }
-
     pub fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+        self.warnings.take()
     }
 
     fn scrub(&self, e: &dyn std::fmt::Display) -> String {
@@ -490,16 +483,14 @@ impl RemoteTier {
     /// Run `f` on a pooled connection; `None` when the tier is down (or
     /// went down on this call: the error is counted and logged once).
     fn with_conn<T>(&self, f: impl FnOnce(&mut Conn) -> RedisResult<T>) -> Option<T> {
+        if self
+            .health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .down
+            .active()
         {
-            if self
-                .health
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .down
-                .active()
-            {
-                return None;
-            }
+            return None;
         }
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut conn = match pooled {
@@ -535,7 +526,7 @@ impl RemoteTier {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.down.fail() {
             self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            self.warn(format!(
+            self.warnings.push(format!(
                 "remote tier {} is unavailable ({}): the local tiers keep serving; \
                      retrying with backoff",
                 self.shown,
@@ -547,7 +538,8 @@ impl RemoteTier {
     fn came_up(&self) {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         if h.down.clear() {
-            self.warn(format!("remote tier {} is reachable again", self.shown));
+            self.warnings
+                .push(format!("remote tier {} is reachable again", self.shown));
         }
     }
 
@@ -607,7 +599,7 @@ impl RemoteTier {
         let mut n = 0;
         for chunk in hashes.chunks(self.chunk_len()) {
             let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
-            let Some(found) = self.with_conn(|c| exists(c, &keys)) else {
+            let Some(found) = self.with_conn(|c| pipelined::<Vec<bool>>(c, "EXISTS", &keys)) else {
                 return n;
             };
             let k = found.iter().take_while(|&&x| x).count();
@@ -631,9 +623,7 @@ impl RemoteTier {
         let bs = self.opts.block_size;
         let per = self.chunk_len();
         let chunks: Vec<&[u64]> = hashes.chunks(per).collect();
-        // Large values are parsed and copied at CPU speed: spread them over a
-        // few connections. Small ones are latency-bound: one pipeline is best.
-        let threads = if bs >= 1 << 20 { FETCH_THREADS } else { 1 };
+        let threads = self.fetch_threads();
         let mut n = 0;
         for (gi, group) in chunks.chunks(threads).enumerate() {
             let results: Vec<Option<Vec<Option<Vec<u8>>>>> = if group.len() == 1 {
@@ -660,7 +650,7 @@ impl RemoteTier {
                     };
                     let Some(block) = self.decode(h, v) else {
                         self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                        self.warn(format!(
+                        self.warnings.push(format!(
                             "remote block {h:#018x} at {} failed verification (wrong size, \
                                  header or checksum); deleted and counted as a miss",
                             self.shown
@@ -689,7 +679,24 @@ impl RemoteTier {
     /// One pipelined round trip of GETs (None: the tier is down).
     fn get_chunk(&self, chunk: &[u64]) -> Option<Vec<Option<Vec<u8>>>> {
         let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
-        self.with_conn(|c| get_many(c, &keys))
+        self.with_conn(|c| pipelined(c, "GET", &keys))
+    }
+
+    /// Round trips one `fetch` runs side by side: large values are parsed
+    /// and copied at CPU speed, so they are spread over a few connections;
+    /// small ones are latency-bound: one pipeline is best.
+    fn fetch_threads(&self) -> usize {
+        if self.opts.block_size >= 1 << 20 {
+            FETCH_THREADS
+        } else {
+            1
+        }
+    }
+
+    /// Blocks one `fetch` moves per step (its round trips side by side): a
+    /// caller staging a long fetch needs a buffer of this many blocks.
+    pub fn fetch_piece(&self) -> usize {
+        self.chunk_len() * self.fetch_threads()
     }
 
     /// Blocks per pipelined round trip: 64, or about 8 MiB of blocks of
@@ -1012,39 +1019,31 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn exists(c: &mut Conn, keys: &[String]) -> RedisResult<Vec<bool>> {
+/// `name key` for each of `keys`, pipelined in one round trip (a cluster's
+/// pipeline sends each key to its master).
+fn pipelined<T: redis::FromRedisValue>(
+    c: &mut Conn,
+    name: &str,
+    keys: &[String],
+) -> RedisResult<T> {
+    let cmds = keys.iter().map(|k| {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(k);
+        cmd
+    });
     match c {
         Conn::One(c) => {
             let mut p = redis::pipe();
-            for k in keys {
-                p.exists(k);
-            }
+            cmds.for_each(|cmd| {
+                p.add_command(cmd);
+            });
             p.query(c)
         }
         Conn::Cluster(c) => {
             let mut p = redis::cluster::cluster_pipe();
-            for k in keys {
-                p.exists(k);
-            }
-            p.query(c.as_mut())
-        }
-    }
-}
-
-fn get_many(c: &mut Conn, keys: &[String]) -> RedisResult<Vec<Option<Vec<u8>>>> {
-    match c {
-        Conn::One(c) => {
-            let mut p = redis::pipe();
-            for k in keys {
-                p.get(k);
-            }
-            p.query(c)
-        }
-        Conn::Cluster(c) => {
-            let mut p = redis::cluster::cluster_pipe();
-            for k in keys {
-                p.get(k);
-            }
+            cmds.for_each(|cmd| {
+                p.add_command(cmd);
+            });
             p.query(c.as_mut())
         }
     }

@@ -248,7 +248,7 @@ def test_remote_workload_runs_against_real_servers(tmp_path: Path) -> None:
     assert ("dynblock-async", "put-32", 256 << 10) in got
     async_put = res.find("remote", "dynblock-async", "put-32", block_size=256 << 10)
     assert async_put is not None and "vs_no_remote" in async_put.ratios
-    assert async_put.extra["remote_skipped"] >= 0
+    assert isinstance(async_put.extra["remote_skipped"], int)  # recorded with the times
     assert ("dynblock-async", "put-32-same-source", 256 << 10) in got
     cluster = res.find("remote", "3-master-cluster", "get-4-threads", block_size=256 << 10)
     assert cluster is None or "vs_1_server" in cluster.ratios  # absent only with a note

@@ -249,7 +249,7 @@ impl DiskStorage {
                     let what = if dir == Dir::Read { "read" } else { "write" };
                     if direct && self.direct.should_fall_back(&f.err) {
                         if let Some(w) = self.direct.fall_back(fd, &self.path, what, &f.err)? {
-                            self.warn(w);
+                            self.warnings.push(w);
                         }
                         continue;
                     }

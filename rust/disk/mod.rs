@@ -90,7 +90,7 @@ pub struct DiskStorage {
     max_io_bytes: usize,
     fs_type: String,
     direct: DirectIo,
-    warnings: Mutex<Vec<String>>,
+    warnings: crate::error::Warnings,
     bounce: Mutex<Vec<AlignedBuf>>,
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
@@ -326,7 +326,7 @@ impl DiskStorage {
             max_io_bytes: opts.max_io_bytes.max(stride),
             fs_type,
             direct,
-            warnings: Mutex::new(warnings),
+            warnings: crate::error::Warnings::new(warnings),
             bounce: Mutex::new(Vec::new()),
             bytes_written: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
@@ -394,7 +394,7 @@ impl DiskStorage {
                 }
                 Err(err) if self.direct.should_fall_back(&err) => {
                     if let Some(w) = self.direct.fall_back(fd, &self.path, "write", &err)? {
-                        self.warn(w);
+                        self.warnings.push(w);
                     }
                 }
                 Err(err) if self.direct.refused(&err) => {
@@ -446,7 +446,7 @@ impl DiskStorage {
                 return Err(Error::last_os("ftruncate", &self.path, 0, size));
             }
             self.set_preallocation("sparse");
-            self.warn(format!(
+            self.warnings.push(format!(
                 "the disk tier {why}: {} is a sparse file of {size} bytes, so running out \
                  of space (ENOSPC) can happen later, during writes",
                 self.path.display()
@@ -484,7 +484,7 @@ impl DiskStorage {
             Ok(()) => {}
             Err(err) if self.direct.should_fall_back(&err) => {
                 if let Some(w) = self.direct.fall_back(fd, &self.path, "read", &err)? {
-                    self.warn(w);
+                    self.warnings.push(w);
                 }
                 return Ok(());
             }
@@ -504,16 +504,9 @@ impl DiskStorage {
         *self.preallocation.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn warn(&self, msg: String) {
-        self.warnings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(msg);
-    }
-
     /// Warnings produced since the last call (the Python layer logs them).
     pub fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|p| p.into_inner()))
+        self.warnings.take()
     }
 
     /// Write `slots.len()` blocks from `src` (block after block).

@@ -272,7 +272,7 @@ impl BlockManager {
         }
         let weak = Arc::downgrade(self);
         let w = self.writer.clone();
-        let nice = self.disk.as_ref().map_or(0, |d| d.worker_nice());
+        let nice = self.worker_nice();
         let spawned = std::thread::Builder::new()
             .name("dynblock-writeback".into())
             .spawn(move || {
@@ -476,17 +476,23 @@ impl BlockManager {
     ) -> Result<()> {
         let weak: std::sync::Weak<dyn LocalSource> = Arc::downgrade(self) as _;
         remote.set_source(weak);
-        let nice = match (&self.disk, &self.host) {
-            (Some(d), _) => d.worker_nice(),
-            (None, Some(h)) => h.worker_nice(),
-            (None, None) => 0,
-        };
+        let nice = self.worker_nice();
         // Nobody waits for the remote writer (unlike copies and I/O, which a
         // caller waits for): it yields to those too.
         remote.set_writer_nice((nice + 5).min(19));
         self.remote
             .set((remote, write))
             .map_err(|_| Error::InvalidArgument("this manager already has a remote tier".into()))
+    }
+
+    /// The nice value the tiers' background threads run at (see
+    /// `io::lower_priority`).
+    fn worker_nice(&self) -> u32 {
+        match (&self.disk, &self.host) {
+            (Some(d), _) => d.worker_nice(),
+            (None, Some(h)) => h.worker_nice(),
+            (None, None) => 0,
+        }
     }
 
     pub fn remote(&self) -> Option<&Arc<RemoteTier>> {
@@ -1031,20 +1037,23 @@ impl BlockManager {
         st.leases.insert(id, pins);
         st.stats.leases += 1;
         drop(st);
-        if n == hashes.len() || self.remote.get().is_none() {
+        let Some((remote, _)) = self.remote.get().filter(|_| n < hashes.len()) else {
             return Ok((id, n));
-        }
-        // Fetched through a bounded buffer, 64 blocks at a time (stored
-        // locally as they come), never one sized for the whole remainder.
+        };
+        // Fetched through a bounded buffer, one step of the remote's fetch at
+        // a time (stored locally as they come), never one sized for the whole
+        // remainder. Allocated zeroed by the OS (no pass over it): the fetch
+        // writes every block it reports.
         let bs = self.block_size;
         let region = self.region()?;
-        let mut buf: Vec<u8> = Vec::new();
+        let piece = remote.fetch_piece();
+        let mut buf = vec![0u8; piece.min(hashes.len() - n) * bs];
         let mut k = 0;
-        for chunk in hashes[n..].chunks(64) {
-            buf.resize(chunk.len() * bs, 0);
+        for chunk in hashes[n..].chunks(piece) {
             let base = buf.as_mut_ptr() as usize;
             let addrs: Vec<usize> = (0..chunk.len()).map(|i| base + i * bs).collect();
-            // SAFETY: `buf` is ours, chunk.len() blocks long, alive for the call.
+            // SAFETY: `buf` is ours, at least chunk.len() blocks long, alive
+            // for the call.
             let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref()) };
             k += got;
             if got < chunk.len() {
