@@ -153,7 +153,7 @@ pub struct HostStorage {
     populate_threads: usize,
     copy_threads: usize,
     worker_nice: u32,
-    pool: RwLock<Option<rayon::ThreadPool>>,
+    pool: RwLock<Option<crate::io::Pool>>,
     fork: crate::process::ForkGuard,
     warnings: crate::error::Warnings,
     pub populate_seconds: f64,
@@ -437,7 +437,7 @@ impl HostStorage {
         let stride = self.stride;
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
         let _ = io::run_on(
-            pool.as_ref(),
+            pool.as_deref(),
             n,
             threads,
             || Ok(()),

@@ -72,16 +72,90 @@ pub fn coalesce(
 }
 
 /// A pool of long-lived worker threads for one storage, so a batch does not
-/// pay for creating threads (tens of microseconds each), running at nice
-/// value `nice` (see [`lower_priority`]).
-pub fn pool(threads: usize, name: &str, nice: u32) -> Option<rayon::ThreadPool> {
+/// pay for creating threads (tens of microseconds each), every thread
+/// running at nice value `nice` (see [`lower_priority`]) before the pool is
+/// handed out. Dropping it joins its threads (rayon's own pool only asks
+/// them to stop), so a closed storage leaves no thread behind.
+pub struct Pool {
+    inner: Option<rayon::ThreadPool>,
+    live: std::sync::Arc<Live>,
+}
+
+/// Threads of a [`Pool`] that have started (at their nice value) and that
+/// have not yet ended.
+#[derive(Default)]
+struct Live {
+    counts: Mutex<(usize, usize)>,
+    cv: std::sync::Condvar,
+}
+
+impl Live {
+    /// Wait (up to `limit`) until `done(started, alive)`.
+    fn wait(&self, limit: std::time::Duration, done: impl Fn(usize, usize) -> bool) {
+        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .cv
+            .wait_timeout_while(g, limit, |c| !done(c.0, c.1))
+            .unwrap_or_else(|p| p.into_inner());
+    }
+
+    fn change(&self, f: impl FnOnce(&mut (usize, usize))) {
+        f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()));
+        self.cv.notify_all();
+    }
+}
+
+/// How long starting or joining a pool's threads is waited for (a thread
+/// that has not started or ended by then is left to the OS).
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl std::ops::Deref for Pool {
+    type Target = rayon::ThreadPool;
+    fn deref(&self) -> &rayon::ThreadPool {
+        self.inner
+            .as_ref()
+            .expect("a pool is used only until it is dropped")
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let Some(p) = self.inner.take() else { return };
+        // A pool thread cannot wait for itself to end.
+        let on_pool = p.current_thread_index().is_some();
+        drop(p);
+        if !on_pool {
+            self.live.wait(POOL_WAIT, |_, alive| alive == 0);
+        }
+    }
+}
+
+/// A [`Pool`] of `threads` threads named `{name}-{i}` at nice `nice`
+/// (None when the OS refuses the threads: batches then use scoped threads).
+pub fn pool(threads: usize, name: &str, nice: u32) -> Option<Pool> {
     let name = name.to_string();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
+    let threads = threads.max(1);
+    let live = std::sync::Arc::new(Live::default());
+    let (on_start, on_exit) = (live.clone(), live.clone());
+    let inner = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
         .thread_name(move |i| format!("{name}-{i}"))
-        .start_handler(move |_| lower_priority(nice))
+        .start_handler(move |_| {
+            lower_priority(nice);
+            on_start.change(|c| {
+                c.0 += 1;
+                c.1 += 1;
+            });
+        })
+        .exit_handler(move |_| on_exit.change(|c| c.1 -= 1))
         .build()
-        .ok()
+        .ok()?;
+    // Handed out only once every thread runs at its nice value.
+    live.wait(POOL_WAIT, |started, _| started >= threads);
+    Some(Pool {
+        inner: Some(inner),
+        live,
+    })
 }
 
 /// Raise the calling thread's nice value to `nice` (never lower it: that
@@ -269,7 +343,7 @@ mod tests {
         for on in [p.as_ref(), None] {
             let done = AtomicUsize::new(0);
             let r = run_on(
-                on,
+                on.map(|p| &**p),
                 1000,
                 4,
                 || Ok(()),

@@ -168,7 +168,7 @@ impl DiskStorage {
         );
         let groups = self.group_ops(&ops);
         io::run_on(
-            pool.as_ref(),
+            pool.as_deref(),
             groups.len(),
             self.io_depth,
             || {

@@ -95,7 +95,7 @@ pub struct DiskStorage {
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
     preallocation: Mutex<&'static str>,
-    pool: RwLock<Option<rayon::ThreadPool>>,
+    pool: RwLock<Option<crate::io::Pool>>,
     store_id: Option<[u8; 16]>,
     registration: Mutex<Option<OpenStore>>,
     fork: ForkGuard,
