@@ -9,55 +9,55 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 create_exception!(
-    _core,
+    dynblock._core,
     DynblockError,
     PyException,
     "Base class of dynblock's own errors."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     CapacityError,
     DynblockError,
     "Not enough disk space or memory for the requested tier."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     AlignmentError,
     DynblockError,
     "A direct-I/O alignment requirement cannot be met."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     ODirectError,
     DynblockError,
     "O_DIRECT was required but the filesystem refuses it."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     NumaError,
     DynblockError,
     "NUMA placement failed or the node does not exist."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     PinError,
     DynblockError,
     "Pinning (mlock) failed where it was required."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     StoreLockedError,
     DynblockError,
     "A persistent store is already open (in another process, or by another object here)."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     RemoteError,
     DynblockError,
     "The remote tier (Redis/Valkey) refused the connection or could not be reached at open."
 );
 create_exception!(
-    _core,
+    dynblock._core,
     ForkError,
     DynblockError,
     "A storage opened before fork() was used in the child process."
