@@ -55,6 +55,7 @@ variable                                  meaning
 ``DYNBLOCK_REMOTE_TIMEOUT_MS``            ``remote_timeout_ms``
 ``DYNBLOCK_REMOTE_WRITE``                 ``remote_write``: ``async``, ``sync``, ``off``
 ``DYNBLOCK_REMOTE_CA_FILE``               ``remote_ca_file``
+``DYNBLOCK_REMOTE_SECRET``                ``remote_secret`` (values carry a keyed MAC)
 ========================================  =====================================
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; integers
@@ -67,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional, Union
 
@@ -134,6 +136,25 @@ _REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster:
 #: ``url`` with its password replaced by ``***`` (for messages and reprs): the remote
 #: tier's own function, so a password is hidden the same way everywhere.
 redact_url = _core.redact_url
+
+
+#: (field, environment variable) pairs, in the order ``from_env`` prefers them:
+#: a refused value is reported under the first variable set for its field.
+_ENV_OF = (
+    ("block_size", "DYNBLOCK_BLOCK_SIZE"),
+    ("host_blocks", "DYNBLOCK_HOST_BLOCKS"), ("host_bytes", "DYNBLOCK_HOST_BYTES"),
+    ("host_blocks", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"),
+    ("host_bytes", "DYN_KVBM_CPU_CACHE_GB"),
+    ("disk_blocks", "DYNBLOCK_DISK_BLOCKS"), ("disk_bytes", "DYNBLOCK_DISK_BYTES"),
+    ("disk_blocks", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"),
+    ("disk_bytes", "DYN_KVBM_DISK_CACHE_GB"),
+    ("disk_dir", "DYNBLOCK_DISK_DIR"), ("disk_dir", "DYN_KVBM_DISK_CACHE_DIR"),
+    ("numa_node", "DYNBLOCK_NUMA_NODE"), ("gpu", "DYNBLOCK_GPU"), ("io_depth", "DYNBLOCK_IO_DEPTH"),
+    ("worker_nice", "DYNBLOCK_WORKER_NICE"), ("disk_path", "DYNBLOCK_DISK_PATH"),
+    ("remote", "DYNBLOCK_REMOTE_URL"), ("remote_prefix", "DYNBLOCK_REMOTE_PREFIX"),
+    ("remote_ttl_s", "DYNBLOCK_REMOTE_TTL_S"), ("remote_timeout_ms", "DYNBLOCK_REMOTE_TIMEOUT_MS"),
+    ("remote_ca_file", "DYNBLOCK_REMOTE_CA_FILE"), ("remote_secret", "DYNBLOCK_REMOTE_SECRET"),
+)
 
 
 @dataclass(frozen=True)
@@ -228,6 +249,7 @@ class Config:
     remote_timeout_ms: int = 200
     remote_write: Literal["async", "sync", "off"] = "async"
     remote_ca_file: Optional[str] = None
+    remote_secret: Optional[str] = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check = _core.check_setting
@@ -384,6 +406,9 @@ class Config:
         ca = env_str("DYNBLOCK_REMOTE_CA_FILE", e)
         if ca is not None:
             kw["remote_ca_file"] = ca.strip()
+        secret = env_str("DYNBLOCK_REMOTE_SECRET", e)
+        if secret is not None:
+            kw["remote_secret"] = secret
         dur = env_str("DYNBLOCK_DURABILITY", e)
         if dur is not None:
             if dur.strip().lower() not in ("process", "sync"):
@@ -402,7 +427,17 @@ class Config:
                 "no block size: set DYNBLOCK_BLOCK_SIZE (bytes) or pass block_size=/layout= "
                 "to Config.from_env()"
             )
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except (ValueError, TypeError) as ex:
+            # A value the variables gave is refused: name the variable, not only the field.
+            text = str(ex)
+            for key, var in _ENV_OF:
+                if key in kw and key not in overrides and var in e \
+                        and re.search(rf"\b{key}\b", text):
+                    shown = "***" if key in ("remote", "remote_secret") else repr(e[var])
+                    raise EnvError(f"environment variable {var}={shown}: {text}") from None
+            raise
 
     def _check_remote(self) -> None:
         if self.remote is not None:
@@ -430,6 +465,13 @@ class Config:
             raise ValueError(f"remote_write must be 'async', 'sync' or 'off', got {self.remote_write!r}")
         if self.remote_ca_file is not None:
             self.remote_ca_file = os.fspath(self.remote_ca_file)
+        if self.remote_secret is not None:
+            if not isinstance(self.remote_secret, str) or not self.remote_secret:
+                raise ValueError("remote_secret must be a non-empty string (or None: values "
+                                 "checked by CRC32C only)")
+            if self.remote is None:
+                raise ValueError("remote_secret is set but remote is not: the secret "
+                                 "authenticates the remote tier's values")
 
     def __repr__(self) -> str:
         parts = []
@@ -437,6 +479,8 @@ class Config:
             v = getattr(self, f.name)
             if f.name == "remote":
                 v = None if v is None else redact_url(v)
+            elif f.name == "remote_secret" and v is not None:
+                v = "***"
             parts.append(f"{f.name}={v!r}")
         return f"Config({', '.join(parts)})"
 

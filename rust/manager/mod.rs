@@ -71,7 +71,7 @@ use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
 use crate::index::{Geometry, IndexLog, Live, Record};
 use crate::process::ForkGuard;
-use crate::remote::{LocalSource, RemoteTier, RemoteWrite};
+use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
 
 mod policy;
 use policy::{capacity, Copy, Entry, Map, Pinned, Plan, Src, State, Tier, NIL};
@@ -273,10 +273,12 @@ impl BlockManager {
         let weak = Arc::downgrade(self);
         let w = self.writer.clone();
         let nice = self.worker_nice();
+        let (ready, started) = std::sync::mpsc::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name("dynblock-writeback".into())
             .spawn(move || {
                 crate::io::lower_priority(nice);
+                let _ = ready.send(());
                 loop {
                     // Work only when a put woke the thread; the timeout only
                     // notices a manager that went away.
@@ -307,6 +309,8 @@ impl BlockManager {
                 }
             });
         if let Ok(h) = spawned {
+            // Running at its nice value before any work reaches it.
+            let _ = started.recv_timeout(std::time::Duration::from_secs(5));
             *self.writer.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         }
     }
@@ -938,7 +942,7 @@ impl BlockManager {
                 if *w == RemoteWrite::Sync {
                     let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
                     // SAFETY: forwarded from the caller.
-                    unsafe { r.store(&hs, &src) };
+                    unsafe { r.store(&hs, &src, r.deadline()) };
                 } else {
                     // The writer reads them back from the local tiers.
                     r.enqueue(&hs);
@@ -986,8 +990,12 @@ impl BlockManager {
         let st = self.open_state()?;
         // SAFETY: forwarded from the caller.
         let n = unsafe { self.get_locked(st, hashes, &addrs, region.as_deref(), true) }?;
+        let Some(r) = self.remote().filter(|_| n < hashes.len()) else {
+            return Ok(n);
+        };
+        let d = r.deadline();
         // SAFETY: forwarded from the caller; the addresses were checked (distinct).
-        Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref()) })
+        Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref(), d) })
     }
 
     /// What the local tiers missed, from the remote tier: the longest
@@ -1002,6 +1010,7 @@ impl BlockManager {
         hashes: &[u64],
         addrs: &[usize],
         region: Option<&Region>,
+        d: Deadline,
     ) -> usize {
         let Some((r, _)) = self.remote.get() else {
             return 0;
@@ -1010,7 +1019,7 @@ impl BlockManager {
             return 0;
         }
         // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(hashes, addrs) };
+        let k = unsafe { r.fetch(hashes, addrs, d) };
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
             if let Err(e) = unsafe { self.put_addrs(&hashes[..k], &addrs[..k], region, false) } {
@@ -1027,8 +1036,15 @@ impl BlockManager {
     /// or released. Returns (lease id, prefix length).
     ///
     /// With a remote tier, what the local tiers miss is fetched from it
-    /// (one batched round trip), kept in the local tiers, and leased too.
-    pub fn lookup(&self, hashes: &[u64]) -> Result<(u64, usize)> {
+    /// (one batched round trip), kept in the local tiers, and leased too;
+    /// that remote work ends within `remote_timeout_ms`, or within `budget`
+    /// when that is sooner (a caller that stops waiting then, such as an
+    /// engine's scheduler).
+    pub fn lookup(
+        &self,
+        hashes: &[u64],
+        budget: Option<std::time::Duration>,
+    ) -> Result<(u64, usize)> {
         let mut st = self.open_state()?;
         let pins = Self::pin_prefix(&mut st, hashes);
         let n = pins.len();
@@ -1047,6 +1063,10 @@ impl BlockManager {
         let bs = self.block_size;
         let region = self.region()?;
         let piece = remote.fetch_piece();
+        let d = match budget {
+            Some(b) => remote.deadline().min(Deadline::after(b)),
+            None => remote.deadline(),
+        };
         let mut buf = vec![0u8; piece.min(hashes.len() - n) * bs];
         let mut k = 0;
         for chunk in hashes[n..].chunks(piece) {
@@ -1054,9 +1074,9 @@ impl BlockManager {
             let addrs: Vec<usize> = (0..chunk.len()).map(|i| base + i * bs).collect();
             // SAFETY: `buf` is ours, at least chunk.len() blocks long, alive
             // for the call.
-            let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref()) };
+            let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref(), d) };
             k += got;
-            if got < chunk.len() {
+            if got < chunk.len() || d.left().is_err() {
                 break;
             }
         }
@@ -1431,7 +1451,7 @@ impl BlockManager {
     pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
         let n = self.open_state()?.prefix(hashes);
         Ok(match self.remote.get() {
-            Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..]),
+            Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..], r.deadline()),
             _ => n,
         })
     }
@@ -1664,13 +1684,13 @@ mod tests {
         let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
         m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
             .unwrap();
-        let (lease, n) = m.lookup(&[1, 9]).unwrap();
+        let (lease, n) = m.lookup(&[1, 9], None).unwrap();
         assert_eq!(n, 1);
         // 1 is pinned: new blocks evict 2, then each other, never 1.
         for h in 10..20u64 {
             assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
         }
-        let (lease2, n2) = m.lookup(&[19]).unwrap();
+        let (lease2, n2) = m.lookup(&[19], None).unwrap();
         assert_eq!(n2, 1);
         // Both slots pinned: a new block is rejected, counted, not an error.
         assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
@@ -1692,7 +1712,7 @@ mod tests {
         let m = mgr(2, 0, bs, dir.path());
         m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
             .unwrap();
-        let (lease, _) = m.lookup(&[1, 2]).unwrap();
+        let (lease, _) = m.lookup(&[1, 2], None).unwrap();
         assert_eq!(m.remove(&[1]).unwrap(), 1);
         m.clear().unwrap();
         // Both slots still leased: nothing fits.

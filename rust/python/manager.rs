@@ -113,11 +113,27 @@ impl PyBlockManager {
             .map_err(to_py)
     }
 
-    /// Pin the longest stored prefix: (lease id, count).
-    fn lookup(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<(u64, usize)> {
+    /// Pin the longest stored prefix: (lease id, count). `timeout_s`: the
+    /// most the remote tier's part may take (None: `remote_timeout_ms`).
+    #[pyo3(signature = (hashes, timeout_s=None))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        timeout_s: Option<f64>,
+    ) -> PyResult<(u64, usize)> {
+        let budget = match timeout_s {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "timeout must be a finite number of seconds >= 0 or None, got {t}"
+                )))
+            }
+        };
         let hs = u64_list(hashes, "hashes")?;
         let m = self.inner.clone();
-        let r = py.detach(move || m.lookup(&hs)).map_err(to_py);
+        let r = py.detach(move || m.lookup(&hs, budget)).map_err(to_py);
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }

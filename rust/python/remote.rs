@@ -26,7 +26,8 @@ impl PyRemoteTier {
 impl PyRemoteTier {
     #[new]
     #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
-                        timeout_ms=200, ca_file=None, layout=0, queue_bytes=256 << 20))]
+                        timeout_ms=200, ca_file=None, layout=0, queue_bytes=256 << 20,
+                        secret=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -38,6 +39,7 @@ impl PyRemoteTier {
         ca_file: Option<PathBuf>,
         layout: u64,
         queue_bytes: usize,
+        secret: Option<String>,
     ) -> PyResult<Self> {
         let opts = RemoteOptions {
             url,
@@ -48,6 +50,7 @@ impl PyRemoteTier {
             block_size,
             layout,
             queue_bytes,
+            secret,
         };
         let inner = py.detach(move || RemoteTier::open(opts)).map_err(to_py)?;
         Ok(PyRemoteTier { inner })
@@ -84,7 +87,8 @@ impl PyRemoteTier {
     }
 
     /// (name, value) counters: remote_hits, remote_misses, remote_errors,
-    /// remote_skipped, remote_corrupt, remote_stored.
+    /// remote_skipped, remote_corrupt, remote_stored, remote_unauthenticated,
+    /// remote_oversized, remote_deadline_missed.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.inner.stats;
@@ -95,6 +99,9 @@ impl PyRemoteTier {
             ("remote_skipped", s.skipped.load(Relaxed)),
             ("remote_corrupt", s.corrupt.load(Relaxed)),
             ("remote_stored", s.stored.load(Relaxed)),
+            ("remote_unauthenticated", s.unauthenticated.load(Relaxed)),
+            ("remote_oversized", s.oversized.load(Relaxed)),
+            ("remote_deadline_missed", s.deadline_missed.load(Relaxed)),
         ]
     }
 
