@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import logging
 import operator
 import os
+import queue
 import threading
-from typing import Any, Callable, Dict, Generator, Optional, Sequence, Set, Union
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Set, Union
 
 from . import _core
 from .config import Config, canonical_dtype
 from .disk import DiskStorage
 from .host import HostStorage
+
+log = logging.getLogger("dynblock")
 
 Hashes = Union[Sequence[int], Any]  # a sequence of ints or a numpy uint64 array
 Rows = Optional[Union[Sequence[int], Any]]  # one row index per hash, or None
@@ -154,6 +158,67 @@ class Lease:
         return f"Lease(count={self.count}{', active' if not self._done else ''})"
 
 
+class _Callbacks:
+    """The thread that runs a manager's job done-callbacks, one after another
+    in the order the jobs finished. Not the job threads: a callback may wait
+    for other jobs (``wait()``, ``wait_all()``) or close the manager without
+    stalling the jobs it waits for. Started on first use; ``close()`` lets it
+    run what is queued and end."""
+
+    #: How long ``close()`` waits for a callback that is still running.
+    JOIN_S = 10.0
+
+    def __init__(self) -> None:
+        self._q: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def call(self, fn: Callable[["Job"], Any], job: "Job") -> None:
+        with self._lock:
+            if not self._closed and self._thread is None:
+                t = threading.Thread(target=self._run, name="dynblock-callbacks", daemon=True)
+                try:
+                    t.start()
+                except RuntimeError as e:  # no thread to be had: run it here rather than drop it
+                    log.warning("dynblock: cannot start the callback thread (%s); running a "
+                                "job's callback on the thread that finished it", e)
+                    _run_one(fn, job)
+                    return
+                self._thread = t
+            if self._thread is None:  # closed: nothing will run it later
+                _run_one(fn, job)
+                return
+            self._q.put((fn, job))
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            _run_one(*item)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            t, self._thread = self._thread, None
+            if t is None:
+                return
+            self._q.put(None)  # after what is queued
+        if t is not threading.current_thread():
+            t.join(self.JOIN_S)
+            if t.is_alive():
+                log.warning("dynblock: a job's done-callback still runs %.0f s after close(); "
+                            "not waiting for it", self.JOIN_S)
+
+
+def _run_one(fn: Callable[["Job"], Any], job: "Job") -> None:
+    try:
+        fn(job)
+    except Exception:
+        log.exception("dynblock: a job's done-callback raised")
+
+
 class Job:
     """A transfer running in the background: returned by
     :meth:`BlockManager.put_async` and :meth:`BlockManager.get_async`.
@@ -165,11 +230,13 @@ class Job:
     do not modify a ``put`` source or read a ``get`` destination before then.
     """
 
-    __slots__ = ("_future", "_what")
+    __slots__ = ("_future", "_what", "_callbacks")
 
-    def __init__(self, future: "concurrent.futures.Future[int]", what: str) -> None:
+    def __init__(self, future: "concurrent.futures.Future[int]", what: str,
+                 callbacks: Optional[_Callbacks] = None) -> None:
         self._future = future
         self._what = what
+        self._callbacks = callbacks
 
     def done(self) -> bool:
         return self._future.done()
@@ -181,10 +248,17 @@ class Job:
             raise TimeoutError(f"the {self._what} job is not done after {timeout} s") from None
 
     def add_done_callback(self, fn: Callable[["Job"], Any]) -> None:
-        """Call ``fn(job)`` once the job has finished (at once when it has),
-        on the thread that finished it; ``job.wait(0)`` then gives its result
-        or raises its error. Keep ``fn`` short: it runs on a job thread."""
-        self._future.add_done_callback(lambda _f: fn(self))
+        """Call ``fn(job)`` once the job has finished: on the manager's
+        callback thread (one per manager, callbacks in the order their jobs
+        finished), or at once on this thread when the job has finished
+        already. ``job.wait(0)`` then gives its result or raises its error.
+        ``fn`` may wait for other jobs or close the manager; an exception it
+        raises is logged. A slow ``fn`` delays the callbacks after it."""
+        cbs = self._callbacks
+        if cbs is None or self._future.done():
+            self._future.add_done_callback(lambda _f: _run_one(fn, self))
+        else:
+            self._future.add_done_callback(lambda _f: cbs.call(fn, self))
 
     def __await__(self) -> Generator[Any, None, int]:
         return asyncio.wrap_future(self._future).__await__()
@@ -249,7 +323,7 @@ class BlockManager:
                 self._remote = _core.RemoteTier(
                     config.remote, bs, prefix=config.remote_prefix, ttl_s=config.remote_ttl_s,
                     timeout_ms=config.remote_timeout_ms, ca_file=config.remote_ca_file,
-                    layout=_layout_fingerprint(config))
+                    layout=_layout_fingerprint(config), secret=config.remote_secret)
                 self._m.attach_remote(self._remote, config.remote_write)
             self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
             self._jobs_pid = 0
@@ -257,6 +331,7 @@ class BlockManager:
             # hash -> the latest put job storing it that has not finished
             self._inflight: Dict[int, "concurrent.futures.Future[int]"] = {}
             self._jobs_lock = threading.RLock()
+            self._callbacks = _Callbacks()
         except BaseException:
             # Leave nothing behind: a data file this call created goes too.
             if self._disk is not None:
@@ -333,6 +408,37 @@ class BlockManager:
             return n
         return self._m.get(hashes, dst, rows)
 
+    def get_each(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> List[bool]:
+        """:meth:`get` of hashes, but past a block that is missing or fails its
+        check (a checksum, a read error) the blocks after it are still read:
+        returns, for each hash, whether its block arrived in ``dst`` (or its
+        row). For an engine that recomputes exactly the blocks that did not
+        arrive. (For a :class:`Lease`, see :meth:`get_each_async`.)"""
+        return self._get_each(hashes, dst, rows, None)
+
+    def _get_each(self, what: Union[Hashes, Lease], dst: Any, rows: Rows,
+                  lease_hashes: Optional[Sequence[int]]) -> List[bool]:
+        self._check_open()
+        if isinstance(what, Lease):
+            n_all = what.count
+            hs = list(lease_hashes or [])[:n_all]
+        else:
+            hs = _hash_ints(what) if not hasattr(what, "tolist") else [int(h) for h in what.tolist()]
+            n_all = len(hs)
+        idx = [int(r) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)] \
+            if rows is not None else list(range(n_all))
+        if isinstance(what, Lease):
+            n = self.get(what, dst, idx[:n_all])
+        else:
+            n = self.get(what, dst, rows)
+        ok = [True] * n + [False] * (n_all - n)
+        i = n + 1  # the block at n did not arrive; the ones after it may
+        while i < n_all and i < len(hs):
+            k = self._m.get(hs[i:], dst, idx[i:])
+            ok[i:i + k] = [True] * k
+            i += k + 1
+        return ok
+
     # --- asynchronous jobs --------------------------------------------------
     #: Worker threads running jobs. The calls they make release the GIL and
     #: the manager's lock while bytes move, so jobs overlap.
@@ -352,7 +458,7 @@ class BlockManager:
             for h in stores or ():
                 self._inflight[h] = fut
             fut.add_done_callback(lambda f: self._job_done(f, stores))
-        return Job(fut, what)
+        return Job(fut, what, self._callbacks)
 
     def _job_done(self, fut: "concurrent.futures.Future[int]", stores: Optional[list]) -> None:
         with self._jobs_lock:
@@ -383,6 +489,25 @@ class BlockManager:
 
         return self._submit("get", run)
 
+    def get_each_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None,
+                       lease_hashes: Optional[Sequence[int]] = None) -> Job:
+        """:meth:`get_each` in the background (a :class:`Job` whose result is
+        the list of booleans). With a :class:`Lease`, ``lease_hashes`` are the
+        hashes it was looked up with: blocks after one that fails are then
+        read by hash."""
+        deps = []
+        if not isinstance(hashes, Lease):
+            with self._jobs_lock:
+                deps = list({id(f): f for f in (self._inflight.get(h)
+                                                for h in _hash_ints(hashes)) if f}.values())
+
+        def run() -> Any:
+            if deps:
+                concurrent.futures.wait(deps)
+            return self._get_each(hashes, dst, rows, lease_hashes)
+
+        return self._submit("get", run)
+
     def wait_all(self, timeout: Optional[float] = None) -> None:
         """Wait for every job submitted so far (their errors stay with each
         job's ``wait()``); ``TimeoutError`` when they are not done in time."""
@@ -392,11 +517,15 @@ class BlockManager:
         if not_done:
             raise TimeoutError(f"{len(not_done)} job(s) not done after {timeout} s")
 
-    def lookup(self, hashes: Hashes) -> Lease:
+    def lookup(self, hashes: Hashes, timeout: Optional[float] = None) -> Lease:
         """Pin the longest stored prefix of ``hashes`` until it is loaded with
-        ``get(lease, dst)`` or released: see :class:`Lease`. Takes no I/O."""
+        ``get(lease, dst)`` or released: see :class:`Lease`. Takes no local
+        I/O; with a remote tier, the blocks the local tiers miss are fetched
+        into them (and leased), within ``remote_timeout_ms`` or ``timeout``
+        seconds when that is sooner (what the remote cannot deliver in time
+        is left out of the lease)."""
         self._check_open()
-        lease_id, count = self._m.lookup(hashes)
+        lease_id, count = self._m.lookup(hashes, timeout)
         return Lease(self, lease_id, count)
 
     def touch(self, hashes: Hashes) -> int:
@@ -472,6 +601,7 @@ class BlockManager:
             "queued": r.queued,
             "write": self.config.remote_write,
             "prefix": self.config.remote_prefix,
+            "authenticated": self.config.remote_secret is not None,  # values carry a MAC
         }
         return out
 
@@ -516,12 +646,20 @@ class BlockManager:
         with self._jobs_lock:
             jobs, self._jobs = self._jobs, None
         if jobs is not None:
+            if threading.current_thread() in getattr(jobs, "_threads", ()):
+                # A job thread cannot wait for itself; close from a callback instead.
+                with self._jobs_lock:
+                    self._jobs = jobs
+                raise RuntimeError("BlockManager.close() was called on one of its own job "
+                                   "threads, which cannot wait for itself; call it from a "
+                                   "job's done-callback or another thread")
             jobs.shutdown(wait=True)  # pending jobs finish first
         self._closed = True
         try:
             self._m.close(flush)
         finally:
             self._close_tiers()
+            self._callbacks.close()  # after what is queued (from this thread: no wait)
 
     @property
     def closed(self) -> bool:
