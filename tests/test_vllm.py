@@ -239,4 +239,4 @@ def test_dynblock_tier_against_the_installed_secondary_tier_interface(tmp_path: 
                        capture_output=True, text=True, timeout=600, cwd=str(DRIVER.parent))
     assert r.returncode == 0 and "TIER OK" in r.stdout, (r.stdout + r.stderr)[-6000:]
     stats = json.loads(r.stdout.split("TIER OK ", 1)[1].splitlines()[0])
-    assert stats["stored_chunks"] == 12 and stats["loaded_chunks"] == 12 + 1
+    assert stats["stored_chunks"] == 12 and stats["loaded_chunks"] == 12 + 2

@@ -54,7 +54,11 @@ def test_socket_paths_are_private_and_per_engine_and_rank(tmp_path: Path, monkey
     assert stat.S_IMODE(os.stat(runtime_dir()).st_mode) == 0o700
     os.chmod(runtime_dir(), 0o777)
     with pytest.raises(PermissionError, match="only its owner may write"):
-        socket_path("engine-a", 0)
+        runtime_dir()
+    # Refused as a directory, so the socket is an abstract one (both ends check SO_PEERCRED).
+    q = socket_path("engine-a", 0)
+    assert q.startswith("\0dynblock-") and q == socket_path("engine-a", 0)
+    assert q != socket_path("engine-a", 1)
 
 
 def test_extra_config_is_split_and_checked() -> None:
@@ -76,11 +80,11 @@ def test_save_then_lease_and_load_every_layer_at_rows(tmp_path: Path) -> None:
     assert held is not None and held.count == 4 and st.take("req") is None
     dst = [np.zeros_like(src[0]), np.zeros_like(src[1])]
     for layer in range(2):
-        assert st.load(layer, held.leases[layer], dst[layer], [0, 3, 4, 6], True).wait(30) == 4
+        assert st.load(layer, held.leases[layer], dst[layer], [0, 3, 4, 6], True).wait(30) == [True] * 4
         assert np.array_equal(dst[layer][[0, 3, 4, 6]], src[layer][[5, 1, 7, 2]])
     # without a lease: by hashes
     out = np.zeros_like(src[1])
-    assert st.load(1, H[:2], out, [2, 3], True).wait(30) == 2
+    assert st.load(1, H[:2], out, [2, 3], True).wait(30) == [True, True]
     assert np.array_equal(out[2], src[1][5])
     st.close()
 
@@ -123,7 +127,7 @@ def test_staging_path_for_tensors_that_are_not_rows(tmp_path: Path) -> None:
     assert st.save(0, H[:3], full, [6, 0, 3], zc, bd).wait(30) == 3
     out = torch.zeros_like(full)
     job = st.load(0, H[:3], out, [1, 2, 5], zc, bd)
-    assert job.wait(30) == 3
+    assert job.wait(30) == [True, True, True]
     for src_row, dst_row in zip([6, 0, 3], [1, 2, 5]):
         assert torch.equal(out[:, dst_row], full[:, src_row])
     assert torch.count_nonzero(out[:, [0, 3, 4, 6, 7]]) == 0
@@ -169,7 +173,7 @@ def test_lookup_service_over_a_real_socket(tmp_path: Path) -> None:
 def test_a_slow_or_silent_service_is_no_hit_not_a_hang(tmp_path: Path) -> None:
     gate = threading.Event()
 
-    def slow_lookup(req_id: str, hashes: list) -> int:
+    def slow_lookup(req_id: str, hashes: list, timeout: object = None) -> int:
         gate.wait(10)
         return len(hashes)
 
@@ -183,11 +187,11 @@ def test_a_slow_or_silent_service_is_no_hit_not_a_hang(tmp_path: Path) -> None:
     assert not th.is_alive() and result == [0] and cli.errors == 1
     gate.set()  # the late answer must not be read as the next call's
     srv.close()
-    srv = LookupServer(path, lambda r, h: 1, lambda r: False)
+    srv = LookupServer(path, lambda r, h, timeout=None: 1, lambda r: False)
     assert cli.lookup("r2", H[:2]) == 1
     srv.close()
     # a peer that sends garbage gets "no hit", and the service goes on
-    srv = LookupServer(path, lambda r, h: len(h), lambda r: False)
+    srv = LookupServer(path, lambda r, h, timeout=None: len(h), lambda r: False)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
     s.sendall((5).to_bytes(4, "little") + b"\x09abcd")

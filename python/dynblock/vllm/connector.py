@@ -254,7 +254,8 @@ class DynblockConnector(KVConnectorBase_V1):
                 zc, bd = self._zero_copy[name]
                 src = held.leases[layer] if use_leases and held is not None else spec.hashes
                 try:
-                    job = self._store.load(layer, src, tensor, spec.block_ids, zc, bd)
+                    job = self._store.load(layer, src, tensor, spec.block_ids, zc, bd,
+                                           hashes=spec.hashes)
                 except Exception as e:
                     self._load_failed(spec.block_ids, e)
                     continue
@@ -269,13 +270,14 @@ class DynblockConnector(KVConnectorBase_V1):
     def _finish_loads(self, name: str) -> None:
         for job, ids in self._load_jobs.pop(name, []):
             try:
-                got = job.wait()
+                ok = job.wait()
             except Exception as e:
                 self._load_failed(ids, e)
                 continue
-            self.counters["loaded_blocks"] += got
-            if got < len(ids):
-                self._load_failed(ids[got:], None)
+            self.counters["loaded_blocks"] += sum(ok)
+            missing = [b for b, a in zip(ids, ok) if not a]
+            if missing:  # only those: the blocks after a bad one arrived and count
+                self._load_failed(missing, None)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._finish_loads(layer_name)

@@ -4,11 +4,14 @@ service listens. Pure Python: importable without vLLM."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import tempfile
 from typing import Sequence
 
+
+log = logging.getLogger("dynblock.vllm")
 
 def block_key(block_hash: bytes, layer: int, fingerprint: int) -> int:
     """The dynblock key of one layer of one vLLM block.
@@ -66,6 +69,23 @@ def socket_path(identity: str, rank: int = 0) -> str:
     engine (``identity``: vLLM's ``instance_id``, which every process of an
     engine shares). Both the scheduler and the worker derive it, so no
     address travels between them; its name is a digest because socket paths
-    are limited to 107 bytes."""
+    are limited to 107 bytes.
+
+    When :func:`runtime_dir` is refused (another user created
+    ``<tmp>/dynblock-<uid>`` first, which anyone can do without
+    ``XDG_RUNTIME_DIR``), the socket is an abstract one (Linux: a name in no
+    directory, ``"\\0dynblock-<uid>-lookup-<digest>"``), so a squatted
+    directory never stops an engine from starting. Nobody can be kept out of
+    an abstract name by permissions, so both ends check that the other runs
+    as this user (``SO_PEERCRED``; see :mod:`dynblock.vllm.service`)."""
     digest = hashlib.blake2b(f"{identity}/{rank}".encode(), digest_size=10).hexdigest()
-    return os.path.join(runtime_dir(), f"lookup-{digest}.sock")
+    try:
+        return os.path.join(runtime_dir(), f"lookup-{digest}.sock")
+    except OSError as e:
+        if not _fallback_said:
+            _fallback_said.append(True)
+            log.warning("dynblock: %s; lookups use an abstract socket instead", e)
+        return f"\0dynblock-{os.geteuid()}-lookup-{digest}"
+
+
+_fallback_said: list = []

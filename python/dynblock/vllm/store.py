@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,25 +78,28 @@ def row_view(tensor: Any, num_blocks: int) -> "tuple[bool, int, str]":
 
 class _Staged:
     """A load through a staging buffer: ``wait()`` finishes the copy into the
-    engine's tensor (rows of the prefix that arrived)."""
+    engine's tensor (the rows whose blocks arrived) and returns which did."""
 
     def __init__(self, job: Job, staged: Any, tensor: Any, block_dim: int, rows: Sequence[int]):
         self._job, self._staged, self._tensor, self._bd, self._rows = job, staged, tensor, block_dim, rows
-        self._n: Optional[int] = None
+        self._ok: Optional[List[bool]] = None
 
     def done(self) -> bool:
         return self._job.done()
 
-    def wait(self, timeout: Optional[float] = None) -> int:
-        if self._n is None:
-            n = self._job.wait(timeout)
-            if n:
+    def wait(self, timeout: Optional[float] = None) -> List[bool]:
+        if self._ok is None:
+            ok: List[bool] = self._job.wait(timeout)  # type: ignore[assignment]
+            got = [i for i, a in enumerate(ok) if a]
+            if got:
                 import torch
 
-                idx = torch.tensor(list(self._rows[:n]), dtype=torch.long, device=self._tensor.device)
-                self._tensor.movedim(self._bd, 0)[idx] = self._staged[:n].to(self._tensor.device)
-            self._n = n
-        return self._n
+                dev = self._tensor.device
+                idx = torch.tensor([self._rows[i] for i in got], dtype=torch.long, device=dev)
+                src = torch.tensor(got, dtype=torch.long)
+                self._tensor.movedim(self._bd, 0)[idx] = self._staged[src].to(dev)
+            self._ok = ok
+        return self._ok
 
 
 class LayerStore:
@@ -114,6 +118,12 @@ class LayerStore:
         self._lock = threading.Lock()
         self.lookups = 0
         self.hit_blocks = 0
+        # Remote blocks a lookup's budget could not wait for, warmed into the local tiers in
+        # the background for the next lookup (bounded: what does not fit is dropped, counted).
+        self._warm: "queue.Queue[Optional[List[bytes]]]" = queue.Queue(maxsize=16)
+        self._warmer: Optional[threading.Thread] = None
+        self.warmed_blocks = 0
+        self.warm_dropped = 0
 
     @staticmethod
     def layout_for(num_layers: int, block_tokens: int, row_shape: Sequence[int], dtype: Any,
@@ -135,17 +145,22 @@ class LayerStore:
         return layer_keys(hashes, layer, self.fingerprint)
 
     # --- leases, per request ----------------------------------------------
-    def lookup(self, req_id: str, hashes: Sequence[bytes]) -> int:
+    def lookup(self, req_id: str, hashes: Sequence[bytes], timeout: Optional[float] = None) -> int:
         """Lease the longest prefix of ``hashes`` stored for every layer, for
-        ``req_id`` (its earlier lease is released); returns its length."""
+        ``req_id`` (its earlier lease is released); returns its length. With
+        ``timeout`` (seconds), the remote tier's part of the whole lookup ends
+        by then: what it could not deliver in time is not leased (and is in
+        the host tier for a later lookup when it arrived)."""
         self.release(req_id)
         self._expire()
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         c = len(hashes)
         leases: List[Lease] = []
         while c:
             leases = []
             for layer in range(self.num_layers):
-                lease = self.kv.lookup(self.keys(hashes[:c], layer))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                lease = self.kv.lookup(self.keys(hashes[:c], layer), timeout=left)
                 leases.append(lease)
                 if lease.count < c:
                     break
@@ -160,7 +175,39 @@ class LayerStore:
             self.hit_blocks += c
             with self._lock:
                 self._held[req_id] = _Held(leases, c)
+        if deadline is not None and c < len(hashes) and self.kv.config.remote \
+                and time.monotonic() >= deadline:
+            self._warm_later(list(hashes[c:]))
         return c
+
+    def _warm_later(self, hashes: List[bytes]) -> None:
+        """Fetch blocks the budget cut off into the local tiers in the background (within
+        ``remote_timeout_ms``), so a later lookup of the same prefix hits locally."""
+        if self._warmer is None:
+            t = threading.Thread(target=self._warm_loop, name="dynblock-warm", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:
+                self.warm_dropped += len(hashes)
+                return
+            self._warmer = t
+        try:
+            self._warm.put_nowait(hashes)
+        except queue.Full:
+            self.warm_dropped += len(hashes)
+
+    def _warm_loop(self) -> None:
+        while True:
+            hashes = self._warm.get()
+            if hashes is None or self.kv.closed:
+                return
+            try:
+                # Every layer's blocks in one lookup: one pipelined round trip per 64 blocks.
+                keys = [k for layer in range(self.num_layers) for k in self.keys(hashes, layer)]
+                with self.kv.lookup(keys) as lease:
+                    self.warmed_blocks += lease.count
+            except Exception as e:  # closed meanwhile, or the remote failed: only hits lost
+                log.debug("dynblock: warming remote blocks failed: %s", e)
 
     def take(self, req_id: str) -> Optional[_Held]:
         """The request's leases (now the caller's to use or release)."""
@@ -199,20 +246,37 @@ class LayerStore:
         return self.kv.put_async(keys, staged)
 
     def load(self, layer: int, src: "Lease | Sequence[bytes]", tensor: Any, rows: Sequence[int],
-             zero_copy: bool, block_dim: int = 0) -> Any:
-        """Read a lease (or the stored prefix of ``hashes``) of one layer into
-        rows ``rows`` of its KV tensor in the background; ``wait()`` returns
-        how many leading blocks arrived."""
-        what = src if isinstance(src, Lease) else self.keys(src, layer)
+             zero_copy: bool, block_dim: int = 0,
+             hashes: Optional[Sequence[bytes]] = None) -> Any:
+        """Read a lease (with the ``hashes`` it was looked up with) or the
+        stored blocks of ``hashes`` of one layer into rows ``rows`` of its KV
+        tensor in the background; ``wait()`` returns, for each row, whether
+        its block arrived (a block that fails its check does not stop the
+        ones after it)."""
+        keys = self.keys(hashes if hashes is not None else
+                         ([] if isinstance(src, Lease) else src), layer)
+        what = src if isinstance(src, Lease) else keys
         if zero_copy:
-            return self.kv.get_async(what, tensor, rows=list(rows))
+            return self.kv.get_each_async(what, tensor, rows=list(rows), lease_hashes=keys)
         import torch
 
         shape = list(tensor.movedim(block_dim, 0).shape[1:])
         staged = torch.empty([len(rows)] + shape, dtype=tensor.dtype, device="cpu")
-        return _Staged(self.kv.get_async(what, staged), staged, tensor, block_dim, rows)
+        return _Staged(self.kv.get_each_async(what, staged, lease_hashes=keys), staged, tensor,
+                       block_dim, rows)
 
     def close(self) -> None:
+        if self._warmer is not None:
+            while True:  # drop what waits; the one running ends within remote_timeout_ms
+                try:
+                    self._warm.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                self._warm.put(None, timeout=1)
+            except queue.Full:  # a lookup slipped one in: the thread ends at the closed check
+                pass
+            self._warmer.join(timeout=30)
         with self._lock:
             held, self._held = list(self._held.values()), {}
         for h in held:

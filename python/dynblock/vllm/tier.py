@@ -110,17 +110,17 @@ class DynblockTier(SecondaryTierManager):
         with self._lock:
             self._pending += 1
         if load:
-            fut = self.kv.get_async(hashes, self._primary, rows=rows)
+            fut = self.kv.get_each_async(hashes, self._primary, rows=rows)
         else:
             fut = self.kv.put_async(hashes, self._primary, rows=rows)
         fut.add_done_callback(lambda j: self._finish(job, keys, load, j, t0))
 
     def _finish(self, job: TransferJob, keys: List[Any], load: bool, done: Job, t0: float) -> None:
         try:
-            n = done.wait(0)
+            res = done.wait(0)
             err: Optional[BaseException] = None
         except Exception as e:
-            n, err = 0, e
+            res, err = 0, e
         if err is not None:
             result = JobResult(job_id=job.job_id, success=False)
             self.counters["failed_jobs"] += 1
@@ -130,9 +130,13 @@ class DynblockTier(SecondaryTierManager):
                             "missing (logged once)", "load" if load else "store",
                             type(err).__name__, err)
         elif load:
+            # Every chunk that arrived counts, also those after one that failed its check.
+            ok: List[bool] = res  # type: ignore[assignment]
+            n = sum(ok)
             self.counters["loaded_chunks"] += n
             result = JobResult(job_id=job.job_id, success=n == len(keys),
-                               successful_keys=None if n == len(keys) else keys[:n],
+                               successful_keys=None if n == len(keys) else
+                               [k for k, a in zip(keys, ok) if a],
                                transfer_time=time.monotonic() - t0,
                                transfer_bytes=n * self.block_size_bytes)
         else:
