@@ -9,7 +9,9 @@ create``) and stops.
 - ``put`` with ``remote_write="async"``: the caller-visible time against the
   same put without a remote, each put carrying new bytes (as an engine's do);
   also reported with every put from one cache-resident buffer;
-- a 3-master cluster against 1 server, 4 client threads getting.
+- a 3-master cluster against 1 server, 4 client threads getting;
+- ``remote_secret`` on against off: ``put`` with ``remote_write="sync"`` and ``get`` (empty
+  local tiers) at 256 KiB and 2 MiB, values with a keyed BLAKE3 MAC against CRC32C ones.
 
 The servers run at nice 10: they stand in for other machines, so their CPU time
 does not come out of the client's (on a 2-core machine a server at the same
@@ -34,7 +36,7 @@ from ..config import Config
 from ..manager import BlockManager
 from .common import GiB, Progress, Results
 
-HEADER = 32  # bytes before the block in a remote value (rust/remote.rs)
+HEADER = 32  # bytes before the block in a remote value without a secret (rust/remote/mod.rs)
 
 
 def _port() -> int:
@@ -150,6 +152,7 @@ def run_remote(res: Results, directory: str, repeat: int, progress: Progress,
                 res.cases.remove(b)
             one.flushall()
         _async_put(res, one, repeat, progress)
+        _secret_vs_none(res, one, repeat, progress, total)
         # 3-master cluster vs 1 server, 4 client threads getting
         _cluster_vs_one(res, directory, url, servers, repeat, progress)
     finally:
@@ -192,6 +195,43 @@ def _async_put(res: Results, server: _Server, repeat: int, progress: Progress) -
                         server.flushall()
                 progress.step("remote async put")
         a.ratios["vs_no_remote"] = a.median / b.median  # a time: <= 1.2 is the goal
+
+
+def _secret_vs_none(res: Results, server: _Server, repeat: int, progress: Progress,
+                    total: int) -> None:
+    """Values authenticated by a MAC (``remote_secret``) against CRC32C-checked ones: put
+    (``remote_write="sync"``, until the server has them) and get (empty local tiers), the two
+    interleaved in every repeat, the server emptied between them (outside timing)."""
+    url = f"redis://127.0.0.1:{server.port}"
+    for bs in (256 << 10, 2 << 20):
+        n = max(1, total // bs)
+        hs = list(range(1, n + 1))
+        src = np.random.default_rng(bs + 1).integers(0, 256, n * bs, dtype=np.uint8)
+        out = np.ones(n * bs, np.uint8)  # touched before timing
+        cases = {}
+        for label, secret in (("mac", "bench-secret"), ("crc", None)):
+            for op in ("put-sync", "get"):
+                cases[label, op] = res.case("remote", f"dynblock-{label}", op, block_size=bs)
+        progress.add(2 * repeat)
+        for _ in range(repeat):
+            for label, secret in (("mac", "bench-secret"), ("crc", None)):
+                with _manager(url, bs, n, remote_write="sync", remote_secret=secret) as m:
+                    t0 = time.perf_counter()
+                    m.put(hs, src)
+                    dt = time.perf_counter() - t0
+                    assert m.stats()["remote_stored"] == n, "remote put stored too few blocks"
+                cases[label, "put-sync"].values.append(n * bs / GiB / dt)
+                with _manager(url, bs, n, remote_secret=secret) as m:
+                    t0 = time.perf_counter()
+                    got = m.get(hs, out)
+                    dt = time.perf_counter() - t0
+                assert got == n and np.array_equal(out, src), "remote get returned wrong bytes"
+                cases[label, "get"].values.append(n * bs / GiB / dt)
+                server.flushall()
+                progress.step(f"remote {label} {bs >> 10} KiB")
+        for op in ("put-sync", "get"):
+            mac, crc = cases["mac", op], cases["crc", op]
+            mac.ratios["vs_no_secret"] = mac.median / crc.median
 
 
 def _cluster_vs_one(res: Results, directory: str, one_url: str, servers: List[_Server],
