@@ -974,9 +974,9 @@ impl RemoteTier {
         let mut n = 0;
         for (gi, group) in chunks.chunks(threads).enumerate() {
             let first = gi * threads;
-            // SAFETY (both arms): chunk k's destinations are dst[(first + k) * per..],
-            // distinct per chunk, valid as the caller guarantees.
+            // Chunk k's destinations are dst[(first + k) * per..]: distinct per chunk.
             let got: Vec<usize> = if group.len() == 1 {
+                // SAFETY: valid, distinct destinations, as the caller guarantees.
                 vec![unsafe { self.get_chunk(group[0], &dst[first * per..], &d) }]
             } else {
                 std::thread::scope(|sc| {
@@ -985,6 +985,8 @@ impl RemoteTier {
                         .enumerate()
                         .map(|(k, c)| {
                             let out = &dst[(first + k) * per..];
+                            // SAFETY: each thread writes its own chunk's
+                            // destinations, valid as the caller guarantees.
                             sc.spawn(move || unsafe { self.get_chunk(c, out, &d) })
                         })
                         .collect();
@@ -1047,7 +1049,7 @@ impl RemoteTier {
             }
             Err(e) => {
                 // The blocks verified before the failure are kept.
-                self.failed(&e, &d);
+                self.failed(&e, d);
                 return n;
             }
         }

@@ -38,6 +38,8 @@ class RecordingConnector(DynblockConnector):  # type: ignore[misc,valid-type]
                             if isinstance(v, (int, float))}
             rec["lookups"] = self._store.lookups
             rec["hit_blocks"] = self._store.hit_blocks
+            rec["held_leases"] = len(self._store._held)  # lookups leased, not yet loaded
+            rec["warmed_blocks"] = self._store.warmed_blocks
             rec["reported_errors"] = self._reported
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
