@@ -273,6 +273,41 @@ def test_bad_frames_and_connection_floods_do_not_stop_the_service(tmp_path: Path
         server.close()
 
 
+def test_a_thread_limit_never_stops_the_service_from_accepting(tmp_path: Path) -> None:
+    # Threads cannot be started once their stacks no longer fit RLIMIT_AS (a pids limit, or
+    # RLIMIT_NPROC for a user, fails the same way: RuntimeError "can't start new thread").
+    script = textwrap.dedent(f"""
+        import resource, socket, threading, time
+        from dynblock.vllm.service import LookupClient, LookupServer
+        path = {str(tmp_path / "lookup.sock")!r}
+        srv = LookupServer(path, lambda r, h, timeout=None: len(h), lambda r: True)
+        threading.stack_size(64 << 20)  # every new thread needs 64 MiB of address space
+        size = [int(l.split()[1]) << 10 for l in open("/proc/self/status")
+                if l.startswith("VmSize")][0]
+        resource.setrlimit(resource.RLIMIT_AS, (size + (160 << 20), resource.RLIM_INFINITY))
+        idle = []
+        for _ in range(20):
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(path)
+            idle.append(c)
+        time.sleep(0.5)
+        alive, refused = srv._thread.is_alive(), srv.refused
+        for c in idle:
+            c.close()
+        deadline = time.monotonic() + 10
+        while srv.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        n = LookupClient(path, timeout=5).lookup("r", [b"x" * 32] * 3)
+        print(alive, refused > 0, n, srv.connections)
+        srv.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # The accept loop lived through the failed starts, refused those connections, and serves.
+    assert r.stdout.split() == ["True", "True", "3", "0"], (r.stdout, r.stderr[-2000:])
+
+
 def test_a_squatted_runtime_dir_falls_back_to_a_checked_abstract_socket(tmp_path: Path,
                                                                       monkeypatch) -> None:
     from dynblock.vllm.keys import socket_path
