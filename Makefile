@@ -5,7 +5,9 @@ build:
 test:
 	python3 -m pip install -q '.[test]' && cargo test -q && python3 -m pytest -q tests
 lint:
-	cargo fmt --check && cargo clippy --all-targets --features python -- -D warnings
+	python3 -m ruff check python tests
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
 fmt:
 	cargo fmt
 bench: build

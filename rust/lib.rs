@@ -16,7 +16,16 @@
 //!   its data file by the store id). Its policy (no I/O, no `unsafe`) lives
 //!   in `manager/policy.rs`.
 //!
-//! Every setting is declared, defaulted and checked once, in [`settings`].
+//! - **remote** ([`remote::RemoteTier`]): Redis or Valkey (one server, or a
+//!   cluster) below the local tiers, shared by every process that names the
+//!   same server, prefix and layout; every call bounded by a deadline, every
+//!   reply by a size (`remote/conn.rs`), values checked by CRC32C or
+//!   authenticated by a MAC, writes in the background through a bounded
+//!   queue. It reads the local tiers only through [`remote::LocalSource`],
+//!   which the manager implements; it never imports the manager.
+//!
+//! [`checksum`] is the block checksum every tier uses. Every setting is
+//! declared, defaulted and checked once, in [`settings`].
 //! [`process`] detects `fork()` (a storage refuses to work in a child) and
 //! keeps one open per store per process.
 //!
@@ -33,6 +42,7 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod align;
+pub mod checksum;
 pub mod disk;
 pub mod error;
 pub mod host;

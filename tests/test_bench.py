@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ def test_parse_size() -> None:
     assert parse_size("2MiB") == 2 << 20
     assert parse_size("64k") == 64 << 10
     assert parse_size("4096") == 4096
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="not a size: 'lots'"):
         parse_size("lots")
 
 

@@ -119,7 +119,8 @@ def test_a_second_open_is_refused(tmp_path: Path) -> None:
     m = open_store(path)
     with pytest.raises(StoreLockedError, match="already open in this process"):
         open_store(path)
-    code = f"import dynblock; dynblock.BlockManager.open({str(path)!r}, block_size={BS}, disk_blocks=16, numa_node=None, pin=False)"
+    code = (f"import dynblock; dynblock.BlockManager.open({str(path)!r}, block_size={BS}, "
+            "disk_blocks=16, numa_node=None, pin=False)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0 and "StoreLockedError" in r.stderr
     m.close()

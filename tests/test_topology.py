@@ -31,7 +31,8 @@ def load(name: str) -> str:
 CASES = {
     "h100_8gpu_10nic.txt": {0: (0, 0, 167, 112, None), 4: (1, 56, 223, 112, None), 7: (1, 56, 223, 112, None)},
     "dgx_8gpu_nv8_9nic.txt": {0: (0, 0, 143, 96, None), 5: (1, 48, 191, 96, None)},
-    "h20_8gpu_4nodes.txt": {0: (0, 0, 119, 48, None), 3: (1, 24, 143, 48, None), 6: (2, 48, 167, 48, None), 7: (3, 72, 191, 48, None)},
+    "h20_8gpu_4nodes.txt": {0: (0, 0, 119, 48, None), 3: (1, 24, 143, 48, None),
+                            6: (2, 48, 167, 48, None), 7: (3, 72, 191, 48, None)},
     "rtx_2gpu_tabs.txt": {0: (0, 0, 63, 64, None), 1: (0, 0, 63, 64, None)},
     "rtx4090_8gpu_nic_rows.txt": {3: (0, 0, 167, 112, None), 6: (1, 56, 223, 112, None)},
     "mixed_5gpu_gpu0_node1.txt": {0: (1, 8, 31, 16, None), 1: (0, 0, 23, 16, None)},

@@ -2,8 +2,9 @@
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``
 (case-insensitive, surrounding spaces ignored); integers are plain ASCII
-decimal digits. Anything else is an error that names the variable. Unlike Dynamo, ``=false`` means false, and an empty value
-is an error rather than "set".
+decimal digits. Anything else is an error that names the variable. Unlike
+Dynamo, ``=false`` means false, and an empty value is an error rather than
+"set".
 """
 
 from __future__ import annotations

@@ -274,7 +274,8 @@ def check_gpus(gpu: Optional[int], nvidia_smi: str, sysfs_root: str, dev_root: s
             out.append(Check("gpu_numa", WARN, v, "a known NUMA node", "", r.reason))
         else:
             out.append(Check("gpu_numa", OK, v, "a known NUMA node", "", r.reason))
-            node_cpus = parse_cpu_list(_read(os.path.join(sysfs_root, f"devices/system/node/node{r.numa_node}/cpulist")) or "")
+            cpulist = os.path.join(sysfs_root, f"devices/system/node/node{r.numa_node}/cpulist")
+            node_cpus = parse_cpu_list(_read(cpulist) or "")
             allowed = sorted(os.sched_getaffinity(0))
             both = sorted(set(node_cpus) & set(allowed))
             cv = {"allowed_cpus": len(allowed), "gpu_node_cpus": len(node_cpus), "usable": len(both)}

@@ -133,10 +133,7 @@ pub struct ManagerOptions {
     pub write_behind: bool,
 }
 
-/// Checksum of a block: CRC32C over its hash (little endian) and its bytes.
-pub fn block_crc(hash: u64, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&hash.to_le_bytes()), bytes)
-}
+pub use crate::checksum::block_crc;
 
 impl BlockManager {
     pub fn new(

@@ -209,7 +209,7 @@ def _secret_vs_none(res: Results, server: _Server, repeat: int, progress: Progre
         src = np.random.default_rng(bs + 1).integers(0, 256, n * bs, dtype=np.uint8)
         out = np.ones(n * bs, np.uint8)  # touched before timing
         cases = {}
-        for label, secret in (("mac", "bench-secret"), ("crc", None)):
+        for label in ("mac", "crc"):
             for op in ("put-sync", "get"):
                 cases[label, op] = res.case("remote", f"dynblock-{label}", op, block_size=bs)
         progress.add(2 * repeat)
