@@ -3,7 +3,7 @@ one JSON line of results. Run by tests/test_vllm.py with the interpreter of
 the separate vLLM environment (.ci/vllm-env), never imported by pytest.
 
     python driver.py '{"model_dir": ..., "dtype": "float32", "connector": {...} | null,
-                       "prompts": [[token ids], ...], "max_tokens": 8}'
+                       "prompts": [[token ids], ...], "max_tokens": 8}'   (or @args.json)
 
 The prompts run one after another (one ``generate`` each), so vLLM's own
 cache sees them in order. ``RecordingConnector`` is DynblockConnector plus a
@@ -48,6 +48,14 @@ class RecordingConnector(DynblockConnector):  # type: ignore[misc,valid-type]
         return errors
 
 
+def _args(arg: str) -> dict:
+    """The run's arguments: JSON, or ``@path`` of a JSON file (long prompt lists)."""
+    if arg.startswith("@"):
+        with open(arg[1:]) as f:
+            return json.load(f)
+    return json.loads(arg)
+
+
 def make_model(path: str) -> None:
     """A 2-layer Llama with random weights (seeded): 4 heads of 64, 2 KV heads."""
     if os.path.exists(os.path.join(path, "config.json")):
@@ -63,7 +71,7 @@ def make_model(path: str) -> None:
 
 
 def main() -> None:
-    args = json.loads(sys.argv[1])
+    args = _args(sys.argv[1])
     make_model(args["model_dir"])
     from vllm import LLM, SamplingParams
 
