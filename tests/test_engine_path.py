@@ -75,6 +75,13 @@ def test_every_remote_call_ends_by_its_deadline_against_a_trickling_server(
             assert took < 2.0, (call, took)
         s = kv.stats()
         assert s["remote_deadline_missed"] >= 2 and s["remote_hits"] == 0
+        time.sleep(0.3)
+        kv.put(list(range(100, 164)), np.zeros(64 * BS, np.uint8))  # queued for the writer
+        _, took = timed(kv.flush)  # the writer's batch ends at its deadline, the rest is skipped
+        assert took < 2.0
+        kv.put(list(range(200, 264)), np.zeros(64 * BS, np.uint8))
+        _, took = timed(kv.close)
+        assert took < 2.0
     hostile.mode = "stall"
     with pytest.raises(dynblock.RemoteError):
         timed(manager, url)  # the PING at open is cut too
