@@ -206,14 +206,6 @@ impl AlignedBuf {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn align(&self) -> usize {
-        self.layout.align()
-    }
-
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr.as_ptr()
     }
@@ -222,6 +214,7 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    #[cfg(test)]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len initialised (zeroed) bytes we own.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }

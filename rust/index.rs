@@ -501,10 +501,6 @@ impl IndexLog {
         self.dirty = false;
         Ok(())
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 fn sync_dir(path: &Path) {

@@ -39,22 +39,22 @@
 //! `python` feature, so `cargo test` needs no interpreter. See
 //! `docs/ARCHITECTURE.md` for the whole picture.
 #![deny(unsafe_code)]
+// Without the bindings (`cargo test`), what only they call looks unused.
+#![cfg_attr(not(feature = "python"), allow(dead_code))]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
-pub mod align;
-pub mod checksum;
-pub mod disk;
-pub mod error;
-pub mod host;
-pub mod index;
-pub mod io;
-pub mod manager;
-pub mod numa;
-pub mod process;
-pub mod remote;
-pub mod settings;
+pub(crate) mod align;
+pub(crate) mod checksum;
+pub(crate) mod disk;
+pub(crate) mod error;
+pub(crate) mod host;
+pub(crate) mod index;
+pub(crate) mod io;
+pub(crate) mod manager;
+pub(crate) mod numa;
+pub(crate) mod process;
+pub(crate) mod remote;
+pub(crate) mod settings;
 
 #[cfg(feature = "python")]
 mod python;
-
-pub use error::{Error, Result};

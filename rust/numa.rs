@@ -6,7 +6,6 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-pub const MPOL_DEFAULT: i32 = 0;
 pub const MPOL_PREFERRED: i32 = 1;
 pub const MPOL_BIND: i32 = 2;
 
@@ -209,8 +208,6 @@ pub fn has_capability(cap: u32) -> bool {
 }
 
 pub const CAP_IPC_LOCK: u32 = 14;
-pub const CAP_SYS_NICE: u32 = 23;
-pub const CAP_SYS_ADMIN: u32 = 21;
 
 /// `RLIMIT_MEMLOCK` (soft, hard); `u64::MAX` means unlimited.
 pub fn memlock_limit() -> (u64, u64) {

@@ -35,7 +35,8 @@ use header::DataHeader;
 use os::{pread_all, pwrite_all, Dir, FileStat};
 
 pub use batch::Hook;
-pub use os::{free_bytes, fs_type_name, fs_type_of_fd, fs_type_of_path};
+#[cfg(feature = "python")] // the bindings' `fs_type` of a path
+pub use os::fs_type_of_path;
 pub use settings::{ODirect, Prealloc};
 
 #[derive(Debug, Clone)]

@@ -74,8 +74,8 @@ use crate::process::ForkGuard;
 use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
 
 mod policy;
+pub use policy::Stats;
 use policy::{capacity, Copy, Entry, Map, Pinned, Plan, Src, State, Tier, NIL};
-pub use policy::{KeyHasher, Stats};
 
 /// What a get's disk reads found, for the commit under the lock: per block,
 /// whether it failed its checksum; and the first block that could not be
@@ -569,10 +569,6 @@ impl BlockManager {
         (st, r.map(|()| n))
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
-    }
-
     fn region(&self) -> Result<Option<Arc<Region>>> {
         match &self.host {
             Some(h) => Ok(Some(h.region()?)),
@@ -832,6 +828,7 @@ impl BlockManager {
         }
     }
 
+    #[cfg(test)] // a convenience of the unit tests
     /// Store blocks `hashes[i]` from `src + i * block_size`. Returns how many
     /// were new.
     ///
@@ -950,6 +947,7 @@ impl BlockManager {
         Ok(new)
     }
 
+    #[cfg(test)] // a convenience of the unit tests
     /// Copy the longest stored prefix of `hashes` into `dst`; returns its
     /// length.
     ///
@@ -1428,17 +1426,20 @@ impl BlockManager {
         Ok(n)
     }
 
+    #[cfg(test)] // a convenience of the unit tests
     /// [`Self::get_lease`] into a slice.
     pub fn get_lease_into(&self, id: u64, dst: &mut [u8]) -> Result<usize> {
         // SAFETY: a valid exclusive slice.
         unsafe { self.get_lease(id, dst.as_mut_ptr(), dst.len(), None) }
     }
 
+    #[cfg(test)] // a convenience of the unit tests
     pub fn put(&self, hashes: &[u64], src: &[u8]) -> Result<usize> {
         // SAFETY: a valid slice.
         unsafe { self.put_raw(hashes, src.as_ptr(), src.len()) }
     }
 
+    #[cfg(test)] // a convenience of the unit tests
     pub fn get(&self, hashes: &[u64], dst: &mut [u8]) -> Result<usize> {
         // SAFETY: a valid exclusive slice.
         unsafe { self.get_raw(hashes, dst.as_mut_ptr(), dst.len()) }
@@ -1474,10 +1475,6 @@ impl BlockManager {
 
     pub fn len(&self) -> Result<usize> {
         Ok(self.open_state()?.map.len())
-    }
-
-    pub fn is_empty(&self) -> Result<bool> {
-        Ok(self.len()? == 0)
     }
 
     /// Forget blocks; returns how many were stored. The index records the
@@ -1592,14 +1589,6 @@ impl BlockManager {
 
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-
-    pub fn host(&self) -> Option<&Arc<HostStorage>> {
-        self.host.as_ref()
-    }
-
-    pub fn disk(&self) -> Option<&Arc<DiskStorage>> {
-        self.disk.as_ref()
     }
 }
 

@@ -10,7 +10,7 @@ use super::buffers::log_warnings;
 use super::errors::to_py;
 use crate::remote::{RemoteOptions, RemoteTier};
 
-/// A connection to a Redis/Valkey remote tier (see `rust/remote.rs`).
+/// A connection to a Redis/Valkey remote tier (see `rust/remote/`).
 #[pyclass(name = "RemoteTier", module = "dynblock._core", frozen)]
 pub struct PyRemoteTier {
     inner: Arc<RemoteTier>,

@@ -53,7 +53,6 @@ mod url;
 mod writer;
 
 use codec::Bad;
-pub use codec::{HEADER, HEADER_MAC};
 pub use conn::Deadline;
 use conn::{Conn, Dialer, Failure};
 use health::Health;
