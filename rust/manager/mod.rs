@@ -1587,6 +1587,22 @@ impl BlockManager {
         std::mem::take(&mut self.lock().warnings)
     }
 
+    /// What the tiers themselves have to say (host, disk): a disk tier that
+    /// falls back to buffered I/O in the middle of one of this manager's
+    /// batches says so here (nobody else drains it).
+    pub fn take_tier_warnings(&self) -> (Vec<String>, Vec<String>) {
+        (
+            self.host
+                .as_ref()
+                .map(|h| h.take_warnings())
+                .unwrap_or_default(),
+            self.disk
+                .as_ref()
+                .map(|d| d.take_warnings())
+                .unwrap_or_default(),
+        )
+    }
+
     pub fn block_size(&self) -> usize {
         self.block_size
     }

@@ -314,10 +314,12 @@ impl PyBlockManager {
     /// and waiting for it must not stop every Python thread.
     fn flush_warnings(&self, py: Python<'_>) -> PyResult<()> {
         let m = self.inner.clone();
-        let (w, rw) = py.detach(move || {
+        let (w, rw, (hw, dw)) = py.detach(move || {
             let rw = m.remote().map(|r| r.take_warnings()).unwrap_or_default();
-            (m.take_warnings(), rw)
+            (m.take_warnings(), rw, m.take_tier_warnings())
         });
+        log_warnings(py, "dynblock.host", hw)?;
+        log_warnings(py, "dynblock.disk", dw)?;
         log_warnings(py, "dynblock.remote", rw)?;
         log_warnings(py, "dynblock.manager", w)
     }
