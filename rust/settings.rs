@@ -189,6 +189,27 @@ pub const INTS: &[IntSetting] = &[
         what: "nice value of dynblock's worker threads",
     },
     IntSetting {
+        name: "remote_timeout_ms",
+        min: 1,
+        max: 600_000,
+        default: Some(200),
+        what: "milliseconds the remote work of one call may take",
+    },
+    IntSetting {
+        name: "remote_ttl_s",
+        min: 1,
+        max: 10 * 365 * 24 * 3600,
+        default: None,
+        what: "seconds a remote value lives; None: no expiry",
+    },
+    IntSetting {
+        name: "remote_queue_bytes",
+        min: 1 << 20,
+        max: 1 << 40,
+        default: Some(256 << 20),
+        what: "bytes of blocks queued for the remote tier's background writer",
+    },
+    IntSetting {
         name: "alignment",
         min: 64,
         max: 1 << 30,

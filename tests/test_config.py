@@ -177,3 +177,24 @@ def test_remote_settings_from_env_and_checks() -> None:
                        (dict(remote_write="maybe"), "remote_write")):
         with pytest.raises(ValueError, match=match):
             Config(**base, remote="redis://h:1", **bad)
+
+
+def test_remote_integer_settings_come_from_the_one_table() -> None:
+    import dynblock
+
+    d = dynblock._core.settings_defaults()
+    c = Config(block_size=4096, host_blocks=1, remote="redis://h:1")
+    assert (c.remote_timeout_ms, c.remote_queue_bytes) == (d["remote_timeout_ms"],
+                                                           d["remote_queue_bytes"])
+    base = dict(block_size=4096, host_blocks=1, remote="redis://h:1")
+    for bad, match in ((dict(remote_timeout_ms=600_001), "remote_timeout_ms .* between 1 and 600000"),
+                       (dict(remote_queue_bytes=10), "remote_queue_bytes .* between 1048576"),
+                       (dict(remote_ttl_s=True), "remote_ttl_s must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            Config(**base, **bad)
+    # The tier itself refuses what Config refuses (no silent clamp to 1 ms).
+    with pytest.raises(ValueError, match="remote_timeout_ms .* got 0"):
+        dynblock._core.RemoteTier("redis://127.0.0.1:1", 4096, timeout_ms=0)
+    with pytest.raises(EnvError, match="DYNBLOCK_REMOTE_QUEUE_BYTES"):
+        Config.from_env({"DYNBLOCK_REMOTE_QUEUE_BYTES": "5", "DYNBLOCK_REMOTE_URL": "redis://h:1"},
+                        block_size=4096, host_blocks=1)

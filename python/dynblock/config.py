@@ -56,6 +56,7 @@ variable                                  meaning
 ``DYNBLOCK_REMOTE_WRITE``                 ``remote_write``: ``async``, ``sync``, ``off``
 ``DYNBLOCK_REMOTE_CA_FILE``               ``remote_ca_file``
 ``DYNBLOCK_REMOTE_SECRET``                ``remote_secret`` (values carry a keyed MAC)
+``DYNBLOCK_REMOTE_QUEUE_BYTES``           ``remote_queue_bytes`` (the background writer's queue)
 ========================================  =====================================
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; integers
@@ -154,6 +155,7 @@ _ENV_OF = (
     ("remote", "DYNBLOCK_REMOTE_URL"), ("remote_prefix", "DYNBLOCK_REMOTE_PREFIX"),
     ("remote_ttl_s", "DYNBLOCK_REMOTE_TTL_S"), ("remote_timeout_ms", "DYNBLOCK_REMOTE_TIMEOUT_MS"),
     ("remote_ca_file", "DYNBLOCK_REMOTE_CA_FILE"), ("remote_secret", "DYNBLOCK_REMOTE_SECRET"),
+    ("remote_queue_bytes", "DYNBLOCK_REMOTE_QUEUE_BYTES"),
 )
 
 
@@ -246,10 +248,11 @@ class Config:
     remote: Optional[str] = dataclasses.field(default=None, repr=False)
     remote_prefix: str = "dynblock"
     remote_ttl_s: Optional[int] = None
-    remote_timeout_ms: int = 200
+    remote_timeout_ms: int = DEFAULTS["remote_timeout_ms"]
     remote_write: Literal["async", "sync", "off"] = "async"
     remote_ca_file: Optional[str] = None
     remote_secret: Optional[str] = dataclasses.field(default=None, repr=False)
+    remote_queue_bytes: int = DEFAULTS["remote_queue_bytes"]
 
     def __post_init__(self) -> None:
         check = _core.check_setting
@@ -406,6 +409,9 @@ class Config:
         ca = env_str("DYNBLOCK_REMOTE_CA_FILE", e)
         if ca is not None:
             kw["remote_ca_file"] = ca.strip()
+        qb = env_int("DYNBLOCK_REMOTE_QUEUE_BYTES", e)
+        if qb is not None:
+            kw["remote_queue_bytes"] = qb
         secret = env_str("DYNBLOCK_REMOTE_SECRET", e)
         if secret is not None:
             kw["remote_secret"] = secret
@@ -433,8 +439,9 @@ class Config:
             # A value the variables gave is refused: name the variable, not only the field.
             text = str(ex)
             for key, var in _ENV_OF:
+                # Messages begin with the field they are about.
                 if key in kw and key not in overrides and var in e \
-                        and re.search(rf"\b{key}\b", text):
+                        and re.match(rf"{key}(?!\w)", text):
                     shown = "***" if key in ("remote", "remote_secret") else repr(e[var])
                     raise EnvError(f"environment variable {var}={shown}: {text}") from None
             raise
@@ -452,15 +459,11 @@ class Config:
                 or any(c.isspace() for c in self.remote_prefix):
             raise ValueError(f"remote_prefix must be a non-empty string without spaces, "
                              f"got {self.remote_prefix!r}")
+        check = _core.check_setting
         if self.remote_ttl_s is not None:
-            if isinstance(self.remote_ttl_s, bool) or not isinstance(self.remote_ttl_s, int) \
-                    or self.remote_ttl_s < 1:
-                raise ValueError(f"remote_ttl_s must be a whole number of seconds >= 1 or None "
-                                 f"(no expiry), got {self.remote_ttl_s!r}")
-        if isinstance(self.remote_timeout_ms, bool) or not isinstance(self.remote_timeout_ms, int) \
-                or not 1 <= self.remote_timeout_ms <= 600_000:
-            raise ValueError(f"remote_timeout_ms must be between 1 and 600000, "
-                             f"got {self.remote_timeout_ms!r}")
+            self.remote_ttl_s = check("remote_ttl_s", self.remote_ttl_s)
+        self.remote_timeout_ms = check("remote_timeout_ms", self.remote_timeout_ms)
+        self.remote_queue_bytes = check("remote_queue_bytes", self.remote_queue_bytes)
         if self.remote_write not in ("async", "sync", "off"):
             raise ValueError(f"remote_write must be 'async', 'sync' or 'off', got {self.remote_write!r}")
         if self.remote_ca_file is not None:

@@ -28,6 +28,7 @@ impl PyRemoteTier {
     #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
                         timeout_ms=200, ca_file=None, layout=0, queue_bytes=256 << 20,
                         secret=None))]
+    /// Integer settings are checked against the settings table (no clamping).
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -41,6 +42,13 @@ impl PyRemoteTier {
         queue_bytes: usize,
         secret: Option<String>,
     ) -> PyResult<Self> {
+        use crate::settings::check_int;
+        check_int("block_size", block_size as u64).map_err(to_py)?;
+        check_int("remote_timeout_ms", timeout_ms).map_err(to_py)?;
+        if let Some(t) = ttl_s {
+            check_int("remote_ttl_s", t).map_err(to_py)?;
+        }
+        check_int("remote_queue_bytes", queue_bytes as u64).map_err(to_py)?;
         let opts = RemoteOptions {
             url,
             prefix,

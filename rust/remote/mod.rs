@@ -184,6 +184,20 @@ impl RemoteTier {
     /// a wrong password, an untrusted certificate or an unreachable server
     /// is an error here, naming the URL without its password.
     pub fn open(opts: RemoteOptions) -> Result<Arc<Self>> {
+        if opts.timeout_ms == 0 {
+            return Err(Error::InvalidArgument(
+                "remote_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if opts.queue_bytes < opts.block_size + codec::HEADER_MAC {
+            return Err(Error::InvalidArgument(format!(
+                "remote_queue_bytes ({}) holds no block of {} bytes: give at least one block's \
+                 value ({} bytes)",
+                opts.queue_bytes,
+                opts.block_size,
+                opts.block_size + codec::HEADER_MAC
+            )));
+        }
         let p = url::parse_url(&opts.url)?;
         let shown = redact(&opts.url);
         let mut secrets: Vec<String> = [p.password.clone(), p.password_raw.clone()]
@@ -305,7 +319,7 @@ impl RemoteTier {
     /// The deadline of a call's remote work that starts now:
     /// `timeout_ms` from now.
     pub fn deadline(&self) -> Deadline {
-        Deadline::own(Duration::from_millis(self.opts.timeout_ms.max(1)))
+        Deadline::own(Duration::from_millis(self.opts.timeout_ms))
     }
 
     pub fn take_warnings(&self) -> Vec<String> {

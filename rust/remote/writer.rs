@@ -200,7 +200,7 @@ impl RemoteTier {
                 .fetch_add(hashes.len() as u64, Ordering::Relaxed);
             return 0;
         }
-        let cap = (self.opts.queue_bytes / self.value_len()).max(1);
+        let cap = self.opts.queue_bytes / self.value_len(); // >= 1: checked at open
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let room = cap.saturating_sub(q.items.len()).min(hashes.len());
         q.items.extend(&hashes[..room]);
