@@ -24,14 +24,14 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::disk::header::id_hex;
 use crate::error::{Error, Result};
+use crate::files::{check_parent, id_hex, open_private, sync_dir};
 
 pub const MAGIC: &[u8; 8] = b"DYNBLKIX";
 pub const VERSION: u32 = 2;
@@ -156,36 +156,6 @@ fn decode_header(path: &Path, b: &[u8]) -> Result<Geometry> {
     })
 }
 
-/// Refuse a directory that others could use to swap our files: world-
-/// writable without the sticky bit, or owned by another (non-root) user.
-pub fn check_parent(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let md = std::fs::metadata(&parent).map_err(|e| Error::io("stat", &parent, 0, 0, e))?;
-    let mode = md.permissions().mode();
-    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{} is world-writable without the sticky bit; a persistent store there could be \
-             replaced by another user. Use a private directory (chmod o-w or chmod +t)",
-            parent.display()
-        )));
-    }
-    use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if md.uid() != me && md.uid() != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "{} is owned by uid {}, not by this process (uid {me}); a persistent store must live in \
-             a directory owned by its user or root",
-            parent.display(),
-            md.uid()
-        )));
-    }
-    Ok(())
-}
-
 pub struct IndexLog {
     file: File,
     path: PathBuf,
@@ -207,18 +177,6 @@ pub struct Recovered {
     pub created: bool,
     /// Why an existing index was replaced by an empty one, if it was.
     pub reset: Option<String>,
-}
-
-fn open_private(path: &Path, create: bool) -> std::io::Result<File> {
-    let mut o = OpenOptions::new();
-    o.read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
-    if create {
-        o.create_new(true);
-    }
-    o.open(path)
 }
 
 /// Remove leftovers of compactions that died (`<index>.compact-*`).
@@ -279,7 +237,7 @@ impl IndexLog {
                         Error::io("open", path, 0, 0, e)
                     }
                 })?;
-                crate::disk::os::check_private_file(f.as_raw_fd(), path, "store index")?;
+                crate::files::check_private_file(f.as_raw_fd(), path, "store index")?;
                 f
             }
             Err(e) => return Err(Error::io("open", path, 0, 0, e)),
@@ -462,7 +420,7 @@ impl IndexLog {
     /// random name, fsync, rename over, fsync the directory). On failure the
     /// old log stays in place and in use.
     pub fn compact(&mut self, g: &Geometry, live: &[Live]) -> Result<()> {
-        let suffix = crate::disk::os::random_id()
+        let suffix = crate::files::random_id()
             .map(|id| id_hex(&id)[..12].to_string())
             .unwrap_or_else(|_| std::process::id().to_string());
         let name = format!(
@@ -503,22 +461,11 @@ impl IndexLog {
     }
 }
 
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::PermissionsExt;
 
     fn geo() -> Geometry {
         Geometry {

@@ -24,7 +24,9 @@
 //!   queue. It reads the local tiers only through [`remote::LocalSource`],
 //!   which the manager implements; it never imports the manager.
 //!
-//! [`checksum`] is the block checksum every tier uses. Every setting is
+//! [`checksum`] is the block checksum every tier uses; [`files`] the
+//! store-file safety both the disk tier and the index use (neither imports
+//! the other). Every setting is
 //! declared, defaulted and checked once, in [`settings`].
 //! [`process`] detects `fork()` (a storage refuses to work in a child) and
 //! keeps one open per store per process.
@@ -47,6 +49,7 @@ pub(crate) mod align;
 pub(crate) mod checksum;
 pub(crate) mod disk;
 pub(crate) mod error;
+pub(crate) mod files;
 pub(crate) mod host;
 pub(crate) mod index;
 pub(crate) mod io;

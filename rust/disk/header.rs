@@ -98,11 +98,6 @@ impl DataHeader {
     }
 }
 
-/// The store id as 32 hex digits, for messages.
-pub fn id_hex(id: &[u8; 16]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

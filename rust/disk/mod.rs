@@ -28,11 +28,12 @@ use std::sync::{Mutex, RwLock};
 
 use crate::align::{AlignedBuf, Alignment, DEFAULT_ALIGNMENT};
 use crate::error::{errno_name, Error, Result};
+use crate::files::FileStat;
 use crate::process::{ForkGuard, OpenStore};
 use crate::settings;
 use direct::DirectIo;
 use header::DataHeader;
-use os::{pread_all, pwrite_all, Dir, FileStat};
+use os::{pread_all, pwrite_all, Dir};
 
 pub use batch::Hook;
 #[cfg(feature = "python")] // the bindings' `fs_type` of a path
@@ -156,18 +157,18 @@ impl DiskStorage {
             os::check_space(&dir, est_size, path)?;
         }
         if opts.persist {
-            crate::index::check_parent(path)?;
+            crate::files::check_parent(path)?;
         }
         let (fd, created) = if opts.persist {
-            os::open_named(path)?
+            crate::files::open_named(path)?
         } else {
             (os::open_anonymous(&dir)?, false)
         };
-        let file = os::fstat(fd.as_raw_fd(), path)?;
+        let file = crate::files::fstat(fd.as_raw_fd(), path)?;
         // From here on, a failure must remove a file we created.
         let cleanup = |e: Error| -> Error {
             if created {
-                os::remove_if_same(path, &file);
+                crate::files::remove_if_same(path, &file);
             }
             e
         };
@@ -263,7 +264,7 @@ impl DiskStorage {
                     0
                 };
                 let id = if opts.persist {
-                    Some(os::random_id().map_err(cleanup)?)
+                    Some(crate::files::random_id().map_err(cleanup)?)
                 } else {
                     None
                 };
@@ -642,7 +643,7 @@ impl DiskStorage {
     pub fn abandon(&self) {
         self.close();
         if self.created && !self.fork.forked() {
-            os::remove_if_same(&self.path, &self.file);
+            crate::files::remove_if_same(&self.path, &self.file);
         }
     }
 
