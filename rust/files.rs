@@ -20,6 +20,12 @@ pub(crate) fn cpath(p: &Path) -> Result<CString> {
         .map_err(|_| Error::InvalidArgument(format!("path {} contains a NUL byte", p.display())))
 }
 
+/// The effective user id of this process.
+pub(crate) fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
 /// The calling thread's errno.
 pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -42,8 +48,7 @@ pub(crate) fn check_parent(path: &Path) -> Result<()> {
         )));
     }
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = euid();
     if md.uid() != me && md.uid() != 0 {
         return Err(Error::InvalidArgument(format!(
             "{} is owned by uid {}, not by this process (uid {me}); a persistent store must live in \
@@ -94,8 +99,7 @@ pub(crate) fn check_private_file(fd: RawFd, path: &Path, what: &str) -> Result<F
             path.display()
         )));
     }
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = euid();
     if st.uid != me {
         return Err(Error::InvalidArgument(format!(
             "the {what} {} is owned by uid {}, not by this process (uid {me}); dynblock does \

@@ -21,7 +21,6 @@
 //! Rewriting (compaction) writes a fresh file beside the log under a random
 //! name, syncs it and renames it over the log; leftovers of a rewrite that
 //! died are removed at open.
-#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -194,8 +193,7 @@ fn remove_stale_compactions(path: &Path) {
         return;
     };
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::files::euid();
     for e in rd.flatten() {
         if e.file_name().to_string_lossy().starts_with(&prefix) {
             if let Ok(md) = e.path().symlink_metadata() {
@@ -399,11 +397,9 @@ impl IndexLog {
     }
 
     pub fn sync(&self) -> Result<()> {
-        // SAFETY: fdatasync on our own descriptor.
-        if unsafe { libc::fdatasync(self.file.as_raw_fd()) } != 0 {
-            return Err(Error::last_os("fdatasync(index)", &self.path, 0, 0));
-        }
-        Ok(())
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync(index)", &self.path, 0, 0, e))
     }
 
     pub fn records(&self) -> u64 {

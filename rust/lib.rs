@@ -41,6 +41,8 @@
 //! `python` feature, so `cargo test` needs no interpreter. See
 //! `docs/ARCHITECTURE.md` for the whole picture.
 #![deny(unsafe_code)]
+// The crate map links its internal modules (the docs are for this crate's developers).
+#![allow(rustdoc::private_intra_doc_links)]
 // Without the bindings (`cargo test`), what only they call looks unused.
 #![cfg_attr(not(feature = "python"), allow(dead_code))]
 #![warn(clippy::undocumented_unsafe_blocks)]
