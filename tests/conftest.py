@@ -7,7 +7,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+import sys
+import textwrap
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -118,3 +120,35 @@ def faultshim(tmp_path_factory) -> Path:
     if r.returncode != 0:
         pytest.skip(f"cannot build the fault-injection shim: {r.stderr.strip()[:300]}")
     return out
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mounts)")
+
+#: What a test subprocess starts with (``run_py``): a 4 KiB block, ``data_for`` and a
+#: persistent ``open_store``.
+PRELUDE = """
+import os, sys
+import numpy as np
+import dynblock
+BS = 4096
+def data_for(h):
+    return np.random.default_rng(h).integers(0, 256, size=BS, dtype=np.uint8)
+def open_store(path, **kw):
+    kw.setdefault("disk_blocks", 16)
+    return dynblock.BlockManager.open(path, block_size=BS, numa_node=None, pin=False, **kw)
+"""
+
+
+def run_py(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run ``PRELUDE`` + ``code`` in a fresh interpreter (with ``env`` added)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def shim_env(shim: Path, **faults: object) -> Dict[str, str]:
+    """The environment that makes the fault shim (``faultshim``) fail chosen calls."""
+    env = {"LD_PRELOAD": str(shim)}
+    env.update({f"FAULT_{k.upper()}": str(v) for k, v in faults.items()})
+    return env

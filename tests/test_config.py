@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from dynblock import Config, EnvError, KvLayout
+import dynblock
+from dynblock import BlockManager, Config, DiskStorage, EnvError, HostStorage, KvLayout
 
 
 def test_layout_computes_block_size() -> None:
@@ -198,3 +202,82 @@ def test_remote_integer_settings_come_from_the_one_table() -> None:
     with pytest.raises(EnvError, match="DYNBLOCK_REMOTE_QUEUE_BYTES"):
         Config.from_env({"DYNBLOCK_REMOTE_QUEUE_BYTES": "5", "DYNBLOCK_REMOTE_URL": "redis://h:1"},
                         block_size=4096, host_blocks=1)
+
+
+# --- configuration and environment --------------------------------------------------
+
+
+def test_a_tier_smaller_than_one_block_is_an_error(clean_env) -> None:
+    with pytest.raises(ValueError, match="host_bytes=1000 is less than one block"):
+        Config(host_bytes=1000, block_size=1 << 20)
+    with pytest.raises(ValueError, match="disk_bytes=4095 is less than one block"):
+        Config(disk_bytes=4095, block_size=4096, host_blocks=1)
+    with pytest.raises(ValueError, match="less than one block"):
+        Config.from_env({"DYNBLOCK_BLOCK_SIZE": str(2 << 20), "DYN_KVBM_CPU_CACHE_GB": "0.001"})
+    assert Config(host_bytes=0, disk_blocks=1, block_size=4096).host_blocks == 0  # 0 means none
+
+
+def test_env_precedence_is_the_documented_one(clean_env) -> None:
+    env = {"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BYTES": "40960",
+           "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "3", "DYN_KVBM_CPU_CACHE_GB": "1"}
+    assert Config.from_env(env).host_blocks == 10  # ours (bytes) beats Dynamo's override
+    env.pop("DYNBLOCK_HOST_BYTES")
+    assert Config.from_env(env).host_blocks == 3  # Dynamo's override beats Dynamo's GB
+    env["DYNBLOCK_HOST_BLOCKS"] = "7"
+    assert Config.from_env(env).host_blocks == 7
+    assert "DYNBLOCK_<TIER>_BYTES" in dynblock.config.__doc__
+
+
+@pytest.mark.parametrize("value", ["1_000", "\u0663", "+5", "0x10", " 1 2"])
+def test_integers_are_plain_ascii_decimal(clean_env, value: str) -> None:
+    with pytest.raises(dynblock.EnvError, match="DYNBLOCK_HOST_BLOCKS"):
+        Config.from_env({"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BLOCKS": value})
+
+
+@pytest.mark.parametrize("env,field", [
+    ({"DYNBLOCK_BLOCK_SIZE": str(2**64), "DYNBLOCK_HOST_BLOCKS": "1"}, "block_size"),
+    ({"DYNBLOCK_BLOCK_SIZE": "4096", "DYN_KVBM_DISK_CACHE_GB": "1e30"}, "disk_bytes"),
+    ({"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_HOST_BLOCKS": "1", "DYNBLOCK_IO_DEPTH": "5000"}, "io_depth"),
+])
+def test_absurd_values_fail_naming_the_variable_and_the_field(clean_env, env,
+                                                                  field: str) -> None:
+    var = next(k for k in env if k not in ("DYNBLOCK_BLOCK_SIZE", "DYNBLOCK_HOST_BLOCKS")
+               or field == "block_size" and k == "DYNBLOCK_BLOCK_SIZE")
+    with pytest.raises(dynblock.EnvError, match=f"^environment variable {var}=.*: {field}"):
+        Config.from_env(env)
+
+
+def test_numpy_integers_and_stripped_paths(clean_env, tmp_path: Path) -> None:
+    c = Config(block_size=np.int64(4096), host_blocks=np.uint32(2))
+    assert c.block_size == 4096 and type(c.block_size) is int and c.host_blocks == 2
+    c = Config.from_env({"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_DISK_BLOCKS": "2",
+                         "DYNBLOCK_DISK_DIR": f" {tmp_path} "})
+    assert c.disk_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="disk_dir=.* and disk_path=.* disagree"):
+        Config.from_env({"DYNBLOCK_BLOCK_SIZE": "4096", "DYNBLOCK_DISK_BLOCKS": "2",
+                         "DYNBLOCK_DISK_DIR": "/var/tmp", "DYNBLOCK_PERSIST": "1",
+                         "DYNBLOCK_DISK_PATH": str(tmp_path / "kv.bin")})
+
+
+def test_explicit_numa_none_does_not_read_the_environment(clean_env) -> None:
+    clean_env.setenv("DYN_MEMORY_DISABLE_NUMA", "")  # malformed, but binding was not asked for
+    with BlockManager(Config(block_size=4096, host_blocks=2, numa_node=None, pin=False)) as kv:
+        assert kv.host is not None and kv.host.numa_node is None
+    with pytest.raises(dynblock.EnvError, match="DYN_MEMORY_DISABLE_NUMA"):
+        HostStorage(1, 4096, numa_node=0, pin=False)
+
+
+def test_one_message_per_setting_wherever_it_is_given(clean_env, tmp_path: Path) -> None:
+    msgs = set()
+    for make in (lambda: Config(block_size=4096, disk_blocks=1, io_depth=0),
+                 lambda: DiskStorage(tmp_path, 1, 4096, io_depth=0),
+                 lambda: dynblock._core.check_setting("io_depth", 0)):
+        with pytest.raises(ValueError) as e:
+            make()
+        msgs.add(str(e.value))
+    assert len(msgs) == 1 and "io_depth" in msgs.pop()
+    defaults = dynblock._core.settings_defaults()
+    assert Config(block_size=1, host_blocks=1).io_depth == defaults["io_depth"]
+    import inspect
+
+    assert inspect.signature(DiskStorage).parameters["io_depth"].default == defaults["io_depth"]

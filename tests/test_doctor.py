@@ -178,3 +178,29 @@ def test_run_checks_api_matches_the_cli(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, "-m", "dynblock.doctor", "--dir", str(tmp_path)],
                            capture_output=True, text=True)
     assert "ok," in table.stdout and "fail" in table.stdout
+
+
+# --- doctor input
+
+
+@pytest.mark.parametrize("arg", ["--host-gib", "--shm-gib", "--disk-gib"])
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan"])
+def test_doctor_refuses_non_finite_sizes_with_a_usage_error(arg: str, value: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "dynblock.doctor", arg, value], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "finite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_doctor_advice_fits_what_is_at_the_path(tmp_path: Path) -> None:
+    f = tmp_path / "afile"
+    f.write_text("x")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)
+    for p, words in ((f, "is a file"), (fifo, "is a FIFO"), (loop, "symbolic link"),
+                     (tmp_path / "missing", "mkdir -p")):
+        (c,) = [c for c in doctor.check_cache_dir(str(p), 1 << 20) if c.name == "cache_dir"]
+        assert c.status == "fail" and words in c.fix, (p, c.fix)
+        if words != "mkdir -p":
+            assert "mkdir" not in c.fix

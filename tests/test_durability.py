@@ -4,9 +4,11 @@ and real faults (flipped bytes, torn index, ENOSPC)."""
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -19,8 +21,9 @@ from typing import List
 import numpy as np
 import pytest
 
+import dynblock
 from dynblock import BlockManager, KvLayout, StoreLockedError
-from conftest import fill_up
+from conftest import fill_up, needs_root, run_py, shim_env
 
 BS = 4096
 
@@ -400,3 +403,366 @@ def test_write_behind_blocks_survive_kill_9_byte_exact(tmp_path: Path) -> None:
         for h in found:
             assert np.array_equal(get_one(m, h), data_for(h)), h
         assert m.stats()["corrupt_blocks"] == 0
+
+
+# --- store files planted by another user --------------------------------
+
+
+@needs_root
+def test_store_files_of_another_user_or_open_to_others_are_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp: world-writable with the sticky bit
+    path = shared / "kv.bin"
+    index = Path(str(path) + ".index")
+    with open_store(path) as m:  # the files as another user would plant them
+        m.put([42], np.frombuffer(b"EVIL" * 1024, np.uint8))
+    for f in (path, index):
+        os.chown(f, 2002, 2002)
+        os.chmod(f, 0o666)
+    before = (path.read_bytes(), index.read_bytes())
+    with pytest.raises(ValueError, match="owned by uid 2002, not by this process"):
+        open_store(path)
+    # Ours, but readable and writable by others: refused as well.
+    os.chown(path, os.geteuid(), os.getegid())
+    with pytest.raises(ValueError, match="store data file .* has permissions 0666"):
+        open_store(path)
+    os.chmod(path, 0o600)
+    with pytest.raises(ValueError, match="store index .* owned by uid 2002"):
+        open_store(path)
+    os.chown(index, os.geteuid(), os.getegid())
+    with pytest.raises(ValueError, match="store index .* has permissions 0666"):
+        open_store(path)
+    assert (path.read_bytes(), index.read_bytes()) == before  # nothing was written
+    os.chmod(index, 0o600)
+    with open_store(path) as m:  # private and ours: it opens
+        assert 42 in m
+
+
+# --- a failed index write must not leave memory and index apart --------
+
+
+@needs_root
+def test_clear_and_remove_on_a_full_filesystem_change_nothing(tiny_tmpfs: Path) -> None:
+    path = tiny_tmpfs / "kv.bin"
+    index = Path(str(path) + ".index")
+    m = open_store(path, disk_blocks=64)
+    m.put(list(range(10)), blocks(range(10)))
+    # Grow the index to exactly one page, so the next record needs a new page.
+    while index.stat().st_size < 4096:
+        m.put([500], data_for(500))
+        m.remove([500])
+    assert index.stat().st_size == 4096 and len(m) == 10
+    filler = fill_up(tiny_tmpfs)
+    with pytest.raises(OSError) as e:
+        m.remove([3])
+    assert e.value.errno == errno.ENOSPC
+    assert 3 in m and np.array_equal(get_one(m, 3), data_for(3))  # nothing changed
+    with pytest.raises(OSError) as e:
+        m.clear()
+    assert e.value.errno == errno.ENOSPC
+    assert len(m) == 10 and all(np.array_equal(get_one(m, h), data_for(h)) for h in range(10))
+    m.close()
+    filler.unlink()
+    with open_store(path, disk_blocks=64) as m:  # the failed calls did not happen on disk either
+        assert len(m) == 10
+        assert m.remove([3]) == 1
+    with open_store(path, disk_blocks=64) as m:
+        assert 3 not in m and len(m) == 9
+        m.clear()
+    with open_store(path, disk_blocks=64) as m:
+        assert len(m) == 0
+
+
+def test_failed_del_record_then_crash_never_serves_another_blocks_bytes(tmp_path: Path, faultshim: Path) -> None:
+    # The review's reproducer: the DEL record of remove() fails (EIO), the next put reuses the
+    # slot and the process is killed before its PUT record. Checksums off, so nothing would catch
+    # a hash mapped to another block's bytes.
+    path = str(tmp_path / "kv.bin")
+    r = run_py(f"""
+        kv = open_store({path!r}, disk_blocks=8, checksums=False)
+        kv.put([1], np.frombuffer(b"ONE!" * 1024, np.uint8))
+        try:
+            kv.remove([1])
+            sys.exit("the DEL record did not fail")
+        except OSError:
+            pass
+        assert 1 in kv
+        kv.put([2], np.frombuffer(b"TWO!" * 1024, np.uint8))
+        sys.exit("not killed")
+    """, env=shim_env(faultshim, suffix="kv.bin.index", op="write", n=3, kill_at=4))
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    with open_store(Path(path), disk_blocks=8, checksums=False) as m:
+        got = get_one(m, 1)
+        assert got is not None and bytes(got[:4]) == b"ONE!"
+
+
+WORKLOAD = """
+kv = open_store({path!r}, disk_blocks=4, checksums=False, durability={durability!r})
+errors = 0
+for i in range(14):
+    try:
+        kv.put([i], data_for(i))
+    except OSError:
+        errors += 1
+    if i % 3 == 2:
+        try:
+            kv.remove([i - 1])
+        except OSError:
+            errors += 1
+    if i == 8:
+        try:
+            kv.clear()
+        except OSError:
+            errors += 1
+kv.close()
+print("errors", errors)
+"""
+
+
+@pytest.mark.parametrize("later", [1, 3])
+@pytest.mark.parametrize("op,n,short,durability", [
+    *[("write", n, s, "process") for n in (2, 3, 4, 5, 7, 9, 11, 14) for s in (0, 1)],
+    *[("sync", n, 0, "sync") for n in (2, 3, 5, 8)],
+])
+def test_crash_points_after_a_failed_index_write_serve_no_wrong_bytes(
+        tmp_path: Path, faultshim: Path, op: str, n: int, short: int, durability: str, later: int) -> None:
+    # A failed (or torn) index write or fsync at call n, then a kill `later` index calls after it
+    # (or a clean exit when the workload ends first). Every block served afterwards must hold its
+    # own bytes: checksums are off, so a wrong index would show as wrong bytes.
+    path = str(tmp_path / "kv.bin")
+    env = shim_env(faultshim, suffix="kv.bin.index", op=op, n=n, short=short, kill_at=n + later)
+    r = run_py(WORKLOAD.format(path=path, durability=durability), env=env)
+    # Killed, or a call failed: either way the fault was injected.
+    assert r.returncode == -signal.SIGKILL or (r.returncode == 0 and "errors 0" not in r.stdout), \
+        r.stdout + r.stderr
+    with open_store(Path(path), disk_blocks=4, checksums=False, durability=durability) as m:
+        for h in range(14):
+            got = get_one(m, h)
+            assert got is None or np.array_equal(got, data_for(h)), f"block {h} served other bytes"
+        assert len(m) <= 4
+
+
+# --- the index log ---------------------------------------------------------
+
+
+def test_a_torn_index_append_loses_no_later_put(tmp_path: Path) -> None:
+    path = str(tmp_path / "kv.bin")
+    r = run_py(f"""
+        import resource
+        kv = open_store({path!r}, disk_blocks=2048)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 + 32 * 2000 + 16, hard))  # mid-record
+        failed = None
+        for i in range(5000):
+            try:
+                kv.put([i % 5], data_for(i % 5))
+                kv.remove([i % 5])
+            except OSError as e:
+                failed = e
+                break
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert failed is not None and failed.errno == 27, failed  # EFBIG
+        kv.put(list(range(100, 110)), np.concatenate([data_for(h) for h in range(100, 110)]))
+        kv.close()
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open_store(Path(path), disk_blocks=2048) as m:
+        s = m.stats()
+        assert s["index_torn_bytes"] == 0 and s["index_bad_records"] == 0
+        for h in range(100, 110):
+            assert np.array_equal(get_one(m, h), data_for(h))
+
+
+def test_one_bad_record_costs_one_block_not_the_rest(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "kv.bin"
+    index = Path(str(path) + ".index")
+    with open_store(path, disk_blocks=128) as m:
+        for h in range(100):
+            m.put([h], data_for(h))
+    size = index.stat().st_size
+    assert size == 64 + 100 * 32
+    raw = bytearray(index.read_bytes())
+    raw[64 + 2 * 32 + 10] ^= 0x01  # one bit of record 2 (block 2)
+    index.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="dynblock"):
+        with open_store(path, disk_blocks=128) as m:
+            s = m.stats()
+            assert s["recovered_blocks"] == 99 and s["index_bad_records"] == 1
+            assert s["index_torn_bytes"] == 0
+            assert 2 not in m
+            for h in set(range(100)) - {2}:
+                assert np.array_equal(get_one(m, h), data_for(h))
+    assert any("damaged records" in r.getMessage() for r in caplog.records)
+    with open_store(path, disk_blocks=128) as m:  # rewritten without the bad record
+        assert m.stats()["index_bad_records"] == 0 and len(m) == 99
+
+
+# --- index and data file bound together -----------------------------------------
+
+
+def test_an_index_whose_data_file_is_gone_is_not_replayed(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "kv.bin"
+    with open_store(path) as m:
+        m.put(list(range(5)), blocks(range(5)))
+    path.unlink()  # the data file is lost; the index stays
+    with caplog.at_level(logging.WARNING, logger="dynblock"):
+        with open_store(path) as m:
+            assert len(m) == 0 and m.match(list(range(5))) == 0
+            assert m.stats()["corrupt_blocks"] == 0
+    assert any("no longer exists" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unrelated_file_is_never_adopted_or_overwritten(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.db"
+    content = os.urandom(64 * BS)
+    precious.write_bytes(content)
+    os.chmod(precious, 0o600)
+    with pytest.raises(ValueError, match="not a dynblock data file"):
+        open_store(precious, disk_blocks=64)
+    assert precious.read_bytes() == content
+    assert not Path(str(precious) + ".index").exists()
+
+
+def test_another_stores_index_is_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    with open_store(a) as m:
+        m.put([1], data_for(1))
+    open_store(b).close()
+    shutil.copy2(str(a) + ".index", str(b) + ".index")
+    with pytest.raises(ValueError, match="belongs to another data file"):
+        open_store(b)
+
+
+# --- an unreadable block ----------------------------------------------------
+
+
+def test_an_unreadable_block_is_dropped_and_the_readable_prefix_returned(
+        tmp_path: Path, faultshim: Path) -> None:
+    path = str(tmp_path / "kv.bin")
+    with open_store(Path(path)) as m:
+        m.put(list(range(8)), blocks(range(8)))
+        lo = m.disk.data_offset + 3 * m.disk.slot_stride
+    r = run_py(f"""
+        import logging
+        logging.basicConfig(level=logging.WARNING)
+        kv = open_store({path!r})
+        out = np.zeros(8 * BS, np.uint8)
+        assert kv.get(list(range(8)), out) == 3
+        assert np.array_equal(out[:3 * BS], np.concatenate([data_for(h) for h in range(3)]))
+        s = kv.stats()
+        assert s["io_errors"] == 1 and s["corrupt_blocks"] == 0, s
+        assert 3 not in kv and kv.match(list(range(8))) == 3
+        assert kv.get(list(range(4, 8)), out[:4 * BS]) == 4  # the rest is still served
+        assert np.array_equal(out[:4 * BS], np.concatenate([data_for(h) for h in range(4, 8)]))
+        kv.put([3], data_for(3))  # a new copy goes to another slot... or the same one, rewritten
+        print("ok")
+    """, env=shim_env(faultshim, suffix="kv.bin", op="read", count=-1, off_lo=lo, off_hi=lo + BS))
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    assert r.stderr.count("could not be read") == 1  # logged once
+
+
+# --- leaks ------------------------------------------------------------------------
+
+
+def test_a_failed_open_leaves_no_data_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    os.symlink(target, str(path) + ".index")
+    with pytest.raises(ValueError, match="symbolic link"):
+        open_store(path, disk_blocks=256)
+    assert not path.exists()
+    assert target.read_bytes() == b"keep"
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _fds_to(path: Path) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_close_releases_files_and_threads_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    index = Path(str(path) + ".index")
+    gc.collect()
+    before = _threads()
+    managers = [open_store(tmp_path / f"kv{i}.bin") for i in range(3)]
+    m = open_store(path, host_blocks=4)
+    m.put([1, 2], blocks([1, 2]))
+    assert _fds_to(index) == 1 and _threads() > before
+    for x in managers + [m]:
+        x.close()  # still referenced: nothing waits for garbage collection
+    assert _fds_to(index) == 0 and _fds_to(path) == 0
+    deadline = time.monotonic() + 5
+    while _threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _threads() == before
+
+
+def test_leftovers_of_a_crashed_compaction_are_removed_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    with open_store(path) as m:
+        m.put([1], data_for(1))
+    stale = tmp_path / "kv.bin.index.compact-4b1d0c"
+    stale.write_bytes(b"half a compaction")
+    with open_store(path) as m:
+        assert 1 in m
+    assert not stale.exists()
+
+
+# --- reopen errors and layouts ------------------------------------------------------
+
+
+def test_a_resized_data_file_is_named_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "kv.bin"
+    open_store(path, disk_blocks=8).close()
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - BS)
+    with pytest.raises(ValueError, match="truncated or extended"):
+        open_store(path, disk_blocks=8)
+
+
+def test_a_store_moved_to_a_filesystem_with_another_alignment_opens(
+        tmp_path: Path, loop_ext4_4k: Path) -> None:
+    src = tmp_path / "kv.bin"
+    with open_store(src, block_size=5000) as m:
+        if m.disk.alignment >= 4096:
+            pytest.skip(f"{tmp_path} already has {m.disk.alignment}-byte alignment: nothing to move across")
+        want = np.random.default_rng(7).integers(0, 256, 10000, dtype=np.uint8)
+        m.put([1, 2], want)
+    dst = loop_ext4_4k / "kv.bin"
+    shutil.copy2(src, dst)
+    shutil.copy2(str(src) + ".index", str(dst) + ".index")
+    with open_store(dst, block_size=5000) as m:
+        d = m.stats()["disk"]
+        assert d["o_direct"] is False and "laid out for another filesystem" in d["fallback_reason"]
+        out = np.zeros(10000, np.uint8)
+        assert m.get([1, 2], out) == 2 and np.array_equal(out, want)
+    with pytest.raises(dynblock.ODirectError, match="laid out for another filesystem"):
+        open_store(dst, block_size=5000, o_direct="require")
+
+
+@pytest.mark.parametrize("made,reopened", [("bf16", "bfloat16"), ("bfloat16", "torch.bfloat16"),
+                                           (np.float16, "float16"), ("fp16", "half"),
+                                           ("fp8", "float8_e4m3fn")])
+def test_dtype_aliases_are_one_layout(tmp_path: Path, made, reopened) -> None:
+    path = str(tmp_path / "kv.bin")
+
+    def lay(dt):
+        return KvLayout(2, 2, 16, 32, dtype=dt)
+
+    BlockManager.open(path, layout=lay(made), disk_blocks=4, numa_node=None, pin=False).close()
+    BlockManager.open(path, layout=lay(reopened), disk_blocks=4, numa_node=None, pin=False).close()
+    with pytest.raises(ValueError, match="layout fingerprint"):  # same bytes, another layout
+        BlockManager.open(path, layout=KvLayout(1, 2, 16, 64, dtype=made), disk_blocks=4,
+                          numa_node=None, pin=False)

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
+import textwrap
 import shutil
 import tempfile
 import threading
@@ -17,9 +21,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from dynblock import BlockManager, Config
-from conftest import fill_up
+import dynblock
+from dynblock import BlockManager, Config, HostStorage
+from conftest import PRELUDE, fill_up, run_py
 from redis_servers import Server
+from test_durability import BS, data_for, get_one, open_store
 
 
 class PolicyModel:
@@ -619,3 +625,158 @@ def test_a_get_whose_promotions_overflow_the_disk_tier_loses_no_block(tmp_path: 
         assert all(h in m for h in hs), m.lru_order()
         back = np.zeros(6 * 512, np.uint8)
         assert m.get(hs, back) == 6 and np.array_equal(back, data)
+
+
+# --- fork -------------------------------------------------------------------
+
+
+def test_a_forked_child_gets_a_clear_error_and_the_parent_is_unharmed(tmp_path: Path) -> None:
+    r = run_py(f"""
+        import multiprocessing
+        cfg = dynblock.Config(block_size=1 << 20, host_blocks=8, disk_blocks=32, disk_dir={str(tmp_path)!r},
+                              numa_node=None, pin=False)
+        kv = dynblock.BlockManager(cfg)
+        src = np.arange(4 << 20, dtype=np.uint64).astype(np.uint8)
+        kv.put(list(range(4)), src)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                kv.get(list(range(4)), np.empty(4 << 20, np.uint8))
+                os._exit(3)
+            except dynblock.ForkError as e:
+                os._exit(0 if "spawn" in str(e) and "after forking" in str(e) else 4)
+            except BaseException:
+                os._exit(5)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, os.waitstatus_to_exitcode(status)
+
+        def use_store(_):
+            try:
+                kv.put([99], np.zeros(1 << 20, np.uint8))
+                return "stored"
+            except dynblock.ForkError:
+                return "ForkError"
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.map(use_store, [0]) == ["ForkError"]
+        out = np.zeros(4 << 20, np.uint8)
+        assert kv.get(list(range(4)), out) == 4 and np.array_equal(out, src)
+        assert 99 not in kv
+        print("ok")
+    """, timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_forked_child_cannot_touch_a_persistent_store(tmp_path: Path) -> None:
+    path = str(tmp_path / "kv.bin")
+    # The parent keeps its lock while the child exits: run it as a background process.
+    code = PRELUDE + textwrap.dedent(f"""
+        kv = open_store({path!r})
+        kv.put([1, 2], np.concatenate([data_for(1), data_for(2)]))
+        pid = os.fork()
+        if pid == 0:
+            codes = 0
+            for call in (lambda: kv.put([50], data_for(50)), lambda: kv.sync(), lambda: len(kv)):
+                try:
+                    call()
+                except dynblock.ForkError:
+                    codes += 1
+            kv.close()
+            os._exit(0 if codes == 3 else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        kv.put([3], data_for(3))
+        print("ok", flush=True)
+        sys.stdin.read()
+        kv.close()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        ready, _, _ = select.select([p.stdout], [], [], 60)  # a hung child must not hang the test
+        assert ready, "the parent did not report within 60 s (a fork deadlock?)"
+        assert p.stdout.readline().strip() == "ok"
+        with pytest.raises(dynblock.StoreLockedError, match="another process"):
+            open_store(Path(path))  # the child's exit left the parent's lock in place
+        out, err = p.communicate("", timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+    assert p.returncode == 0, err
+    with open_store(Path(path)) as m:
+        assert sorted(h for h in (1, 2, 3, 50) if h in m) == [1, 2, 3]
+        assert all(np.array_equal(get_one(m, h), data_for(h)) for h in (1, 2, 3))
+
+
+# --- destinations that do not expose their memory ----------------------------------
+
+
+def test_a_destination_with_only_array_is_refused(tmp_path: Path) -> None:
+    class CopyingDst:
+        def __init__(self) -> None:
+            self.a = np.zeros(BS, np.uint8)
+
+        def __array__(self, dtype=None, copy=None):
+            return self.a.copy()
+
+    class SharingDst:  # exposes its memory through the array interface: fine
+        def __init__(self) -> None:
+            self.a = np.zeros(BS, np.uint8)
+            self.__array_interface__ = self.a.__array_interface__
+
+    with BlockManager(Config(block_size=BS, host_blocks=4, numa_node=None, pin=False)) as kv:
+        kv.put([1], np.full(BS, 9, np.uint8))
+        d = CopyingDst()
+        with pytest.raises(TypeError, match="does not expose its memory"):
+            kv.get([1], d)
+        assert not d.a.any()
+        s = SharingDst()
+        assert kv.get([1], s) == 1 and (s.a == 9).all()
+
+
+# --- doctor, closed managers, odd inputs ---------------------------------------------
+
+
+def test_a_closed_manager_answers_nothing(tmp_path: Path) -> None:
+    kv = BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False))
+    kv.put([1], data_for(1))
+    kv.close()
+    for call in (lambda: len(kv), lambda: 1 in kv, kv.stats, kv.lru_order, lambda: kv.match([1]),
+                 lambda: kv.get([1], np.zeros(BS, np.uint8))):
+        with pytest.raises(ValueError, match="BlockManager is closed"):
+            call()
+    assert "closed" in repr(kv)
+
+
+@pytest.mark.parametrize("hashes", [bytearray(b"\x01\x02"), {1, 2}, {1: 2}, frozenset([1])])
+def test_unordered_or_byte_hash_lists_are_refused(hashes) -> None:
+    with BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False)) as kv:
+        with pytest.raises(TypeError, match="hashes"):
+            kv.put(hashes, np.zeros(2 * BS, np.uint8))
+
+
+def test_ctypes_arrays_are_buffers_too() -> None:
+    import ctypes
+
+    with BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False)) as kv:
+        src = (ctypes.c_uint8 * BS)(*([7] * BS))
+        assert kv.put([1], src) == 1
+        dst = (ctypes.c_uint8 * BS)()
+        assert kv.get([1], dst) == 1 and bytes(dst) == bytes(src)
+
+
+def test_a_huge_hash_range_is_refused_before_it_is_listed() -> None:
+    with BlockManager(Config(block_size=BS, host_blocks=2, numa_node=None, pin=False)) as kv:
+        # Listing 2**40 hashes would take TiBs of memory: the size check comes first.
+        with pytest.raises(ValueError, match="need exactly"):
+            kv.get(range(2**40), np.zeros(BS, np.uint8))
+
+
+def test_host_alignment_above_a_huge_page_is_honoured() -> None:
+    h = HostStorage(4, 4 << 20, numa_node=None, pin=False, alignment=16 << 20)
+    try:
+        assert h._h.data_ptr % (16 << 20) == 0
+        assert h.slot_stride % (16 << 20) == 0
+    finally:
+        h.close()

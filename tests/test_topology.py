@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -12,6 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import dynblock
+from dynblock import HostStorage
+from conftest import run_py
 from dynblock.topology import (
     GpuTopology,
     numa_node_for_gpu,
@@ -214,3 +219,61 @@ def test_bad_device_argument(tmp_path: Path, bad) -> None:
     exe = fake_nvidia_smi(tmp_path, load("rtx_2gpu_tabs.txt"))
     with pytest.raises(ValueError, match="ordinal"):
         numa_node_for_gpu(bad, nvidia_smi=str(exe), env={})
+
+
+# --- malformed sysfs lists ----------------------------------------------------
+
+
+def test_a_huge_range_in_a_sysfs_list_is_an_error_not_an_abort(tmp_path: Path) -> None:
+    sysfs = tmp_path / "sys"
+    (sysfs / "devices/system/node/node0").mkdir(parents=True)
+    (sysfs / "devices/system/node/online").write_text("0-4000000000\n")
+    r = run_py(f"""
+        try:
+            dynblock.HostStorage(1, 4096, numa_node=0, pin=False, sysfs_root={str(sysfs)!r})
+        except dynblock.NumaError as e:
+            print("NumaError:", e)
+    """)
+    assert r.returncode == 0 and "above the largest possible" in r.stdout, r.stdout + r.stderr
+    d = subprocess.run([sys.executable, "-m", "dynblock.doctor", "--json", "--sysfs-root", str(sysfs),
+                        "--dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert d.returncode in (0, 1), d.stderr
+    import json
+
+    assert "checks" in json.loads(d.stdout)
+
+
+# --- topology input ------------------------------------------------------------------
+
+QUERY_ONE = "0, GPU-11111111-2222-3333-4444-555555555555, 00000000:18:00.0\n"
+
+
+@pytest.mark.parametrize("query,topo,why", [
+    (b"0, GPU-1111\xff\xfe, 00000000:18:00.0\n", None, None),  # non-UTF-8 bytes
+    (b"No devices were found\n", None, "does not know"),
+    (b"", None, "lists no GPUs"),
+    (None, b"\tGPU0\tCPU Affinity\tNUMA Affinity\nGPU0\t X \t0-4000000000\t0\n", "does not know"),
+    (None, b"\tGPU0\tCPU Affinity\tNUMA Affinity\nGPU0\t X \t0-3\t99999999999999999999999\n",
+     "does not know"),
+])
+def test_odd_nvidia_smi_output_means_no_binding_with_a_reason(tmp_path: Path, query, topo, why) -> None:
+    exe = fake_nvidia_smi(tmp_path, load("single_gpu_na.txt"), QUERY_ONE)
+    if query is not None:
+        (tmp_path / "query.txt").write_bytes(query)
+    if topo is not None:
+        (tmp_path / "topo.txt").write_bytes(topo)
+    r = dynblock.topology.resolve_gpu(0, sysfs_root=str(tmp_path / "nosys"), env=env_with(exe.parent))
+    assert r.numa_node is None
+    if why:
+        assert why in r.reason, r.reason
+    # and through the host tier: no binding, no exception from deep inside
+    h = HostStorage(1, 4096, gpu=0, pin=False, nvidia_smi=str(exe), sysfs_root=str(tmp_path / "nosys"))
+    assert h.numa_node is None
+    h.close()
+
+
+@pytest.mark.parametrize("cvd", ["\u00b2", "\uff10", "GPU-", "0,0", "00,0", "GPU-1111,GPU-1111"])
+def test_cuda_visible_devices_that_cuda_refuses_name_the_variable(tmp_path: Path, cvd: str) -> None:
+    exe = fake_nvidia_smi(tmp_path, load("single_gpu_na.txt"), QUERY_ONE)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        dynblock.topology.resolve_gpu(0, env=env_with(exe.parent, CUDA_VISIBLE_DEVICES=cvd))
