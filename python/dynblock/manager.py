@@ -477,25 +477,11 @@ class BlockManager:
         returns a :class:`Job` at once. A get submitted after a put of the same
         hash sees it: it waits for those puts (jobs start in submission order,
         so they are already running); other jobs run side by side."""
-        deps = []
-        if not isinstance(hashes, Lease):
-            with self._jobs_lock:
-                deps = list({id(f): f for f in (self._inflight.get(h)
-                                                for h in _hash_ints(hashes)) if f}.values())
+        return self._get_job(hashes, lambda: self.get(hashes, dst, rows))
 
-        def run() -> int:
-            if deps:
-                concurrent.futures.wait(deps)
-            return self.get(hashes, dst, rows)
-
-        return self._submit("get", run)
-
-    def get_each_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None,
-                       lease_hashes: Optional[Sequence[int]] = None) -> Job:
-        """:meth:`get_each` in the background (a :class:`Job` whose result is
-        the list of booleans). With a :class:`Lease`, ``lease_hashes`` are the
-        hashes it was looked up with: blocks after one that fails are then
-        read by hash."""
+    def _get_job(self, hashes: Union[Hashes, Lease], read: Callable[[], Any]) -> Job:
+        """A job running ``read()`` once the puts of the same hashes submitted
+        before it have finished."""
         deps = []
         if not isinstance(hashes, Lease):
             with self._jobs_lock:
@@ -505,9 +491,17 @@ class BlockManager:
         def run() -> Any:
             if deps:
                 concurrent.futures.wait(deps)
-            return self._get_each(hashes, dst, rows, lease_hashes)
+            return read()
 
         return self._submit("get", run)
+
+    def get_each_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None,
+                       lease_hashes: Optional[Sequence[int]] = None) -> Job:
+        """:meth:`get_each` in the background (a :class:`Job` whose result is
+        the list of booleans). With a :class:`Lease`, ``lease_hashes`` are the
+        hashes it was looked up with: blocks after one that fails are then
+        read by hash."""
+        return self._get_job(hashes, lambda: self._get_each(hashes, dst, rows, lease_hashes))
 
     def wait_all(self, timeout: Optional[float] = None) -> None:
         """Wait for every job submitted so far (their errors stay with each
