@@ -173,10 +173,10 @@ class RemoteTier:
         *,
         prefix: str = ...,
         ttl_s: Optional[int] = None,
-        timeout_ms: int = 200,
+        timeout_ms: Optional[int] = None,
         ca_file: Optional[_Path] = None,
         layout: int = 0,
-        queue_bytes: int = ...,
+        queue_bytes: Optional[int] = None,
         secret: Optional[str] = None,
     ) -> RemoteTier: ...
     @property

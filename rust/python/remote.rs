@@ -26,7 +26,7 @@ impl PyRemoteTier {
 impl PyRemoteTier {
     #[new]
     #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
-                        timeout_ms=200, ca_file=None, layout=0, queue_bytes=256 << 20,
+                        timeout_ms=None, ca_file=None, layout=0, queue_bytes=None,
                         secret=None))]
     /// Integer settings are checked against the settings table (no clamping).
     #[allow(clippy::too_many_arguments)]
@@ -36,13 +36,16 @@ impl PyRemoteTier {
         block_size: usize,
         prefix: String,
         ttl_s: Option<u64>,
-        timeout_ms: u64,
+        timeout_ms: Option<u64>,
         ca_file: Option<PathBuf>,
         layout: u64,
-        queue_bytes: usize,
+        queue_bytes: Option<usize>,
         secret: Option<String>,
     ) -> PyResult<Self> {
-        use crate::settings::check_int;
+        use crate::settings::{check_int, default_int};
+        // Defaults from the one settings table.
+        let timeout_ms = timeout_ms.unwrap_or_else(|| default_int("remote_timeout_ms"));
+        let queue_bytes = queue_bytes.unwrap_or_else(|| default_int("remote_queue_bytes") as usize);
         check_int("block_size", block_size as u64).map_err(to_py)?;
         check_int("remote_timeout_ms", timeout_ms).map_err(to_py)?;
         if let Some(t) = ttl_s {
