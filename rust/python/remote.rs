@@ -28,7 +28,6 @@ impl PyRemoteTier {
     #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
                         timeout_ms=None, ca_file=None, layout=0, queue_bytes=None,
                         secret=None))]
-    /// Integer settings are checked against the settings table (no clamping).
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -42,16 +41,10 @@ impl PyRemoteTier {
         queue_bytes: Option<usize>,
         secret: Option<String>,
     ) -> PyResult<Self> {
-        use crate::settings::{check_int, default_int};
-        // Defaults from the one settings table.
+        use crate::settings::default_int;
+        // Defaults from the one settings table (`RemoteTier::open` checks the values there).
         let timeout_ms = timeout_ms.unwrap_or_else(|| default_int("remote_timeout_ms"));
         let queue_bytes = queue_bytes.unwrap_or_else(|| default_int("remote_queue_bytes") as usize);
-        check_int("block_size", block_size as u64).map_err(to_py)?;
-        check_int("remote_timeout_ms", timeout_ms).map_err(to_py)?;
-        if let Some(t) = ttl_s {
-            check_int("remote_ttl_s", t).map_err(to_py)?;
-        }
-        check_int("remote_queue_bytes", queue_bytes as u64).map_err(to_py)?;
         let opts = RemoteOptions {
             url,
             prefix,

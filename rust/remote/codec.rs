@@ -46,6 +46,15 @@ impl RemoteTier {
         }
     }
 
+    /// The value version this tier writes and serves.
+    fn version(&self) -> u16 {
+        if self.mac_key.is_some() {
+            VERSION_MAC
+        } else {
+            VERSION_CRC
+        }
+    }
+
     /// The MAC of block `h`'s value: keyed BLAKE3 over its key, the first
     /// 32 header bytes and the block.
     fn mac(&self, key: &[u8; 32], name: &str, head: &[u8], block: &[u8]) -> blake3::Hash {
@@ -62,12 +71,7 @@ impl RemoteTier {
         let mut v = [0u8; HEADER_MAC];
         let len = self.header_len();
         v[..4].copy_from_slice(MAGIC);
-        let version = if self.mac_key.is_some() {
-            VERSION_MAC
-        } else {
-            VERSION_CRC
-        };
-        v[4..6].copy_from_slice(&version.to_le_bytes());
+        v[4..6].copy_from_slice(&self.version().to_le_bytes());
         v[6..8].copy_from_slice(&(len as u16).to_le_bytes());
         v[8..12].copy_from_slice(&(self.opts.block_size as u32).to_le_bytes());
         v[16..24].copy_from_slice(&h.to_le_bytes());
@@ -82,13 +86,13 @@ impl RemoteTier {
         v
     }
 
-    /// `cmd` becomes `SET key value [EX ttl]` for block `h`: the header and
-    /// the block written straight into the command's buffer (one copy).
-    pub(super) fn set_command(&self, cmd: &mut redis::Cmd, h: u64, block: &[u8]) {
+    /// `cmd` becomes `SET name value [EX ttl]` for block `h` (`name` is
+    /// its [`Self::key`]): the header and the block written straight into
+    /// the command's buffer (one copy).
+    pub(super) fn set_command(&self, cmd: &mut redis::Cmd, h: u64, name: &str, block: &[u8]) {
         use redis::RedisWrite;
         use std::io::Write;
-        let name = self.key(h);
-        let head = self.header(h, &name, block);
+        let head = self.header(h, name, block);
         cmd.clear();
         cmd.arg("SET").arg(name);
         {
@@ -119,11 +123,7 @@ impl RemoteTier {
         let version = u16_at(4);
         // A value of the other kind (with or without a MAC) is not ours to
         // judge or delete: another writer's, or a misconfigured one.
-        let want = if self.mac_key.is_some() {
-            VERSION_MAC
-        } else {
-            VERSION_CRC
-        };
+        let want = self.version();
         if version != want && matches!(version, VERSION_CRC | VERSION_MAC) {
             return Err(Bad::Unauthenticated);
         }

@@ -17,7 +17,7 @@
 //! reused (a late answer could be read as the next command's).
 
 use std::io::{self, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -234,13 +234,14 @@ impl Stream {
     }
 }
 
-/// A reader over the stream that stops at the deadline and after `budget`
-/// bytes (setting `over`).
+/// A reader over the stream that stops at the deadline (setting
+/// `timed_out`) and after `budget` bytes (setting `over`).
 struct Bounded<'a> {
     stream: &'a mut Stream,
     deadline: &'a Deadline,
     budget: usize,
     over: bool,
+    timed_out: bool,
 }
 
 impl Read for Bounded<'_> {
@@ -253,7 +254,10 @@ impl Read for Bounded<'_> {
             ));
         }
         let cap = buf.len().min(READ_AHEAD).min(self.budget);
-        let n = self.stream.read(&mut buf[..cap], self.deadline)?;
+        let n = self
+            .stream
+            .read(&mut buf[..cap], self.deadline)
+            .inspect_err(|e| self.timed_out = e.kind() == io::ErrorKind::TimedOut)?;
         self.budget -= n;
         Ok(n)
     }
@@ -266,19 +270,18 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Connect to `host:port` (TLS and AUTH/SELECT as `dial` says), all of it
-    /// before the deadline.
+    /// Connect to `host` at one of its addresses `addrs` (TLS and
+    /// AUTH/SELECT as `dial` says), all of it before the deadline.
     pub(crate) fn open(
         host: &str,
-        port: u16,
+        addrs: &[SocketAddr],
         dial: &Dialer,
         d: &Deadline,
     ) -> Result<Conn, Failure> {
-        let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
         let mut tcp = None;
         for a in addrs {
-            match TcpStream::connect_timeout(&a, d.left()?) {
+            match TcpStream::connect_timeout(a, d.left()?) {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -327,9 +330,9 @@ impl Conn {
                 if let Value::ServerError(e) = conn.recv(4096, d, 0)? {
                     let what = match e.code() {
                         "WRONGPASS" => "Password authentication failed (WRONGPASS)".to_string(),
-                        code => format!("{code} {}", e.details().unwrap_or("")),
+                        _ => describe(&e),
                     };
-                    return Err(Failure::io(&what.trim(), false));
+                    return Err(Failure::io(&what, false));
                 }
             }
         }
@@ -349,18 +352,21 @@ impl Conn {
             deadline: d,
             budget: limit + READ_AHEAD,
             over: false,
+            timed_out: false,
         };
         match self.parser.parse_value(&mut r) {
             Ok(v) => Ok(v),
             Err(_) if r.over => Err(Failure::Oversized { at }),
-            Err(e) => {
-                let timed_out = e.is_timeout()
-                    || e.to_string().contains("remote_timeout_ms")
-                    || d.left().is_err();
-                Err(Failure::io(&e, timed_out))
-            }
+            Err(e) => Err(Failure::io(&e, r.timed_out)),
         }
     }
+}
+
+/// A server's error reply as one line: its code and details.
+pub(crate) fn describe(e: &redis::ServerError) -> String {
+    format!("{} {}", e.code(), e.details().unwrap_or(""))
+        .trim()
+        .to_string()
 }
 
 /// The TLS client settings: the CA in `ca_pem` (PEM), or the system's roots.

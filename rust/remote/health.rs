@@ -128,6 +128,12 @@ impl RemoteTier {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            // A server that moved gets its name resolved again.
+            self.net
+                .addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
             self.warnings.push(format!(
                 "remote tier {} is unavailable ({}): the local tiers keep serving; \
                      retrying with backoff",

@@ -19,7 +19,8 @@
 //!   `timeout_ms` after it starts ([`conn`]); every reply is read through a
 //!   size bound (a value longer than a block's is refused while it is read,
 //!   the connection dropped, the event counted as `remote_oversized`). A
-//!   missed deadline (`remote_deadline_missed`) or a failed connection marks
+//!   failed connection or a missed deadline of the tier's own (counted as
+//!   `remote_deadline_missed`; a caller's shorter one is only counted) marks
 //!   the tier down for a backoff (250 ms, doubling to 10 s) during which
 //!   calls skip it at once (counted as `remote_skipped` for writes); one
 //!   warning per change of state.
@@ -58,6 +59,7 @@ use conn::{Conn, Dialer, Failure};
 use health::Health;
 pub use url::redact;
 use writer::Queue;
+
 /// Bytes a reply may add to a value (`$<length>\r\n` ... `\r\n`).
 const FRAMING: usize = 32;
 /// Commands per pipelined round trip.
@@ -130,6 +132,10 @@ struct Net {
     cluster: bool,
     slots: Mutex<cluster::SlotMap>,
     pools: Mutex<std::collections::HashMap<Node, Vec<Conn>>>,
+    /// Each server's addresses, resolved once (by the system resolver, with
+    /// its own timeouts: a name is not bounded by a call's deadline) rather
+    /// than for every new connection; forgotten when the tier goes down.
+    addrs: Mutex<std::collections::HashMap<Node, Vec<std::net::SocketAddr>>>,
 }
 
 /// Counters, as `stats()` shows them.
@@ -184,11 +190,14 @@ impl RemoteTier {
     /// a wrong password, an untrusted certificate or an unreachable server
     /// is an error here, naming the URL without its password.
     pub fn open(opts: RemoteOptions) -> Result<Arc<Self>> {
-        if opts.timeout_ms == 0 {
-            return Err(Error::InvalidArgument(
-                "remote_timeout_ms must be at least 1".into(),
-            ));
+        // The integer settings are checked against the one settings table (no clamping).
+        use crate::settings::{check_int, check_usize};
+        check_usize("block_size", opts.block_size)?;
+        check_int("remote_timeout_ms", opts.timeout_ms)?;
+        if let Some(t) = opts.ttl_s {
+            check_int("remote_ttl_s", t)?;
         }
+        check_usize("remote_queue_bytes", opts.queue_bytes)?;
         if opts.queue_bytes < opts.block_size + codec::HEADER_MAC {
             return Err(Error::InvalidArgument(format!(
                 "remote_queue_bytes ({}) holds no block of {} bytes: give at least one block's \
@@ -257,6 +266,7 @@ impl RemoteTier {
                 cluster: p.cluster,
                 slots: Mutex::new(cluster::SlotMap::default()),
                 pools: Mutex::new(std::collections::HashMap::new()),
+                addrs: Mutex::new(std::collections::HashMap::new()),
             },
             opts,
             shown,
@@ -281,10 +291,7 @@ impl RemoteTier {
             tier.take_conn(&node, &d).and_then(|mut c| {
                 c.send(&redis::cmd("PING").get_packed_command(), &d)?;
                 match c.recv(1024, &d, 0)? {
-                    Value::ServerError(e) => Err(Failure::io(
-                        &format!("{} {}", e.code(), e.details().unwrap_or("")),
-                        false,
-                    )),
+                    Value::ServerError(e) => Err(Failure::io(&conn::describe(&e), false)),
                     _ => {
                         tier.give_conn(node, c);
                         Ok(())
@@ -309,11 +316,6 @@ impl RemoteTier {
 
     pub fn is_cluster(&self) -> bool {
         self.net.cluster
-    }
-
-    /// Whether values carry a MAC (a secret is set).
-    pub fn authenticated(&self) -> bool {
-        self.mac_key.is_some()
     }
 
     /// The deadline of a call's remote work that starts now:
@@ -345,8 +347,32 @@ impl RemoteTier {
             .and_then(Vec::pop);
         match pooled {
             Some(c) => Ok(c),
-            None => Conn::open(&node.0, node.1, &self.net.dial, d),
+            None => Conn::open(&node.0, &self.addrs_of(node)?, &self.net.dial, d),
         }
+    }
+
+    /// `node`'s addresses, resolved on first use.
+    fn addrs_of(&self, node: &Node) -> std::result::Result<Vec<std::net::SocketAddr>, Failure> {
+        use std::net::ToSocketAddrs;
+        let known = self
+            .net
+            .addrs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned();
+        if let Some(a) = known {
+            return Ok(a);
+        }
+        let a: Vec<_> = (node.0.as_str(), node.1).to_socket_addrs()?.collect();
+        if !a.is_empty() {
+            self.net
+                .addrs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.clone(), a.clone());
+        }
+        Ok(a)
     }
 
     /// Keep a connection that finished its round trips in step.
@@ -358,19 +384,16 @@ impl RemoteTier {
         }
     }
 
-    /// Ask a cluster for its slot map (a seed, or a master already known).
+    /// Ask a cluster for its slot map: the seed nodes of the URL in turn,
+    /// until one answers.
     fn refresh_slots(&self, d: &Deadline) -> std::result::Result<(), Failure> {
-        let mut nodes = self.net.seeds.clone();
         let mut last = Failure::io(&"no cluster node answered", false);
-        for node in nodes.drain(..) {
-            let got = self.take_conn(&node, d).and_then(|mut c| {
+        for node in &self.net.seeds {
+            let got = self.take_conn(node, d).and_then(|mut c| {
                 c.send(&redis::cmd("CLUSTER").arg("SLOTS").get_packed_command(), d)?;
                 let v = c.recv(1 << 20, d, 0)?;
                 if let Value::ServerError(e) = &v {
-                    return Err(Failure::io(
-                        &format!("{} {}", e.code(), e.details().unwrap_or("")),
-                        false,
-                    ));
+                    return Err(Failure::io(&conn::describe(e), false));
                 }
                 let map =
                     cluster::SlotMap::parse(&v, &node.0).map_err(|e| Failure::io(&e, false))?;
@@ -404,29 +427,27 @@ impl RemoteTier {
             return Ok(vec![(self.net.seeds[0].clone(), todo.to_vec())]);
         }
         for attempt in 0..2 {
-            let map = self
-                .net
-                .slots
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
             let mut groups: Vec<(Node, Vec<usize>)> = Vec::new();
             let mut unserved = None;
-            for &i in todo {
-                let slot = cluster::slot(keys[i].as_bytes());
-                match map.master(slot) {
-                    Some(n) => match groups.iter_mut().find(|g| &g.0 == n) {
-                        Some(g) => g.1.push(i),
-                        None => groups.push((n.clone(), vec![i])),
-                    },
-                    None => {
-                        unserved = Some(slot);
-                        break;
+            let empty = {
+                let map = self.net.slots.lock().unwrap_or_else(|p| p.into_inner());
+                for &i in todo {
+                    let slot = cluster::slot(keys[i].as_bytes());
+                    match map.master(slot) {
+                        Some(n) => match groups.iter_mut().find(|g| &g.0 == n) {
+                            Some(g) => g.1.push(i),
+                            None => groups.push((n.clone(), vec![i])),
+                        },
+                        None => {
+                            unserved = Some(slot);
+                            break;
+                        }
                     }
                 }
-            }
+                map.is_empty()
+            };
             match unserved {
-                None if !map.is_empty() => return Ok(groups),
+                None if !empty => return Ok(groups),
                 _ if attempt == 0 => self.refresh_slots(d)?,
                 Some(slot) => {
                     return Err(Failure::io(
@@ -620,10 +641,9 @@ impl RemoteTier {
         match r {
             Ok(()) => self.came_up(),
             Err(Failure::Oversized { at }) => {
+                // Reply `at` never arrived whole, so the prefix ends there.
                 self.failed(&Failure::Oversized { at }, d);
-                if at >= n {
-                    fate[at] = Some(Bad::Oversized);
-                }
+                fate[at] = Some(Bad::Oversized);
                 n = n.min(at);
             }
             Err(e) => {
@@ -632,11 +652,10 @@ impl RemoteTier {
                 return n;
             }
         }
+        self.stats.hits.fetch_add(n as u64, Ordering::Relaxed);
         let Some(Some(why)) = fate.get(n) else {
-            self.stats.hits.fetch_add(n as u64, Ordering::Relaxed);
             return n;
         };
-        self.stats.hits.fetch_add(n as u64, Ordering::Relaxed);
         let h = chunk[n];
         match why {
             Bad::Missing => {

@@ -136,7 +136,7 @@ impl RemoteTier {
                 packed,
                 &mut |i, b| {
                     read(start + i, &mut |block| {
-                        self.set_command(cmd, chunk[i], block);
+                        self.set_command(cmd, chunk[i], &keys[i], block);
                         cmd.write_packed_command(b);
                     })
                 },
@@ -144,9 +144,7 @@ impl RemoteTier {
                     Value::ServerError(e) => {
                         let r = refused.get_or_insert((0, String::new()));
                         if r.0 == 0 {
-                            r.1 = format!("{} {}", e.code(), e.details().unwrap_or(""))
-                                .trim()
-                                .to_string();
+                            r.1 = super::conn::describe(&e);
                         }
                         r.0 += 1;
                     }
