@@ -139,26 +139,6 @@ _REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster:
 redact_url = _core.redact_url
 
 
-#: (field, environment variable) pairs, in the order ``from_env`` prefers them:
-#: a refused value is reported under the first variable set for its field.
-_ENV_OF = (
-    ("block_size", "DYNBLOCK_BLOCK_SIZE"),
-    ("host_blocks", "DYNBLOCK_HOST_BLOCKS"), ("host_bytes", "DYNBLOCK_HOST_BYTES"),
-    ("host_blocks", "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS"),
-    ("host_bytes", "DYN_KVBM_CPU_CACHE_GB"),
-    ("disk_blocks", "DYNBLOCK_DISK_BLOCKS"), ("disk_bytes", "DYNBLOCK_DISK_BYTES"),
-    ("disk_blocks", "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"),
-    ("disk_bytes", "DYN_KVBM_DISK_CACHE_GB"),
-    ("disk_dir", "DYNBLOCK_DISK_DIR"), ("disk_dir", "DYN_KVBM_DISK_CACHE_DIR"),
-    ("numa_node", "DYNBLOCK_NUMA_NODE"), ("gpu", "DYNBLOCK_GPU"), ("io_depth", "DYNBLOCK_IO_DEPTH"),
-    ("worker_nice", "DYNBLOCK_WORKER_NICE"), ("disk_path", "DYNBLOCK_DISK_PATH"),
-    ("remote", "DYNBLOCK_REMOTE_URL"), ("remote_prefix", "DYNBLOCK_REMOTE_PREFIX"),
-    ("remote_ttl_s", "DYNBLOCK_REMOTE_TTL_S"), ("remote_timeout_ms", "DYNBLOCK_REMOTE_TIMEOUT_MS"),
-    ("remote_ca_file", "DYNBLOCK_REMOTE_CA_FILE"), ("remote_secret", "DYNBLOCK_REMOTE_SECRET"),
-    ("remote_queue_bytes", "DYNBLOCK_REMOTE_QUEUE_BYTES"),
-)
-
-
 @dataclass(frozen=True)
 class KvLayout:
     """Shape of one KV block: ``num_layers x outer_dim x page_size x inner_dim``
@@ -330,27 +310,29 @@ class Config:
         (see the module docs for the mapping); ``overrides`` win."""
         e: Mapping[str, str] = os.environ if env is None else env
         kw: Dict[str, Any] = {}
-        bs = env_int("DYNBLOCK_BLOCK_SIZE", e, minimum=1)
-        if bs is not None:
-            kw["block_size"] = bs
+        src: Dict[str, str] = {}  # field -> the variable that gave it (for error messages)
+
+        def take(key: str, var: str, value: Any) -> None:
+            if value is not None:
+                kw[key], src[key] = value, var
+
+        take("block_size", "DYNBLOCK_BLOCK_SIZE", env_int("DYNBLOCK_BLOCK_SIZE", e, minimum=1))
         # Every variable is parsed (and so checked) even when another one wins.
         for tier, dyn in (("host", "CPU"), ("disk", "DISK")):
-            ours_blocks = env_int(f"DYNBLOCK_{tier.upper()}_BLOCKS", e)
-            ours_bytes = env_int(f"DYNBLOCK_{tier.upper()}_BYTES", e)
-            their_blocks = env_int(f"DYN_KVBM_{dyn}_CACHE_OVERRIDE_NUM_BLOCKS", e)
+            found = [(f"{tier}_blocks", f"DYNBLOCK_{tier.upper()}_BLOCKS"),
+                     (f"{tier}_bytes", f"DYNBLOCK_{tier.upper()}_BYTES"),
+                     (f"{tier}_blocks", f"DYN_KVBM_{dyn}_CACHE_OVERRIDE_NUM_BLOCKS")]
+            values: list = [env_int(var, e) for _, var in found]
             gb = env_float(f"DYN_KVBM_{dyn}_CACHE_GB", e)
-            if ours_blocks is not None:
-                kw[f"{tier}_blocks"] = ours_blocks
-            elif ours_bytes is not None:
-                kw[f"{tier}_bytes"] = ours_bytes
-            elif their_blocks is not None:
-                kw[f"{tier}_blocks"] = their_blocks
-            elif gb is not None:
-                kw[f"{tier}_bytes"] = int(gb * 10**9)
+            found.append((f"{tier}_bytes", f"DYN_KVBM_{dyn}_CACHE_GB"))
+            values.append(None if gb is None else int(gb * 10**9))
+            for (key, var), v in zip(found, values):
+                if v is not None:  # the first one set wins
+                    take(key, var, v)
+                    break
         d_ours, d_theirs = env_str("DYNBLOCK_DISK_DIR", e), env_str("DYN_KVBM_DISK_CACHE_DIR", e)
-        d = d_ours if d_ours is not None else d_theirs
-        if d is not None:
-            kw["disk_dir"] = d
+        take("disk_dir", "DYN_KVBM_DISK_CACHE_DIR", d_theirs)
+        take("disk_dir", "DYNBLOCK_DISK_DIR", d_ours)
         if o_direct_disabled(e):
             kw["o_direct"] = False
         zf = env_bool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", e)
@@ -358,48 +340,28 @@ class Config:
             kw["preallocate"] = "auto" if zf else "sparse-fallback"
         node = env_str("DYNBLOCK_NUMA_NODE", e)
         if node is not None:
-            if node.strip().lower() == "auto":
-                kw["numa_node"] = "auto"
-            else:
-                kw["numa_node"] = env_int("DYNBLOCK_NUMA_NODE", e)
+            take("numa_node", "DYNBLOCK_NUMA_NODE", "auto" if node.strip().lower() == "auto"
+                 else env_int("DYNBLOCK_NUMA_NODE", e))
         if numa_disabled(e):
             kw["numa_node"] = None
-        gpu = env_int("DYNBLOCK_GPU", e)
-        if gpu is not None:
-            kw["gpu"] = gpu
-        pin = env_bool("DYNBLOCK_PIN", e)
-        if pin is not None:
-            kw["pin"] = pin
-        depth = env_int("DYNBLOCK_IO_DEPTH", e, minimum=1)
-        if depth is not None:
-            kw["io_depth"] = depth
-        nice = env_int("DYNBLOCK_WORKER_NICE", e)
-        if nice is not None:
-            try:
-                kw["worker_nice"] = _core.check_setting("worker_nice", nice)
-            except ValueError as ex:
-                raise EnvError(f"environment variable DYNBLOCK_WORKER_NICE={nice}: {ex}") from None
-        path = env_str("DYNBLOCK_DISK_PATH", e)
-        if path is not None:
-            kw["disk_path"] = path
+        take("gpu", "DYNBLOCK_GPU", env_int("DYNBLOCK_GPU", e))
+        take("pin", "DYNBLOCK_PIN", env_bool("DYNBLOCK_PIN", e))
+        take("io_depth", "DYNBLOCK_IO_DEPTH", env_int("DYNBLOCK_IO_DEPTH", e, minimum=1))
+        take("worker_nice", "DYNBLOCK_WORKER_NICE", env_int("DYNBLOCK_WORKER_NICE", e))
+        take("disk_path", "DYNBLOCK_DISK_PATH", env_str("DYNBLOCK_DISK_PATH", e))
         for var, key in (("DYNBLOCK_PERSIST", "persist"), ("DYNBLOCK_WRITE_THROUGH", "write_through"),
                          ("DYNBLOCK_WRITE_BEHIND", "write_behind"),
                          ("DYNBLOCK_CHECKSUMS", "checksums")):
-            v = env_bool(var, e)
-            if v is not None:
-                kw[key] = v
+            take(key, var, env_bool(var, e))
         url = env_str("DYNBLOCK_REMOTE_URL", e)
-        if url is not None:
-            kw["remote"] = url.strip()
+        take("remote", "DYNBLOCK_REMOTE_URL", None if url is None else url.strip())
         prefix = env_str("DYNBLOCK_REMOTE_PREFIX", e)
-        if prefix is not None:
-            kw["remote_prefix"] = prefix.strip()
+        take("remote_prefix", "DYNBLOCK_REMOTE_PREFIX", None if prefix is None else prefix.strip())
         ttl = env_int("DYNBLOCK_REMOTE_TTL_S", e)
         if ttl is not None:
-            kw["remote_ttl_s"] = ttl or None
-        tmo = env_int("DYNBLOCK_REMOTE_TIMEOUT_MS", e, minimum=1)
-        if tmo is not None:
-            kw["remote_timeout_ms"] = tmo
+            kw["remote_ttl_s"], src["remote_ttl_s"] = ttl or None, "DYNBLOCK_REMOTE_TTL_S"
+        take("remote_timeout_ms", "DYNBLOCK_REMOTE_TIMEOUT_MS",
+             env_int("DYNBLOCK_REMOTE_TIMEOUT_MS", e, minimum=1))
         rw = env_str("DYNBLOCK_REMOTE_WRITE", e)
         if rw is not None:
             if rw.strip().lower() not in ("async", "sync", "off"):
@@ -407,14 +369,10 @@ class Config:
                                "'async', 'sync' or 'off'")
             kw["remote_write"] = rw.strip().lower()
         ca = env_str("DYNBLOCK_REMOTE_CA_FILE", e)
-        if ca is not None:
-            kw["remote_ca_file"] = ca.strip()
-        qb = env_int("DYNBLOCK_REMOTE_QUEUE_BYTES", e)
-        if qb is not None:
-            kw["remote_queue_bytes"] = qb
-        secret = env_str("DYNBLOCK_REMOTE_SECRET", e)
-        if secret is not None:
-            kw["remote_secret"] = secret
+        take("remote_ca_file", "DYNBLOCK_REMOTE_CA_FILE", None if ca is None else ca.strip())
+        take("remote_queue_bytes", "DYNBLOCK_REMOTE_QUEUE_BYTES",
+             env_int("DYNBLOCK_REMOTE_QUEUE_BYTES", e))
+        take("remote_secret", "DYNBLOCK_REMOTE_SECRET", env_str("DYNBLOCK_REMOTE_SECRET", e))
         dur = env_str("DYNBLOCK_DURABILITY", e)
         if dur is not None:
             if dur.strip().lower() not in ("process", "sync"):
@@ -438,10 +396,9 @@ class Config:
         except (ValueError, TypeError) as ex:
             # A value the variables gave is refused: name the variable, not only the field.
             text = str(ex)
-            for key, var in _ENV_OF:
+            for key, var in src.items():
                 # Messages begin with the field they are about.
-                if key in kw and key not in overrides and var in e \
-                        and re.match(rf"{key}(?!\w)", text):
+                if key not in overrides and re.match(rf"{key}(?!\w)", text):
                     shown = "***" if key in ("remote", "remote_secret") else repr(e[var])
                     raise EnvError(f"environment variable {var}={shown}: {text}") from None
             raise
