@@ -424,7 +424,7 @@ class BlockManager:
             n_all = what.count
             hs = list(lease_hashes or [])[:n_all]
         else:
-            hs = _hash_ints(what) if not hasattr(what, "tolist") else [int(h) for h in what.tolist()]
+            hs = _hash_ints(what)
             n_all = len(hs)
         idx = [int(r) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)] \
             if rows is not None else list(range(n_all))
