@@ -14,7 +14,8 @@
 //!   tier, LRU per tier, pins and leases, offload and promotion, write-behind,
 //!   checksums, and the persistent store's append-only [`index`] (bound to
 //!   its data file by the store id). Its policy (no I/O, no `unsafe`) lives
-//!   in `manager/policy.rs`.
+//!   in `manager/policy.rs` as verbs over private fields; the rest of
+//!   `manager/` executes what it decides, one file per concern.
 //!
 //! - **remote** ([`remote::RemoteTier`]): Redis or Valkey (one server, or a
 //!   cluster) below the local tiers, shared by every process that names the

@@ -61,26 +61,90 @@
 //! no data is written into any slot until it has been rewritten from memory
 //! (done before the next batch is planned): a slot is never overwritten
 //! while the durable index still names another block in it.
+//!
+//! # The files
+//! - `mod.rs` (this file): the facade: construction, the put path, queries,
+//!   `remove`/`clear`/`sync`/`stats`, close.
+//! - `policy.rs`: the registry and every decision about which block goes
+//!   where, as named verbs over private fields (no I/O, no `unsafe`).
+//! - `recover.rs`: reopening a persistent store: the index replayed into the
+//!   registry, and what recovery has to report.
+//! - `execute.rs`: running a plan (disk write and host copies without the
+//!   lock, commit or roll back under it) and keeping the index in step.
+//! - `read.rs`: the read path of `get`: plan, read, commit, promote.
+//! - `leases.rs`: `lookup`, `get_lease`, `release_lease`.
+//! - `write_behind.rs`: the background thread that keeps the least recent
+//!   host blocks written to disk, `flush`, and the flush of a closing store.
+//! - `below.rs`: the remote tier under the local ones.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::disk::DiskStorage;
 use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
-use crate::index::{Geometry, IndexLog, Live, Record};
+use crate::index::{Geometry, IndexLog, Record};
 use crate::process::ForkGuard;
-use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
+use crate::remote::{RemoteTier, RemoteWrite};
 
+mod below;
+mod execute;
+mod leases;
 mod policy;
-pub use policy::Stats;
-use policy::{capacity, Copy, Entry, Map, Pinned, Plan, Src, State, Tier, NIL};
+mod read;
+mod recover;
+mod write_behind;
 
-/// What a get's disk reads found, for the commit under the lock: per block,
-/// whether it failed its checksum; and the first block that could not be
-/// read, with the error.
-type DiskOutcome = (Vec<AtomicBool>, Option<(usize, Error)>);
+pub use crate::checksum::block_crc;
+use leases::Pinned;
+use policy::{capacity, Map, Plan, Registry};
+use write_behind::Writer;
+
+/// Counters reported by `stats()`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub put_blocks: u64,
+    pub put_new: u64,
+    pub get_calls: u64,
+    pub host_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    pub offloaded_blocks: u64,
+    pub onboarded_blocks: u64,
+    pub host_evictions: u64,
+    pub disk_evictions: u64,
+    pub dropped_blocks: u64,
+    /// New blocks not stored because every slot they could take was pinned.
+    pub rejected_full: u64,
+    /// Leases taken by `lookup`.
+    pub leases: u64,
+    /// Host-only blocks written to disk ahead of eviction (write-behind).
+    pub written_behind: u64,
+    /// Write-behind batches that failed (their blocks stay in the host tier).
+    pub failed_write_behind: u64,
+    pub failed_writes: u64,
+    pub corrupt_blocks: u64,
+    pub io_errors: u64,
+    pub recovered_blocks: u64,
+    pub index_torn_bytes: u64,
+    pub index_bad_records: u64,
+    pub index_compactions: u64,
+}
+
+/// Everything behind the manager's one lock: the registry (the policy's),
+/// and the executor's own bookkeeping around it.
+struct State {
+    reg: Registry,
+    /// The executor's counters (the policy's own are in `reg`).
+    stats: Stats,
+    warnings: Vec<String>,
+    index: Option<IndexLog>,
+    closed: bool,
+    io_error_logged: bool,
+    /// Leases by id: the slots each pins.
+    leases: Map<u64, Vec<Pinned>>,
+    next_lease: u64,
+}
 
 /// The tiers' state behind one lock; see the module docs for the policy.
 pub struct BlockManager {
@@ -101,15 +165,6 @@ pub struct BlockManager {
     committed: std::sync::Condvar,
     /// The remote tier below host and disk, if any, and how puts reach it.
     remote: std::sync::OnceLock<(Arc<RemoteTier>, RemoteWrite)>,
-}
-
-/// The write-behind thread's controls: woken after puts, stopped by close.
-#[derive(Default)]
-struct Writer {
-    wake: Mutex<bool>,
-    cv: std::sync::Condvar,
-    stop: AtomicBool,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// How the manager treats the disk tier.
@@ -133,8 +188,6 @@ pub struct ManagerOptions {
     pub write_behind: bool,
 }
 
-pub use crate::checksum::block_crc;
-
 impl BlockManager {
     pub fn new(
         block_size: usize,
@@ -147,98 +200,38 @@ impl BlockManager {
                 "a block manager needs a host tier, a disk tier or both (both sizes are 0)".into(),
             ));
         }
-        if let Some(h) = &host {
-            if h.block_size() != block_size {
+        for (what, size) in [
+            ("host", host.as_ref().map(|h| h.block_size())),
+            ("disk", disk.as_ref().map(|d| d.block_size())),
+        ] {
+            if let Some(size) = size.filter(|&s| s != block_size) {
                 return Err(Error::InvalidArgument(format!(
-                    "host tier block_size {} differs from the manager's {block_size}",
-                    h.block_size()
+                    "{what} tier block_size {size} differs from the manager's {block_size}"
                 )));
             }
         }
-        if let Some(d) = &disk {
-            if d.block_size() != block_size {
-                return Err(Error::InvalidArgument(format!(
-                    "disk tier block_size {} differs from the manager's {block_size}",
-                    d.block_size()
-                )));
-            }
-        }
-        let host_tier = match &host {
-            Some(h) => Some(Tier::new(capacity(h.num_blocks(), "host")?)),
-            None => None,
-        };
-        let mut disk_tier = match &disk {
-            Some(d) => Some(Tier::new(capacity(d.num_blocks(), "disk")?)),
-            None => None,
-        };
-        let mut map = Map::default();
+        let mut reg = Registry::new(
+            host.as_ref()
+                .map_or(Ok(0), |h| capacity(h.num_blocks(), "host"))?,
+            disk.as_ref()
+                .map_or(Ok(0), |d| capacity(d.num_blocks(), "disk"))?,
+        );
         let mut stats = Stats::default();
         let mut warnings = Vec::new();
-        let mut index = None;
-        let mut geometry = None;
-        if let Some(path) = &opts.index_path {
-            let d = disk.as_ref().ok_or_else(|| {
-                Error::InvalidArgument(
-                    "a persistent store needs a disk tier (disk_blocks > 0)".into(),
-                )
-            })?;
-            let store_id = d.store_id().ok_or_else(|| {
-                Error::InvalidArgument(
-                    "a persistent store needs a persistent disk tier (persist=True)".into(),
-                )
-            })?;
-            let g = Geometry {
-                block_size: block_size as u64,
-                num_blocks: d.num_blocks(),
-                layout: opts.layout,
-                checksums: opts.checksums,
-                store_id,
-            };
-            let (log, rec) = IndexLog::open(path, &g, opts.sync, d.created())?;
-            let tier = disk_tier.as_mut().expect("disk tier");
-            tier.load(&rec.live);
-            for l in &rec.live {
-                map.insert(
-                    l.hash,
-                    Entry {
-                        host: NIL,
-                        disk: l.slot,
-                    },
-                );
+        let (index, geometry) = match &opts.index_path {
+            Some(path) => {
+                let r = recover::recover(path, disk.as_deref(), block_size, &opts, &mut reg)?;
+                stats.recovered_blocks = r.recovered;
+                stats.index_torn_bytes = r.torn_bytes;
+                stats.index_bad_records = r.bad_records;
+                warnings = r.warnings;
+                (Some(r.index), Some(r.geometry))
             }
-            stats.recovered_blocks = rec.live.len() as u64;
-            stats.index_torn_bytes = rec.torn_bytes;
-            stats.index_bad_records = rec.bad_records;
-            if let Some(why) = rec.reset {
-                warnings.push(why);
-            }
-            if rec.bad_records > 0 {
-                warnings.push(format!(
-                    "the index {} held {} damaged records (failed checksums) among intact ones; \
-                     they were skipped, the {} blocks of the intact records recovered, and the \
-                     index rewritten without them",
-                    path.display(),
-                    rec.bad_records,
-                    rec.live.len()
-                ));
-            }
-            if rec.torn_bytes > 0 {
-                warnings.push(format!(
-                    "the index {} ended in {} bytes of an interrupted record; they were cut \
-                     off and the {} complete blocks before them recovered",
-                    path.display(),
-                    rec.torn_bytes,
-                    rec.live.len()
-                ));
-            }
-            index = Some(log);
-            geometry = Some(g);
-        }
+            None => (None, None),
+        };
         Ok(BlockManager {
             state: Mutex::new(State {
-                map,
-                host: host_tier,
-                disk: disk_tier,
+                reg,
                 stats,
                 warnings,
                 index,
@@ -260,244 +253,19 @@ impl BlockManager {
         })
     }
 
-    /// Start the write-behind thread (with a host and a disk tier and
-    /// `write_behind` on). It holds only a weak reference: it ends with the
-    /// manager, or at `close()`.
-    pub fn start_write_behind(self: &Arc<Self>) {
-        if !self.opts.write_behind || self.host.is_none() || self.disk.is_none() {
-            return;
-        }
-        let weak = Arc::downgrade(self);
-        let w = self.writer.clone();
-        let nice = self.worker_nice();
-        let (ready, started) = std::sync::mpsc::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name("dynblock-writeback".into())
-            .spawn(move || {
-                crate::io::lower_priority(nice);
-                let _ = ready.send(());
-                loop {
-                    // Work only when a put woke the thread; the timeout only
-                    // notices a manager that went away.
-                    let woken = {
-                        let g = w.wake.lock().unwrap_or_else(|p| p.into_inner());
-                        let (mut g, _) = w
-                            .cv
-                            .wait_timeout_while(g, std::time::Duration::from_millis(200), |woken| {
-                                !*woken && !w.stop.load(Ordering::Relaxed)
-                            })
-                            .unwrap_or_else(|p| p.into_inner());
-                        std::mem::replace(&mut *g, false)
-                    };
-                    if w.stop.load(Ordering::Relaxed) || weak.strong_count() == 0 {
-                        return;
-                    }
-                    if !woken {
-                        continue;
-                    }
-                    let Some(m) = weak.upgrade() else {
-                        return;
-                    };
-                    while !w.stop.load(Ordering::Relaxed) {
-                        if m.clean_some(32) == 0 {
-                            break;
-                        }
-                    }
-                }
-            });
-        if let Ok(h) = spawned {
-            // Running at its nice value before any work reaches it.
-            let _ = started.recv_timeout(std::time::Duration::from_secs(5));
-            *self.writer.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-        }
-    }
-
-    /// Wake the write-behind thread (after host blocks arrived).
-    fn nudge(&self) {
-        if self.opts.write_behind {
-            *self.writer.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            self.writer.cv.notify_one();
-        }
-    }
-
-    /// Stop the write-behind thread and wait for it (not in a forked child,
-    /// where it does not exist).
-    fn stop_write_behind(&self) {
-        self.writer.stop.store(true, Ordering::Relaxed);
-        self.writer.cv.notify_all();
-        let h = self
-            .writer
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(h) = h {
-            if !self.fork.forked() && h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The state, for a call that may use the manager: refused after
     /// `close()` and in a forked child.
-    fn open_state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+    fn open_state(&self) -> Result<MutexGuard<'_, State>> {
         self.fork.check()?;
         let st = self.lock();
         if st.closed {
             return Err(Error::Closed("BlockManager"));
         }
         Ok(st)
-    }
-
-    /// Rewrite a dirty index from memory (see the module docs) before a
-    /// batch is planned.
-    fn settle_index(&self, st: &mut State) -> Result<()> {
-        if !st.index.as_ref().is_some_and(IndexLog::dirty) {
-            return Ok(());
-        }
-        let live = Self::live_disk(st);
-        let g = self.geometry.expect("persistent store");
-        st.index.as_mut().expect("checked").compact(&g, &live)?;
-        st.stats.index_compactions += 1;
-        Ok(())
-    }
-
-    /// How many of the least recent host blocks write-behind keeps clean
-    /// (with a disk copy): half the host tier (none under 4 blocks). A step
-    /// pins at most a quarter of the tier (and at most its batch), so a put
-    /// always finds most of the tier evictable (eviction skips the blocks
-    /// being written behind).
-    fn clean_depth(host_cap: usize) -> usize {
-        if host_cap < 4 {
-            0
-        } else {
-            host_cap / 2
-        }
-    }
-
-    /// One step of write-behind: write up to `max` of the least recent
-    /// host-only blocks (within the clean depth) to the disk tier, their host
-    /// slots pinned meanwhile: they stay readable from the host tier until
-    /// their disk copy is committed, and evicting them later needs no write.
-    /// Returns how many were written. A failed write is counted and logged;
-    /// the blocks stay in the host tier.
-    pub fn clean_some(&self, max: usize) -> usize {
-        if !self.opts.write_behind || self.fork.forked() {
-            return 0;
-        }
-        let _one_at_a_time = self.cleaning.lock().unwrap_or_else(|p| p.into_inner());
-        let Ok(mut st) = self.open_state() else {
-            return 0;
-        };
-        let (Some(host), Some(_)) = (st.host.as_ref(), st.disk.as_ref()) else {
-            return 0;
-        };
-        let depth = Self::clean_depth(host.hash_of.len());
-        let max = max.min(host.hash_of.len() / 4);
-        let mut pick: Vec<(u64, u32)> = Vec::new();
-        let mut c = host.lru.head;
-        let mut seen = 0;
-        while c != NIL && seen < depth && pick.len() < max {
-            let s = c as usize;
-            let h = host.hash_of[s];
-            if host.pins[s] == 0
-                && !host.filling[s]
-                && st.map.get(&h).is_some_and(|e| e.disk == NIL)
-            {
-                pick.push((h, c));
-            }
-            seen += 1;
-            c = host.lru.next[s];
-        }
-        if pick.is_empty() {
-            return 0;
-        }
-        if self.settle_index(&mut st).is_err() {
-            return 0;
-        }
-        let Ok(region) = self.region() else {
-            return 0;
-        };
-        for &(_, s) in &pick {
-            st.host.as_mut().expect("host tier").pin(s);
-        }
-        let mut plan = Plan::default();
-        let mut n = 0;
-        for &(h, s) in &pick {
-            if !st.disk_insert(h, Src::HostSlot(s), true, &mut plan) {
-                break; // the rest of the disk tier is leased
-            }
-            n += 1;
-        }
-        let (mut st, r) = self.execute(st, &plan, region.as_deref());
-        for &(_, s) in &pick {
-            st.host.as_mut().expect("host tier").unpin(s);
-        }
-        match r {
-            Ok(()) => {
-                st.stats.written_behind += n as u64;
-                n
-            }
-            Err(e) => {
-                st.stats.failed_write_behind += 1;
-                if st.stats.failed_write_behind == 1 {
-                    st.warnings.push(format!(
-                        "writing {n} host blocks to disk ahead of eviction failed: {e}; they stay \
-                         in the host tier (later failures are counted in \
-                         stats()[\"failed_write_behind\"])"
-                    ));
-                }
-                0
-            }
-        }
-    }
-
-    /// Wait for write-behind: write every host-only block within the clean
-    /// depth to disk now.
-    pub fn flush(&self) -> Result<()> {
-        drop(self.open_state()?);
-        while self.clean_some(64) > 0 {}
-        if let Some((r, _)) = self.remote.get() {
-            r.flush(std::time::Duration::from_secs(60));
-        }
-        Ok(())
-    }
-
-    /// Put a remote tier below the local ones (once): gets and lookups
-    /// fetch what the local tiers miss from it, `match` counts it, and puts
-    /// send their new blocks to it as `write` says.
-    pub fn attach_remote(
-        self: &Arc<Self>,
-        remote: Arc<RemoteTier>,
-        write: RemoteWrite,
-    ) -> Result<()> {
-        let weak: std::sync::Weak<dyn LocalSource> = Arc::downgrade(self) as _;
-        remote.set_source(weak);
-        let nice = self.worker_nice();
-        // Nobody waits for the remote writer (unlike copies and I/O, which a
-        // caller waits for): it yields to those too.
-        remote.set_writer_nice((nice + 5).min(19));
-        self.remote
-            .set((remote, write))
-            .map_err(|_| Error::InvalidArgument("this manager already has a remote tier".into()))
-    }
-
-    /// The nice value the tiers' background threads run at (see
-    /// `io::lower_priority`).
-    fn worker_nice(&self) -> u32 {
-        match (&self.disk, &self.host) {
-            (Some(d), _) => d.worker_nice(),
-            (None, Some(h)) => h.worker_nice(),
-            (None, None) => 0,
-        }
-    }
-
-    pub fn remote(&self) -> Option<&Arc<RemoteTier>> {
-        self.remote.get().map(|(r, _)| r)
     }
 
     /// Close: with `flush`, a persistent store first writes the blocks that
@@ -523,50 +291,6 @@ impl BlockManager {
         st.closed = true;
         st.index = None;
         written
-    }
-
-    /// Write the blocks that live only in the host tier to the disk tier,
-    /// most recent first, as many as the disk tier holds (older disk blocks
-    /// make room, as in any offload): what a restart of a persistent store
-    /// should find. The host copies stay.
-    fn flush_host<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
-    ) -> (MutexGuard<'a, State>, Result<usize>) {
-        let (Some(host), Some(disk)) = (st.host.as_ref(), st.disk.as_ref()) else {
-            return (st, Ok(0));
-        };
-        let cap = disk.hash_of.len();
-        // Host LRU order, least recent first; keep the most recent `cap`.
-        let host_only: Vec<(u64, u32)> = host
-            .lru
-            .order()
-            .into_iter()
-            .filter(|&s| !host.filling[s as usize]) // bytes still arriving
-            .map(|s| (host.hash_of[s as usize], s))
-            .filter(|(h, _)| st.map.get(h).is_some_and(|e| e.disk == NIL))
-            .collect();
-        let keep = &host_only[host_only.len().saturating_sub(cap)..];
-        if keep.is_empty() {
-            return (st, Ok(0));
-        }
-        if let Err(e) = self.settle_index(&mut st) {
-            return (st, Err(e));
-        }
-        let region = match self.region() {
-            Ok(r) => r,
-            Err(e) => return (st, Err(e)),
-        };
-        let mut plan = Plan::default();
-        // Least recent first, so the disk tier's LRU order follows the host's.
-        for &(h, slot) in keep {
-            if !st.disk_insert(h, Src::HostSlot(slot), true, &mut plan) {
-                break; // the rest of the disk tier is leased
-            }
-        }
-        let n = keep.len();
-        let (st, r) = self.execute(st, &plan, region.as_deref());
-        (st, r.map(|()| n))
     }
 
     fn region(&self) -> Result<Option<Arc<Region>>> {
@@ -636,198 +360,6 @@ impl BlockManager {
         Ok(rows.iter().map(|&r| base + r as usize * bs).collect())
     }
 
-    /// Run a plan in three steps. Under the lock: the DEL records of reused
-    /// disk slots, and every slot the plan fills marked `filling` (invisible
-    /// to lookups) and pinned (never evicted nor reused by another call).
-    /// Without the lock: one batched disk write (checksummed on the I/O
-    /// workers), then one parallel copy into host slots. Under the lock
-    /// again: PUT records and checksums for the blocks still registered in
-    /// the slots written (another thread may have removed some meanwhile),
-    /// then the slots are released to lookups; on a failure the plan is
-    /// rolled back. Takes the guard and gives it back.
-    fn execute<'a>(
-        &'a self,
-        mut st: MutexGuard<'a, State>,
-        plan: &Plan,
-        region: Option<&Region>,
-    ) -> (MutexGuard<'a, State>, Result<()>) {
-        if st.index.as_ref().is_some_and(IndexLog::dirty) {
-            // An append failed earlier in this call: no slot may be written
-            // until the index is rewritten (at the start of the next call).
-            st.roll_back(plan);
-            return (
-                st,
-                Err(Error::InvalidArgument(
-                    "the store's index could not be updated earlier in this call; nothing was \
-                     written, and the index is rewritten at the next call"
-                        .into(),
-                )),
-            );
-        }
-        let mut writes: Vec<(u64, usize, bool, u64)> = plan
-            .writes
-            .iter()
-            .filter(|w| w.live)
-            .map(|w| {
-                let addr = match w.src {
-                    Src::Addr(a) => a,
-                    Src::HostSlot(s) => {
-                        let (h, r) = (self.host.as_ref().expect("host"), region.expect("region"));
-                        h.slot_ptr(r, s as u64) as usize
-                    }
-                };
-                (w.disk_slot as u64, addr, w.victim, w.hash)
-            })
-            .collect();
-        writes.sort_unstable_by_key(|w| w.0);
-        let copies: Vec<&Copy> = plan.copies.iter().filter(|c| c.live).collect();
-        if let Some(ix) = st.index.as_mut() {
-            let dels: Vec<Record> = plan
-                .disk_evicted
-                .iter()
-                .map(|&(h, t)| Record::del(h, t))
-                .collect();
-            if let Err(e) = ix.append(&dels) {
-                st.roll_back(plan);
-                return (st, Err(e));
-            }
-        }
-        if writes.is_empty() && copies.is_empty() {
-            return (st, Ok(()));
-        }
-        let hold = |st: &mut State, on: bool| {
-            for w in &writes {
-                let t = st.disk.as_mut().expect("disk tier");
-                t.filling[w.0 as usize] = on;
-                if on {
-                    t.pin(w.0 as u32);
-                } else {
-                    t.unpin(w.0 as u32);
-                }
-            }
-            for c in &copies {
-                let t = st.host.as_mut().expect("host tier");
-                t.filling[c.host_slot as usize] = on;
-                if on {
-                    t.pin(c.host_slot);
-                } else {
-                    t.unpin(c.host_slot);
-                }
-            }
-        };
-        hold(&mut st, true);
-        drop(st);
-
-        // Bytes move with the lock released.
-        let crcs: Vec<AtomicU32> = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
-        let mut r = Ok(());
-        if !writes.is_empty() {
-            let slots: Vec<u64> = writes.iter().map(|w| w.0).collect();
-            let addrs: Vec<usize> = writes.iter().map(|w| w.1).collect();
-            let bs = self.block_size;
-            let hook = |i: usize, addr: usize| {
-                // SAFETY: addr is block i's source, valid for bs bytes (see below).
-                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
-                crcs[i].store(block_crc(writes[i].3, bytes), Ordering::Relaxed);
-            };
-            let disk = self.disk.as_ref().expect("disk tier");
-            // SAFETY: every address is a host slot pinned by this plan (region
-            // held) or a block of the caller's buffer, held for this call.
-            r = unsafe {
-                disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
-            };
-            r = r.and_then(|()| if self.opts.sync { disk.sync() } else { Ok(()) });
-        }
-        if r.is_ok() && !copies.is_empty() {
-            let host = self.host.as_ref().expect("host tier");
-            let slots: Vec<u64> = copies.iter().map(|c| c.host_slot as u64).collect();
-            // SAFETY: slots are in range and pinned by this plan (nobody else
-            // writes them); each addr is a block of the caller's buffer held
-            // for this call; host slots are distinct (one live copy per slot).
-            // Victims' bytes left these slots in the disk write above.
-            unsafe { host.copy_slots(region.expect("region"), &slots, |i| copies[i].addr, true) };
-        }
-
-        let mut st = self.lock();
-        hold(&mut st, false);
-        self.committed.notify_all();
-        // Only blocks still registered in the slots written are recorded.
-        let current: Vec<bool> = writes
-            .iter()
-            .map(|w| st.map.get(&w.3).is_some_and(|e| e.disk == w.0 as u32))
-            .collect();
-        let r = r.and_then(|()| {
-            if let Some(tier) = st.disk.as_mut() {
-                for (i, w) in writes.iter().enumerate() {
-                    if current[i] {
-                        tier.crc[w.0 as usize] = crcs[i].load(Ordering::Relaxed);
-                    }
-                }
-            }
-            match st.index.as_mut() {
-                Some(ix) => {
-                    let puts: Vec<Record> = writes
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| current[*i])
-                        .map(|(i, w)| Record::put(w.3, w.0 as u32, crcs[i].load(Ordering::Relaxed)))
-                        .collect();
-                    ix.append(&puts)
-                }
-                None => Ok(()),
-            }
-        });
-        if let Err(e) = r {
-            st.stats.failed_writes += writes.len() as u64;
-            st.roll_back(plan);
-            return (st, Err(e));
-        }
-        if !writes.is_empty() {
-            st.stats.offloaded_blocks += writes.iter().filter(|w| w.2).count() as u64;
-            self.maybe_compact(&mut st);
-        }
-        (st, Ok(()))
-    }
-
-    /// Live disk entries in LRU order (oldest first).
-    fn live_disk(st: &State) -> Vec<Live> {
-        let Some(t) = st.disk.as_ref() else {
-            return Vec::new();
-        };
-        t.lru
-            .order()
-            .into_iter()
-            .filter(|&s| !t.filling[s as usize])
-            .map(|s| Live {
-                hash: t.hash_of[s as usize],
-                slot: s,
-                crc: t.crc[s as usize],
-            })
-            .collect()
-    }
-
-    /// Rewrite the index when it holds far more records than live blocks.
-    fn maybe_compact(&self, st: &mut State) {
-        let live_n = st.disk.as_ref().map_or(0, Tier::used) as u64;
-        let needs = st
-            .index
-            .as_ref()
-            .is_some_and(|ix| ix.records() > 4 * live_n + 4096);
-        if !needs {
-            return;
-        }
-        let live = Self::live_disk(st);
-        let g = self.geometry.expect("persistent store");
-        if let Some(ix) = st.index.as_mut() {
-            match ix.compact(&g, &live) {
-                Ok(()) => st.stats.index_compactions += 1,
-                Err(e) => st.warnings.push(format!(
-                    "compacting the index failed (it keeps growing): {e}"
-                )),
-            }
-        }
-    }
-
     #[cfg(test)] // a convenience of the unit tests
     /// Store blocks `hashes[i]` from `src + i * block_size`. Returns how many
     /// were new.
@@ -889,33 +421,22 @@ impl BlockManager {
         let mut unseen: Vec<usize> = Vec::new();
         // Refresh the batch's stored blocks first, so its new blocks never
         // evict them (`put([3, 1])` into a full tier holding 1 keeps 1).
-        for h in hashes {
-            if let Some(&e) = st.map.get(h) {
-                st.touch(e);
-            }
+        for &h in hashes {
+            st.reg.touch(h);
         }
         let mut new = 0usize;
         let mut rejected = 0u64;
         for (i, &h) in hashes.iter().enumerate() {
-            if let Some(&e) = st.map.get(&h) {
-                st.touch(e);
+            if st.reg.touch(h) {
                 continue;
             }
             if send {
                 unseen.push(i);
             }
-            let addr = addrs[i];
-            let stored = if st.host.is_some() {
-                let ok = st.host_insert(h, addr, &mut plan);
-                if ok && self.opts.write_through && st.disk.is_some() {
-                    // Best effort: a pinned-full disk tier leaves it host-only.
-                    st.disk_insert(h, Src::Addr(addr), false, &mut plan);
-                }
-                ok
-            } else {
-                st.disk_insert(h, Src::Addr(addr), false, &mut plan)
-            };
-            if stored {
+            if st
+                .reg
+                .admit(h, addrs[i], self.opts.write_through, &mut plan)
+            {
                 new += 1;
             } else {
                 rejected += 1; // every slot it could take is leased
@@ -930,507 +451,11 @@ impl BlockManager {
         if new > 0 {
             self.nudge();
         }
-        match self.remote.get() {
-            Some((r, w)) if !unseen.is_empty() => {
-                let hs: Vec<u64> = unseen.iter().map(|&i| hashes[i]).collect();
-                if *w == RemoteWrite::Sync {
-                    let src: Vec<usize> = unseen.iter().map(|&i| addrs[i]).collect();
-                    // SAFETY: forwarded from the caller.
-                    unsafe { r.store(&hs, &src, r.deadline()) };
-                } else {
-                    // The writer reads them back from the local tiers.
-                    r.enqueue(&hs);
-                }
-            }
-            _ => {}
+        if !unseen.is_empty() {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.send_remote(hashes, addrs, &unseen) };
         }
         Ok(new)
-    }
-
-    #[cfg(test)] // a convenience of the unit tests
-    /// Copy the longest stored prefix of `hashes` into `dst`; returns its
-    /// length.
-    ///
-    /// # Safety
-    /// `dst` must be valid for writes of `len` bytes for the whole call and
-    /// untouched by others meanwhile.
-    pub unsafe fn get_raw(&self, hashes: &[u64], dst: *mut u8, len: usize) -> Result<usize> {
-        // SAFETY: forwarded.
-        unsafe { self.get_rows(hashes, dst, len, None) }
-    }
-
-    /// Copy the longest stored prefix of `hashes` into row `rows[i]` of
-    /// `dst` (distinct rows), or back to back without rows; returns its
-    /// length.
-    ///
-    /// # Safety
-    /// `dst` must be valid for writes of `len` bytes for the whole call and
-    /// untouched by others meanwhile.
-    pub unsafe fn get_rows(
-        &self,
-        hashes: &[u64],
-        dst: *mut u8,
-        len: usize,
-        rows: Option<&[u64]>,
-    ) -> Result<usize> {
-        let region = self.region()?;
-        let addrs = self.block_addrs(
-            hashes.len(),
-            (dst as usize, len),
-            rows,
-            "dst",
-            true,
-            region.as_deref(),
-        )?;
-        let st = self.open_state()?;
-        // SAFETY: forwarded from the caller.
-        let n = unsafe { self.get_locked(st, hashes, &addrs, region.as_deref(), true) }?;
-        let Some(r) = self.remote().filter(|_| n < hashes.len()) else {
-            return Ok(n);
-        };
-        let d = r.deadline();
-        // SAFETY: forwarded from the caller; the addresses were checked (distinct).
-        Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref(), d) })
-    }
-
-    /// What the local tiers missed, from the remote tier: the longest
-    /// prefix of `hashes` it holds, verified, into `addrs`, then stored in
-    /// the local tiers (promoted; not sent back). Returns its length.
-    ///
-    /// # Safety
-    /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
-    /// and untouched by others for the whole call.
-    unsafe fn fetch_remote(
-        &self,
-        hashes: &[u64],
-        addrs: &[usize],
-        region: Option<&Region>,
-        d: Deadline,
-    ) -> usize {
-        let Some((r, _)) = self.remote.get() else {
-            return 0;
-        };
-        if hashes.is_empty() {
-            return 0;
-        }
-        // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(hashes, addrs, d) };
-        if k > 0 {
-            // SAFETY: the k blocks were just written there and stay the caller's.
-            if let Err(e) = unsafe { self.put_addrs(&hashes[..k], &addrs[..k], region, false) } {
-                self.lock().warnings.push(format!(
-                    "keeping {k} blocks fetched from the remote tier in the local tiers failed: {e}"
-                ));
-            }
-        }
-        k
-    }
-
-    /// Pin the longest stored prefix of `hashes` so that no eviction or
-    /// slot reuse touches it until the lease is used ([`Self::get_lease`])
-    /// or released. Returns (lease id, prefix length).
-    ///
-    /// With a remote tier, what the local tiers miss is fetched from it
-    /// (one batched round trip), kept in the local tiers, and leased too;
-    /// that remote work ends within `remote_timeout_ms`, or within `budget`
-    /// when that is sooner (a caller that stops waiting then, such as an
-    /// engine's scheduler).
-    pub fn lookup(
-        &self,
-        hashes: &[u64],
-        budget: Option<std::time::Duration>,
-    ) -> Result<(u64, usize)> {
-        let mut st = self.open_state()?;
-        let pins = Self::pin_prefix(&mut st, hashes);
-        let n = pins.len();
-        let id = st.next_lease;
-        st.next_lease += 1;
-        st.leases.insert(id, pins);
-        st.stats.leases += 1;
-        drop(st);
-        let Some((remote, _)) = self.remote.get().filter(|_| n < hashes.len()) else {
-            return Ok((id, n));
-        };
-        // Fetched through a bounded buffer, one step of the remote's fetch at
-        // a time (stored locally as they come), never one sized for the whole
-        // remainder. Allocated zeroed by the OS (no pass over it): the fetch
-        // writes every block it reports.
-        let bs = self.block_size;
-        let region = self.region()?;
-        let piece = remote.fetch_piece();
-        let d = match budget {
-            Some(b) => remote.deadline().min(Deadline::after(b)),
-            None => remote.deadline(),
-        };
-        let mut buf = vec![0u8; piece.min(hashes.len() - n) * bs];
-        let mut k = 0;
-        for chunk in hashes[n..].chunks(piece) {
-            let base = buf.as_mut_ptr() as usize;
-            let addrs: Vec<usize> = (0..chunk.len()).map(|i| base + i * bs).collect();
-            // SAFETY: `buf` is ours, at least chunk.len() blocks long, alive
-            // for the call.
-            let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref(), d) };
-            k += got;
-            if got < chunk.len() || d.left().is_err() {
-                break;
-            }
-        }
-        drop(buf);
-        if k == 0 {
-            return Ok((id, n));
-        }
-        // Re-pin the whole prefix under one lock: the lease never lets go of
-        // the local part meanwhile.
-        let mut st = self.lock();
-        let Some(old) = st.leases.remove(&id) else {
-            return Ok((id, n)); // released by another thread meanwhile
-        };
-        let pins = Self::pin_prefix(&mut st, hashes);
-        Self::unpin_all(&mut st, &old);
-        let count = pins.len();
-        st.leases.insert(id, pins);
-        Ok((id, count))
-    }
-
-    /// Pin the longest stored prefix of `hashes` (the slot each block is
-    /// read from).
-    fn pin_prefix(st: &mut State, hashes: &[u64]) -> Vec<Pinned> {
-        let n = st.prefix(hashes);
-        let mut pins = Vec::with_capacity(n);
-        for &h in &hashes[..n] {
-            let (host, slot) = st.lease_copy(h);
-            let tier = if host {
-                st.host.as_mut()
-            } else {
-                st.disk.as_mut()
-            };
-            tier.expect("a registered block's tier").pin(slot);
-            pins.push(Pinned {
-                hash: h,
-                host,
-                slot,
-            });
-        }
-        pins
-    }
-
-    fn unpin_all(st: &mut State, pins: &[Pinned]) {
-        for p in pins {
-            let tier = if p.host {
-                st.host.as_mut()
-            } else {
-                st.disk.as_mut()
-            };
-            tier.expect("a pinned block's tier").unpin(p.slot);
-        }
-    }
-
-    /// Release a lease without reading it; false when it was already used
-    /// or released.
-    pub fn release_lease(&self, id: u64) -> bool {
-        let mut st = self.lock();
-        match st.leases.remove(&id) {
-            Some(pins) => {
-                Self::unpin_all(&mut st, &pins);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Read a lease's blocks into `dst` (back to back, or at `rows`) and
-    /// release it. Returns the lease's count: its blocks could not be
-    /// evicted meanwhile (only an explicit `remove`/`clear`, or a block that
-    /// fails its checksum or read, ends the prefix early).
-    ///
-    /// # Safety
-    /// As [`Self::get_rows`].
-    pub unsafe fn get_lease(
-        &self,
-        id: u64,
-        dst: *mut u8,
-        len: usize,
-        rows: Option<&[u64]>,
-    ) -> Result<usize> {
-        let region = self.region()?;
-        let mut st = self.open_state()?;
-        let n = st.leases.get(&id).map(Vec::len).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "lease {id} was already used or released: take a new one with lookup()"
-            ))
-        })?;
-        // Checked before the lease is used: bad input changes nothing.
-        let addrs =
-            self.block_addrs(n, (dst as usize, len), rows, "dst", true, region.as_deref())?;
-        let pins = st.leases.remove(&id).expect("checked above");
-        let hashes: Vec<u64> = pins.iter().map(|p| p.hash).collect();
-        // SAFETY: forwarded from the caller.
-        let r = unsafe { self.get_locked(st, &hashes, &addrs, region.as_deref(), true) };
-        Self::unpin_all(&mut self.lock(), &pins);
-        r
-    }
-
-    /// `get` with the state locked and the destinations checked.
-    ///
-    /// # Safety
-    /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
-    /// for the whole call.
-    ///
-    /// `side_effects: false` reads only (no recency change, no promotion,
-    /// no hit counters): the remote tier's background writer reading back
-    /// the blocks it sends.
-    unsafe fn get_locked(
-        &self,
-        mut st: std::sync::MutexGuard<'_, State>,
-        hashes: &[u64],
-        addrs: &[usize],
-        region: Option<&Region>,
-        side_effects: bool,
-    ) -> Result<usize> {
-        if let Err(e) = self.settle_index(&mut st) {
-            // Reads still work; promotions wait for the rewrite.
-            st.warnings
-                .push(format!("rewriting the store's index failed: {e}"));
-        }
-        if side_effects {
-            st.stats.get_calls += 1;
-        }
-        let mut n = st.prefix(hashes);
-        // Blocks whose bytes are still arriving (another call's put or
-        // offload, without the lock): wait for that commit, then look again.
-        while n > 0 && st.in_flight(&hashes[..n]) {
-            st = self
-                .committed
-                .wait_timeout(st, std::time::Duration::from_millis(50))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            if st.closed {
-                return Ok(0);
-            }
-            n = st.prefix(hashes);
-        }
-        let bs = self.block_size;
-        let addr = |i: usize| addrs[i];
-        // Phase A: read every block from where it is now.
-        let mut host_slots = Vec::new();
-        let mut host_idx = Vec::new();
-        let mut disk_reads: Vec<(u64, usize)> = Vec::new();
-        let mut promote = Vec::new();
-        for (i, &h) in hashes[..n].iter().enumerate() {
-            match st.readable(h).expect("in the prefix") {
-                (true, s) => {
-                    host_slots.push(s as u64);
-                    host_idx.push(i);
-                }
-                (false, t) => {
-                    disk_reads.push((t as u64, i));
-                    promote.push(i);
-                }
-            }
-        }
-        // Pin what is read, then read with the lock released: the slots can
-        // be neither evicted nor reused meanwhile, and other threads' calls
-        // (lookups, other reads, puts into other slots) go on.
-        for &s in &host_slots {
-            st.host.as_mut().expect("host tier").pin(s as u32);
-        }
-        for r in &disk_reads {
-            st.disk.as_mut().expect("disk tier").pin(r.0 as u32);
-        }
-        let expect: Vec<u32> = match st.disk.as_ref() {
-            Some(tier) => disk_reads.iter().map(|r| tier.crc[r.0 as usize]).collect(),
-            None => Vec::new(),
-        };
-        drop(st);
-        let unpin = |st: &mut State| {
-            for &s in &host_slots {
-                st.host.as_mut().expect("host tier").unpin(s as u32);
-            }
-            for r in &disk_reads {
-                st.disk.as_mut().expect("disk tier").unpin(r.0 as u32);
-            }
-        };
-        if !host_slots.is_empty() {
-            let host = self.host.as_ref().expect("host tier");
-            // SAFETY: slots registered in range; dst blocks are the caller's.
-            unsafe {
-                host.copy_slots(
-                    region.expect("region"),
-                    &host_slots,
-                    |k| addr(host_idx[k]),
-                    false,
-                )
-            };
-        }
-        let mut disk_outcome: Option<DiskOutcome> = None;
-        if !disk_reads.is_empty() {
-            let disk = self.disk.as_ref().expect("disk tier");
-            let slots: Vec<u64> = disk_reads.iter().map(|r| r.0).collect();
-            let dsts: Vec<usize> = disk_reads.iter().map(|r| addr(r.1)).collect();
-            let seeds: Vec<u64> = disk_reads.iter().map(|r| hashes[r.1]).collect();
-            let bad: Vec<AtomicBool> = (0..slots.len()).map(|_| AtomicBool::new(false)).collect();
-            let hook = |i: usize, a: usize| {
-                // SAFETY: `a` is block i's destination, just filled, bs bytes.
-                let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
-                if block_crc(seeds[i], bytes) != expect[i] {
-                    bad[i].store(true, Ordering::Relaxed);
-                }
-            };
-            // A block may appear twice in `hashes`; reading one slot into two
-            // places is fine.
-            // SAFETY: distinct blocks of the caller's dst.
-            let r = unsafe {
-                disk.read_blocks_into(&slots, &dsts, self.opts.checksums.then_some(&hook as _))
-            };
-            // A failed read (EIO, a bad sector): find the first block that
-            // cannot be read, block by block in request order; it is
-            // dropped like a corrupt block and the prefix ends before it.
-            let mut unreadable: Option<(usize, Error)> = None;
-            if let Err(e) = r {
-                if !matches!(e, Error::Io { .. }) {
-                    unpin(&mut self.lock());
-                    return Err(e);
-                }
-                for k in 0..slots.len() {
-                    let one = |_: usize, a: usize| hook(k, a);
-                    // SAFETY: as above, one block.
-                    let r = unsafe {
-                        disk.read_blocks_into(
-                            &slots[k..k + 1],
-                            &dsts[k..k + 1],
-                            self.opts.checksums.then_some(&one as _),
-                        )
-                    };
-                    match r {
-                        Ok(()) => {}
-                        Err(e @ Error::Io { .. }) => {
-                            unreadable = Some((k, e));
-                            break;
-                        }
-                        Err(e) => {
-                            unpin(&mut self.lock());
-                            return Err(e);
-                        }
-                    }
-                }
-            }
-            if let Some((k, _)) = &unreadable {
-                bad[*k].store(true, Ordering::Relaxed);
-            }
-            disk_outcome = Some((bad, unreadable));
-        }
-        // Commit under the lock again.
-        let mut st = self.lock();
-        unpin(&mut st);
-        if st.closed {
-            return Ok(n); // the bytes were read while the store was open
-        }
-        if let Some((bad, unreadable)) = disk_outcome {
-            // A block that fails its checksum is a miss: dropped, counted,
-            // never returned; the prefix ends before it.
-            let mut dels = Vec::new();
-            for (k, r) in disk_reads.iter().enumerate() {
-                if !bad[k].load(Ordering::Relaxed) {
-                    continue;
-                }
-                let (t, h) = (r.0 as u32, hashes[r.1]);
-                n = n.min(r.1);
-                if st.map.get(&h).is_some_and(|e| e.disk == t) {
-                    st.disk.as_mut().expect("disk tier").release(t);
-                    let e = st.map.get_mut(&h).expect("checked");
-                    e.disk = NIL;
-                    if e.host == NIL {
-                        st.map.remove(&h);
-                    }
-                    dels.push(Record::del(h, t));
-                    match &unreadable {
-                        Some((uk, e)) if *uk == k => {
-                            st.stats.io_errors += 1;
-                            if !st.io_error_logged {
-                                st.io_error_logged = true;
-                                st.warnings.push(format!(
-                                    "block {h:#018x} in disk slot {t} could not be read ({e}); it \
-                                     was dropped and counted as a miss. Later read errors are \
-                                     counted in stats()[\"io_errors\"] without a warning"
-                                ));
-                            }
-                        }
-                        _ => {
-                            st.stats.corrupt_blocks += 1;
-                            st.warnings.push(format!(
-                                "block {h:#018x} in disk slot {t} failed its checksum (torn \
-                                 write or corruption on disk); it was dropped and counted as a \
-                                 miss"
-                            ));
-                        }
-                    }
-                }
-            }
-            if let Some(ix) = st.index.as_mut() {
-                if let Err(e) = ix.append(&dels) {
-                    st.warnings.push(format!(
-                        "recording dropped corrupt blocks in the index failed: {e}"
-                    ));
-                }
-            }
-        }
-        if !side_effects {
-            return Ok(n);
-        }
-        st.stats.host_hits += host_idx.iter().filter(|&&i| i < n).count() as u64;
-        st.stats.disk_hits += disk_reads.iter().filter(|r| r.1 < n).count() as u64;
-        st.stats.misses += (hashes.len() - n) as u64;
-        promote.retain(|&i| i < n);
-        // Phase B: touch in order, then promote disk-only blocks in order.
-        for h in &hashes[..n] {
-            if let Some(&e) = st.map.get(h) {
-                st.touch(e);
-            }
-        }
-        if st.host.is_some() && !promote.is_empty() {
-            let mut plan = Plan::default();
-            let mut promoted = 0u64;
-            // Still disk-only now that the lock is held again: a block
-            // removed by another thread while it was read is not promoted.
-            let eligible: std::collections::HashSet<u64> = promote
-                .iter()
-                .map(|&i| hashes[i])
-                .filter(|h| st.map.get(h).is_some_and(|e| e.host == NIL))
-                .collect();
-            for &i in &promote {
-                let h = hashes[i];
-                if !eligible.contains(&h) || st.map.get(&h).is_some_and(|e| e.host != NIL) {
-                    // Removed meanwhile, or listed twice and already promoted.
-                    continue;
-                }
-                // A block this loop's own offloads pushed out of a full disk
-                // tier is gone from the map, but its bytes are in the
-                // caller's buffer: it is promoted all the same, not lost.
-                if st.host_insert(h, addr(i), &mut plan) {
-                    promoted += 1;
-                }
-            }
-            let (g, r) = self.execute(st, &plan, region);
-            st = g;
-            match r {
-                Ok(()) => st.stats.onboarded_blocks += promoted,
-                Err(e) => {
-                    // The caller's data is complete; only the promotion (and
-                    // the offload it caused) failed and was rolled back.
-                    st.warnings.push(format!(
-                        "promoting {promoted} blocks into the host tier failed and was undone: {e}"
-                    ));
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    #[cfg(test)] // a convenience of the unit tests
-    /// [`Self::get_lease`] into a slice.
-    pub fn get_lease_into(&self, id: u64, dst: &mut [u8]) -> Result<usize> {
-        // SAFETY: a valid exclusive slice.
-        unsafe { self.get_lease(id, dst.as_mut_ptr(), dst.len(), None) }
     }
 
     #[cfg(test)] // a convenience of the unit tests
@@ -1439,15 +464,9 @@ impl BlockManager {
         unsafe { self.put_raw(hashes, src.as_ptr(), src.len()) }
     }
 
-    #[cfg(test)] // a convenience of the unit tests
-    pub fn get(&self, hashes: &[u64], dst: &mut [u8]) -> Result<usize> {
-        // SAFETY: a valid exclusive slice.
-        unsafe { self.get_raw(hashes, dst.as_mut_ptr(), dst.len()) }
-    }
-
     /// Length of the longest stored prefix (changes no recency).
     pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
-        let n = self.open_state()?.prefix(hashes);
+        let n = self.open_state()?.reg.prefix(hashes);
         Ok(match self.remote.get() {
             Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..], r.deadline()),
             _ => n,
@@ -1459,22 +478,15 @@ impl BlockManager {
     /// holds them; takes no I/O. Returns how many were stored.
     pub fn touch(&self, hashes: &[u64]) -> Result<usize> {
         let mut st = self.open_state()?;
-        let mut n = 0;
-        for h in hashes {
-            if let Some(&e) = st.map.get(h) {
-                st.touch(e);
-                n += 1;
-            }
-        }
-        Ok(n)
+        Ok(hashes.iter().filter(|&&h| st.reg.touch(h)).count())
     }
 
     pub fn contains(&self, h: u64) -> Result<bool> {
-        Ok(self.open_state()?.map.contains_key(&h))
+        Ok(self.open_state()?.reg.contains(h))
     }
 
     pub fn len(&self) -> Result<usize> {
-        Ok(self.open_state()?.map.len())
+        Ok(self.open_state()?.reg.len())
     }
 
     /// Forget blocks; returns how many were stored. The index records the
@@ -1482,32 +494,16 @@ impl BlockManager {
     pub fn remove(&self, hashes: &[u64]) -> Result<usize> {
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
-        let mut seen = std::collections::HashSet::new();
-        let mut gone = Vec::new();
-        let mut dels = Vec::new();
-        for &h in hashes {
-            if let Some(&e) = st.map.get(&h) {
-                if seen.insert(h) {
-                    gone.push((h, e));
-                    if e.disk != NIL {
-                        dels.push(Record::del(h, e.disk));
-                    }
-                }
-            }
-        }
+        let dels: Vec<Record> = st
+            .reg
+            .disk_copies_of(hashes)
+            .into_iter()
+            .map(|(h, t)| Record::del(h, t))
+            .collect();
         if let Some(ix) = st.index.as_mut() {
             ix.append(&dels)?;
         }
-        for &(h, e) in &gone {
-            st.map.remove(&h);
-            if e.host != NIL {
-                st.host.as_mut().expect("host tier").release(e.host);
-            }
-            if e.disk != NIL {
-                st.disk.as_mut().expect("disk tier").release(e.disk);
-            }
-        }
-        Ok(gone.len())
+        Ok(st.reg.forget(hashes))
     }
 
     /// Forget every block. A persistent store's index is rewritten empty
@@ -1517,13 +513,7 @@ impl BlockManager {
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
             ix.compact(&g, &[])?;
         }
-        st.map.clear();
-        if let Some(t) = st.host.as_mut() {
-            t.reset();
-        }
-        if let Some(t) = st.disk.as_mut() {
-            t.reset();
-        }
+        st.reg.reset();
         Ok(())
     }
 
@@ -1543,7 +533,7 @@ impl BlockManager {
     /// Compact the index now (it is also compacted automatically).
     pub fn compact_index(&self) -> Result<()> {
         let mut st = self.open_state()?;
-        let live = Self::live_disk(&st);
+        let live = st.reg.live_disk();
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
             ix.compact(&g, &live)?;
             st.stats.index_compactions += 1;
@@ -1558,29 +548,20 @@ impl BlockManager {
     /// Counters and (blocks in host, blocks on disk), read together.
     pub fn stats(&self) -> Result<(Stats, (usize, usize))> {
         let st = self.open_state()?;
-        Ok((
-            st.stats.clone(),
-            (
-                st.host.as_ref().map_or(0, Tier::used),
-                st.disk.as_ref().map_or(0, Tier::used),
-            ),
-        ))
+        let c = st.reg.counts();
+        let s = Stats {
+            host_evictions: c.host_evictions,
+            disk_evictions: c.disk_evictions,
+            dropped_blocks: c.dropped_blocks,
+            ..st.stats.clone()
+        };
+        Ok((s, st.reg.used()))
     }
 
     /// Hashes in LRU order (least recent first) for the host and disk tiers:
     /// for tests and debugging.
     pub fn lru_order(&self) -> Result<(Vec<u64>, Vec<u64>)> {
-        let st = self.open_state()?;
-        let order = |t: &Option<Tier>| {
-            t.as_ref().map_or_else(Vec::new, |t| {
-                t.lru
-                    .order()
-                    .into_iter()
-                    .map(|s| t.hash_of[s as usize])
-                    .collect()
-            })
-        };
-        Ok((order(&st.host), order(&st.disk)))
+        Ok(self.open_state()?.reg.lru_order())
     }
 
     pub fn take_warnings(&self) -> Vec<String> {
@@ -1608,170 +589,5 @@ impl BlockManager {
     }
 }
 
-impl LocalSource for BlockManager {
-    fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
-        let (Ok(region), Ok(mut st)) = (self.region(), self.open_state()) else {
-            return false;
-        };
-        if let (Some(region), Some((true, slot))) = (region.as_deref(), st.readable(h)) {
-            // In the host tier: read in place, the slot pinned meanwhile.
-            st.host.as_mut().expect("host tier").pin(slot);
-            drop(st);
-            let host = self.host.as_ref().expect("host tier");
-            // SAFETY: the slot holds h's bytes, in place (readable: not
-            // filling); pinned, it is neither evicted nor reused (nor written)
-            // until unpinned below; `region` (held) maps it.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(host.slot_ptr(region, slot as u64), self.block_size)
-            };
-            f(bytes);
-            self.lock().host.as_mut().expect("host tier").unpin(slot);
-            return true;
-        }
-        scratch.resize(self.block_size, 0);
-        let addr = [scratch.as_mut_ptr() as usize];
-        // SAFETY: `scratch` is this call's exclusive buffer of block_size bytes.
-        let r = unsafe { self.get_locked(st, &[h], &addr, region.as_deref(), false) };
-        if matches!(r, Ok(1)) {
-            f(scratch);
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::disk::DiskOptions;
-    use crate::host::{HostOptions, Pin};
-
-    fn mgr(host: u64, disk: u64, bs: usize, dir: &std::path::Path) -> BlockManager {
-        let h = (host > 0).then(|| {
-            Arc::new(
-                HostStorage::new(
-                    host,
-                    bs,
-                    &HostOptions {
-                        pin: Pin::Off,
-                        ..Default::default()
-                    },
-                )
-                .unwrap(),
-            )
-        });
-        let d = (disk > 0)
-            .then(|| Arc::new(DiskStorage::open(dir, disk, bs, &DiskOptions::default()).unwrap()));
-        BlockManager::new(
-            bs,
-            h,
-            d,
-            ManagerOptions {
-                checksums: true,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    }
-
-    fn block(h: u64, bs: usize) -> Vec<u8> {
-        (0..bs).map(|i| (h as usize * 131 + i) as u8).collect()
-    }
-
-    #[test]
-    fn leased_blocks_are_never_evicted_and_a_full_pinned_tier_rejects() {
-        let dir = tempfile::tempdir().unwrap();
-        let bs = 4096;
-        let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
-        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
-            .unwrap();
-        let (lease, n) = m.lookup(&[1, 9], None).unwrap();
-        assert_eq!(n, 1);
-        // 1 is pinned: new blocks evict 2, then each other, never 1.
-        for h in 10..20u64 {
-            assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
-        }
-        let (lease2, n2) = m.lookup(&[19], None).unwrap();
-        assert_eq!(n2, 1);
-        // Both slots pinned: a new block is rejected, counted, not an error.
-        assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
-        let (s, _) = m.stats().unwrap();
-        assert_eq!((s.rejected_full, s.leases), (1, 2));
-        let mut out = vec![0u8; bs];
-        assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 1);
-        assert_eq!(out, block(1, bs));
-        assert!(m.release_lease(lease2));
-        assert!(!m.release_lease(lease2)); // once
-        assert!(m.get_lease_into(lease, &mut out).is_err()); // used
-        assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 1); // room again
-    }
-
-    #[test]
-    fn a_block_removed_while_leased_frees_its_slot_at_release() {
-        let dir = tempfile::tempdir().unwrap();
-        let bs = 4096;
-        let m = mgr(2, 0, bs, dir.path());
-        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
-            .unwrap();
-        let (lease, _) = m.lookup(&[1, 2], None).unwrap();
-        assert_eq!(m.remove(&[1]).unwrap(), 1);
-        m.clear().unwrap();
-        // Both slots still leased: nothing fits.
-        assert_eq!(m.put(&[5], &block(5, bs)).unwrap(), 0);
-        let mut out = vec![0u8; 2 * bs];
-        assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 0);
-        assert_eq!(
-            m.put(&[5, 6], &[block(5, bs), block(6, bs)].concat())
-                .unwrap(),
-            2
-        );
-    }
-
-    #[test]
-    fn a_batch_never_evicts_its_own_stored_blocks() {
-        // Disk-only, 2 slots holding [1, 2]: put([3, 1]) refreshes 1, and 3
-        // evicts the LRU block 2. One new block.
-        let dir = tempfile::tempdir().unwrap();
-        let bs = 4096;
-        let m = mgr(0, 2, bs, dir.path());
-        m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
-            .unwrap();
-        let n = m
-            .put(&[3, 1], &[block(3, bs), block(1, bs)].concat())
-            .unwrap();
-        assert_eq!(n, 1);
-        assert_eq!(m.lru_order().unwrap().1, vec![3, 1]); // the batch order is the recency order
-        let mut one = vec![0u8; bs];
-        assert_eq!(m.get(&[1], &mut one).unwrap(), 1);
-        assert_eq!(one, block(1, bs));
-    }
-
-    #[test]
-    fn offload_and_onboard_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let bs = 4096;
-        let m = mgr(2, 4, bs, dir.path());
-        for h in 0..5u64 {
-            assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
-        }
-        // host holds 3,4; disk holds 0,1,2 (offloaded in order)
-        assert_eq!(m.lru_order().unwrap(), (vec![3, 4], vec![0, 1, 2]));
-        let mut out = vec![0u8; 3 * bs];
-        assert_eq!(m.get(&[0, 1, 9], &mut out).unwrap(), 2);
-        assert_eq!(&out[..bs], &block(0, bs)[..]);
-        assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
-        // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
-        let (host, disk) = m.lru_order().unwrap();
-        assert_eq!(host, vec![0, 1]);
-        assert_eq!(disk, vec![0, 1, 3, 4]);
-        assert!(!m.contains(2).unwrap());
-        let s = m.stats().unwrap().0;
-        assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
-        let mut one = vec![0u8; bs];
-        for h in [0u64, 1, 3, 4] {
-            assert_eq!(m.get(&[h], &mut one).unwrap(), 1, "block {h}");
-            assert_eq!(one, block(h, bs));
-        }
-    }
-}
+mod tests;

@@ -1,16 +1,36 @@
 //! The block manager's policy: which block lives in which slot of which
 //! tier, LRU order per tier, pins (leases and in-flight transfers), and the
-//! planning of a batch (inserts, evictions, offloads) on metadata alone. No
-//! I/O and no `unsafe` here: the execution side (`super`) runs the plans.
-//! The policy itself is documented at the top of `super`; the invariants are
-//! property-tested below.
+//! planning of a batch (inserts, evictions, offloads, promotions) on metadata
+//! alone. No I/O and no `unsafe` here: the executor (`super::execute`) runs
+//! the plans these verbs make.
+//!
+//! [`Registry`] keeps its fields private; its methods are the complete list of
+//! ways the registry changes:
+//! - placing blocks: [`Registry::admit`] (a new block of a put),
+//!   [`Registry::promote`] (a disk hit into the host tier),
+//!   [`Registry::offload`] (a host block's disk copy, for write-behind and
+//!   close), each of which may evict (the LRU rules in `super`'s docs);
+//! - recency: [`Registry::touch`];
+//! - forgetting: [`Registry::drop_disk_copy`] (a block that failed its
+//!   checksum or read), [`Registry::forget`], [`Registry::reset`],
+//!   [`Registry::roll_back`] (a plan whose write failed);
+//! - pins: [`Registry::pin`] / [`Registry::unpin`] (leases and reads),
+//!   [`Registry::hold`] (the slots a plan fills, while its bytes move),
+//!   [`Registry::commit_write`] (a written block's checksum);
+//! - recovery: [`Registry::recover`] (the persistent index's live blocks).
+//!
+//! Everything else is a query ([`Registry::readable`], [`Registry::prefix`],
+//! [`Registry::in_flight`], [`Registry::lease_copy`],
+//! [`Registry::clean_candidates`], [`Registry::host_only`],
+//! [`Registry::live_disk`], ...). The invariants are property-tested below
+//! through these same verbs.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
-use crate::index::{IndexLog, Live};
+use crate::index::Live;
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
 /// small consecutive integers; this spreads them).
@@ -39,21 +59,21 @@ impl Hasher for KeyHasher {
 
 pub(super) type Map<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
-pub(super) const NIL: u32 = u32::MAX;
+const NIL: u32 = u32::MAX;
 /// Marks a block whose host slot is being chosen: an eviction cascade
 /// started by its own insertion must not drop it.
-pub(super) const PENDING: u32 = u32::MAX - 1;
+const PENDING: u32 = u32::MAX - 1;
 
 /// Doubly linked LRU list over slot ids (front = least recently used).
-pub(super) struct Lru {
-    pub(super) prev: Vec<u32>,
-    pub(super) next: Vec<u32>,
-    pub(super) head: u32,
-    pub(super) tail: u32,
+struct Lru {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
 }
 
 impl Lru {
-    pub(super) fn new(n: usize) -> Self {
+    fn new(n: usize) -> Self {
         Lru {
             prev: vec![NIL; n],
             next: vec![NIL; n],
@@ -61,7 +81,7 @@ impl Lru {
             tail: NIL,
         }
     }
-    pub(super) fn push_back(&mut self, s: u32) {
+    fn push_back(&mut self, s: u32) {
         let i = s as usize;
         self.prev[i] = self.tail;
         self.next[i] = NIL;
@@ -72,7 +92,7 @@ impl Lru {
         }
         self.tail = s;
     }
-    pub(super) fn remove(&mut self, s: u32) {
+    fn remove(&mut self, s: u32) {
         let i = s as usize;
         let (p, n) = (self.prev[i], self.next[i]);
         if p != NIL {
@@ -88,42 +108,69 @@ impl Lru {
         self.prev[i] = NIL;
         self.next[i] = NIL;
     }
-    pub(super) fn touch(&mut self, s: u32) {
+    fn touch(&mut self, s: u32) {
         if self.tail != s {
             self.remove(s);
             self.push_back(s);
         }
     }
-    pub(super) fn order(&self) -> Vec<u32> {
-        let mut out = Vec::new();
-        let mut c = self.head;
-        while c != NIL {
-            out.push(c);
-            c = self.next[c as usize];
+    /// Slots from the least recent, lazily.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::successors((self.head != NIL).then_some(self.head), |&c| {
+            let n = self.next[c as usize];
+            (n != NIL).then_some(n)
+        })
+    }
+}
+
+/// Which tier a slot belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TierKind {
+    Host,
+    Disk,
+}
+
+/// One slot of one tier: where a block's copy is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TierSlot {
+    pub(super) kind: TierKind,
+    pub(super) slot: u32,
+}
+
+impl TierSlot {
+    pub(super) fn host(slot: u32) -> Self {
+        TierSlot {
+            kind: TierKind::Host,
+            slot,
         }
-        out
+    }
+    pub(super) fn disk(slot: u32) -> Self {
+        TierSlot {
+            kind: TierKind::Disk,
+            slot,
+        }
     }
 }
 
 /// One tier's slots: which hash each holds, LRU order, free list, and pins.
-/// A pinned slot (held by a lease) is never evicted nor reused: a block
-/// removed while pinned leaves its slot "doomed" until the last unpin.
-pub(super) struct Tier {
-    pub(super) lru: Lru,
-    pub(super) hash_of: Vec<u64>,
+/// A pinned slot (held by a lease or a transfer) is never evicted nor reused:
+/// a block removed while pinned leaves its slot "doomed" until the last unpin.
+struct SlotTable {
+    lru: Lru,
+    hash_of: Vec<u64>,
     /// Checksum of each slot's block (disk tier; unused for host).
-    pub(super) crc: Vec<u32>,
-    pub(super) free: Vec<u32>,
-    pub(super) pins: Vec<u32>,
-    pub(super) doomed: Vec<bool>,
+    crc: Vec<u32>,
+    free: Vec<u32>,
+    pins: Vec<u32>,
+    doomed: Vec<bool>,
     /// Bytes still arriving (a plan running without the lock): invisible
-    /// to lookups, and always pinned.
-    pub(super) filling: Vec<bool>,
+    /// to reads, and always pinned.
+    filling: Vec<bool>,
 }
 
-impl Tier {
-    pub(super) fn new(cap: u32) -> Self {
-        Tier {
+impl SlotTable {
+    fn new(cap: u32) -> Self {
+        SlotTable {
             lru: Lru::new(cap as usize),
             hash_of: vec![0; cap as usize],
             crc: vec![0; cap as usize],
@@ -133,21 +180,17 @@ impl Tier {
             filling: vec![false; cap as usize],
         }
     }
-    /// The least recently used slot that no lease pins.
-    pub(super) fn evictable(&self) -> Option<u32> {
-        let mut c = self.lru.head;
-        while c != NIL {
-            if self.pins[c as usize] == 0 {
-                return Some(c);
-            }
-            c = self.lru.next[c as usize];
-        }
-        None
+    fn cap(&self) -> usize {
+        self.hash_of.len()
     }
-    pub(super) fn pin(&mut self, s: u32) {
+    /// The least recently used slot that nothing pins.
+    fn evictable(&self) -> Option<u32> {
+        self.lru.iter().find(|&c| self.pins[c as usize] == 0)
+    }
+    fn pin(&mut self, s: u32) {
         self.pins[s as usize] += 1;
     }
-    pub(super) fn unpin(&mut self, s: u32) {
+    fn unpin(&mut self, s: u32) {
         let p = &mut self.pins[s as usize];
         *p = p.saturating_sub(1);
         if *p == 0 && self.doomed[s as usize] {
@@ -156,23 +199,23 @@ impl Tier {
         }
     }
     /// Fill from recovered entries (oldest first), marking their slots used.
-    pub(super) fn load(&mut self, live: &[Live]) {
-        let mut used = vec![false; self.hash_of.len()];
+    fn load(&mut self, live: &[Live]) {
+        let mut used = vec![false; self.cap()];
         for l in live {
             self.occupy(l.slot, l.hash);
             self.crc[l.slot as usize] = l.crc;
             used[l.slot as usize] = true;
         }
-        self.free = (0..self.hash_of.len() as u32)
+        self.free = (0..self.cap() as u32)
             .rev()
             .filter(|&s| !used[s as usize])
             .collect();
     }
-    pub(super) fn occupy(&mut self, s: u32, h: u64) {
+    fn occupy(&mut self, s: u32, h: u64) {
         self.hash_of[s as usize] = h;
         self.lru.push_back(s);
     }
-    pub(super) fn release(&mut self, s: u32) {
+    fn release(&mut self, s: u32) {
         self.lru.remove(s);
         if self.pins[s as usize] > 0 {
             self.doomed[s as usize] = true;
@@ -180,15 +223,14 @@ impl Tier {
             self.free.push(s);
         }
     }
-    pub(super) fn used(&self) -> usize {
-        self.hash_of.len() - self.free.len()
+    fn used(&self) -> usize {
+        self.cap() - self.free.len()
     }
-    /// Forget every block; slots a lease still pins stay out of use until
-    /// their last unpin.
-    pub(super) fn reset(&mut self) {
-        let cap = self.hash_of.len() as u32;
+    /// Forget every block; slots still pinned stay out of use until their
+    /// last unpin.
+    fn reset(&mut self) {
         let pins = std::mem::take(&mut self.pins);
-        *self = Tier::new(cap);
+        *self = SlotTable::new(self.cap() as u32);
         for (s, &p) in pins.iter().enumerate() {
             if p > 0 {
                 self.doomed[s] = true;
@@ -197,100 +239,172 @@ impl Tier {
         self.free.retain(|&s| pins[s as usize] == 0);
         self.pins = pins;
     }
+    fn hashes_in_order(&self) -> Vec<u64> {
+        self.lru.iter().map(|s| self.hash_of[s as usize]).collect()
+    }
 }
 
+/// Where a block's copies are ([`NIL`] for none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Entry {
-    pub(super) host: u32,
-    pub(super) disk: u32,
+struct Entry {
+    host: u32,
+    disk: u32,
 }
 
-/// Counters reported by `stats()`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub put_blocks: u64,
-    pub put_new: u64,
-    pub get_calls: u64,
-    pub host_hits: u64,
-    pub disk_hits: u64,
-    pub misses: u64,
-    pub offloaded_blocks: u64,
-    pub onboarded_blocks: u64,
-    pub host_evictions: u64,
-    pub disk_evictions: u64,
-    pub dropped_blocks: u64,
-    /// New blocks not stored because every slot they could take was pinned.
-    pub rejected_full: u64,
-    /// Leases taken by `lookup`.
-    pub leases: u64,
-    /// Host-only blocks written to disk ahead of eviction (write-behind).
-    pub written_behind: u64,
-    /// Write-behind batches that failed (their blocks stay in the host tier).
-    pub failed_write_behind: u64,
-    pub failed_writes: u64,
-    pub corrupt_blocks: u64,
-    pub io_errors: u64,
-    pub recovered_blocks: u64,
-    pub index_torn_bytes: u64,
-    pub index_bad_records: u64,
-    pub index_compactions: u64,
+/// What the policy's own decisions counted (merged into the manager's stats).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PolicyCounts {
+    pub(super) host_evictions: u64,
+    pub(super) disk_evictions: u64,
+    /// Blocks whose last copy was evicted (or could find no slot).
+    pub(super) dropped_blocks: u64,
 }
 
+/// Where a disk write's bytes come from.
 #[derive(Clone, Copy)]
 pub(super) enum Src {
     HostSlot(u32),
     Addr(usize),
 }
 
-pub(super) struct Write {
+/// A block a plan writes into a disk slot.
+pub(super) struct DiskWrite {
     pub(super) disk_slot: u32,
     pub(super) src: Src,
     pub(super) hash: u64,
+    /// An offload (a host victim or write-behind), not a new block.
     pub(super) victim: bool,
+    /// False once a later step of the same plan took the slot back.
     pub(super) live: bool,
 }
 
-pub(super) struct Copy {
+/// A block a plan copies into a host slot from `addr`.
+pub(super) struct HostCopy {
     pub(super) host_slot: u32,
     pub(super) addr: usize,
     pub(super) live: bool,
 }
 
+/// What a batch's decisions need done, made by the verbs, run by the executor.
 #[derive(Default)]
 pub(super) struct Plan {
     /// Disk slots taken from their owners in this batch (hash, slot): their
     /// DEL records go to the index before any slot is overwritten.
     pub(super) disk_evicted: Vec<(u64, u32)>,
-    pub(super) writes: Vec<Write>,
-    pub(super) write_by_disk: Map<u32, usize>,
-    pub(super) copies: Vec<Copy>,
-    pub(super) copy_by_host: Map<u32, usize>,
+    pub(super) writes: Vec<DiskWrite>,
+    write_by_disk: Map<u32, usize>,
+    pub(super) copies: Vec<HostCopy>,
+    copy_by_host: Map<u32, usize>,
 }
 
-pub(super) struct State {
-    pub(super) map: Map<u64, Entry>,
-    pub(super) host: Option<Tier>,
-    pub(super) disk: Option<Tier>,
-    pub(super) stats: Stats,
-    pub(super) warnings: Vec<String>,
-    pub(super) index: Option<IndexLog>,
-    pub(super) closed: bool,
-    pub(super) io_error_logged: bool,
-    /// Leases by id: the (tier, slot) each pins.
-    pub(super) leases: Map<u64, Vec<Pinned>>,
-    pub(super) next_lease: u64,
+impl Plan {
+    pub(super) fn live_writes(&self) -> impl Iterator<Item = &DiskWrite> {
+        self.writes.iter().filter(|w| w.live)
+    }
+    pub(super) fn live_copies(&self) -> impl Iterator<Item = &HostCopy> {
+        self.copies.iter().filter(|c| c.live)
+    }
 }
 
-/// One block a lease holds: its host slot or, when it had none, its disk slot.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Pinned {
-    pub(super) hash: u64,
-    pub(super) host: bool,
-    pub(super) slot: u32,
+/// The registry: sequence hash -> its copies, and each tier's slot table.
+pub(super) struct Registry {
+    map: Map<u64, Entry>,
+    host: Option<SlotTable>,
+    disk: Option<SlotTable>,
+    counts: PolicyCounts,
 }
 
-impl State {
-    pub(super) fn touch(&mut self, e: Entry) {
+impl Registry {
+    /// Empty tiers of `host` and `disk` slots (0: no such tier).
+    pub(super) fn new(host: u32, disk: u32) -> Self {
+        Registry {
+            map: Map::default(),
+            host: (host > 0).then(|| SlotTable::new(host)),
+            disk: (disk > 0).then(|| SlotTable::new(disk)),
+            counts: PolicyCounts::default(),
+        }
+    }
+
+    /// Register the blocks a persistent store's index names (oldest first)
+    /// in the disk tier, replacing what it held.
+    pub(super) fn recover(&mut self, live: &[Live]) {
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        disk.load(live);
+        for l in live {
+            self.map.insert(
+                l.hash,
+                Entry {
+                    host: NIL,
+                    disk: l.slot,
+                },
+            );
+        }
+    }
+
+    fn table(&self, kind: TierKind) -> &SlotTable {
+        match kind {
+            TierKind::Host => self.host.as_ref(),
+            TierKind::Disk => self.disk.as_ref(),
+        }
+        .expect("a slot of a tier that exists")
+    }
+
+    fn table_mut(&mut self, kind: TierKind) -> &mut SlotTable {
+        match kind {
+            TierKind::Host => self.host.as_mut(),
+            TierKind::Disk => self.disk.as_mut(),
+        }
+        .expect("a slot of a tier that exists")
+    }
+
+    pub(super) fn has_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    pub(super) fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Slots of the host tier (0 without one).
+    pub(super) fn host_cap(&self) -> usize {
+        self.host.as_ref().map_or(0, SlotTable::cap)
+    }
+
+    pub(super) fn contains(&self, h: u64) -> bool {
+        self.map.contains_key(&h)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Slots in use in the (host, disk) tiers.
+    pub(super) fn used(&self) -> (usize, usize) {
+        (
+            self.host.as_ref().map_or(0, SlotTable::used),
+            self.disk.as_ref().map_or(0, SlotTable::used),
+        )
+    }
+
+    pub(super) fn counts(&self) -> PolicyCounts {
+        self.counts
+    }
+
+    /// Hashes in LRU order (least recent first) of the host and disk tiers.
+    pub(super) fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
+        let order =
+            |t: &Option<SlotTable>| t.as_ref().map_or_else(Vec::new, SlotTable::hashes_in_order);
+        (order(&self.host), order(&self.disk))
+    }
+
+    /// Make `h` the most recently used block of every tier that holds it;
+    /// false when it is not stored.
+    pub(super) fn touch(&mut self, h: u64) -> bool {
+        let Some(&e) = self.map.get(&h) else {
+            return false;
+        };
         if e.host != NIL {
             if let Some(t) = self.host.as_mut() {
                 t.lru.touch(e.host);
@@ -301,11 +415,57 @@ impl State {
                 t.lru.touch(e.disk);
             }
         }
+        true
+    }
+
+    /// Place a new block of a put, its bytes at `addr`: into the host tier
+    /// (and, with `write_through`, the disk tier too, best effort), or
+    /// straight to disk without a host tier. False when every slot it could
+    /// take is pinned: nothing was registered.
+    pub(super) fn admit(
+        &mut self,
+        h: u64,
+        addr: usize,
+        write_through: bool,
+        plan: &mut Plan,
+    ) -> bool {
+        if self.host.is_none() {
+            return self.disk_insert(h, Src::Addr(addr), false, plan);
+        }
+        let ok = self.host_insert(h, addr, plan);
+        if ok && write_through && self.disk.is_some() {
+            // Best effort: a pinned-full disk tier leaves it host-only.
+            self.disk_insert(h, Src::Addr(addr), false, plan);
+        }
+        ok
+    }
+
+    /// Whether `h` is stored without a host copy (a disk hit to promote).
+    pub(super) fn disk_only(&self, h: u64) -> bool {
+        self.map.get(&h).is_some_and(|e| e.host == NIL)
+    }
+
+    /// Promote a block read from disk into the host tier, its bytes at
+    /// `addr` (keeping its disk copy). A block this batch's own offloads
+    /// pushed out of a full disk tier is gone from the registry, but its
+    /// bytes are at `addr`: it is promoted all the same, not lost. False
+    /// when it already has a host copy or every host slot is pinned.
+    pub(super) fn promote(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
+        if self.host.is_none() || self.map.get(&h).is_some_and(|e| e.host != NIL) {
+            return false;
+        }
+        self.host_insert(h, addr, plan)
+    }
+
+    /// Give a host block (in `slot`) a disk copy, as write-behind and a
+    /// closing persistent store do. False when every disk slot is pinned.
+    pub(super) fn offload(&mut self, h: u64, slot: u32, plan: &mut Plan) -> bool {
+        self.disk.is_some() && self.disk_insert(h, Src::HostSlot(slot), true, plan)
     }
 
     /// Put `h` into the host tier with its bytes at `addr` (copied later).
     /// False when every host slot is pinned: nothing was registered.
-    pub(super) fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
+    fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
         let had = self.map.contains_key(&h);
         self.map
             .entry(h)
@@ -315,7 +475,7 @@ impl State {
                 disk: NIL,
             });
         let s = loop {
-            let host = self.host.as_mut().expect("host tier");
+            let host = self.table_mut(TierKind::Host);
             if let Some(s) = host.free.pop() {
                 break Some(s);
             }
@@ -331,15 +491,15 @@ impl State {
             } else {
                 self.map.remove(&h);
                 if had {
-                    self.stats.dropped_blocks += 1; // its disk copy made room first
+                    self.counts.dropped_blocks += 1; // its disk copy made room first
                 }
             }
             return false;
         };
-        self.host.as_mut().expect("host tier").occupy(s, h);
+        self.table_mut(TierKind::Host).occupy(s, h);
         self.map.get_mut(&h).expect("inserted above").host = s;
         plan.copy_by_host.insert(s, plan.copies.len());
-        plan.copies.push(Copy {
+        plan.copies.push(HostCopy {
             host_slot: s,
             addr,
             live: true,
@@ -347,11 +507,13 @@ impl State {
         true
     }
 
-    pub(super) fn evict_host(&mut self, s: u32, plan: &mut Plan) {
-        let host = self.host.as_mut().expect("host tier");
+    /// The host LRU block leaves the host tier: offloaded to disk when it
+    /// has no disk copy, dropped when it cannot be.
+    fn evict_host(&mut self, s: u32, plan: &mut Plan) {
+        let host = self.table_mut(TierKind::Host);
         let vh = host.hash_of[s as usize];
         host.release(s);
-        self.stats.host_evictions += 1;
+        self.counts.host_evictions += 1;
         // Its bytes are in the slot, or still in the caller's buffer if the
         // block arrived in this batch.
         let src = match plan.copy_by_host.remove(&s) {
@@ -368,15 +530,15 @@ impl State {
         }
         if self.disk.is_none() || !self.disk_insert(vh, src, true, plan) {
             self.map.remove(&vh);
-            self.stats.dropped_blocks += 1;
+            self.counts.dropped_blocks += 1;
         }
     }
 
     /// Put `h` into the disk tier from `src`. False when every disk slot is
     /// pinned: nothing was registered.
-    pub(super) fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) -> bool {
+    fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) -> bool {
         let t = loop {
-            let disk = self.disk.as_mut().expect("disk tier");
+            let disk = self.table_mut(TierKind::Disk);
             if let Some(t) = disk.free.pop() {
                 break Some(t);
             }
@@ -388,13 +550,13 @@ impl State {
         let Some(t) = t else {
             return false;
         };
-        self.disk.as_mut().expect("disk tier").occupy(t, h);
+        self.table_mut(TierKind::Disk).occupy(t, h);
         self.map
             .entry(h)
             .and_modify(|e| e.disk = t)
             .or_insert(Entry { host: NIL, disk: t });
         plan.write_by_disk.insert(t, plan.writes.len());
-        plan.writes.push(Write {
+        plan.writes.push(DiskWrite {
             disk_slot: t,
             src,
             hash: h,
@@ -404,20 +566,85 @@ impl State {
         true
     }
 
-    pub(super) fn evict_disk(&mut self, t: u32, plan: &mut Plan) {
-        let disk = self.disk.as_mut().expect("disk tier");
-        let wh = disk.hash_of[t as usize];
-        disk.release(t);
-        self.stats.disk_evictions += 1;
+    /// The disk LRU block loses its disk copy (dropped if it was its last).
+    fn evict_disk(&mut self, t: u32, plan: &mut Plan) {
+        let wh = self.table(TierKind::Disk).hash_of[t as usize];
+        self.counts.disk_evictions += 1;
         plan.disk_evicted.push((wh, t));
         if let Some(wi) = plan.write_by_disk.remove(&t) {
             plan.writes[wi].live = false;
         }
-        let e = self.map.get_mut(&wh).expect("registered");
+        if self.unlink_disk(wh, t) {
+            self.counts.dropped_blocks += 1;
+        }
+    }
+
+    /// Release `h`'s disk copy in slot `t`; true when that was its last copy
+    /// (the block is forgotten).
+    fn unlink_disk(&mut self, h: u64, t: u32) -> bool {
+        self.table_mut(TierKind::Disk).release(t);
+        let e = self.map.get_mut(&h).expect("registered");
         e.disk = NIL;
         if e.host == NIL {
-            self.map.remove(&wh);
-            self.stats.dropped_blocks += 1;
+            self.map.remove(&h);
+            return true;
+        }
+        false
+    }
+
+    /// Drop the disk copy of `h` in slot `t` (it failed its checksum or its
+    /// read): false when `h` is no longer there (removed or moved meanwhile).
+    pub(super) fn drop_disk_copy(&mut self, h: u64, t: u32) -> bool {
+        if !self.map.get(&h).is_some_and(|e| e.disk == t) {
+            return false;
+        }
+        self.unlink_disk(h, t);
+        true
+    }
+
+    /// The distinct stored blocks among `hashes` with the disk slot of each
+    /// that has a disk copy: what [`Self::forget`] would remove (for the
+    /// index's DEL records, written before memory changes).
+    pub(super) fn disk_copies_of(&self, hashes: &[u64]) -> Vec<(u64, u32)> {
+        let mut seen = std::collections::HashSet::new();
+        hashes
+            .iter()
+            .filter(|&&h| seen.insert(h))
+            .filter_map(|&h| {
+                self.map
+                    .get(&h)
+                    .filter(|e| e.disk != NIL)
+                    .map(|e| (h, e.disk))
+            })
+            .collect()
+    }
+
+    /// Forget blocks (every copy); returns how many distinct ones were stored.
+    pub(super) fn forget(&mut self, hashes: &[u64]) -> usize {
+        let mut n = 0;
+        for &h in hashes {
+            let Some(e) = self.map.remove(&h) else {
+                continue;
+            };
+            n += 1;
+            if e.host != NIL {
+                self.table_mut(TierKind::Host).release(e.host);
+            }
+            if e.disk != NIL {
+                self.table_mut(TierKind::Disk).release(e.disk);
+            }
+        }
+        n
+    }
+
+    /// Forget every block; pinned slots stay out of use until their last unpin.
+    pub(super) fn reset(&mut self) {
+        self.map.clear();
+        for t in [self.host.as_mut(), self.disk.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            t.reset();
         }
     }
 
@@ -425,51 +652,92 @@ impl State {
     /// write failed, before any host copy ran.
     pub(super) fn roll_back(&mut self, plan: &Plan) {
         let mut touched = Vec::new();
-        for w in plan.writes.iter().filter(|w| w.live) {
+        for w in plan.live_writes() {
             if let Some(e) = self.map.get_mut(&w.hash) {
                 if e.disk == w.disk_slot {
                     e.disk = NIL;
-                    self.disk.as_mut().expect("disk tier").release(w.disk_slot);
+                    self.table_mut(TierKind::Disk).release(w.disk_slot);
                 }
             }
             touched.push(w.hash);
         }
-        for c in plan.copies.iter().filter(|c| c.live) {
-            let host = self.host.as_mut().expect("host tier");
-            let h = host.hash_of[c.host_slot as usize];
+        for c in plan.live_copies() {
+            let h = self.table(TierKind::Host).hash_of[c.host_slot as usize];
             if let Some(e) = self.map.get_mut(&h) {
                 if e.host == c.host_slot {
                     e.host = NIL;
-                    host.release(c.host_slot);
+                    self.table_mut(TierKind::Host).release(c.host_slot);
                 }
             }
             touched.push(h);
         }
         for h in touched {
-            if let Some(e) = self.map.get(&h) {
-                if e.host == NIL && e.disk == NIL {
-                    self.map.remove(&h);
-                    self.stats.dropped_blocks += 1;
-                }
+            if self
+                .map
+                .get(&h)
+                .is_some_and(|e| e.host == NIL && e.disk == NIL)
+            {
+                self.map.remove(&h);
+                self.counts.dropped_blocks += 1;
             }
         }
     }
 
-    /// The copy of a block whose bytes are in place (host preferred):
-    /// (in the host tier?, slot). None while every copy is still filling.
-    pub(super) fn readable(&self, h: u64) -> Option<(bool, u32)> {
-        let e = self.map.get(&h)?;
-        if e.host != NIL && e.host != PENDING {
-            let t = self.host.as_ref().expect("host tier");
-            if !t.filling[e.host as usize] {
-                return Some((true, e.host));
+    pub(super) fn pin(&mut self, at: TierSlot) {
+        self.table_mut(at.kind).pin(at.slot);
+    }
+
+    pub(super) fn unpin(&mut self, at: TierSlot) {
+        self.table_mut(at.kind).unpin(at.slot);
+    }
+
+    /// Mark every slot a plan fills as `filling` (invisible to reads) and
+    /// pinned (never evicted nor reused) while its bytes move, or (`on:
+    /// false`) release them. The plan's liveness must not change in between.
+    pub(super) fn hold(&mut self, plan: &Plan, on: bool) {
+        let slots: Vec<TierSlot> = plan
+            .live_writes()
+            .map(|w| TierSlot::disk(w.disk_slot))
+            .chain(plan.live_copies().map(|c| TierSlot::host(c.host_slot)))
+            .collect();
+        for at in slots {
+            let t = self.table_mut(at.kind);
+            t.filling[at.slot as usize] = on;
+            if on {
+                t.pin(at.slot);
+            } else {
+                t.unpin(at.slot);
             }
         }
-        if e.disk != NIL {
-            let t = self.disk.as_ref().expect("disk tier");
-            if !t.filling[e.disk as usize] {
-                return Some((false, e.disk));
-            }
+    }
+
+    /// Whether `h` is still registered in disk slot `t` (written by a plan
+    /// whose lock was released meanwhile); if so, record its checksum.
+    pub(super) fn commit_write(&mut self, h: u64, t: u32, crc: u32) -> bool {
+        if !self.map.get(&h).is_some_and(|e| e.disk == t) {
+            return false;
+        }
+        self.table_mut(TierKind::Disk).crc[t as usize] = crc;
+        true
+    }
+
+    /// The checksum recorded for disk slot `t`.
+    pub(super) fn disk_crc(&self, t: u32) -> u32 {
+        self.table(TierKind::Disk).crc[t as usize]
+    }
+
+    /// The copy of a block whose bytes are in place (host preferred). None
+    /// while every copy is still filling, or when it is not stored.
+    pub(super) fn readable(&self, h: u64) -> Option<TierSlot> {
+        let e = self.map.get(&h)?;
+        if e.host != NIL
+            && e.host != PENDING
+            && !self.table(TierKind::Host).filling[e.host as usize]
+        {
+            return Some(TierSlot::host(e.host));
+        }
+        if e.disk != NIL && !self.table(TierKind::Disk).filling[e.disk as usize] {
+            return Some(TierSlot::disk(e.disk));
         }
         None
     }
@@ -491,16 +759,70 @@ impl State {
 
     /// The copy a lease pins: the readable one, else the host copy being
     /// filled, else the disk copy being filled (read once it is in place).
-    pub(super) fn lease_copy(&self, h: u64) -> (bool, u32) {
+    /// `h` must be stored.
+    pub(super) fn lease_copy(&self, h: u64) -> TierSlot {
         if let Some(c) = self.readable(h) {
             return c;
         }
         let e = self.map[&h];
         if e.host != NIL && e.host != PENDING {
-            (true, e.host)
+            TierSlot::host(e.host)
         } else {
-            (false, e.disk)
+            TierSlot::disk(e.disk)
         }
+    }
+
+    /// Write-behind's candidates: up to `max` host-only blocks (hash, host
+    /// slot) among the `depth` least recent of the host tier, neither pinned
+    /// nor filling, least recent first.
+    pub(super) fn clean_candidates(&self, depth: usize, max: usize) -> Vec<(u64, u32)> {
+        let Some(host) = self.host.as_ref() else {
+            return Vec::new();
+        };
+        host.lru
+            .iter()
+            .take(depth)
+            .filter(|&s| host.pins[s as usize] == 0 && !host.filling[s as usize])
+            .map(|s| (host.hash_of[s as usize], s))
+            .filter(|(h, _)| self.map.get(h).is_some_and(|e| e.disk == NIL))
+            .take(max)
+            .collect()
+    }
+
+    /// Every host-only block (hash, host slot) whose bytes are in place,
+    /// least recent first: what a closing persistent store writes to disk.
+    pub(super) fn host_only(&self) -> Vec<(u64, u32)> {
+        let Some(host) = self.host.as_ref() else {
+            return Vec::new();
+        };
+        host.lru
+            .iter()
+            .filter(|&s| !host.filling[s as usize])
+            .map(|s| (host.hash_of[s as usize], s))
+            .filter(|(h, _)| self.map.get(h).is_some_and(|e| e.disk == NIL))
+            .collect()
+    }
+
+    /// Slots of the disk tier (0 without one).
+    pub(super) fn disk_cap(&self) -> usize {
+        self.disk.as_ref().map_or(0, SlotTable::cap)
+    }
+
+    /// The disk tier's blocks whose bytes are in place, LRU order (oldest
+    /// first): what a rewritten index records.
+    pub(super) fn live_disk(&self) -> Vec<Live> {
+        let Some(t) = self.disk.as_ref() else {
+            return Vec::new();
+        };
+        t.lru
+            .iter()
+            .filter(|&s| !t.filling[s as usize])
+            .map(|s| Live {
+                hash: t.hash_of[s as usize],
+                slot: s,
+                crc: t.crc[s as usize],
+            })
+            .collect()
     }
 }
 
@@ -519,21 +841,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn state(host: u32, disk: u32) -> State {
-        State {
-            map: Map::default(),
-            host: (host > 0).then(|| Tier::new(host)),
-            disk: (disk > 0).then(|| Tier::new(disk)),
-            stats: Stats::default(),
-            warnings: Vec::new(),
-            index: None,
-            closed: false,
-            io_error_logged: false,
-            leases: Map::default(),
-            next_lease: 1,
-        }
-    }
-
     #[derive(Debug, Clone)]
     enum Op {
         Put(u64, bool),
@@ -541,6 +848,9 @@ mod tests {
         Unpin(usize),
         Remove(u64),
         Clear,
+        Promote(u64),
+        WriteBehind,
+        DropDisk(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -550,17 +860,19 @@ mod tests {
             2 => (0usize..8).prop_map(Op::Unpin),
             2 => (0u64..8).prop_map(Op::Remove),
             1 => Just(Op::Clear),
+            2 => (0u64..8).prop_map(Op::Promote),
+            1 => Just(Op::WriteBehind),
+            1 => (0u64..8).prop_map(Op::DropDisk),
         ]
     }
 
     /// Every slot is in exactly one place (an entry's copy in the LRU list,
     /// the free list, or doomed), pins are never free, every entry has a copy.
-    fn check(st: &State) {
-        for (name, tier) in [("host", &st.host), ("disk", &st.disk)] {
+    fn check(reg: &Registry) {
+        for (name, tier) in [("host", &reg.host), ("disk", &reg.disk)] {
             let Some(t) = tier else { continue };
-            let cap = t.hash_of.len();
-            let order = t.lru.order();
-            let mut seen = vec![0u8; cap];
+            let order: Vec<u32> = t.lru.iter().collect();
+            let mut seen = vec![0u8; t.cap()];
             for &s in &order {
                 seen[s as usize] += 1;
             }
@@ -575,7 +887,7 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&n| n == 1), "{name}: slots {seen:?}");
-            let in_tier = st
+            let in_tier = reg
                 .map
                 .values()
                 .filter(|e| {
@@ -588,32 +900,52 @@ mod tests {
                 .count();
             assert_eq!(in_tier, order.len(), "{name}: entries vs LRU");
         }
-        for (&h, e) in &st.map {
+        for (&h, e) in &reg.map {
             assert!(e.host != NIL || e.disk != NIL, "block {h} has no copy");
             assert_ne!(e.host, PENDING);
             if e.host != NIL {
-                assert_eq!(st.host.as_ref().unwrap().hash_of[e.host as usize], h);
+                assert_eq!(reg.host.as_ref().unwrap().hash_of[e.host as usize], h);
             }
             if e.disk != NIL {
-                assert_eq!(st.disk.as_ref().unwrap().hash_of[e.disk as usize], h);
+                assert_eq!(reg.disk.as_ref().unwrap().hash_of[e.disk as usize], h);
             }
         }
     }
 
     #[test]
     fn a_removed_pinned_block_keeps_its_slot_until_unpinned() {
-        let mut st = state(2, 0);
+        let mut reg = Registry::new(2, 0);
         let mut plan = Plan::default();
-        st.host_insert(7, 0, &mut plan);
-        let (_, slot) = st.readable(7).unwrap();
-        st.host.as_mut().unwrap().pin(slot);
-        let e = st.map.remove(&7).unwrap();
-        st.host.as_mut().unwrap().release(e.host);
-        check(&st);
-        assert!(!st.host.as_ref().unwrap().free.contains(&slot));
-        st.host.as_mut().unwrap().unpin(slot);
-        check(&st);
-        assert!(st.host.as_ref().unwrap().free.contains(&slot));
+        assert!(reg.admit(7, 0, false, &mut plan));
+        let at = reg.readable(7).unwrap();
+        reg.pin(at);
+        assert_eq!(reg.forget(&[7]), 1);
+        check(&reg);
+        assert!(!reg.host.as_ref().unwrap().free.contains(&at.slot));
+        reg.unpin(at);
+        check(&reg);
+        assert!(reg.host.as_ref().unwrap().free.contains(&at.slot));
+    }
+
+    #[test]
+    fn a_host_victim_is_offloaded_and_a_full_disk_drops_its_lru_block() {
+        let mut reg = Registry::new(1, 1);
+        let mut plan = Plan::default();
+        reg.admit(1, 0, false, &mut plan);
+        reg.admit(2, 0, false, &mut plan); // 1 -> disk
+        reg.admit(3, 0, false, &mut plan); // 2 -> disk, 1 dropped
+        assert_eq!(reg.lru_order(), (vec![3], vec![2]));
+        let c = reg.counts();
+        assert_eq!(
+            (c.host_evictions, c.disk_evictions, c.dropped_blocks),
+            (2, 1, 1)
+        );
+        assert_eq!(plan.disk_evicted, vec![(1, 0)]);
+        // 1's write was taken back by 2's in the same plan.
+        assert_eq!(
+            plan.live_writes().map(|w| w.hash).collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 
     proptest! {
@@ -621,79 +953,88 @@ mod tests {
         #[test]
         fn slots_stay_consistent(caps in (0u32..5, 0u32..6).prop_filter("a tier", |c| c.0 + c.1 > 0),
                                  ops in proptest::collection::vec(op(), 1..60)) {
-            let mut st = state(caps.0, caps.1);
-            // (in the host tier?, slot, hash, still expected in place)
-            let mut pins: Vec<(bool, u32, u64, bool)> = Vec::new();
+            let mut reg = Registry::new(caps.0, caps.1);
+            // (where, hash, still expected in place)
+            let mut pins: Vec<(TierSlot, u64, bool)> = Vec::new();
             for o in ops {
                 match o {
                     Op::Put(h, roll_back) => {
-                        if let Some(&e) = st.map.get(&h) {
-                            st.touch(e);
+                        if reg.touch(h) {
                             continue;
                         }
                         let mut plan = Plan::default();
-                        if st.host.is_some() {
-                            st.host_insert(h, 0, &mut plan);
-                        } else {
-                            st.disk_insert(h, Src::Addr(0), false, &mut plan);
-                        }
+                        reg.admit(h, 0, false, &mut plan);
                         if roll_back {
-                            st.roll_back(&plan);
+                            reg.roll_back(&plan);
                         }
                     }
                     Op::Pin(h) => {
-                        if let Some((host, slot)) = st.readable(h) {
-                            let t = if host { st.host.as_mut() } else { st.disk.as_mut() };
-                            t.unwrap().pin(slot);
-                            pins.push((host, slot, h, true));
+                        if let Some(at) = reg.readable(h) {
+                            reg.pin(at);
+                            pins.push((at, h, true));
                         }
                     }
                     Op::Unpin(i) => {
                         if i < pins.len() {
-                            let (host, slot, _, _) = pins.remove(i);
-                            let t = if host { st.host.as_mut() } else { st.disk.as_mut() };
-                            t.unwrap().unpin(slot);
+                            let (at, _, _) = pins.remove(i);
+                            reg.unpin(at);
                         }
                     }
                     Op::Remove(h) => {
-                        for p in pins.iter_mut().filter(|p| p.2 == h) {
-                            p.3 = false;
+                        for p in pins.iter_mut().filter(|p| p.1 == h) {
+                            p.2 = false;
                         }
-                        if let Some(e) = st.map.remove(&h) {
-                            if e.host != NIL {
-                                st.host.as_mut().unwrap().release(e.host);
-                            }
-                            if e.disk != NIL {
-                                st.disk.as_mut().unwrap().release(e.disk);
-                            }
-                        }
+                        reg.forget(&[h]);
                     }
                     Op::Clear => {
                         for p in pins.iter_mut() {
-                            p.3 = false;
+                            p.2 = false;
                         }
-                        st.map.clear();
-                        for t in [st.host.as_mut(), st.disk.as_mut()].into_iter().flatten() {
-                            t.reset();
+                        reg.reset();
+                    }
+                    Op::Promote(h) => {
+                        if reg.disk_only(h) {
+                            let mut plan = Plan::default();
+                            if reg.promote(h, 0, &mut plan) {
+                                prop_assert_eq!(reg.readable(h).map(|a| a.kind), Some(TierKind::Host));
+                            }
+                        }
+                    }
+                    Op::WriteBehind => {
+                        let mut plan = Plan::default();
+                        for (h, s) in reg.clean_candidates(reg.host_cap() / 2, 2) {
+                            if !reg.offload(h, s, &mut plan) {
+                                break;
+                            }
+                        }
+                    }
+                    Op::DropDisk(h) => {
+                        if let Some(at) = reg.readable(h).filter(|a| a.kind == TierKind::Disk) {
+                            for p in pins.iter_mut().filter(|p| p.0 == at) {
+                                p.2 = false;
+                            }
+                            prop_assert!(reg.drop_disk_copy(h, at.slot));
                         }
                     }
                 }
-                check(&st);
+                check(&reg);
                 // A pinned block keeps its copy in its slot: never evicted.
-                for &(host, slot, h, expected) in &pins {
+                for &(at, h, expected) in &pins {
                     if expected {
-                        let e = st.map.get(&h).copied();
-                        let held = e.is_some_and(|e| if host { e.host == slot } else { e.disk == slot });
-                        prop_assert!(held, "pinned block {} lost its slot {}", h, slot);
+                        let e = reg.map.get(&h).copied();
+                        let held = e.is_some_and(|e| match at.kind {
+                            TierKind::Host => e.host == at.slot,
+                            TierKind::Disk => e.disk == at.slot,
+                        });
+                        prop_assert!(held, "pinned block {} lost its slot {:?}", h, at);
                     }
                 }
             }
-            for (host, slot, _, _) in pins.drain(..) {
-                let t = if host { st.host.as_mut() } else { st.disk.as_mut() };
-                t.unwrap().unpin(slot);
+            for (at, _, _) in pins.drain(..) {
+                reg.unpin(at);
             }
-            check(&st);
-            for t in [st.host.as_ref(), st.disk.as_ref()].into_iter().flatten() {
+            check(&reg);
+            for t in [reg.host.as_ref(), reg.disk.as_ref()].into_iter().flatten() {
                 assert!(t.pins.iter().all(|&p| p == 0) && !t.doomed.iter().any(|&d| d));
             }
         }
@@ -707,7 +1048,7 @@ mod tests {
         }
         l.touch(1);
         l.remove(2);
-        assert_eq!(l.order(), vec![0, 3, 1]);
+        assert_eq!(l.iter().collect::<Vec<_>>(), vec![0, 3, 1]);
         assert_eq!(l.head, 0);
     }
 }

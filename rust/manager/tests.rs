@@ -1,0 +1,133 @@
+//! Unit tests of the block manager on real tiers (a host tier and a disk tier
+//! in a temporary directory).
+use super::*;
+use crate::disk::DiskOptions;
+use crate::host::{HostOptions, Pin};
+
+fn mgr(host: u64, disk: u64, bs: usize, dir: &std::path::Path) -> BlockManager {
+    let h = (host > 0).then(|| {
+        Arc::new(
+            HostStorage::new(
+                host,
+                bs,
+                &HostOptions {
+                    pin: Pin::Off,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        )
+    });
+    let d = (disk > 0)
+        .then(|| Arc::new(DiskStorage::open(dir, disk, bs, &DiskOptions::default()).unwrap()));
+    BlockManager::new(
+        bs,
+        h,
+        d,
+        ManagerOptions {
+            checksums: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn block(h: u64, bs: usize) -> Vec<u8> {
+    (0..bs).map(|i| (h as usize * 131 + i) as u8).collect()
+}
+
+#[test]
+fn leased_blocks_are_never_evicted_and_a_full_pinned_tier_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 4096;
+    let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
+    m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+        .unwrap();
+    let (lease, n) = m.lookup(&[1, 9], None).unwrap();
+    assert_eq!(n, 1);
+    // 1 is pinned: new blocks evict 2, then each other, never 1.
+    for h in 10..20u64 {
+        assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
+    }
+    let (lease2, n2) = m.lookup(&[19], None).unwrap();
+    assert_eq!(n2, 1);
+    // Both slots pinned: a new block is rejected, counted, not an error.
+    assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
+    let (s, _) = m.stats().unwrap();
+    assert_eq!((s.rejected_full, s.leases), (1, 2));
+    let mut out = vec![0u8; bs];
+    assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 1);
+    assert_eq!(out, block(1, bs));
+    assert!(m.release_lease(lease2));
+    assert!(!m.release_lease(lease2)); // once
+    assert!(m.get_lease_into(lease, &mut out).is_err()); // used
+    assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 1); // room again
+}
+
+#[test]
+fn a_block_removed_while_leased_frees_its_slot_at_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 4096;
+    let m = mgr(2, 0, bs, dir.path());
+    m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+        .unwrap();
+    let (lease, _) = m.lookup(&[1, 2], None).unwrap();
+    assert_eq!(m.remove(&[1]).unwrap(), 1);
+    m.clear().unwrap();
+    // Both slots still leased: nothing fits.
+    assert_eq!(m.put(&[5], &block(5, bs)).unwrap(), 0);
+    let mut out = vec![0u8; 2 * bs];
+    assert_eq!(m.get_lease_into(lease, &mut out).unwrap(), 0);
+    assert_eq!(
+        m.put(&[5, 6], &[block(5, bs), block(6, bs)].concat())
+            .unwrap(),
+        2
+    );
+}
+
+#[test]
+fn a_batch_never_evicts_its_own_stored_blocks() {
+    // Disk-only, 2 slots holding [1, 2]: put([3, 1]) refreshes 1, and 3
+    // evicts the LRU block 2. One new block.
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 4096;
+    let m = mgr(0, 2, bs, dir.path());
+    m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+        .unwrap();
+    let n = m
+        .put(&[3, 1], &[block(3, bs), block(1, bs)].concat())
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(m.lru_order().unwrap().1, vec![3, 1]); // the batch order is the recency order
+    let mut one = vec![0u8; bs];
+    assert_eq!(m.get(&[1], &mut one).unwrap(), 1);
+    assert_eq!(one, block(1, bs));
+}
+
+#[test]
+fn offload_and_onboard_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 4096;
+    let m = mgr(2, 4, bs, dir.path());
+    for h in 0..5u64 {
+        assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
+    }
+    // host holds 3,4; disk holds 0,1,2 (offloaded in order)
+    assert_eq!(m.lru_order().unwrap(), (vec![3, 4], vec![0, 1, 2]));
+    let mut out = vec![0u8; 3 * bs];
+    assert_eq!(m.get(&[0, 1, 9], &mut out).unwrap(), 2);
+    assert_eq!(&out[..bs], &block(0, bs)[..]);
+    assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
+    // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
+    let (host, disk) = m.lru_order().unwrap();
+    assert_eq!(host, vec![0, 1]);
+    assert_eq!(disk, vec![0, 1, 3, 4]);
+    assert!(!m.contains(2).unwrap());
+    let s = m.stats().unwrap().0;
+    assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
+    let mut one = vec![0u8; bs];
+    for h in [0u64, 1, 3, 4] {
+        assert_eq!(m.get(&[h], &mut one).unwrap(), 1, "block {h}");
+        assert_eq!(one, block(h, bs));
+    }
+}
