@@ -229,6 +229,288 @@ pub const DEFAULT_WRITE_BEHIND: bool = true;
 pub const DEFAULT_PERSIST: bool = false;
 pub const DEFAULT_HUGE_PAGES: bool = true;
 
+/// How an environment variable's text becomes a value of its field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvForm {
+    /// A whole number in plain ASCII decimal digits.
+    Int,
+    /// An integer, or `auto`.
+    IntOrAuto,
+    /// `1/true/yes/on` or `0/false/no/off`.
+    Bool,
+    /// Text (surrounding spaces removed; empty is refused).
+    Str,
+    /// One of the listed words (case-insensitive).
+    Choice(&'static [&'static str]),
+    /// Decimal gigabytes (Dynamo's unit): the field gets `GB * 10**9` bytes.
+    DecimalGb,
+    /// A switch that turns the field off (`o_direct=False`,
+    /// `numa_node=None`) when true and leaves it alone when false.
+    Disables,
+    /// Dynamo's zero-fill switch: true is `preallocate="auto"`, false
+    /// `"sparse-fallback"`.
+    ZeroFill,
+    /// Seconds, 0 meaning "none" (`remote_ttl_s=None`).
+    SecondsOrNone,
+}
+
+/// One environment variable and the field it sets.
+pub struct EnvVar {
+    pub var: &'static str,
+    pub field: &'static str,
+    pub form: EnvForm,
+    /// What it means, for the docs table.
+    pub meaning: &'static str,
+}
+
+/// One setting's environment variables, highest precedence first: the
+/// first one set decides (every one set is still parsed, so a bad value is
+/// refused even where another one wins). Groups apply in the order of
+/// [`ENV`]; a later group overrides an earlier one of the same field (a
+/// switch that disables NUMA binding wins over a node number).
+pub struct EnvGroup {
+    pub vars: &'static [EnvVar],
+    /// The standalone tier classes (`DiskStorage`, `HostStorage`) honour it
+    /// too, not only `Config.from_env`.
+    pub tiers: bool,
+}
+
+const fn var(
+    var: &'static str,
+    field: &'static str,
+    form: EnvForm,
+    meaning: &'static str,
+) -> EnvVar {
+    EnvVar {
+        var,
+        field,
+        form,
+        meaning,
+    }
+}
+
+const fn group(vars: &'static [EnvVar]) -> EnvGroup {
+    EnvGroup { vars, tiers: false }
+}
+
+/// Every environment variable dynblock reads, and only here: `Config.from_env`
+/// and its docs table follow from this list. Dynamo's names (`DYN_*`) are
+/// read so a deployment can switch without rewriting its environment; ours
+/// win over theirs, whatever unit they use.
+pub const ENV: &[EnvGroup] = &[
+    group(&[var(
+        "DYNBLOCK_BLOCK_SIZE",
+        "block_size",
+        EnvForm::Int,
+        "block_size in bytes",
+    )]),
+    group(&[
+        var(
+            "DYNBLOCK_HOST_BLOCKS",
+            "host_blocks",
+            EnvForm::Int,
+            "host_blocks",
+        ),
+        var(
+            "DYNBLOCK_HOST_BYTES",
+            "host_bytes",
+            EnvForm::Int,
+            "host_bytes",
+        ),
+        var(
+            "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS",
+            "host_blocks",
+            EnvForm::Int,
+            "host_blocks",
+        ),
+        var(
+            "DYN_KVBM_CPU_CACHE_GB",
+            "host_bytes",
+            EnvForm::DecimalGb,
+            "host_bytes = GB * 10**9",
+        ),
+    ]),
+    group(&[
+        var(
+            "DYNBLOCK_DISK_BLOCKS",
+            "disk_blocks",
+            EnvForm::Int,
+            "disk_blocks",
+        ),
+        var(
+            "DYNBLOCK_DISK_BYTES",
+            "disk_bytes",
+            EnvForm::Int,
+            "disk_bytes",
+        ),
+        var(
+            "DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS",
+            "disk_blocks",
+            EnvForm::Int,
+            "disk_blocks",
+        ),
+        var(
+            "DYN_KVBM_DISK_CACHE_GB",
+            "disk_bytes",
+            EnvForm::DecimalGb,
+            "disk_bytes = GB * 10**9",
+        ),
+    ]),
+    group(&[
+        var("DYNBLOCK_DISK_DIR", "disk_dir", EnvForm::Str, "disk_dir"),
+        var(
+            "DYN_KVBM_DISK_CACHE_DIR",
+            "disk_dir",
+            EnvForm::Str,
+            "disk_dir",
+        ),
+    ]),
+    EnvGroup {
+        vars: &[
+            var(
+                "DYNBLOCK_DISABLE_O_DIRECT",
+                "o_direct",
+                EnvForm::Disables,
+                "true: o_direct=False",
+            ),
+            var(
+                "DYN_KVBM_DISK_DISABLE_O_DIRECT",
+                "o_direct",
+                EnvForm::Disables,
+                "true: o_direct=False",
+            ),
+        ],
+        tiers: true,
+    },
+    group(&[var(
+        "DYN_KVBM_DISK_ZEROFILL_FALLBACK",
+        "preallocate",
+        EnvForm::ZeroFill,
+        "true: preallocate=\"auto\"; false: \"sparse-fallback\"",
+    )]),
+    group(&[var(
+        "DYNBLOCK_NUMA_NODE",
+        "numa_node",
+        EnvForm::IntOrAuto,
+        "numa_node (an integer or auto)",
+    )]),
+    EnvGroup {
+        vars: &[
+            var(
+                "DYNBLOCK_DISABLE_NUMA",
+                "numa_node",
+                EnvForm::Disables,
+                "true: numa_node=None",
+            ),
+            var(
+                "DYN_MEMORY_DISABLE_NUMA",
+                "numa_node",
+                EnvForm::Disables,
+                "true: numa_node=None",
+            ),
+        ],
+        tiers: true,
+    },
+    group(&[var(
+        "DYNBLOCK_GPU",
+        "gpu",
+        EnvForm::Int,
+        "gpu (CUDA ordinal)",
+    )]),
+    group(&[var("DYNBLOCK_PIN", "pin", EnvForm::Bool, "pin")]),
+    group(&[var(
+        "DYNBLOCK_IO_DEPTH",
+        "io_depth",
+        EnvForm::Int,
+        "io_depth",
+    )]),
+    group(&[var(
+        "DYNBLOCK_WORKER_NICE",
+        "worker_nice",
+        EnvForm::Int,
+        "worker_nice (0-19)",
+    )]),
+    group(&[var(
+        "DYNBLOCK_DISK_PATH",
+        "disk_path",
+        EnvForm::Str,
+        "disk_path (a persistent store's file)",
+    )]),
+    group(&[var("DYNBLOCK_PERSIST", "persist", EnvForm::Bool, "persist")]),
+    group(&[var(
+        "DYNBLOCK_DURABILITY",
+        "durability",
+        EnvForm::Choice(&["process", "sync"]),
+        "durability",
+    )]),
+    group(&[var(
+        "DYNBLOCK_WRITE_THROUGH",
+        "write_through",
+        EnvForm::Bool,
+        "write_through",
+    )]),
+    group(&[var(
+        "DYNBLOCK_WRITE_BEHIND",
+        "write_behind",
+        EnvForm::Bool,
+        "write_behind",
+    )]),
+    group(&[var(
+        "DYNBLOCK_CHECKSUMS",
+        "checksums",
+        EnvForm::Bool,
+        "checksums",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_URL",
+        "remote",
+        EnvForm::Str,
+        "remote (redis://, rediss://, redis+cluster:// URL)",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_PREFIX",
+        "remote_prefix",
+        EnvForm::Str,
+        "remote_prefix",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_TTL_S",
+        "remote_ttl_s",
+        EnvForm::SecondsOrNone,
+        "remote_ttl_s (seconds; 0: no expiry)",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_TIMEOUT_MS",
+        "remote_timeout_ms",
+        EnvForm::Int,
+        "remote_timeout_ms",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_WRITE",
+        "remote_write",
+        EnvForm::Choice(&["async", "sync", "off"]),
+        "remote_write",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_CA_FILE",
+        "remote_ca_file",
+        EnvForm::Str,
+        "remote_ca_file",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_SECRET",
+        "remote_secret",
+        EnvForm::Str,
+        "remote_secret (values carry a keyed MAC)",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_QUEUE_BYTES",
+        "remote_queue_bytes",
+        EnvForm::Int,
+        "remote_queue_bytes (the background writer's queue)",
+    )]),
+];
+
 fn int_setting(name: &str) -> &'static IntSetting {
     INTS.iter()
         .find(|s| s.name == name)
@@ -305,6 +587,22 @@ mod tests {
         assert_eq!(default_int("io_depth"), 16);
         assert!(check_tier(3, 4096, 4096).is_ok());
         assert!(check_tier(MAX_TIER_BLOCKS, 1 << 32, 1 << 32).is_err());
+    }
+
+    #[test]
+    fn every_variable_is_listed_once_and_sets_a_known_field() {
+        let mut seen = std::collections::HashSet::new();
+        for g in ENV {
+            assert!(!g.vars.is_empty());
+            for v in g.vars {
+                assert!(seen.insert(v.var), "{} listed twice", v.var);
+                assert!(v.var.starts_with("DYNBLOCK_") || v.var.starts_with("DYN_"));
+                // Integer fields are bounded by their row of INTS.
+                if v.form == EnvForm::Int {
+                    assert!(INTS.iter().any(|s| s.name == v.field), "{}", v.field);
+                }
+            }
+        }
     }
 
     #[test]

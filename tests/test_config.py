@@ -121,7 +121,7 @@ def test_dynblock_names_win_and_overrides_win_over_both() -> None:
     "var,value,match",
     [
         ("DYNBLOCK_BLOCK_SIZE", "2MiB", "whole number"),
-        ("DYNBLOCK_BLOCK_SIZE", "0", ">= 1"),
+        ("DYNBLOCK_BLOCK_SIZE", "0", "between 1 and"),  # the setting's own bounds and message
         ("DYNBLOCK_HOST_BLOCKS", "-3", ">= 0"),
         ("DYN_KVBM_CPU_CACHE_GB", "lots", "decimal number"),
         ("DYN_KVBM_DISK_CACHE_GB", "-1", ">= 0"),
@@ -135,7 +135,10 @@ def test_dynblock_names_win_and_overrides_win_over_both() -> None:
         ("DYNBLOCK_DISABLE_NUMA", "nope", "1/true/yes/on"),
         ("DYNBLOCK_NUMA_NODE", "first", "whole number"),
         ("DYNBLOCK_PIN", "sometimes", "1/true/yes/on"),
-        ("DYNBLOCK_IO_DEPTH", "0", ">= 1"),
+        ("DYNBLOCK_IO_DEPTH", "0", "between 1 and 1024"),
+        ("DYNBLOCK_REMOTE_TIMEOUT_MS", "0", "between 1 and"),
+        ("DYNBLOCK_REMOTE_WRITE", "later", "'async', 'sync' or 'off'"),
+        ("DYNBLOCK_DURABILITY", "always", "'process' or 'sync'"),
         ("DYNBLOCK_WORKER_NICE", "20", "between 0 and 19"),
     ],
 )
@@ -281,3 +284,35 @@ def test_one_message_per_setting_wherever_it_is_given(clean_env, tmp_path: Path)
     import inspect
 
     assert inspect.signature(DiskStorage).parameters["io_depth"].default == defaults["io_depth"]
+
+
+def test_every_variable_of_the_settings_table_reaches_its_field() -> None:
+    """The engine's one table (rust/settings.rs ENV) drives from_env: each variable alone
+    sets its field, and the docs (README, docs/, config's own table) name no other."""
+    import re
+    from pathlib import Path
+
+    from dynblock import _env, config
+
+    sample = {"int": "3", "int_or_auto": "auto", "bool": "1", "str": "x", "decimal_gb": "0.5",
+              "disables": "1", "zero_fill": "0", "seconds_or_none": "7"}
+    expect = {"int": 3, "int_or_auto": "auto", "bool": True, "str": "x", "decimal_gb": 5 * 10**8,
+              "zero_fill": "sparse-fallback", "seconds_or_none": 7}
+    names = set()
+    for _, group in _env.TABLE:
+        for var, field, form, choices, _ in group:
+            names.add(var)
+            value = choices[-1] if form == "choice" else sample[form]
+            got = _env.read_table({var: value})
+            want = choices[-1] if form == "choice" else expect.get(form, _env.OFF.get(field))
+            assert got == {field: (var, want)}, var
+            assert f"``{var}``" in (config.__doc__ or "")
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for var in re.findall(r"\b(?:DYNBLOCK|DYN_KVBM|DYN_MEMORY)_[A-Z_]*[A-Z]\b", doc.read_text()):
+            assert var in names, f"{doc.name} names {var}, which dynblock does not read"
+    # Ours wins even when it says "not disabled"; a disabling switch wins over a node number.
+    env = {"DYNBLOCK_DISABLE_NUMA": "0", "DYN_MEMORY_DISABLE_NUMA": "1", "DYNBLOCK_NUMA_NODE": "1"}
+    assert _env.read_table(env)["numa_node"] == ("DYNBLOCK_NUMA_NODE", 1)
+    env["DYNBLOCK_DISABLE_NUMA"] = "1"
+    assert _env.read_table(env)["numa_node"] == ("DYNBLOCK_DISABLE_NUMA", None)

@@ -115,6 +115,20 @@ def test_hashes_of_every_integer_kind_at_every_entry_point(tmp_path: Path, make)
         assert kv.match(make(hs)) == 0 and np.uint64(1) in kv
 
 
+def test_a_manager_shows_every_read_only_attribute_of_its_tiers_and_nothing_more(tmp_path: Path) -> None:
+    from dynblock import DiskStorage, HostStorage
+
+    with manager(tmp_path, 4, 4) as kv:
+        for view, tier, cls in ((kv.host, kv._host, HostStorage), (kv.disk, kv._disk, DiskStorage)):
+            assert view is not None and len(cls.READ_ONLY) > 10
+            for name in cls.READ_ONLY:
+                assert getattr(view, name) == getattr(tier, name), name
+                with pytest.raises(AttributeError, match="read-only"):
+                    setattr(tier, name, 1)  # the tier's own attribute cannot be set either
+            with pytest.raises(AttributeError, match="read-only"):
+                _ = view.sync  # a call, not a read-only attribute
+
+
 def test_the_cache_own_memory_is_refused(tmp_path: Path) -> None:
     with manager(tmp_path, 4, 0) as kv:
         kv.put([1], np.full(BS, 0x41, np.uint8))

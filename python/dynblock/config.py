@@ -9,55 +9,18 @@ Every field's default and check live in the engine (``rust/settings.rs``,
 reached through ``dynblock._core``): a value is refused with the same message
 here as by the tier classes.
 
-Environment mapping (``DYNBLOCK_*`` wins over Dynamo's name when both are set,
-whatever unit they use; keyword arguments to ``from_env`` win over both). Tier
-sizes, highest precedence first: ``DYNBLOCK_<TIER>_BLOCKS``,
-``DYNBLOCK_<TIER>_BYTES``, Dynamo's ``*_OVERRIDE_NUM_BLOCKS``, Dynamo's
-``*_CACHE_GB``:
+Environment mapping: every variable dynblock reads is listed once, in the
+engine's settings table (``rust/settings.rs``, ``ENV``); this table is built
+from it. Where several variables set one field, the first one set in this
+order wins (``DYNBLOCK_*`` over Dynamo's name, whatever unit they use), and a
+switch that disables NUMA binding wins over ``DYNBLOCK_NUMA_NODE``. Keyword
+arguments to ``from_env`` win over all of them. Tier sizes, highest
+precedence first: ``DYNBLOCK_<TIER>_BLOCKS``, ``DYNBLOCK_<TIER>_BYTES``,
+Dynamo's ``*_OVERRIDE_NUM_BLOCKS``, Dynamo's ``*_CACHE_GB`` (decimal GB, as
+Dynamo reads it). ``DiskStorage`` and ``HostStorage`` used on their own honour
+the two disabling switches (O_DIRECT, NUMA) too.
 
-========================================  =====================================
-variable                                  meaning
-========================================  =====================================
-``DYNBLOCK_BLOCK_SIZE``                   ``block_size`` in bytes
-``DYNBLOCK_HOST_BLOCKS``                  ``host_blocks``
-``DYNBLOCK_HOST_BYTES``                   ``host_bytes``
-``DYN_KVBM_CPU_CACHE_GB``                 ``host_bytes = GB * 10**9`` (decimal
-                                          GB, as Dynamo reads it)
-``DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS``  ``host_blocks`` (wins over Dynamo's GB)
-``DYNBLOCK_DISK_BLOCKS``                  ``disk_blocks``
-``DYNBLOCK_DISK_BYTES``                   ``disk_bytes``
-``DYN_KVBM_DISK_CACHE_GB``                ``disk_bytes = GB * 10**9``
-``DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS``  ``disk_blocks`` (wins over Dynamo's GB)
-``DYNBLOCK_DISK_DIR``,                    ``disk_dir``
-``DYN_KVBM_DISK_CACHE_DIR``
-``DYNBLOCK_DISABLE_O_DIRECT``,            ``o_direct = not value``
-``DYN_KVBM_DISK_DISABLE_O_DIRECT``
-``DYN_KVBM_DISK_ZEROFILL_FALLBACK``       true: ``preallocate="auto"`` (zero-fill
-                                          where fallocate is unsupported);
-                                          false: ``"sparse-fallback"``
-``DYNBLOCK_DISABLE_NUMA``,                ``numa_node = None``
-``DYN_MEMORY_DISABLE_NUMA``
-``DYNBLOCK_NUMA_NODE``                    ``numa_node`` (an integer or ``auto``)
-``DYNBLOCK_GPU``                          ``gpu`` (CUDA ordinal)
-``DYNBLOCK_PIN``                          ``pin`` (boolean)
-``DYNBLOCK_IO_DEPTH``                     ``io_depth``
-``DYNBLOCK_WORKER_NICE``                  ``worker_nice`` (0-19)
-``DYNBLOCK_DISK_PATH``                    ``disk_path`` (a persistent store's file)
-``DYNBLOCK_PERSIST``                      ``persist`` (boolean)
-``DYNBLOCK_DURABILITY``                   ``durability``: ``process`` or ``sync``
-``DYNBLOCK_WRITE_THROUGH``                ``write_through`` (boolean)
-``DYNBLOCK_WRITE_BEHIND``                 ``write_behind`` (boolean)
-``DYNBLOCK_CHECKSUMS``                    ``checksums`` (boolean)
-``DYNBLOCK_REMOTE_URL``                   ``remote`` (``redis://``, ``rediss://``,
-                                          ``redis+cluster://`` URL)
-``DYNBLOCK_REMOTE_PREFIX``                ``remote_prefix``
-``DYNBLOCK_REMOTE_TTL_S``                 ``remote_ttl_s`` (seconds; 0: no expiry)
-``DYNBLOCK_REMOTE_TIMEOUT_MS``            ``remote_timeout_ms``
-``DYNBLOCK_REMOTE_WRITE``                 ``remote_write``: ``async``, ``sync``, ``off``
-``DYNBLOCK_REMOTE_CA_FILE``               ``remote_ca_file``
-``DYNBLOCK_REMOTE_SECRET``                ``remote_secret`` (values carry a keyed MAC)
-``DYNBLOCK_REMOTE_QUEUE_BYTES``           ``remote_queue_bytes`` (the background writer's queue)
-========================================  =====================================
+{ENV_TABLE}
 
 Booleans accept exactly ``1/true/yes/on`` and ``0/false/no/off``; integers
 are plain ASCII decimal digits; any other value raises
@@ -74,7 +37,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 from . import _core
-from ._env import EnvError, env_bool, env_float, env_int, env_str, numa_disabled, o_direct_disabled
+from ._env import EnvError, read_table, table_rst
+
+if __doc__:
+    __doc__ = __doc__.replace("{ENV_TABLE}", table_rst())
 
 __all__ = ["Config", "KvLayout", "canonical_dtype"]
 
@@ -309,75 +275,9 @@ class Config:
         """Build a Config from ``DYNBLOCK_*`` and Dynamo's ``DYN_KVBM_*`` variables
         (see the module docs for the mapping); ``overrides`` win."""
         e: Mapping[str, str] = os.environ if env is None else env
-        kw: Dict[str, Any] = {}
-        src: Dict[str, str] = {}  # field -> the variable that gave it (for error messages)
-
-        def take(key: str, var: str, value: Any) -> None:
-            if value is not None:
-                kw[key], src[key] = value, var
-
-        take("block_size", "DYNBLOCK_BLOCK_SIZE", env_int("DYNBLOCK_BLOCK_SIZE", e, minimum=1))
-        # Every variable is parsed (and so checked) even when another one wins.
-        for tier, dyn in (("host", "CPU"), ("disk", "DISK")):
-            found = [(f"{tier}_blocks", f"DYNBLOCK_{tier.upper()}_BLOCKS"),
-                     (f"{tier}_bytes", f"DYNBLOCK_{tier.upper()}_BYTES"),
-                     (f"{tier}_blocks", f"DYN_KVBM_{dyn}_CACHE_OVERRIDE_NUM_BLOCKS")]
-            values: list = [env_int(var, e) for _, var in found]
-            gb = env_float(f"DYN_KVBM_{dyn}_CACHE_GB", e)
-            found.append((f"{tier}_bytes", f"DYN_KVBM_{dyn}_CACHE_GB"))
-            values.append(None if gb is None else int(gb * 10**9))
-            for (key, var), v in zip(found, values):
-                if v is not None:  # the first one set wins
-                    take(key, var, v)
-                    break
-        d_ours, d_theirs = env_str("DYNBLOCK_DISK_DIR", e), env_str("DYN_KVBM_DISK_CACHE_DIR", e)
-        take("disk_dir", "DYN_KVBM_DISK_CACHE_DIR", d_theirs)
-        take("disk_dir", "DYNBLOCK_DISK_DIR", d_ours)
-        if o_direct_disabled(e):
-            kw["o_direct"] = False
-        zf = env_bool("DYN_KVBM_DISK_ZEROFILL_FALLBACK", e)
-        if zf is not None:
-            kw["preallocate"] = "auto" if zf else "sparse-fallback"
-        node = env_str("DYNBLOCK_NUMA_NODE", e)
-        if node is not None:
-            take("numa_node", "DYNBLOCK_NUMA_NODE", "auto" if node.strip().lower() == "auto"
-                 else env_int("DYNBLOCK_NUMA_NODE", e))
-        if numa_disabled(e):
-            kw["numa_node"] = None
-        take("gpu", "DYNBLOCK_GPU", env_int("DYNBLOCK_GPU", e))
-        take("pin", "DYNBLOCK_PIN", env_bool("DYNBLOCK_PIN", e))
-        take("io_depth", "DYNBLOCK_IO_DEPTH", env_int("DYNBLOCK_IO_DEPTH", e, minimum=1))
-        take("worker_nice", "DYNBLOCK_WORKER_NICE", env_int("DYNBLOCK_WORKER_NICE", e))
-        take("disk_path", "DYNBLOCK_DISK_PATH", env_str("DYNBLOCK_DISK_PATH", e))
-        for var, key in (("DYNBLOCK_PERSIST", "persist"), ("DYNBLOCK_WRITE_THROUGH", "write_through"),
-                         ("DYNBLOCK_WRITE_BEHIND", "write_behind"),
-                         ("DYNBLOCK_CHECKSUMS", "checksums")):
-            take(key, var, env_bool(var, e))
-        url = env_str("DYNBLOCK_REMOTE_URL", e)
-        take("remote", "DYNBLOCK_REMOTE_URL", None if url is None else url.strip())
-        prefix = env_str("DYNBLOCK_REMOTE_PREFIX", e)
-        take("remote_prefix", "DYNBLOCK_REMOTE_PREFIX", None if prefix is None else prefix.strip())
-        ttl = env_int("DYNBLOCK_REMOTE_TTL_S", e)
-        if ttl is not None:
-            kw["remote_ttl_s"], src["remote_ttl_s"] = ttl or None, "DYNBLOCK_REMOTE_TTL_S"
-        take("remote_timeout_ms", "DYNBLOCK_REMOTE_TIMEOUT_MS",
-             env_int("DYNBLOCK_REMOTE_TIMEOUT_MS", e, minimum=1))
-        rw = env_str("DYNBLOCK_REMOTE_WRITE", e)
-        if rw is not None:
-            if rw.strip().lower() not in ("async", "sync", "off"):
-                raise EnvError(f"environment variable DYNBLOCK_REMOTE_WRITE={rw!r} must be "
-                               "'async', 'sync' or 'off'")
-            kw["remote_write"] = rw.strip().lower()
-        ca = env_str("DYNBLOCK_REMOTE_CA_FILE", e)
-        take("remote_ca_file", "DYNBLOCK_REMOTE_CA_FILE", None if ca is None else ca.strip())
-        take("remote_queue_bytes", "DYNBLOCK_REMOTE_QUEUE_BYTES",
-             env_int("DYNBLOCK_REMOTE_QUEUE_BYTES", e))
-        take("remote_secret", "DYNBLOCK_REMOTE_SECRET", env_str("DYNBLOCK_REMOTE_SECRET", e))
-        dur = env_str("DYNBLOCK_DURABILITY", e)
-        if dur is not None:
-            if dur.strip().lower() not in ("process", "sync"):
-                raise EnvError(f"environment variable DYNBLOCK_DURABILITY={dur!r} must be 'process' or 'sync'")
-            kw["durability"] = dur.strip().lower()
+        found = read_table(e)
+        kw: Dict[str, Any] = {field: value for field, (_, value) in found.items()}
+        src: Dict[str, str] = {field: var for field, (var, _) in found.items()}
         # Sizes given one way in overrides replace the other way from the env.
         for tier in ("host", "disk"):
             if f"{tier}_blocks" in overrides or f"{tier}_bytes" in overrides:

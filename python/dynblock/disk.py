@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Tuple, Union
 
 from . import _core
-from ._env import o_direct_disabled
+from ._env import read_table
+from ._forward import ReadOnly
 
 ODirectArg = Union[bool, Literal["require"]]
 SlotIds = Union[Sequence[int], Any]  # any sequence of ints or a numpy integer array
@@ -20,11 +21,12 @@ def _apply_env(o_direct: ODirectArg) -> ODirectArg:
     turns ``o_direct=True`` off; ``False`` needs no look at the environment."""
     if o_direct is False:
         return o_direct
-    if o_direct_disabled():
+    switch = read_table(tiers_only=True).get("o_direct")
+    if switch is not None:
         if o_direct == "require":
             raise ValueError(
-                'o_direct="require" conflicts with the environment, which disables O_DIRECT '
-                "(DYNBLOCK_DISABLE_O_DIRECT or DYN_KVBM_DISK_DISABLE_O_DIRECT); unset one"
+                f'o_direct="require" conflicts with the environment, which disables O_DIRECT '
+                f"({switch[0]}); unset it"
             )
         if o_direct is True:
             return False
@@ -131,78 +133,29 @@ class DiskStorage:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- what is in use ---------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return self._s.num_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self._s.block_size
-
-    @property
-    def slot_stride(self) -> int:
-        """Distance between slots: block_size rounded up to the offset alignment."""
-        return self._s.slot_stride
-
-    @property
-    def alignment(self) -> int:
-        """Direct-I/O offset (and length) alignment of this file, in bytes."""
-        return self._s.alignment_info[1]
-
-    @property
-    def memory_alignment(self) -> int:
-        """Direct-I/O buffer address alignment of this file, in bytes."""
-        return self._s.alignment_info[0]
-
-    @property
-    def alignment_source(self) -> str:
-        """Where the alignment came from: statx, logical_block_size, default or override."""
-        return self._s.alignment_info[2]
-
-    @property
-    def o_direct(self) -> bool:
-        """Whether O_DIRECT is in use right now."""
-        return self._s.o_direct
-
-    @property
-    def fallback_reason(self) -> Optional[str]:
-        """Why O_DIRECT is not in use, or None."""
-        return self._s.fallback_reason
-
-    @property
-    def path(self) -> str:
-        return str(self._s.path)
-
-    @property
-    def anonymous(self) -> bool:
-        return self._s.anonymous
-
-    @property
-    def fs_type(self) -> str:
-        return self._s.fs_type
-
-    @property
-    def io_depth(self) -> int:
-        return self._s.io_depth
-
-    @property
-    def file_size(self) -> int:
-        return self._s.file_size
-
-    @property
-    def data_offset(self) -> int:
-        """Bytes before slot 0: a persistent file's header (0 when anonymous)."""
-        return self._s.data_offset
-
-    @property
-    def preallocation(self) -> str:
-        """How the space was reserved: fallocate, zero-fill, sparse, or existing."""
-        return self._s.preallocation
-
-    @property
-    def closed(self) -> bool:
-        return self._s.closed
+    # --- what is in use: read-only, declared once (READ_ONLY lists them) --
+    _NATIVE = "_s"
+    READ_ONLY: ClassVar[Tuple[str, ...]] = ()
+    num_blocks = ReadOnly[int]()
+    block_size = ReadOnly[int]()
+    slot_stride = ReadOnly[int](doc="Distance between slots: block_size rounded up to the offset alignment.")
+    data_offset = ReadOnly[int](doc="Bytes before slot 0: a persistent file's header (0 when anonymous).")
+    alignment = ReadOnly[int](lambda self: self._s.alignment_info[1],
+                              "Direct-I/O offset (and length) alignment of this file, in bytes.")
+    memory_alignment = ReadOnly[int](lambda self: self._s.alignment_info[0],
+                                     "Direct-I/O buffer address alignment of this file, in bytes.")
+    alignment_source = ReadOnly[str](
+        lambda self: self._s.alignment_info[2],
+        "Where the alignment came from: statx, logical_block_size, default or override.")
+    o_direct = ReadOnly[bool](doc="Whether O_DIRECT is in use right now.")
+    fallback_reason = ReadOnly[Optional[str]](doc="Why O_DIRECT is not in use, or None.")
+    path = ReadOnly[str](lambda self: str(self._s.path), "The data file (its name when anonymous).")
+    anonymous = ReadOnly[bool]()
+    fs_type = ReadOnly[str]()
+    io_depth = ReadOnly[int]()
+    file_size = ReadOnly[int]()
+    preallocation = ReadOnly[str](doc="How the space was reserved: fallocate, zero-fill, sparse, or existing.")
+    closed = ReadOnly[bool]()
 
     def __repr__(self) -> str:
         mode = "O_DIRECT" if self.o_direct else "buffered"

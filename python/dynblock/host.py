@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Literal, Optional, Union, cast
+from typing import Any, ClassVar, Dict, Literal, Optional, Tuple, Union, cast
 
 from . import _core
-from ._env import numa_disabled
+from ._env import read_table
+from ._forward import ReadOnly
 from .topology import resolve_gpu
 
 log = logging.getLogger("dynblock.host")
@@ -37,8 +38,9 @@ def resolve_numa_node(
         numa_node = _core.check_setting("numa_node", numa_node)
     if gpu is not None:
         gpu = _core.check_setting("gpu", gpu)
-    if numa_disabled():
-        return None, "NUMA binding disabled by DYNBLOCK_DISABLE_NUMA / DYN_MEMORY_DISABLE_NUMA"
+    switch = read_table(tiers_only=True).get("numa_node")
+    if switch is not None:
+        return None, f"NUMA binding disabled by {switch[0]}"
     if numa_node == "auto":
         if gpu is None:
             return None, 'numa_node="auto" without gpu: no GPU to be near, no binding'
@@ -83,7 +85,7 @@ class HostStorage:
         worker_nice: int = DEFAULTS["worker_nice"],
     ) -> None:
         # Every argument is checked once, by the engine (rust/settings.rs).
-        node, self.numa_reason = resolve_numa_node(
+        node, self._numa_reason = resolve_numa_node(
             numa_node, gpu, nvidia_smi=nvidia_smi, sysfs_root=sysfs_root
         )
         self._h = _core.HostStorage(
@@ -97,8 +99,7 @@ class HostStorage:
             sysfs_root=sysfs_root,
             worker_nice=worker_nice,
         )
-        self.cuda_registered = False
-        self.cuda_reason = "not asked (cuda_register=False)"
+        self._cuda = (False, "not asked (cuda_register=False)")
         self._registered: Optional[tuple] = None
         if cuda_register:
             self.register_cuda()
@@ -108,10 +109,10 @@ class HostStorage:
         from .cuda import register_host_memory
 
         ptr, n = self._h.data_ptr, self._h.nbytes
-        ok, self.cuda_reason = register_host_memory(ptr, n)
+        ok, why = register_host_memory(ptr, n)
         if ok:
             self._registered = (ptr, n)
-        self.cuda_registered = ok
+        self._cuda = (ok, why)
         return ok
 
     # --- data -------------------------------------------------------------
@@ -151,52 +152,23 @@ class HostStorage:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- what happened ----------------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return self._h.num_blocks
-
-    @property
-    def block_size(self) -> int:
-        return self._h.block_size
-
-    @property
-    def slot_stride(self) -> int:
-        return self._h.slot_stride
-
-    @property
-    def nbytes(self) -> int:
-        return self._h.nbytes
-
-    @property
-    def numa_node(self) -> Optional[int]:
-        """The node the memory policy names, or None when nothing is bound."""
-        return self._h.numa_node
-
-    @property
-    def policy(self) -> str:
-        """``bind``, ``preferred`` or ``none``."""
-        return self._h.policy
-
-    @property
-    def pinned(self) -> bool:
-        return self._h.pinned
-
-    @property
-    def huge_pages(self) -> bool:
-        return self._h.huge_pages
-
-    @property
-    def populate_threads(self) -> int:
-        return self._h.populate_threads
-
-    @property
-    def populate_seconds(self) -> float:
-        return self._h.populate_seconds
-
-    @property
-    def closed(self) -> bool:
-        return self._h.closed
+    # --- what happened: read-only, declared once (READ_ONLY lists them) ---
+    _NATIVE = "_h"
+    READ_ONLY: ClassVar[Tuple[str, ...]] = ()
+    num_blocks = ReadOnly[int]()
+    block_size = ReadOnly[int]()
+    slot_stride = ReadOnly[int]()
+    nbytes = ReadOnly[int]()
+    numa_node = ReadOnly[Optional[int]](doc="The node the memory policy names, or None when nothing is bound.")
+    numa_reason = ReadOnly[str](lambda self: self._numa_reason, "Why that node (or none).")
+    policy = ReadOnly[str](doc="``bind``, ``preferred`` or ``none``.")
+    pinned = ReadOnly[bool]()
+    huge_pages = ReadOnly[bool]()
+    populate_threads = ReadOnly[int]()
+    populate_seconds = ReadOnly[float]()
+    cuda_registered = ReadOnly[bool](lambda self: self._cuda[0], "Registered with CUDA for DMA.")
+    cuda_reason = ReadOnly[str](lambda self: self._cuda[1], "Why (or why not) registered with CUDA.")
+    closed = ReadOnly[bool]()
 
     def __repr__(self) -> str:
         return (

@@ -66,14 +66,8 @@ class TierView:
     manager's back (their checksums and their hashes' meaning), so the
     manager never hands out the tier itself."""
 
-    _READ = {
-        "host": ("num_blocks", "block_size", "slot_stride", "nbytes", "numa_node", "numa_reason",
-                 "policy", "pinned", "huge_pages", "populate_threads", "populate_seconds",
-                 "cuda_registered", "cuda_reason", "closed"),
-        "disk": ("num_blocks", "block_size", "slot_stride", "data_offset", "alignment",
-                 "memory_alignment", "alignment_source", "o_direct", "fallback_reason", "path",
-                 "anonymous", "fs_type", "io_depth", "file_size", "preallocation", "closed"),
-    }
+    #: Exactly the tier classes' read-only attributes (declared once, there).
+    _READ = {"host": HostStorage.READ_ONLY, "disk": DiskStorage.READ_ONLY}
 
     __slots__ = ("_tier", "_kind")
 

@@ -145,6 +145,51 @@ pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Every environment variable dynblock reads ([`settings::ENV`]), as a list
+/// of groups: `(tiers, [(var, field, form, choices, meaning), ...])`, the
+/// first variable set in a group deciding, later groups overriding earlier
+/// ones of the same field. `form` is one of `int`, `int_or_auto`, `bool`,
+/// `str`, `choice`, `decimal_gb`, `disables`, `zero_fill`,
+/// `seconds_or_none`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+pub fn settings_env() -> Vec<(
+    bool,
+    Vec<(
+        &'static str,
+        &'static str,
+        &'static str,
+        Vec<&'static str>,
+        &'static str,
+    )>,
+)> {
+    use settings::EnvForm as F;
+    settings::ENV
+        .iter()
+        .map(|g| {
+            let vars = g
+                .vars
+                .iter()
+                .map(|v| {
+                    let (form, choices): (&str, &[&str]) = match v.form {
+                        F::Int => ("int", &[]),
+                        F::IntOrAuto => ("int_or_auto", &[]),
+                        F::Bool => ("bool", &[]),
+                        F::Str => ("str", &[]),
+                        F::Choice(c) => ("choice", c),
+                        F::DecimalGb => ("decimal_gb", &[]),
+                        F::Disables => ("disables", &[]),
+                        F::ZeroFill => ("zero_fill", &[]),
+                        F::SecondsOrNone => ("seconds_or_none", &[]),
+                    };
+                    (v.var, v.field, form, choices.to_vec(), v.meaning)
+                })
+                .collect();
+            (g.tiers, vars)
+        })
+        .collect()
+}
+
 /// Check one setting's value; returns it normalised (a plain `int` for
 /// integers). Raises `TypeError`/`ValueError` naming the setting.
 #[pyfunction]
