@@ -15,13 +15,38 @@ use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::{IndexLog, Record};
 
-/// One disk write of a plan, resolved: (disk slot, source address, an
-/// offload?, hash).
+/// One disk write of a plan, resolved.
 struct Write {
     slot: u64,
+    /// Where its bytes are (a host slot's address, or the caller's block).
     addr: usize,
+    /// An offload (not a new block).
     victim: bool,
     hash: u64,
+}
+
+/// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
+pub(super) struct Moves {
+    /// Sorted by disk slot.
+    writes: Vec<Write>,
+    /// (host slot, source address)
+    copies: Vec<(u64, usize)>,
+    /// Each write's checksum, filled by the I/O workers.
+    crcs: Vec<AtomicU32>,
+    /// Whether `begin` held the plan's slots (`finish` releases them).
+    held: bool,
+}
+
+impl Moves {
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.copies.is_empty()
+    }
+
+    /// Leave out the copies into the host slots `skip` names (a read fills
+    /// those slots instead); they stay held by the plan.
+    pub(super) fn skip_copies(&mut self, skip: impl Fn(u64) -> bool) {
+        self.copies.retain(|c| !skip(c.0));
+    }
 }
 
 impl BlockManager {
@@ -38,33 +63,60 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Run a plan in three steps. Under the lock: the DEL records of reused
-    /// disk slots, and every slot the plan fills marked `filling` (invisible
-    /// to reads) and pinned (never evicted nor reused by another call).
-    /// Without the lock: one batched disk write (checksummed on the I/O
-    /// workers), then one parallel copy into host slots. Under the lock
-    /// again: PUT records and checksums for the blocks still registered in
-    /// the slots written (another thread may have removed some meanwhile),
-    /// then the slots are released to reads; on a failure the plan is
-    /// rolled back. Takes the guard and gives it back.
+    /// Run a plan in three steps. Under the lock ([`Self::begin`]): the DEL
+    /// records of reused disk slots, and every slot the plan fills marked
+    /// `filling` (invisible to reads) and pinned (never evicted nor reused by
+    /// another call). Without the lock: one batched disk write (checksummed
+    /// on the I/O workers), then one parallel copy into host slots. Under the
+    /// lock again ([`Self::finish`]): PUT records and checksums for the
+    /// blocks still registered in the slots written (another thread may have
+    /// removed some meanwhile), then the slots are released to reads; on a
+    /// failure the plan is rolled back. Takes the guard and gives it back.
     pub(super) fn execute<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
         plan: &Plan,
         region: Option<&Region>,
     ) -> (MutexGuard<'a, State>, Result<()>) {
+        let moves = match self.begin(&mut st, plan, region) {
+            Ok(m) => m,
+            Err(e) => return (st, Err(e)),
+        };
+        if moves.is_empty() {
+            return (st, Ok(()));
+        }
+        drop(st);
+        // SAFETY: `begin` held the plan's slots; the sources are host slots
+        // the plan holds or blocks of the caller's buffer, held for the call.
+        let mut r = unsafe { self.write_disk(&moves) };
+        if r.is_ok() {
+            // SAFETY: as above; victims' bytes left these slots in the write.
+            unsafe { self.copy_into_host(&moves, region) };
+        }
+        let mut st = self.lock();
+        r = self.finish(&mut st, plan, &moves, r);
+        (st, r)
+    }
+
+    /// A plan's first step, under the lock: refuse while the index is dirty,
+    /// resolve the writes' sources, append the DEL records of the disk slots
+    /// it takes, and hold the slots it fills. On an error the plan is rolled
+    /// back (nothing held).
+    pub(super) fn begin(
+        &self,
+        st: &mut State,
+        plan: &Plan,
+        region: Option<&Region>,
+    ) -> Result<Moves> {
         if st.index.as_ref().is_some_and(IndexLog::dirty) {
             // An append failed earlier in this call: no slot may be written
             // until the index is rewritten (at the start of the next call).
             st.reg.roll_back(plan);
-            return (
-                st,
-                Err(Error::InvalidArgument(
-                    "the store's index could not be updated earlier in this call; nothing was \
-                     written, and the index is rewritten at the next call"
-                        .into(),
-                )),
-            );
+            return Err(Error::InvalidArgument(
+                "the store's index could not be updated earlier in this call; nothing was \
+                 written, and the index is rewritten at the next call"
+                    .into(),
+            ));
         }
         let mut writes: Vec<Write> = plan
             .live_writes()
@@ -94,53 +146,88 @@ impl BlockManager {
                 .collect();
             if let Err(e) = ix.append(&dels) {
                 st.reg.roll_back(plan);
-                return (st, Err(e));
+                return Err(e);
             }
         }
-        if writes.is_empty() && copies.is_empty() {
-            return (st, Ok(()));
+        let crcs = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
+        let mut moves = Moves {
+            writes,
+            copies,
+            crcs,
+            held: false,
+        };
+        if !moves.is_empty() {
+            st.reg.hold(plan, true);
+            moves.held = true;
         }
-        st.reg.hold(plan, true);
-        drop(st);
+        Ok(moves)
+    }
 
-        // Bytes move with the lock released.
-        let crcs: Vec<AtomicU32> = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
-        let mut r = Ok(());
-        if !writes.is_empty() {
-            let slots: Vec<u64> = writes.iter().map(|w| w.slot).collect();
-            let addrs: Vec<usize> = writes.iter().map(|w| w.addr).collect();
-            let bs = self.block_size;
-            let hook = |i: usize, addr: usize| {
-                // SAFETY: addr is block i's source, valid for bs bytes (see below).
-                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
-                crcs[i].store(block_crc(writes[i].hash, bytes), Ordering::Relaxed);
-            };
-            let disk = self.disk.as_ref().expect("disk tier");
-            // SAFETY: every address is a host slot pinned by this plan (region
-            // held) or a block of the caller's buffer, held for this call.
-            r = unsafe {
-                disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
-            };
-            r = r.and_then(|()| if self.opts.sync { disk.sync() } else { Ok(()) });
+    /// The plan's disk writes, as one batch, checksummed on the I/O workers
+    /// (then fdatasync'd with `sync`).
+    ///
+    /// # Safety
+    /// Every write's source address is valid for block_size bytes and not
+    /// written meanwhile (a held host slot or the caller's block).
+    pub(super) unsafe fn write_disk(&self, m: &Moves) -> Result<()> {
+        if m.writes.is_empty() {
+            return Ok(());
         }
-        if r.is_ok() && !copies.is_empty() {
-            let host = self.host.as_ref().expect("host tier");
-            let slots: Vec<u64> = copies.iter().map(|c| c.0).collect();
-            // SAFETY: slots are in range and pinned by this plan (nobody else
-            // writes them); each addr is a block of the caller's buffer held
-            // for this call; host slots are distinct (one live copy per slot).
-            // Victims' bytes left these slots in the disk write above.
-            unsafe { host.copy_slots(region.expect("region"), &slots, |i| copies[i].1, true) };
+        let slots: Vec<u64> = m.writes.iter().map(|w| w.slot).collect();
+        let addrs: Vec<usize> = m.writes.iter().map(|w| w.addr).collect();
+        let bs = self.block_size;
+        let hook = |i: usize, addr: usize| {
+            // SAFETY: addr is block i's source, valid for bs bytes (see above).
+            let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
+            m.crcs[i].store(block_crc(m.writes[i].hash, bytes), Ordering::Relaxed);
+        };
+        let disk = self.disk.as_ref().expect("disk tier");
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
+        }?;
+        if self.opts.sync {
+            disk.sync()?;
         }
+        Ok(())
+    }
 
-        let mut st = self.lock();
+    /// The plan's copies into host slots, in parallel.
+    ///
+    /// # Safety
+    /// Each copy's source is valid for block_size bytes; the host slots are
+    /// held by the plan (distinct: one live copy per slot).
+    pub(super) unsafe fn copy_into_host(&self, m: &Moves, region: Option<&Region>) {
+        if m.copies.is_empty() {
+            return;
+        }
+        let host = self.host.as_ref().expect("host tier");
+        let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
+        // SAFETY: forwarded from the caller.
+        unsafe { host.copy_slots(region.expect("region"), &slots, |i| m.copies[i].1, true) };
+    }
+
+    /// A plan's last step, under the lock: release its slots to reads, then
+    /// record what was written (checksums, PUT records) for the blocks still
+    /// registered where they were written, or roll the plan back when `r` (or
+    /// the index) failed.
+    pub(super) fn finish(
+        &self,
+        st: &mut State,
+        plan: &Plan,
+        m: &Moves,
+        r: Result<()>,
+    ) -> Result<()> {
+        if !m.held {
+            return r;
+        }
         st.reg.hold(plan, false);
         self.committed.notify_all();
         let r = r.and_then(|()| {
             // Only blocks still registered in the slots written are recorded.
             let mut puts = Vec::new();
-            for (i, w) in writes.iter().enumerate() {
-                let crc = crcs[i].load(Ordering::Relaxed);
+            for (i, w) in m.writes.iter().enumerate() {
+                let crc = m.crcs[i].load(Ordering::Relaxed);
                 if st.reg.commit_write(w.hash, w.slot as u32, crc) {
                     puts.push(Record::put(w.hash, w.slot as u32, crc));
                 }
@@ -148,15 +235,15 @@ impl BlockManager {
             st.index.as_mut().map_or(Ok(()), |ix| ix.append(&puts))
         });
         if let Err(e) = r {
-            st.stats.failed_writes += writes.len() as u64;
+            st.stats.failed_writes += m.writes.len() as u64;
             st.reg.roll_back(plan);
-            return (st, Err(e));
+            return Err(e);
         }
-        if !writes.is_empty() {
-            st.stats.offloaded_blocks += writes.iter().filter(|w| w.victim).count() as u64;
-            self.maybe_compact(&mut st);
+        if !m.writes.is_empty() {
+            st.stats.offloaded_blocks += m.writes.iter().filter(|w| w.victim).count() as u64;
+            self.maybe_compact(st);
         }
-        (st, Ok(()))
+        Ok(())
     }
 
     /// Rewrite the index when it holds far more records than live blocks.

@@ -16,9 +16,12 @@
 //! - **get**: the longest stored prefix is read from where each block is at
 //!   the start of the call (host preferred); then the blocks are touched in
 //!   order; then blocks that were disk-only are promoted into the host tier
-//!   in order (keeping their disk copy). The reads run with the lock
-//!   released, the slots they read pinned (so other calls go on meanwhile);
-//!   a block removed by another thread during its read is not promoted.
+//!   in order (keeping their disk copy). The promotion is planned when the
+//!   call starts, exactly as it would be after the reads, so most disk hits
+//!   are read straight into the host slot they are promoted to and copied
+//!   out once (see `read.rs`). The reads run with the lock released, the
+//!   slots they read pinned and the slots they fill held (so other calls go
+//!   on meanwhile).
 //! - **match** is a query: it changes no recency.
 //! - **Leases**: `lookup` pins the slots of the longest stored prefix (the
 //!   host slot where a block has one, else its disk slot). Eviction takes the
@@ -34,8 +37,10 @@
 //!   so an eviction at that moment takes the next unpinned block instead.
 //!   The policy above (and the model test) is the one without write-behind.
 //! - **Unreadable blocks**: a disk block that fails its checksum or whose
-//!   read fails (EIO) is a miss: dropped, counted (`corrupt_blocks`,
-//!   `io_errors`), logged; `get` returns the prefix before it.
+//!   read fails (EIO) is a miss: dropped with the host copy it was promoted
+//!   to, counted (`corrupt_blocks`, `io_errors`), logged; `get` returns the
+//!   prefix before it (the blocks after it, read meanwhile, keep their
+//!   recency and promotion).
 //!
 //! Data movement is planned on the metadata first and then executed as one
 //! batched disk write (victims and direct-to-disk blocks, sorted by slot so

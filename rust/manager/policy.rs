@@ -440,11 +440,6 @@ impl Registry {
         ok
     }
 
-    /// Whether `h` is stored without a host copy (a disk hit to promote).
-    pub(super) fn disk_only(&self, h: u64) -> bool {
-        self.map.get(&h).is_some_and(|e| e.host == NIL)
-    }
-
     /// Promote a block read from disk into the host tier, its bytes at
     /// `addr` (keeping its disk copy). A block this batch's own offloads
     /// pushed out of a full disk tier is gone from the registry, but its
@@ -599,6 +594,23 @@ impl Registry {
             return false;
         }
         self.unlink_disk(h, t);
+        true
+    }
+
+    /// Drop the host copy of `h` in slot `s` (its bytes could not be
+    /// verified): false when `h` is no longer there. Forgets the block when
+    /// that was its last copy (counted as dropped).
+    pub(super) fn drop_host_copy(&mut self, h: u64, s: u32) -> bool {
+        let Some(e) = self.map.get_mut(&h).filter(|e| e.host == s) else {
+            return false;
+        };
+        e.host = NIL;
+        let last = e.disk == NIL;
+        self.table_mut(TierKind::Host).release(s);
+        if last {
+            self.map.remove(&h);
+            self.counts.dropped_blocks += 1;
+        }
         true
     }
 
@@ -993,7 +1005,7 @@ mod tests {
                         reg.reset();
                     }
                     Op::Promote(h) => {
-                        if reg.disk_only(h) {
+                        if reg.readable(h).is_some_and(|a| a.kind == TierKind::Disk) {
                             let mut plan = Plan::default();
                             if reg.promote(h, 0, &mut plan) {
                                 prop_assert_eq!(reg.readable(h).map(|a| a.kind), Some(TierKind::Host));

@@ -1,23 +1,31 @@
 //! The read path of `get` (and of `get_lease`), in steps:
-//! 1. **plan** (lock held): wait for bytes in flight, then the longest stored
-//!    prefix and where each block is read from (host preferred), pinned;
-//! 2. **read** (lock released): host slots copied out, disk slots read (one
-//!    batch, checksums on the I/O workers; a failed read bisected to the
-//!    first block that cannot be read);
-//! 3. **commit** (lock held): pins released, blocks that failed their
-//!    checksum or read dropped (a miss, counted, in the index), the prefix
-//!    cut before the first of them;
-//! 4. **promote**: hits counted, the prefix touched in order, disk-only
-//!    blocks promoted into the host tier (a plan run by the executor).
+//! 1. **plan** (lock held): wait for bytes in flight; the longest stored
+//!    prefix and where each block is read from (host preferred); the prefix
+//!    touched in order and its disk hits promoted into the host tier, on
+//!    metadata, exactly as the policy orders it after a read (so the plan
+//!    sees the read's slots unpinned, as the policy does); then the read's
+//!    slots pinned and the promotion plan's slots held.
+//! 2. **move** (lock released): host hits copied out; disk hits read, most
+//!    straight into the host slot they are promoted to and copied out from
+//!    there (one read, one copy), the rest into the caller's buffer first
+//!    (see [`BlockManager::get_prefix`] for which); the promotion's offloads
+//!    written in between.
+//! 3. **commit** (lock held): pins released, the plan committed (or rolled
+//!    back), blocks that failed their checksum or read dropped (a miss,
+//!    counted, in the index) with any host copy they were promoted to, the
+//!    prefix cut before the first of them.
 //!
-//! Steps 1-3 are [`BlockManager::read_prefix`], which changes no recency and
-//! counts no hit: the remote tier's writer reads blocks back through it.
+//! [`BlockManager::read_prefix`] is the same read without the promotion,
+//! recency or hit counts: the remote tier's writer reads blocks back
+//! through it.
 #![allow(unsafe_code)]
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::MutexGuard;
 
-use super::policy::{Plan, TierKind, TierSlot};
+use super::execute::Moves;
+use super::policy::{Plan, Src, TierKind, TierSlot};
 use super::{block_crc, BlockManager, State};
 use crate::error::{Error, Result};
 use crate::host::Region;
@@ -41,13 +49,18 @@ impl Read {
     }
 }
 
-/// What a read's disk reads found: per disk block, whether it failed its
-/// checksum (or its read); and the first block that could not be read, with
-/// the error.
-struct DiskOutcome {
-    bad: Vec<AtomicBool>,
-    unreadable: Option<(usize, Error)>,
+/// Why a disk hit is not served.
+enum Failure {
+    /// Its bytes failed their checksum.
+    Checksum,
+    /// Its read failed (EIO, a bad sector).
+    Unreadable(Error),
+    /// Not read: an earlier block of its batch could not be read.
+    Skipped,
 }
+
+/// One disk read of a batch: (disk slot, destination, hash, recorded checksum).
+type DiskRead = (u32, usize, u64, u32);
 
 impl BlockManager {
     #[cfg(test)] // a convenience of the unit tests
@@ -102,8 +115,16 @@ impl BlockManager {
         Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref(), d) })
     }
 
-    /// `get` of checked destinations from the local tiers: read the prefix,
-    /// then count the hits, touch it in order and promote its disk hits.
+    /// `get` of checked destinations from the local tiers (see the module
+    /// docs for the steps).
+    ///
+    /// A disk hit is read straight into the host slot it is promoted to
+    /// ("direct") unless that would overwrite bytes still needed: when its
+    /// disk slot is one the promotion's offloads write, or its host slot is
+    /// the source of one of those offloads, or its promotion did not stay in
+    /// the plan. Those are read into the caller's buffer before the offloads
+    /// are written, and copied into their host slot after. The order: host
+    /// hits out, reads into the buffer, offload writes, direct reads, copies.
     ///
     /// # Safety
     /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
@@ -116,25 +137,177 @@ impl BlockManager {
         region: Option<&Region>,
     ) -> Result<usize> {
         st.stats.get_calls += 1;
-        // SAFETY: forwarded from the caller.
-        let (mut st, read) = unsafe { self.read_prefix(st, hashes, addrs, region) }?;
-        let n = read.n;
-        if st.closed {
-            return Ok(n); // the bytes were read while the store was open
+        let (mut st, mut read) = self.plan_read(st, hashes);
+        for &h in &hashes[..read.n] {
+            st.reg.touch(h);
         }
+        let mut plan = Plan::default();
+        if st.reg.has_host() {
+            for &(_, i, _) in &read.disk {
+                st.reg.promote(hashes[i], addrs[i], &mut plan);
+            }
+        }
+        for at in read.slots() {
+            st.reg.pin(at);
+        }
+        let mut moves = match self.begin(&mut st, &plan, region) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                st.warnings.push(format!(
+                    "promoting {} blocks into the host tier failed and was undone: {e}",
+                    plan.live_copies().count()
+                ));
+                None
+            }
+        };
+        // Which disk hits go straight into their host slot (see above).
+        let mut direct: Vec<Option<u32>> = vec![None; read.disk.len()];
+        if let Some(m) = moves.as_mut() {
+            let written: HashSet<u32> = plan.live_writes().map(|w| w.disk_slot).collect();
+            let sources: HashSet<u32> = plan
+                .live_writes()
+                .filter_map(|w| match w.src {
+                    Src::HostSlot(s) => Some(s),
+                    Src::Addr(_) => None,
+                })
+                .collect();
+            let copy_at: std::collections::HashMap<usize, u32> =
+                plan.live_copies().map(|c| (c.addr, c.host_slot)).collect();
+            for (k, &(t, i, _)) in read.disk.iter().enumerate() {
+                direct[k] = copy_at
+                    .get(&addrs[i])
+                    .copied()
+                    .filter(|s| !sources.contains(s) && !written.contains(&t));
+            }
+            let skip: HashSet<u64> = direct.iter().flatten().map(|&s| s as u64).collect();
+            m.skip_copies(|s| skip.contains(&s));
+        }
+        drop(st);
+
+        // SAFETY: forwarded from the caller; every slot read is pinned and
+        // every slot written is held by the plan; the order above keeps each
+        // read of a slot before any write into it.
+        let (failures, r_read, r_write) =
+            unsafe { self.move_read(&read, &direct, hashes, addrs, region, moves.as_ref()) };
+
+        let mut st = self.lock();
+        for at in read.slots() {
+            st.reg.unpin(at);
+        }
+        // A read that failed for another reason than the device fails the
+        // call: the promotion (whose host copies are not all filled) is
+        // rolled back.
+        let r_write = match &r_read {
+            Ok(()) => r_write,
+            Err(e) => Err(Error::InvalidArgument(format!("the read failed: {e}"))),
+        };
+        let promoted = match moves
+            .as_ref()
+            .map(|m| self.finish(&mut st, &plan, m, r_write))
+        {
+            Some(Ok(())) => plan.live_copies().map(|c| c.host_slot).collect(),
+            Some(Err(e)) => {
+                st.warnings.push(format!(
+                    "promoting {} blocks into the host tier failed and was undone: {e}",
+                    plan.live_copies().count()
+                ));
+                HashSet::new()
+            }
+            None => HashSet::new(),
+        };
+        r_read?;
+        if st.closed {
+            return Ok(read.n); // the bytes were read while the store was open
+        }
+        let dropped = self.commit_read(
+            &mut st, hashes, addrs, &mut read, failures, &plan, &promoted,
+        );
+        let n = read.n;
         st.stats.host_hits += read.host.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.disk_hits += read.disk.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.misses += (hashes.len() - n) as u64;
-        for &h in &hashes[..n] {
-            st.reg.touch(h);
-        }
-        self.promote(st, hashes, addrs, &read, region);
+        st.stats.onboarded_blocks += (promoted.len() - dropped) as u64;
         Ok(n)
     }
 
-    /// Steps 1-3 (see the module docs): the longest stored prefix of
-    /// `hashes` into `addrs`, read from where each block is, checked. Changes
-    /// no recency and counts no hit. Returns the guard and the read.
+    /// Step 2 of a `get`, without the lock. Returns each disk hit's failure
+    /// (if any), the first error that is not a device's, and the result of
+    /// the promotion's offload writes.
+    ///
+    /// # Safety
+    /// As [`Self::get_prefix`].
+    unsafe fn move_read(
+        &self,
+        read: &Read,
+        direct: &[Option<u32>],
+        hashes: &[u64],
+        addrs: &[usize],
+        region: Option<&Region>,
+        moves: Option<&Moves>,
+    ) -> (Vec<Option<Failure>>, Result<()>, Result<()>) {
+        let mut failures: Vec<Option<Failure>> = (0..read.disk.len()).map(|_| None).collect();
+        // SAFETY: forwarded; host hits are pinned.
+        unsafe { self.copy_host_hits(read, addrs, region) };
+        let slot_addr = |s: u32| {
+            let (h, r) = (self.host.as_ref().expect("host"), region.expect("region"));
+            h.slot_ptr(r, s as u64) as usize
+        };
+        let batch = |ks: &[usize], into_slot: bool| -> Vec<DiskRead> {
+            ks.iter()
+                .map(|&k| {
+                    let (t, i, crc) = read.disk[k];
+                    let dst = match direct[k] {
+                        Some(s) if into_slot => slot_addr(s),
+                        _ => addrs[i],
+                    };
+                    (t, dst, hashes[i], crc)
+                })
+                .collect()
+        };
+        let (first, later): (Vec<usize>, Vec<usize>) =
+            (0..read.disk.len()).partition(|&k| direct[k].is_none());
+        // SAFETY: forwarded; the destinations are the caller's blocks.
+        let mut r_read = unsafe { self.read_disk(&batch(&first, false), &first, &mut failures) };
+        let mut r_write = Ok(());
+        if let Some(m) = moves {
+            // SAFETY: the plan holds its slots; sources are held host slots
+            // or the caller's blocks (read above when they are disk hits).
+            r_write = unsafe { self.write_disk(m) };
+        }
+        if r_read.is_ok() {
+            // With the offloads written, the direct reads may fill their host
+            // slots; without, they go to the caller's buffer.
+            let into_slot = r_write.is_ok();
+            // SAFETY: destinations are held host slots or the caller's blocks.
+            r_read = unsafe { self.read_disk(&batch(&later, into_slot), &later, &mut failures) };
+            if into_slot && r_read.is_ok() {
+                if let Some(m) = moves {
+                    // SAFETY: the copies' sources are the caller's blocks,
+                    // read above; their slots are held.
+                    unsafe { self.copy_into_host(m, region) };
+                }
+                let out: Vec<(u64, usize)> = later
+                    .iter()
+                    .map(|&k| (direct[k].expect("direct") as u64, addrs[read.disk[k].1]))
+                    .collect();
+                if !out.is_empty() {
+                    let host = self.host.as_ref().expect("host tier");
+                    let slots: Vec<u64> = out.iter().map(|o| o.0).collect();
+                    // SAFETY: the slots are held by the plan and were just
+                    // filled; the destinations are the caller's blocks.
+                    unsafe {
+                        host.copy_slots(region.expect("region"), &slots, |j| out[j].1, false)
+                    };
+                }
+            }
+        }
+        (failures, r_read, r_write)
+    }
+
+    /// Steps 1-3 without promotion (see the module docs): the longest stored
+    /// prefix of `hashes` into `addrs`, read from where each block is,
+    /// checked. Changes no recency and counts no hit. Returns the guard and
+    /// the read.
     ///
     /// # Safety
     /// As [`Self::get_prefix`].
@@ -146,26 +319,41 @@ impl BlockManager {
         region: Option<&Region>,
     ) -> Result<(MutexGuard<'a, State>, Read)> {
         let (mut st, mut read) = self.plan_read(st, hashes);
-        // Pinned, the slots can be neither evicted nor reused while they are
-        // read without the lock; other threads' calls go on meanwhile.
         for at in read.slots() {
             st.reg.pin(at);
         }
         drop(st);
+        let mut failures: Vec<Option<Failure>> = (0..read.disk.len()).map(|_| None).collect();
         // SAFETY: forwarded from the caller; the slots are pinned.
-        let outcome = unsafe { self.read_slots(&read, hashes, addrs, region) };
+        unsafe { self.copy_host_hits(&read, addrs, region) };
+        let reads: Vec<DiskRead> = read
+            .disk
+            .iter()
+            .map(|&(t, i, crc)| (t, addrs[i], hashes[i], crc))
+            .collect();
+        let all: Vec<usize> = (0..reads.len()).collect();
+        // SAFETY: as above.
+        let r = unsafe { self.read_disk(&reads, &all, &mut failures) };
         let mut st = self.lock();
         for at in read.slots() {
             st.reg.unpin(at);
         }
-        if let Some(o) = outcome? {
-            self.commit_read(&mut st, hashes, &mut read, o);
-        }
+        r?;
+        let none = HashSet::new();
+        self.commit_read(
+            &mut st,
+            hashes,
+            addrs,
+            &mut read,
+            failures,
+            &Plan::default(),
+            &none,
+        );
         Ok((st, read))
     }
 
-    /// Step 1: wait until no block of the prefix has bytes in flight
-    /// (another call's put or offload), then choose where each is read from.
+    /// Wait until no block of the prefix has bytes in flight (another call's
+    /// put or offload), then choose where each is read from.
     fn plan_read<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -200,75 +388,82 @@ impl BlockManager {
         (st, read)
     }
 
-    /// Step 2, without the lock: host slots copied out, disk slots read.
-    /// `Ok(None)` without disk reads. Errors other than a failed read of a
-    /// block (which the outcome reports) are returned.
+    /// The host hits of a read, copied out of their (pinned) slots.
     ///
     /// # Safety
-    /// As [`Self::get_prefix`]; the read's slots are pinned.
-    unsafe fn read_slots(
-        &self,
-        read: &Read,
-        hashes: &[u64],
-        addrs: &[usize],
-        region: Option<&Region>,
-    ) -> Result<Option<DiskOutcome>> {
-        if !read.host.is_empty() {
-            let host = self.host.as_ref().expect("host tier");
-            let slots: Vec<u64> = read.host.iter().map(|r| r.0 as u64).collect();
-            // SAFETY: slots registered, in range, pinned; dst blocks are the caller's.
-            unsafe {
-                host.copy_slots(
-                    region.expect("region"),
-                    &slots,
-                    |k| addrs[read.host[k].1],
-                    false,
-                )
-            };
+    /// As [`Self::get_prefix`]; the slots are pinned.
+    unsafe fn copy_host_hits(&self, read: &Read, addrs: &[usize], region: Option<&Region>) {
+        if read.host.is_empty() {
+            return;
         }
-        if read.disk.is_empty() {
-            return Ok(None);
+        let host = self.host.as_ref().expect("host tier");
+        let slots: Vec<u64> = read.host.iter().map(|r| r.0 as u64).collect();
+        // SAFETY: slots registered, in range, pinned; dst blocks are the caller's.
+        unsafe {
+            host.copy_slots(
+                region.expect("region"),
+                &slots,
+                |k| addrs[read.host[k].1],
+                false,
+            )
+        };
+    }
+
+    /// One batch of disk reads (`ks[j]` is read `j`'s index among the read's
+    /// disk hits, for `failures`), checked against their checksums. A failed
+    /// read is bisected, block by block in order, to the first block that
+    /// cannot be read; the blocks after it are not read. Errors other than a
+    /// device's are returned.
+    ///
+    /// # Safety
+    /// Every destination is valid for writes of block_size bytes, distinct,
+    /// and untouched by others meanwhile; the disk slots are pinned.
+    unsafe fn read_disk(
+        &self,
+        reads: &[DiskRead],
+        ks: &[usize],
+        failures: &mut [Option<Failure>],
+    ) -> Result<()> {
+        if reads.is_empty() {
+            return Ok(());
         }
         let bs = self.block_size;
         let disk = self.disk.as_ref().expect("disk tier");
-        let slots: Vec<u64> = read.disk.iter().map(|r| r.0 as u64).collect();
-        let dsts: Vec<usize> = read.disk.iter().map(|r| addrs[r.1]).collect();
-        let bad: Vec<AtomicBool> = (0..slots.len()).map(|_| AtomicBool::new(false)).collect();
-        let hook = |i: usize, a: usize| {
-            // SAFETY: `a` is block i's destination, just filled, bs bytes.
+        let slots: Vec<u64> = reads.iter().map(|r| r.0 as u64).collect();
+        let dsts: Vec<usize> = reads.iter().map(|r| r.1).collect();
+        let bad: Vec<AtomicBool> = (0..reads.len()).map(|_| AtomicBool::new(false)).collect();
+        let hook = |j: usize, a: usize| {
+            // SAFETY: `a` is read j's destination, just filled, bs bytes.
             let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
-            let (_, idx, crc) = read.disk[i];
-            if block_crc(hashes[idx], bytes) != crc {
-                bad[i].store(true, Ordering::Relaxed);
+            if block_crc(reads[j].2, bytes) != reads[j].3 {
+                bad[j].store(true, Ordering::Relaxed);
             }
         };
         let check = self.opts.checksums;
-        // A block may appear twice in `hashes`; reading one slot into two
+        // A block may appear twice in a request; reading one slot into two
         // places is fine.
-        // SAFETY: distinct blocks of the caller's dst.
+        // SAFETY: forwarded from the caller.
         let r = unsafe { disk.read_blocks_into(&slots, &dsts, check.then_some(&hook as _)) };
-        // A failed read (EIO, a bad sector): find the first block that
-        // cannot be read, block by block in request order; it is dropped
-        // like a corrupt block and the prefix ends before it.
-        let mut unreadable: Option<(usize, Error)> = None;
         match r {
             Ok(()) => {}
             Err(Error::Io { .. }) => {
-                for k in 0..slots.len() {
-                    let one = |_: usize, a: usize| hook(k, a);
+                for j in 0..reads.len() {
+                    let one = |_: usize, a: usize| hook(j, a);
                     // SAFETY: as above, one block.
                     let r = unsafe {
                         disk.read_blocks_into(
-                            &slots[k..k + 1],
-                            &dsts[k..k + 1],
+                            &slots[j..j + 1],
+                            &dsts[j..j + 1],
                             check.then_some(&one as _),
                         )
                     };
                     match r {
                         Ok(()) => {}
                         Err(e @ Error::Io { .. }) => {
-                            bad[k].store(true, Ordering::Relaxed);
-                            unreadable = Some((k, e));
+                            failures[ks[j]] = Some(Failure::Unreadable(e));
+                            for &k in &ks[j + 1..] {
+                                failures[k] = Some(Failure::Skipped);
+                            }
                             break;
                         }
                         Err(e) => return Err(e),
@@ -277,26 +472,60 @@ impl BlockManager {
             }
             Err(e) => return Err(e),
         }
-        Ok(Some(DiskOutcome { bad, unreadable }))
+        for (j, b) in bad.iter().enumerate() {
+            if b.load(Ordering::Relaxed) && failures[ks[j]].is_none() {
+                failures[ks[j]] = Some(Failure::Checksum);
+            }
+        }
+        Ok(())
     }
 
-    /// Step 3: a block that failed its checksum or read is a miss: dropped
-    /// (its DEL in the index), counted, never returned; the prefix ends
-    /// before it.
-    fn commit_read(&self, st: &mut State, hashes: &[u64], read: &mut Read, o: DiskOutcome) {
+    /// Step 3's drops: a block that failed its checksum or read is a miss:
+    /// dropped (its DEL in the index) with any host copy it was promoted to
+    /// (in `promoted`, the plan's committed host slots), counted, never
+    /// returned; the prefix ends before it. A block that was not read keeps
+    /// its disk copy but not its promotion. Returns how many promotions were
+    /// undone.
+    #[allow(clippy::too_many_arguments)]
+    fn commit_read(
+        &self,
+        st: &mut State,
+        hashes: &[u64],
+        addrs: &[usize],
+        read: &mut Read,
+        failures: Vec<Option<Failure>>,
+        plan: &Plan,
+        promoted: &HashSet<u32>,
+    ) -> usize {
+        let copy_at: std::collections::HashMap<usize, u32> = plan
+            .live_copies()
+            .filter(|c| promoted.contains(&c.host_slot))
+            .map(|c| (c.addr, c.host_slot))
+            .collect();
         let mut dels = Vec::new();
-        for (k, &(t, i, _)) in read.disk.iter().enumerate() {
-            if !o.bad[k].load(Ordering::Relaxed) {
+        let mut undone = 0;
+        for (k, f) in failures.into_iter().enumerate() {
+            let Some(f) = f else {
                 continue;
-            }
+            };
+            let (t, i, _) = read.disk[k];
             let h = hashes[i];
             read.n = read.n.min(i);
-            if !st.reg.drop_disk_copy(h, t) {
+            let host_dropped = match copy_at.get(&addrs[i]) {
+                Some(&s) => st.reg.drop_host_copy(h, s),
+                None => false,
+            };
+            undone += host_dropped as usize;
+            if matches!(f, Failure::Skipped) {
+                continue; // not read: its disk copy stays
+            }
+            if st.reg.drop_disk_copy(h, t) {
+                dels.push(Record::del(h, t));
+            } else if !host_dropped {
                 continue; // removed or moved meanwhile
             }
-            dels.push(Record::del(h, t));
-            match &o.unreadable {
-                Some((uk, e)) if *uk == k => {
+            match f {
+                Failure::Unreadable(e) => {
                     st.stats.io_errors += 1;
                     if !st.io_error_logged {
                         st.io_error_logged = true;
@@ -323,50 +552,6 @@ impl BlockManager {
                 ));
             }
         }
-    }
-
-    /// Step 4's promotion: the prefix's disk hits that are still disk-only
-    /// (a block removed by another thread while it was read is not), in
-    /// order, into the host tier from the caller's copy.
-    fn promote(
-        &self,
-        mut st: MutexGuard<'_, State>,
-        hashes: &[u64],
-        addrs: &[usize],
-        read: &Read,
-        region: Option<&Region>,
-    ) {
-        let hits: Vec<usize> = read
-            .disk
-            .iter()
-            .map(|r| r.1)
-            .filter(|&i| i < read.n)
-            .collect();
-        if !st.reg.has_host() || hits.is_empty() {
-            return;
-        }
-        let eligible: std::collections::HashSet<u64> = hits
-            .iter()
-            .map(|&i| hashes[i])
-            .filter(|&h| st.reg.disk_only(h))
-            .collect();
-        let mut plan = Plan::default();
-        let mut promoted = 0u64;
-        for &i in &hits {
-            if eligible.contains(&hashes[i]) && st.reg.promote(hashes[i], addrs[i], &mut plan) {
-                promoted += 1;
-            }
-        }
-        let (mut st, r) = self.execute(st, &plan, region);
-        match r {
-            Ok(()) => st.stats.onboarded_blocks += promoted,
-            Err(e) => {
-                // The caller's data is complete; only the promotion (and the
-                // offload it caused) failed and was rolled back.
-                st.warnings.push(format!(
-                    "promoting {promoted} blocks into the host tier failed and was undone: {e}"
-                ));
-            }
-        }
+        undone
     }
 }

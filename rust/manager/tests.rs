@@ -131,3 +131,34 @@ fn offload_and_onboard_round_trip() {
         assert_eq!(one, block(h, bs));
     }
 }
+
+#[test]
+fn promotions_hold_no_slot_once_done() {
+    // Host 4, disk 16: a get of disk hits promotes each (read straight into
+    // its host slot); afterwards no host slot stays held, so later puts and
+    // promotions find the whole tier.
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 4096;
+    let m = mgr(4, 16, bs, dir.path());
+    let all: Vec<u64> = (0..16).collect();
+    let data: Vec<u8> = all.iter().flat_map(|&h| block(h, bs)).collect();
+    m.put(&all, &data).unwrap();
+    let mut out = vec![0u8; 2 * bs];
+    let mut disk_hits = 0;
+    for round in 0..3u64 {
+        for pair in all.chunks(2) {
+            assert_eq!(m.get(pair, &mut out).unwrap(), 2, "round {round}");
+            assert_eq!(&out[..bs], &block(pair[0], bs)[..]);
+            assert_eq!(&out[bs..], &block(pair[1], bs)[..]);
+        }
+        disk_hits += 16;
+    }
+    let s = m.stats().unwrap().0;
+    // Every get was a disk hit: each pair's promotion evicted the two least
+    // recent host blocks, the ones the next pairs would have hit.
+    assert_eq!(s.disk_hits, disk_hits);
+    assert_eq!(s.onboarded_blocks, s.disk_hits);
+    assert_eq!(m.lru_order().unwrap().0, vec![12, 13, 14, 15]);
+    assert_eq!(m.put(&[100, 101, 102, 103], &vec![7u8; 4 * bs]).unwrap(), 4);
+    assert_eq!(s.rejected_full, 0);
+}
