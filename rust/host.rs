@@ -167,6 +167,103 @@ fn thp_available(sysfs: &std::path::Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Bind `ptr..ptr+len` to `node`: `MPOL_BIND`, else `MPOL_PREFERRED` (a
+/// warning), else no policy (a warning saying why that may be).
+///
+/// # Safety
+/// `ptr..ptr+len` is the caller's own mapping.
+unsafe fn bind_to_node(
+    ptr: *mut u8,
+    len: usize,
+    node: usize,
+    warnings: &mut Vec<String>,
+) -> Policy {
+    // SAFETY: forwarded from the caller.
+    let bind = unsafe { numa::mbind(ptr, len, numa::MPOL_BIND, node) };
+    let Err(e1) = bind else {
+        return Policy::Bind;
+    };
+    // SAFETY: as above; only tried when bind failed.
+    match unsafe { numa::mbind(ptr, len, numa::MPOL_PREFERRED, node) } {
+        Ok(()) => {
+            warnings.push(format!(
+                "mbind(MPOL_BIND, node {node}) failed with {}; using MPOL_PREFERRED",
+                errno_name(e1)
+            ));
+            Policy::Preferred
+        }
+        Err(e2) => {
+            warnings.push(format!(
+                "mbind to node {node} failed ({} for bind, {} for preferred); \
+                 the host tier has no NUMA policy (the container may lack CAP_SYS_NICE \
+                 or block mbind with seccomp)",
+                errno_name(e1),
+                errno_name(e2)
+            ));
+            Policy::None
+        }
+    }
+}
+
+/// The CPUs that populate the tier: the allowed CPUs of its node, or every
+/// allowed CPU (with a warning when the node has none in this cpuset).
+fn populate_cpus(allowed: &[usize], opts: &HostOptions, warnings: &mut Vec<String>) -> Vec<usize> {
+    let Some(n) = opts.numa_node else {
+        return allowed.to_vec();
+    };
+    let nc = numa::node_cpus(&opts.sysfs_root, n);
+    let cpus: Vec<usize> = allowed.iter().copied().filter(|c| nc.contains(c)).collect();
+    if !cpus.is_empty() {
+        return cpus;
+    }
+    warnings.push(format!(
+        "no CPU of node {n} is in this process's cpuset; populating from the allowed \
+         CPUs (pages still follow the memory policy)"
+    ));
+    allowed.to_vec()
+}
+
+/// `mlock` the region: true when pinned. When the limits forbid it, a
+/// warning naming the limit, the size and the fix, or with
+/// `pin="require"` an error.
+fn pin_region(region: &Region, pin: Pin, warnings: &mut Vec<String>) -> Result<bool> {
+    let (ptr, map_len) = (region.ptr, region.len);
+    let (soft, _hard) = numa::memlock_limit();
+    let cap = numa::has_capability(numa::CAP_IPC_LOCK);
+    let fix = "run the container with --ulimit memlock=-1 (or `ulimit -l unlimited`), \
+               or grant CAP_IPC_LOCK (--cap-add IPC_LOCK)";
+    let problem = if !cap && soft != u64::MAX && (map_len as u64) > soft {
+        format!(
+            "cannot pin the host tier: it needs {map_len} bytes locked but \
+             RLIMIT_MEMLOCK is {soft} bytes and the process lacks CAP_IPC_LOCK"
+        )
+    } else {
+        // SAFETY: the region's own mapping.
+        if unsafe { libc::mlock(ptr.cast(), map_len) } == 0 {
+            region.locked.store(true, Ordering::Relaxed);
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        format!(
+            "cannot pin the host tier: mlock of {map_len} bytes failed with {} ({e}); \
+             RLIMIT_MEMLOCK is {}",
+            errno_name(e.raw_os_error().unwrap_or(0)),
+            if soft == u64::MAX {
+                "unlimited".to_string()
+            } else {
+                format!("{soft} bytes")
+            }
+        )
+    };
+    if pin == Pin::Require {
+        return Err(Error::Pin(format!(
+            "{problem}; pin=\"require\" was asked. Fix: {fix}"
+        )));
+    }
+    warnings.push(format!("{problem}; running unpinned. Fix: {fix}"));
+    Ok(false)
+}
+
 impl HostStorage {
     /// Nice value of the copy threads.
     pub fn worker_nice(&self) -> u32 {
@@ -210,52 +307,15 @@ impl HostStorage {
             unsafe { libc::madvise(ptr.cast(), map_len, libc::MADV_HUGEPAGE) };
         }
 
-        // NUMA policy: bind, else preferred, else none.
-        let mut policy = Policy::None;
-        if let Some(node) = opts.numa_node {
+        let policy = match opts.numa_node {
             // SAFETY: `ptr..ptr+map_len` is our own fresh mapping.
-            let bind = unsafe { numa::mbind(ptr, map_len, numa::MPOL_BIND, node) };
-            // SAFETY: as above; only tried when bind failed.
-            let preferred = || unsafe { numa::mbind(ptr, map_len, numa::MPOL_PREFERRED, node) };
-            match bind {
-                Ok(()) => policy = Policy::Bind,
-                Err(e1) => match preferred() {
-                    Ok(()) => {
-                        policy = Policy::Preferred;
-                        warnings.push(format!(
-                            "mbind(MPOL_BIND, node {node}) failed with {}; using MPOL_PREFERRED",
-                            errno_name(e1)
-                        ));
-                    }
-                    Err(e2) => warnings.push(format!(
-                        "mbind to node {node} failed ({} for bind, {} for preferred); \
-                         the host tier has no NUMA policy (the container may lack CAP_SYS_NICE \
-                         or block mbind with seccomp)",
-                        errno_name(e1),
-                        errno_name(e2)
-                    )),
-                },
-            }
-        }
+            Some(node) => unsafe { bind_to_node(ptr, map_len, node, &mut warnings) },
+            None => Policy::None,
+        };
 
         // Populate with several threads pinned to the node's CPUs.
         let allowed = numa::allowed_cpus();
-        let mut cpus: Vec<usize> = match opts.numa_node {
-            Some(n) => {
-                let nc = numa::node_cpus(&opts.sysfs_root, n);
-                allowed.iter().copied().filter(|c| nc.contains(c)).collect()
-            }
-            None => allowed.clone(),
-        };
-        if cpus.is_empty() {
-            if let Some(n) = opts.numa_node {
-                warnings.push(format!(
-                    "no CPU of node {n} is in this process's cpuset; populating from the allowed \
-                     CPUs (pages still follow the memory policy)"
-                ));
-            }
-            cpus = allowed.clone();
-        }
+        let cpus = populate_cpus(&allowed, opts, &mut warnings);
         let threads = if opts.populate_threads == 0 {
             cpus.len().max(1)
         } else {
@@ -265,47 +325,7 @@ impl HostStorage {
         populate(&region, threads, &cpus)?;
         let populate_seconds = t0.elapsed().as_secs_f64();
 
-        // Pin.
-        let mut pinned = false;
-        if opts.pin != Pin::Off {
-            let (soft, _hard) = numa::memlock_limit();
-            let cap = numa::has_capability(numa::CAP_IPC_LOCK);
-            let fix = "run the container with --ulimit memlock=-1 (or `ulimit -l unlimited`), \
-                       or grant CAP_IPC_LOCK (--cap-add IPC_LOCK)";
-            let problem = if !cap && soft != u64::MAX && (map_len as u64) > soft {
-                Some(format!(
-                    "cannot pin the host tier: it needs {map_len} bytes locked but \
-                     RLIMIT_MEMLOCK is {soft} bytes and the process lacks CAP_IPC_LOCK"
-                ))
-            } else {
-                // SAFETY: our own mapping.
-                if unsafe { libc::mlock(ptr.cast(), map_len) } == 0 {
-                    region.locked.store(true, Ordering::Relaxed);
-                    pinned = true;
-                    None
-                } else {
-                    let e = std::io::Error::last_os_error();
-                    Some(format!(
-                        "cannot pin the host tier: mlock of {map_len} bytes failed with {} ({e}); \
-                         RLIMIT_MEMLOCK is {}",
-                        errno_name(e.raw_os_error().unwrap_or(0)),
-                        if soft == u64::MAX {
-                            "unlimited".to_string()
-                        } else {
-                            format!("{soft} bytes")
-                        }
-                    ))
-                }
-            };
-            if let Some(p) = problem {
-                if opts.pin == Pin::Require {
-                    return Err(Error::Pin(format!(
-                        "{p}; pin=\"require\" was asked. Fix: {fix}"
-                    )));
-                }
-                warnings.push(format!("{p}; running unpinned. Fix: {fix}"));
-            }
-        }
+        let pinned = opts.pin != Pin::Off && pin_region(&region, opts.pin, &mut warnings)?;
         let copy_threads = if opts.copy_threads == 0 {
             allowed.len().max(1)
         } else {

@@ -205,6 +205,128 @@ fn remove_stale_compactions(path: &Path) {
     }
 }
 
+/// Create the index (private, 0600) or open the existing one (checked to be
+/// a private regular file, no symlink followed): (file, created?).
+fn open_index_file(path: &Path) -> Result<(std::fs::File, bool)> {
+    match open_private(path, true) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let f = open_private(path, false).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    Error::InvalidArgument(format!(
+                        "{} is a symbolic link; dynblock does not follow links for its index",
+                        path.display()
+                    ))
+                } else {
+                    Error::io("open", path, 0, 0, e)
+                }
+            })?;
+            crate::files::check_private_file(f.as_raw_fd(), path, "store index")?;
+            Ok((f, false))
+        }
+        Err(e) => Err(Error::io("open", path, 0, 0, e)),
+    }
+}
+
+/// Whether the index's header describes this store (`g`): false when it
+/// describes a data file that was just created anew (the index is then
+/// replaced, `rec.reset` says so); an error when it belongs to another data
+/// file or was written with other settings.
+fn header_matches(
+    path: &Path,
+    bytes: &[u8],
+    g: &Geometry,
+    data_created: bool,
+    rec: &mut Recovered,
+) -> Result<bool> {
+    let found = decode_header(path, bytes)?;
+    if found.store_id != g.store_id {
+        if !data_created {
+            return Err(Error::InvalidArgument(format!(
+                "the index {} belongs to another data file (store id {}, the data file's \
+                 is {}); dynblock does not replay an index against a file it does not \
+                 describe. Restore the matching pair, or delete both to start over",
+                path.display(),
+                id_hex(&found.store_id),
+                id_hex(&g.store_id)
+            )));
+        }
+        rec.reset = Some(format!(
+            "the index {} described a data file that no longer exists (its data file \
+             was just created anew); it was replaced by an empty index",
+            path.display()
+        ));
+        return Ok(false);
+    }
+    if found != *g {
+        return Err(Error::InvalidArgument(format!(
+            "the store at {} was written with layout fingerprint {:#x} and checksums {}; \
+             this open asks for layout fingerprint {:#x} and checksums {}. Open it with \
+             its own settings, or delete it (data file and index) to start over",
+            path.display(),
+            found.layout,
+            found.checksums,
+            g.layout,
+            g.checksums
+        )));
+    }
+    Ok(true)
+}
+
+/// Replay the records after the header into `rec` (its live blocks, oldest
+/// first, and its damaged-record count): returns (end of the last good
+/// record, records replayed). Records after the last good one are a torn
+/// tail; bad records before a good one were damaged in the middle.
+fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
+    let mut live: HashMap<u64, (u32, u32, u64)> = HashMap::new(); // hash -> (slot, crc, seq)
+    let mut slot_owner: HashMap<u32, u64> = HashMap::new();
+    let mut off = HEADER_LEN;
+    let mut good_end = HEADER_LEN;
+    let mut pending_bad = 0u64;
+    let mut seq = 0u64;
+    while off + RECORD_LEN <= bytes.len() {
+        let r = Record::decode(&bytes[off..off + RECORD_LEN])
+            .filter(|r| (r.slot as u64) < g.num_blocks);
+        off += RECORD_LEN;
+        let Some(r) = r else {
+            pending_bad += 1;
+            continue;
+        };
+        // A good record: any bad ones before it were in the middle.
+        rec.bad_records += pending_bad;
+        pending_bad = 0;
+        good_end = off;
+        match r.kind {
+            PUT => {
+                if let Some(old) = slot_owner.insert(r.slot, r.hash) {
+                    if old != r.hash {
+                        live.remove(&old);
+                    }
+                }
+                if let Some((old_slot, _, _)) = live.insert(r.hash, (r.slot, r.crc, seq)) {
+                    if old_slot != r.slot {
+                        slot_owner.remove(&old_slot);
+                    }
+                }
+            }
+            _ => {
+                if slot_owner.get(&r.slot) == Some(&r.hash) {
+                    slot_owner.remove(&r.slot);
+                    live.remove(&r.hash);
+                }
+            }
+        }
+        seq += 1;
+    }
+    let mut list: Vec<(u64, Live)> = live
+        .into_iter()
+        .map(|(hash, (slot, crc, s))| (s, Live { hash, slot, crc }))
+        .collect();
+    list.sort_unstable_by_key(|x| x.0);
+    rec.live = list.into_iter().map(|x| x.1).collect();
+    (good_end, seq)
+}
+
 impl IndexLog {
     /// Open or create the index at `path` for a store of geometry `g`.
     /// `data_created`: the data file was made by this open (so an existing
@@ -219,65 +341,15 @@ impl IndexLog {
         check_parent(path)?;
         remove_stale_compactions(path);
         let mut rec = Recovered::default();
-        let mut file = match open_private(path, true) {
-            Ok(f) => {
-                rec.created = true;
-                f
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let f = open_private(path, false).map_err(|e| {
-                    if e.raw_os_error() == Some(libc::ELOOP) {
-                        Error::InvalidArgument(format!(
-                            "{} is a symbolic link; dynblock does not follow links for its index",
-                            path.display()
-                        ))
-                    } else {
-                        Error::io("open", path, 0, 0, e)
-                    }
-                })?;
-                crate::files::check_private_file(f.as_raw_fd(), path, "store index")?;
-                f
-            }
-            Err(e) => return Err(Error::io("open", path, 0, 0, e)),
-        };
+        let (mut file, created) = open_index_file(path)?;
+        rec.created = created;
         let mut bytes = Vec::new();
         file.seek(SeekFrom::Start(0))
             .map_err(|e| Error::io("seek", path, 0, 0, e))?;
         file.read_to_end(&mut bytes)
             .map_err(|e| Error::io("read", path, 0, 0, e))?;
-        let mut fresh = bytes.len() < HEADER_LEN;
-        if !fresh {
-            let found = decode_header(path, &bytes)?;
-            if found.store_id != g.store_id {
-                if !data_created {
-                    return Err(Error::InvalidArgument(format!(
-                        "the index {} belongs to another data file (store id {}, the data file's \
-                         is {}); dynblock does not replay an index against a file it does not \
-                         describe. Restore the matching pair, or delete both to start over",
-                        path.display(),
-                        id_hex(&found.store_id),
-                        id_hex(&g.store_id)
-                    )));
-                }
-                rec.reset = Some(format!(
-                    "the index {} described a data file that no longer exists (its data file \
-                     was just created anew); it was replaced by an empty index",
-                    path.display()
-                ));
-                fresh = true;
-            } else if found != *g {
-                return Err(Error::InvalidArgument(format!(
-                    "the store at {} was written with layout fingerprint {:#x} and checksums {}; \
-                     this open asks for layout fingerprint {:#x} and checksums {}. Open it with \
-                     its own settings, or delete it (data file and index) to start over",
-                    path.display(),
-                    found.layout,
-                    found.checksums,
-                    g.layout,
-                    g.checksums
-                )));
-            }
-        }
+        let fresh =
+            bytes.len() < HEADER_LEN || !header_matches(path, &bytes, g, data_created, &mut rec)?;
         if fresh {
             // New, or created by a process that died before its header was
             // complete (no record can follow an incomplete header), or stale.
@@ -292,59 +364,13 @@ impl IndexLog {
             bytes.clear();
             bytes.extend_from_slice(&h);
         }
-        // Replay.
-        let mut live: HashMap<u64, (u32, u32, u64)> = HashMap::new(); // hash -> (slot, crc, seq)
-        let mut slot_owner: HashMap<u32, u64> = HashMap::new();
-        let mut off = HEADER_LEN;
-        let mut good_end = HEADER_LEN;
-        let mut pending_bad = 0u64;
-        let mut seq = 0u64;
-        while off + RECORD_LEN <= bytes.len() {
-            let r = Record::decode(&bytes[off..off + RECORD_LEN])
-                .filter(|r| (r.slot as u64) < g.num_blocks);
-            off += RECORD_LEN;
-            let Some(r) = r else {
-                pending_bad += 1;
-                continue;
-            };
-            // A good record: any bad ones before it were in the middle.
-            rec.bad_records += pending_bad;
-            pending_bad = 0;
-            good_end = off;
-            match r.kind {
-                PUT => {
-                    if let Some(old) = slot_owner.insert(r.slot, r.hash) {
-                        if old != r.hash {
-                            live.remove(&old);
-                        }
-                    }
-                    if let Some((old_slot, _, _)) = live.insert(r.hash, (r.slot, r.crc, seq)) {
-                        if old_slot != r.slot {
-                            slot_owner.remove(&old_slot);
-                        }
-                    }
-                }
-                _ => {
-                    if slot_owner.get(&r.slot) == Some(&r.hash) {
-                        slot_owner.remove(&r.slot);
-                        live.remove(&r.hash);
-                    }
-                }
-            }
-            seq += 1;
-        }
+        let (good_end, seq) = replay(&bytes, g, &mut rec);
         rec.records = seq;
         rec.torn_bytes = (bytes.len() - good_end) as u64;
         if rec.torn_bytes > 0 {
             file.set_len(good_end as u64)
                 .map_err(|e| Error::io("ftruncate", path, good_end as u64, 0, e))?;
         }
-        let mut list: Vec<(u64, Live)> = live
-            .into_iter()
-            .map(|(hash, (slot, crc, s))| (s, Live { hash, slot, crc }))
-            .collect();
-        list.sort_unstable_by_key(|x| x.0);
-        rec.live = list.into_iter().map(|x| x.1).collect();
         let mut log = IndexLog {
             file,
             path: path.to_path_buf(),

@@ -103,6 +103,207 @@ pub struct DiskStorage {
     fork: ForkGuard,
 }
 
+/// Check the arguments, then open (persistent) or create (anonymous) the
+/// data file after an estimate of its size was checked against the free
+/// space: (its directory, the estimate, the descriptor, created?).
+fn open_file(
+    path: &Path,
+    num_blocks: u64,
+    block_size: usize,
+    opts: &DiskOptions,
+) -> Result<(PathBuf, u64, OwnedFd, bool)> {
+    settings::check_int("num_blocks", num_blocks)?;
+    settings::check_int("block_size", block_size as u64)?;
+    settings::check_usize("io_depth", opts.io_depth)?;
+    settings::check_int("worker_nice", opts.worker_nice as u64)?;
+    settings::check_usize("max_io_bytes", opts.max_io_bytes)?;
+    let dir = store_dir(path, opts.persist)?;
+    // Capacity check before anything is created. The exact stride needs
+    // the file's alignment; estimate with the common 4096 and check again
+    // once the file is open.
+    let est_stride = crate::align::round_up_checked(block_size, DEFAULT_ALIGNMENT)?;
+    let header_room = if opts.persist { header::MIN_REGION } else { 0 };
+    let est_size = settings::check_tier(num_blocks, block_size, est_stride)? + header_room as u64;
+    let existing = opts.persist && std::fs::symlink_metadata(path).is_ok();
+    if !existing {
+        os::check_space(&dir, est_size, path)?;
+    }
+    if opts.persist {
+        crate::files::check_parent(path)?;
+    }
+    let (fd, created) = if opts.persist {
+        crate::files::open_named(path)?
+    } else {
+        (os::open_anonymous(&dir)?, false)
+    };
+    Ok((dir, est_size, fd, created))
+}
+
+/// The directory a storage lives in: `path` itself for an anonymous file,
+/// the parent of `path` for a persistent one; checked to exist.
+fn store_dir(path: &Path, persist: bool) -> Result<PathBuf> {
+    let is_dir = path.is_dir();
+    if persist && is_dir {
+        return Err(Error::InvalidArgument(format!(
+            "persist=True needs a file path, but {} is a directory",
+            path.display()
+        )));
+    }
+    if !persist && !is_dir {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a directory: an anonymous storage needs an existing directory \
+             (or pass persist=True to keep a named file there)",
+            path.display()
+        )));
+    }
+    let dir = if is_dir {
+        path.to_path_buf()
+    } else {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    };
+    if !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "directory {} does not exist",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// One open of a persistent store at a time: once per process (the
+/// registration) and across processes (`flock`, released with `fd`). A
+/// second open is refused, not corrupted.
+#[allow(unsafe_code)]
+fn lock_store(fd: RawFd, path: &Path, file: &FileStat) -> Result<OpenStore> {
+    let registration = OpenStore::register(file.dev, file.ino).ok_or_else(|| {
+        Error::Locked(format!(
+            "the store {} is already open in this process; close the BlockManager or \
+             DiskStorage that holds it first (one process may open a store once)",
+            path.display()
+        ))
+    })?;
+    // SAFETY: flock on a descriptor the caller owns; released when it closes.
+    if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = os::errno();
+        if e == libc::EWOULDBLOCK {
+            return Err(Error::Locked(format!(
+                "the store {} is open in another process (it holds the file lock); \
+                 close it there first, or give this process its own path",
+                path.display()
+            )));
+        }
+        return Err(Error::io(
+            "flock",
+            path,
+            0,
+            0,
+            std::io::Error::from_raw_os_error(e),
+        ));
+    }
+    Ok(registration)
+}
+
+/// Turn O_DIRECT on as `mode` asks: (on?, why not). A filesystem that
+/// refuses it is a fallback to buffered I/O (a warning in `warnings`), or
+/// an error with `"require"`.
+fn set_o_direct(
+    fd: RawFd,
+    mode: ODirect,
+    place: &str,
+    shown: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<(bool, Option<String>)> {
+    if mode == ODirect::Off {
+        return Ok((
+            false,
+            Some("O_DIRECT disabled by configuration".to_string()),
+        ));
+    }
+    match os::set_o_direct(fd, true) {
+        Ok(()) => Ok((true, None)),
+        Err(e) if e == libc::EINVAL || e == libc::EOPNOTSUPP => {
+            let why = format!(
+                "{place} refused O_DIRECT ({} from fcntl(F_SETFL, O_DIRECT))",
+                errno_name(e)
+            );
+            if mode == ODirect::Require {
+                return Err(Error::ODirectUnavailable(format!(
+                    "{why}; o_direct=\"require\" was asked. Use a filesystem that \
+                     supports direct I/O (ext4, xfs) or allow the buffered fallback"
+                )));
+            }
+            warnings.push(format!(
+                "{why}; falling back to buffered I/O for this storage"
+            ));
+            Ok((false, Some(why)))
+        }
+        Err(e) => Err(Error::io(
+            "fcntl(O_DIRECT)",
+            shown,
+            0,
+            0,
+            std::io::Error::from_raw_os_error(e),
+        )),
+    }
+}
+
+/// A store laid out on a filesystem with a smaller alignment: its slots do
+/// not fit this one's direct I/O, so it is read buffered (O_DIRECT turned
+/// off again); returns why, or an error with `"require"`.
+fn layout_misfit(
+    fd: RawFd,
+    (stride, data_offset): (usize, u64),
+    align: &Alignment,
+    place: &str,
+    mode: ODirect,
+    path: &Path,
+) -> Result<String> {
+    let why = format!(
+        "the store's slots ({stride}-byte stride after a {data_offset}-byte header) were \
+         laid out for another filesystem and do not fit the {}-byte direct-I/O \
+         alignment of {place}",
+        align.offset
+    );
+    if mode == ODirect::Require {
+        return Err(Error::ODirectUnavailable(format!(
+            "{why}; o_direct=\"require\" was asked"
+        )));
+    }
+    if let Err(e) = os::set_o_direct(fd, false) {
+        return Err(Error::io(
+            "fcntl(clear O_DIRECT)",
+            path,
+            0,
+            0,
+            std::io::Error::from_raw_os_error(e),
+        ));
+    }
+    Ok(why)
+}
+
+/// (slot stride, data offset, store id): a reopened store's from its
+/// header, a new one's from the file's alignment (a persistent one gets a
+/// header region and a fresh random id).
+fn layout(
+    found: Option<&DataHeader>,
+    align: &Alignment,
+    block_size: usize,
+    persist: bool,
+) -> Result<(usize, u64, Option<[u8; 16]>)> {
+    if let Some(h) = found {
+        return Ok((h.stride as usize, h.data_offset, Some(h.store_id)));
+    }
+    let stride = align.round_up_checked(block_size)?;
+    if !persist {
+        return Ok((stride, 0, None));
+    }
+    let off = header::MIN_REGION.max(align.offset) as u64;
+    Ok((stride, off, Some(crate::files::random_id()?)))
+}
+
 impl DiskStorage {
     /// Open (create) a storage. `path` is a directory for an anonymous file,
     /// or a file path with `opts.persist`.
@@ -112,58 +313,7 @@ impl DiskStorage {
         block_size: usize,
         opts: &DiskOptions,
     ) -> Result<Self> {
-        settings::check_int("num_blocks", num_blocks)?;
-        settings::check_int("block_size", block_size as u64)?;
-        settings::check_usize("io_depth", opts.io_depth)?;
-        settings::check_int("worker_nice", opts.worker_nice as u64)?;
-        settings::check_usize("max_io_bytes", opts.max_io_bytes)?;
-        let is_dir = path.is_dir();
-        if opts.persist && is_dir {
-            return Err(Error::InvalidArgument(format!(
-                "persist=True needs a file path, but {} is a directory",
-                path.display()
-            )));
-        }
-        if !opts.persist && !is_dir {
-            return Err(Error::InvalidArgument(format!(
-                "{} is not a directory: an anonymous storage needs an existing directory \
-                 (or pass persist=True to keep a named file there)",
-                path.display()
-            )));
-        }
-        let dir = if is_dir {
-            path.to_path_buf()
-        } else {
-            match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            }
-        };
-        if !dir.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "directory {} does not exist",
-                dir.display()
-            )));
-        }
-        // Capacity check before anything is created. The exact stride needs
-        // the file's alignment; estimate with the common 4096 and check again
-        // once the file is open.
-        let est_stride = crate::align::round_up_checked(block_size, DEFAULT_ALIGNMENT)?;
-        let header_room = if opts.persist { header::MIN_REGION } else { 0 };
-        let est_size =
-            settings::check_tier(num_blocks, block_size, est_stride)? + header_room as u64;
-        let existing = opts.persist && std::fs::symlink_metadata(path).is_ok();
-        if !existing {
-            os::check_space(&dir, est_size, path)?;
-        }
-        if opts.persist {
-            crate::files::check_parent(path)?;
-        }
-        let (fd, created) = if opts.persist {
-            crate::files::open_named(path)?
-        } else {
-            (os::open_anonymous(&dir)?, false)
-        };
+        let (dir, est_size, fd, created) = open_file(path, num_blocks, block_size, opts)?;
         let file = crate::files::fstat(fd.as_raw_fd(), path)?;
         // From here on, a failure must remove a file we created.
         let cleanup = |e: Error| -> Error {
@@ -172,35 +322,11 @@ impl DiskStorage {
             }
             e
         };
-        let mut registration = None;
-        if opts.persist && opts.lock {
-            registration = Some(OpenStore::register(file.dev, file.ino).ok_or_else(|| {
-                cleanup(Error::Locked(format!(
-                    "the store {} is already open in this process; close the BlockManager or \
-                     DiskStorage that holds it first (one process may open a store once)",
-                    path.display()
-                )))
-            })?);
-            // One process per store: a second open is refused, not corrupted.
-            // SAFETY: flock on a descriptor we own; released when it closes.
-            if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = os::errno();
-                if e == libc::EWOULDBLOCK {
-                    return Err(cleanup(Error::Locked(format!(
-                        "the store {} is open in another process (it holds the file lock); \
-                         close it there first, or give this process its own path",
-                        path.display()
-                    ))));
-                }
-                return Err(cleanup(Error::io(
-                    "flock",
-                    path,
-                    0,
-                    0,
-                    std::io::Error::from_raw_os_error(e),
-                )));
-            }
-        }
+        let registration = if opts.persist && opts.lock {
+            Some(lock_store(fd.as_raw_fd(), path, &file).map_err(cleanup)?)
+        } else {
+            None
+        };
         let found = if opts.persist && !created {
             read_header(fd.as_raw_fd(), path, &file)?
         } else {
@@ -218,86 +344,34 @@ impl DiskStorage {
         let fs_type = os::fs_type_of_fd(fd.as_raw_fd());
         let place = format!("the {fs_type} filesystem at {}", dir.display());
         let mut warnings = Vec::new();
-        let (mut on, mut reason) = (false, None);
-        match opts.o_direct {
-            ODirect::Off => reason = Some("O_DIRECT disabled by configuration".to_string()),
-            ODirect::Auto | ODirect::Require => match os::set_o_direct(fd.as_raw_fd(), true) {
-                Ok(()) => on = true,
-                Err(e) if e == libc::EINVAL || e == libc::EOPNOTSUPP => {
-                    let why = format!(
-                        "{place} refused O_DIRECT ({} from fcntl(F_SETFL, O_DIRECT))",
-                        errno_name(e)
-                    );
-                    if opts.o_direct == ODirect::Require {
-                        return Err(cleanup(Error::ODirectUnavailable(format!(
-                            "{why}; o_direct=\"require\" was asked. Use a filesystem that \
-                             supports direct I/O (ext4, xfs) or allow the buffered fallback"
-                        ))));
-                    }
-                    warnings.push(format!(
-                        "{why}; falling back to buffered I/O for this storage"
-                    ));
-                    reason = Some(why);
-                }
-                Err(e) => {
-                    return Err(cleanup(Error::io(
-                        "fcntl(O_DIRECT)",
-                        &display_path,
-                        0,
-                        0,
-                        std::io::Error::from_raw_os_error(e),
-                    )))
-                }
-            },
-        }
+        let (mut on, mut reason) = set_o_direct(
+            fd.as_raw_fd(),
+            opts.o_direct,
+            &place,
+            &display_path,
+            &mut warnings,
+        )
+        .map_err(cleanup)?;
 
         let align = opts
             .alignment
             .unwrap_or_else(|| Alignment::discover(fd.as_raw_fd()));
-        let (stride, data_offset, store_id) = match &found {
-            Some(h) => (h.stride as usize, h.data_offset, Some(h.store_id)),
-            None => {
-                let stride = align.round_up_checked(block_size).map_err(cleanup)?;
-                let off = if opts.persist {
-                    header::MIN_REGION.max(align.offset) as u64
-                } else {
-                    0
-                };
-                let id = if opts.persist {
-                    Some(crate::files::random_id().map_err(cleanup)?)
-                } else {
-                    None
-                };
-                (stride, off, id)
-            }
-        };
+        let (stride, data_offset, store_id) =
+            layout(found.as_ref(), &align, block_size, opts.persist).map_err(cleanup)?;
         let size = settings::check_tier(num_blocks, block_size, stride)
             .map_err(cleanup)?
             .checked_add(data_offset)
             .ok_or_else(|| cleanup(Error::InvalidArgument("disk tier too large".into())))?;
-        // A store laid out on a filesystem with a smaller alignment: its slots
-        // do not fit this one's direct I/O, so it is read buffered.
         if on && (stride % align.offset != 0 || data_offset % align.offset as u64 != 0) {
-            let why = format!(
-                "the store's slots ({stride}-byte stride after a {data_offset}-byte header) were \
-                 laid out for another filesystem and do not fit the {}-byte direct-I/O \
-                 alignment of {place}",
-                align.offset
-            );
-            if opts.o_direct == ODirect::Require {
-                return Err(cleanup(Error::ODirectUnavailable(format!(
-                    "{why}; o_direct=\"require\" was asked"
-                ))));
-            }
-            if let Err(e) = os::set_o_direct(fd.as_raw_fd(), false) {
-                return Err(cleanup(Error::io(
-                    "fcntl(clear O_DIRECT)",
-                    path,
-                    0,
-                    0,
-                    std::io::Error::from_raw_os_error(e),
-                )));
-            }
+            let why = layout_misfit(
+                fd.as_raw_fd(),
+                (stride, data_offset),
+                &align,
+                &place,
+                opts.o_direct,
+                path,
+            )
+            .map_err(cleanup)?;
             warnings.push(format!(
                 "{why}; falling back to buffered I/O for this storage"
             ));
@@ -342,29 +416,49 @@ impl DiskStorage {
             registration: Mutex::new(registration),
             fork: ForkGuard::new("DiskStorage"),
         };
-        if found.is_none() {
+        storage
+            .initialise(
+                found.is_none(),
+                (size, est_size),
+                (&dir, path),
+                opts.prealloc,
+            )
+            .map_err(cleanup)?;
+        Ok(storage)
+    }
+
+    /// The last steps of `open`: a new file gets its space checked again at
+    /// its exact size, its header (persistent: first, so a crash from there
+    /// on leaves a file that is recognisably ours) and its space reserved;
+    /// every file is probed; a new persistent one is synced.
+    fn initialise(
+        &self,
+        new: bool,
+        (size, est_size): (u64, u64),
+        (dir, path): (&Path, &Path),
+        prealloc: Prealloc,
+    ) -> Result<()> {
+        if new {
             if size > est_size {
-                os::check_space(&dir, size, path).map_err(cleanup)?;
+                os::check_space(dir, size, path)?;
             }
-            if let Some(id) = store_id {
-                // The header first: a crash from here on leaves a file that
-                // is recognisably ours.
+            if let Some(id) = self.store_id {
                 let h = DataHeader {
                     store_id: id,
-                    block_size: block_size as u64,
-                    stride: stride as u64,
-                    num_blocks,
-                    data_offset,
+                    block_size: self.block_size as u64,
+                    stride: self.stride as u64,
+                    num_blocks: self.num_blocks,
+                    data_offset: self.data_offset,
                 };
-                storage.write_header(&h).map_err(cleanup)?;
+                self.write_header(&h)?;
             }
-            storage.preallocate(size, opts.prealloc).map_err(cleanup)?;
+            self.preallocate(size, prealloc)?;
         }
-        storage.probe().map_err(cleanup)?;
-        if store_id.is_some() && found.is_none() {
-            storage.sync().map_err(cleanup)?;
+        self.probe()?;
+        if self.store_id.is_some() && new {
+            self.sync()?;
         }
-        Ok(storage)
+        Ok(())
     }
 
     fn raw_fd(&self) -> Result<(std::sync::RwLockReadGuard<'_, Option<OwnedFd>>, RawFd)> {
