@@ -5,9 +5,7 @@ build:
 test:
 	python3 -m pip install -q '.[test]' && cargo test -q && python3 -m pytest -q tests
 lint:
-	python3 -m ruff check python tests benches
-	cargo fmt --check
-	cargo clippy --all-targets --features python -- -D warnings
+	bash .ci/lint
 fmt:
 	cargo fmt
 bench: build
