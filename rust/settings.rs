@@ -78,6 +78,30 @@ impl Durability {
     }
 }
 
+/// How `put` reaches the remote tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteWrite {
+    /// Queued and written by a background thread; the caller never waits.
+    Async,
+    /// Written before `put` returns.
+    Sync,
+    /// Never written (the remote is read only).
+    Off,
+}
+
+impl RemoteWrite {
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "async" => Ok(RemoteWrite::Async),
+            "sync" => Ok(RemoteWrite::Sync),
+            "off" => Ok(RemoteWrite::Off),
+            other => Err(Error::InvalidArgument(format!(
+                "remote_write must be \"async\", \"sync\" or \"off\", got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Bounds of the integer settings: (name, minimum, maximum, default).
 /// `None` as default: no default (must be given) or "unset".
 pub struct IntSetting {
@@ -228,6 +252,8 @@ pub const DEFAULT_WRITE_THROUGH: bool = false;
 pub const DEFAULT_WRITE_BEHIND: bool = true;
 pub const DEFAULT_PERSIST: bool = false;
 pub const DEFAULT_HUGE_PAGES: bool = true;
+pub const DEFAULT_REMOTE_PREFIX: &str = "dynblock";
+pub const DEFAULT_REMOTE_WRITE: &str = "async";
 
 /// How an environment variable's text becomes a value of its field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

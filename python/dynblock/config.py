@@ -192,10 +192,10 @@ class Config:
     write_behind: bool = DEFAULTS["write_behind"]
     checksums: bool = DEFAULTS["checksums"]
     remote: Optional[str] = dataclasses.field(default=None, repr=False)
-    remote_prefix: str = "dynblock"
+    remote_prefix: str = DEFAULTS["remote_prefix"]
     remote_ttl_s: Optional[int] = None
     remote_timeout_ms: int = DEFAULTS["remote_timeout_ms"]
-    remote_write: Literal["async", "sync", "off"] = "async"
+    remote_write: Literal["async", "sync", "off"] = DEFAULTS["remote_write"]
     remote_ca_file: Optional[str] = None
     remote_secret: Optional[str] = dataclasses.field(default=None, repr=False)
     remote_queue_bytes: int = DEFAULTS["remote_queue_bytes"]
@@ -321,8 +321,7 @@ class Config:
             self.remote_ttl_s = check("remote_ttl_s", self.remote_ttl_s)
         self.remote_timeout_ms = check("remote_timeout_ms", self.remote_timeout_ms)
         self.remote_queue_bytes = check("remote_queue_bytes", self.remote_queue_bytes)
-        if self.remote_write not in ("async", "sync", "off"):
-            raise ValueError(f"remote_write must be 'async', 'sync' or 'off', got {self.remote_write!r}")
+        self.remote_write = check("remote_write", self.remote_write)
         if self.remote_ca_file is not None:
             self.remote_ca_file = os.fspath(self.remote_ca_file)
         if self.remote_secret is not None:

@@ -25,7 +25,7 @@ impl PyRemoteTier {
 #[pymethods]
 impl PyRemoteTier {
     #[new]
-    #[pyo3(signature = (url, block_size, *, prefix="dynblock".to_string(), ttl_s=None,
+    #[pyo3(signature = (url, block_size, *, prefix=crate::settings::DEFAULT_REMOTE_PREFIX.to_string(), ttl_s=None,
                         timeout_ms=None, ca_file=None, layout=0, queue_bytes=None,
                         secret=None))]
     #[allow(clippy::too_many_arguments)]

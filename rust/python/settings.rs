@@ -142,6 +142,8 @@ pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("write_behind", settings::DEFAULT_WRITE_BEHIND)?;
     d.set_item("persist", settings::DEFAULT_PERSIST)?;
     d.set_item("huge_pages", settings::DEFAULT_HUGE_PAGES)?;
+    d.set_item("remote_prefix", settings::DEFAULT_REMOTE_PREFIX)?;
+    d.set_item("remote_write", settings::DEFAULT_REMOTE_WRITE)?;
     Ok(d)
 }
 
@@ -207,6 +209,15 @@ pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bou
         }
         "preallocate" => {
             value.extract::<PreallocArg>()?;
+        }
+        "remote_write" => {
+            let s = value.cast::<PyString>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "remote_write must be a str, got {}",
+                    value.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))
+            })?;
+            settings::RemoteWrite::parse(&s.to_cow()?).map_err(to_py)?;
         }
         "durability" => {
             let s = value.cast::<PyString>().map_err(|_| {

@@ -69,29 +69,7 @@ const STREAM_BYTES: usize = 1 << 20;
 /// Connections one fetch uses at once.
 const FETCH_THREADS: usize = 4;
 
-/// How `put` reaches the remote tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RemoteWrite {
-    /// Queued and written by a background thread; the caller never waits.
-    Async,
-    /// Written before `put` returns.
-    Sync,
-    /// Never written (the remote is read only).
-    Off,
-}
-
-impl RemoteWrite {
-    pub fn parse(v: &str) -> Result<Self> {
-        match v {
-            "async" => Ok(RemoteWrite::Async),
-            "sync" => Ok(RemoteWrite::Sync),
-            "off" => Ok(RemoteWrite::Off),
-            other => Err(Error::InvalidArgument(format!(
-                "remote_write must be \"async\", \"sync\" or \"off\", got {other:?}"
-            ))),
-        }
-    }
-}
+pub use crate::settings::RemoteWrite;
 
 /// How to reach the remote and what to store there. (No `Debug`: the URL
 /// and the secret hold credentials.)
