@@ -279,3 +279,12 @@ mod tests {
         assert!(a.offset <= 65536);
     }
 }
+
+/// A tier's slots, as both tiers (and their bindings) report them: how many,
+/// the block each holds, and the distance between slot starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotLayout {
+    pub num_blocks: u64,
+    pub block_size: usize,
+    pub stride: usize,
+}

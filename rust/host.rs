@@ -520,6 +520,14 @@ impl HostStorage {
     pub fn take_warnings(&self) -> Vec<String> {
         self.warnings.take()
     }
+    /// The slots: how many, their block size, their stride.
+    pub fn layout(&self) -> crate::align::SlotLayout {
+        crate::align::SlotLayout {
+            num_blocks: self.num_blocks,
+            block_size: self.block_size,
+            stride: self.stride,
+        }
+    }
     pub fn num_blocks(&self) -> u64 {
         self.num_blocks
     }

@@ -136,9 +136,10 @@ class DiskStorage:
     # --- what is in use: read-only, declared once (READ_ONLY lists them) --
     _NATIVE = "_s"
     READ_ONLY: ClassVar[Tuple[str, ...]] = ()
-    num_blocks = ReadOnly[int]()
-    block_size = ReadOnly[int]()
-    slot_stride = ReadOnly[int](doc="Distance between slots: block_size rounded up to the offset alignment.")
+    num_blocks = ReadOnly[int](lambda self: self._s.layout[0])
+    block_size = ReadOnly[int](lambda self: self._s.layout[1])
+    slot_stride = ReadOnly[int](lambda self: self._s.layout[2],
+                                "Distance between slots: block_size rounded up to the offset alignment.")
     data_offset = ReadOnly[int](doc="Bytes before slot 0: a persistent file's header (0 when anonymous).")
     alignment = ReadOnly[int](lambda self: self._s.alignment_info[1],
                               "Direct-I/O offset (and length) alignment of this file, in bytes.")

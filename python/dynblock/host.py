@@ -155,9 +155,9 @@ class HostStorage:
     # --- what happened: read-only, declared once (READ_ONLY lists them) ---
     _NATIVE = "_h"
     READ_ONLY: ClassVar[Tuple[str, ...]] = ()
-    num_blocks = ReadOnly[int]()
-    block_size = ReadOnly[int]()
-    slot_stride = ReadOnly[int]()
+    num_blocks = ReadOnly[int](lambda self: self._h.layout[0])
+    block_size = ReadOnly[int](lambda self: self._h.layout[1])
+    slot_stride = ReadOnly[int](lambda self: self._h.layout[2], "Distance between slots.")
     nbytes = ReadOnly[int]()
     numa_node = ReadOnly[Optional[int]](doc="The node the memory policy names, or None when nothing is bound.")
     numa_reason = ReadOnly[str](lambda self: self._numa_reason, "Why that node (or none).")

@@ -744,6 +744,14 @@ impl DiskStorage {
     pub fn is_closed(&self) -> bool {
         self.fd.read().unwrap_or_else(|p| p.into_inner()).is_none()
     }
+    /// The slots: how many, their block size, their stride.
+    pub fn layout(&self) -> crate::align::SlotLayout {
+        crate::align::SlotLayout {
+            num_blocks: self.num_blocks,
+            block_size: self.block_size,
+            stride: self.stride,
+        }
+    }
     pub fn num_blocks(&self) -> u64 {
         self.num_blocks
     }

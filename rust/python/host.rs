@@ -202,17 +202,11 @@ impl PyHostStorage {
         let s = self.inner.clone();
         py.detach(move || s.is_closed())
     }
+    /// (num_blocks, block_size, slot_stride): the geometry every tier shares.
     #[getter]
-    fn num_blocks(&self) -> u64 {
-        self.inner.num_blocks()
-    }
-    #[getter]
-    fn block_size(&self) -> usize {
-        self.inner.block_size()
-    }
-    #[getter]
-    fn slot_stride(&self) -> usize {
-        self.inner.slot_stride()
+    fn layout(&self) -> (u64, usize, usize) {
+        let l = self.inner.layout();
+        (l.num_blocks, l.block_size, l.stride)
     }
     #[getter]
     fn nbytes(&self) -> usize {
