@@ -124,6 +124,17 @@ fn want_bool(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
     )))
 }
 
+/// A `str` argument's text, or a `TypeError` naming the setting.
+fn want_str(value: &Bound<'_, PyAny>, name: &str) -> PyResult<String> {
+    let s = value.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a str, got {}",
+            value.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })?;
+    Ok(s.to_cow()?.into_owned())
+}
+
 /// The default of every setting that has one, by name.
 #[pyfunction]
 pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -211,22 +222,10 @@ pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bou
             value.extract::<PreallocArg>()?;
         }
         "remote_write" => {
-            let s = value.cast::<PyString>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "remote_write must be a str, got {}",
-                    value.repr().map(|r| r.to_string()).unwrap_or_default()
-                ))
-            })?;
-            settings::RemoteWrite::parse(&s.to_cow()?).map_err(to_py)?;
+            settings::RemoteWrite::parse(&want_str(value, name)?).map_err(to_py)?;
         }
         "durability" => {
-            let s = value.cast::<PyString>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "durability must be a str, got {}",
-                    value.repr().map(|r| r.to_string()).unwrap_or_default()
-                ))
-            })?;
-            Durability::parse(&s.to_cow()?).map_err(to_py)?;
+            Durability::parse(&want_str(value, name)?).map_err(to_py)?;
         }
         "checksums" | "write_through" | "write_behind" | "persist" | "huge_pages" | "lock" => {
             want_bool(value, name)?;
