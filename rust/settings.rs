@@ -175,7 +175,8 @@ pub const INTS: &[IntSetting] = &[
         min: 1,
         max: 1 << 30,
         default: Some(4 << 20),
-        what: "largest single disk I/O after coalescing",
+        what:
+            "largest single disk I/O after coalescing (one slot is always one I/O, however large)",
     },
     IntSetting {
         name: "numa_node",
