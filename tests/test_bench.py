@@ -106,6 +106,32 @@ def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:
     assert pop["ratios"]["speedup_vs_single_thread"] == pytest.approx(single["median"] / pop["median"])
 
 
+def test_cpu_per_gib_is_reported_next_to_every_throughput(tiny_run) -> None:
+    """Every GiB/s case of dynblock and its baselines carries CPU seconds per GiB (this
+    process's threads and children, or fio's own usr + sys), and the CPU ratios follow them."""
+    rates = [c for c in tiny_run["cases"] if c["unit"] == "GiB/s" and c["workload"] != "trace"
+             and c["impl"] != "fio"]  # fio reports no CPU for jobs this short
+    assert rates
+    for c in rates:
+        assert len(c["cpu_values"]) == 2 and c["cpu_s_per_gib"] >= 0, (c["impl"], c["op"])
+    assert sum(c["cpu_s_per_gib"] for c in rates if c["impl"].startswith("dynblock")) > 0
+    for c in tiny_run["cases"]:
+        if c["impl"].startswith("dynblock-") and c["workload"] == "disk":
+            naive = [n for n in tiny_run["cases"] if n["impl"] == "python-naive" and n["op"] == c["op"]
+                     and n["params"]["block_size"] == c["params"]["block_size"]][0]
+            if naive["cpu_s_per_gib"] > 0:
+                assert c["ratios"]["cpu_vs_python_naive"] == pytest.approx(
+                    c["cpu_s_per_gib"] / naive["cpu_s_per_gib"])
+            else:  # too short to register any CPU: no ratio rather than a division by zero
+                assert "cpu_vs_python_naive" not in c["ratios"]
+    for op in ("put", "get"):
+        on, off = [[c for c in tiny_run["cases"] if c["impl"] == name and c["op"] == op][0]
+                   for name in ("checksums-on", "checksums-off")]
+        if off["cpu_s_per_gib"] > 0:
+            assert on["ratios"]["cpu_vs_checksums_off"] == pytest.approx(
+                on["cpu_s_per_gib"] / off["cpu_s_per_gib"])
+
+
 def test_goals_follow_the_ratios() -> None:
     c = Case("disk", "dynblock-o_direct", "read", dict(block_size=2 << 20, pattern="random"))
     c.values = [1.0]

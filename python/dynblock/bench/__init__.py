@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     g.add_argument("--out", help="also write the JSON object to this file")
-    g.add_argument("--plot", help="write a PNG of disk throughput by block size and depth (needs matplotlib)")
+    g.add_argument("--plot", help="write a PNG of disk throughput and CPU per GiB by block size and depth "
+                                  "(needs matplotlib)")
     return p
 
 
@@ -275,7 +276,7 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
 
 
 def format_table(res: Results) -> str:
-    rows = [("workload", "impl", "op", "case", "median", "min..max", "ratios")]
+    rows = [("workload", "impl", "op", "case", "median", "min..max", "CPU s/GiB", "ratios")]
     for c in res.cases:
         p = dict(c.params)
         bits = []
@@ -308,8 +309,10 @@ def format_table(res: Results) -> str:
             ratios = ", ".join(f"{k}={v}" for k, v in c.extra.items())
         if c.workload == "vllm" and c.impl != "recompute":
             ratios += " " + ", ".join(f"{k}={v}" for k, v in c.extra.items())
+        cpu = c.cpu_s_per_gib
         rows.append((c.workload, c.impl, c.op, ", ".join(bits), f"{c.median:.3g} {c.unit}",
-                     f"{min(c.values):.3g}..{max(c.values):.3g}" if c.values else "", ratios))
+                     f"{min(c.values):.3g}..{max(c.values):.3g}" if c.values else "",
+                     "" if cpu is None else f"{cpu:.3g}", ratios))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -317,6 +320,8 @@ def format_table(res: Results) -> str:
 
 
 def write_plot(res: Results, path: str) -> None:
+    """Disk throughput (top) and CPU seconds per GiB (bottom) by block size,
+    random writes and reads, every implementation and depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,27 +329,32 @@ def write_plot(res: Results, path: str) -> None:
 
     disk = [c for c in res.cases if c.workload == "disk" and c.values]
     ops = ["write", "read"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, op in zip(axes, ops):
-        series: Dict[str, Dict[int, float]] = {}
-        for c in disk:
-            if c.op != op or c.params.get("pattern") != "random":
-                continue
-            label = c.impl + (f" d{c.params['io_depth']}" if c.impl == "fio" else "")
-            series.setdefault(label, {})[int(c.params["block_size"])] = c.median
-        for label, pts in sorted(series.items()):
-            xs = sorted(pts)
-            style = "-o" if label.startswith("dynblock") else "--."
-            ax.plot([x >> 10 for x in xs], [pts[x] for x in xs], style, label=label)
-        ax.set_xscale("log", base=2)
-        ticks = sorted({int(c.params["block_size"]) >> 10 for c in disk})
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([str(t) for t in ticks])
-        ax.set_xlabel("block size (KiB)")
-        ax.set_ylabel("GiB/s")
-        ax.set_title(f"random {op}s")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ticks = sorted({int(c.params["block_size"]) >> 10 for c in disk})
+    for col, op in enumerate(ops):
+        for row, (metric, unit) in enumerate((("median", "GiB/s"), ("cpu_s_per_gib", "CPU s/GiB"))):
+            ax = axes[row][col]
+            series: Dict[str, Dict[int, float]] = {}
+            for c in disk:
+                if c.op != op or c.params.get("pattern") != "random":
+                    continue
+                value = getattr(c, metric)
+                if value is None:
+                    continue
+                label = c.impl + (f" d{c.params['io_depth']}" if c.impl == "fio" else "")
+                series.setdefault(label, {})[int(c.params["block_size"])] = value
+            for label, pts in sorted(series.items()):
+                xs = sorted(pts)
+                style = "-o" if label.startswith("dynblock") else "--."
+                ax.plot([x >> 10 for x in xs], [pts[x] for x in xs], style, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(t) for t in ticks])
+            ax.set_xlabel("block size (KiB)")
+            ax.set_ylabel(unit)
+            ax.set_title(f"random {op}s: {'throughput' if row == 0 else 'CPU per GiB (lower is better)'}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -26,6 +26,8 @@ class Fio:
         self.exe = (executable or shutil.which("fio")) if enabled else None
         self.engine: Optional[str] = None
         self.error: Optional[str] = None
+        #: CPU seconds per GiB of the last successful job (fio's own usr + sys over its runtime).
+        self.cpu_s_per_gib: Optional[float] = None
         if not enabled:
             self.error = "fio skipped (--no-fio)"
         elif not self.exe:
@@ -77,6 +79,12 @@ class Fio:
             if bw <= 0:
                 last = "fio reported zero bandwidth"
                 continue
+            runtime_s = float(job.get("job_runtime", 0)) / 1000.0
+            moved = float(job[side].get("io_bytes", 0))
+            self.cpu_s_per_gib = None
+            cpu_s = (float(job.get("usr_cpu", 0)) + float(job.get("sys_cpu", 0))) / 100.0 * runtime_s
+            if cpu_s > 0 and moved > 0:  # 0: a job too short for fio's CPU accounting
+                self.cpu_s_per_gib = cpu_s / (moved / (1 << 30))
             return bw
         self.error = f"fio could not run on {path}: {last}"
         return None

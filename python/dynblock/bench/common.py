@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -52,10 +53,25 @@ class Case:
     values: List[float] = field(default_factory=list)
     ratios: Dict[str, float] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: CPU seconds per GiB moved, one per repeat that measured it (see :func:`timed`).
+    cpu: List[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
         return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def cpu_s_per_gib(self) -> Optional[float]:
+        """Median CPU seconds per GiB (all threads of the process, and child
+        processes such as fio), or None when not measured."""
+        return statistics.median(self.cpu) if self.cpu else None
+
+    def add_rate(self, nbytes: int, t: float) -> None:
+        """One repeat: ``nbytes`` moved in ``t`` seconds (GiB/s), and when
+        ``t`` came from :func:`timed`, the CPU seconds per GiB it spent."""
+        self.values.append(gib_s(nbytes, t))
+        if isinstance(t, Timing) and nbytes > 0:
+            self.cpu.append(t.cpu / (nbytes / GiB))
 
     def summary(self) -> Dict[str, Any]:
         return {
@@ -69,6 +85,7 @@ class Case:
             "min": min(self.values) if self.values else None,
             "max": max(self.values) if self.values else None,
             "ratios": self.ratios,
+            **({"cpu_s_per_gib": self.cpu_s_per_gib, "cpu_values": self.cpu} if self.cpu else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -98,10 +115,27 @@ class Results:
             self.notes.append(text)
 
 
-def timed(fn: Callable[[], Any]) -> float:
+class Timing(float):
+    """Wall seconds of a timed call (a float), with ``cpu``: the CPU seconds
+    the process spent meanwhile (user + system, every thread, plus child
+    processes that ended in that time)."""
+
+    cpu: float = 0.0
+
+
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process (all threads) and its waited-for children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], Any]) -> Timing:
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    t = Timing(time.perf_counter() - t0)
+    t.cpu = cpu_seconds() - c0
+    return t
 
 
 def gib_s(nbytes: int, seconds: float) -> float:

@@ -18,7 +18,7 @@ from ..host import HostStorage
 from ..manager import BlockManager
 from . import trace as trace_mod
 from .baselines import Fio, copyto_threads, naive_python, numpy_file
-from .common import Progress, Results, gib_s, size_label, timed
+from .common import Progress, Results, size_label, timed
 
 
 def _zeros(n: int) -> np.ndarray:
@@ -94,18 +94,20 @@ def run_disk(
                             for d in fio_depths:
                                 bw = fio.run(base_path, rw, bs, nbytes, d, offset=slots_at)
                                 if bw is not None:
-                                    res.case("disk", "fio", op, io_depth=d, **p).values.append(bw / (1 << 30))
+                                    fc = res.case("disk", "fio", op, io_depth=d, **p)
+                                    fc.values.append(bw / (1 << 30))
+                                    if fio.cpu_s_per_gib is not None:
+                                        fc.cpu.append(fio.cpu_s_per_gib)
                                 progress.step(f"fio d{d} {label}")
                         w, r = naive_python(base_path, [int(x) for x in order], bs, buf, slots_at)
-                        res.case("disk", "python-naive", op, **p).values.append(
-                            gib_s(nbytes, timed(w if op == "write" else r)))
+                        res.case("disk", "python-naive", op, **p).add_rate(nbytes, timed(w if op == "write" else r))
                         progress.step(f"naive {label}")
                         if op == "read":
                             first.drop_page_cache()
                         if pattern == "sequential":
                             nw, nr = numpy_file(base_path, buf, slots_at)
                             res.case("disk", "numpy-tofile" if op == "write" else "numpy-fromfile", op,
-                                     **p).values.append(gib_s(nbytes, timed(nw if op == "write" else nr)))
+                                     **p).add_rate(nbytes, timed(nw if op == "write" else nr))
                         progress.step(f"numpy {label}")
                         for mode, s in stores.items():
                             def w_dyn(s: DiskStorage = s, order: np.ndarray = order) -> None:
@@ -120,7 +122,7 @@ def run_disk(
                             if op == "read":
                                 s.drop_page_cache()
                             c = res.case("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
-                            c.values.append(gib_s(nbytes, timed(w_dyn if op == "write" else r_dyn)))
+                            c.add_rate(nbytes, timed(w_dyn if op == "write" else r_dyn))
                             c.extra = {"o_direct": s.o_direct, "alignment": s.alignment,
                                        "batch_blocks": batch}
                             if op == "read" and not np.array_equal(out, buf):
@@ -143,10 +145,14 @@ def run_disk(
                         if best is not None:
                             c.ratios["vs_device_limit"] = c.median / best.median
                             c.extra["device_limit_depth"] = best.params["io_depth"]
+                            if c.cpu_s_per_gib is not None and best.cpu_s_per_gib:
+                                c.ratios["cpu_vs_device_limit"] = c.cpu_s_per_gib / best.cpu_s_per_gib
                         if same is not None and same.values:
                             c.ratios["vs_fio_same_depth"] = c.median / same.median
                         if naive is not None:
                             c.ratios["vs_python_naive"] = c.median / naive.median
+                            if c.cpu_s_per_gib is not None and naive.cpu_s_per_gib:
+                                c.ratios["cpu_vs_python_naive"] = c.cpu_s_per_gib / naive.cpu_s_per_gib
         finally:
             for s in stores.values():
                 s.close()
@@ -171,16 +177,14 @@ def run_host(res: Results, host_bytes: int, block_size: int, populate_bytes: int
         copyto_threads(out, src, threads)
         for _ in range(repeat):
             c1 = res.case("host", "numpy-copyto-1thread", "copy", **p)
-            c1.values.append(gib_s(nbytes, timed(lambda: np.copyto(scratch, src))))
+            c1.add_rate(nbytes, timed(lambda: np.copyto(scratch, src)))
             progress.step("numpy copyto 1 thread")
             cn = res.case("host", f"numpy-copyto-{threads}threads", "copy", **p)
-            cn.values.append(gib_s(nbytes, timed(lambda: copyto_threads(scratch, src, threads))))
+            cn.add_rate(nbytes, timed(lambda: copyto_threads(scratch, src, threads)))
             progress.step(f"numpy copyto {threads} threads")
-            res.case("host", "dynblock", "write", **p).values.append(
-                gib_s(nbytes, timed(lambda: h.write_blocks(order, src))))
+            res.case("host", "dynblock", "write", **p).add_rate(nbytes, timed(lambda: h.write_blocks(order, src)))
             progress.step("dynblock host write")
-            res.case("host", "dynblock", "read", **p).values.append(
-                gib_s(nbytes, timed(lambda: h.read_blocks(order, out))))
+            res.case("host", "dynblock", "read", **p).add_rate(nbytes, timed(lambda: h.read_blocks(order, out)))
             progress.step("dynblock host read")
             if not np.array_equal(out, src):
                 raise RuntimeError("host tier read back other bytes than it wrote")
@@ -243,7 +247,7 @@ def run_tiered(res: Results, directory: str, block_size: int, working_bytes: int
                 st = m.stats()
                 if not offset:
                     c = res.case("tiered", "dynblock", "put+offload", **p)
-                    c.values.append(gib_s(w * block_size, t))
+                    c.add_rate(w * block_size, t)
                     c.extra = {"offloaded_blocks": st["offloaded_blocks"],
                                "offload_blocks_per_s": st["offloaded_blocks"] / t}
                 progress.step("tiered put (offload)")
@@ -261,7 +265,7 @@ def run_tiered(res: Results, directory: str, block_size: int, working_bytes: int
                 st = m.stats()
                 onboarded = st["onboarded_blocks"] - before["onboarded_blocks"]
                 c = res.case("tiered", "dynblock", "get+onboard" + dst_label, **p)
-                c.values.append(gib_s(w * block_size, t))
+                c.add_rate(w * block_size, t)
                 c.extra = {"disk_hits": st["disk_hits"] - before["disk_hits"],
                            "onboarded_blocks": onboarded, "onboard_blocks_per_s": onboarded / t}
                 for k, i in enumerate(order[:4]):
@@ -356,17 +360,17 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
                             raise RuntimeError("a stored block was not found")
 
                 name = "checksums-on" if checksums else "checksums-off"
-                res.case("durability", name, "put", **p).values.append(
-                    gib_s(w * block_size, timed(put_all)))
+                res.case("durability", name, "put", **p).add_rate(w * block_size, timed(put_all))
                 progress.step(f"durability put {name}")
-                res.case("durability", name, "get", **p).values.append(
-                    gib_s(w * block_size, timed(get_all)))
+                res.case("durability", name, "get", **p).add_rate(w * block_size, timed(get_all))
                 progress.step(f"durability get {name}")
     for op in ("put", "get"):
         on = res.find("durability", "checksums-on", op, **p)
         off = res.find("durability", "checksums-off", op, **p)
         assert on is not None and off is not None
         on.ratios["vs_checksums_off"] = on.median / off.median
+        if on.cpu_s_per_gib is not None and off.cpu_s_per_gib:
+            on.ratios["cpu_vs_checksums_off"] = on.cpu_s_per_gib / off.cpu_s_per_gib
     # Recovery of a persistent store.
     bs = 4096
     n = recovery_blocks
@@ -548,14 +552,16 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
                         kv.get_async(hs, dsts[t]).wait(timeout=120)
 
                 ts = [threading.Thread(target=jobs, args=(t,)) for t in range(threads)]
-                t0 = time.perf_counter()
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join(timeout=300)
-                dt = time.perf_counter() - t0
+
+                def run_all() -> None:
+                    for t in ts:
+                        t.start()
+                    for t in ts:
+                        t.join(timeout=300)
+
+                dt = timed(run_all)
             c = res.case("engine", "dynblock", "async-put-get", threads=threads)
-            c.values.append(gib_s(2 * rounds * 32 * sbs, dt))
+            c.add_rate(2 * rounds * 32 * sbs, dt)
         progress.step("engine async threads")
 
     m = res.find("engine", "dynblock", "match-32-during-disk-puts")
