@@ -457,7 +457,7 @@ impl HostStorage {
         let stride = self.stride;
         let pool = self.pool.read().unwrap_or_else(|p| p.into_inner());
         let _ = io::run_on(
-            pool.as_deref(),
+            pool.as_ref(),
             n,
             threads,
             || Ok(()),

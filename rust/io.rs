@@ -74,58 +74,163 @@ pub fn coalesce(
 /// A pool of long-lived worker threads for one storage, so a batch does not
 /// pay for creating threads (tens of microseconds each), every thread
 /// running at nice value `nice` (see [`lower_priority`]) before the pool is
-/// handed out. Dropping it joins its threads (rayon's own pool only asks
-/// them to stop), so a closed storage leaves no thread behind.
+/// handed out. An idle thread sleeps on a condition variable: it takes no
+/// CPU between batches (a work-stealing pool's idle threads spin in
+/// `sched_yield` first, which cost most of the CPU of large disk batches).
+/// Batches of several callers share the threads, first come first served.
+/// Dropping it joins its threads, so a closed storage leaves none behind.
 pub struct Pool {
-    inner: Option<rayon::ThreadPool>,
-    live: std::sync::Arc<Live>,
+    shared: std::sync::Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// The process that made the threads: a forked child has none of them
+    /// (and may hold a copy of the queue's lock taken by one of them).
+    pid: u32,
 }
 
-/// Threads of a [`Pool`] that have started (at their nice value) and that
-/// have not yet ended.
+/// A batch's request for workers: `tickets` more threads may run `f`.
+struct Job {
+    id: u64,
+    /// The batch's worker function with its lifetime erased: valid until
+    /// its caller saw every taken ticket finish, which it waits for before
+    /// returning (see [`Pool::run`]).
+    f: *const (dyn Fn() + Sync + 'static),
+    tickets: usize,
+    taken: usize,
+    finished: usize,
+    panic: Option<Box<dyn std::any::Any + Send>>,
+}
+
+// SAFETY: `f` points to a `Sync` closure that outlives every use (see `Job`).
+unsafe impl Send for Job {}
+
 #[derive(Default)]
-struct Live {
-    counts: Mutex<(usize, usize)>,
-    cv: std::sync::Condvar,
+struct Queue {
+    jobs: Vec<Job>,
+    next_id: u64,
+    started: usize,
+    stop: bool,
 }
 
-impl Live {
-    /// Wait (up to `limit`) until `done(started, alive)`.
-    fn wait(&self, limit: std::time::Duration, done: impl Fn(usize, usize) -> bool) {
-        let g = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self
-            .cv
-            .wait_timeout_while(g, limit, |c| !done(c.0, c.1))
-            .unwrap_or_else(|p| p.into_inner());
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Work arrived (or the pool stops).
+    work: std::sync::Condvar,
+    /// A ticket finished (or a thread started).
+    done: std::sync::Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn change(&self, f: impl FnOnce(&mut (usize, usize))) {
-        f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()));
-        self.cv.notify_all();
+    /// A pool thread: take a ticket of the oldest job that has one, run it,
+    /// report it; sleep while there is none; end when the pool stops.
+    fn serve(&self) {
+        let mut q = self.lock();
+        loop {
+            if q.stop {
+                return;
+            }
+            let Some(job) = q.jobs.iter_mut().find(|j| j.tickets > 0) else {
+                q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            job.tickets -= 1;
+            job.taken += 1;
+            let (id, f) = (job.id, job.f);
+            drop(q);
+            // SAFETY: the job's caller keeps `f` alive until this ticket is
+            // reported finished below.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*f)() }));
+            q = self.lock();
+            if let Some(job) = q.jobs.iter_mut().find(|j| j.id == id) {
+                job.finished += 1;
+                if let Err(p) = r {
+                    job.panic.get_or_insert(p);
+                }
+            }
+            self.done.notify_all();
+        }
     }
 }
 
-/// How long starting or joining a pool's threads is waited for (a thread
-/// that has not started or ended by then is left to the OS).
-const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+impl Pool {
+    /// Run `f` on `workers` of the pool's threads at once (as they become
+    /// free) and wait for all of them; a panic in one is raised here.
+    pub fn run(&self, workers: usize, f: &(dyn Fn() + Sync)) {
+        if std::process::id() != self.pid {
+            // A forked child: the threads are not there; the caller works.
+            for _ in 0..workers {
+                f();
+            }
+            return;
+        }
+        // SAFETY: only the lifetime is erased; this call does not return
+        // before every thread that took a ticket has finished running `f`
+        // (the wait below), and untaken tickets are withdrawn first.
+        let f: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let mut q = self.shared.lock();
+        let id = q.next_id;
+        q.next_id += 1;
+        q.jobs.push(Job {
+            id,
+            f,
+            tickets: workers,
+            taken: 0,
+            finished: 0,
+            panic: None,
+        });
+        self.shared.work.notify_all();
+        let mut withdrawn = 0;
+        loop {
+            let stop = q.stop;
+            let job = q.jobs.iter_mut().find(|j| j.id == id).expect("own job");
+            if stop {
+                // No thread takes tickets any more: the caller runs them.
+                withdrawn += std::mem::take(&mut job.tickets);
+            }
+            if job.tickets == 0 && job.finished == job.taken {
+                break;
+            }
+            q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let at = q.jobs.iter().position(|j| j.id == id).expect("own job");
+        let job = q.jobs.remove(at);
+        drop(q);
+        if let Some(p) = job.panic {
+            std::panic::resume_unwind(p);
+        }
+        for _ in 0..withdrawn {
+            // SAFETY: `f` is the caller's own closure, alive for this call.
+            unsafe { (*f)() };
+        }
+    }
 
-impl std::ops::Deref for Pool {
-    type Target = rayon::ThreadPool;
-    fn deref(&self) -> &rayon::ThreadPool {
-        self.inner
-            .as_ref()
-            .expect("a pool is used only until it is dropped")
+    fn on_pool_thread(&self) -> bool {
+        let me = std::thread::current().id();
+        self.threads.iter().any(|t| t.thread().id() == me)
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let Some(p) = self.inner.take() else { return };
+        if std::process::id() != self.pid {
+            // A forked child: nothing to stop or join (and the lock may be
+            // a copy of one a parent's thread held).
+            std::mem::forget(std::mem::take(&mut self.threads));
+            return;
+        }
+        self.shared.lock().stop = true;
+        self.shared.work.notify_all();
+        self.shared.done.notify_all();
         // A pool thread cannot wait for itself to end.
-        let on_pool = p.current_thread_index().is_some();
-        drop(p);
-        if !on_pool {
-            self.live.wait(POOL_WAIT, |_, alive| alive == 0);
+        if self.on_pool_thread() {
+            return;
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
     }
 }
@@ -133,30 +238,37 @@ impl Drop for Pool {
 /// A [`Pool`] of `threads` threads named `{name}-{i}` at nice `nice`
 /// (None when the OS refuses the threads: batches then use scoped threads).
 pub fn pool(threads: usize, name: &str, nice: u32) -> Option<Pool> {
-    let name = name.to_string();
-    let threads = threads.max(1);
-    let live = std::sync::Arc::new(Live::default());
-    let (on_start, on_exit) = (live.clone(), live.clone());
-    let inner = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{name}-{i}"))
-        .start_handler(move |_| {
-            lower_priority(nice);
-            on_start.change(|c| {
-                c.0 += 1;
-                c.1 += 1;
-            });
-        })
-        .exit_handler(move |_| on_exit.change(|c| c.1 -= 1))
-        .build()
-        .ok()?;
+    let shared = std::sync::Arc::new(Shared::default());
+    let mut p = Pool {
+        shared: shared.clone(),
+        threads: Vec::new(),
+        pid: std::process::id(),
+    };
+    for i in 0..threads.max(1) {
+        let s = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("{name}-{i}"))
+            .spawn(move || {
+                lower_priority(nice);
+                s.lock().started += 1;
+                s.done.notify_all();
+                s.serve();
+            })
+            .ok()?; // dropping `p` stops and joins the threads made so far
+        p.threads.push(t);
+    }
     // Handed out only once every thread runs at its nice value.
-    live.wait(POOL_WAIT, |started, _| started >= threads);
-    Some(Pool {
-        inner: Some(inner),
-        live,
-    })
+    let q = shared.lock();
+    let n = p.threads.len();
+    let _ = shared
+        .done
+        .wait_timeout_while(q, POOL_WAIT, |q| q.started < n)
+        .unwrap_or_else(|p| p.into_inner());
+    Some(p)
 }
+
+/// How long starting a pool's threads is waited for.
+const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Raise the calling thread's nice value to `nice` (never lower it: that
 /// would need privileges and would take CPU from the caller's threads). On
@@ -178,13 +290,7 @@ pub fn lower_priority(nice: u32) {
 /// `depth` threads of `pool` (scoped threads when there is no pool). Each
 /// worker owns one `S` made by `init` (e.g. a bounce buffer). Stops handing
 /// out work at the first error and returns it.
-pub fn run_on<S, I, F>(
-    pool: Option<&rayon::ThreadPool>,
-    n: usize,
-    depth: usize,
-    init: I,
-    work: F,
-) -> Result<()>
+pub fn run_on<S, I, F>(pool: Option<&Pool>, n: usize, depth: usize, init: I, work: F) -> Result<()>
 where
     I: Fn() -> Result<S> + Sync,
     F: Fn(usize, &mut S) -> Result<()> + Sync,
@@ -226,11 +332,7 @@ where
         }
     };
     match pool {
-        Some(p) => p.scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|_| worker());
-            }
-        }),
+        Some(p) => p.run(workers, &worker),
         None => std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(worker);
@@ -343,7 +445,7 @@ mod tests {
         for on in [p.as_ref(), None] {
             let done = AtomicUsize::new(0);
             let r = run_on(
-                on.map(|p| &**p),
+                on,
                 1000,
                 4,
                 || Ok(()),
@@ -359,6 +461,66 @@ mod tests {
             assert!(matches!(r, Err(Error::InvalidArgument(_))));
             assert!(done.load(Ordering::Relaxed) < 1000);
         }
+    }
+
+    #[test]
+    fn batches_of_several_callers_share_a_pool_and_each_runs_every_op() {
+        let p = pool(3, "test-share", 0).unwrap();
+        std::thread::scope(|s| {
+            for caller in 0..6usize {
+                let p = &p;
+                s.spawn(move || {
+                    for round in 0..20usize {
+                        let n = 50 + caller * 7 + round;
+                        let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        run_on(
+                            Some(p),
+                            n,
+                            4,
+                            || Ok(()),
+                            |i, _| {
+                                seen[i].fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            },
+                        )
+                        .unwrap();
+                        assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panic_in_a_pool_worker_reaches_the_caller_and_the_pool_lives_on() {
+        let p = pool(2, "test-panic", 0).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_on(
+                Some(&p),
+                10,
+                2,
+                || Ok(()),
+                |i, _| {
+                    assert!(i != 3, "op 3 panics");
+                    Ok(())
+                },
+            )
+        }));
+        assert!(r.is_err());
+        let done = AtomicUsize::new(0);
+        run_on(
+            Some(&p),
+            10,
+            2,
+            || Ok(()),
+            |_, _| {
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(done.load(Ordering::Relaxed), 10);
+        drop(p); // joins its threads
     }
 
     #[test]

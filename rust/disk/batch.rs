@@ -168,7 +168,7 @@ impl DiskStorage {
         );
         let groups = self.group_ops(&ops);
         io::run_on(
-            pool.as_deref(),
+            pool.as_ref(),
             groups.len(),
             self.io_depth,
             || {
