@@ -250,9 +250,10 @@ def _cluster_vs_one(res: Results, directory: str, one_url: str, servers: List[_S
         res.note(f"remote: could not create a cluster: {r.stdout[-300:]}")
         return
     deadline = time.time() + 30
-    while "cluster_state:ok" not in subprocess.run(
-            [cli, "-p", str(nodes[0].port), "CLUSTER", "INFO"], capture_output=True,
-            text=True).stdout:
+    # Every master learns the cluster's state by gossip on its own: wait for all of them.
+    while not all("cluster_state:ok" in subprocess.run(
+            [cli, "-p", str(n.port), "CLUSTER", "INFO"], capture_output=True, text=True,
+            timeout=10).stdout for n in nodes):
         if time.time() > deadline:
             res.note("remote: the cluster never became ok")
             return
