@@ -129,6 +129,13 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def timed_call(fn: Callable[..., Any], *args: Any) -> "tuple[Any, Timing]":
+    """``fn(*args)``'s result and its :class:`Timing`."""
+    out: List[Any] = []
+    t = timed(lambda: out.append(fn(*args)))
+    return out[0], t
+
+
 def timed(fn: Callable[[], Any]) -> Timing:
     c0 = cpu_seconds()
     t0 = time.perf_counter()

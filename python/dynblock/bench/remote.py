@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import Config
 from ..manager import BlockManager
-from .common import GiB, Progress, Results
+from .common import Progress, Results, timed, timed_call
 
 HEADER = 32  # bytes before the block in a remote value without a secret (rust/remote/mod.rs)
 
@@ -128,23 +128,22 @@ def run_remote(res: Results, directory: str, repeat: int, progress: Progress,
             client = redis_py.Redis(port=one.port) if redis_py else None
             for _ in range(repeat):
                 with _manager(url, bs, n) as m:  # empty local tiers: every block from the remote
-                    t0 = time.perf_counter()
-                    got = m.get(hs, out)
-                    dt = time.perf_counter() - t0
+                    got, dt = timed_call(m.get, hs, out)
                 assert got == n and np.array_equal(out, src), "remote get returned wrong bytes"
-                a.values.append(n * bs / GiB / dt)
+                a.add_rate(n * bs, dt)
                 progress.step(f"remote get {bs >> 10} KiB")
                 if client is not None:
-                    t0 = time.perf_counter()
-                    for i in range(0, n, 64):
-                        pipe = client.pipeline(transaction=False)
-                        pipe.mget(keys[i:i + 64])
-                        (vals,) = pipe.execute()
-                        for j, v in enumerate(vals):
-                            k = i + j
-                            out[k * bs:(k + 1) * bs] = np.frombuffer(v, np.uint8, bs, HEADER)
-                    dt = time.perf_counter() - t0
-                    b.values.append(n * bs / GiB / dt)
+                    def mget_all(client: Any = client, n: int = n, keys: List[str] = keys,
+                                 out: np.ndarray = out, bs: int = bs) -> None:
+                        for i in range(0, n, 64):
+                            pipe = client.pipeline(transaction=False)
+                            pipe.mget(keys[i:i + 64])
+                            (vals,) = pipe.execute()
+                            for j, v in enumerate(vals):
+                                k = i + j
+                                out[k * bs:(k + 1) * bs] = np.frombuffer(v, np.uint8, bs, HEADER)
+
+                    b.add_rate(n * bs, timed(mget_all))
                 progress.step(f"redis-py mget {bs >> 10} KiB")
             if b.values:
                 a.ratios["vs_redis_py_mget"] = a.median / b.median
@@ -216,22 +215,20 @@ def _secret_vs_none(res: Results, server: _Server, repeat: int, progress: Progre
         for _ in range(repeat):
             for label, secret in (("mac", "bench-secret"), ("crc", None)):
                 with _manager(url, bs, n, remote_write="sync", remote_secret=secret) as m:
-                    t0 = time.perf_counter()
-                    m.put(hs, src)
-                    dt = time.perf_counter() - t0
+                    _, dt = timed_call(m.put, hs, src)
                     assert m.stats()["remote_stored"] == n, "remote put stored too few blocks"
-                cases[label, "put-sync"].values.append(n * bs / GiB / dt)
+                cases[label, "put-sync"].add_rate(n * bs, dt)
                 with _manager(url, bs, n, remote_secret=secret) as m:
-                    t0 = time.perf_counter()
-                    got = m.get(hs, out)
-                    dt = time.perf_counter() - t0
+                    got, dt = timed_call(m.get, hs, out)
                 assert got == n and np.array_equal(out, src), "remote get returned wrong bytes"
-                cases[label, "get"].values.append(n * bs / GiB / dt)
+                cases[label, "get"].add_rate(n * bs, dt)
                 server.flushall()
                 progress.step(f"remote {label} {bs >> 10} KiB")
         for op in ("put-sync", "get"):
             mac, crc = cases["mac", op], cases["crc", op]
             mac.ratios["vs_no_secret"] = mac.median / crc.median
+            if mac.cpu_s_per_gib is not None and crc.cpu_s_per_gib:
+                mac.ratios["cpu_vs_no_secret"] = mac.cpu_s_per_gib / crc.cpu_s_per_gib
 
 
 def _cluster_vs_one(res: Results, directory: str, one_url: str, servers: List[_Server],
@@ -271,16 +268,17 @@ def _cluster_vs_one(res: Results, directory: str, one_url: str, servers: List[_S
             mgrs = [_manager(url, bs, per_thread) for _ in range(threads)]
             outs = [np.ones(per_thread * bs, np.uint8) for _ in range(threads)]
             ths = [threading.Thread(target=m.get, args=(hs, o)) for m, hs, o in zip(mgrs, hs_all, outs)]
-            t0 = time.perf_counter()
-            for t in ths:
-                t.start()
-            for t in ths:
-                t.join()
-            dt = time.perf_counter() - t0
+            def run_all(ths: List[threading.Thread] = ths) -> None:
+                for t in ths:
+                    t.start()
+                for t in ths:
+                    t.join()
+
+            dt = timed(run_all)
             for m in mgrs:
                 m.close()
             assert all(np.array_equal(o, src) for o in outs), "wrong bytes from the remote"
-            c.values.append(threads * per_thread * bs / GiB / dt)
+            c.add_rate(threads * per_thread * bs, dt)
         progress.step(f"remote {label} 4 threads")
     one = res.find("remote", "1-server", "get-4-threads", block_size=bs)
     clu = res.find("remote", "3-master-cluster", "get-4-threads", block_size=bs)
