@@ -153,16 +153,15 @@ impl BlockManager {
         let mut moves = match self.begin(&mut st, &plan, region) {
             Ok(m) => Some(m),
             Err(e) => {
-                st.warnings.push(format!(
-                    "promoting {} blocks into the host tier failed and was undone: {e}",
-                    plan.live_copies().count()
-                ));
+                Self::promotion_undone(&mut st, &plan, &e);
                 None
             }
         };
-        // Which disk hits go straight into their host slot (see above).
+        // The host slot each disk hit is promoted to (its promotion stayed
+        // in the plan), and which of them are read straight into it (see above).
+        let mut promoted_to: Vec<Option<u32>> = vec![None; read.disk.len()];
         let mut direct: Vec<Option<u32>> = vec![None; read.disk.len()];
-        if let Some(m) = moves.as_mut() {
+        if let (Some(m), false) = (moves.as_mut(), read.disk.is_empty()) {
             let written: HashSet<u32> = plan.live_writes().map(|w| w.disk_slot).collect();
             let sources: HashSet<u32> = plan
                 .live_writes()
@@ -174,10 +173,9 @@ impl BlockManager {
             let copy_at: std::collections::HashMap<usize, u32> =
                 plan.live_copies().map(|c| (c.addr, c.host_slot)).collect();
             for (k, &(t, i, _)) in read.disk.iter().enumerate() {
-                direct[k] = copy_at
-                    .get(&addrs[i])
-                    .copied()
-                    .filter(|s| !sources.contains(s) && !written.contains(&t));
+                promoted_to[k] = copy_at.get(&addrs[i]).copied();
+                direct[k] =
+                    promoted_to[k].filter(|s| !sources.contains(s) && !written.contains(&t));
             }
             let skip: HashSet<u64> = direct.iter().flatten().map(|&s| s as u64).collect();
             m.skip_copies(|s| skip.contains(&s));
@@ -201,33 +199,33 @@ impl BlockManager {
             Ok(()) => r_write,
             Err(e) => Err(Error::InvalidArgument(format!("the read failed: {e}"))),
         };
-        let promoted = match moves
+        if let Some(Err(e)) = moves
             .as_ref()
             .map(|m| self.finish(&mut st, &plan, m, r_write))
         {
-            Some(Ok(())) => plan.live_copies().map(|c| c.host_slot).collect(),
-            Some(Err(e)) => {
-                st.warnings.push(format!(
-                    "promoting {} blocks into the host tier failed and was undone: {e}",
-                    plan.live_copies().count()
-                ));
-                HashSet::new()
-            }
-            None => HashSet::new(),
-        };
+            Self::promotion_undone(&mut st, &plan, &e);
+            promoted_to.fill(None);
+        }
         r_read?;
         if st.closed {
             return Ok(read.n); // the bytes were read while the store was open
         }
-        let dropped = self.commit_read(
-            &mut st, hashes, addrs, &mut read, failures, &plan, &promoted,
-        );
+        let undone = self.commit_read(&mut st, hashes, &mut read, failures, &promoted_to);
         let n = read.n;
         st.stats.host_hits += read.host.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.disk_hits += read.disk.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.misses += (hashes.len() - n) as u64;
-        st.stats.onboarded_blocks += (promoted.len() - dropped) as u64;
+        st.stats.onboarded_blocks += (promoted_to.iter().flatten().count() - undone) as u64;
         Ok(n)
+    }
+
+    /// A get's promotion failed (to start, or to commit) and was rolled back:
+    /// the caller's data is complete; only the promotion is lost. Logged.
+    fn promotion_undone(st: &mut State, plan: &Plan, e: &Error) {
+        st.warnings.push(format!(
+            "promoting {} blocks into the host tier failed and was undone: {e}",
+            plan.live_copies().count()
+        ));
     }
 
     /// Step 2 of a `get`, without the lock. Returns each disk hit's failure
@@ -269,7 +267,7 @@ impl BlockManager {
         // SAFETY: forwarded; the destinations are the caller's blocks.
         let mut r_read = unsafe { self.read_disk(&batch(&first, false), &first, &mut failures) };
         let mut r_write = Ok(());
-        if let Some(m) = moves {
+        if let Some(m) = moves.filter(|_| r_read.is_ok()) {
             // SAFETY: the plan holds its slots; sources are held host slots
             // or the caller's blocks (read above when they are disk hits).
             r_write = unsafe { self.write_disk(m) };
@@ -339,16 +337,8 @@ impl BlockManager {
             st.reg.unpin(at);
         }
         r?;
-        let none = HashSet::new();
-        self.commit_read(
-            &mut st,
-            hashes,
-            addrs,
-            &mut read,
-            failures,
-            &Plan::default(),
-            &none,
-        );
+        let none = vec![None; read.disk.len()];
+        self.commit_read(&mut st, hashes, &mut read, failures, &none);
         Ok((st, read))
     }
 
@@ -481,27 +471,19 @@ impl BlockManager {
     }
 
     /// Step 3's drops: a block that failed its checksum or read is a miss:
-    /// dropped (its DEL in the index) with any host copy it was promoted to
-    /// (in `promoted`, the plan's committed host slots), counted, never
+    /// dropped (its DEL in the index) with the host copy it was promoted to
+    /// (`promoted_to`, per disk hit, from a committed plan), counted, never
     /// returned; the prefix ends before it. A block that was not read keeps
     /// its disk copy but not its promotion. Returns how many promotions were
     /// undone.
-    #[allow(clippy::too_many_arguments)]
     fn commit_read(
         &self,
         st: &mut State,
         hashes: &[u64],
-        addrs: &[usize],
         read: &mut Read,
         failures: Vec<Option<Failure>>,
-        plan: &Plan,
-        promoted: &HashSet<u32>,
+        promoted_to: &[Option<u32>],
     ) -> usize {
-        let copy_at: std::collections::HashMap<usize, u32> = plan
-            .live_copies()
-            .filter(|c| promoted.contains(&c.host_slot))
-            .map(|c| (c.addr, c.host_slot))
-            .collect();
         let mut dels = Vec::new();
         let mut undone = 0;
         for (k, f) in failures.into_iter().enumerate() {
@@ -511,10 +493,7 @@ impl BlockManager {
             let (t, i, _) = read.disk[k];
             let h = hashes[i];
             read.n = read.n.min(i);
-            let host_dropped = match copy_at.get(&addrs[i]) {
-                Some(&s) => st.reg.drop_host_copy(h, s),
-                None => false,
-            };
+            let host_dropped = promoted_to[k].is_some_and(|s| st.reg.drop_host_copy(h, s));
             undone += host_dropped as usize;
             if matches!(f, Failure::Skipped) {
                 continue; // not read: its disk copy stays
