@@ -82,9 +82,9 @@ pub fn coalesce(
 pub struct Pool {
     shared: std::sync::Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// The process that made the threads: a forked child has none of them
-    /// (and may hold a copy of the queue's lock taken by one of them).
-    pid: u32,
+    /// A forked child has none of the threads (and may hold a copy of the
+    /// queue's lock taken by one of them).
+    fork: crate::process::ForkGuard,
 }
 
 /// A batch's request for workers: `tickets` more threads may run `f`.
@@ -158,9 +158,10 @@ impl Shared {
 
 impl Pool {
     /// Run `f` on `workers` of the pool's threads at once (as they become
-    /// free) and wait for all of them; a panic in one is raised here.
+    /// free) and wait for all of them; a panic in one is raised here. (The
+    /// pool cannot stop meanwhile: dropping it needs it unborrowed.)
     pub fn run(&self, workers: usize, f: &(dyn Fn() + Sync)) {
-        if std::process::id() != self.pid {
+        if self.fork.forked() {
             // A forked child: the threads are not there; the caller works.
             for _ in 0..workers {
                 f();
@@ -168,8 +169,8 @@ impl Pool {
             return;
         }
         // SAFETY: only the lifetime is erased; this call does not return
-        // before every thread that took a ticket has finished running `f`
-        // (the wait below), and untaken tickets are withdrawn first.
+        // before every ticket was taken and has finished running `f` (the
+        // wait below).
         let f: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f) };
         let mut q = self.shared.lock();
         let id = q.next_id;
@@ -183,14 +184,8 @@ impl Pool {
             panic: None,
         });
         self.shared.work.notify_all();
-        let mut withdrawn = 0;
         loop {
-            let stop = q.stop;
-            let job = q.jobs.iter_mut().find(|j| j.id == id).expect("own job");
-            if stop {
-                // No thread takes tickets any more: the caller runs them.
-                withdrawn += std::mem::take(&mut job.tickets);
-            }
+            let job = q.jobs.iter().find(|j| j.id == id).expect("own job");
             if job.tickets == 0 && job.finished == job.taken {
                 break;
             }
@@ -202,10 +197,6 @@ impl Pool {
         if let Some(p) = job.panic {
             std::panic::resume_unwind(p);
         }
-        for _ in 0..withdrawn {
-            // SAFETY: `f` is the caller's own closure, alive for this call.
-            unsafe { (*f)() };
-        }
     }
 
     fn on_pool_thread(&self) -> bool {
@@ -216,7 +207,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        if std::process::id() != self.pid {
+        if self.fork.forked() {
             // A forked child: nothing to stop or join (and the lock may be
             // a copy of one a parent's thread held).
             std::mem::forget(std::mem::take(&mut self.threads));
@@ -224,7 +215,6 @@ impl Drop for Pool {
         }
         self.shared.lock().stop = true;
         self.shared.work.notify_all();
-        self.shared.done.notify_all();
         // A pool thread cannot wait for itself to end.
         if self.on_pool_thread() {
             return;
@@ -242,7 +232,7 @@ pub fn pool(threads: usize, name: &str, nice: u32) -> Option<Pool> {
     let mut p = Pool {
         shared: shared.clone(),
         threads: Vec::new(),
-        pid: std::process::id(),
+        fork: crate::process::ForkGuard::new("worker pool"),
     };
     for i in 0..threads.max(1) {
         let s = shared.clone();
