@@ -116,7 +116,7 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Work arrived (or the pool stops).
     work: std::sync::Condvar,
-    /// A ticket finished (or a thread started).
+    /// A batch completed (or a thread started).
     done: std::sync::Condvar,
 }
 
@@ -150,8 +150,12 @@ impl Shared {
                 if let Err(p) = r {
                     job.panic.get_or_insert(p);
                 }
+                // Its caller is woken once, when the batch is complete (not
+                // at every ticket: a context switch each).
+                if job.tickets == 0 && job.finished == job.taken {
+                    self.done.notify_all();
+                }
             }
-            self.done.notify_all();
         }
     }
 }
