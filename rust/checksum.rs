@@ -3,7 +3,13 @@
 
 /// Checksum of a block: CRC32C over its hash (little endian) and its bytes.
 pub fn block_crc(hash: u64, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&hash.to_le_bytes()), bytes)
+    crc32c::crc32c_append(block_crc_start(hash), bytes)
+}
+
+/// [`block_crc`] before any of the block's bytes: `crc32c::crc32c_append`
+/// each piece of the block to it, in order, to get the block's checksum.
+pub fn block_crc_start(hash: u64) -> u32 {
+    crc32c::crc32c(&hash.to_le_bytes())
 }
 
 #[cfg(test)]

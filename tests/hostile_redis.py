@@ -3,13 +3,17 @@ stores SET/GET/EXISTS/DEL like Redis and then misbehaves on demand. It is the pe
 about (a slow link, a broken or malicious server), not a stand-in for Redis: the remote tier's
 behaviour against real servers is tested in test_remote.py.
 
-Modes (``server.mode = ...``): "ok"; "trickle" (every reply one byte per ``trickle_s``);
+Modes (``server.mode = ...``): "ok"; "fragment" (every reply in pieces of random sizes, from one
+byte to a few KiB, a fraction of a millisecond apart); "trickle" (every reply one byte per
+``trickle_s``);
 "stall" (reads commands, never answers); "huge" (GET answers a bulk string announced as 6 GiB
 and streams zeros until the client goes); "moved" (a cluster whose only node answers every key
-command with MOVED to itself, forever)."""
+command with MOVED to itself, forever). ``server.flip = i`` makes every GET's value arrive with
+its byte ``i`` changed."""
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
@@ -24,6 +28,7 @@ class HostileRedis:
     def __init__(self) -> None:
         self.mode = "ok"
         self.trickle_s = 0.05
+        self.flip: Optional[int] = None
         self.data: Dict[bytes, bytes] = {}
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -70,7 +75,10 @@ class HostileRedis:
             self.data[args[1]] = args[2]
             return b"+OK\r\n"
         if cmd == b"GET":
-            return _bulk(self.data.get(args[1]))
+            v = self.data.get(args[1])
+            if v is not None and self.flip is not None:
+                v = v[:self.flip] + bytes([v[self.flip] ^ 0x5A]) + v[self.flip + 1:]
+            return _bulk(v)
         if cmd == b"EXISTS":
             return b":%d\r\n" % sum(a in self.data for a in args[1:])
         if cmd == b"DEL":
@@ -93,7 +101,14 @@ class HostileRedis:
                         c.sendall(zeros)  # until the client drops the connection
                     return
                 out = self._reply(args)
-                if self.mode == "trickle":
+                if self.mode == "fragment":
+                    i = 0
+                    while i < len(out):
+                        n = random.choice((1, 2, 3, 7, 61, 1000, 4099, 7000))
+                        c.sendall(out[i:i + n])
+                        i += n
+                        time.sleep(0.0003)
+                elif self.mode == "trickle":
                     for i in range(len(out)):
                         c.sendall(out[i:i + 1])
                         time.sleep(self.trickle_s)

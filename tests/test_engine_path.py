@@ -105,6 +105,39 @@ def test_a_value_announced_as_6_gib_costs_one_block_of_memory(hostile: HostileRe
     assert r.stdout.split() == ["0", "1", "False"], r.stdout
 
 
+@pytest.mark.parametrize("bs", [BS, 100 << 10])
+@pytest.mark.parametrize("secret", [None, "fragment-secret"])
+def test_values_arriving_in_odd_pieces_land_whole_and_every_byte_is_checked(
+        hostile: HostileRedis, bs: int, secret: "str | None") -> None:
+    # A value is read straight into its destination and checked piece by piece as it lands:
+    # pieces of any size (a length line split in two, a header across reads, 100 KiB blocks
+    # that straddle the MAC's 16 KiB runs) give the same bytes, and a changed byte anywhere in
+    # the block, the first or the last, is caught.
+    cfg = dict(block_size=bs, host_blocks=8, numa_node=None, pin=False,
+               remote=f"redis://127.0.0.1:{hostile.port}", remote_timeout_ms=20000,
+               remote_secret=secret)
+    data = np.random.default_rng(bs).integers(0, 256, 3 * bs, dtype=np.uint8)
+    with BlockManager(Config(remote_write="sync", **cfg)) as w:
+        assert w.put([1, 2, 3], data) == 3
+    hostile.mode = "fragment"
+    out = np.zeros(3 * bs, np.uint8)
+    with BlockManager(Config(**cfg)) as r:
+        assert r.get([1, 2, 3], out) == 3 and np.array_equal(out, data)
+        assert r.stats()["remote_hits"] == 3
+    header = 32 if secret is None else 64
+    bad = "remote_corrupt" if secret is None else "remote_unauthenticated"
+    for h, at in ((1, header), (2, header + bs - 1)):
+        hostile.flip = at
+        with BlockManager(Config(**cfg)) as r:
+            assert r.get([h], out[:bs]) == 0
+            assert r.stats()[bad] == 1 and r.stats()["remote_hits"] == 0
+    hostile.flip = None
+    with BlockManager(Config(**cfg)) as r:
+        # A corrupt value was deleted (a CRC's); one failing its MAC was kept; 3 is intact.
+        assert r.get([3], out[:bs]) == 1 and np.array_equal(out[:bs], data[2 * bs:])
+        assert r.get([1], out[:bs]) == (0 if secret is None else 1)
+
+
 def test_a_cluster_that_moves_keys_forever_costs_hits_not_time(hostile: HostileRedis) -> None:
     url = f"redis+cluster://127.0.0.1:{hostile.port}"
     with manager(url, remote_write="sync", remote_timeout_ms=300) as kv:

@@ -3,7 +3,7 @@
 //! then the block.
 
 use super::RemoteTier;
-use crate::checksum::block_crc;
+use crate::checksum::{block_crc, block_crc_start};
 
 pub(super) const MAGIC: &[u8; 4] = b"DYNR";
 /// Values checked by CRC32C.
@@ -55,15 +55,14 @@ impl RemoteTier {
         }
     }
 
-    /// The MAC of block `h`'s value: keyed BLAKE3 over its key, the first
-    /// 32 header bytes and the block.
-    fn mac(&self, key: &[u8; 32], name: &str, head: &[u8], block: &[u8]) -> blake3::Hash {
+    /// The keyed BLAKE3 state of block `name`'s value after its key and
+    /// the first 32 header bytes (the MAC goes on over the block).
+    fn mac_start(key: &[u8; 32], name: &str, head: &[u8]) -> blake3::Hasher {
         let mut m = blake3::Hasher::new_keyed(key);
         m.update(&(name.len() as u64).to_le_bytes());
         m.update(name.as_bytes());
-        m.update(head);
-        m.update(block);
-        m.finalize()
+        m.update(&head[..HEADER]);
+        m
     }
 
     /// The header of block `h`'s value (`header_len()` bytes).
@@ -78,8 +77,9 @@ impl RemoteTier {
         v[24..32].copy_from_slice(&self.opts.layout.to_le_bytes());
         match &self.mac_key {
             Some(k) => {
-                let mac = self.mac(k, name, &v[..HEADER], block);
-                v[HEADER..].copy_from_slice(mac.as_bytes());
+                let mut m = Self::mac_start(k, name, &v);
+                m.update(block);
+                v[HEADER..].copy_from_slice(m.finalize().as_bytes());
             }
             None => v[12..16].copy_from_slice(&block_crc(h, block).to_le_bytes()),
         }
@@ -113,11 +113,28 @@ impl RemoteTier {
         name: &str,
         v: &'a [u8],
     ) -> std::result::Result<&'a [u8], Bad> {
+        let hl = self.header_len();
+        self.begin_check(h, name, &v[..v.len().min(hl)], v.len())?
+            .finish(&v[hl..])?;
+        Ok(&v[hl..])
+    }
+
+    /// The check of a value `len` bytes long, from its header (`head`: its
+    /// first `header_len()` bytes, or all of it if shorter), before its
+    /// block arrives: the block then goes through [`Check::update`] (in
+    /// pieces, as they land) and [`Check::finish`].
+    pub(super) fn begin_check(
+        &self,
+        h: u64,
+        name: &str,
+        head: &[u8],
+        len: usize,
+    ) -> std::result::Result<Check, Bad> {
         let bs = self.opts.block_size;
-        let u16_at = |i: usize| u16::from_le_bytes([v[i], v[i + 1]]);
-        let u32_at = |i: usize| u32::from_le_bytes(v[i..i + 4].try_into().expect("4 bytes"));
-        let u64_at = |i: usize| u64::from_le_bytes(v[i..i + 8].try_into().expect("8 bytes"));
-        if v.len() < HEADER || &v[..4] != MAGIC {
+        let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+        if head.len() < HEADER || &head[..4] != MAGIC {
             return Err(Bad::Corrupt);
         }
         let version = u16_at(4);
@@ -128,7 +145,8 @@ impl RemoteTier {
             return Err(Bad::Unauthenticated);
         }
         let hl = self.header_len();
-        if v.len() != hl + bs
+        if len != hl + bs
+            || head.len() != hl
             || version != want
             || u16_at(6) as usize != hl
             || u32_at(8) as usize != bs
@@ -137,19 +155,83 @@ impl RemoteTier {
         {
             return Err(Bad::Corrupt);
         }
-        let block = &v[hl..];
-        match &self.mac_key {
-            Some(k) => {
-                let want: [u8; 32] = v[HEADER..HEADER_MAC].try_into().expect("32 bytes");
-                // blake3::Hash compares in constant time.
-                if self.mac(k, name, &v[..HEADER], block) == blake3::Hash::from(want) {
-                    Ok(block)
-                } else {
-                    Err(Bad::Unauthenticated)
-                }
+        let kind = match &self.mac_key {
+            Some(k) => CheckKind::Mac {
+                m: Box::new(Self::mac_start(k, name, head)),
+                want: head[HEADER..HEADER_MAC].try_into().expect("32 bytes"),
+                skew: 8 + name.len() + HEADER,
+            },
+            None => CheckKind::Crc {
+                got: block_crc_start(h),
+                want: u32_at(12),
+            },
+        };
+        Ok(Check { kind, done: 0 })
+    }
+}
+
+/// A value's check, run over its block as it arrives (see
+/// [`RemoteTier::begin_check`]): the same as [`block_crc`] or the MAC of
+/// the whole block, however the block arrives.
+pub(super) struct Check {
+    kind: CheckKind,
+    /// Bytes of the block already checked.
+    done: usize,
+}
+
+enum CheckKind {
+    Crc {
+        got: u32,
+        want: u32,
+    },
+    Mac {
+        m: Box<blake3::Hasher>,
+        want: [u8; 32],
+        skew: usize,
+    },
+}
+
+/// The MAC is fed in whole runs of this many bytes of its input (from the
+/// start of the input), so that BLAKE3 hashes full-width SIMD batches of
+/// its 1 KiB chunks rather than odd pieces of them.
+const MAC_RUN: usize = 16 << 10;
+
+impl Check {
+    /// `landed`: the block's first bytes, as far as they have arrived (more
+    /// at each call); checks what it can of them now, while they are in the
+    /// CPU cache.
+    pub(super) fn update(&mut self, landed: &[u8]) {
+        let to = match &self.kind {
+            CheckKind::Crc { .. } => landed.len(),
+            CheckKind::Mac { skew, .. } => {
+                ((skew + landed.len()) / MAC_RUN * MAC_RUN).saturating_sub(*skew)
             }
-            None if u32_at(12) == block_crc(h, block) => Ok(block),
-            None => Err(Bad::Corrupt),
+        };
+        if to > self.done {
+            self.feed(&landed[self.done..to]);
+            self.done = to;
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        match &mut self.kind {
+            CheckKind::Crc { got, .. } => *got = crc32c::crc32c_append(*got, bytes),
+            CheckKind::Mac { m, .. } => {
+                m.update(bytes);
+            }
+        }
+    }
+
+    /// Whether `block` (all of it, now) passed: a wrong CRC is `Corrupt`, a
+    /// wrong MAC `Unauthenticated`.
+    pub(super) fn finish(mut self, block: &[u8]) -> std::result::Result<(), Bad> {
+        self.feed(&block[self.done..]);
+        match self.kind {
+            CheckKind::Crc { got, want } if got == want => Ok(()),
+            CheckKind::Crc { .. } => Err(Bad::Corrupt),
+            // blake3::Hash compares in constant time.
+            CheckKind::Mac { m, want, .. } if m.finalize() == blake3::Hash::from(want) => Ok(()),
+            CheckKind::Mac { .. } => Err(Bad::Unauthenticated),
         }
     }
 }

@@ -11,7 +11,12 @@
 //!   time left until the call's [`Deadline`], and fails once it has passed;
 //! - every reply is read through a byte budget ([`Conn::recv`]'s `limit`
 //!   plus one read-ahead), so a 6 GiB announced value costs at most one
-//!   block of memory before the connection is dropped.
+//!   block of memory before the connection is dropped;
+//! - a GET's value of the expected length is read straight into its
+//!   destination ([`Conn::recv_value_into`]): the socket's bytes are copied
+//!   once, by the kernel, and checked piece by piece as they land, while
+//!   they are still in the CPU cache. Only the `$<length>` line in front of
+//!   it is read here; every other reply is parsed by redis-rs.
 //!
 //! A connection that failed in any way is dropped by its owner, never
 //! reused (a late answer could be read as the next command's).
@@ -26,6 +31,12 @@ use redis::{Parser, Value};
 /// Bytes one socket read asks for at most: also how far a reply's reading
 /// may run ahead into the next reply.
 const READ_AHEAD: usize = 64 << 10;
+/// Bytes the reader of a large value asks for with its `$<length>` line:
+/// little, so that the value itself is read straight into its destination.
+const LINE_READ: usize = 4 << 10;
+/// Bytes of a value one socket read lands in its destination at most (each
+/// piece is checked right after it lands, while it is in the CPU cache).
+const PIECE: usize = 256 << 10;
 
 /// The moment a call's remote work must end: the tier's own
 /// (`remote_timeout_ms` after the call began: missing it says the server is
@@ -235,9 +246,11 @@ impl Stream {
 }
 
 /// A reader over the stream that stops at the deadline (setting
-/// `timed_out`) and after `budget` bytes (setting `over`).
+/// `timed_out`) and after `budget` bytes (setting `over`); it first hands
+/// out what [`Conn::recv_value_into`] read ahead.
 struct Bounded<'a> {
     stream: &'a mut Stream,
+    ahead: &'a mut Ahead,
     deadline: &'a Deadline,
     budget: usize,
     over: bool,
@@ -254,19 +267,81 @@ impl Read for Bounded<'_> {
             ));
         }
         let cap = buf.len().min(READ_AHEAD).min(self.budget);
-        let n = self
-            .stream
-            .read(&mut buf[..cap], self.deadline)
-            .inspect_err(|e| self.timed_out = e.kind() == io::ErrorKind::TimedOut)?;
+        let n = if self.ahead.is_empty() {
+            self.stream
+                .read(&mut buf[..cap], self.deadline)
+                .inspect_err(|e| self.timed_out = e.kind() == io::ErrorKind::TimedOut)?
+        } else {
+            self.ahead.take(&mut buf[..cap])
+        };
         self.budget -= n;
         Ok(n)
     }
+}
+
+/// Bytes read from the socket and not yet consumed: `buf[pos..end]`.
+struct Ahead {
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+}
+
+impl Ahead {
+    fn is_empty(&self) -> bool {
+        self.pos == self.end
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
+
+    /// Move up to `out.len()` bytes out; returns how many.
+    fn take(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        n
+    }
+
+    /// Read up to `want` more bytes from the stream (at least one, or an
+    /// error: end of stream is `UnexpectedEof`), before the deadline.
+    fn fill(&mut self, s: &mut Stream, want: usize, d: &Deadline) -> io::Result<()> {
+        if self.pos > 0 {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        let to = (self.end + want).min(self.buf.len());
+        if to == self.end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a reply line is too long",
+            ));
+        }
+        match s.read(&mut self.buf[self.end..to], d)? {
+            0 => Err(io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                self.end += n;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A part of a value as [`Conn::recv_value_into`] lands it.
+pub(crate) enum Landed<'a> {
+    /// Its header, whole, before any of its block.
+    Head(&'a [u8]),
+    /// Its block's first bytes, as far as they have arrived (longer at
+    /// each call).
+    Body(&'a [u8]),
 }
 
 /// One connection (see the module docs).
 pub(crate) struct Conn {
     stream: Stream,
     parser: Parser,
+    ahead: Ahead,
 }
 
 impl Conn {
@@ -313,6 +388,11 @@ impl Conn {
         let mut conn = Conn {
             stream,
             parser: Parser::new(),
+            ahead: Ahead {
+                buf: vec![0; READ_AHEAD].into_boxed_slice(),
+                pos: 0,
+                end: 0,
+            },
         };
         let mut setup = redis::pipe();
         if let Some(pw) = &dial.password {
@@ -349,6 +429,7 @@ impl Conn {
     pub(crate) fn recv(&mut self, limit: usize, d: &Deadline, at: usize) -> Result<Value, Failure> {
         let mut r = Bounded {
             stream: &mut self.stream,
+            ahead: &mut self.ahead,
             deadline: d,
             budget: limit + READ_AHEAD,
             over: false,
@@ -360,6 +441,135 @@ impl Conn {
             Err(e) => Err(Failure::io(&e, r.timed_out)),
         }
     }
+
+    /// Read the reply to a GET whose value is expected to be
+    /// `head.len() + body.len()` bytes, before the deadline (`at`: its place
+    /// in the round trip). Such a value lands in place: its header in
+    /// `head`, its block straight in `body` (read from the socket into it),
+    /// each part handed to `landed` as it arrives; returns `None`. Any other
+    /// reply is returned as a value: nil, an error (a cluster's redirect), or
+    /// a value of another length of at most `limit` bytes (read whole); one
+    /// announcing more is [`Failure::Oversized`] before any of it is read.
+    /// If this fails, `head` and `body` hold whatever arrived.
+    pub(crate) fn recv_value_into(
+        &mut self,
+        head: &mut [u8],
+        body: &mut [u8],
+        limit: usize,
+        d: &Deadline,
+        at: usize,
+        landed: &mut dyn FnMut(Landed),
+    ) -> Result<Option<Value>, Failure> {
+        let want = head.len() + body.len();
+        // A large value is read mostly into its destination; small ones
+        // (several per socket read) mostly through the read-ahead.
+        let fill = if want >= READ_AHEAD {
+            LINE_READ
+        } else {
+            READ_AHEAD
+        };
+        let line = self
+            .line(limit.min(READ_AHEAD), fill, d)
+            .map_err(|e| match e {
+                LineError::TooLong => Failure::Oversized { at },
+                LineError::Io(e) => e.into(),
+            })?;
+        if line.first() != Some(&b'$') {
+            // Nil (RESP3), an error, or a reply no GET sends: redis-rs parses
+            // the line (an aggregate, incomplete in one line, fails here).
+            return match redis::parse_redis_value(&line) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => Err(Failure::io(&format!("unexpected reply to GET: {e}"), false)),
+            };
+        }
+        let len = std::str::from_utf8(&line[1..line.len() - 2])
+            .ok()
+            .and_then(|t| t.parse::<i64>().ok())
+            .ok_or_else(|| Failure::io(&"a malformed bulk string length", false))?;
+        if len < 0 {
+            return Ok(Some(Value::Nil));
+        }
+        let len = len as usize;
+        if len.saturating_add(line.len() + 2) > limit {
+            return Err(Failure::Oversized { at });
+        }
+        if len != want {
+            let mut v = vec![0; len];
+            self.exact(&mut v, d, &mut |_| {})?;
+            self.crlf(d)?;
+            return Ok(Some(Value::BulkString(v)));
+        }
+        self.exact(head, d, &mut |_| {})?;
+        landed(Landed::Head(head));
+        self.exact(body, d, &mut |upto| landed(Landed::Body(upto)))?;
+        self.crlf(d)?;
+        Ok(None)
+    }
+
+    /// One reply line with its CRLF, at most `max` bytes, read ahead
+    /// `fill` bytes at a time.
+    fn line(&mut self, max: usize, fill: usize, d: &Deadline) -> Result<Vec<u8>, LineError> {
+        let mut seen: usize = 0;
+        loop {
+            let b = self.ahead.bytes();
+            if let Some(i) = b[seen.saturating_sub(1)..]
+                .windows(2)
+                .position(|w| w == b"\r\n")
+            {
+                let end = seen.saturating_sub(1) + i + 2;
+                let line = b[..end].to_vec();
+                self.ahead.pos += end;
+                return Ok(line);
+            }
+            seen = b.len();
+            if seen >= max {
+                return Err(LineError::TooLong);
+            }
+            self.ahead
+                .fill(&mut self.stream, fill.min(max - seen + 1), d)
+                .map_err(|e| LineError::Io(timed(e)))?;
+        }
+    }
+
+    /// Fill `out` from the read-ahead, then straight from the socket,
+    /// handing `landed` the part of `out` filled so far after each read.
+    fn exact(
+        &mut self,
+        out: &mut [u8],
+        d: &Deadline,
+        landed: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), Failure> {
+        let mut off = self.ahead.take(out);
+        if off > 0 {
+            landed(&out[..off]);
+        }
+        while off < out.len() {
+            let to = (off + PIECE).min(out.len());
+            match self.stream.read(&mut out[off..to], d)? {
+                0 => return Err(Failure::io(&"the server closed the connection", false)),
+                n => {
+                    off += n;
+                    landed(&out[..off]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The CRLF that ends a bulk string.
+    fn crlf(&mut self, d: &Deadline) -> Result<(), Failure> {
+        let mut end = [0u8; 2];
+        self.exact(&mut end, d, &mut |_| {})?;
+        if &end != b"\r\n" {
+            return Err(Failure::io(&"a bulk string without its CRLF", false));
+        }
+        Ok(())
+    }
+}
+
+enum LineError {
+    TooLong,
+    Io(io::Error),
 }
 
 /// A server's error reply as one line: its code and details.

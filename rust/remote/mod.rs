@@ -17,8 +17,10 @@
 //! - **Deadlines**: every call's remote work (connect, TLS handshake, every
 //!   round trip of the call together) ends by one deadline,
 //!   `timeout_ms` after it starts ([`conn`]); every reply is read through a
-//!   size bound (a value longer than a block's is refused while it is read,
-//!   the connection dropped, the event counted as `remote_oversized`). A
+//!   size bound (a value longer than a block's is refused before or while it
+//!   is read, the connection dropped, the event counted as
+//!   `remote_oversized`). A fetched value lands straight in its destination
+//!   and is checked as it arrives ([`conn::Conn::recv_value_into`]). A
 //!   failed connection or a missed deadline of the tier's own (counted as
 //!   `remote_deadline_missed`; a caller's shorter one is only counted) marks
 //!   the tier down for a backoff (250 ms, doubling to 10 s) during which
@@ -53,9 +55,11 @@ mod health;
 mod url;
 mod writer;
 
+use std::cell::Cell;
+
 use codec::Bad;
 pub use conn::Deadline;
-use conn::{Conn, Dialer, Failure};
+use conn::{Conn, Dialer, Failure, Landed};
 use health::Health;
 pub use url::redact;
 use writer::Queue;
@@ -101,6 +105,19 @@ pub(crate) type Node = (String, u16);
 
 /// Connections kept per server for later calls.
 const POOL_PER_NODE: usize = 16;
+
+/// How [`RemoteTier::round_trip`] reads each reply.
+enum Replies<'a> {
+    /// Parsed whole, each of at most this many bytes.
+    Parsed(usize),
+    /// `read(conn, i)` reads reply `i` itself: `None` when it kept the
+    /// reply (a value landed in place), else the reply as a value.
+    Into(&'a mut ReadReply<'a>),
+}
+
+/// See [`Replies::Into`].
+type ReadReply<'a> =
+    dyn FnMut(&mut Conn, usize) -> std::result::Result<Option<Value>, Failure> + 'a;
 
 /// The servers (one, or a cluster's masters) and pooled connections to them.
 struct Net {
@@ -443,14 +460,15 @@ impl RemoteTier {
     /// (command `i` is about `keys[i]`): `pack(i, buf)` appends command
     /// `i` (false: nothing to send for `i`), each server's commands go out
     /// in ~1 MiB writes, and its replies (at most `limit` bytes each) are
-    /// handed in order to `reply(i, value)`, all before the deadline. A
+    /// handed in order to `reply(i, value)`, all before the deadline (with
+    /// [`Replies::Into`], a reply it does not hand back is not handed on). A
     /// cluster's MOVED/ASK/TRYAGAIN/CLUSTERDOWN replies refresh its slot map
     /// and those commands are sent once more; a second such reply is handed
     /// over as it is. A connection that failed is dropped.
     fn round_trip(
         &self,
         keys: &[String],
-        limit: usize,
+        mut replies: Replies,
         d: &Deadline,
         buf: &mut Vec<u8>,
         pack: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
@@ -477,7 +495,13 @@ impl RemoteTier {
                     buf.clear();
                 }
                 for &i in &sent {
-                    let v = c.recv(limit, d, i)?;
+                    let v = match &mut replies {
+                        Replies::Parsed(limit) => c.recv(*limit, d, i)?,
+                        Replies::Into(read) => match read(&mut c, i)? {
+                            Some(v) => v,
+                            None => continue,
+                        },
+                    };
                     if self.net.cluster && attempt == 0 && is_redirect(&v) {
                         again.push(i);
                     } else {
@@ -510,7 +534,7 @@ impl RemoteTier {
             let mut found = vec![false; chunk.len()];
             let r = self.round_trip(
                 &keys,
-                64,
+                Replies::Parsed(64),
                 &d,
                 &mut buf,
                 &mut |i, b| {
@@ -588,33 +612,58 @@ impl RemoteTier {
     /// As for [`Self::fetch`], for `dst[..chunk.len()]`.
     unsafe fn get_chunk(&self, chunk: &[u64], dst: &[usize], d: &Deadline) -> usize {
         let bs = self.opts.block_size;
+        let hl = self.header_len();
+        // Values of either kind (with a MAC or a CRC) are read whole and
+        // judged; only a reply longer than the longer kind is refused.
+        let limit = codec::HEADER_MAC + bs + FRAMING;
         let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
-        let mut fate: Vec<Option<Bad>> = vec![Some(Bad::Missing); chunk.len()];
+        // Each block's fate: None once it arrived whole and passed its checks.
+        let fate: Vec<Cell<Option<Bad>>> = vec![Cell::new(Some(Bad::Missing)); chunk.len()];
+        let mut head = [0u8; codec::HEADER_MAC];
         let mut buf = Vec::new();
+        // A value of the right length lands in place: its block straight in
+        // dst[i], checked piece by piece as it arrives.
+        let mut into = |c: &mut Conn, i: usize| {
+            // SAFETY: the caller guarantees dst[i] is valid for writes of
+            // block_size bytes, distinct, and not touched by others.
+            let block = unsafe { std::slice::from_raw_parts_mut(dst[i] as *mut u8, bs) };
+            let mut check = Err(Bad::Corrupt);
+            let got =
+                c.recv_value_into(&mut head[..hl], block, limit, d, i, &mut |part| match (
+                    part, &mut check,
+                ) {
+                    (Landed::Head(head), _) => {
+                        check = self.begin_check(chunk[i], &keys[i], head, hl + bs)
+                    }
+                    (Landed::Body(upto), Ok(c)) => c.update(upto),
+                    (Landed::Body(_), Err(_)) => {}
+                })?;
+            if got.is_none() {
+                fate[i].set(check.and_then(|c| c.finish(block)).err());
+            }
+            Ok(got)
+        };
         let r = self.round_trip(
             &keys,
-            self.value_len() + FRAMING,
+            Replies::Into(&mut into),
             d,
             &mut buf,
             &mut |i, b| {
                 redis::cmd("GET").arg(&keys[i]).write_packed_command(b);
                 true
             },
+            // Any other reply: a value of another length fails its checks.
             &mut |i, v| {
-                let Value::BulkString(v) = v else { return };
-                match self.decode(chunk[i], &keys[i], &v) {
-                    Ok(block) => {
-                        // SAFETY: the caller guarantees dst[i] is valid for
-                        // writes of block_size bytes; `block` is bs bytes.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(block.as_ptr(), dst[i] as *mut u8, bs)
-                        };
-                        fate[i] = None;
-                    }
-                    Err(bad) => fate[i] = Some(bad),
+                if let Value::BulkString(v) = v {
+                    fate[i].set(
+                        self.decode(chunk[i], &keys[i], &v)
+                            .err()
+                            .or(Some(Bad::Corrupt)),
+                    );
                 }
             },
         );
+        let mut fate: Vec<Option<Bad>> = fate.into_iter().map(Cell::into_inner).collect();
         let mut n = fate.iter().take_while(|f| f.is_none()).count();
         match r {
             Ok(()) => self.came_up(),
@@ -665,7 +714,7 @@ impl RemoteTier {
         let mut buf = Vec::new();
         let r = self.round_trip(
             &[key.to_string()],
-            1024,
+            Replies::Parsed(1024),
             d,
             &mut buf,
             &mut |_, b| {

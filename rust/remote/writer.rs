@@ -131,7 +131,7 @@ impl RemoteTier {
             let Writer { cmd, packed } = w;
             let r = self.round_trip(
                 &keys,
-                1024,
+                super::Replies::Parsed(1024),
                 &d,
                 packed,
                 &mut |i, b| {
