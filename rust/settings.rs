@@ -102,6 +102,34 @@ impl RemoteWrite {
     }
 }
 
+/// Which blocks leaving the host tier get a disk copy
+/// (`disk_admission`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DiskAdmission {
+    /// Every host victim without a disk copy is written to disk.
+    #[default]
+    All,
+    /// Only a victim asked for again while in the host tier (a hit, a
+    /// `touch`, a `put` of it), or one turned away before and put again
+    /// (its second sighting): the rest leave without a disk write, counted
+    /// as `disk_not_admitted`.
+    Reuse,
+}
+
+impl DiskAdmission {
+    pub const NAMES: [&'static str; 2] = ["all", "reuse"];
+
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "all" => Ok(DiskAdmission::All),
+            "reuse" => Ok(DiskAdmission::Reuse),
+            other => Err(Error::InvalidArgument(format!(
+                "disk_admission must be \"all\" or \"reuse\", got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Bounds of the integer settings: (name, minimum, maximum, default).
 /// `None` as default: no default (must be given) or "unset".
 pub struct IntSetting {
@@ -251,6 +279,7 @@ pub const DEFAULT_DURABILITY: &str = "process";
 pub const DEFAULT_CHECKSUMS: bool = true;
 pub const DEFAULT_WRITE_THROUGH: bool = false;
 pub const DEFAULT_WRITE_BEHIND: bool = true;
+pub const DEFAULT_DISK_ADMISSION: &str = "all";
 pub const DEFAULT_PERSIST: bool = false;
 pub const DEFAULT_HUGE_PAGES: bool = true;
 pub const DEFAULT_REMOTE_PREFIX: &str = "dynblock";
@@ -483,6 +512,12 @@ pub const ENV: &[EnvGroup] = &[
         "write_behind",
     )]),
     group(&[var(
+        "DYNBLOCK_DISK_ADMISSION",
+        "disk_admission",
+        EnvForm::Choice(&DiskAdmission::NAMES),
+        "disk_admission",
+    )]),
+    group(&[var(
         "DYNBLOCK_CHECKSUMS",
         "checksums",
         EnvForm::Bool,
@@ -637,6 +672,8 @@ mod tests {
         assert_eq!(Prealloc::parse("sparse").unwrap(), Prealloc::Sparse);
         assert!(Prealloc::parse("lots").is_err());
         assert_eq!(Durability::parse("sync").unwrap(), Durability::Sync);
+        assert_eq!(DiskAdmission::parse("reuse").unwrap(), DiskAdmission::Reuse);
+        assert!(DiskAdmission::parse("second-hit").is_err());
         assert!(Durability::parse("SYNC").is_err());
     }
 }

@@ -280,3 +280,52 @@ def test_remote_workload_runs_against_real_servers(tmp_path: Path) -> None:
     cluster = res.find("remote", "3-master-cluster", "get-4-threads", block_size=256 << 10)
     assert cluster is None or "vs_1_server" in cluster.ratios  # absent only with a note
     assert cluster is not None or res.notes
+
+
+def test_belady_matches_a_hand_computed_optimum_and_bounds_lru() -> None:
+    from dynblock.bench.policy import belady_hits
+
+    # Capacity 2, references 1 2 3 1 2: on 3, MIN evicts 2 (next used after 1), so 1 hits: 1 hit.
+    # LRU evicts 1 on 3, then 2 on 1, then misses 2: 0 hits.
+    assert belady_hits([[1, 2], [3], [1], [2]], 2) == 1
+    assert belady_hits([[1, 2], [3], [1], [2]], 3) == 2
+    assert belady_hits([[1, 1, 1]], 0) == 0 and belady_hits([[1, 1, 1]], 1) == 2
+
+
+def test_policy_replay_counts_what_admission_keeps_off_the_disk(tmp_path: Path) -> None:
+    from dynblock.bench.policy import replay, with_scans
+
+    # Host 2, disk 8: requests that never come back, then one that does.
+    reqs = [[1, 2], [3, 4], [5, 6], [1, 2], [1, 2]]
+    every = replay(reqs, 2, 8, "lru", "all", str(tmp_path))
+    reuse = replay(reqs, 2, 8, "lru", "reuse", str(tmp_path))
+    # "all" writes every host victim: 1-4, then 5 and 6 when 1 and 2 come back from disk.
+    # "reuse" writes none: no block is asked for twice while in the host tier; 1 and 2 come
+    # back on their second sighting (recomputed) and stay in the host tier.
+    assert (every["disk_writes"], every["disk_hits"], every["disk_not_admitted"]) == (6, 2, 0)
+    assert (reuse["disk_writes"], reuse["disk_hits"], reuse["disk_not_admitted"]) == (0, 0, 6)
+    assert every["hit_rate"] == 4 / 10 and reuse["hit_rate"] == 2 / 10
+    with pytest.raises(ValueError, match="eviction"):
+        replay(reqs, 2, 8, "fifo", "all", str(tmp_path))
+    scanned = with_scans([[1, 2], [3], [4], [5], [6]], every=2)
+    extra = [r for r in scanned if r not in ([1, 2], [3], [4], [5], [6])]
+    assert len(scanned) == 7 and all(min(r) > 6 for r in extra)
+    assert not set(extra[0]) & set(extra[1])
+
+
+def test_policy_workload_reports_every_trace_and_capacity_under_belady(tmp_path: Path) -> None:
+    r = run_bench(["--workloads", "policy", "--dir", str(tmp_path), "--json"], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    cases = [c for c in out["cases"] if c["workload"] == "policy"]
+    assert {c["params"]["trace"] for c in cases} == {"conversation", "synthetic", "conversation+scans"}
+    assert len(cases) == 3 * 3 * 2 and {c["impl"] for c in cases} == {"lru/all", "lru/reuse"}
+    for c in cases:
+        e = c["extra"]
+        assert 0 < e["hit_rate"] <= e["belady"] <= 1, c
+        assert c["ratios"]["of_belady"] == pytest.approx(e["hit_rate"] / e["belady"])
+        assert (e["disk_not_admitted"] > 0) == (c["impl"] == "lru/reuse")
+    goals = [g for g in out["goals"] if "disk_admission" in g["goal"]]
+    assert len(goals) == 2 * 9 and all(g["key"] in ("writes_per_disk_hit_vs_all", "hit_vs_all_points")
+                                       for g in goals)
+    assert os.listdir(tmp_path) == []  # every replay's disk file is gone

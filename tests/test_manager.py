@@ -25,14 +25,21 @@ import dynblock
 from dynblock import BlockManager, Config, HostStorage
 from conftest import PRELUDE, fill_up, run_py
 from redis_servers import Server
-from test_durability import BS, data_for, get_one, open_store
+from test_durability import BS, blocks, data_for, get_one, open_store
 
 
 class PolicyModel:
     """The documented policy, block by block (see rust/manager/mod.rs)."""
 
-    def __init__(self, host_cap: int, disk_cap: int) -> None:
+    def __init__(self, host_cap: int, disk_cap: int, admission: str = "all") -> None:
         self.H, self.D = host_cap, disk_cap
+        # disk_admission: with "reuse" a host victim goes to disk only if it was asked for
+        # again since it entered the host tier, or its hash was turned away before (the last
+        # H + D turned away are remembered, oldest forgotten first).
+        self.admission = admission
+        self.asked: "set[int]" = set()
+        self.ghost: "OrderedDict[int, None]" = OrderedDict()
+        self.not_admitted = 0
         self.host: "OrderedDict[int, None]" = OrderedDict()
         self.disk: "OrderedDict[int, None]" = OrderedDict()
         self.data: Dict[int, bytes] = {}
@@ -72,6 +79,7 @@ class PolicyModel:
     def touch(self, h: int) -> None:
         if h in self.host:
             self.host.move_to_end(h)
+            self.asked.add(h)
         if h in self.disk:
             self.disk.move_to_end(h)
 
@@ -87,11 +95,26 @@ class PolicyModel:
                 self.inflight = None
                 return False
             del self.host[v]
+            asked = v in self.asked
+            self.asked.discard(v)
             if v in self.disk:
+                continue
+            if self.D and self.admission == "reuse" and not asked:
+                self._drop(v)
+                self.not_admitted += 1
+                if v not in self.ghost:
+                    self.ghost[v] = None
+                    while len(self.ghost) > self.H + self.D:
+                        self.ghost.popitem(last=False)
                 continue
             if not (self.D and self.disk_insert(v)):
                 self._drop(v)
         self.host[h] = None
+        if h in self.ghost:  # its second sighting
+            del self.ghost[h]
+            self.asked.add(h)
+        else:
+            self.asked.discard(h)
         self.inflight = None
         return True
 
@@ -198,15 +221,16 @@ class ManagerMachine(RuleBasedStateMachine):
         caps=st.sampled_from([(0, 3), (1, 0), (2, 0), (1, 1), (2, 3), (3, 2), (2, 5), (4, 4)]),
         block_size=st.sampled_from([512, 1000, 4096]),
         o_direct=st.booleans(),
+        admission=st.sampled_from(["all", "reuse"]),
     )
-    def setup(self, caps, block_size, o_direct) -> None:
-        self.open(caps, block_size, o_direct)
+    def setup(self, caps, block_size, o_direct, admission) -> None:
+        self.open(caps, block_size, o_direct, disk_admission=admission)
 
     def open(self, caps, block_size, o_direct, **extra) -> None:
         self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
         h, d = caps
         self.bs = block_size
-        self.model = PolicyModel(h, d)
+        self.model = PolicyModel(h, d, extra.get("disk_admission", "all"))
         # The model is the synchronous policy: no background write-behind.
         cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
                      o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
@@ -325,6 +349,7 @@ class ManagerMachine(RuleBasedStateMachine):
         s = self.m.stats()
         assert s["host_blocks_used"] <= self.model.H and s["disk_blocks_used"] <= self.model.D
         assert s["dropped_blocks"] == self.model.dropped
+        assert s["disk_not_admitted"] == self.model.not_admitted
         assert s["rejected_full"] == self.model.rejected
         for h in range(13):
             assert (h in self.m) == self.model.present(h)
@@ -780,3 +805,36 @@ def test_host_alignment_above_a_huge_page_is_honoured() -> None:
         assert h.slot_stride % (16 << 20) == 0
     finally:
         h.close()
+
+
+def test_reuse_admission_spares_the_disk_blocks_nobody_asked_for_twice(tmp_path: Path) -> None:
+    # Host 2, disk 8: blocks 1-4 go through the host tier; only 2 is asked for again there.
+    with make(tmp_path, 2, 8, disk_admission="reuse") as m:
+        for h in (1, 2):
+            m.put([h], block_for(h, 4096))
+        assert m.touch([2]) == 1
+        m.put([3], block_for(3, 4096))  # evicts 1 (never asked again): not written
+        m.put([4], block_for(4, 4096))  # evicts 2 (touched): written to disk
+        s = m.stats()
+        assert (s["disk_not_admitted"], s["offloaded_blocks"], s["disk_blocks_used"]) == (1, 1, 1)
+        assert 1 not in m and 2 in m and np.array_equal(get_one(m, 2), block_for(2, 4096))
+        m.put([1], block_for(1, 4096))  # 1 again: its second sighting, admitted when it leaves
+        m.put([5, 6], np.concatenate([block_for(5, 4096), block_for(6, 4096)]))
+        assert 1 in m and m.stats()["disk_not_admitted"] == 3  # 1 is on disk; 3 and 4 were not
+    with make(tmp_path, 2, 8) as m:  # "all" (the default) writes every victim
+        for h in (1, 2, 3, 4):
+            m.put([h], block_for(h, 4096))
+        assert m.stats()["disk_not_admitted"] == 0 and m.stats()["offloaded_blocks"] == 2
+
+
+def test_write_behind_and_a_closing_store_write_only_what_admission_admits(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with open_store(path, disk_blocks=8, host_blocks=4, disk_admission="reuse") as m:
+        m.put([1, 2], blocks([1, 2]))
+        assert m.get([1], np.zeros(BS, np.uint8)) == 1  # 1 is asked for again
+        m.put([3, 4], blocks([3, 4]))  # the host tier, least recent first: 2 1 3 4
+        m.flush()  # write-behind: the least recent half (2, 1), what admission admits (1)
+        assert m.stats()["written_behind"] == 1
+    with open_store(path, disk_blocks=8, host_blocks=4, disk_admission="reuse") as m:
+        assert m.stats()["recovered_blocks"] == 1 and 1 in m and 2 not in m
+        assert np.array_equal(get_one(m, 1), data_for(1))

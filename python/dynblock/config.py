@@ -162,6 +162,14 @@ class Config:
     half of the host tier written to disk in the background, so a ``put``
     into a full host tier evicts without waiting for disk writes;
     ``BlockManager.flush()`` waits for it.
+    ``disk_admission`` says which blocks leaving the host tier get a disk copy:
+    ``"all"`` (default) or ``"reuse"``: only a block asked for again while in
+    the host tier (a hit, a ``touch``, a ``put`` of it), or one turned away
+    before and put again (its second sighting; the last ``host_blocks +
+    disk_blocks`` turned away are remembered). The rest leave without a disk
+    write, counted in ``stats()["disk_not_admitted"]``: fewer SSD writes for
+    blocks nobody asks for twice. Write-behind and a closing persistent store
+    write only what it admits; it cannot be combined with ``write_through``.
     ``worker_nice`` (default 5, 0-19) is the nice value of the threads that
     copy and do disk I/O in the background: a busy CPU goes to the engine's
     own threads (its scheduler loop) first; 0 gives them the caller's priority.
@@ -190,6 +198,7 @@ class Config:
     durability: Literal["process", "sync"] = DEFAULTS["durability"]
     write_through: bool = DEFAULTS["write_through"]
     write_behind: bool = DEFAULTS["write_behind"]
+    disk_admission: Literal["all", "reuse"] = DEFAULTS["disk_admission"]
     checksums: bool = DEFAULTS["checksums"]
     remote: Optional[str] = dataclasses.field(default=None, repr=False)
     remote_prefix: str = DEFAULTS["remote_prefix"]
@@ -237,8 +246,14 @@ class Config:
         if self.host_blocks == 0 and self.disk_blocks == 0:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
         for name in ("o_direct", "pin", "preallocate", "io_depth", "worker_nice", "durability",
-                     "persist", "write_through", "write_behind", "checksums", "huge_pages"):
+                     "persist", "write_through", "write_behind", "checksums", "huge_pages",
+                     "disk_admission"):
             setattr(self, name, check(name, getattr(self, name)))
+        if self.disk_admission != "all" and self.write_through:
+            raise ValueError(
+                f"disk_admission={self.disk_admission!r} and write_through=True disagree: write-through "
+                "writes every new block to disk at put; keep disk_admission='all' with it"
+            )
         if self.numa_node not in (None, "auto"):
             self.numa_node = check("numa_node", self.numa_node)
         if self.gpu is not None:

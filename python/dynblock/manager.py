@@ -311,6 +311,7 @@ class BlockManager:
                 sync=config.durability == "sync",
                 layout=_layout_fingerprint(config),
                 write_behind=config.write_behind,
+                disk_admission=config.disk_admission,
             )
             self._remote: Optional[_core.RemoteTier] = None
             if config.remote:

@@ -10,7 +10,13 @@
 //!   (or straight to disk when there is no host tier), in the order given.
 //! - **Host full**: the host LRU block leaves the host tier; if it has no disk
 //!   copy it is inserted into the disk tier (the offload), else it just keeps
-//!   its disk copy; with no disk tier it is dropped.
+//!   its disk copy; with no disk tier it is dropped. With
+//!   `disk_admission="reuse"` only a block asked for again since it entered
+//!   the host tier (touched: a hit, a `touch`, a put of it) is offloaded, or
+//!   one whose hash was turned away before (the last `host + disk` turned
+//!   away are remembered, oldest forgotten first) and that was put again;
+//!   another is dropped, counted as `disk_not_admitted`, and remembered.
+//!   `clear` forgets what was turned away.
 //! - **Disk full**: the disk LRU block loses its disk copy (dropped if that
 //!   was its only copy).
 //! - **get**: the longest stored prefix is read from where each block is at
@@ -119,6 +125,8 @@ pub struct Stats {
     pub host_evictions: u64,
     pub disk_evictions: u64,
     pub dropped_blocks: u64,
+    /// Host victims `disk_admission` kept off the disk (in `dropped_blocks` too).
+    pub disk_not_admitted: u64,
     /// New blocks not stored because every slot they could take was pinned.
     pub rejected_full: u64,
     /// Leases taken by `lookup`.
@@ -191,6 +199,8 @@ pub struct ManagerOptions {
     /// eviction (see [`BlockManager::clean_some`]), so a put into a full host
     /// tier does not wait for disk writes.
     pub write_behind: bool,
+    /// Which host victims get a disk copy.
+    pub disk_admission: crate::settings::DiskAdmission,
 }
 
 impl BlockManager {
@@ -220,6 +230,7 @@ impl BlockManager {
                 .map_or(Ok(0), |h| capacity(h.num_blocks(), "host"))?,
             disk.as_ref()
                 .map_or(Ok(0), |d| capacity(d.num_blocks(), "disk"))?,
+            opts.disk_admission,
         );
         let mut stats = Stats::default();
         let mut warnings = Vec::new();
@@ -558,6 +569,7 @@ impl BlockManager {
             host_evictions: c.host_evictions,
             disk_evictions: c.disk_evictions,
             dropped_blocks: c.dropped_blocks,
+            disk_not_admitted: c.not_admitted,
             ..st.stats.clone()
         };
         Ok((s, st.reg.used()))

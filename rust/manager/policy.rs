@@ -31,6 +31,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
 use crate::index::Live;
+use crate::settings::DiskAdmission;
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
 /// small consecutive integers; this spreads them).
@@ -166,6 +167,9 @@ struct SlotTable {
     /// Bytes still arriving (a plan running without the lock): invisible
     /// to reads, and always pinned.
     filling: Vec<bool>,
+    /// Whether each slot's block was asked for again since it took the
+    /// slot (host tier: what `disk_admission="reuse"` admits).
+    asked: Vec<bool>,
 }
 
 impl SlotTable {
@@ -178,6 +182,7 @@ impl SlotTable {
             pins: vec![0; cap as usize],
             doomed: vec![false; cap as usize],
             filling: vec![false; cap as usize],
+            asked: vec![false; cap as usize],
         }
     }
     fn cap(&self) -> usize {
@@ -213,6 +218,7 @@ impl SlotTable {
     }
     fn occupy(&mut self, s: u32, h: u64) {
         self.hash_of[s as usize] = h;
+        self.asked[s as usize] = false;
         self.lru.push_back(s);
     }
     fn release(&mut self, s: u32) {
@@ -244,6 +250,60 @@ impl SlotTable {
     }
 }
 
+/// The blocks `disk_admission="reuse"` turned away, most recent last, at
+/// most `cap` of them (the oldest are forgotten first): one put again is on
+/// its second sighting and will be admitted.
+struct Ghost {
+    /// (hash, ticket); an entry whose ticket is no longer its hash's in
+    /// `members` is stale (the hash was taken back out).
+    order: std::collections::VecDeque<(u64, u64)>,
+    members: Map<u64, u64>,
+    next: u64,
+    cap: usize,
+}
+
+impl Ghost {
+    fn new(cap: usize) -> Self {
+        Ghost {
+            order: std::collections::VecDeque::new(),
+            members: Map::default(),
+            next: 0,
+            cap,
+        }
+    }
+
+    /// Remember `h` (no change if it is remembered already).
+    fn add(&mut self, h: u64) {
+        if self.cap == 0 || self.members.contains_key(&h) {
+            return;
+        }
+        self.next += 1;
+        self.members.insert(h, self.next);
+        self.order.push_back((h, self.next));
+        while self.members.len() > self.cap {
+            let (old, t) = self.order.pop_front().expect("members are queued");
+            if self.members.get(&old) == Some(&t) {
+                self.members.remove(&old);
+            }
+        }
+        // Stale entries left by `take` are dropped once they are half the queue.
+        if self.order.len() > 2 * self.members.len() + 64 {
+            let members = &self.members;
+            self.order.retain(|(h, t)| members.get(h) == Some(t));
+        }
+    }
+
+    /// Whether `h` was remembered; forgets it.
+    fn take(&mut self, h: u64) -> bool {
+        self.members.remove(&h).is_some()
+    }
+
+    fn clear(&mut self) {
+        self.order.clear();
+        self.members.clear();
+    }
+}
+
 /// Where a block's copies are ([`NIL`] for none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -258,6 +318,8 @@ pub(super) struct PolicyCounts {
     pub(super) disk_evictions: u64,
     /// Blocks whose last copy was evicted (or could find no slot).
     pub(super) dropped_blocks: u64,
+    /// Host victims `disk_admission` kept off the disk (also dropped).
+    pub(super) not_admitted: u64,
 }
 
 /// Where a disk write's bytes come from.
@@ -312,16 +374,22 @@ pub(super) struct Registry {
     host: Option<SlotTable>,
     disk: Option<SlotTable>,
     counts: PolicyCounts,
+    admission: DiskAdmission,
+    /// What `admission` turned away (as many as both tiers have slots).
+    ghost: Ghost,
 }
 
 impl Registry {
-    /// Empty tiers of `host` and `disk` slots (0: no such tier).
-    pub(super) fn new(host: u32, disk: u32) -> Self {
+    /// Empty tiers of `host` and `disk` slots (0: no such tier); host
+    /// victims go to disk as `admission` says.
+    pub(super) fn new(host: u32, disk: u32, admission: DiskAdmission) -> Self {
         Registry {
             map: Map::default(),
             host: (host > 0).then(|| SlotTable::new(host)),
             disk: (disk > 0).then(|| SlotTable::new(disk)),
             counts: PolicyCounts::default(),
+            admission,
+            ghost: Ghost::new(host as usize + disk as usize),
         }
     }
 
@@ -405,9 +473,10 @@ impl Registry {
         let Some(&e) = self.map.get(&h) else {
             return false;
         };
-        if e.host != NIL {
+        if e.host != NIL && e.host != PENDING {
             if let Some(t) = self.host.as_mut() {
                 t.lru.touch(e.host);
+                t.asked[e.host as usize] = true;
             }
         }
         if e.disk != NIL {
@@ -491,7 +560,10 @@ impl Registry {
             }
             return false;
         };
-        self.table_mut(TierKind::Host).occupy(s, h);
+        let again = self.ghost.take(h);
+        let host = self.table_mut(TierKind::Host);
+        host.occupy(s, h);
+        host.asked[s as usize] = again;
         self.map.get_mut(&h).expect("inserted above").host = s;
         plan.copy_by_host.insert(s, plan.copies.len());
         plan.copies.push(HostCopy {
@@ -503,10 +575,11 @@ impl Registry {
     }
 
     /// The host LRU block leaves the host tier: offloaded to disk when it
-    /// has no disk copy, dropped when it cannot be.
+    /// has no disk copy and `admission` admits it, dropped otherwise.
     fn evict_host(&mut self, s: u32, plan: &mut Plan) {
         let host = self.table_mut(TierKind::Host);
         let vh = host.hash_of[s as usize];
+        let asked = host.asked[s as usize];
         host.release(s);
         self.counts.host_evictions += 1;
         // Its bytes are in the slot, or still in the caller's buffer if the
@@ -522,6 +595,13 @@ impl Registry {
         e.host = NIL;
         if e.disk != NIL {
             return; // already on disk: nothing to write
+        }
+        if self.disk.is_some() && !self.admits(asked) {
+            self.map.remove(&vh);
+            self.counts.dropped_blocks += 1;
+            self.counts.not_admitted += 1;
+            self.ghost.add(vh);
+            return;
         }
         if self.disk.is_none() || !self.disk_insert(vh, src, true, plan) {
             self.map.remove(&vh);
@@ -649,9 +729,20 @@ impl Registry {
         n
     }
 
-    /// Forget every block; pinned slots stay out of use until their last unpin.
+    /// Whether a host victim (`asked`: asked for again while in the host
+    /// tier, or on its second sighting) gets a disk copy.
+    fn admits(&self, asked: bool) -> bool {
+        match self.admission {
+            DiskAdmission::All => true,
+            DiskAdmission::Reuse => asked,
+        }
+    }
+
+    /// Forget every block (and what admission turned away); pinned slots
+    /// stay out of use until their last unpin.
     pub(super) fn reset(&mut self) {
         self.map.clear();
+        self.ghost.clear();
         for t in [self.host.as_mut(), self.disk.as_mut()]
             .into_iter()
             .flatten()
@@ -786,7 +877,8 @@ impl Registry {
 
     /// Write-behind's candidates: up to `max` host-only blocks (hash, host
     /// slot) among the `depth` least recent of the host tier, neither pinned
-    /// nor filling, least recent first.
+    /// nor filling, that admission would write on their eviction, least
+    /// recent first.
     pub(super) fn clean_candidates(&self, depth: usize, max: usize) -> Vec<(u64, u32)> {
         let Some(host) = self.host.as_ref() else {
             return Vec::new();
@@ -795,21 +887,23 @@ impl Registry {
             .iter()
             .take(depth)
             .filter(|&s| host.pins[s as usize] == 0 && !host.filling[s as usize])
+            .filter(|&s| self.admits(host.asked[s as usize]))
             .map(|s| (host.hash_of[s as usize], s))
             .filter(|(h, _)| self.map.get(h).is_some_and(|e| e.disk == NIL))
             .take(max)
             .collect()
     }
 
-    /// Every host-only block (hash, host slot) whose bytes are in place,
-    /// least recent first: what a closing persistent store writes to disk.
+    /// Every host-only block (hash, host slot) whose bytes are in place and
+    /// that admission would write on its eviction, least recent first: what
+    /// a closing persistent store writes to disk.
     pub(super) fn host_only(&self) -> Vec<(u64, u32)> {
         let Some(host) = self.host.as_ref() else {
             return Vec::new();
         };
         host.lru
             .iter()
-            .filter(|&s| !host.filling[s as usize])
+            .filter(|&s| !host.filling[s as usize] && self.admits(host.asked[s as usize]))
             .map(|s| (host.hash_of[s as usize], s))
             .filter(|(h, _)| self.map.get(h).is_some_and(|e| e.disk == NIL))
             .collect()
@@ -899,6 +993,8 @@ mod tests {
                 }
             }
             assert!(seen.iter().all(|&n| n == 1), "{name}: slots {seen:?}");
+            assert!(reg.ghost.members.len() <= reg.ghost.cap);
+            assert!(reg.ghost.order.len() <= 2 * reg.ghost.cap + 65);
             let in_tier = reg
                 .map
                 .values()
@@ -926,7 +1022,7 @@ mod tests {
 
     #[test]
     fn a_removed_pinned_block_keeps_its_slot_until_unpinned() {
-        let mut reg = Registry::new(2, 0);
+        let mut reg = Registry::new(2, 0, DiskAdmission::All);
         let mut plan = Plan::default();
         assert!(reg.admit(7, 0, false, &mut plan));
         let at = reg.readable(7).unwrap();
@@ -941,7 +1037,7 @@ mod tests {
 
     #[test]
     fn a_host_victim_is_offloaded_and_a_full_disk_drops_its_lru_block() {
-        let mut reg = Registry::new(1, 1);
+        let mut reg = Registry::new(1, 1, DiskAdmission::All);
         let mut plan = Plan::default();
         reg.admit(1, 0, false, &mut plan);
         reg.admit(2, 0, false, &mut plan); // 1 -> disk
@@ -960,12 +1056,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reuse_admission_writes_only_blocks_asked_for_again() {
+        let mut reg = Registry::new(1, 4, DiskAdmission::Reuse);
+        let mut plan = Plan::default();
+        reg.admit(1, 0, false, &mut plan);
+        reg.admit(2, 0, false, &mut plan); // 1 was never asked for again: not written
+        assert!(plan.writes.is_empty() && !reg.contains(1));
+        assert_eq!(
+            (reg.counts().not_admitted, reg.counts().dropped_blocks),
+            (1, 1)
+        );
+        assert!(reg.touch(2));
+        reg.admit(3, 0, false, &mut plan); // 2 was: offloaded
+        assert_eq!(
+            plan.writes.iter().map(|w| w.hash).collect::<Vec<_>>(),
+            vec![2]
+        );
+        reg.admit(1, 0, false, &mut plan); // 3 turned away; 1 is on its second sighting
+        reg.admit(4, 0, false, &mut plan); // so 1 is written
+        assert_eq!(
+            plan.live_writes().map(|w| w.hash).collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(reg.lru_order(), (vec![4], vec![2, 1]));
+        assert_eq!(reg.counts().not_admitted, 2);
+        reg.reset();
+        assert!(reg.ghost.members.is_empty());
+    }
+
+    #[test]
+    fn the_ghost_is_bounded_and_forgets_the_oldest_first() {
+        let mut g = Ghost::new(3);
+        for h in 0..10 {
+            g.add(h);
+            if h % 2 == 0 {
+                assert!(g.take(h));
+            }
+        }
+        assert!(g.members.len() <= 3 && g.order.len() <= 2 * 3 + 64);
+        assert!(!g.take(1) && !g.take(3) && g.take(5) && g.take(7) && g.take(9));
+        for h in 0..1000 {
+            g.add(h);
+            g.take(h);
+        }
+        assert!(g.order.len() <= 2 * 3 + 65, "{}", g.order.len());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
         #[test]
         fn slots_stay_consistent(caps in (0u32..5, 0u32..6).prop_filter("a tier", |c| c.0 + c.1 > 0),
+                                 reuse in prop::bool::ANY,
                                  ops in proptest::collection::vec(op(), 1..60)) {
-            let mut reg = Registry::new(caps.0, caps.1);
+            let admission = if reuse { DiskAdmission::Reuse } else { DiskAdmission::All };
+            let mut reg = Registry::new(caps.0, caps.1, admission);
             // (where, hash, still expected in place)
             let mut pins: Vec<(TierSlot, u64, bool)> = Vec::new();
             for o in ops {
@@ -975,7 +1120,15 @@ mod tests {
                             continue;
                         }
                         let mut plan = Plan::default();
+                        let asked: Vec<(u64, bool)> = reg.host.as_ref().map_or_else(Vec::new, |t| {
+                            t.lru.iter().map(|s| (t.hash_of[s as usize], t.asked[s as usize])).collect()
+                        });
                         reg.admit(h, 0, false, &mut plan);
+                        // Only admitted host victims are offloaded.
+                        for w in plan.writes.iter().filter(|w| w.victim) {
+                            let was_asked = asked.iter().any(|&(v, a)| v == w.hash && a);
+                            prop_assert!(!reuse || was_asked, "{} offloaded unasked", w.hash);
+                        }
                         if roll_back {
                             reg.roll_back(&plan);
                         }

@@ -24,7 +24,8 @@ pub struct PyBlockManager {
 impl PyBlockManager {
     #[new]
     #[pyo3(signature = (block_size, *, host=None, disk=None, checksums=true, write_through=false,
-                        index_path=None, sync=false, layout=0, write_behind=true))]
+                        index_path=None, sync=false, layout=0, write_behind=true,
+                        disk_admission="all"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -37,7 +38,10 @@ impl PyBlockManager {
         sync: bool,
         layout: u64,
         write_behind: bool,
+        disk_admission: &str,
     ) -> PyResult<Self> {
+        let disk_admission =
+            crate::settings::DiskAdmission::parse(disk_admission).map_err(to_py)?;
         let opts = ManagerOptions {
             checksums,
             write_through,
@@ -45,6 +49,7 @@ impl PyBlockManager {
             sync,
             layout,
             write_behind,
+            disk_admission,
         };
         let (h, d) = (
             host.map(|h| h.inner().clone()),
@@ -233,6 +238,7 @@ impl PyBlockManager {
             ("host_evictions", s.host_evictions),
             ("disk_evictions", s.disk_evictions),
             ("dropped_blocks", s.dropped_blocks),
+            ("disk_not_admitted", s.disk_not_admitted),
             ("rejected_full", s.rejected_full),
             ("leases", s.leases),
             ("written_behind", s.written_behind),

@@ -31,6 +31,10 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``rem
   its baseline): the Redis remote tier's get against redis-py pipelined
   ``MGET``, async puts against no remote, a 3-master cluster against one
   server (:mod:`dynblock.bench.remote`).
+- ``policy`` (not in the default run): the traces replayed through the block
+  manager's policy at three capacities, each policy configuration's hit rate
+  and disk writes per disk hit beside Belady's offline optimum
+  (:mod:`dynblock.bench.policy`).
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
@@ -56,8 +60,8 @@ from .workloads import (run_disk, run_durability, run_engine, run_host, run_over
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
 WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm",
-             "remote")
-DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote")]
+             "remote", "policy")
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote", "policy")]
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
@@ -107,11 +111,15 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "2 MiB remote put (sync) with remote_secret (MAC) >= 0.9x without (CRC32C)"),
     ("engine", "dynblock", "async-put-get", dict(threads=4), "vs_1_thread", 1.0,
      "4 threads of async put/get >= 1.0x aggregate of 1 thread"),
+    ("policy", "lru/reuse", "replay", {}, "writes_per_disk_hit_vs_all", 0.5,
+     "disk writes per disk hit with disk_admission='reuse' <= 0.5x 'all'"),
+    ("policy", "lru/reuse", "replay", {}, "hit_vs_all_points", -2.0,
+     "hit rate with disk_admission='reuse' no more than 2 points below 'all'"),
 ]
 
 
 # Ratio keys whose goal is an upper bound (a time over its baseline's): met at or below the threshold.
-AT_MOST = {"vs_no_remote"}
+AT_MOST = {"vs_no_remote", "writes_per_disk_hit_vs_all"}
 
 
 def evaluate_goals(cases: List[Case]) -> List[Dict[str, Any]]:
@@ -125,7 +133,8 @@ def evaluate_goals(cases: List[Case]) -> List[Dict[str, Any]]:
             if key not in c.ratios:
                 continue
             r = c.ratios[key]
-            out.append({"goal": desc, "ratio": r, "threshold": thr, "met": r <= thr if key in AT_MOST else r >= thr,
+            met = r <= thr if key in AT_MOST else r >= thr
+            out.append({"goal": desc, "key": key, "ratio": r, "threshold": thr, "met": met,
                         "params": c.params})
     return out
 
@@ -272,7 +281,16 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
         from .remote import run_remote
 
         run_remote(res, directory, a.repeat, progress)
+    if "policy" in a.workloads:
+        from .policy import run_policy
+
+        run_policy(res, directory, progress)
     return res, fio
+
+
+def show_ratio(key: str, v: float) -> str:
+    """A ratio as ``1.23x``; a difference in points (a key ending in ``_points``) as ``-1.23 pts``."""
+    return f"{v:+.2f} pts" if key.endswith("_points") else f"{v:.2f}x"
 
 
 def format_table(res: Results) -> str:
@@ -296,7 +314,9 @@ def format_table(res: Results) -> str:
             bits = [f"{c.params['blocks']} blocks"]
         if c.workload == "vllm":
             bits = [f"{c.params['model']}, {c.params['prefix_tokens']}-token prefix"]
-        ratios = " ".join(f"{k}={v:.2f}x" for k, v in c.ratios.items())
+        if c.workload == "policy":
+            bits = [str(c.params["trace"]), f"host {c.params['host_blocks']}, disk {c.params['disk_blocks']}"]
+        ratios = " ".join(f"{k}={show_ratio(k, v)}" for k, v in c.ratios.items())
         if c.workload == "trace":
             e = c.extra
             ratios = (f"hit {e['hit_rate']:.1%} (host {e['host_hit_rate']:.1%}, disk "
@@ -307,6 +327,10 @@ def format_table(res: Results) -> str:
             ratios = ", ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}" for k, v in e.items())
         if c.workload == "durability" and c.op == "reopen":
             ratios = ", ".join(f"{k}={v}" for k, v in c.extra.items())
+        if c.workload == "policy":
+            from .policy import describe
+
+            ratios = describe(c.extra) + "; " + ratios
         if c.workload == "vllm" and c.impl != "recompute":
             ratios += " " + ", ".join(f"{k}={v}" for k, v in c.extra.items())
         cpu = c.cpu_s_per_gib
@@ -393,6 +417,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write(text + "\n")
     if a.plot:
         write_plot(res, a.plot)
+        from .policy import write_plot as write_policy_plot
+
+        write_policy_plot(res, a.plot)
     if a.json:
         print(text)
         return 0
@@ -405,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if goals:
         print()
         for g in goals:
-            print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['ratio']:.2f}x")
+            print(f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {show_ratio(g['key'], g['ratio'])}")
     for n in res.notes:
         print(f"note: {n}")
     return 0
