@@ -327,6 +327,39 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
     (good_end, seq)
 }
 
+/// What an index file says, read without changing it (nor taking any
+/// lock): the store tool's `info`. A writer appending meanwhile is a torn
+/// tail here, as after a crash.
+#[derive(Debug)]
+pub struct Inspection {
+    pub geometry: Geometry,
+    /// Live blocks (oldest first), records, torn bytes and damaged records.
+    pub recovered: Recovered,
+    /// Bytes of the index file.
+    pub bytes: u64,
+}
+
+/// Read the index at `path` (see [`Inspection`]).
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, 0, 0, e))?;
+    if bytes.len() < HEADER_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a dynblock index (shorter than its {HEADER_LEN}-byte header)",
+            path.display()
+        )));
+    }
+    let geometry = decode_header(path, &bytes)?;
+    let mut recovered = Recovered::default();
+    let (good_end, seq) = replay(&bytes, &geometry, &mut recovered);
+    recovered.records = seq;
+    recovered.torn_bytes = (bytes.len() - good_end) as u64;
+    Ok(Inspection {
+        geometry,
+        recovered,
+        bytes: bytes.len() as u64,
+    })
+}
+
 impl IndexLog {
     /// Open or create the index at `path` for a store of geometry `g`.
     /// `data_created`: the data file was made by this open (so an existing

@@ -809,6 +809,20 @@ impl DiskStorage {
     }
 }
 
+/// The header of the persistent data file at `path`, read without opening
+/// it for writing (the store tool's `info`). None: an empty file from a
+/// creation that died early.
+pub fn inspect_data_file(path: &Path) -> Result<Option<DataHeader>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, 0, e))?;
+    let mut buf = Vec::with_capacity(header::LEN);
+    f.by_ref()
+        .take(header::LEN as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read(header)", path, 0, header::LEN as u64, e))?;
+    DataHeader::decode(path, &buf)
+}
+
 /// Read and parse an existing persistent file's header (buffered, before
 /// O_DIRECT is set). None: an empty file from a creation that died early.
 fn read_header(fd: RawFd, path: &Path, st: &FileStat) -> Result<Option<DataHeader>> {

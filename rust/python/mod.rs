@@ -59,6 +59,86 @@ fn redact_url(url: &str) -> String {
     crate::remote::redact(url)
 }
 
+/// What a persistent store's files say, read without changing them and
+/// without its lock (see `dynblock.store`): a dict of the data file's
+/// header, the index's geometry and records, and its live blocks as
+/// `(hash, slot, crc)`, oldest first.
+#[pyfunction]
+fn inspect_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    use crate::files::id_hex;
+    let index_path = PathBuf::from(format!("{}.index", path.display()));
+    let (data, ins) = py
+        .detach(|| {
+            let data = crate::disk::inspect_data_file(&path)?;
+            let ins = crate::index::inspect(&index_path)?;
+            Ok::<_, crate::error::Error>((data, ins))
+        })
+        .map_err(to_py)?;
+    let d = pyo3::types::PyDict::new(py);
+    match data {
+        Some(h) => {
+            d.set_item("store_id", id_hex(&h.store_id))?;
+            d.set_item("block_size", h.block_size)?;
+            d.set_item("num_blocks", h.num_blocks)?;
+            d.set_item("slot_stride", h.stride)?;
+            d.set_item("data_offset", h.data_offset)?;
+        }
+        None => d.set_item("store_id", py.None())?,
+    }
+    let g = &ins.geometry;
+    d.set_item("index_store_id", id_hex(&g.store_id))?;
+    d.set_item("index_block_size", g.block_size)?;
+    d.set_item("index_num_blocks", g.num_blocks)?;
+    d.set_item("layout", g.layout)?;
+    d.set_item("checksums", g.checksums)?;
+    d.set_item("index_bytes", ins.bytes)?;
+    d.set_item("index_records", ins.recovered.records)?;
+    d.set_item("index_bad_records", ins.recovered.bad_records)?;
+    d.set_item("index_torn_bytes", ins.recovered.torn_bytes)?;
+    let live: Vec<(u64, u32, u32)> = ins
+        .recovered
+        .live
+        .iter()
+        .map(|l| (l.hash, l.slot, l.crc))
+        .collect();
+    d.set_item("live", live)?;
+    Ok(d)
+}
+
+/// The checksums dynblock records for blocks `hashes[i]` whose bytes lie
+/// back to back in `data` (`len(hashes) * block_size` bytes, any buffer):
+/// CRC32C over each hash (little endian) and its block.
+#[pyfunction]
+#[allow(unsafe_code)]
+fn block_crcs(
+    py: Python<'_>,
+    hashes: &Bound<'_, PyAny>,
+    data: &Bound<'_, PyAny>,
+    block_size: usize,
+) -> PyResult<Vec<u32>> {
+    let hs = buffers::u64_list(hashes, "hashes")?;
+    let held = buffers::hold_buffer(data, "data", false)?;
+    if block_size == 0 || held.len != hs.len() * block_size {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "data must be len(hashes) * block_size = {} bytes, got {}",
+            hs.len() * block_size,
+            held.len
+        )));
+    }
+    let (ptr, len) = (held.ptr, held.len);
+    let out = py.detach(|| {
+        // SAFETY: the held buffer keeps `len` readable bytes at `ptr` alive
+        // and un-resizable until `held` drops, after this call.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        hs.iter()
+            .zip(bytes.chunks(block_size))
+            .map(|(&h, b)| crate::checksum::block_crc(h, b))
+            .collect()
+    });
+    drop(held);
+    Ok(out)
+}
+
 #[pyfunction]
 fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
@@ -80,6 +160,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(has_capability, m)?)?;
     m.add_function(wrap_pyfunction!(fs_type, m)?)?;
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_store, m)?)?;
+    m.add_function(wrap_pyfunction!(block_crcs, m)?)?;
     m.add_function(wrap_pyfunction!(redact_url, m)?)?;
     m.add_function(wrap_pyfunction!(settings::settings_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(settings::check_setting, m)?)?;

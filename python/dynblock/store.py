@@ -1,0 +1,298 @@
+"""``python -m dynblock.store PATH info|verify|compact|clear [--json]``: look
+at and look after a persistent store (``Config(persist=True, disk_path=PATH)``:
+the data file ``PATH`` and its index ``PATH.index``) without writing Python.
+
+- ``info``: geometry, store id, blocks and bytes stored, index records and
+  damaged ones, and which process holds the store, if one does. It reads the
+  files without changing them and without the store's lock, so it also works
+  while an engine has the store open (a record being appended then shows as a
+  torn tail).
+- ``verify``: reads every stored block and checks it against the checksum its
+  index recorded, with a progress bar and a summary; ``--drop-bad`` removes
+  the blocks that fail (their index records too). Exit status 1 when a block
+  failed and was kept.
+- ``compact``: rewrites the index with one record per stored block.
+- ``clear``: removes every block (the data file keeps its size).
+
+``verify``, ``compact`` and ``clear`` open the store the way an engine does,
+exclusively: while another process holds it they are refused, naming that
+process (never a second writer). Exit status 2 for a refusal or bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from ._core import DynblockError, StoreLockedError
+
+#: Bytes read per step of ``verify``.
+VERIFY_STEP = 64 << 20
+
+
+class Refused(Exception):
+    """The store cannot be opened for this command (held elsewhere, or not a store)."""
+
+
+def holder(path: str) -> Optional[Tuple[int, str]]:
+    """(pid, command line) of the process holding the store's file lock, from
+    ``/proc/locks``; None when nobody holds it (or the system does not say)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        parts = line.split()
+        if "FLOCK" not in parts or "->" in parts or dev not in parts:
+            continue
+        try:
+            pid = int(parts[parts.index(dev) - 1])
+        except ValueError:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        return pid, cmd
+    return None
+
+
+def _holder_text(path: str) -> str:
+    h = holder(path)
+    if h is None:
+        return "another process"
+    pid, cmd = h
+    return f"process {pid}" + (f" ({cmd})" if cmd else "")
+
+
+def info(path: str) -> Dict[str, Any]:
+    """What ``info`` reports, as a dict (see the module docs)."""
+    if not os.path.isfile(path):
+        raise Refused(f"{path} is not a file: give the data file of a persistent store "
+                      "(its index is PATH.index)")
+    if not os.path.isfile(path + ".index"):
+        raise Refused(f"{path}.index is missing: {path} is not a persistent store "
+                      "(or its index was moved away)")
+    try:
+        d = dict(_core.inspect_store(path))
+    except (DynblockError, ValueError, OSError) as e:
+        raise Refused(str(e)) from None
+    live = d.pop("live")
+    bs = int(d.get("block_size") or d["index_block_size"])
+    st = os.stat(path)
+    h = holder(path)
+    d.update(
+        path=os.path.abspath(path),
+        blocks=len(live),
+        stored_bytes=len(live) * bs,
+        fill=len(live) / d["index_num_blocks"] if d["index_num_blocks"] else 0.0,
+        data_file_bytes=st.st_size,
+        data_file_allocated_bytes=st.st_blocks * 512,
+        held_by=None if h is None else {"pid": h[0], "command": h[1]},
+        index_matches_data=d.get("store_id") == d["index_store_id"],
+    )
+    return d
+
+
+class _Open:
+    """The store opened exclusively, as an engine opens it (a disk-only block
+    manager over the data file and its index)."""
+
+    def __init__(self, path: str, d: Dict[str, Any]) -> None:
+        if not d["index_matches_data"]:
+            raise Refused(f"{path}.index belongs to another data file (store id "
+                          f"{d['index_store_id']}, the data file's is {d['store_id']})")
+        bs, n = int(d["index_block_size"]), int(d["index_num_blocks"])
+        try:
+            self.disk = _core.DiskStorage(path, n, bs, persist=True)
+        except StoreLockedError as e:
+            if "open in another process" in str(e):
+                raise Refused(f"the store {path} is held by {_holder_text(path)}; stop it "
+                              "first (a store has one writer at a time)") from None
+            raise Refused(str(e)) from None
+        except (DynblockError, ValueError, OSError) as e:
+            raise Refused(str(e)) from None
+        try:
+            self.m = _core.BlockManager(bs, disk=self.disk, index_path=path + ".index",
+                                        layout=int(d["layout"]), checksums=bool(d["checksums"]),
+                                        write_behind=False)
+        except BaseException:
+            self.disk.close()
+            raise
+        self.block_size = bs
+
+    def close(self) -> None:
+        self.m.close()
+        self.disk.close()
+
+
+def _progress(done: int, total: int, enabled: bool) -> None:
+    if not enabled:
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} blocks")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
+           show: bool) -> Tuple[List[int], List[int]]:
+    """Read every block of ``live`` ((hash, slot, crc)); returns the hashes
+    that failed their checksum and those that could not be read."""
+    bs = o.block_size
+    step = max(1, VERIFY_STEP // bs)
+    buf = np.empty(min(step, max(len(live), 1)) * bs, np.uint8)
+    bad: List[int] = []
+    unreadable: List[int] = []
+    _progress(0, len(live), show)
+    for i in range(0, len(live), step):
+        part = live[i:i + step]
+        view = buf[:len(part) * bs]
+        try:
+            o.disk.read_blocks([s for _, s, _ in part], view)
+            ok = [True] * len(part)
+        except DynblockError:
+            ok = []
+            for j, (h, s, _) in enumerate(part):  # find the blocks that cannot be read
+                try:
+                    o.disk.read_blocks([s], view[j * bs:(j + 1) * bs])
+                    ok.append(True)
+                except DynblockError:
+                    ok.append(False)
+                    unreadable.append(h)
+        if checksums:
+            got = _core.block_crcs([h for h, _, _ in part], view, bs)
+            bad += [h for (h, _, c), g, r in zip(part, got, ok) if r and g != c]
+        _progress(min(i + step, len(live)), len(live), show)
+    return bad, unreadable
+
+
+def verify(path: str, drop_bad: bool = False, show: bool = False) -> Dict[str, Any]:
+    d = info(path)
+    o = _Open(path, d)
+    try:
+        # Re-read the index now that the store is ours (opening may have
+        # rewritten it without damaged records).
+        live = _core.inspect_store(path)["live"]
+        bad, unreadable = _check(o, live, bool(d["checksums"]), show)
+        dropped = 0
+        if drop_bad and (bad or unreadable):
+            dropped = o.m.remove(bad + unreadable)
+            o.m.compact_index()
+    finally:
+        o.close()
+    return {"path": d["path"], "checked": len(live), "checksums": bool(d["checksums"]),
+            "bad": bad, "unreadable": unreadable, "dropped": dropped,
+            "ok": not (bad or unreadable) or dropped == len(bad) + len(unreadable)}
+
+
+def compact(path: str) -> Dict[str, Any]:
+    d = info(path)
+    o = _Open(path, d)
+    try:
+        o.m.compact_index()
+    finally:
+        o.close()
+    after = info(path)
+    return {"path": d["path"], "records_before": d["index_records"],
+            "records_after": after["index_records"], "blocks": after["blocks"]}
+
+
+def clear(path: str) -> Dict[str, Any]:
+    d = info(path)
+    o = _Open(path, d)
+    try:
+        n = len(o.m)
+        o.m.clear()
+        o.m.compact_index()
+    finally:
+        o.close()
+    return {"path": d["path"], "removed": n, "blocks": info(path)["blocks"]}
+
+
+def _size(n: int) -> str:
+    for unit, m in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= m:
+            return f"{n / m:.1f} {unit}"
+    return f"{n} B"
+
+
+def _print_info(d: Dict[str, Any]) -> None:
+    held = d["held_by"]
+    rows = [
+        ("store", d["path"]),
+        ("store id", str(d.get("store_id")) + ("" if d["index_matches_data"] else
+                                               f" (index: {d['index_store_id']}: MISMATCH)")),
+        ("block size", f"{d['index_block_size']} bytes"),
+        ("slots", f"{d['index_num_blocks']}"),
+        ("blocks stored", f"{d['blocks']} ({d['fill']:.1%} full, {_size(d['stored_bytes'])})"),
+        ("data file", f"{_size(d['data_file_bytes'])} ({_size(d['data_file_allocated_bytes'])} allocated)"),
+        ("index", f"{d['index_records']} records, {d['index_bad_records']} damaged, "
+                  f"{d['index_torn_bytes']} torn bytes ({_size(d['index_bytes'])})"),
+        ("checksums", "on" if d["checksums"] else "off"),
+        ("layout fingerprint", f"{d['layout']:#x}"),
+        ("held by", "nobody" if held is None else f"process {held['pid']} ({held['command']})"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(w)}  {v}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dynblock.store", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="the store's data file (its index is PATH.index)")
+    p.add_argument("command", choices=("info", "verify", "compact", "clear"))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--drop-bad", action="store_true",
+                   help="verify: remove the blocks that fail their check")
+    a = p.parse_args(argv)
+    if a.drop_bad and a.command != "verify":
+        p.error("--drop-bad goes with verify")
+    try:
+        if a.command == "info":
+            out = info(a.path)
+        elif a.command == "verify":
+            out = verify(a.path, a.drop_bad, show=not a.json and sys.stderr.isatty())
+        elif a.command == "compact":
+            out = compact(a.path)
+        else:
+            out = clear(a.path)
+    except Refused as e:
+        print(f"dynblock.store: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(out, indent=2))
+    elif a.command == "info":
+        _print_info(out)
+    elif a.command == "verify":
+        what = "checked against their checksums" if out["checksums"] else \
+            "read (the store has no checksums)"
+        print(f"{out['checked']} blocks {what}: {len(out['bad'])} failed their checksum, "
+              f"{len(out['unreadable'])} could not be read"
+              + (f"; {out['dropped']} removed" if a.drop_bad else ""))
+        for h in (out["bad"] + out["unreadable"])[:20]:
+            print(f"  block {h:#018x}")
+    elif a.command == "compact":
+        print(f"index rewritten: {out['records_before']} records -> {out['records_after']} "
+              f"({out['blocks']} blocks)")
+    else:
+        print(f"removed {out['removed']} blocks; {out['blocks']} left")
+    if a.command == "verify" and not out["ok"]:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""``python -m dynblock.store``: info, verify (and --drop-bad), compact and clear on real
+persistent stores, run as a real subprocess; refused while another process holds the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from dynblock import _core
+from test_durability import BS, blocks, data_for, open_store
+
+
+def tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dynblock.store", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def make_store(path: Path, hs: list) -> None:
+    with open_store(path, disk_blocks=32) as m:
+        assert m.put(hs, blocks(hs)) == len(hs)
+
+
+def test_info_reports_geometry_blocks_and_records(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1, 2, 3, 4])
+    with open_store(path, disk_blocks=32) as m:
+        m.remove([2])
+    r = tool(str(path), "info", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["block_size"], d["index_num_blocks"], d["blocks"]) == (BS, 32, 3)
+    assert d["stored_bytes"] == 3 * BS and d["index_matches_data"] and d["held_by"] is None
+    assert d["index_records"] == 5 and d["index_bad_records"] == 0  # 4 PUT + 1 DEL
+    assert len(d["store_id"]) == 32 and d["checksums"] is True
+    text = tool(str(path), "info")
+    assert text.returncode == 0 and "blocks stored       3" in text.stdout, text.stdout
+
+
+def test_verify_finds_a_changed_block_and_drop_bad_removes_it(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1, 2, 3])
+    d = _core.inspect_store(str(path))
+    slot = {h: s for h, s, _ in d["live"]}[2]
+    with open(path, "r+b") as f:  # one byte of block 2 changes on disk
+        f.seek(d["data_offset"] + slot * d["slot_stride"] + 100)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = tool(str(path), "verify", "--json")
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert out["checked"] == 3 and out["bad"] == [2] and out["dropped"] == 0
+    assert tool(str(path), "info", "--json").returncode == 0
+    assert json.loads(tool(str(path), "info", "--json").stdout)["blocks"] == 3  # kept
+    r = tool(str(path), "verify", "--drop-bad")
+    assert r.returncode == 0, r.stderr
+    assert "1 failed their checksum" in r.stdout and "1 removed" in r.stdout
+    with open_store(path, disk_blocks=32) as m:
+        assert 2 not in m and len(m) == 2
+        out_buf = np.zeros(BS, np.uint8)
+        assert m.get([3], out_buf) == 1 and np.array_equal(out_buf, data_for(3))
+
+
+def test_compact_and_clear(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1, 2, 3, 4])
+    with open_store(path, disk_blocks=32) as m:
+        m.remove([1, 2])
+    r = tool(str(path), "compact", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["records_before"], out["records_after"], out["blocks"]) == (6, 2, 2)
+    r = tool(str(path), "clear", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"path": str(path), "removed": 2, "blocks": 0}
+    with open_store(path, disk_blocks=32) as m:
+        assert len(m) == 0
+
+
+def test_writers_are_refused_naming_the_process_that_holds_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1, 2])
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time, dynblock
+        m = dynblock.BlockManager.open({str(path)!r}, block_size={BS}, disk_blocks=32,
+                                       numa_node=None, pin=False)
+        print("open", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        for cmd in ("verify", "compact", "clear"):
+            r = tool(str(path), cmd)
+            assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+            assert f"held by process {holder.pid}" in r.stderr and "python" in r.stderr, r.stderr
+        d = json.loads(tool(str(path), "info", "--json").stdout)  # info only reads: it works
+        assert d["held_by"]["pid"] == holder.pid and d["blocks"] == 2
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert tool(str(path), "verify").returncode == 0  # free again
+
+
+def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
+    r = tool(str(tmp_path / "missing"), "info")
+    assert r.returncode == 2 and "is not a file" in r.stderr
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"not a store")
+    r = tool(str(plain), "info")
+    assert r.returncode == 2 and "plain.index is missing" in r.stderr
+    (tmp_path / "plain.index").write_bytes(b"x" * 100)
+    r = tool(str(plain), "verify")
+    assert r.returncode == 2 and "not" in r.stderr and "Traceback" not in r.stderr
+    r = tool(str(plain), "info", "--drop-bad")
+    assert r.returncode == 2 and "--drop-bad goes with verify" in r.stderr
