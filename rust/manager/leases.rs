@@ -31,6 +31,7 @@ impl BlockManager {
         hashes: &[u64],
         budget: Option<std::time::Duration>,
     ) -> Result<(u64, usize)> {
+        let _timer = self.latency.lookup.time();
         let mut st = self.open_state()?;
         let pins = Self::pin_prefix(&mut st, hashes);
         let n = pins.len();
@@ -130,6 +131,7 @@ impl BlockManager {
         len: usize,
         rows: Option<&[u64]>,
     ) -> Result<usize> {
+        let _timer = self.latency.load.time();
         let region = self.region()?;
         let mut st = self.open_state()?;
         let n = st.leases.get(&id).map(Vec::len).ok_or_else(|| {

@@ -131,6 +131,8 @@ pub struct Stats {
     pub rejected_full: u64,
     /// Leases taken by `lookup`.
     pub leases: u64,
+    /// Leases taken and not yet used or released (a gauge).
+    pub leases_held: u64,
     /// Host-only blocks written to disk ahead of eviction (write-behind).
     pub written_behind: u64,
     /// Write-behind batches that failed (their blocks stay in the host tier).
@@ -168,6 +170,8 @@ pub struct BlockManager {
     opts: ManagerOptions,
     geometry: Option<Geometry>,
     fork: ForkGuard,
+    /// How long lookups, loads and stores take (for metrics).
+    pub latency: crate::latency::Latencies,
     writer: Arc<Writer>,
     /// Held by a write-behind step for its whole duration: steps (the
     /// background thread's and `flush()`'s) run one at a time, so `flush`
@@ -262,6 +266,7 @@ impl BlockManager {
             opts,
             geometry,
             fork: ForkGuard::new("BlockManager"),
+            latency: Default::default(),
             writer: Arc::new(Writer::default()),
             cleaning: Mutex::new(()),
             committed: std::sync::Condvar::new(),
@@ -400,6 +405,7 @@ impl BlockManager {
         len: usize,
         rows: Option<&[u64]>,
     ) -> Result<usize> {
+        let _timer = self.latency.store.time();
         let region = self.region()?;
         let addrs = self.block_addrs(
             hashes.len(),
@@ -482,6 +488,7 @@ impl BlockManager {
 
     /// Length of the longest stored prefix (changes no recency).
     pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
+        let _timer = self.latency.lookup.time();
         let n = self.open_state()?.reg.prefix(hashes);
         Ok(match self.remote.get() {
             Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..], r.deadline()),
@@ -570,6 +577,7 @@ impl BlockManager {
             disk_evictions: c.disk_evictions,
             dropped_blocks: c.dropped_blocks,
             disk_not_admitted: c.not_admitted,
+            leases_held: st.leases.len() as u64,
             ..st.stats.clone()
         };
         Ok((s, st.reg.used()))

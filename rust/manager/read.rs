@@ -95,6 +95,7 @@ impl BlockManager {
         len: usize,
         rows: Option<&[u64]>,
     ) -> Result<usize> {
+        let _timer = self.latency.load.time();
         let region = self.region()?;
         let addrs = self.block_addrs(
             hashes.len(),

@@ -241,6 +241,7 @@ impl PyBlockManager {
             ("disk_not_admitted", s.disk_not_admitted),
             ("rejected_full", s.rejected_full),
             ("leases", s.leases),
+            ("leases_held", s.leases_held),
             ("written_behind", s.written_behind),
             ("failed_write_behind", s.failed_write_behind),
             ("failed_writes", s.failed_writes),
@@ -255,6 +256,26 @@ impl PyBlockManager {
         ]
         .into_iter()
         .collect())
+    }
+
+    /// Latency histograms: `[(name, bucket upper bounds in seconds, count per
+    /// bucket (one more than bounds: the last is past them), sum in seconds)]`
+    /// for `lookup` (lookup and match), `load` (get, a lease's load) and
+    /// `store` (put).
+    fn latencies(&self) -> Vec<(&'static str, Vec<f64>, Vec<u64>, f64)> {
+        let bounds: Vec<f64> = crate::latency::BOUNDS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .collect();
+        self.inner
+            .latency
+            .all()
+            .into_iter()
+            .map(|(name, h)| {
+                let (counts, sum) = h.snapshot();
+                (name, bounds.clone(), counts, sum)
+            })
+            .collect()
     }
 
     /// (host hashes, disk hashes), least recently used first.
