@@ -476,7 +476,9 @@ impl Registry {
         if e.host != NIL && e.host != PENDING {
             if let Some(t) = self.host.as_mut() {
                 t.lru.touch(e.host);
-                t.asked[e.host as usize] = true;
+                if self.admission != DiskAdmission::All {
+                    t.asked[e.host as usize] = true;
+                }
             }
         }
         if e.disk != NIL {
