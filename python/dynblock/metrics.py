@@ -21,112 +21,122 @@ distribution the calls'.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from .manager import BlockManager
 
-#: (name, type, per tier, meaning): every family the collector yields.
-METRICS: List[Tuple[str, str, bool, str]] = [
-    ("dynblock_hits_total", "counter", True, "blocks a get found, by the tier serving them"),
-    ("dynblock_hit_bytes_total", "counter", True, "bytes of those blocks"),
-    ("dynblock_misses_total", "counter", False, "blocks a get asked for past its stored prefix"),
-    ("dynblock_remote_misses_total", "counter", False,
-     "blocks the local tiers missed and the remote had not"),
-    ("dynblock_stored_blocks", "gauge", True, "blocks held (host, disk)"),
-    ("dynblock_capacity_blocks", "gauge", True, "slots (host, disk)"),
-    ("dynblock_used_bytes", "gauge", True, "bytes of the blocks held (host, disk)"),
-    ("dynblock_capacity_bytes", "gauge", True, "bytes of the slots (host, disk)"),
-    ("dynblock_put_blocks_total", "counter", False, "blocks put"),
-    ("dynblock_put_new_blocks_total", "counter", False, "blocks put that were not stored yet"),
-    ("dynblock_evictions_total", "counter", True, "blocks evicted (host, disk)"),
-    ("dynblock_offloaded_blocks_total", "counter", False,
-     "host blocks written to disk (evicted or ahead)"),
-    ("dynblock_offloaded_bytes_total", "counter", False, "bytes of those"),
-    ("dynblock_promoted_blocks_total", "counter", False, "disk hits copied into the host tier"),
-    ("dynblock_promoted_bytes_total", "counter", False, "bytes of those"),
-    ("dynblock_dropped_blocks_total", "counter", False,
-     "blocks whose last copy left (evicted, refused)"),
-    ("dynblock_disk_not_admitted_total", "counter", False,
-     "host victims disk_admission kept off disk"),
-    ("dynblock_rejected_full_total", "counter", False, "new blocks not stored: every slot leased"),
-    ("dynblock_leases_total", "counter", False, "leases taken by lookup"),
-    ("dynblock_leases_held", "gauge", False, "leases taken and not yet used or released"),
-    ("dynblock_checksum_failures_total", "counter", True,
-     "blocks that failed their checksum (disk, remote)"),
-    ("dynblock_io_errors_total", "counter", False, "disk blocks that could not be read"),
-    ("dynblock_failed_writes_total", "counter", False, "batches whose disk write failed"),
-    ("dynblock_o_direct", "gauge", True, "1 when the disk tier uses O_DIRECT (disk)"),
-    ("dynblock_remote_up", "gauge", False, "1 unless the remote tier is down (backing off)"),
-    ("dynblock_remote_refusing_writes", "gauge", False,
-     "1 while the server refuses writes (OOM, ...)"),
-    ("dynblock_remote_queue_blocks", "gauge", False, "blocks queued for the remote writer"),
-    ("dynblock_remote_stored_total", "counter", False, "blocks written to the remote tier"),
-    ("dynblock_remote_skipped_total", "counter", False,
-     "blocks not written (tier down, queue full)"),
-    ("dynblock_remote_errors_total", "counter", False, "failed connections and round trips"),
-    ("dynblock_remote_deadline_missed_total", "counter", False,
-     "calls whose remote work hit its deadline"),
-    ("dynblock_remote_unauthenticated_total", "counter", False,
-     "values without a valid MAC, not served"),
-    ("dynblock_remote_oversized_total", "counter", False, "replies longer than a value, refused"),
-    ("dynblock_lookup_seconds", "histogram", False, "time of lookup and match calls"),
-    ("dynblock_load_seconds", "histogram", False, "time of get calls and lease loads"),
-    ("dynblock_store_seconds", "histogram", False, "time of put calls"),
-]
+Rows = List[Tuple[Optional[str], float]]
+Stats = Dict[str, Any]
 
 
-def samples(s: Dict[str, Any]) -> Dict[str, List[Tuple[Optional[str], float]]]:
-    """The value of every family for one ``stats()`` dict: name -> [(tier or
-    None, value)]. Families of a tier the manager lacks are left out."""
-    bs = s["block_size"]
-    host, disk, remote = s.get("host"), s.get("disk"), s.get("remote")
-    tiers = [t for t, present in (("host", host), ("disk", disk)) if present]
-    used = {"host": s["host_blocks_used"], "disk": s["disk_blocks_used"]}
-    cap = {"host": host["capacity_blocks"] if host else 0, "disk": disk["capacity_blocks"] if disk else 0}
-    hits = {"host": s["host_hits"], "disk": s["disk_hits"]}
-    out: Dict[str, List[Tuple[Optional[str], float]]] = {
-        "dynblock_hits_total": [(t, hits[t]) for t in tiers],
-        "dynblock_hit_bytes_total": [(t, hits[t] * bs) for t in tiers],
-        "dynblock_misses_total": [(None, s["misses"])],
-        "dynblock_stored_blocks": [(t, used[t]) for t in tiers],
-        "dynblock_capacity_blocks": [(t, cap[t]) for t in tiers],
-        "dynblock_used_bytes": [(t, used[t] * bs) for t in tiers],
-        "dynblock_capacity_bytes": [(t, cap[t] * bs) for t in tiers],
-        "dynblock_put_blocks_total": [(None, s["put_blocks"])],
-        "dynblock_put_new_blocks_total": [(None, s["put_new"])],
-        "dynblock_evictions_total": [(t, s[f"{t}_evictions"]) for t in tiers],
-        "dynblock_offloaded_blocks_total": [(None, s["offloaded_blocks"])],
-        "dynblock_offloaded_bytes_total": [(None, s["offloaded_bytes"])],
-        "dynblock_promoted_blocks_total": [(None, s["onboarded_blocks"])],
-        "dynblock_promoted_bytes_total": [(None, s["onboarded_bytes"])],
-        "dynblock_dropped_blocks_total": [(None, s["dropped_blocks"])],
-        "dynblock_disk_not_admitted_total": [(None, s["disk_not_admitted"])],
-        "dynblock_rejected_full_total": [(None, s["rejected_full"])],
-        "dynblock_leases_total": [(None, s["leases"])],
-        "dynblock_leases_held": [(None, s["leases_held"])],
-        "dynblock_checksum_failures_total": [("disk", s["corrupt_blocks"])] if disk else [],
-        "dynblock_io_errors_total": [(None, s["io_errors"])],
-        "dynblock_failed_writes_total": [(None, s["failed_writes"])],
-        "dynblock_o_direct": [("disk", float(bool(disk["o_direct"])))] if disk else [],
-    }
-    if remote is not None:
-        out["dynblock_hits_total"].append(("remote", s["remote_hits"]))
-        out["dynblock_hit_bytes_total"].append(("remote", s["remote_hits"] * bs))
-        out["dynblock_checksum_failures_total"].append(("remote", s["remote_corrupt"]))
-        out.update({
-            "dynblock_remote_misses_total": [(None, s["remote_misses"])],
-            "dynblock_remote_up": [(None, 0.0 if remote["down"] else 1.0)],
-            "dynblock_remote_refusing_writes": [(None, float(bool(remote["refusing_writes"])))],
-            "dynblock_remote_queue_blocks": [(None, remote["queued"])],
-            "dynblock_remote_stored_total": [(None, s["remote_stored"])],
-            "dynblock_remote_skipped_total": [(None, s["remote_skipped"])],
-            "dynblock_remote_errors_total": [(None, s["remote_errors"])],
-            "dynblock_remote_deadline_missed_total": [(None, s["remote_deadline_missed"])],
-            "dynblock_remote_unauthenticated_total": [(None, s["remote_unauthenticated"])],
-            "dynblock_remote_oversized_total": [(None, s["remote_oversized"])],
-        })
+def _local(s: Stats) -> List[str]:
+    return [t for t in ("host", "disk") if s.get(t)]
+
+
+def _key(key: str, remote: bool = False) -> Callable[[Stats], Rows]:
+    """A family of one counter of ``stats()`` (``remote``: only with a remote tier)."""
+    return lambda s: [] if remote and s.get("remote") is None else [(None, s[key])]
+
+
+def _per_tier(value: Callable[[Stats, str], float], remote: Optional[str] = None) -> Callable[[Stats], Rows]:
+    """A family per local tier (``value(stats, tier)``), plus the remote tier's
+    ``stats()[remote]`` when there is one."""
+    def rows(s: Stats) -> Rows:
+        out: Rows = [(t, value(s, t)) for t in _local(s)]
+        if remote is not None and s.get("remote") is not None:
+            out.append(("remote", s[remote]))
+        return out
+    return rows
+
+
+def _remote_state(f: Callable[[Dict[str, Any]], float]) -> Callable[[Stats], Rows]:
+    return lambda s: [] if s.get("remote") is None else [(None, f(s["remote"]))]
+
+
+def _cap(s: Stats, t: str) -> int:
+    return int(s[t]["capacity_blocks"])
+
+
+def _checksum_failures(s: Stats) -> Rows:
+    out: Rows = [("disk", s["corrupt_blocks"])] if s.get("disk") else []
+    if s.get("remote") is not None:
+        out.append(("remote", s["remote_corrupt"]))
     return out
+
+
+def _hit_bytes(s: Stats) -> Rows:
+    return [(t, v * s["block_size"]) for t, v in _per_tier(lambda s, t: s[f"{t}_hits"], "remote_hits")(s)]
+
+
+#: (name, type, per tier, meaning, its samples from one ``stats()``): every
+#: family the collector yields (histograms come from the manager's timers).
+METRICS: List[Tuple[str, str, bool, str, Optional[Callable[[Stats], Rows]]]] = [
+    ("dynblock_hits_total", "counter", True, "blocks a get found, by the tier serving them",
+     _per_tier(lambda s, t: s[f"{t}_hits"], "remote_hits")),
+    ("dynblock_hit_bytes_total", "counter", True, "bytes of those blocks", _hit_bytes),
+    ("dynblock_misses_total", "counter", False, "blocks a get asked for past its stored prefix",
+     _key("misses")),
+    ("dynblock_remote_misses_total", "counter", False,
+     "blocks the local tiers missed and the remote had not", _key("remote_misses", True)),
+    ("dynblock_stored_blocks", "gauge", True, "blocks held (host, disk)",
+     _per_tier(lambda s, t: s[f"{t}_blocks_used"])),
+    ("dynblock_capacity_blocks", "gauge", True, "slots (host, disk)", _per_tier(_cap)),
+    ("dynblock_used_bytes", "gauge", True, "bytes of the blocks held (host, disk)",
+     _per_tier(lambda s, t: s[f"{t}_blocks_used"] * s["block_size"])),
+    ("dynblock_capacity_bytes", "gauge", True, "bytes of the slots (host, disk)",
+     _per_tier(lambda s, t: _cap(s, t) * s["block_size"])),
+    ("dynblock_put_blocks_total", "counter", False, "blocks put", _key("put_blocks")),
+    ("dynblock_put_new_blocks_total", "counter", False, "blocks put that were not stored yet",
+     _key("put_new")),
+    ("dynblock_evictions_total", "counter", True, "blocks evicted (host, disk)",
+     _per_tier(lambda s, t: s[f"{t}_evictions"])),
+    ("dynblock_offloaded_blocks_total", "counter", False,
+     "host blocks written to disk (evicted or ahead)", _key("offloaded_blocks")),
+    ("dynblock_offloaded_bytes_total", "counter", False, "bytes of those", _key("offloaded_bytes")),
+    ("dynblock_promoted_blocks_total", "counter", False, "disk hits copied into the host tier",
+     _key("onboarded_blocks")),
+    ("dynblock_promoted_bytes_total", "counter", False, "bytes of those", _key("onboarded_bytes")),
+    ("dynblock_dropped_blocks_total", "counter", False,
+     "blocks whose last copy left (evicted, refused)", _key("dropped_blocks")),
+    ("dynblock_disk_not_admitted_total", "counter", False,
+     "host victims disk_admission kept off disk", _key("disk_not_admitted")),
+    ("dynblock_rejected_full_total", "counter", False, "new blocks not stored: every slot leased",
+     _key("rejected_full")),
+    ("dynblock_leases_total", "counter", False, "leases taken by lookup", _key("leases")),
+    ("dynblock_leases_held", "gauge", False, "leases taken and not yet used or released",
+     _key("leases_held")),
+    ("dynblock_checksum_failures_total", "counter", True,
+     "blocks that failed their checksum (disk, remote)", _checksum_failures),
+    ("dynblock_io_errors_total", "counter", False, "disk blocks that could not be read",
+     _key("io_errors")),
+    ("dynblock_failed_writes_total", "counter", False, "batches whose disk write failed",
+     _key("failed_writes")),
+    ("dynblock_o_direct", "gauge", True, "1 when the disk tier uses O_DIRECT (disk)",
+     lambda s: [("disk", float(bool(s["disk"]["o_direct"])))] if s.get("disk") else []),
+    ("dynblock_remote_up", "gauge", False, "1 unless the remote tier is down (backing off)",
+     _remote_state(lambda r: 0.0 if r["down"] else 1.0)),
+    ("dynblock_remote_refusing_writes", "gauge", False,
+     "1 while the server refuses writes (OOM, ...)",
+     _remote_state(lambda r: float(bool(r["refusing_writes"])))),
+    ("dynblock_remote_queue_blocks", "gauge", False, "blocks queued for the remote writer",
+     _remote_state(lambda r: float(r["queued"]))),
+    ("dynblock_remote_stored_total", "counter", False, "blocks written to the remote tier",
+     _key("remote_stored", True)),
+    ("dynblock_remote_skipped_total", "counter", False,
+     "blocks not written (tier down, queue full)", _key("remote_skipped", True)),
+    ("dynblock_remote_errors_total", "counter", False, "failed connections and round trips",
+     _key("remote_errors", True)),
+    ("dynblock_remote_deadline_missed_total", "counter", False,
+     "calls whose remote work hit its deadline", _key("remote_deadline_missed", True)),
+    ("dynblock_remote_unauthenticated_total", "counter", False,
+     "values without a valid MAC, not served", _key("remote_unauthenticated", True)),
+    ("dynblock_remote_oversized_total", "counter", False, "replies longer than a value, refused",
+     _key("remote_oversized", True)),
+    ("dynblock_lookup_seconds", "histogram", False, "time of lookup and match calls", None),
+    ("dynblock_load_seconds", "histogram", False, "time of get calls and lease loads", None),
+    ("dynblock_store_seconds", "histogram", False, "time of put calls", None),
+]
 
 
 class Collector:
@@ -151,11 +161,10 @@ class Collector:
                 hist = self.manager._m.latencies()
             except ValueError:  # closed
                 return
-        values = samples(s)
         times = {f"dynblock_{name}_seconds": (bounds, counts, total)
                  for name, bounds, counts, total in hist}
-        for name, kind, per_tier, doc in METRICS:
-            if kind == "histogram":
+        for name, kind, per_tier, doc, source in METRICS:
+            if source is None:
                 bounds, counts, total = times[name]
                 cumulative, buckets = 0, []
                 for le, c in zip([*map(str, bounds), "+Inf"], counts):
@@ -165,7 +174,7 @@ class Collector:
                 h.add_metric([self.store], buckets, total)
                 yield h
                 continue
-            rows = values.get(name)
+            rows = source(s)
             if not rows:
                 continue
             labels = ["store", "tier"] if per_tier else ["store"]
