@@ -11,6 +11,16 @@
 //! - every read verifies the block checksum, so bytes from a torn or
 //!   interrupted write are never served even if the log were wrong.
 //!
+//! Two marker records carry no block: `OPEN` (appended when a manager opens
+//! the store) and `CLOSE` (appended by a clean `close()`, after everything
+//! it wrote), each with the time in seconds since the epoch; the store tool
+//! reports from them when the store was last opened and last closed
+//! cleanly (closed cleanly: a `CLOSE` with nothing after it). Compaction
+//! keeps the `OPEN` of the session that compacts. A dynblock older than the
+//! markers reads one at the end as a torn tail and one before other records
+//! as a damaged record (counted, the log rewritten without it): a downgrade
+//! loses the markers, nothing else.
+//!
 //! Recovery replays the records in order. A record that fails its CRC (or
 //! names an impossible slot or kind) in the middle of the log is skipped and
 //! counted, and the log is rewritten without it; bytes after the last good
@@ -38,6 +48,8 @@ pub const HEADER_LEN: usize = 64;
 pub const RECORD_LEN: usize = 32;
 const PUT: u8 = 1;
 const DEL: u8 = 2;
+const OPEN: u8 = 3;
+const CLOSE: u8 = 4;
 
 /// What a store was made with; a reopen must match it exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +96,16 @@ impl Record {
             crc: 0,
         }
     }
+    /// The marker of an open (`closed`: of a clean close) at `at` seconds
+    /// since the epoch.
+    pub fn marker(closed: bool, at: u64) -> Self {
+        Record {
+            kind: if closed { CLOSE } else { OPEN },
+            slot: 0,
+            hash: at,
+            crc: 0,
+        }
+    }
     fn encode(&self, gen: u32) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
         b[0] = self.kind;
@@ -97,7 +119,7 @@ impl Record {
     }
     fn decode(b: &[u8]) -> Option<Record> {
         let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
-        if crc32c::crc32c(&b[..28]) != c || !matches!(b[0], PUT | DEL) {
+        if crc32c::crc32c(&b[..28]) != c || !matches!(b[0], PUT | DEL | OPEN | CLOSE) {
             return None;
         }
         Some(Record {
@@ -162,6 +184,8 @@ pub struct IndexLog {
     records: u64,
     sync: bool,
     dirty: bool,
+    /// When this session opened the store (its `OPEN` marker), if it did.
+    opened_at: Option<u64>,
 }
 
 /// What `open` found.
@@ -176,6 +200,12 @@ pub struct Recovered {
     pub created: bool,
     /// Why an existing index was replaced by an empty one, if it was.
     pub reset: Option<String>,
+    /// When the store was last opened and last closed cleanly (seconds
+    /// since the epoch), as its markers say.
+    pub last_open: Option<u64>,
+    pub last_close: Option<u64>,
+    /// Its last record is a `CLOSE`: closed cleanly, not opened since.
+    pub closed_cleanly: bool,
 }
 
 /// Remove leftovers of compactions that died (`<index>.compact-*`).
@@ -296,7 +326,10 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
         rec.bad_records += pending_bad;
         pending_bad = 0;
         good_end = off;
+        rec.closed_cleanly = r.kind == CLOSE;
         match r.kind {
+            OPEN => rec.last_open = Some(r.hash),
+            CLOSE => rec.last_close = Some(r.hash),
             PUT => {
                 if let Some(old) = slot_owner.insert(r.slot, r.hash) {
                     if old != r.hash {
@@ -411,6 +444,7 @@ impl IndexLog {
             records: ((good_end - HEADER_LEN) / RECORD_LEN) as u64,
             sync,
             dirty: false,
+            opened_at: None,
         };
         if rec.bad_records > 0 {
             // Rewrite without the damaged records, so they are reported once.
@@ -455,6 +489,19 @@ impl IndexLog {
         Ok(())
     }
 
+    /// Append the `OPEN` (`closed`: `CLOSE`) marker with the time now, and
+    /// fdatasync it.
+    pub fn mark(&mut self, closed: bool) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.append(&[Record::marker(closed, now)])?;
+        if !closed {
+            self.opened_at = Some(now);
+        }
+        self.sync()
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.file
             .sync_data()
@@ -494,6 +541,11 @@ impl IndexLog {
             gen = gen.wrapping_add(1);
             buf.extend_from_slice(&Record::put(l.hash, l.slot, l.crc).encode(gen));
         }
+        let marker = self.opened_at.map(|at| Record::marker(false, at));
+        if let Some(m) = marker {
+            gen = gen.wrapping_add(1);
+            buf.extend_from_slice(&m.encode(gen));
+        }
         let res = f
             .write_all(&buf)
             .and_then(|_| f.sync_all())
@@ -509,7 +561,7 @@ impl IndexLog {
         f.seek(SeekFrom::End(0))
             .map_err(|e| Error::io("seek", &self.path, 0, 0, e))?;
         self.file = f;
-        self.records = live.len() as u64;
+        self.records = live.len() as u64 + marker.is_some() as u64;
         self.gen = gen;
         self.dirty = false;
         Ok(())
@@ -534,6 +586,38 @@ mod tests {
 
     fn open(p: &Path) -> (IndexLog, Recovered) {
         IndexLog::open(p, &geo(), false, false).unwrap()
+    }
+
+    #[test]
+    fn open_and_close_markers_say_whether_the_store_was_closed_cleanly() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        {
+            let (mut log, rec) = open(&p);
+            assert!(!rec.closed_cleanly && rec.last_open.is_none());
+            log.mark(false).unwrap();
+            log.append(&[Record::put(10, 0, 111)]).unwrap();
+            log.mark(true).unwrap();
+        }
+        let ins = inspect(&p).unwrap();
+        assert!(ins.recovered.closed_cleanly);
+        assert!(ins.recovered.last_close >= ins.recovered.last_open);
+        assert!(ins.recovered.last_open.is_some());
+        assert_eq!(ins.recovered.live.len(), 1);
+        assert_eq!((ins.recovered.records, ins.recovered.bad_records), (3, 0));
+        {
+            // Opened again, a block written, never closed: not closed cleanly.
+            let (mut log, rec) = open(&p);
+            assert!(rec.closed_cleanly);
+            log.mark(false).unwrap();
+            log.append(&[Record::put(11, 1, 222)]).unwrap();
+            // Compaction keeps this session's open marker.
+            log.compact(&geo(), &inspect(&p).unwrap().recovered.live)
+                .unwrap();
+        }
+        let ins = inspect(&p).unwrap();
+        assert!(!ins.recovered.closed_cleanly && ins.recovered.last_open.is_some());
+        assert_eq!((ins.recovered.records, ins.recovered.live.len()), (3, 2));
     }
 
     #[test]

@@ -184,7 +184,7 @@ def test_truncated_index_recovers_the_complete_records(tmp_path: Path, caplog) -
             m.put([h], data_for(h))
     index = Path(str(path) + ".index")
     size = index.stat().st_size
-    os.truncate(index, size - 5)  # the last record torn
+    os.truncate(index, size - 32 - 5)  # the close marker gone, the last PUT torn
     with caplog.at_level(logging.WARNING, logger="dynblock"):
         with open_store(path) as m:
             s = m.stats()
@@ -447,12 +447,13 @@ def test_clear_and_remove_on_a_full_filesystem_change_nothing(tiny_tmpfs: Path) 
     path = tiny_tmpfs / "kv.bin"
     index = Path(str(path) + ".index")
     m = open_store(path, disk_blocks=64)
-    m.put(list(range(10)), blocks(range(10)))
-    # Grow the index to exactly one page, so the next record needs a new page.
+    m.put(list(range(11)), blocks(range(11)))
+    # Grow the index to exactly one page, so the next record needs a new page (the header,
+    # the open marker and 11 PUTs are 448 bytes: pairs of records fill the rest).
     while index.stat().st_size < 4096:
         m.put([500], data_for(500))
         m.remove([500])
-    assert index.stat().st_size == 4096 and len(m) == 10
+    assert index.stat().st_size == 4096 and len(m) == 11
     filler = fill_up(tiny_tmpfs)
     with pytest.raises(OSError) as e:
         m.remove([3])
@@ -461,14 +462,14 @@ def test_clear_and_remove_on_a_full_filesystem_change_nothing(tiny_tmpfs: Path) 
     with pytest.raises(OSError) as e:
         m.clear()
     assert e.value.errno == errno.ENOSPC
-    assert len(m) == 10 and all(np.array_equal(get_one(m, h), data_for(h)) for h in range(10))
+    assert len(m) == 11 and all(np.array_equal(get_one(m, h), data_for(h)) for h in range(11))
     m.close()
     filler.unlink()
     with open_store(path, disk_blocks=64) as m:  # the failed calls did not happen on disk either
-        assert len(m) == 10
+        assert len(m) == 11
         assert m.remove([3]) == 1
     with open_store(path, disk_blocks=64) as m:
-        assert 3 not in m and len(m) == 9
+        assert 3 not in m and len(m) == 10
         m.clear()
     with open_store(path, disk_blocks=64) as m:
         assert len(m) == 0
@@ -490,7 +491,7 @@ def test_failed_del_record_then_crash_never_serves_another_blocks_bytes(tmp_path
         assert 1 in kv
         kv.put([2], np.frombuffer(b"TWO!" * 1024, np.uint8))
         sys.exit("not killed")
-    """, env=shim_env(faultshim, suffix="kv.bin.index", op="write", n=3, kill_at=4))
+    """, env=shim_env(faultshim, suffix="kv.bin.index", op="write", n=4, kill_at=5))  # header, open, PUT, DEL
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     with open_store(Path(path), disk_blocks=8, checksums=False) as m:
         got = get_one(m, 1)
@@ -581,9 +582,9 @@ def test_one_bad_record_costs_one_block_not_the_rest(tmp_path: Path, caplog) -> 
         for h in range(100):
             m.put([h], data_for(h))
     size = index.stat().st_size
-    assert size == 64 + 100 * 32
+    assert size == 64 + (1 + 100 + 1) * 32  # the open marker, 100 PUTs, the close marker
     raw = bytearray(index.read_bytes())
-    raw[64 + 2 * 32 + 10] ^= 0x01  # one bit of record 2 (block 2)
+    raw[64 + 3 * 32 + 10] ^= 0x01  # one bit of record 3 (block 2's PUT)
     index.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="dynblock"):
         with open_store(path, disk_blocks=128) as m:

@@ -36,7 +36,9 @@ def test_info_reports_geometry_blocks_and_records(tmp_path: Path) -> None:
     d = json.loads(r.stdout)
     assert (d["block_size"], d["index_num_blocks"], d["blocks"]) == (BS, 32, 3)
     assert d["stored_bytes"] == 3 * BS and d["index_matches_data"] and d["held_by"] is None
-    assert d["index_records"] == 5 and d["index_bad_records"] == 0  # 4 PUT + 1 DEL
+    # Two sessions: open marker, 4 PUTs, close marker; open marker, 1 DEL, close marker.
+    assert d["index_records"] == 9 and d["index_bad_records"] == 0
+    assert d["closed_cleanly"] is True and d["last_closed_cleanly"] >= d["last_opened"] > 0
     assert len(d["store_id"]) == 32 and d["checksums"] is True
     text = tool(str(path), "info")
     assert text.returncode == 0 and "blocks stored       3" in text.stdout, text.stdout
@@ -75,7 +77,8 @@ def test_compact_and_clear(tmp_path: Path) -> None:
     r = tool(str(path), "compact", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert (out["records_before"], out["records_after"], out["blocks"]) == (6, 2, 2)
+    # Before: 2 sessions of markers, 4 PUTs, 2 DELs; after: 2 PUTs and the tool's own markers.
+    assert (out["records_before"], out["records_after"], out["blocks"]) == (10, 4, 2)
     r = tool(str(path), "clear", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"path": str(path), "removed": 2, "blocks": 0}
@@ -101,11 +104,33 @@ def test_writers_are_refused_naming_the_process_that_holds_the_store(tmp_path: P
             assert f"held by process {holder.pid}" in r.stderr and "python" in r.stderr, r.stderr
         d = json.loads(tool(str(path), "info", "--json").stdout)  # info only reads: it works
         assert d["held_by"]["pid"] == holder.pid and d["blocks"] == 2
+        assert d["closed_cleanly"] is False and d["last_opened"] >= d["last_closed_cleanly"]
     finally:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(timeout=30)
     assert tool(str(path), "verify").returncode == 0  # free again
+
+
+def test_a_store_killed_while_open_was_not_closed_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1])
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np, dynblock
+        m = dynblock.BlockManager.open({str(path)!r}, block_size={BS}, disk_blocks=32,
+                                       numa_node=None, pin=False)
+        m.put([2], np.zeros({BS}, np.uint8))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -9, r.stderr
+    d = json.loads(tool(str(path), "info", "--json").stdout)
+    assert d["closed_cleanly"] is False and d["blocks"] == 2
+    assert d["last_opened"] >= d["last_closed_cleanly"] > 0
+    assert "not closed cleanly" in tool(str(path), "info").stdout
+    with open_store(path, disk_blocks=32):
+        pass
+    assert json.loads(tool(str(path), "info", "--json").stdout)["closed_cleanly"] is True
 
 
 def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ at and look after a persistent store (``Config(persist=True, disk_path=PATH)``:
 the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 
 - ``info``: geometry, store id, blocks and bytes stored, index records and
-  damaged ones, and which process holds the store, if one does. It reads the
+  damaged ones, when the store was last opened and whether it was closed
+  cleanly since (and when), and which process holds the store, if one does. It reads the
   files without changing them and without the store's lock, so it also works
   while an engine has the store open (a record being appended then shows as a
   torn tail).
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -229,6 +231,22 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _when(t: Optional[int]) -> str:
+    if not t:
+        return "not recorded"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def _closed(d: Dict[str, Any]) -> str:
+    if d["last_opened"] is None and d["last_closed_cleanly"] is None:
+        return "not recorded (an index written before open and close markers)"
+    if d["closed_cleanly"]:
+        return f"yes, at {_when(d['last_closed_cleanly'])}"
+    last = d["last_closed_cleanly"]
+    return ("no: not closed cleanly since it was last opened (open now, or its process died)"
+            + (f"; before that at {_when(last)}" if last else ""))
+
+
 def _print_info(d: Dict[str, Any]) -> None:
     held = d["held_by"]
     rows = [
@@ -241,6 +259,8 @@ def _print_info(d: Dict[str, Any]) -> None:
         ("data file", f"{_size(d['data_file_bytes'])} ({_size(d['data_file_allocated_bytes'])} allocated)"),
         ("index", f"{d['index_records']} records, {d['index_bad_records']} damaged, "
                   f"{d['index_torn_bytes']} torn bytes ({_size(d['index_bytes'])})"),
+        ("last opened", _when(d["last_opened"])),
+        ("closed cleanly", _closed(d)),
         ("checksums", "on" if d["checksums"] else "off"),
         ("layout fingerprint", f"{d['layout']:#x}"),
         ("held by", "nobody" if held is None else f"process {held['pid']} ({held['command']})"),

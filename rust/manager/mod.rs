@@ -309,6 +309,12 @@ impl BlockManager {
         } else {
             (st, Ok(0))
         };
+        if flush && written.is_ok() && !self.fork.forked() {
+            // After everything the close wrote: the store was closed cleanly.
+            if let Some(ix) = st.index.as_mut().filter(|ix| !ix.dirty()) {
+                let _ = ix.mark(true);
+            }
+        }
         st.closed = true;
         st.index = None;
         written

@@ -45,9 +45,14 @@ pub(super) fn recover(
         checksums: opts.checksums,
         store_id,
     };
-    let (index, rec) = IndexLog::open(path, &geometry, opts.sync, d.created())?;
+    let (mut index, rec) = IndexLog::open(path, &geometry, opts.sync, d.created())?;
     reg.recover(&rec.live);
     let mut warnings = Vec::new();
+    // Best effort: a failed append marks the log for a rewrite before the
+    // next data write, as any failed append does.
+    if let Err(e) = index.mark(false) {
+        warnings.push(format!("could not record the open in the index: {e}"));
+    }
     if let Some(why) = rec.reset {
         warnings.push(why);
     }
