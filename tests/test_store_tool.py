@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import shim_env
 from dynblock import _core
 from test_durability import BS, blocks, data_for, open_store
 
@@ -67,6 +68,20 @@ def test_verify_finds_a_changed_block_and_drop_bad_removes_it(tmp_path: Path) ->
         assert 2 not in m and len(m) == 2
         out_buf = np.zeros(BS, np.uint8)
         assert m.get([3], out_buf) == 1 and np.array_equal(out_buf, data_for(3))
+
+
+def test_verify_names_a_block_the_device_cannot_read(tmp_path: Path, faultshim: Path) -> None:
+    path = tmp_path / "kv"
+    make_store(path, [1, 2, 3])
+    d = _core.inspect_store(str(path))
+    at = d["data_offset"] + {h: s for h, s, _ in d["live"]}[2] * d["slot_stride"]
+    env = dict(os.environ, **shim_env(faultshim, suffix="/kv", op="read", count=-1,
+                                      off_lo=at, off_hi=at + d["slot_stride"]))
+    r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "verify", "--json"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["checked"], out["bad"], out["unreadable"]) == (3, [], [2])
 
 
 def test_compact_and_clear(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from . import _core
 from ._core import DynblockError, StoreLockedError
+from .bench.common import Progress
 
 #: Bytes read per step of ``verify``.
 VERIFY_STEP = 64 << 20
@@ -138,17 +139,6 @@ class _Open:
         self.disk.close()
 
 
-def _progress(done: int, total: int, enabled: bool) -> None:
-    if not enabled:
-        return
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} blocks")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
            show: bool) -> Tuple[List[int], List[int]]:
     """Read every block of ``live`` ((hash, slot, crc)); returns the hashes
@@ -158,26 +148,28 @@ def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
     buf = np.empty(min(step, max(len(live), 1)) * bs, np.uint8)
     bad: List[int] = []
     unreadable: List[int] = []
-    _progress(0, len(live), show)
+    progress = Progress(show)
+    progress.add((len(live) + step - 1) // step)
     for i in range(0, len(live), step):
         part = live[i:i + step]
         view = buf[:len(part) * bs]
         try:
             o.disk.read_blocks([s for _, s, _ in part], view)
             ok = [True] * len(part)
-        except DynblockError:
+        except OSError:  # a device error: find the blocks that cannot be read
             ok = []
-            for j, (h, s, _) in enumerate(part):  # find the blocks that cannot be read
+            for j, (h, s, _) in enumerate(part):
                 try:
                     o.disk.read_blocks([s], view[j * bs:(j + 1) * bs])
                     ok.append(True)
-                except DynblockError:
+                except OSError:
                     ok.append(False)
                     unreadable.append(h)
         if checksums:
             got = _core.block_crcs([h for h, _, _ in part], view, bs)
             bad += [h for (h, _, c), g, r in zip(part, got, ok) if r and g != c]
-        _progress(min(i + step, len(live)), len(live), show)
+        progress.step(f"{min(i + step, len(live))}/{len(live)} blocks read")
+    progress.close()
     return bad, unreadable
 
 
