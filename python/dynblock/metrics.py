@@ -20,7 +20,6 @@ distribution the calls'.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 if TYPE_CHECKING:
@@ -146,7 +145,6 @@ class Collector:
     def __init__(self, manager: "BlockManager", store: str) -> None:
         self.manager = manager
         self.store = store
-        self._lock = threading.Lock()
 
     def describe(self) -> Iterator[Any]:
         return iter(())  # families depend on the tiers: described at collection
@@ -155,12 +153,11 @@ class Collector:
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
 
-        with self._lock:
-            try:
-                s = self.manager.stats()
-                hist = self.manager._m.latencies()
-            except ValueError:  # closed
-                return
+        try:
+            s = self.manager.stats()
+            hist = self.manager._m.latencies()
+        except ValueError:  # closed
+            return
         times = {f"dynblock_{name}_seconds": (bounds, counts, total)
                  for name, bounds, counts, total in hist}
         for name, kind, per_tier, doc, source in METRICS:

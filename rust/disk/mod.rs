@@ -813,14 +813,9 @@ impl DiskStorage {
 /// it for writing (the store tool's `info`). None: an empty file from a
 /// creation that died early.
 pub fn inspect_data_file(path: &Path) -> Result<Option<DataHeader>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, 0, e))?;
-    let mut buf = Vec::with_capacity(header::LEN);
-    f.by_ref()
-        .take(header::LEN as u64)
-        .read_to_end(&mut buf)
-        .map_err(|e| Error::io("read(header)", path, 0, header::LEN as u64, e))?;
-    DataHeader::decode(path, &buf)
+    let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, 0, e))?;
+    let st = crate::files::fstat(f.as_raw_fd(), path)?;
+    read_header(f.as_raw_fd(), path, &st)
 }
 
 /// Read and parse an existing persistent file's header (buffered, before

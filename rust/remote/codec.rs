@@ -106,17 +106,15 @@ impl RemoteTier {
         }
     }
 
-    /// The block in a value, if every check passes.
-    pub(super) fn decode<'a>(
-        &self,
-        h: u64,
-        name: &str,
-        v: &'a [u8],
-    ) -> std::result::Result<&'a [u8], Bad> {
-        let hl = self.header_len();
-        self.begin_check(h, name, &v[..v.len().min(hl)], v.len())?
-            .finish(&v[hl..])?;
-        Ok(&v[hl..])
+    /// Why a value of another length than this tier's values is refused: a
+    /// value of the other kind (with or without a MAC) is `Unauthenticated`,
+    /// anything else `Corrupt`.
+    pub(super) fn refuse(&self, h: u64, name: &str, v: &[u8]) -> Bad {
+        let head = &v[..v.len().min(self.header_len())];
+        match self.begin_check(h, name, head, v.len()) {
+            Err(bad) => bad,
+            Ok(_) => Bad::Corrupt, // cannot be: its length is checked there
+        }
     }
 
     /// The check of a value `len` bytes long, from its header (`head`: its
@@ -159,7 +157,6 @@ impl RemoteTier {
             Some(k) => CheckKind::Mac {
                 m: Box::new(Self::mac_start(k, name, head)),
                 want: head[HEADER..HEADER_MAC].try_into().expect("32 bytes"),
-                skew: 8 + name.len() + HEADER,
             },
             None => CheckKind::Crc {
                 got: block_crc_start(h),
@@ -187,7 +184,6 @@ enum CheckKind {
     Mac {
         m: Box<blake3::Hasher>,
         want: [u8; 32],
-        skew: usize,
     },
 }
 
@@ -203,8 +199,10 @@ impl Check {
     pub(super) fn update(&mut self, landed: &[u8]) {
         let to = match &self.kind {
             CheckKind::Crc { .. } => landed.len(),
-            CheckKind::Mac { skew, .. } => {
-                ((skew + landed.len()) / MAC_RUN * MAC_RUN).saturating_sub(*skew)
+            CheckKind::Mac { m, .. } => {
+                // Bytes the MAC took before the block (key and header).
+                let before = m.count() as usize - self.done;
+                ((before + landed.len()) / MAC_RUN * MAC_RUN).saturating_sub(before)
             }
         };
         if to > self.done {

@@ -652,14 +652,10 @@ impl RemoteTier {
                 redis::cmd("GET").arg(&keys[i]).write_packed_command(b);
                 true
             },
-            // Any other reply: a value of another length fails its checks.
+            // Any other reply: a value of another length is refused.
             &mut |i, v| {
                 if let Value::BulkString(v) = v {
-                    fate[i].set(
-                        self.decode(chunk[i], &keys[i], &v)
-                            .err()
-                            .or(Some(Bad::Corrupt)),
-                    );
+                    fate[i].set(Some(self.refuse(chunk[i], &keys[i], &v)));
                 }
             },
         );

@@ -29,7 +29,7 @@ import heapq
 import os
 import random
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from ..config import Config
 from ..manager import BlockManager
@@ -41,7 +41,8 @@ CAPACITIES = (0.01, 0.03, 0.08)
 #: Disk tier blocks per host tier block.
 DISK_PER_HOST = 4
 #: (eviction, disk_admission) configurations; the first is the baseline.
-CONFIGS: Tuple[Tuple[str, str], ...] = (("lru", "all"), ("lru", "reuse"))
+Admission = Literal["all", "reuse"]
+CONFIGS: Tuple[Tuple[str, Admission], ...] = (("lru", "all"), ("lru", "reuse"))
 #: Payload bytes per block: the policy sees hashes, not bytes.
 BLOCK = 4096
 SHIPPED = ("conversation", "synthetic")
@@ -104,16 +105,14 @@ def belady_hits(requests: List[List[int]], capacity: int) -> int:
     return hits
 
 
-def replay(requests: List[List[int]], host: int, disk: int, eviction: str, admission: str,
+def replay(requests: List[List[int]], host: int, disk: int, eviction: str, admission: Admission,
            directory: str) -> Dict[str, Any]:
     """One replay through a real BlockManager; its hit and write figures."""
     if eviction != "lru":
         raise ValueError(f"eviction must be 'lru', got {eviction!r}")
-    if admission not in ("all", "reuse"):
-        raise ValueError(f"admission must be 'all' or 'reuse', got {admission!r}")
     cfg = Config(block_size=BLOCK, host_blocks=host, disk_blocks=disk, disk_dir=directory,
                  o_direct=False, write_behind=False, numa_node=None, pin=False,
-                 disk_admission=admission)  # type: ignore[arg-type]  # checked above
+                 disk_admission=admission)
     reqs = [trace_mod.Request(0, 0, 0, r) for r in requests]
     with BlockManager(cfg) as m:
         r = trace_mod.replay(m, reqs)
