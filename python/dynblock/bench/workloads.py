@@ -511,8 +511,10 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         src[:] = 2
         p99 = {}
         puts = 60
+        # The disk tier holds what the full host tier evicts: its 256 blocks and every put.
+        disk_blocks = 256 + 32 * puts + 64
         for label, host_blocks in (("free", 32 * puts), ("full", 256)):
-            cfg = Config(block_size=sbs, host_blocks=host_blocks, disk_blocks=8192,
+            cfg = Config(block_size=sbs, host_blocks=host_blocks, disk_blocks=disk_blocks,
                          disk_dir=directory, numa_node=None, pin=False)
             with BlockManager(cfg) as kv:
                 # Touch every host slot first (the host reclaims idle pages), then empty it
