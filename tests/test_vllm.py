@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -66,8 +67,11 @@ def run_engine(args: Dict[str, Any], record: Optional[Path] = None,
     env.pop("DYNBLOCK_TEST_RECORD", None)
     if record is not None:
         env["DYNBLOCK_TEST_RECORD"] = str(record)
-    r = subprocess.run([_vllm_python(), str(DRIVER), json.dumps(args)], capture_output=True,
-                       text=True, timeout=timeout, env=env, cwd=str(DRIVER.parent))
+    # vLLM leaves its ZMQ IPC sockets in the temporary directory; give it one that goes away.
+    with tempfile.TemporaryDirectory(prefix="dynblock-vllm-") as tmp:
+        env["TMPDIR"] = tmp
+        r = subprocess.run([_vllm_python(), str(DRIVER), json.dumps(args)], capture_output=True,
+                           text=True, timeout=timeout, env=env, cwd=str(DRIVER.parent))
     out = r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"engine run failed (rc {r.returncode}):\n{out[-6000:]}"
@@ -236,7 +240,8 @@ def test_bfloat16_kv_round_trips(bf16: Runs) -> None:
 
 def test_dynblock_tier_against_the_installed_secondary_tier_interface(tmp_path: Path) -> None:
     r = subprocess.run([_vllm_python(), str(DRIVER.parent / "tier_check.py"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, cwd=str(DRIVER.parent))
+                       capture_output=True, text=True, timeout=600, cwd=str(DRIVER.parent),
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 0 and "TIER OK" in r.stdout, (r.stdout + r.stderr)[-6000:]
     stats = json.loads(r.stdout.split("TIER OK ", 1)[1].splitlines()[0])
     assert stats["stored_chunks"] == 12 and stats["loaded_chunks"] == 12 + 2

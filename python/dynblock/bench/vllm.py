@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from .common import Progress, Results
@@ -46,8 +47,11 @@ def find_vllm_python(explicit: Optional[str] = None) -> Tuple[Optional[str], str
 
 
 def _engine(python: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    r = subprocess.run([python, "-m", "dynblock.bench.vllm_engine", json.dumps(args)],
-                       capture_output=True, text=True, timeout=1800)
+    # vLLM leaves its ZMQ IPC sockets in the temporary directory; give it one that goes away.
+    with tempfile.TemporaryDirectory(prefix="dynblock-vllm-") as tmp:
+        r = subprocess.run([python, "-m", "dynblock.bench.vllm_engine", json.dumps(args)],
+                           capture_output=True, text=True, timeout=1800,
+                           env={**os.environ, "TMPDIR": tmp})
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"vLLM engine failed (rc {r.returncode}): {(r.stdout + r.stderr)[-3000:]}")
