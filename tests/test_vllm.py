@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
+from engine_env import check_fresh
 from redis_servers import Server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,24 +41,8 @@ def _vllm_python() -> str:
     return str(py)
 
 
-_FRESH: Dict[str, bool] = {}
-
-
 def _check_fresh(py: str) -> None:
-    """The vLLM environment must run this checkout's dynblock, not an older install."""
-    if py in _FRESH:
-        return
-    r = subprocess.run([py, "-c", "import dynblock, os; print(os.path.dirname(dynblock.__file__))"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, f"dynblock does not import in {py}: {r.stderr[-2000:]}"
-    installed = Path(r.stdout.strip().splitlines()[-1])
-    src = ROOT / "python" / "dynblock"
-    stale = [str(p.relative_to(src)) for p in src.rglob("*.py")
-             if not (installed / p.relative_to(src)).exists()
-             or (installed / p.relative_to(src)).read_bytes() != p.read_bytes()]
-    assert not stale, (f"the vLLM environment's dynblock ({installed}) is older than this checkout "
-                       f"({', '.join(stale[:5])} differ): run `bash .ci/vllm-env`")
-    _FRESH[py] = True
+    check_fresh(py, "bash .ci/vllm-env")
 
 
 def run_engine(args: Dict[str, Any], record: Optional[Path] = None,

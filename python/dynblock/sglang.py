@@ -1,0 +1,426 @@
+"""SGLang's HiCache keeps its L3 pages in dynblock.
+
+SGLang's hierarchical cache moves KV pages GPU -> a host pool -> "L3" storage,
+and loads third-party L3 backends through its ``dynamic`` storage backend::
+
+    python -m sglang.launch_server ... --enable-hierarchical-cache \\
+        --hicache-storage-backend dynamic \\
+        --hicache-storage-backend-extra-config '{"backend_name": "dynblock",
+            "module_path": "dynblock.sglang", "class_name": "DynblockHiCache",
+            "interface_v1": 1, "disk_bytes": 68719476736}'
+
+Every other key of the extra config is a :class:`dynblock.Config` field
+(``DYNBLOCK_*`` variables apply, the extra config wins); an unknown key is
+refused, naming it. ``block_size`` is derived from the host pool.
+
+How pages are stored: SGLang's host pool names, for each page, the pieces of
+memory that hold it (``get_page_buffer_meta``: K and V of each page, or of
+each layer of it, or one piece for MLA). Each piece is one dynblock block, moved
+straight between the host pool and the tiers (``rows`` of the pool's buffer:
+no copy in Python, the GIL released, one call per batch). A page is present
+when all its pieces are. Keys are SGLang's page keys mixed with an identity of
+everything that gives the bytes their meaning: the model, the rank's shard
+(TP rank and size for MHA, none for MLA, whose ranks hold the same bytes; PP,
+CP and DCP ranks), the host layout, the dtype and the piece geometry, so
+another model, shard or layout misses instead of loading wrong bytes.
+
+Each rank is its own process and opens its own store: with ``persist=True``
+the rank's store is ``disk_path`` plus a suffix naming its shard
+(``.tp0of2``, ``.mla``, ...), so ranks never contend for one store.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .config import Config
+from .manager import BlockManager
+
+try:
+    import torch
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+except ImportError as _e:  # pragma: no cover - exercised without SGLang
+    raise ImportError(
+        f"dynblock.sglang needs SGLang (sglang.srt.mem_cache.hicache_storage) and torch: {_e}"
+    ) from _e
+
+log = logging.getLogger("dynblock.sglang")
+
+__all__ = ["DynblockHiCache", "SGLANG_KEYS", "SUPPORTED_LAYOUTS"]
+
+#: Extra-config keys that are SGLang's own (how it finds this class).
+SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
+#: Host-pool layouts whose pages this backend moves. Each keeps every piece of
+#: a page in one buffer, in pieces of one size.
+SUPPORTED_LAYOUTS = ("page_first", "page_first_direct", "layer_first")
+_DERIVED = ("block_size", "layout")
+#: Per-operation records kept for get_stats() between two calls (bounded).
+_STATS_KEPT = 4096
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def split_extra_config(extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """SGLang's ``--hicache-storage-backend-extra-config`` -> ``Config`` fields;
+    unknown keys and the fields derived from the host pool raise ``ValueError``."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out: Dict[str, Any] = {}
+    for k, v in (extra or {}).items():
+        if k in SGLANG_KEYS:
+            continue
+        if k in _DERIVED:
+            raise ValueError(f"hicache storage extra config [{k!r}]: dynblock derives {k} from "
+                             "SGLang's host pool; remove it")
+        if k not in fields:
+            raise ValueError(f"hicache storage extra config [{k!r}] is neither a dynblock.Config "
+                             f"field nor one of SGLang's keys ({', '.join(SGLANG_KEYS)})")
+        out[k] = v
+    return out
+
+
+def shard_tag(cfg: HiCacheStorageConfig) -> str:
+    """The name of the shard of the KV cache this rank holds: MHA ranks hold
+    their own heads (``tp0of2``); MLA ranks all hold the same bytes (``mla``).
+    Pipeline, context and decode-context parallel ranks are added when used,
+    and with DP attention the DP rank (its TP rank is local to its group)."""
+    tag = "mla" if cfg.is_mla_model else f"tp{cfg.tp_rank}of{cfg.tp_size}"
+    if not cfg.is_mla_model and cfg.dp_rank:
+        tag += f"-dp{cfg.dp_rank}"
+    if cfg.pp_size > 1:
+        tag += f"-pp{cfg.pp_rank}of{cfg.pp_size}"
+    if cfg.attn_cp_size > 1:
+        tag += f"-cp{cfg.attn_cp_rank}of{cfg.attn_cp_size}"
+    if cfg.dcp_size > 1:
+        tag += f"-dcp{cfg.dcp_rank}of{cfg.dcp_size}-page{cfg.logical_page_size}"
+    return tag
+
+
+@dataclasses.dataclass(frozen=True)
+class PageGeometry:
+    """Where a host pool keeps one page: ``pieces`` pieces of ``piece_bytes``
+    in the pool's buffer, and the order of those pieces in SGLang's flat data
+    page (``flat_order[f]`` is the piece at chunk ``f`` of the flat page)."""
+
+    layout: str
+    page_tokens: int
+    pieces: int
+    piece_bytes: int
+    dtype: str
+    flat_order: Tuple[int, ...]
+
+
+def page_geometry(pool: Any) -> PageGeometry:
+    """Read a host pool's page geometry through the interface SGLang's pools
+    give storage backends; raises ``ValueError`` naming what is not supported."""
+    layout = getattr(pool, "layout", None)
+    if layout not in SUPPORTED_LAYOUTS:
+        raise ValueError(f"dynblock.sglang: host pool layout {layout!r} is not supported; use "
+                         f"--hicache-mem-layout {' or '.join(SUPPORTED_LAYOUTS)}")
+    buf = getattr(pool, "kv_buffer", None)
+    if not isinstance(buf, torch.Tensor):
+        raise ValueError(f"dynblock.sglang: the {type(pool).__name__} host pool keeps its pages in "
+                         "several buffers; only pools with one kv_buffer are supported")
+    if buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ValueError(f"dynblock.sglang: the host pool's buffer must be contiguous host memory "
+                         f"(it is on {buf.device}, contiguous={buf.is_contiguous()})")
+    page = int(pool.page_size)
+    ptrs, sizes = pool.get_page_buffer_meta(torch.arange(page, dtype=torch.int64))
+    if not ptrs or len(set(int(s) for s in sizes)) != 1:
+        raise ValueError(f"dynblock.sglang: a page of the {layout} host pool is in pieces of "
+                         f"sizes {sorted(set(int(s) for s in sizes))}; only equal pieces are supported")
+    piece = int(sizes[0])
+    base = buf.data_ptr()
+    offs = [int(p) - base for p in ptrs]
+    if any(o % piece for o in offs):
+        raise ValueError(f"dynblock.sglang: the {layout} host pool's pieces are not aligned to "
+                         f"their size ({piece} bytes)")
+    # The flat data page (get_data_page(flat=True)) in chunks of one piece: which piece is
+    # each chunk? Follow the unflattened view's strides to each chunk's address.
+    view = pool.get_data_page(0, flat=False)
+    isz = view.element_size()
+    if piece % isz or view.numel() * isz != piece * len(ptrs):
+        raise ValueError(f"dynblock.sglang: the {layout} host pool's data page does not match "
+                         "its buffer pieces")
+    shape, stride = list(view.shape), list(view.stride())
+    chunk = piece // isz
+    where = {o: i for i, o in enumerate(offs)}
+    order = []
+    for f in range(len(ptrs)):
+        rem, addr = f * chunk, view.data_ptr() - base
+        for d in range(len(shape) - 1, -1, -1):
+            rem, idx = divmod(rem, shape[d])
+            addr += idx * stride[d] * isz
+        if addr not in where:
+            raise ValueError(f"dynblock.sglang: chunk {f} of the {layout} host pool's flat page "
+                             "is not one of its buffer pieces")
+        order.append(where[addr])
+    if sorted(order) != list(range(len(ptrs))):
+        raise ValueError(f"dynblock.sglang: the {layout} host pool's flat page repeats pieces")
+    return PageGeometry(layout=layout, page_tokens=page, pieces=len(ptrs), piece_bytes=piece,
+                        dtype=str(pool.dtype).replace("torch.", ""), flat_order=tuple(order))
+
+
+class DynblockHiCache(HiCacheStorage):
+    """SGLang's L3 storage in dynblock: see the module docs. Created by
+    SGLang's ``StorageBackendFactory`` (``dynamic``); the store opens when
+    SGLang registers its host pool."""
+
+    def __init__(self, storage_config: HiCacheStorageConfig, *_args: Any, **_kwargs: Any) -> None:
+        self.storage_config = storage_config
+        self._fields = split_extra_config(storage_config.extra_config)
+        self.kv: Optional[BlockManager] = None
+        self.geometry: Optional[PageGeometry] = None
+        self._lock = threading.Lock()
+        self._fp = np.uint64(0)
+        self._buf: Optional[np.ndarray] = None
+        self._base = 0
+        self._rows = 0
+        # get_stats(): pages and GiB/s of each batch get/set since the last call.
+        self._prefetch: Deque[Tuple[int, float]] = collections.deque(maxlen=_STATS_KEPT)
+        self._backup: Deque[Tuple[int, float]] = collections.deque(maxlen=_STATS_KEPT)
+        self.failed_pages = 0
+        self._said_failed = False
+        if storage_config.is_mla_model and not storage_config.is_storage_writer:
+            # SGLang takes the lowest hit count of all ranks; a reader rank with a store of its
+            # own would miss every page and turn L3 off for all. Followers of the writer's store
+            # are not built yet.
+            raise ValueError(
+                f"dynblock.sglang: MLA rank {storage_config.tp_rank} of {storage_config.tp_size} "
+                "reads the pages the writer rank stores; dynblock cannot share one store between "
+                "processes yet, so MLA models run with L3 on dynblock at --tp-size 1 only")
+
+    # --- opening ------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        geo = page_geometry(mem_pool_host)
+        cfg = self.storage_config
+        ident = "/".join(str(x) for x in (
+            "dynblock.sglang/1", cfg.model_name or "", shard_tag(cfg), geo.layout, geo.page_tokens,
+            geo.pieces, geo.piece_bytes, geo.dtype))
+        fields = dict(self._fields)
+        if fields.get("disk_path"):
+            fields["disk_path"] = f"{fields['disk_path']}.{shard_tag(cfg)}"
+        try:
+            config = Config.from_env(**fields, block_size=geo.piece_bytes)
+        except ValueError as e:
+            raise ValueError(f"dynblock.sglang: hicache storage extra config: {e}") from None
+        buf = mem_pool_host.kv_buffer
+        with self._lock:
+            if self.kv is not None:
+                self.kv.close()
+            self.kv = BlockManager(config)
+            self.geometry = geo
+            self._fp = np.uint64(int.from_bytes(
+                hashlib.blake2b(ident.encode(), digest_size=8).digest(), "little"))
+            self._buf = buf.view(torch.uint8).reshape(-1).numpy()
+            self._base = buf.data_ptr()
+            self._rows = self._buf.nbytes // geo.piece_bytes
+        log.info("dynblock.sglang: %s pages of %d x %d bytes (%s), store %s", geo.layout,
+                 geo.pieces, geo.piece_bytes, shard_tag(cfg), config.disk_path or config.disk_dir)
+
+    def _kv(self) -> BlockManager:
+        kv = self.kv
+        if kv is None:
+            raise RuntimeError("dynblock.sglang: no host pool registered yet "
+                               "(SGLang calls register_mem_pool_host first)")
+        return kv
+
+    # --- keys -----------------------------------------------------------------
+    def _page_hashes(self, keys: Sequence[str]) -> np.ndarray:
+        """One uint64 per page: BLAKE2b of the page key, mixed with the identity."""
+        out = np.empty(len(keys), dtype=np.uint64)
+        for i, k in enumerate(keys):
+            if not isinstance(k, str):
+                raise TypeError(f"keys[{i}] must be a str (SGLang's page key), got {type(k).__name__}")
+            out[i] = int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
+        return out ^ self._fp
+
+    def _hashes(self, keys: Sequence[str], order: Optional[Sequence[int]] = None) -> np.ndarray:
+        """The dynblock keys of every piece of every page, page after page, pieces
+        in buffer order (or in ``order``)."""
+        geo = self.geometry
+        assert geo is not None
+        pieces = np.arange(geo.pieces, dtype=np.uint64) if order is None else \
+            np.asarray(order, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            x = self._page_hashes(keys)[:, None] + (pieces[None, :] + np.uint64(1)) * _GOLDEN
+        return _mix(x).reshape(-1)
+
+    def _rows_of(self, host_indices: Any, n_pages: int) -> np.ndarray:
+        geo = self.geometry
+        assert geo is not None
+        idx = host_indices if isinstance(host_indices, torch.Tensor) else torch.as_tensor(host_indices)
+        if idx.numel() != n_pages * geo.page_tokens:
+            raise ValueError(f"host_indices has {idx.numel()} entries; {n_pages} pages of "
+                             f"{geo.page_tokens} tokens need {n_pages * geo.page_tokens}")
+        ptrs, _ = self.mem_pool_host.get_page_buffer_meta(idx.cpu())
+        off = np.asarray(ptrs, dtype=np.int64) - self._base
+        rows = off // geo.piece_bytes
+        if off.size != n_pages * geo.pieces or (off % geo.piece_bytes).any() \
+                or (rows < 0).any() or (rows >= self._rows).any():
+            raise ValueError("host_indices name memory outside the registered host pool")
+        return rows.astype(np.int64)
+
+    # --- the zero-copy page interface -------------------------------------------
+    def batch_set_v1(self, keys: List[str], host_indices: Any, extra_info: Any = None) -> List[bool]:
+        if not keys:
+            return []
+        kv, geo = self._kv(), self.geometry
+        assert geo is not None
+        t0 = time.perf_counter()
+        try:
+            kv.put(self._hashes(keys), self._buf, self._rows_of(host_indices, len(keys)))
+        except (OSError, RuntimeError) as e:
+            self._failed(len(keys), f"storing {len(keys)} pages failed: {e}")
+            return [False] * len(keys)
+        self._record(self._backup, len(keys), t0)
+        return [True] * len(keys)
+
+    def batch_get_v1(self, keys: List[str], host_indices: Any, extra_info: Any = None) -> List[bool]:
+        if not keys:
+            return []
+        kv, geo = self._kv(), self.geometry
+        assert geo is not None
+        t0 = time.perf_counter()
+        try:
+            ok = kv.get_each(self._hashes(keys), self._buf, self._rows_of(host_indices, len(keys)))
+        except (OSError, RuntimeError) as e:
+            self._failed(len(keys), f"loading {len(keys)} pages failed: {e}")
+            return [False] * len(keys)
+        arrived = np.asarray(ok, dtype=bool).reshape(len(keys), geo.pieces)
+        res = [bool(row.all()) for row in arrived]
+        got = sum(res)
+        if got < len(keys):
+            self._failed(len(keys) - got, f"{len(keys) - got} of {len(keys)} pages did not load "
+                         "(evicted since, failed their checksum, or unreadable)")
+        self._record(self._prefetch, got, t0)
+        return res
+
+    def batch_exists(self, keys: List[str], extra_info: Any = None) -> int:
+        """How many leading pages of ``keys`` the store holds (all their
+        pieces); answered from the index, without waiting for disk I/O."""
+        if not keys:
+            return 0
+        geo = self.geometry
+        assert geo is not None or self._kv()
+        return int(self._kv().match(self._hashes(keys))) // geo.pieces  # type: ignore[union-attr]
+
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    # --- the generic interface (flat data pages) -------------------------------
+    def _flat(self, t: Any) -> np.ndarray:
+        geo = self.geometry
+        assert geo is not None
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or not t.is_contiguous():
+            raise TypeError("a data page must be a contiguous CPU tensor")
+        arr = t.view(torch.uint8).reshape(-1).numpy()
+        if arr.nbytes != geo.pieces * geo.piece_bytes:
+            raise ValueError(f"a data page is {geo.pieces * geo.piece_bytes} bytes, got {arr.nbytes}")
+        return arr
+
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> Any:
+        kv, geo = self._kv(), self.geometry
+        assert geo is not None
+        if target_location is None:
+            target_location = self.mem_pool_host.get_dummy_flat_data_page()
+        try:
+            ok = kv.get_each(self._hashes([key], geo.flat_order), self._flat(target_location))
+        except (OSError, RuntimeError) as e:
+            self._failed(1, f"loading page {key} failed: {e}")
+            return None
+        if all(ok):
+            return target_location
+        self._failed(1, f"page {key} did not load (evicted since, failed its checksum, or unreadable)")
+        return None
+
+    def batch_get(self, keys: List[str], target_locations: Any = None,
+                  target_sizes: Any = None) -> List[Any]:
+        t0 = time.perf_counter()
+        locs = target_locations or [None] * len(keys)
+        out = [self.get(k, t) for k, t in zip(keys, locs)]
+        self._record(self._prefetch, sum(o is not None for o in out), t0)
+        return out
+
+    def set(self, key: str, value: Any = None, target_location: Any = None,
+            target_sizes: Any = None) -> bool:
+        kv, geo = self._kv(), self.geometry
+        assert geo is not None
+        try:
+            kv.put(self._hashes([key], geo.flat_order), self._flat(value.contiguous()))
+        except (OSError, RuntimeError) as e:
+            self._failed(1, f"storing page {key} failed: {e}")
+            return False
+        return True
+
+    def batch_set(self, keys: List[str], values: Any = None, target_locations: Any = None,
+                  target_sizes: Any = None) -> bool:
+        t0 = time.perf_counter()
+        ok = [self.set(k, v) for k, v in zip(keys, values)]
+        self._record(self._backup, sum(ok), t0)
+        return all(ok)
+
+    # --- housekeeping -----------------------------------------------------------
+    def clear(self) -> bool:  # type: ignore[override]
+        """Drop every page this rank's store holds."""
+        if self.kv is not None:
+            self.kv.clear()
+        return True
+
+    def close(self) -> None:
+        """Flush and close the store (a persistent one keeps its pages)."""
+        with self._lock:
+            kv, self.kv = self.kv, None
+        if kv is not None:
+            kv.close()
+
+    def get_stats(self) -> Any:
+        """SGLang's ``StorageMetrics``: pages and GiB/s of each batch load and
+        store since the last call."""
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+
+        m = StorageMetrics()
+        for q, pages, bw in ((self._prefetch, m.prefetch_pgs, m.prefetch_bandwidth),
+                             (self._backup, m.backup_pgs, m.backup_bandwidth)):
+            while q:
+                n, gibs = q.popleft()
+                pages.append(n)
+                bw.append(gibs)
+        return m
+
+    def stats(self) -> Dict[str, Any]:
+        """The store's own counters (``BlockManager.stats()``) plus
+        ``failed_pages``: pages a load asked for that did not arrive (evicted
+        since SGLang's lookup, failed their checksum, or unreadable)."""
+        s = dict(self.kv.stats()) if self.kv is not None else {}
+        s["failed_pages"] = self.failed_pages
+        return s
+
+    def _record(self, q: Deque[Tuple[int, float]], pages: int, t0: float) -> None:
+        geo = self.geometry
+        assert geo is not None
+        dt = max(time.perf_counter() - t0, 1e-9)
+        q.append((pages, pages * geo.pieces * geo.piece_bytes / dt / (1 << 30)))
+
+    def _failed(self, pages: int, why: str) -> None:
+        self.failed_pages += pages
+        if not self._said_failed:
+            self._said_failed = True
+            log.warning("dynblock.sglang: %s (SGLang recomputes those pages; later failures are "
+                        "counted in stats()['failed_pages'])", why)
