@@ -56,6 +56,7 @@ pub(crate) mod files;
 pub(crate) mod host;
 pub(crate) mod index;
 pub(crate) mod io;
+pub(crate) mod keys;
 pub(crate) mod latency;
 pub(crate) mod manager;
 pub(crate) mod numa;

@@ -329,3 +329,30 @@ def test_policy_workload_reports_every_trace_and_capacity_under_belady(tmp_path:
     assert len(goals) == 2 * 9 and all(g["key"] in ("writes_per_disk_hit_vs_all", "hit_vs_all_points")
                                        for g in goals)
     assert os.listdir(tmp_path) == []  # every replay's disk file is gone
+
+
+def test_sglang_workload_measures_dynblock_beside_hicache_file(tmp_path: Path) -> None:
+    """The sglang workload, small: both backends measured on SGLang's own host
+    pool, every op at every page size, the goals evaluated, nothing left behind."""
+    from dynblock.bench.sglang import find_sglang_python
+
+    py, why = find_sglang_python()
+    if py is None:
+        pytest.skip(why)
+    r = run_bench(["--workloads", "sglang", "--dir", str(tmp_path), "--json", "--repeat", "1",
+                   "--sglang-page-sizes", "64KiB,128KiB", "--sglang-size", "8MiB",
+                   "--sglang-python", py], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    cases = {(c["impl"], c["op"], c["params"]["block_size"]): c for c in out["cases"]
+             if c["workload"] == "sglang"}
+    cold = "get-cold" if os.geteuid() == 0 else "get"
+    for impl in ("dynblock", "hicache-file"):
+        for op in ("set-return", "set-durable", cold, "exists-128-during-writes"):
+            for pb in (64 << 10, 128 << 10):
+                c = cases[(impl, op, pb)]
+                assert c["values"] and all(v > 0 for v in c["values"]), c
+    d = cases[("dynblock", "set-durable", 64 << 10)]
+    assert d["ratios"]["vs_hicache_file"] > 0 and d["ratios"]["cpu_vs_hicache_file"] > 0
+    assert any(g["goal"].startswith("64 KiB pages: batch_set_v1 until durable") for g in out["goals"])
+    assert os.listdir(tmp_path) == []

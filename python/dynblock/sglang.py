@@ -18,7 +18,7 @@ memory that hold it (``get_page_buffer_meta``: K and V of each page, or of
 each layer of it, or one piece for MLA). Each piece is one dynblock block, moved
 straight between the host pool and the tiers (``rows`` of the pool's buffer:
 no copy in Python, the GIL released, one call per batch). A page is present
-when all its pieces are. Keys are SGLang's page keys mixed with an identity of
+when all its pieces are. Keys are SGLang's page keys hashed with an identity of
 everything that gives the bytes their meaning: the model, the rank's shard
 (TP rank and size for MHA, none for MLA, whose ranks hold the same bytes; PP,
 CP and DCP ranks), the host layout, the dtype and the piece geometry, so
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import _core
 from .config import Config
 from .manager import BlockManager
 
@@ -64,17 +64,6 @@ SUPPORTED_LAYOUTS = ("page_first", "page_first_direct", "layer_first")
 _DERIVED = ("block_size", "layout")
 #: Per-operation records kept for get_stats() between two calls (bounded).
 _STATS_KEPT = 4096
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, elementwise on uint64 (wrapping)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
 
 def split_extra_config(extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """SGLang's ``--hicache-storage-backend-extra-config`` -> ``Config`` fields;
@@ -187,7 +176,7 @@ class DynblockHiCache(HiCacheStorage):
         self.kv: Optional[BlockManager] = None
         self.geometry: Optional[PageGeometry] = None
         self._lock = threading.Lock()
-        self._fp = np.uint64(0)
+        self._ident = b""
         self._buf: Optional[np.ndarray] = None
         self._base = 0
         self._rows = 0
@@ -226,8 +215,7 @@ class DynblockHiCache(HiCacheStorage):
                 self.kv.close()
             self.kv = BlockManager(config)
             self.geometry = geo
-            self._fp = np.uint64(int.from_bytes(
-                hashlib.blake2b(ident.encode(), digest_size=8).digest(), "little"))
+            self._ident = ident.encode()
             self._buf = buf.view(torch.uint8).reshape(-1).numpy()
             self._base = buf.data_ptr()
             self._rows = self._buf.nbytes // geo.piece_bytes
@@ -242,25 +230,18 @@ class DynblockHiCache(HiCacheStorage):
         return kv
 
     # --- keys -----------------------------------------------------------------
-    def _page_hashes(self, keys: Sequence[str]) -> np.ndarray:
-        """One uint64 per page: BLAKE2b of the page key, mixed with the identity."""
-        out = np.empty(len(keys), dtype=np.uint64)
-        for i, k in enumerate(keys):
-            if not isinstance(k, str):
-                raise TypeError(f"keys[{i}] must be a str (SGLang's page key), got {type(k).__name__}")
-            out[i] = int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
-        return out ^ self._fp
-
     def _hashes(self, keys: Sequence[str], order: Optional[Sequence[int]] = None) -> np.ndarray:
         """The dynblock keys of every piece of every page, page after page, pieces
-        in buffer order (or in ``order``)."""
+        in buffer order (or in ``order``): ``_core.piece_keys`` of SGLang's page
+        keys in this store's identity."""
         geo = self.geometry
         assert geo is not None
-        pieces = np.arange(geo.pieces, dtype=np.uint64) if order is None else \
-            np.asarray(order, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            x = self._page_hashes(keys)[:, None] + (pieces[None, :] + np.uint64(1)) * _GOLDEN
-        return _mix(x).reshape(-1)
+        keys = list(keys)
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError("keys must be str (SGLang's page keys), got "
+                            f"{sorted({type(k).__name__ for k in keys if not isinstance(k, str)})}")
+        pieces = list(range(geo.pieces)) if order is None else list(order)
+        return np.frombuffer(_core.piece_keys(keys, self._ident, pieces), dtype=np.uint64)
 
     def _rows_of(self, host_indices: Any, n_pages: int) -> np.ndarray:
         geo = self.geometry

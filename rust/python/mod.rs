@@ -142,6 +142,22 @@ fn block_crcs(
     Ok(out)
 }
 
+/// 64-bit keys for the pieces `pieces` (indices, in the order wanted) of
+/// every page named in `names` (str), page after page, as little-endian
+/// uint64 bytes: BLAKE3 keyed by a digest of `context` over each name, then
+/// one splitmix64 step per piece (`rust/keys.rs`).
+#[pyfunction]
+fn piece_keys<'py>(
+    py: Python<'py>,
+    names: Vec<String>,
+    context: &[u8],
+    pieces: Vec<u64>,
+) -> Bound<'py, pyo3::types::PyBytes> {
+    let keys = crate::keys::piece_keys(&names, context, &pieces);
+    let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    pyo3::types::PyBytes::new(py, &bytes)
+}
+
 #[pyfunction]
 fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
@@ -165,6 +181,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_profile, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_store, m)?)?;
     m.add_function(wrap_pyfunction!(block_crcs, m)?)?;
+    m.add_function(wrap_pyfunction!(piece_keys, m)?)?;
     m.add_function(wrap_pyfunction!(redact_url, m)?)?;
     m.add_function(wrap_pyfunction!(settings::settings_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(settings::check_setting, m)?)?;

@@ -29,42 +29,21 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
 import torch  # noqa: E402
-from sglang.srt.mem_cache.device_pool_info import (  # noqa: E402
-    KVBufferLayout, KVBuffers, MHABufferInfo, MLABufferInfo)
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E402
-from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
-from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost  # noqa: E402
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
+from dynblock.bench.sglang_run import mha_pool as _mha, mla_pool as _mla, storage_config  # noqa: E402
+
 PAGE = 16  # tokens per page
-TOKENS = 64 * PAGE  # device tokens; the host pool holds twice as many
+PAGES = 128  # pages the host pool holds
 LAYOUTS = ("page_first", "page_first_direct", "layer_first")
 
 
-def mha_pool(layout: str, layers: int = 2, heads: int = 2, dim: int = 64,
-             dtype: torch.dtype = torch.bfloat16) -> MHATokenToKVPoolHost:
-    k = tuple(torch.zeros(TOKENS + PAGE, heads, dim, dtype=dtype) for _ in range(layers))
-    v = tuple(torch.zeros(TOKENS + PAGE, heads, dim, dtype=dtype) for _ in range(layers))
-    ptrs = [torch.tensor([t.data_ptr() for t in x], dtype=torch.uint64) for x in (k, v)]
-    info = MHABufferInfo(buffers=KVBuffers(k=k, v=v, k_data_ptrs=ptrs[0], v_data_ptrs=ptrs[1],
-                                           layout=KVBufferLayout.NHD),
-                         page_size=PAGE, head_num=heads, head_dim=dim, v_head_dim=dim,
-                         dtype=dtype, device=torch.device("cpu"))
-    return MHATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=TOKENS, start_layer=0, end_layer=layers)
+def mha_pool(layout: str) -> Any:
+    return _mha(layout, PAGES, page=PAGE)
 
 
-def mla_pool(layout: str, layers: int = 2, lora: int = 64, rope: int = 16,
-             dtype: torch.dtype = torch.bfloat16) -> MLATokenToKVPoolHost:
-    bufs = tuple(torch.zeros(TOKENS + PAGE, 1, lora + rope, dtype=dtype) for _ in range(layers))
-    info = MLABufferInfo(buffers=bufs, data_ptrs=torch.tensor([b.data_ptr() for b in bufs],
-                                                              dtype=torch.uint64),
-                         layer_indices=tuple(range(layers)), device_layer_num=layers,
-                         page_size=PAGE, kv_lora_rank=lora, qk_rope_head_dim=rope,
-                         kv_cache_dim=lora + rope, dtype=dtype, device=torch.device("cpu"))
-    return MLATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
-                                device_capacity_tokens=TOKENS, start_layer=0, end_layer=layers,
-                                target_layer_num=layers)
+def mla_pool(layout: str) -> Any:
+    return _mla(layout, PAGES, page=PAGE)
 
 
 class Rig:
@@ -90,11 +69,8 @@ class Rig:
                 cfg["disk_dir"] = root
         cfg.update(extra or {})
         self.v1 = bool(cfg.get("interface_v1"))
-        self.config = HiCacheStorageConfig(
-            tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
-            attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=True,
-            is_page_first_layout=layout.startswith("page_first"), model_name=model,
-            extra_config=cfg)
+        self.config = storage_config(cfg, model=model, mla=mla, tp_rank=tp_rank, tp_size=tp_size,
+                                     layout=layout)
         self.backend = StorageBackendFactory.create_backend(name, self.config, self.pool)
         self.backend.register_mem_pool_host(self.pool)
 

@@ -31,6 +31,11 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``rem
   its baseline): the Redis remote tier's get against redis-py pipelined
   ``MGET``, async puts against no remote, a 3-master cluster against one
   server (:mod:`dynblock.bench.remote`).
+- ``sglang`` (not in the default run; needs SGLang, see :mod:`dynblock.bench.sglang`):
+  SGLang's HiCache L3 on dynblock against SGLang's own ``HiCacheFile`` on
+  SGLang's own host pool: 128-page batches stored until the calls return and
+  until durable, loaded cold, and ``batch_exists`` p99 during writes
+  (``--sglang-page-sizes``, ``--sglang-size``).
 - ``policy`` (not in the default run): the traces replayed through the block
   manager's policy at three capacities, each policy configuration's hit rate
   and disk writes per disk hit beside Belady's offline optimum
@@ -60,8 +65,8 @@ from .workloads import (run_disk, run_durability, run_engine, run_host, run_over
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
 WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm",
-             "remote", "policy")
-DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote", "policy")]
+             "remote", "policy", "sglang")
+DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote", "policy", "sglang")]
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
@@ -111,6 +116,19 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "2 MiB remote put (sync) with remote_secret (MAC) >= 0.9x without (CRC32C)"),
     ("engine", "dynblock", "async-put-get", dict(threads=4), "vs_1_thread", 1.0,
      "4 threads of async put/get >= 1.0x aggregate of 1 thread"),
+    *[("sglang", "dynblock", "set-durable", dict(block_size=b), "vs_hicache_file", 3.0,
+       f"{size_label(b)} pages: batch_set_v1 until durable >= 3x HiCacheFile set + os.sync()")
+      for b in (64 << 10, 256 << 10, 2 << 20)],
+    ("sglang", "dynblock", "set-return", {}, "vs_hicache_file", 1.5,
+     "batch_set_v1 until it returns >= 1.5x HiCacheFile through the controller's path"),
+    ("sglang", "dynblock", "get-cold", {}, "vs_hicache_file", 2.0,
+     "batch_get_v1 pages/s, cold, >= 2x HiCacheFile"),
+    ("sglang", "dynblock", "exists-128-during-writes", {}, "goal_0.2ms_over_p99", 1.0,
+     "batch_exists of 128 keys p99 < 0.2 ms while another thread writes"),
+    ("sglang", "dynblock", "set-durable", {}, "cpu_vs_hicache_file", 0.5,
+     "CPU seconds per GiB stored (until durable) <= 0.5x HiCacheFile's"),
+    ("sglang", "dynblock", "get-cold", {}, "cpu_vs_hicache_file", 0.5,
+     "CPU seconds per GiB loaded (cold) <= 0.5x HiCacheFile's"),
     ("policy", "lru/reuse", "replay", {}, "writes_per_disk_hit_vs_all", 0.5,
      "disk writes per disk hit with disk_admission='reuse' <= 0.5x 'all'"),
     ("policy", "lru/reuse", "replay", {}, "hit_vs_all_points", -2.0,
@@ -119,7 +137,7 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
 
 
 # Ratio keys whose goal is an upper bound (a time over its baseline's): met at or below the threshold.
-AT_MOST = {"vs_no_remote", "writes_per_disk_hit_vs_all"}
+AT_MOST = {"vs_no_remote", "writes_per_disk_hit_vs_all", "cpu_vs_hicache_file"}
 
 
 def evaluate_goals(cases: List[Case]) -> List[Dict[str, Any]]:
@@ -207,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vllm-models", type=_choices(("tiny", "large")), default=["tiny", "large"],
                    help="random-weight Llamas: tiny (2 layers, 384-token prefix), large (8 layers, "
                    "hidden 1024, 2048-token prefix) (default: tiny,large)")
+    g = p.add_argument_group("sglang")
+    g.add_argument("--sglang-python", help="an interpreter with SGLang and dynblock (default: "
+                   "$DYNBLOCK_SGLANG_PYTHON, .venv-vllm/bin/python, this one)")
+    g.add_argument("--sglang-page-sizes", type=_sizes, default=[64 << 10, 256 << 10, 2 << 20],
+                   help="bytes per page, multiples of 64KiB (default: 64KiB,256KiB,2MiB)")
+    g.add_argument("--sglang-size", type=parse_size, default=256 << 20,
+                   help="bytes stored and loaded per page size and repeat (default: 256MiB)")
     g = p.add_argument_group("trace")
     g.add_argument("--trace", help="trace: a JSONL file (.jsonl or .jsonl.gz) or a shipped one, "
                    "mooncake_conversation (default) or mooncake_synthetic")
@@ -233,6 +258,9 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.trace_requests < 0:
         p.error("--trace-requests must be >= 0")
+    bad = [b for b in a.sglang_page_sizes if b % (64 << 10)]
+    if bad or not a.sglang_page_sizes:
+        p.error(f"--sglang-page-sizes must be multiples of 64KiB (one layer's K and V), got {bad}")
     if a.dir is not None and not os.path.isdir(a.dir):
         p.error(f"--dir {a.dir!r} is not a directory")
     if a.trace is not None:
@@ -281,6 +309,11 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
         from .remote import run_remote
 
         run_remote(res, directory, a.repeat, progress)
+    if "sglang" in a.workloads:
+        from .sglang import run_sglang
+
+        run_sglang(res, directory, a.sglang_python, a.sglang_page_sizes, a.sglang_size, a.repeat,
+                   progress)
     if "policy" in a.workloads:
         from .policy import run_policy
 
