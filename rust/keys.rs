@@ -25,7 +25,9 @@ pub fn piece_keys<S: AsRef<[u8]>>(names: &[S], context: &[u8], pieces: &[u64]) -
         let d = h.finalize();
         let page = u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes"));
         for &p in pieces {
-            out.push(splitmix(page.wrapping_add(p.wrapping_add(1).wrapping_mul(GOLDEN))));
+            out.push(splitmix(
+                page.wrapping_add(p.wrapping_add(1).wrapping_mul(GOLDEN)),
+            ));
         }
     }
     out
@@ -45,8 +47,14 @@ mod tests {
         assert_eq!(uniq.len(), 4, "pieces and pages have distinct keys");
         assert_eq!(a, piece_keys(&["p1", "p2"], b"model-a/tp0of1", &[0, 1]));
         let b = piece_keys(&["p1", "p2"], b"model-b/tp0of1", &[0, 1]);
-        assert!(a.iter().all(|k| !b.contains(k)), "another context shares no key");
+        assert!(
+            a.iter().all(|k| !b.contains(k)),
+            "another context shares no key"
+        );
         // Pieces asked in another order come in that order.
-        assert_eq!(piece_keys(&["p1"], b"model-a/tp0of1", &[1, 0]), vec![a[1], a[0]]);
+        assert_eq!(
+            piece_keys(&["p1"], b"model-a/tp0of1", &[1, 0]),
+            vec![a[1], a[0]]
+        );
     }
 }

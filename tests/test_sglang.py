@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -23,7 +24,8 @@ from engine_env import VENV, check_fresh
 SCENARIOS = Path(__file__).resolve().parent / "sglang" / "scenarios.py"
 BACKENDS = ("dynblock", "dynblock-generic", "file")
 COMMON = [f"roundtrip-{kind}-{layout}" for layout in ("page_first", "page_first_direct", "layer_first")
-          for kind in ("mha", "mla")] + ["partial", "exists-while-writing", "identity", "stats-clear"]
+          for kind in ("mha", "mla")] + ["partial", "exists-while-writing", "identity", "stats-clear",
+                                          "mla-ranks"]
 
 
 def _python() -> str:
@@ -80,8 +82,9 @@ def area(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_contract(backend: str, scenario: str, area: Path) -> None:
     """Pages round-trip byte-exact between host-pool indices in every layout
     (MHA K/V, MLA), partial prefixes hit and load, batch_exists never goes
-    back while pages are written, another model or TP rank misses, and
-    get_stats/clear do what SGLang expects."""
+    back while pages are written, another model or TP rank misses,
+    get_stats/clear do what SGLang expects, and an MLA reader rank hits and
+    loads what the writer rank stored (never what it dropped)."""
     _check(run(backend, area / backend, *COMMON), scenario)
 
 
@@ -91,6 +94,28 @@ def test_pages_survive_a_restart(backend: str, area: Path) -> None:
     d = area / f"restart-{backend}"
     _check(run(backend, d, "restart-write"), "restart-write")
     _check(run(backend, d, "restart-read", key="read"), "restart-read")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_mla_reader_process_reads_the_writer_process_store(backend: str, area: Path) -> None:
+    """MLA at TP 2 as SGLang runs it: the writer rank's process stores pages and
+    keeps its store open; the reader rank's process hits and loads them."""
+    d = area / f"mla-xproc-{backend}"
+    d.mkdir()
+    writer = subprocess.Popen([_python(), str(SCENARIOS), backend, str(d), "mla-writer-holding"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "TMPDIR": str(d)})
+    try:
+        end = time.monotonic() + 300
+        while not (d / "mla-want.json").exists():
+            assert writer.poll() is None, f"the writer process ended:\n{writer.communicate()[0][-3000:]}"
+            assert time.monotonic() < end, "the writer process did not store its pages in time"
+            time.sleep(0.1)
+        _check(run(backend, d, "mla-reader-process"), "mla-reader-process")
+    finally:
+        (d / "mla-done").touch()
+        out, _ = writer.communicate(timeout=120)
+    assert '"ok": true' in out, out[-3000:]
 
 
 @pytest.mark.parametrize("backend", ["dynblock", "dynblock-generic"])
@@ -105,7 +130,8 @@ def test_a_corrupted_page_is_a_miss(backend: str, area: Path) -> None:
 
 def test_refusals_name_what_is_wrong(area: Path) -> None:
     """Unknown extra-config keys, derived ones, unsupported host layouts and MLA
-    reader ranks are refused at start, each naming what is wrong."""
+    reader ranks without a persistent store to follow are refused at start,
+    each naming what is wrong."""
     _check(run("dynblock", area / "refusals", "refusals"), "refusals")
 
 

@@ -36,13 +36,14 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from . import _core
 from .config import Config
 from .manager import BlockManager
+from .store import Reader
 
 try:
     import torch
@@ -165,6 +166,52 @@ def page_geometry(pool: Any) -> PageGeometry:
                         dtype=str(pool.dtype).replace("torch.", ""), flat_order=tuple(order))
 
 
+class _Store(Protocol):
+    """What the backend uses of a store: a BlockManager, or a _Follower."""
+
+    def put(self, hashes: Any, src: Any, rows: Any = None) -> int: ...
+    def match(self, hashes: Any) -> int: ...
+    def get_each(self, hashes: Any, dst: Any, rows: Any = None) -> List[bool]: ...
+    def clear(self) -> None: ...
+    def sync(self) -> None: ...
+    def stats(self) -> Dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
+class _Follower:
+    """A rank that reads the writer rank's store (:class:`dynblock.store.Reader`)
+    and stores nothing."""
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+
+    def put(self, hashes: Any, src: Any, rows: Any = None) -> int:
+        raise PermissionError("this rank reads the writer rank's store; only the writer stores")
+
+    def match(self, hashes: Any) -> int:
+        return self.reader.match(hashes.tolist() if hasattr(hashes, "tolist") else list(hashes))
+
+    def get_each(self, hashes: Any, dst: Any, rows: Any = None) -> List[bool]:
+        hs = hashes.tolist() if hasattr(hashes, "tolist") else list(hashes)
+        rs = list(range(len(hs))) if rows is None else \
+            (rows.tolist() if hasattr(rows, "tolist") else list(rows))
+        return self.reader.get_each(hs, dst, rs)
+
+    def clear(self) -> None:
+        """Nothing: the pages are the writer's."""
+
+    def sync(self) -> None:
+        """Nothing: the pages are the writer's."""
+
+    def stats(self) -> Dict[str, Any]:
+        r = self.reader
+        return {"reader_blocks": len(r._map), "reader_refreshes": r.refreshes,
+                "reader_failed_blocks": r.failed}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 class DynblockHiCache(HiCacheStorage):
     """SGLang's L3 storage in dynblock: see the module docs. Created by
     SGLang's ``StorageBackendFactory`` (``dynamic``); the store opens when
@@ -173,7 +220,7 @@ class DynblockHiCache(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, *_args: Any, **_kwargs: Any) -> None:
         self.storage_config = storage_config
         self._fields = split_extra_config(storage_config.extra_config)
-        self.kv: Optional[BlockManager] = None
+        self.kv: Optional[_Store] = None
         self.geometry: Optional[PageGeometry] = None
         self._lock = threading.Lock()
         self._ident = b""
@@ -185,14 +232,15 @@ class DynblockHiCache(HiCacheStorage):
         self._backup: Deque[Tuple[int, float]] = collections.deque(maxlen=_STATS_KEPT)
         self.failed_pages = 0
         self._said_failed = False
-        if storage_config.is_mla_model and not storage_config.is_storage_writer:
-            # SGLang takes the lowest hit count of all ranks; a reader rank with a store of its
-            # own would miss every page and turn L3 off for all. Followers of the writer's store
-            # are not built yet.
+        # MLA ranks hold the same bytes and only the writer rank stores them; SGLang takes the
+        # lowest hit count of all ranks, so the others must hit the writer's pages: they follow
+        # the writer's persistent store read-only.
+        self.follower = storage_config.is_mla_model and not storage_config.is_storage_writer
+        if self.follower and not (self._fields.get("persist") and self._fields.get("disk_path")):
             raise ValueError(
                 f"dynblock.sglang: MLA rank {storage_config.tp_rank} of {storage_config.tp_size} "
-                "reads the pages the writer rank stores; dynblock cannot share one store between "
-                "processes yet, so MLA models run with L3 on dynblock at --tp-size 1 only")
+                "reads the pages the writer rank stores, from the writer's persistent store: give "
+                "\"persist\": true and a \"disk_path\" in the extra config")
 
     # --- opening ------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -213,16 +261,18 @@ class DynblockHiCache(HiCacheStorage):
         with self._lock:
             if self.kv is not None:
                 self.kv.close()
-            self.kv = BlockManager(config)
+            self.kv = _Follower(Reader(str(config.disk_path), geo.piece_bytes)) if self.follower \
+                else BlockManager(config)
             self.geometry = geo
             self._ident = ident.encode()
             self._buf = buf.view(torch.uint8).reshape(-1).numpy()
             self._base = buf.data_ptr()
             self._rows = self._buf.nbytes // geo.piece_bytes
-        log.info("dynblock.sglang: %s pages of %d x %d bytes (%s), store %s", geo.layout,
-                 geo.pieces, geo.piece_bytes, shard_tag(cfg), config.disk_path or config.disk_dir)
+        log.info("dynblock.sglang: %s pages of %d x %d bytes (%s), store %s%s", geo.layout,
+                 geo.pieces, geo.piece_bytes, shard_tag(cfg), config.disk_path or config.disk_dir,
+                 " (read-only: the writer rank's)" if self.follower else "")
 
-    def _kv(self) -> BlockManager:
+    def _kv(self) -> "_Store":
         kv = self.kv
         if kv is None:
             raise RuntimeError("dynblock.sglang: no host pool registered yet "
@@ -264,6 +314,8 @@ class DynblockHiCache(HiCacheStorage):
             return []
         kv, geo = self._kv(), self.geometry
         assert geo is not None
+        if self.follower:
+            return [False] * len(keys)  # only the writer rank stores (SGLang skips the others)
         t0 = time.perf_counter()
         try:
             kv.put(self._hashes(keys), self._buf, self._rows_of(host_indices, len(keys)))

@@ -15,6 +15,9 @@ the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 - ``compact``: rewrites the index with one record per stored block.
 - ``clear``: removes every block (the data file keeps its size).
 
+:class:`Reader` is the same read-only look for programs: a process that reads
+the blocks another process (the store's writer) stores, following its index.
+
 ``verify``, ``compact`` and ``clear`` open the store the way an engine does,
 exclusively: while another process holds it they are refused, naming that
 process (never a second writer). Exit status 2 for a refusal or bad input.
@@ -137,6 +140,125 @@ class _Open:
     def close(self) -> None:
         self.m.close()
         self.disk.close()
+
+
+class Reader:
+    """A read-only view of a persistent store that another process writes
+    (its one writer holds the lock; readers take none): for processes of one
+    engine that read what one of them stores, such as SGLang's MLA ranks.
+
+    It follows the writer's index: ``match`` re-reads it when the file changed
+    since it was last read, and ``get_each`` answers from the blocks it listed
+    then. A re-read parses the whole index, so it comes at most once per ten
+    times the last one took (a reader spends at most about a tenth of its
+    time on it): a ``match`` that finds every block it asks for answers from
+    the index as it was, one that misses waits for the re-read.
+    Blocks are read with ``pread`` (buffered) straight into the caller's rows
+    and checked against the CRC32C the writer recorded for them: a block the
+    writer evicted or rewrote since the index was read, or one caught half
+    written, fails its check and is a miss, never wrong bytes. Stores written
+    with ``checksums=False`` are refused (there is nothing to check against).
+    Before the writer has created the store every block is a miss."""
+
+    def __init__(self, path: str, block_size: int) -> None:
+        self.path = os.fspath(path)
+        self.block_size = int(block_size)
+        self._map: Dict[int, Tuple[int, int]] = {}
+        self._sig: Optional[Tuple[int, int, int]] = None
+        self._fd: Optional[int] = None
+        self._ino = -1
+        self._offset = 0
+        self._stride = 0
+        self._next = 0.0
+        self.refreshes = 0
+        self.failed = 0
+        self.refresh()
+
+    def refresh(self, wait: bool = True) -> bool:
+        """Re-read the index if it changed (``wait``: also when the last re-read
+        was too recent, after waiting for it; else not then); returns whether
+        it was re-read."""
+        try:
+            st = os.stat(self.path + ".index")
+        except FileNotFoundError:
+            return False
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if sig == self._sig:
+            return False
+        early = self._next - time.monotonic()
+        if early > 0:
+            if not wait:
+                return False
+            time.sleep(early)
+        now = time.monotonic()
+        try:
+            d = _core.inspect_store(self.path)
+        except (DynblockError, ValueError, OSError):
+            return False  # being created or rewritten: the next call tries again
+        if d.get("block_size") is None or d["store_id"] != d["index_store_id"]:
+            return False
+        if int(d["block_size"]) != self.block_size:
+            raise ValueError(f"the store {self.path} holds blocks of {d['block_size']} bytes, "
+                             f"this reader expects {self.block_size}")
+        if not d["checksums"]:
+            raise ValueError(f"the store {self.path} was written without checksums: a reader "
+                             "cannot tell a rewritten block from the one it expects")
+        dst = os.stat(self.path)
+        if dst.st_ino != self._ino:
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._ino = dst.st_ino
+        self._offset, self._stride = int(d["data_offset"]), int(d["slot_stride"])
+        self._map = {int(h): (int(slot), int(crc)) for h, slot, crc in d["live"]}
+        self._sig = sig
+        self.refreshes += 1
+        self._next = time.monotonic() + 10 * (time.monotonic() - now)
+        return True
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """Length of the longest prefix of ``hashes`` the store holds (as far
+        as its index, re-read when it changed, says)."""
+        n = self._run(hashes)
+        if self.refresh(wait=n < len(hashes)):
+            n = self._run(hashes)
+        return n
+
+    def _run(self, hashes: Sequence[int]) -> int:
+        m = self._map
+        for i, h in enumerate(hashes):
+            if int(h) not in m:
+                return i
+        return len(hashes)
+
+    def get_each(self, hashes: Sequence[int], dst: np.ndarray, rows: Sequence[int]) -> List[bool]:
+        """Read block ``hashes[i]`` into row ``rows[i]`` of ``dst`` (a uint8
+        array seen as rows of ``block_size``); returns which arrived intact
+        (the rows of the others hold unspecified bytes)."""
+        bs = self.block_size
+        view = dst.reshape(-1, bs)
+        out = []
+        for h, r in zip(hashes, rows):
+            e = self._map.get(int(h))
+            ok = False
+            if e is not None and self._fd is not None:
+                slot, crc = e
+                row = view[int(r)]
+                try:
+                    got = os.preadv(self._fd, [row], self._offset + slot * self._stride)
+                except OSError:
+                    got = -1
+                ok = got == bs and _core.block_crcs([int(h)], row, bs)[0] == crc
+                if not ok:
+                    self.failed += 1
+            out.append(ok)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._map = {}
 
 
 def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import traceback
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -249,6 +250,71 @@ def identity(backend: str, root: str) -> str:
     return "another model and another TP rank miss; the same rank hits"
 
 
+def mla_ranks(backend: str, root: str) -> str:
+    """MLA at TP 2: only rank 0 (the writer) stores; rank 1, a process with its own host
+    pool, hits and loads the writer's pages, and never loads a page the writer has since
+    dropped or replaced."""
+    d = os.path.join(root, "mla-ranks")
+    w = Rig(backend, d, mla=True, persist=True, tp_rank=0, tp_size=2)
+    r = Rig(backend, d, mla=True, persist=True, tp_rank=1, tp_size=2)
+    assert w.config.is_storage_writer and not r.config.is_storage_writer
+    pages = list(range(8))
+    want = w.fill(pages, seed=9)
+    keys = keys_for("mla", 8)
+    assert r.exists(keys) == 0, "the reader hits before the writer stored"
+    assert w.store(keys, pages)
+    assert r.exists(keys) == 8, f"the reader rank sees {r.exists(keys)} of the writer's 8 pages"
+    dst = list(range(40, 48))
+    r.wipe(dst)
+    assert r.load(keys, dst) == 8
+    assert all(r.page_bytes(dst[i]) == want[i] for i in range(8)), "the reader loaded other bytes"
+    # The writer drops everything and stores other pages (reusing its space); the reader still
+    # believes the old pages are there until it looks again: a load must not give other bytes.
+    w.backend.clear()
+    w.fill(pages, seed=10)
+    assert w.store(keys_for("mla-new", 8), pages)
+    r.wipe(dst)
+    n = r.load(keys, dst)
+    assert all(r.page_bytes(dst[i]) == want[i] for i in range(n)), "a stale page loaded wrong bytes"
+    assert n == 0, f"{n} pages the writer dropped still loaded"
+    assert r.exists(keys_for("mla-new", 8)) == 8, "the reader misses the writer's new pages"
+    assert r.exists(keys) == 0, "the reader still sees pages the writer dropped"
+    w.close()
+    r.close()
+    return "the reader rank hits the writer's pages, byte-exact; dropped pages miss"
+
+
+def mla_writer_holding(backend: str, root: str) -> str:
+    """The writer rank of an MLA model at TP 2: stores 8 pages, says so
+    (``mla-want.json``), and keeps its store open until ``mla-done`` appears."""
+    w = Rig(backend, os.path.join(root, "mla-xproc"), mla=True, persist=True, tp_rank=0, tp_size=2)
+    want = w.fill(list(range(8)), seed=11)
+    assert w.store(keys_for("xproc", 8), list(range(8)))
+    tmp = os.path.join(root, "mla-want.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump([x.hex() for x in want], f)
+    os.replace(tmp, os.path.join(root, "mla-want.json"))
+    end = time.monotonic() + 300
+    while not os.path.exists(os.path.join(root, "mla-done")) and time.monotonic() < end:
+        time.sleep(0.05)
+    w.close()
+    return "stored 8 pages and held the store open"
+
+
+def mla_reader_process(backend: str, root: str) -> str:
+    """Rank 1 of that model, in another process, while the writer holds its store."""
+    with open(os.path.join(root, "mla-want.json")) as f:
+        want = [bytes.fromhex(x) for x in json.load(f)]
+    r = Rig(backend, os.path.join(root, "mla-xproc"), mla=True, persist=True, tp_rank=1, tp_size=2)
+    keys = keys_for("xproc", 8)
+    assert r.exists(keys) == 8, f"the reader process sees {r.exists(keys)} of the writer's 8 pages"
+    dst = list(range(50, 58))
+    assert r.load(keys, dst) == 8
+    assert all(r.page_bytes(dst[i]) == want[i] for i in range(8)), "bytes differ across processes"
+    r.close()
+    return "8 pages of the writer process hit and load byte-exact"
+
+
 def stats_clear(backend: str, root: str) -> str:
     r = Rig(backend, os.path.join(root, "stats"))
     r.fill(list(range(6)), seed=6)
@@ -324,7 +390,7 @@ def refusals(backend: str, root: str) -> str:
     try:
         Rig(backend, os.path.join(root, "refuse"), mla=True, tp_rank=1, tp_size=2)
     except ValueError as e:
-        assert "MLA" in str(e), str(e)
+        assert "MLA" in str(e) and "disk_path" in str(e), str(e)
         msgs.append(str(e))
     else:
         raise AssertionError("an MLA reader rank was accepted")
@@ -363,6 +429,9 @@ SCENARIOS: Dict[str, Callable[[str, str], str]] = {
     "restart-read": restart_read,
     "identity": identity,
     "stats-clear": stats_clear,
+    "mla-ranks": mla_ranks,
+    "mla-writer-holding": mla_writer_holding,
+    "mla-reader-process": mla_reader_process,
     "corrupt": corrupt,
     "refusals": refusals,
     "injected-failures": injected_failures,
