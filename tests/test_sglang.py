@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -144,3 +145,15 @@ def test_sglang_fault_injector_never_yields_wrong_bytes(backend: str, area: Path
            "SGLANG_TEST_HICACHE_BACKEND_RANDOM_DELAY": "0.002"}
     _check(run(backend, area / f"inject-{backend}", "injected-failures", env=env),
            "injected-failures")
+
+
+def test_the_gpu_end_to_end_script_never_claims_a_run_it_did_not_make() -> None:
+    """benches/sglang_e2e.py where it cannot run (no GPU, no SGLang GPU build, no
+    model) says SKIPPED with the reason and exits 77; where it can, it passes."""
+    r = subprocess.run([sys.executable, str(SCENARIOS.parent.parent.parent / "benches" / "sglang_e2e.py")],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode == 77:
+        assert r.stdout.startswith("SKIPPED: ") and len(r.stdout.strip()) > len("SKIPPED: "), r.stdout
+        assert "PASS" not in r.stdout
+    else:
+        assert r.returncode == 0 and "PASS: " in r.stdout, (r.stdout + r.stderr)[-3000:]
