@@ -45,12 +45,13 @@ CASES = {
     "a100_2gpu_nic_legend_comment.txt": {0: (0, 0, 95, 64, None), 1: (1, 32, 127, 64, None)},
     "single_gpu_na.txt": {0: (None, 0, 15, 16, None)},
     "gh200_grace.txt": {0: (0, 0, 71, 72, 1)},
+    "h200_1gpu_ansi_header.txt": {0: (0, 0, 15, 16, None)},
 }
 GPU_COUNTS = {
     "h100_8gpu_10nic.txt": 8, "dgx_8gpu_nv8_9nic.txt": 8, "h20_8gpu_4nodes.txt": 8,
     "rtx_2gpu_tabs.txt": 2, "rtx4090_8gpu_nic_rows.txt": 8, "mixed_5gpu_gpu0_node1.txt": 5,
     "kepler_mlx4_cpu_affinity_only.txt": 8, "a100_2gpu_nic_legend_comment.txt": 2,
-    "single_gpu_na.txt": 1, "gh200_grace.txt": 1,
+    "single_gpu_na.txt": 1, "gh200_grace.txt": 1, "h200_1gpu_ansi_header.txt": 1,
 }
 
 

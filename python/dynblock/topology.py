@@ -85,6 +85,10 @@ def _opt_int(cell: Optional[str], what: str, text_line: str) -> Optional[int]:
     return v if v >= 0 else None
 
 
+#: Terminal control sequences (CSI), such as the underline around the header.
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
 def _tokens(line: str) -> List[str]:
     for words, token in _MULTIWORD.items():
         line = line.replace(words, token)
@@ -97,12 +101,15 @@ def parse_nvidia_smi_topo(text: str) -> Dict[int, GpuTopology]:
     Reads the variants seen in the field: NIC columns (``NIC0``, ``mlx5_0``)
     and NIC rows with empty affinity, with or without the ``NUMA Affinity`` and
     ``GPU NUMA ID`` columns, ``N/A`` values, ``X`` or `` X `` cells, tabs or
-    padding spaces, CPU lists such as ``0-47,96-143``, legend blocks and
-    leading comment or warning lines. Raises ``ValueError`` on text that is
+    padding spaces, CPU lists such as ``0-47,96-143``, legend blocks,
+    leading comment or warning lines and terminal escapes (an underlined
+    header). Raises ``ValueError`` on text that is
     not such a table.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    # Drivers underline the header with terminal escapes (ESC[4m ... ESC[0m), also into a pipe.
+    text = _ESCAPES.sub("", text)
     header: Optional[List[str]] = None
     result: Dict[int, GpuTopology] = {}
     for raw in text.splitlines():
