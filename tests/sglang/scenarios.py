@@ -217,16 +217,23 @@ def restart_write(backend: str, root: str) -> str:
     return "12 pages stored and closed"
 
 
+def expect_pages(r: Rig, wanted: str, keys: List[str], first_dst: int, where: str) -> None:
+    """All of ``keys`` hit, and load into host pages from ``first_dst`` with the
+    bytes listed in the file ``wanted`` (hex, one per page)."""
+    with open(wanted) as f:
+        want = [bytes.fromhex(w) for w in json.load(f)]
+    n = len(keys)
+    assert r.exists(keys) == n, f"{where}: exists says {r.exists(keys)} of {n}"
+    dst = list(range(first_dst, first_dst + n))
+    assert r.load(keys, dst) == n
+    assert all(r.page_bytes(dst[i]) == want[i] for i in range(n)), f"{where}: bytes differ"
+    r.close()
+
+
 def restart_read(backend: str, root: str) -> str:
     r = Rig(backend, os.path.join(root, "restart"), persist=True)
-    with open(os.path.join(root, "restart-want.json")) as f:
-        want = [bytes.fromhex(w) for w in json.load(f)]
-    keys = keys_for("restart", 12)
-    assert r.exists(keys) == 12, f"after a restart exists says {r.exists(keys)} of 12"
-    dst = list(range(30, 42))
-    assert r.load(keys, dst) == 12
-    assert all(r.page_bytes(dst[i]) == want[i] for i in range(12)), "bytes differ after restart"
-    r.close()
+    expect_pages(r, os.path.join(root, "restart-want.json"), keys_for("restart", 12), 30,
+                 "after a restart")
     return "12 pages hit and byte-exact in a new process"
 
 
@@ -303,15 +310,9 @@ def mla_writer_holding(backend: str, root: str) -> str:
 
 def mla_reader_process(backend: str, root: str) -> str:
     """Rank 1 of that model, in another process, while the writer holds its store."""
-    with open(os.path.join(root, "mla-want.json")) as f:
-        want = [bytes.fromhex(x) for x in json.load(f)]
     r = Rig(backend, os.path.join(root, "mla-xproc"), mla=True, persist=True, tp_rank=1, tp_size=2)
-    keys = keys_for("xproc", 8)
-    assert r.exists(keys) == 8, f"the reader process sees {r.exists(keys)} of the writer's 8 pages"
-    dst = list(range(50, 58))
-    assert r.load(keys, dst) == 8
-    assert all(r.page_bytes(dst[i]) == want[i] for i in range(8)), "bytes differ across processes"
-    r.close()
+    expect_pages(r, os.path.join(root, "mla-want.json"), keys_for("xproc", 8), 50,
+                 "the reader process")
     return "8 pages of the writer process hit and load byte-exact"
 
 

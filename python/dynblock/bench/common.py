@@ -195,3 +195,24 @@ def machine_info(directory: str) -> Dict[str, Any]:
         "directory": directory,
         "build": _core.build_profile(),
     }
+
+
+def find_python(explicit: Optional[str], env_var: str, module: str, build: str
+                ) -> "tuple[Optional[str], str]":
+    """The first interpreter that imports ``module`` among ``explicit``,
+    ``$env_var``, ``.venv-vllm/bin/python`` and this one; or (None, why not,
+    with ``build``: how to make one)."""
+    import subprocess
+
+    tried: List[str] = []
+    for c in (explicit, os.environ.get(env_var), os.path.join(".venv-vllm", "bin", "python"),
+              sys.executable):
+        if not c or c in tried:
+            continue
+        tried.append(c)
+        if not os.path.exists(c):
+            continue
+        r = subprocess.run([c, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
+        if r.returncode == 0:
+            return c, ""
+    return None, f"no interpreter that imports {module} (tried {', '.join(tried)}): {build}"

@@ -24,31 +24,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from typing import List, Optional, Tuple
 
-from .common import Progress, Results, Timing
+from .common import Progress, Results, find_python
 
 OPS = ("set-return", "set-durable", "get-cold", "get", "exists-128-during-writes")
 
 
 def find_sglang_python(explicit: Optional[str] = None) -> Tuple[Optional[str], str]:
     """An interpreter that imports SGLang's HiCache storage and dynblock, or (None, why not)."""
-    tried = []
-    for c in (explicit, os.environ.get("DYNBLOCK_SGLANG_PYTHON"),
-              os.path.join(".venv-vllm", "bin", "python"), sys.executable):
-        if not c or c in tried:
-            continue
-        tried.append(c)
-        if not os.path.exists(c):
-            continue
-        r = subprocess.run([c, "-c", "import dynblock.sglang"], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode == 0:
-            return c, ""
-    return None, ("no interpreter with SGLang and dynblock (tried " + ", ".join(tried) +
-                  "): build one with `bash .ci/vllm-env && bash .ci/sglang-env` or pass --sglang-python")
+    return find_python(explicit, "DYNBLOCK_SGLANG_PYTHON", "dynblock.sglang",
+                       "build one with `bash .ci/vllm-env && bash .ci/sglang-env` or pass "
+                       "--sglang-python")
 
 
 def run_sglang(res: Results, directory: str, python: Optional[str], page_sizes: List[int],
@@ -94,4 +82,4 @@ def run_sglang(res: Results, directory: str, python: Optional[str], page_sizes: 
     progress.step("sglang")
 
 
-__all__ = ["run_sglang", "find_sglang_python", "Timing"]
+__all__ = ["run_sglang", "find_sglang_python"]

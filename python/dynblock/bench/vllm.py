@@ -11,11 +11,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import Progress, Results
+from .common import Progress, Results, find_python
 
 BLOCK_TOKENS = 128  # vLLM's CPU backend
 MODELS: Dict[str, Dict[str, int]] = {
@@ -30,20 +29,8 @@ MODELS: Dict[str, Dict[str, int]] = {
 
 def find_vllm_python(explicit: Optional[str] = None) -> Tuple[Optional[str], str]:
     """An interpreter that imports vllm and dynblock, or (None, why not)."""
-    tried = []
-    for c in (explicit, os.environ.get("DYNBLOCK_VLLM_PYTHON"),
-              os.path.join(".venv-vllm", "bin", "python"), sys.executable):
-        if not c or c in tried:
-            continue
-        tried.append(c)
-        if not os.path.exists(c):
-            continue
-        r = subprocess.run([c, "-c", "import vllm, dynblock.vllm.connector"], capture_output=True,
-                           text=True, timeout=300)
-        if r.returncode == 0:
-            return c, ""
-    return None, ("no interpreter with vllm and dynblock (tried " + ", ".join(tried) +
-                  "): build one with `bash .ci/vllm-env` or pass --vllm-python")
+    return find_python(explicit, "DYNBLOCK_VLLM_PYTHON", "vllm, dynblock.vllm.connector",
+                       "build one with `bash .ci/vllm-env` or pass --vllm-python")
 
 
 def _engine(python: str, args: Dict[str, Any]) -> Dict[str, Any]:
