@@ -221,3 +221,21 @@ def test_registration_chunks_stay_under_the_cap() -> None:
     assert [n for _, n in cs] == [MAX_REGISTER_CHUNK, MAX_REGISTER_CHUNK, size - 2 * MAX_REGISTER_CHUNK]
     assert cs[1][0] == (1 << 40) + MAX_REGISTER_CHUNK
     assert chunks(0, 0) == []
+
+
+def test_the_gpu_host_tier_bench_never_claims_a_run_it_did_not_make() -> None:
+    """benches/gpu_host_tier.py without a GPU (or torch) says SKIPPED with the reason
+    and exits 77; with one it reports its copies and PASS or FAIL."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benches" / "gpu_host_tier.py"
+    r = subprocess.run([sys.executable, str(script), "--gib", "1", "--repeat", "2"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == 77:
+        assert r.stdout.startswith("SKIPPED: ") and "PASS" not in r.stdout, r.stdout
+    else:
+        assert r.returncode in (0, 1) and ("PASS: " in r.stdout or "FAIL: " in r.stdout), \
+            (r.stdout + r.stderr)[-3000:]
+        assert '"h2d_GBps"' in r.stdout
