@@ -261,8 +261,14 @@ class DynblockHiCache(HiCacheStorage):
         with self._lock:
             if self.kv is not None:
                 self.kv.close()
-            self.kv = _Follower(Reader(str(config.disk_path), geo.piece_bytes)) if self.follower \
-                else BlockManager(config)
+            try:
+                self.kv = _Follower(Reader(str(config.disk_path), geo.piece_bytes)) \
+                    if self.follower else BlockManager(config)
+            except ValueError as e:
+                raise ValueError(
+                    f"dynblock.sglang: this rank's pages are {geo.pieces} x {geo.piece_bytes} bytes "
+                    f"({geo.layout}, {geo.dtype}) and its store refuses them (made for another "
+                    f"model, layout or page size? give another disk_path): {e}") from None
             self.geometry = geo
             self._ident = ident.encode()
             self._buf = buf.view(torch.uint8).reshape(-1).numpy()

@@ -388,6 +388,15 @@ def refusals(backend: str, root: str) -> str:
         msgs.append(str(e))
     else:
         raise AssertionError("the page_head layout was accepted")
+    # A persistent store made for pages of another geometry (here: twice the layers) is refused.
+    Rig(backend, os.path.join(root, "geometry"), persist=True).close()
+    try:
+        Rig(backend, os.path.join(root, "geometry"), persist=True, pool=_mha("page_first", PAGES, layers=4))
+    except ValueError as e:
+        assert "store refuses them" in str(e) and "block_size" in str(e), str(e)
+        msgs.append(str(e))
+    else:
+        raise AssertionError("a store of another page geometry was opened")
     try:
         Rig(backend, os.path.join(root, "refuse"), mla=True, tp_rank=1, tp_size=2)
     except ValueError as e:
