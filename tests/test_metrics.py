@@ -155,3 +155,32 @@ def test_remote_tier_families_follow_a_real_server(tmp_path: Path) -> None:
     assert up[("dynblock_remote_up", key)] == 1.0
     assert down[("dynblock_remote_up", key)] == 0.0
     assert down[("dynblock_remote_errors_total", key)] >= 1
+
+
+def test_the_grafana_dashboard_uses_only_exported_families() -> None:
+    """docs/grafana/dynblock.json: every family its queries use is in the table
+    (histograms by their _bucket series), and only per-tier families are split
+    by tier."""
+    import json
+    import re
+
+    from dynblock.metrics import METRICS
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "dynblock.json"
+    dash = json.loads(path.read_text())
+    kinds = {name: (kind, per_tier) for name, kind, per_tier, _, _ in METRICS}
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    used = set()
+    for e in exprs:
+        for name in re.findall(r"\bdynblock_[a-z_]+", e):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if base in kinds and kinds[base][0] == "histogram":
+                assert name.endswith("_bucket"), f"{name}: a histogram is read by its _bucket series"
+                name = base
+            assert name in kinds, f"the dashboard queries {name}, which dynblock.metrics does not export"
+            used.add(name)
+        for name in re.findall(r"by \(store, tier\) \(rate\((dynblock_[a-z_]+)", e):
+            assert kinds[name][1], f"{name} has no tier label, yet the dashboard splits it by tier"
+    assert {"dynblock_hits_total", "dynblock_misses_total", "dynblock_used_bytes",
+            "dynblock_capacity_bytes", "dynblock_load_seconds"} <= used
