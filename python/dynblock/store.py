@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -170,6 +171,8 @@ class Reader:
         self._offset = 0
         self._stride = 0
         self._next = 0.0
+        self._old_fds: List[int] = []  # replaced data files: closed at close(), not under a reader
+        self._lock = threading.Lock()
         self.refreshes = 0
         self.failed = 0
         self.refresh()
@@ -190,6 +193,12 @@ class Reader:
             if not wait:
                 return False
             time.sleep(early)
+        with self._lock:  # one re-read at a time; the others then find it done
+            if sig == self._sig:
+                return False
+            return self._reread(sig)
+
+    def _reread(self, sig: Tuple[int, int, int]) -> bool:
         now = time.monotonic()
         try:
             d = _core.inspect_store(self.path)
@@ -206,7 +215,7 @@ class Reader:
         dst = os.stat(self.path)
         if dst.st_ino != self._ino:
             if self._fd is not None:
-                os.close(self._fd)
+                self._old_fds.append(self._fd)
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             self._ino = dst.st_ino
         self._offset, self._stride = int(d["data_offset"]), int(d["slot_stride"])
@@ -238,14 +247,15 @@ class Reader:
         bs = self.block_size
         view = dst.reshape(-1, bs)
         out = []
+        m, fd, offset, stride = self._map, self._fd, self._offset, self._stride
         for h, r in zip(hashes, rows):
-            e = self._map.get(int(h))
+            e = m.get(int(h))
             ok = False
-            if e is not None and self._fd is not None:
+            if e is not None and fd is not None:
                 slot, crc = e
                 row = view[int(r)]
                 try:
-                    got = os.preadv(self._fd, [row], self._offset + slot * self._stride)
+                    got = os.preadv(fd, [row], offset + slot * stride)
                 except OSError:
                     got = -1
                 ok = got == bs and _core.block_crcs([int(h)], row, bs)[0] == crc
@@ -255,10 +265,10 @@ class Reader:
         return out
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._map = {}
+        with self._lock:
+            for fd in self._old_fds + ([self._fd] if self._fd is not None else []):
+                os.close(fd)
+            self._old_fds, self._fd, self._map = [], None, {}
 
 
 def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
