@@ -34,7 +34,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Literal, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Literal, Mapping, Optional, Union
 
 from . import _core
 from ._env import EnvError, read_table, table_rst
@@ -103,6 +103,29 @@ _REMOTE_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "rediss+cluster:
 #: ``url`` with its password replaced by ``***`` (for messages and reprs): the remote
 #: tier's own function, so a password is hidden the same way everywhere.
 redact_url = _core.redact_url
+
+
+def split_engine_config(extra: Optional[Mapping[str, Any]], *, where: str, own: Iterable[str],
+                        own_are: str, derived_from: str) -> "tuple[Dict[str, Any], Dict[str, Any]]":
+    """An engine's extra config (``where``, for messages) -> (``Config``
+    fields, the engine's own keys ``own``). ``block_size`` and ``layout``
+    come from the engine (``derived_from``) and are refused; so is any other
+    key, naming what it is neither of."""
+    own = set(own)
+    names = {f.name for f in dataclasses.fields(Config)}
+    fields: Dict[str, Any] = {}
+    mine: Dict[str, Any] = {}
+    for k, v in (extra or {}).items():
+        if k in own:
+            mine[k] = v
+        elif k in ("block_size", "layout"):
+            raise ValueError(f"{where}[{k!r}]: dynblock derives {k} from {derived_from}; remove it")
+        elif k in names:
+            fields[k] = v
+        else:
+            raise ValueError(f"{where}[{k!r}] is neither a dynblock.Config field nor {own_are} "
+                             f"({', '.join(sorted(own))})")
+    return fields, mine
 
 
 @dataclass(frozen=True)

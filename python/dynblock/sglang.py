@@ -41,7 +41,7 @@ from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from .config import Config
+from .config import Config, split_engine_config
 from .manager import BlockManager
 from .store import Reader
 
@@ -62,26 +62,16 @@ SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 #: Host-pool layouts whose pages this backend moves. Each keeps every piece of
 #: a page in one buffer, in pieces of one size.
 SUPPORTED_LAYOUTS = ("page_first", "page_first_direct", "layer_first")
-_DERIVED = ("block_size", "layout")
 #: Per-operation records kept for get_stats() between two calls (bounded).
 _STATS_KEPT = 4096
 
 def split_extra_config(extra: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """SGLang's ``--hicache-storage-backend-extra-config`` -> ``Config`` fields;
     unknown keys and the fields derived from the host pool raise ``ValueError``."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    out: Dict[str, Any] = {}
-    for k, v in (extra or {}).items():
-        if k in SGLANG_KEYS:
-            continue
-        if k in _DERIVED:
-            raise ValueError(f"hicache storage extra config [{k!r}]: dynblock derives {k} from "
-                             "SGLang's host pool; remove it")
-        if k not in fields:
-            raise ValueError(f"hicache storage extra config [{k!r}] is neither a dynblock.Config "
-                             f"field nor one of SGLang's keys ({', '.join(SGLANG_KEYS)})")
-        out[k] = v
-    return out
+    fields, _ = split_engine_config(extra, where="hicache storage extra config", own=SGLANG_KEYS,
+                                    own_are="one of SGLang's keys",
+                                    derived_from="SGLang's host pool")
+    return fields
 
 
 def shard_tag(cfg: HiCacheStorageConfig) -> str:
@@ -205,7 +195,7 @@ class _Follower:
 
     def stats(self) -> Dict[str, Any]:
         r = self.reader
-        return {"reader_blocks": len(r._map), "reader_refreshes": r.refreshes,
+        return {"reader_blocks": r.blocks, "reader_refreshes": r.refreshes,
                 "reader_failed_blocks": r.failed}
 
     def close(self) -> None:
@@ -312,14 +302,13 @@ class DynblockHiCache(HiCacheStorage):
         if off.size != n_pages * geo.pieces or (off % geo.piece_bytes).any() \
                 or (rows < 0).any() or (rows >= self._rows).any():
             raise ValueError("host_indices name memory outside the registered host pool")
-        return rows.astype(np.int64)
+        return rows
 
     # --- the zero-copy page interface -------------------------------------------
     def batch_set_v1(self, keys: List[str], host_indices: Any, extra_info: Any = None) -> List[bool]:
         if not keys:
             return []
-        kv, geo = self._kv(), self.geometry
-        assert geo is not None
+        kv = self._kv()
         if self.follower:
             return [False] * len(keys)  # only the writer rank stores (SGLang skips the others)
         t0 = time.perf_counter()
@@ -356,9 +345,9 @@ class DynblockHiCache(HiCacheStorage):
         pieces); answered from the index, without waiting for disk I/O."""
         if not keys:
             return 0
-        geo = self.geometry
-        assert geo is not None or self._kv()
-        return int(self._kv().match(self._hashes(keys))) // geo.pieces  # type: ignore[union-attr]
+        kv, geo = self._kv(), self.geometry
+        assert geo is not None
+        return int(kv.match(self._hashes(keys))) // geo.pieces
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -401,6 +390,8 @@ class DynblockHiCache(HiCacheStorage):
             target_sizes: Any = None) -> bool:
         kv, geo = self._kv(), self.geometry
         assert geo is not None
+        if self.follower:
+            return False  # only the writer rank stores (SGLang skips the others)
         try:
             kv.put(self._hashes([key], geo.flat_order), self._flat(value.contiguous()))
         except (OSError, RuntimeError) as e:

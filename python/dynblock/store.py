@@ -225,6 +225,11 @@ class Reader:
         self._next = time.monotonic() + 10 * (time.monotonic() - now)
         return True
 
+    @property
+    def blocks(self) -> int:
+        """Blocks the index listed when it was last read."""
+        return len(self._map)
+
     def match(self, hashes: Sequence[int]) -> int:
         """Length of the longest prefix of ``hashes`` the store holds (as far
         as its index, re-read when it changed, says)."""

@@ -6,7 +6,6 @@ Needs no vLLM; torch only for tensors that are not row-addressable."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -14,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..config import Config, KvLayout
+from ..config import Config, KvLayout, split_engine_config
 from ..manager import BlockManager, Job, Lease, _layout_fingerprint
 from .keys import layer_keys
 
@@ -26,26 +25,15 @@ CONNECTOR_OPTIONS = {
     "lookup_timeout_ms": 50,  # how long the scheduler waits for a worker's lookup
     "lease_ttl_s": 30.0,  # a lookup lease never loaded is released after this
 }
-_DERIVED = ("block_size", "layout")  # the connector computes these from the model
 
 
 def split_extra_config(extra: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``kv_connector_extra_config`` -> (``Config`` fields, connector options);
     unknown keys and the fields the connector derives raise ``ValueError``."""
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg, opts = {}, dict(CONNECTOR_OPTIONS)
-    for k, v in (extra or {}).items():
-        if k in CONNECTOR_OPTIONS:
-            opts[k] = v
-        elif k in _DERIVED:
-            raise ValueError(f"kv_connector_extra_config[{k!r}]: the connector derives {k} from the "
-                             "model's KV cache; remove it")
-        elif k in fields:
-            cfg[k] = v
-        else:
-            raise ValueError(f"kv_connector_extra_config[{k!r}] is neither a dynblock.Config field "
-                             f"nor a connector option ({', '.join(sorted(CONNECTOR_OPTIONS))})")
-    return cfg, opts
+    fields, given = split_engine_config(
+        extra, where="kv_connector_extra_config", own=CONNECTOR_OPTIONS,
+        own_are="a connector option", derived_from="the model's KV cache")
+    return fields, {**CONNECTOR_OPTIONS, **given}
 
 
 @dataclass
