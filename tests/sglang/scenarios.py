@@ -32,7 +32,8 @@ logging.disable(logging.WARNING)
 import torch  # noqa: E402
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
-from dynblock.bench.sglang_run import mha_pool as _mha, mla_pool as _mla, storage_config  # noqa: E402
+from dynblock.bench.sglang_run import (  # noqa: E402
+    dynblock_extra, load_pages, mha_pool as _mha, mla_pool as _mla, storage_config, store_pages)
 
 PAGE = 16  # tokens per page
 PAGES = 128  # pages the host pool holds
@@ -61,9 +62,8 @@ class Rig:
             name, cfg = "file", {"file_storage_path": os.path.join(root, "hicache")}
         else:
             name = "dynamic"
-            cfg = {"backend_name": "dynblock", "module_path": "dynblock.sglang",
-                   "class_name": "DynblockHiCache", "interface_v1": int(backend == "dynblock"),
-                   "disk_blocks": 4096, "host_blocks": 0}
+            cfg = dynblock_extra(interface_v1=int(backend == "dynblock"), disk_blocks=4096,
+                                 host_blocks=0)
             if persist:
                 cfg.update(persist=True, disk_path=os.path.join(root, "l3.kv"))
             else:
@@ -99,32 +99,11 @@ class Rig:
         return self.pool.get_data_page(p * PAGE, flat=True).contiguous().view(torch.uint8).numpy().tobytes()
 
     def store(self, keys: List[str], pages: List[int]) -> bool:
-        idx = self.indices(pages)
-        if self.v1:
-            return all(self.backend.batch_set_v1(keys, idx))
-        data = [self.pool.get_data_page(idx[i * PAGE]) for i in range(len(keys))]
-        return bool(self.backend.batch_set(keys, data))
+        return store_pages(self.backend, self.pool, keys, self.indices(pages), self.v1)
 
     def load(self, keys: List[str], pages: List[int]) -> int:
         """How many leading pages arrived (the controller's count)."""
-        idx = self.indices(pages)
-        if self.v1:
-            res = self.backend.batch_get_v1(keys, idx)
-            n = 0
-            for r in res:
-                if not r:
-                    break
-                n += 1
-            return n
-        dummies = [self.pool.get_dummy_flat_data_page() for _ in keys]
-        got = self.backend.batch_get(keys, dummies)
-        n = 0
-        for i in range(len(keys)):
-            if got is None or got[i] is None:
-                break
-            self.pool.set_from_flat_data_page(idx[i * PAGE], got[i])
-            n += 1
-        return n
+        return load_pages(self.backend, self.pool, keys, self.indices(pages), self.v1)
 
     def exists(self, keys: List[str]) -> int:
         return int(self.backend.batch_exists(keys))
@@ -426,6 +405,7 @@ def injected_failures(backend: str, root: str) -> str:
         for i in range(n):
             assert r.page_bytes(dst[i]) == want[i], f"round {rnd}: page {i} loaded wrong bytes"
     r.close()
+    assert stored and loaded, f"nothing got through the injector ({stored} stores, {loaded} pages)"
     return f"{stored}/20 stores succeeded, {loaded} pages loaded, all byte-exact"
 
 

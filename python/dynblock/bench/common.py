@@ -216,3 +216,20 @@ def find_python(explicit: Optional[str], env_var: str, module: str, build: str
         if r.returncode == 0:
             return c, ""
     return None, f"no interpreter that imports {module} (tried {', '.join(tried)}): {build}"
+
+
+def run_module(python: str, module: str, args: Dict[str, Any], what: str, timeout: float) -> Any:
+    """``python -m module JSON(args)`` in a temporary directory of its own
+    (engines leave sockets there); returns the JSON of its last ``RESULT``
+    line, or raises ``RuntimeError`` naming ``what`` with the end of its output."""
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dynblock-engine-") as tmp:
+        r = subprocess.run([python, "-m", module, json.dumps(args)], capture_output=True,
+                           text=True, timeout=timeout, env={**os.environ, "TMPDIR": tmp})
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{what} failed (rc {r.returncode}): {(r.stdout + r.stderr)[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])

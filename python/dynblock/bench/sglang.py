@@ -21,13 +21,9 @@ SGLang runs in its own interpreter (``--sglang-python``,
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import tempfile
 from typing import List, Optional, Tuple
 
-from .common import Progress, Results, find_python
+from .common import Progress, Results, find_python, run_module
 
 OPS = ("set-return", "set-durable", "get-cold", "get", "exists-128-during-writes")
 
@@ -48,15 +44,7 @@ def run_sglang(res: Results, directory: str, python: Optional[str], page_sizes: 
     progress.add(1)
     args = {"dir": directory, "page_sizes": page_sizes, "bytes": nbytes, "repeat": repeat,
             "exists_seconds": 1.0}
-    with tempfile.TemporaryDirectory(prefix="dynblock-sglang-") as tmp:
-        r = subprocess.run([python, "-m", "dynblock.bench.sglang_run", json.dumps(args)],
-                           capture_output=True, text=True, timeout=3600,
-                           env={**os.environ, "TMPDIR": tmp})
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"the sglang workload failed (rc {r.returncode}): "
-                           f"{(r.stdout + r.stderr)[-3000:]}")
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = run_module(python, "dynblock.bench.sglang_run", args, "the sglang workload", 3600)
     for text in out["notes"]:
         res.note(text)
     for case in out["cases"]:

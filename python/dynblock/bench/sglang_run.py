@@ -70,6 +70,35 @@ def storage_config(extra: Dict[str, Any], model: str = "bench/model", mla: bool 
         is_page_first_layout=layout.startswith("page_first"), model_name=model, extra_config=extra)
 
 
+def dynblock_extra(**config: Any) -> Dict[str, Any]:
+    """SGLang's extra config loading DynblockHiCache (zero-copy), plus ``config``."""
+    return {"backend_name": "dynblock", "module_path": "dynblock.sglang",
+            "class_name": "DynblockHiCache", "interface_v1": 1, **config}
+
+
+def store_pages(backend: Any, pool: Any, keys: List[str], idx: torch.Tensor, v1: bool) -> bool:
+    """Store pages as SGLang's cache controller does: ``batch_set_v1`` on host
+    indices, or (the generic path) ``batch_set`` of ``get_data_page`` copies."""
+    if v1:
+        return all(backend.batch_set_v1(keys, idx))
+    return bool(backend.batch_set(keys, [pool.get_data_page(idx[i * pool.page_size])
+                                         for i in range(len(keys))]))
+
+
+def load_pages(backend: Any, pool: Any, keys: List[str], idx: torch.Tensor, v1: bool) -> int:
+    """Load pages as SGLang's cache controller does; returns how many leading
+    pages arrived (the generic path copies each back with ``set_from_flat_data_page``)."""
+    if v1:
+        res = backend.batch_get_v1(keys, idx)
+        return res.index(False) if False in res else len(res)
+    got = backend.batch_get(keys, [pool.get_dummy_flat_data_page() for _ in keys]) or []
+    n = 0
+    while n < len(keys) and n < len(got) and got[n] is not None:
+        pool.set_from_flat_data_page(idx[n * pool.page_size], got[n])
+        n += 1
+    return n
+
+
 BATCH = 128  # SGLang's STORAGE_BATCH_SIZE
 PAGE_TOKENS = 16
 LAYER_BYTES = 2 * PAGE_TOKENS * 8 * 128 * 2  # K and V of 16 tokens x 8 heads x 128, bf16: 64 KiB
@@ -86,9 +115,8 @@ class _Impl:
                 "file", storage_config({"file_storage_path": d}), pool)
         else:
             os.makedirs(d, exist_ok=True)
-            extra = {"backend_name": "dynblock", "module_path": "dynblock.sglang",
-                     "class_name": "DynblockHiCache", "interface_v1": 1, "host_blocks": 0,
-                     "disk_bytes": nbytes, "persist": True, "disk_path": os.path.join(d, "l3.kv")}
+            extra = dynblock_extra(host_blocks=0, disk_bytes=nbytes, persist=True,
+                                   disk_path=os.path.join(d, "l3.kv"))
             self.b = StorageBackendFactory.create_backend("dynamic", storage_config(extra), pool)
         self.b.register_mem_pool_host(pool)
 
@@ -96,22 +124,11 @@ class _Impl:
         return torch.arange(first_page * PAGE_TOKENS, (first_page + n) * PAGE_TOKENS, dtype=torch.int64)
 
     def set(self, keys: List[str], first_page: int) -> None:
-        idx = self.idx(first_page, len(keys))
-        if self.kind == "file":
-            data = [self.pool.get_data_page(idx[i * PAGE_TOKENS]) for i in range(len(keys))]
-            assert self.b.batch_set(keys, data)
-        else:
-            assert all(self.b.batch_set_v1(keys, idx))
+        assert store_pages(self.b, self.pool, keys, self.idx(first_page, len(keys)), self.kind != "file")
 
     def get(self, keys: List[str], first_page: int) -> None:
-        idx = self.idx(first_page, len(keys))
-        if self.kind == "file":
-            got = self.b.batch_get(keys, [self.pool.get_dummy_flat_data_page() for _ in keys])
-            for i, g in enumerate(got):
-                assert g is not None, f"page {i} missing"
-                self.pool.set_from_flat_data_page(idx[i * PAGE_TOKENS], g)
-        else:
-            assert all(self.b.batch_get_v1(keys, idx))
+        n = load_pages(self.b, self.pool, keys, self.idx(first_page, len(keys)), self.kind != "file")
+        assert n == len(keys), f"{n} of {len(keys)} pages loaded"
 
     def sync(self) -> None:
         if self.kind == "file":

@@ -7,14 +7,11 @@ and dynblock (``--vllm-python``, ``DYNBLOCK_VLLM_PYTHON``, ``.venv-vllm`` as
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
-import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
-from .common import Progress, Results, find_python
+from .common import Progress, Results, find_python, run_module
 
 BLOCK_TOKENS = 128  # vLLM's CPU backend
 MODELS: Dict[str, Dict[str, int]] = {
@@ -34,15 +31,7 @@ def find_vllm_python(explicit: Optional[str] = None) -> Tuple[Optional[str], str
 
 
 def _engine(python: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    # vLLM leaves its ZMQ IPC sockets in the temporary directory; give it one that goes away.
-    with tempfile.TemporaryDirectory(prefix="dynblock-vllm-") as tmp:
-        r = subprocess.run([python, "-m", "dynblock.bench.vllm_engine", json.dumps(args)],
-                           capture_output=True, text=True, timeout=1800,
-                           env={**os.environ, "TMPDIR": tmp})
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"vLLM engine failed (rc {r.returncode}): {(r.stdout + r.stderr)[-3000:]}")
-    return dict(json.loads(lines[-1][len("RESULT "):]))
+    return dict(run_module(python, "dynblock.bench.vllm_engine", args, "vLLM engine", 1800))
 
 
 def run_vllm(res: Results, directory: str, python: Optional[str], models: List[str], repeat: int,
