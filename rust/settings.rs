@@ -263,6 +263,14 @@ pub const INTS: &[IntSetting] = &[
         what: "bytes of blocks queued for the remote tier's background writer",
     },
     IntSetting {
+        name: "remote_check_threads",
+        min: 0,
+        max: 64,
+        default: None,
+        what: "threads that compute or check remote values' checksums or MACs beside a \
+               transfer; None: automatic",
+    },
+    IntSetting {
         name: "alignment",
         min: 64,
         max: 1 << 30,
@@ -570,6 +578,12 @@ pub const ENV: &[EnvGroup] = &[
         "remote_queue_bytes",
         EnvForm::Int,
         "remote_queue_bytes (the background writer's queue)",
+    )]),
+    group(&[var(
+        "DYNBLOCK_REMOTE_CHECK_THREADS",
+        "remote_check_threads",
+        EnvForm::Int,
+        "remote_check_threads (unset: automatic)",
     )]),
 ];
 

@@ -107,15 +107,17 @@ def test_a_value_announced_as_6_gib_costs_one_block_of_memory(hostile: HostileRe
 
 @pytest.mark.parametrize("bs", [BS, 100 << 10])
 @pytest.mark.parametrize("secret", [None, "fragment-secret"])
+@pytest.mark.parametrize("check_threads", [0, 2])
 def test_values_arriving_in_odd_pieces_land_whole_and_every_byte_is_checked(
-        hostile: HostileRedis, bs: int, secret: "str | None") -> None:
-    # A value is read straight into its destination and checked piece by piece as it lands:
-    # pieces of any size (a length line split in two, a header across reads, 100 KiB blocks
-    # that straddle the MAC's 16 KiB runs) give the same bytes, and a changed byte anywhere in
-    # the block, the first or the last, is caught.
+        hostile: HostileRedis, bs: int, secret: "str | None", check_threads: int) -> None:
+    # A value is read straight into its destination and checked piece by piece as it lands
+    # (check_threads=0), or whole on a side thread while the next one lands: pieces of any size
+    # (a length line split in two, a header across reads, 100 KiB blocks that straddle the
+    # MAC's 16 KiB runs) give the same bytes, and a changed byte anywhere in the block, the
+    # first or the last, is caught.
     cfg = dict(block_size=bs, host_blocks=8, numa_node=None, pin=False,
                remote=f"redis://127.0.0.1:{hostile.port}", remote_timeout_ms=20000,
-               remote_secret=secret)
+               remote_secret=secret, remote_check_threads=check_threads)
     data = np.random.default_rng(bs).integers(0, 256, 3 * bs, dtype=np.uint8)
     with BlockManager(Config(remote_write="sync", **cfg)) as w:
         assert w.put([1, 2, 3], data) == 3

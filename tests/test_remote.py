@@ -445,6 +445,48 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[List[Ser
             n.stop()
 
 
+@pytest.mark.parametrize("secret", [None, "side-secret"])
+def test_check_threads_make_and_accept_the_same_values_as_inline_checks(
+        cluster: List[Server], secret: "str | None") -> None:
+    # Side threads compute a sync put's headers (CRC or MAC) while the commands go out, and check
+    # a get's values while the next ones land. On a cluster the commands leave grouped by master,
+    # not in the order the side threads work in. Values written either way are read back either
+    # way, and one whose block was changed on the server is refused by both.
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster)
+    hs = list(range(2000, 2150))
+    half = len(hs) // 2
+    for w, r in ((3, 0), (0, 3), (3, 3)):
+        prefix = f"t{w}{r}"
+        with manager(url, host_blocks=256, remote_secret=secret, remote_write="sync",
+                     remote_prefix=prefix, remote_timeout_ms=5000, remote_check_threads=w) as a:
+            assert a.put(hs[:half], blocks(hs[:half])) == half
+            assert a.put(hs[half:], blocks(hs[half:])) == len(hs) - half
+            assert a.stats()["remote_stored"] == len(hs)
+        with manager(url, host_blocks=256, remote_secret=secret, remote_prefix=prefix,
+                     remote_timeout_ms=5000, remote_check_threads=r) as b:
+            out = np.zeros(len(hs) * BS, np.uint8)
+            assert b.get(hs, out) == len(hs) and np.array_equal(out, blocks(hs))
+    # A changed byte in the block of the 71st value: 70 come back, each intact.
+    key = f"t33:{0:016x}:{BS}:{hs[70]:016x}"
+    header = 32 if secret is None else 64
+    for n in cluster:
+        if n.cli("EXISTS", key) == "1":
+            n.cli("SETRANGE", key, str(header + BS // 2), "?")
+    with manager(url, host_blocks=256, remote_secret=secret, remote_prefix="t33",
+                 remote_timeout_ms=5000, remote_check_threads=3) as b:
+        out = np.zeros(len(hs) * BS, np.uint8)
+        assert b.get(hs, out) == 70 and np.array_equal(out[:70 * BS], blocks(hs[:70]))
+        s = b.stats()
+        assert s["remote_corrupt" if secret is None else "remote_unauthenticated"] == 1
+
+
+def test_check_threads_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="remote_check_threads .* between 0 and 64"):
+        Config(block_size=BS, host_blocks=4, remote="redis://h:1", remote_check_threads=65)
+    assert Config.from_env({"DYNBLOCK_REMOTE_CHECK_THREADS": "2", "DYNBLOCK_REMOTE_URL": "redis://h:1"},
+                           block_size=BS, host_blocks=4).remote_check_threads == 2
+
+
 def test_cluster_spreads_keys_over_every_master_and_serves_another_process(
         cluster: List[Server], tmp_path: Path) -> None:
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster[:2])

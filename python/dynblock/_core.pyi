@@ -174,6 +174,7 @@ class RemoteTier:
         layout: int = 0,
         queue_bytes: Optional[int] = None,
         secret: Optional[str] = None,
+        check_threads: Optional[int] = None,
     ) -> RemoteTier: ...
     @property
     def url(self) -> str: ...

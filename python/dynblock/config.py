@@ -231,6 +231,7 @@ class Config:
     remote_ca_file: Optional[str] = None
     remote_secret: Optional[str] = dataclasses.field(default=None, repr=False)
     remote_queue_bytes: int = DEFAULTS["remote_queue_bytes"]
+    remote_check_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         check = _core.check_setting
@@ -359,6 +360,8 @@ class Config:
             self.remote_ttl_s = check("remote_ttl_s", self.remote_ttl_s)
         self.remote_timeout_ms = check("remote_timeout_ms", self.remote_timeout_ms)
         self.remote_queue_bytes = check("remote_queue_bytes", self.remote_queue_bytes)
+        if self.remote_check_threads is not None:
+            self.remote_check_threads = check("remote_check_threads", self.remote_check_threads)
         self.remote_write = check("remote_write", self.remote_write)
         if self.remote_ca_file is not None:
             self.remote_ca_file = os.fspath(self.remote_ca_file)

@@ -319,7 +319,8 @@ class BlockManager:
                     config.remote, bs, prefix=config.remote_prefix, ttl_s=config.remote_ttl_s,
                     timeout_ms=config.remote_timeout_ms, ca_file=config.remote_ca_file,
                     layout=_layout_fingerprint(config), secret=config.remote_secret,
-                    queue_bytes=config.remote_queue_bytes)
+                    queue_bytes=config.remote_queue_bytes,
+                    check_threads=config.remote_check_threads)
                 self._m.attach_remote(self._remote, config.remote_write)
             self._jobs: Optional[concurrent.futures.ThreadPoolExecutor] = None
             self._jobs_pid = 0

@@ -27,7 +27,7 @@ impl PyRemoteTier {
     #[new]
     #[pyo3(signature = (url, block_size, *, prefix=crate::settings::DEFAULT_REMOTE_PREFIX.to_string(), ttl_s=None,
                         timeout_ms=None, ca_file=None, layout=0, queue_bytes=None,
-                        secret=None))]
+                        secret=None, check_threads=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -40,6 +40,7 @@ impl PyRemoteTier {
         layout: u64,
         queue_bytes: Option<usize>,
         secret: Option<String>,
+        check_threads: Option<usize>,
     ) -> PyResult<Self> {
         use crate::settings::default_int;
         // Defaults from the one settings table (`RemoteTier::open` checks the values there).
@@ -55,6 +56,7 @@ impl PyRemoteTier {
             layout,
             queue_bytes,
             secret,
+            check_threads,
         };
         let inner = py.detach(move || RemoteTier::open(opts)).map_err(to_py)?;
         Ok(PyRemoteTier { inner })

@@ -89,10 +89,20 @@ impl RemoteTier {
     /// `cmd` becomes `SET name value [EX ttl]` for block `h` (`name` is
     /// its [`Self::key`]): the header and the block written straight into
     /// the command's buffer (one copy).
-    pub(super) fn set_command(&self, cmd: &mut redis::Cmd, h: u64, name: &str, block: &[u8]) {
+    pub(super) fn set_command(
+        &self,
+        cmd: &mut redis::Cmd,
+        h: u64,
+        name: &str,
+        block: &[u8],
+        head: Option<&[u8; HEADER_MAC]>,
+    ) {
         use redis::RedisWrite;
         use std::io::Write;
-        let head = self.header(h, name, block);
+        let head = match head {
+            Some(head) => *head,
+            None => self.header(h, name, block),
+        };
         cmd.clear();
         cmd.arg("SET").arg(name);
         {

@@ -52,10 +52,12 @@ mod cluster;
 mod codec;
 mod conn;
 mod health;
+mod side;
 mod url;
 mod writer;
 
 use std::cell::Cell;
+use std::sync::mpsc;
 
 use codec::Bad;
 pub use conn::Deadline;
@@ -98,6 +100,9 @@ pub struct RemoteOptions {
     /// With a secret, values carry a keyed BLAKE3 MAC instead of a CRC32C:
     /// only writers holding the secret can make a value this tier serves.
     pub secret: Option<String>,
+    /// Side threads that compute or check values' checksums or MACs while
+    /// a batch moves (None: by the machine's cores; see `side.rs`).
+    pub check_threads: Option<usize>,
 }
 
 /// A server: (host, port).
@@ -193,6 +198,9 @@ impl RemoteTier {
             check_int("remote_ttl_s", t)?;
         }
         check_usize("remote_queue_bytes", opts.queue_bytes)?;
+        if let Some(t) = opts.check_threads {
+            check_usize("remote_check_threads", t)?;
+        }
         if opts.queue_bytes < opts.block_size + codec::HEADER_MAC {
             return Err(Error::InvalidArgument(format!(
                 "remote_queue_bytes ({}) holds no block of {} bytes: give at least one block's \
@@ -621,44 +629,84 @@ impl RemoteTier {
         let fate: Vec<Cell<Option<Bad>>> = vec![Cell::new(Some(Bad::Missing)); chunk.len()];
         let mut head = [0u8; codec::HEADER_MAC];
         let mut buf = Vec::new();
-        // A value of the right length lands in place: its block straight in
-        // dst[i], checked piece by piece as it arrives.
-        let mut into = |c: &mut Conn, i: usize| {
-            // SAFETY: the caller guarantees dst[i] is valid for writes of
-            // block_size bytes, distinct, and not touched by others.
-            let block = unsafe { std::slice::from_raw_parts_mut(dst[i] as *mut u8, bs) };
-            let mut check = Err(Bad::Corrupt);
-            let got =
-                c.recv_value_into(&mut head[..hl], block, limit, d, i, &mut |part| match (
-                    part, &mut check,
-                ) {
-                    (Landed::Head(head), _) => {
-                        check = self.begin_check(chunk[i], &keys[i], head, hl + bs)
+        // With cores to spare, each value that landed whole is checked on a
+        // side thread while the next one lands; else piece by piece as it
+        // lands, while it is in the CPU cache.
+        let side = side::side_threads(bs, self.opts.check_threads);
+        let r = std::thread::scope(|sc| {
+            let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Option<Bad>)>(chunk.len());
+            let mut work: Vec<mpsc::SyncSender<(usize, codec::Check)>> = (0..side)
+                .map(|_| {
+                    let (tx, rx) = mpsc::sync_channel::<(usize, codec::Check)>(chunk.len());
+                    let done_tx = done_tx.clone();
+                    sc.spawn(move || {
+                        for (i, check) in rx {
+                            // SAFETY: dst[i] is valid for block_size bytes (the
+                            // caller guarantees it) and whole: the receiving
+                            // thread sent it here after its last write to it.
+                            let block =
+                                unsafe { std::slice::from_raw_parts(dst[i] as *const u8, bs) };
+                            let _ = done_tx.send((i, check.finish(block).err()));
+                        }
+                    });
+                    tx
+                })
+                .collect();
+            drop(done_tx);
+            // A value of the right length lands in place: its block straight
+            // in dst[i].
+            let mut into = |c: &mut Conn, i: usize| {
+                // SAFETY: the caller guarantees dst[i] is valid for writes of
+                // block_size bytes, distinct, and not touched by others.
+                let block = unsafe { std::slice::from_raw_parts_mut(dst[i] as *mut u8, bs) };
+                let mut check = Err(Bad::Corrupt);
+                let got =
+                    c.recv_value_into(&mut head[..hl], block, limit, d, i, &mut |part| match (
+                        part, &mut check,
+                    ) {
+                        (Landed::Head(head), _) => {
+                            check = self.begin_check(chunk[i], &keys[i], head, hl + bs)
+                        }
+                        (Landed::Body(upto), Ok(c)) if side == 0 => c.update(upto),
+                        (Landed::Body(_), _) => {}
+                    })?;
+                if got.is_none() {
+                    match check {
+                        Ok(c) if side > 0 => {
+                            // Bounded: at most chunk.len() values a channel.
+                            if let Err(mpsc::SendError((i, c))) = work[i % side].send((i, c)) {
+                                fate[i].set(c.finish(block).err());
+                            }
+                        }
+                        check => fate[i].set(check.and_then(|c| c.finish(block)).err()),
                     }
-                    (Landed::Body(upto), Ok(c)) => c.update(upto),
-                    (Landed::Body(_), Err(_)) => {}
-                })?;
-            if got.is_none() {
-                fate[i].set(check.and_then(|c| c.finish(block)).err());
-            }
-            Ok(got)
-        };
-        let r = self.round_trip(
-            &keys,
-            Replies::Into(&mut into),
-            d,
-            &mut buf,
-            &mut |i, b| {
-                redis::cmd("GET").arg(&keys[i]).write_packed_command(b);
-                true
-            },
-            // Any other reply: a value of another length is refused.
-            &mut |i, v| {
-                if let Value::BulkString(v) = v {
-                    fate[i].set(Some(self.refuse(chunk[i], &keys[i], &v)));
                 }
-            },
-        );
+                Ok(got)
+            };
+            let r = self.round_trip(
+                &keys,
+                Replies::Into(&mut into),
+                d,
+                &mut buf,
+                &mut |i, b| {
+                    redis::cmd("GET").arg(&keys[i]).write_packed_command(b);
+                    true
+                },
+                // Any other reply: a value of another length is refused.
+                &mut |i, v| {
+                    if let Value::BulkString(v) = v {
+                        fate[i].set(Some(self.refuse(chunk[i], &keys[i], &v)));
+                    }
+                },
+            );
+            // The side threads end once their channels close and they have
+            // checked what they were sent.
+            work.clear();
+            for (i, f) in done_rx {
+                fate[i].set(f);
+            }
+            r
+        });
         let mut fate: Vec<Option<Bad>> = fate.into_iter().map(Cell::into_inner).collect();
         let mut n = fate.iter().take_while(|f| f.is_none()).count();
         match r {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 
 use super::conn::Deadline;
+use super::side::{self, Heads};
 use super::{LocalSource, RemoteTier};
 
 #[derive(Default)]
@@ -62,6 +63,7 @@ pub(super) fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         t.store_from(
             &mut w,
             &batch,
+            None,
             &mut |i, f| {
                 source
                     .as_ref()
@@ -96,6 +98,7 @@ impl RemoteTier {
         self.store_from(
             &mut w,
             hashes,
+            Some(src),
             &mut |i, f| {
                 // SAFETY: forwarded from the caller.
                 f(unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) });
@@ -109,12 +112,16 @@ impl RemoteTier {
     /// `read(i, f)` hands to `f` (false: the block is gone, skipped). Each
     /// value is built once, in the command that carries it; the commands
     /// stream out in ~1 MiB writes (a buffer that stays in cache) and the
-    /// answers are read after each batch. Returns how many were stored; the
-    /// rest are counted as skipped.
+    /// answers are read after each batch. With the blocks' addresses at
+    /// hand (`src`, each valid for reads of `block_size` bytes) and cores to
+    /// spare, their headers are computed on side threads meanwhile
+    /// ([`super::side`]). Returns how many were stored; the rest are
+    /// counted as skipped.
     pub(super) fn store_from(
         &self,
         w: &mut Writer,
         hashes: &[u64],
+        src: Option<&[usize]>,
         read: &mut ReadBlock<'_>,
         d: Deadline,
     ) -> usize {
@@ -129,28 +136,51 @@ impl RemoteTier {
             let mut took = 0;
             let mut refused: Option<(usize, String)> = None;
             let Writer { cmd, packed } = w;
-            let r = self.round_trip(
-                &keys,
-                super::Replies::Parsed(1024),
-                &d,
-                packed,
-                &mut |i, b| {
-                    read(start + i, &mut |block| {
-                        self.set_command(cmd, chunk[i], &keys[i], block);
-                        cmd.write_packed_command(b);
+            let bs = self.opts.block_size;
+            let side = src.map_or(0, |_| side::side_threads(bs, self.opts.check_threads));
+            let heads = Heads::new(if side > 0 { chunk.len() } else { 0 });
+            let compute = |i: usize| {
+                let src = src.expect("side threads only with src");
+                // SAFETY: `src` (given only by `store`) holds addresses its
+                // caller guarantees are valid for reads of `block_size` bytes.
+                let block = unsafe { std::slice::from_raw_parts(src[start + i] as *const u8, bs) };
+                self.header(chunk[i], &keys[i], block)
+            };
+            let r = std::thread::scope(|sc| {
+                let workers: Vec<_> = (0..side)
+                    .map(|t| {
+                        let (heads, compute) = (&heads, &compute);
+                        sc.spawn(move || heads.work(t, side, compute))
                     })
-                },
-                &mut |_, v| match v {
-                    Value::ServerError(e) => {
-                        let r = refused.get_or_insert((0, String::new()));
-                        if r.0 == 0 {
-                            r.1 = super::conn::describe(&e);
+                    .collect();
+                let r = self.round_trip(
+                    &keys,
+                    super::Replies::Parsed(1024),
+                    &d,
+                    packed,
+                    &mut |i, b| {
+                        read(start + i, &mut |block| {
+                            let head = (side > 0).then(|| {
+                                heads.take(i, &compute, &|| workers[i % side].is_finished())
+                            });
+                            self.set_command(cmd, chunk[i], &keys[i], block, head.as_ref());
+                            cmd.write_packed_command(b);
+                        })
+                    },
+                    &mut |_, v| match v {
+                        Value::ServerError(e) => {
+                            let r = refused.get_or_insert((0, String::new()));
+                            if r.0 == 0 {
+                                r.1 = super::conn::describe(&e);
+                            }
+                            r.0 += 1;
                         }
-                        r.0 += 1;
-                    }
-                    _ => took += 1,
-                },
-            );
+                        _ => took += 1,
+                    },
+                );
+                heads.stop();
+                r
+            });
             stored += took;
             if let Err(e) = r {
                 // Down (or went down now): the rest is skipped.
