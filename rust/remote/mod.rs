@@ -632,7 +632,12 @@ impl RemoteTier {
         // With cores to spare, each value that landed whole is checked on a
         // side thread while the next one lands; else piece by piece as it
         // lands, while it is in the CPU cache.
-        let side = side::side_threads(bs, self.opts.check_threads);
+        // (A fetch over several connections at once has its parallelism.)
+        let side = if self.fetch_threads() > 1 {
+            0
+        } else {
+            side::side_threads(bs, self.opts.check_threads)
+        };
         let r = std::thread::scope(|sc| {
             let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Option<Bad>)>(chunk.len());
             let mut work: Vec<mpsc::SyncSender<(usize, codec::Check)>> = (0..side)

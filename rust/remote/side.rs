@@ -3,7 +3,9 @@
 //! beside the one that moves the bytes, so that a MAC (about a third of
 //! CRC32C's speed) does not slow the transfer. With few cores they would
 //! take the core the transfer (or a server on the same machine) needs, so
-//! there are none and the work stays inline.
+//! there are none and the work stays inline. A fetch that already runs
+//! over several connections at once (blocks of 1 MiB and more) checks
+//! inline on each.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;

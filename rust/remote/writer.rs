@@ -128,31 +128,33 @@ impl RemoteTier {
         let mut stored = 0;
         let mut start = 0;
         let mut refusal = None;
-        for chunk in hashes.chunks(self.chunk_len()) {
-            if self.writes_paused() {
-                break;
-            }
-            let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
-            let mut took = 0;
-            let mut refused: Option<(usize, String)> = None;
-            let Writer { cmd, packed } = w;
-            let bs = self.opts.block_size;
-            let side = src.map_or(0, |_| side::side_threads(bs, self.opts.check_threads));
-            let heads = Heads::new(if side > 0 { chunk.len() } else { 0 });
-            let compute = |i: usize| {
-                let src = src.expect("side threads only with src");
-                // SAFETY: `src` (given only by `store`) holds addresses its
-                // caller guarantees are valid for reads of `block_size` bytes.
-                let block = unsafe { std::slice::from_raw_parts(src[start + i] as *const u8, bs) };
-                self.header(chunk[i], &keys[i], block)
-            };
-            let r = std::thread::scope(|sc| {
-                let workers: Vec<_> = (0..side)
-                    .map(|t| {
-                        let (heads, compute) = (&heads, &compute);
-                        sc.spawn(move || heads.work(t, side, compute))
-                    })
-                    .collect();
+        let bs = self.opts.block_size;
+        let side = src.map_or(0, |_| side::side_threads(bs, self.opts.check_threads));
+        let heads = Heads::new(if side > 0 { hashes.len() } else { 0 });
+        // The header of block i (its place in `hashes`), from `src`.
+        let compute = |i: usize| {
+            let src = src.expect("side threads only with src");
+            // SAFETY: `src` (given only by `store`) holds addresses its
+            // caller guarantees are valid for reads of `block_size` bytes.
+            let block = unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) };
+            self.header(hashes[i], &self.key(hashes[i]), block)
+        };
+        std::thread::scope(|sc| {
+            // The side threads work through the whole call, ahead of the sender.
+            let workers: Vec<_> = (0..side)
+                .map(|t| {
+                    let (heads, compute) = (&heads, &compute);
+                    sc.spawn(move || heads.work(t, side, compute))
+                })
+                .collect();
+            for chunk in hashes.chunks(self.chunk_len()) {
+                if self.writes_paused() {
+                    break;
+                }
+                let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+                let mut took = 0;
+                let mut refused: Option<(usize, String)> = None;
+                let Writer { cmd, packed } = &mut *w;
                 let r = self.round_trip(
                     &keys,
                     super::Replies::Parsed(1024),
@@ -160,8 +162,9 @@ impl RemoteTier {
                     packed,
                     &mut |i, b| {
                         read(start + i, &mut |block| {
+                            let at = start + i;
                             let head = (side > 0).then(|| {
-                                heads.take(i, &compute, &|| workers[i % side].is_finished())
+                                heads.take(at, &compute, &|| workers[at % side].is_finished())
                             });
                             self.set_command(cmd, chunk[i], &keys[i], block, head.as_ref());
                             cmd.write_packed_command(b);
@@ -178,25 +181,24 @@ impl RemoteTier {
                         _ => took += 1,
                     },
                 );
-                heads.stop();
-                r
-            });
-            stored += took;
-            if let Err(e) = r {
-                // Down (or went down now): the rest is skipped.
-                self.failed(&e, &d);
-                break;
-            }
-            self.came_up();
-            start += chunk.len();
-            if let Some((count, mut why)) = refused {
-                if count > 1 {
-                    why.push_str(&format!(" (and {} more refused)", count - 1));
+                stored += took;
+                if let Err(e) = r {
+                    // Down (or went down now): the rest is skipped.
+                    self.failed(&e, &d);
+                    break;
                 }
-                refusal = Some(why);
-                break;
+                self.came_up();
+                start += chunk.len();
+                if let Some((count, mut why)) = refused {
+                    if count > 1 {
+                        why.push_str(&format!(" (and {} more refused)", count - 1));
+                    }
+                    refusal = Some(why);
+                    break;
+                }
             }
-        }
+            heads.stop();
+        });
         match refusal {
             Some(why) => self.refused(&why),
             None if stored > 0 => self.accepted(),
