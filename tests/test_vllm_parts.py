@@ -230,3 +230,44 @@ def test_the_readme_vllm_configs_are_valid(tmp_path: Path, monkeypatch) -> None:
     assert tier["type"] in dv.__all__ and tier["module_path"] == "dynblock.vllm"
     fields, _ = split_extra_config({k: v for k, v in tier.items() if k not in ("type", "module_path")})
     Config(block_size=4096, **fields)
+
+
+def test_metrics_payload_carries_counter_increases_and_per_worker_gauges() -> None:
+    # What DynblockConnector sends each step (dynblock.vllm.stats): the increases of the store's
+    # counters since the last step, its gauges now; two workers' payloads merged as vLLM merges
+    # them, counters summed, gauges summed over workers (each worker's latest).
+    from dynblock import BlockManager
+    from dynblock.vllm.stats import Deltas, empty_payload, merge, reduce, totals
+
+    bs = 4096
+    data = np.arange(8 * bs, dtype=np.uint32).view(np.uint8)[: 8 * bs]
+    stores = [BlockManager(Config(block_size=bs, host_blocks=16, numa_node=None, pin=False))
+              for _ in range(2)]
+    try:
+        deltas = [Deltas(rank) for rank in range(2)]
+        for kv in stores:
+            kv.put(list(range(1, 9)), data)
+        first = [d.take(kv) for d, kv in zip(deltas, stores)]
+        assert first[0]["counters"]["dynblock_put_blocks_total|"] == 8
+        assert first[0]["gauges"]["dynblock_stored_blocks|host|0"] == 8
+        out = np.zeros(4 * bs, np.uint8)
+        assert stores[0].get([1, 2, 3, 4], out) == 4
+        second = [d.take(kv) for d, kv in zip(deltas, stores)]
+        # only what moved since: 4 hits on worker 0, nothing put again
+        assert second[0]["counters"] == {"dynblock_hits_total|host": 4.0,
+                                          "dynblock_hit_bytes_total|host": 4.0 * bs}
+        assert second[1]["counters"] == {}
+        step = empty_payload()
+        for p in first + second:
+            merge(step, p)
+        counters, gauges = totals(step)
+        assert counters[("dynblock_put_blocks_total", "")] == 16
+        assert counters[("dynblock_hits_total", "host")] == 4
+        assert gauges[("dynblock_stored_blocks", "host")] == 16  # 8 on each worker, not 8 twice
+        assert gauges[("dynblock_capacity_blocks", "host")] == 32
+        assert reduce(step)["dynblock_hits_total{host}"] == 4
+    finally:
+        for kv in stores:
+            kv.close()
+    # a closed store sends nothing, and says nothing went wrong
+    assert deltas[0].take(stores[0]) == empty_payload()

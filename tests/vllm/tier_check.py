@@ -32,6 +32,35 @@ def wait_jobs(tier: SecondaryTierManager, ids: set) -> dict:
     return out
 
 
+def check_metrics(tier: SecondaryTierManager) -> dict:
+    """The tier's stats through vLLM's own offloading metrics: the definitions the tiering spec
+    collects from its secondary tiers, vLLM's OffloadPromMetrics, a real prometheus_client
+    registry. Returns the dynblock samples of a scrape."""
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import OffloadPromMetrics
+    from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
+
+    extra = {"spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 1 << 20,
+             "secondary_tiers": [{"type": "DynblockTier", "module_path": "dynblock.vllm"}]}
+    defs = TieringOffloadingSpec.build_metric_definitions(extra)
+    assert "dynblock_hits_total" in defs and defs["dynblock_hits_total"].labelnames == ("tier",)
+    cfg = types.SimpleNamespace(kv_transfer_config=types.SimpleNamespace(
+        kv_connector_extra_config=extra))
+    prom = OffloadPromMetrics(cfg, {Counter: Counter, Gauge: Gauge, Histogram: Histogram},
+                              ["model_name", "engine"], {0: ["tiny", "0"]})
+    st = tier.get_stats()
+    assert st is not None and not st.is_empty()
+    prom.observe(st.data, 0)
+    again = tier.get_stats()  # counters moved by nothing since: only the gauges again
+    assert again is not None and {again.data["types"][k] for k in again.data["data"]} == {"gauge"}
+    out = {}
+    for line in generate_latest(REGISTRY).decode().splitlines():
+        if line.startswith("dynblock_") and "_created" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def make(primary: torch.Tensor, spec: object, **cfg: object) -> SecondaryTierManager:
     view = memoryview(primary.numpy())
     tier = SecondaryTierFactory.create_secondary_tier(
@@ -92,6 +121,7 @@ def main() -> None:
     tier.touch([keys[0]], ctx)
     assert tier.kv.lru_order()[0][-1] in tier._keys([keys[0]])
     stats = tier.stats()
+    metrics = check_metrics(tier)
     tier.shutdown()
 
     # a restarted tier on the same persistent store serves every chunk
@@ -120,7 +150,8 @@ def main() -> None:
         assert "colour" in str(e), e
     else:
         raise AssertionError("an unknown tier option was accepted")
-    print("TIER OK " + json.dumps({k: v for k, v in stats.items() if k != "store"}), flush=True)
+    print("TIER OK " + json.dumps({**{k: v for k, v in stats.items() if k != "store"},
+                                   "metrics": metrics}), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ..config import Config
+from . import metrics, stats
 from .keys import socket_path
 from .service import LookupClient, LookupServer
 from .store import LayerStore, row_view, split_extra_config
@@ -225,6 +226,7 @@ class DynblockConnector(KVConnectorBase_V1):
             fields["disk_path"] = f"{fields['disk_path']}.rank{rank}"
         cfg = Config.from_env(**fields, layout=layout)
         self._store = LayerStore(cfg, lease_ttl_s=self._lease_ttl)
+        self._deltas = stats.Deltas(rank)
         self._layers = {n: i for i, n in enumerate(names)}
         self._caches = dict(kv_caches)
         for n in names:
@@ -316,6 +318,30 @@ class DynblockConnector(KVConnectorBase_V1):
             self._finish_loads(name)
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    # ==================== metrics (vLLM's /metrics) ====================
+    def get_kv_connector_stats(self) -> Any:
+        """Worker side: the store's counters since the last call and its
+        gauges (:mod:`dynblock.vllm.metrics`); None on the scheduler side."""
+        if self._store is None:
+            return None
+        try:
+            st = metrics.build_stats(self._deltas.take(self._store.kv))
+        except Exception as e:  # metrics never take the engine down
+            self._once("stats", "dynblock: no metrics this step (%s: %s; logged once)",
+                       type(e).__name__, e)
+            return None
+        return None if st.is_empty() else st
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: Optional[Dict[str, Any]] = None) -> Any:
+        return metrics.build_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: "VllmConfig", metric_types: Any, labelnames: List[str],
+                           per_engine_labelvalues: Dict[int, List[object]]) -> Any:
+        return metrics.DynblockPromMetrics(vllm_config, metric_types, labelnames,
+                                           per_engine_labelvalues)
 
     def shutdown(self) -> None:
         for c in self._clients:

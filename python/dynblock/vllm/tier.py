@@ -35,6 +35,7 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 
 from ..config import Config
 from ..manager import BlockManager, Job
+from . import metrics, stats
 from .keys import block_key
 from .store import CONNECTOR_OPTIONS, split_extra_config
 
@@ -89,7 +90,9 @@ class DynblockTier(SecondaryTierManager):
         self._pending = 0
         self._idle = threading.Condition(self._lock)
         self._failed_logged = False
+        self._stats_logged = False
         self.counters = {"stored_chunks": 0, "loaded_chunks": 0, "failed_jobs": 0}
+        self._deltas = stats.Deltas()
 
     def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
         return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
@@ -190,5 +193,21 @@ class DynblockTier(SecondaryTierManager):
             out["store"] = self.kv.stats()
         return out
 
+    @classmethod
+    def build_metric_definitions(cls, extra_config: Dict[str, Any]) -> Dict[str, Any]:
+        """dynblock's families (:mod:`dynblock.vllm.metrics`), registered by
+        vLLM's offloading connector on its ``/metrics``."""
+        return metrics.offloading_definitions()
+
     def get_stats(self) -> Optional[Any]:
-        return None
+        """The store's counters since the last call and its gauges, as
+        vLLM's ``OffloadingConnectorStats`` (None when closed or idle)."""
+        if self.kv.closed:
+            return None
+        try:
+            return metrics.offloading_stats(self._deltas.take(self.kv))
+        except Exception as e:  # metrics never take the engine down
+            if not self._stats_logged:
+                self._stats_logged = True
+                log.warning("dynblock tier: no metrics (%s: %s; logged once)", type(e).__name__, e)
+            return None
