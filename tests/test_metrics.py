@@ -184,3 +184,96 @@ def test_the_grafana_dashboard_uses_only_exported_families() -> None:
             assert kinds[name][1], f"{name} has no tier label, yet the dashboard splits it by tier"
     assert {"dynblock_hits_total", "dynblock_misses_total", "dynblock_used_bytes",
             "dynblock_capacity_bytes", "dynblock_load_seconds"} <= used
+
+
+# ---- tier events: what a KV-aware router learns ----------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.lists(st.integers(1, 24), min_size=1, max_size=6)),
+    st.tuples(st.just("get"), st.lists(st.integers(1, 24), min_size=1, max_size=4)),
+    st.tuples(st.just("remove"), st.lists(st.integers(1, 24), min_size=1, max_size=3)),
+    st.tuples(st.just("clear"), st.just([])),
+), max_size=30)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS, write_behind=st.booleans())
+def test_applying_the_tier_events_in_order_gives_what_each_tier_holds(tmp_path: Path, ops,
+                                                                       write_behind: bool) -> None:
+    # A watcher that starts late (after some puts) and applies every event in order knows exactly
+    # which blocks each tier holds, after any sequence of puts, gets (promotions), removals and
+    # clears, through evictions and offloads of a host tier of 4 and a disk of 8. Write-behind
+    # offloads in the background, so with it the views agree once it has settled.
+    import time
+
+    bs = 4096
+    kv = BlockManager(Config(block_size=bs, host_blocks=4, disk_blocks=8, disk_dir=str(tmp_path),
+                             numa_node=None, pin=False, write_behind=write_behind))
+    try:
+        kv.put([100, 101], np.zeros(2 * bs, np.uint8))
+        kv.watch_events(10_000)
+        seen: dict = {"host": set(), "disk": set()}
+
+        def apply() -> None:
+            for e in kv.take_events():
+                if e.kind == "cleared":
+                    seen["host"].clear()
+                    seen["disk"].clear()
+                elif e.kind == "stored":
+                    assert e.hash not in seen[e.tier], e  # stored once until removed
+                    seen[e.tier].add(e.hash)
+                else:
+                    seen[e.tier].remove(e.hash)  # removed only what was stored
+
+        apply()
+        assert seen["host"] == {100, 101}
+        for op, hs in ops:
+            if op == "put":
+                kv.put(hs, np.zeros(len(hs) * bs, np.uint8))
+            elif op == "get":
+                kv.get(hs, np.zeros(len(hs) * bs, np.uint8))
+            elif op == "remove":
+                kv.remove(hs)
+            else:
+                kv.clear()
+            if not write_behind:
+                apply()
+                host, disk = kv.lru_order()
+                assert seen["host"] == set(host) and seen["disk"] == set(disk), (op, hs)
+        deadline = time.monotonic() + 10
+        while True:
+            apply()
+            host, disk = kv.lru_order()
+            if seen["host"] == set(host) and seen["disk"] == set(disk):
+                break
+            assert time.monotonic() < deadline, (seen, host, disk)
+            time.sleep(0.01)
+        assert kv.stats()["events_lost"] == 0
+    finally:
+        kv.close()
+
+
+def test_events_past_their_capacity_are_dropped_counted_and_logged_once(caplog) -> None:
+    import logging
+
+    kv = BlockManager(Config(block_size=4096, host_blocks=64, numa_node=None, pin=False))
+    try:
+        with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+            kv.watch_events(-1)
+        kv.watch_events(5)
+        kv.put(list(range(1, 9)), np.zeros(8 * 4096, np.uint8))
+        with caplog.at_level(logging.WARNING, logger="dynblock"):
+            events = kv.take_events()
+            kv.put(list(range(9, 17)), np.zeros(8 * 4096, np.uint8))
+            kv.take_events()
+        # the newest 5 are kept, the oldest 3 dropped
+        assert [e.hash for e in events] == [4, 5, 6, 7, 8]
+        assert kv.stats()["events_lost"] == 6
+        assert sum("tier events were dropped" in r.getMessage() for r in caplog.records) == 1
+        kv.watch_events(0)  # stop
+        kv.put([99], np.zeros(4096, np.uint8))
+        assert kv.take_events() == []
+    finally:
+        kv.close()

@@ -26,7 +26,7 @@ from .buffers import aligned_empty
 from .config import Config, KvLayout
 from .disk import DiskStorage
 from .host import HostStorage
-from .manager import BlockManager, Job, Lease
+from .manager import BlockManager, Job, Lease, TierEvent
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "ODirectError",
     "PinError",
     "StoreLockedError",
+    "TierEvent",
     "__version__",
     "aligned_empty",
     "buffers",

@@ -16,7 +16,8 @@ import operator
 import os
 import queue
 import threading
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Set, Union
+from typing import (Any, Callable, Dict, Generator, List, NamedTuple, Optional, Sequence, Set,
+                    Union)
 
 from . import _core
 from .config import Config, canonical_dtype
@@ -102,6 +103,19 @@ class TierView:
 
     def __repr__(self) -> str:
         return f"TierView({self._tier!r})"
+
+
+class TierEvent(NamedTuple):
+    """A change of what a tier holds (see :meth:`BlockManager.watch_events`):
+    ``kind`` is ``"stored"`` (the block took a slot of ``tier``; its bytes may
+    still be on their way, and a write that fails takes it back with a
+    ``"removed"``), ``"removed"`` (it left ``tier``: evicted, moved, removed,
+    failed its check) or ``"cleared"`` (every block left every tier; ``tier``
+    None, ``hash`` 0)."""
+
+    kind: str
+    tier: Optional[str]
+    hash: int
 
 
 class Lease:
@@ -329,6 +343,8 @@ class BlockManager:
             self._inflight: Dict[int, "concurrent.futures.Future[int]"] = {}
             self._jobs_lock = threading.RLock()
             self._callbacks = _Callbacks()
+            self._events_lost = 0
+            self._events_lost_logged = False
         except BaseException:
             # Leave nothing behind: a data file this call created goes too.
             if self._disk is not None:
@@ -564,6 +580,7 @@ class BlockManager:
             out.update(r.counters())
         out["block_size"] = self._m.block_size
         out["blocks"] = len(self._m)
+        out["events_lost"] = self._events_lost
         h, d = self._host, self._disk
         out["host"] = None if h is None else {
             "capacity_blocks": h.num_blocks,
@@ -595,6 +612,36 @@ class BlockManager:
             "authenticated": self.config.remote_secret is not None,  # values carry a MAC
         }
         return out
+
+    def watch_events(self, capacity: int = 65536) -> None:
+        """Record every change of what the host and disk tiers hold from now on
+        (a :class:`TierEvent` per block stored into or removed from a tier, in
+        the order they happen), for :meth:`take_events`, starting with a
+        ``"stored"`` for every block held now (host, then disk; a persistent
+        store's recovered blocks among them), so that a watcher that applies
+        them in order knows what each tier holds. At most ``capacity``
+        wait to be taken; past that the oldest are dropped, counted in
+        ``stats()["events_lost"]`` and logged once. ``capacity=0`` stops
+        recording. The remote tier's contents are the server's, not
+        reported here."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        self._check_open()
+        self._m.watch_events(capacity)
+
+    def take_events(self) -> List[TierEvent]:
+        """The :class:`TierEvent` recorded since the last call, oldest first
+        (none unless :meth:`watch_events` was called)."""
+        self._check_open()
+        events, lost = self._m.take_events()
+        if lost:
+            self._events_lost += lost
+            if not self._events_lost_logged:
+                self._events_lost_logged = True
+                log.warning("dynblock: %d tier events were dropped: more than watch_events' "
+                            "capacity waited to be taken (logged once; counted in "
+                            "stats()['events_lost'])", lost)
+        return [TierEvent(k, t, h) for k, t, h in events]
 
     def lru_order(self) -> "tuple[list[int], list[int]]":
         """(host, disk) hashes, least recently used first."""

@@ -108,6 +108,7 @@ mod write_behind;
 
 pub use crate::checksum::block_crc;
 use leases::Pinned;
+pub use policy::TierEvent;
 use policy::{capacity, Map, Plan, Registry};
 use write_behind::Writer;
 
@@ -593,6 +594,20 @@ impl BlockManager {
     /// for tests and debugging.
     pub fn lru_order(&self) -> Result<(Vec<u64>, Vec<u64>)> {
         Ok(self.open_state()?.reg.lru_order())
+    }
+
+    /// Record every change of what the host and disk tiers hold from now
+    /// on (blocks stored into and removed from each), keeping at most `cap`
+    /// not yet taken; 0 stops recording.
+    pub fn watch_events(&self, cap: usize) -> Result<()> {
+        self.open_state()?.reg.watch(cap);
+        Ok(())
+    }
+
+    /// The changes recorded since the last call, oldest first, and how many
+    /// were dropped meanwhile (more than `cap` waited).
+    pub fn take_events(&self) -> Result<(Vec<TierEvent>, u64)> {
+        Ok(self.open_state()?.reg.take_events())
     }
 
     pub fn take_warnings(&self) -> Vec<String> {

@@ -368,6 +368,28 @@ impl Plan {
     }
 }
 
+/// A change of what a tier holds, for a caller that watches them (see
+/// [`Registry::watch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TierEvent {
+    /// The block took a slot of the tier (`true`: host, `false`: disk).
+    /// Its bytes may still be on their way (a plan's copy or write), and a
+    /// plan that fails takes it back with a `Removed`.
+    Stored { host: bool, hash: u64 },
+    /// The block left the tier (evicted, moved, removed, failed its check).
+    Removed { host: bool, hash: u64 },
+    /// Every block left every tier (`clear`).
+    Cleared,
+}
+
+/// The watched changes, oldest first: at most `cap`; past that the oldest
+/// are dropped and counted.
+struct EventLog {
+    items: std::collections::VecDeque<TierEvent>,
+    cap: usize,
+    lost: u64,
+}
+
 /// The registry: sequence hash -> its copies, and each tier's slot table.
 pub(super) struct Registry {
     map: Map<u64, Entry>,
@@ -377,6 +399,8 @@ pub(super) struct Registry {
     admission: DiskAdmission,
     /// What `admission` turned away (as many as both tiers have slots).
     ghost: Ghost,
+    /// Tier changes, when watched.
+    events: Option<EventLog>,
 }
 
 impl Registry {
@@ -390,7 +414,61 @@ impl Registry {
             counts: PolicyCounts::default(),
             admission,
             ghost: Ghost::new(host as usize + disk as usize),
+            events: None,
         }
+    }
+
+    /// Record every change of what the tiers hold from now on, keeping at
+    /// most `cap` not yet taken (0: stop recording, drop what is kept). The
+    /// record starts with a `Stored` for each block held now (host, then
+    /// disk, least recent first), so that a watcher's view is whole.
+    pub(super) fn watch(&mut self, cap: usize) {
+        self.events = (cap > 0).then(|| EventLog {
+            items: std::collections::VecDeque::new(),
+            cap,
+            lost: 0,
+        });
+        let (host, disk) = self.lru_order();
+        for (hashes, host) in [(host, true), (disk, false)] {
+            for hash in hashes {
+                self.note(TierEvent::Stored { host, hash });
+            }
+        }
+    }
+
+    /// The changes recorded since the last call, oldest first, and how many
+    /// were dropped meanwhile because more than `cap` waited.
+    pub(super) fn take_events(&mut self) -> (Vec<TierEvent>, u64) {
+        match self.events.as_mut() {
+            Some(log) => (log.items.drain(..).collect(), std::mem::take(&mut log.lost)),
+            None => (Vec::new(), 0),
+        }
+    }
+
+    fn note(&mut self, e: TierEvent) {
+        if let Some(log) = self.events.as_mut() {
+            if log.items.len() == log.cap {
+                log.items.pop_front();
+                log.lost += 1;
+            }
+            log.items.push_back(e);
+        }
+    }
+
+    /// `h` takes slot `s` of tier `kind`.
+    fn occupy(&mut self, kind: TierKind, s: u32, h: u64) {
+        self.table_mut(kind).occupy(s, h);
+        let host = kind == TierKind::Host;
+        self.note(TierEvent::Stored { host, hash: h });
+    }
+
+    /// Slot `s` of tier `kind` is let go of.
+    fn release(&mut self, kind: TierKind, s: u32) {
+        let t = self.table_mut(kind);
+        let h = t.hash_of[s as usize];
+        t.release(s);
+        let host = kind == TierKind::Host;
+        self.note(TierEvent::Removed { host, hash: h });
     }
 
     /// Register the blocks a persistent store's index names (oldest first)
@@ -401,6 +479,10 @@ impl Registry {
         };
         disk.load(live);
         for l in live {
+            self.note(TierEvent::Stored {
+                host: false,
+                hash: l.hash,
+            });
             self.map.insert(
                 l.hash,
                 Entry {
@@ -563,9 +645,8 @@ impl Registry {
             return false;
         };
         let again = self.ghost.take(h);
-        let host = self.table_mut(TierKind::Host);
-        host.occupy(s, h);
-        host.asked[s as usize] = again;
+        self.occupy(TierKind::Host, s, h);
+        self.table_mut(TierKind::Host).asked[s as usize] = again;
         self.map.get_mut(&h).expect("inserted above").host = s;
         plan.copy_by_host.insert(s, plan.copies.len());
         plan.copies.push(HostCopy {
@@ -582,7 +663,7 @@ impl Registry {
         let host = self.table_mut(TierKind::Host);
         let vh = host.hash_of[s as usize];
         let asked = host.asked[s as usize];
-        host.release(s);
+        self.release(TierKind::Host, s);
         self.counts.host_evictions += 1;
         // Its bytes are in the slot, or still in the caller's buffer if the
         // block arrived in this batch.
@@ -627,7 +708,7 @@ impl Registry {
         let Some(t) = t else {
             return false;
         };
-        self.table_mut(TierKind::Disk).occupy(t, h);
+        self.occupy(TierKind::Disk, t, h);
         self.map
             .entry(h)
             .and_modify(|e| e.disk = t)
@@ -659,7 +740,7 @@ impl Registry {
     /// Release `h`'s disk copy in slot `t`; true when that was its last copy
     /// (the block is forgotten).
     fn unlink_disk(&mut self, h: u64, t: u32) -> bool {
-        self.table_mut(TierKind::Disk).release(t);
+        self.release(TierKind::Disk, t);
         let e = self.map.get_mut(&h).expect("registered");
         e.disk = NIL;
         if e.host == NIL {
@@ -688,7 +769,7 @@ impl Registry {
         };
         e.host = NIL;
         let last = e.disk == NIL;
-        self.table_mut(TierKind::Host).release(s);
+        self.release(TierKind::Host, s);
         if last {
             self.map.remove(&h);
             self.counts.dropped_blocks += 1;
@@ -722,10 +803,10 @@ impl Registry {
             };
             n += 1;
             if e.host != NIL {
-                self.table_mut(TierKind::Host).release(e.host);
+                self.release(TierKind::Host, e.host);
             }
             if e.disk != NIL {
-                self.table_mut(TierKind::Disk).release(e.disk);
+                self.release(TierKind::Disk, e.disk);
             }
         }
         n
@@ -751,6 +832,7 @@ impl Registry {
         {
             t.reset();
         }
+        self.note(TierEvent::Cleared);
     }
 
     /// Undo what a failed plan registered. Called with the plan whose disk
@@ -761,7 +843,7 @@ impl Registry {
             if let Some(e) = self.map.get_mut(&w.hash) {
                 if e.disk == w.disk_slot {
                     e.disk = NIL;
-                    self.table_mut(TierKind::Disk).release(w.disk_slot);
+                    self.release(TierKind::Disk, w.disk_slot);
                 }
             }
             touched.push(w.hash);
@@ -771,7 +853,7 @@ impl Registry {
             if let Some(e) = self.map.get_mut(&h) {
                 if e.host == c.host_slot {
                     e.host = NIL;
-                    self.table_mut(TierKind::Host).release(c.host_slot);
+                    self.release(TierKind::Host, c.host_slot);
                 }
             }
             touched.push(h);

@@ -278,6 +278,34 @@ impl PyBlockManager {
             .collect()
     }
 
+    /// Start (cap > 0) or stop (0) recording tier changes.
+    fn watch_events(&self, py: Python<'_>, cap: usize) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.watch_events(cap)).map_err(to_py)
+    }
+
+    /// ([(kind, tier, hash)], lost): kind "stored", "removed" or "cleared"
+    /// (tier "host" or "disk"; None for "cleared"), oldest first.
+    #[allow(clippy::type_complexity)]
+    fn take_events(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<(Vec<(&'static str, Option<&'static str>, u64)>, u64)> {
+        use crate::manager::TierEvent;
+        let m = self.inner.clone();
+        let (events, lost) = py.detach(move || m.take_events()).map_err(to_py)?;
+        let tier = |host: bool| Some(if host { "host" } else { "disk" });
+        let out = events
+            .into_iter()
+            .map(|e| match e {
+                TierEvent::Stored { host, hash } => ("stored", tier(host), hash),
+                TierEvent::Removed { host, hash } => ("removed", tier(host), hash),
+                TierEvent::Cleared => ("cleared", None, 0),
+            })
+            .collect();
+        Ok((out, lost))
+    }
+
     /// (host hashes, disk hashes), least recently used first.
     fn lru_order(&self, py: Python<'_>) -> PyResult<(Vec<u64>, Vec<u64>)> {
         let m = self.inner.clone();
