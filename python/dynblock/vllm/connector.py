@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -16,6 +16,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ..config import Config
 from . import metrics, stats
+from .events import BlockEvents
 from .keys import socket_path
 from .service import LookupClient, LookupServer
 from .store import LayerStore, row_view, split_extra_config
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("dynblock.vllm")
+
+#: Tier changes the store keeps between two engine steps at most (past it
+#: the oldest are dropped, counted and logged once).
+EVENTS_KEPT = 1 << 18
 
 @dataclass
 class LoadSpec:
@@ -100,6 +105,8 @@ class DynblockConnector(KVConnectorBase_V1):
         self._load_jobs: Dict[str, List[Tuple[Any, List[int]]]] = {}
         self._save_jobs: List[Any] = []
         self._load_errors: Set[int] = set()
+        self._events: Optional[BlockEvents] = None
+        self._kv_events: List[Any] = []  # scheduler side: events of every worker, in order
         self._logged: Set[str] = set()
         self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0,
                          "save_errors": 0}
@@ -227,6 +234,13 @@ class DynblockConnector(KVConnectorBase_V1):
         cfg = Config.from_env(**fields, layout=layout)
         self._store = LayerStore(cfg, lease_ttl_s=self._lease_ttl)
         self._deltas = stats.Deltas(rank)
+        ev = getattr(self._vllm_config, "kv_events_config", None)
+        if ev is not None and ev.enable_kv_cache_events:
+            # KV events: the store's tier changes, per vLLM block (events.py)
+            st = self._store.kv.stats()
+            held = sum(int(st[t]["capacity_blocks"]) for t in ("host", "disk") if st.get(t))
+            self._events = BlockEvents(len(names), limit=max(4 * held, 1024))
+            self._store.kv.watch_events(EVENTS_KEPT)
         self._layers = {n: i for i, n in enumerate(names)}
         self._caches = dict(kv_caches)
         for n in names:
@@ -296,6 +310,8 @@ class DynblockConnector(KVConnectorBase_V1):
         rows = [b for s in meta.saves for b in s.block_ids]
         zc, bd = self._zero_copy[layer_name]
         try:
+            if self._events is not None:
+                self._events.saved(hashes, layer, self._store.keys(hashes, layer))
             self._save_jobs.append(self._store.save(layer, hashes, kv_layer, rows, zc, bd))
         except Exception as e:
             self.counters["save_errors"] += len(rows)
@@ -332,6 +348,36 @@ class DynblockConnector(KVConnectorBase_V1):
                        type(e).__name__, e)
             return None
         return None if st.is_empty() else st
+
+    # ==================== KV events (vLLM's --kv-events-config) ====================
+    def get_kv_connector_kv_cache_events(self) -> Optional[metrics.DynblockKVEvents]:
+        """Worker side: the vLLM blocks stored into and removed from the
+        store's tiers since the last call (:mod:`dynblock.vllm.events`)."""
+        if self._store is None or self._events is None:
+            return None
+        try:
+            out = metrics.kv_events(self._events.apply(self._store.kv.take_events()),
+                                    self._block_tokens)
+        except Exception as e:  # events never take the engine down
+            self._once("events", "dynblock: no KV events this step (%s: %s; logged once)",
+                       type(e).__name__, e)
+            return None
+        if not out:
+            return None
+        batch = metrics.DynblockKVEvents(num_workers=1)
+        batch.add_events(out)
+        return batch
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Scheduler side: keep the workers' events for :meth:`take_events`."""
+        got = getattr(connector_output, "kv_cache_events", None)
+        if isinstance(got, metrics.DynblockKVEvents):
+            self._kv_events += got.aggregate().get_all_events()
+
+    def take_events(self) -> Iterable[Any]:
+        """Scheduler side: the events every worker reported, for vLLM's publisher."""
+        out, self._kv_events = self._kv_events, []
+        return out
 
     @classmethod
     def build_kv_connector_stats(cls, data: Optional[Dict[str, Any]] = None) -> Any:

@@ -3,12 +3,22 @@
 ``DynblockStats`` (a ``KVConnectorStats``: it crosses processes, so it lives
 at module level) and ``DynblockPromMetrics`` for ``DynblockConnector``;
 :func:`offloading_definitions` and :func:`offloading_stats` for
-``DynblockTier`` under vLLM's offloading connector."""
+``DynblockTier`` under vLLM's offloading connector. And the KV events
+(:mod:`dynblock.vllm.events`) on their way from the workers to vLLM's
+event publisher: ``DynblockKVEvents`` and :func:`kv_events`."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from vllm.distributed.kv_events import (
+    MEDIUM_CPU,
+    MEDIUM_STORAGE,
+    BlockRemoved,
+    BlockStored,
+    KVCacheEvent,
+    KVConnectorKVEvents,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
     KVConnectorStats,
@@ -18,6 +28,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.metrics import (
 )
 from vllm.v1.kv_offload.base import OffloadingCounterMetadata, OffloadingGaugeMetadata
 
+from .events import BlockEvent
 from .stats import FAMILIES, Payload, empty_payload, merge, reduce, totals
 
 
@@ -105,3 +116,59 @@ def offloading_stats(p: Payload) -> Optional[OffloadingConnectorStats]:
     for (name, tier), v in gauges.items():
         st.set_gauge(name, v, (tier,) if per_tier[name] else ())
     return st
+
+
+#: dynblock's tiers as vLLM's event media.
+MEDIUM = {"host": MEDIUM_CPU, "disk": MEDIUM_STORAGE}
+
+
+class DynblockKVEvents(KVConnectorKVEvents):
+    """The KV events of one step, one sequence per worker (vLLM adds each
+    worker's with ``add_events``). A block counts for the engine once every
+    tensor-parallel worker reports it (each holds its shard):
+    :meth:`aggregate` keeps, in the first worker's order, its events that
+    every other worker sent too."""
+
+    def __init__(self, num_workers: int = 1) -> None:
+        self._seqs: List[List[KVCacheEvent]] = []
+        self._workers = num_workers
+
+    def add_events(self, events: List[KVCacheEvent]) -> None:
+        self._seqs.append(list(events))
+
+    def aggregate(self) -> "DynblockKVEvents":
+        if len(self._seqs) > 1:
+            others = [set(s) for s in self._seqs[1:]]
+            self._seqs = [[e for e in self._seqs[0] if all(e in o for o in others)]]
+        self._workers = 1
+        return self
+
+    def increment_workers(self, count: int = 1) -> None:
+        self._workers += count
+
+    def get_all_events(self) -> List[KVCacheEvent]:
+        return [e for s in self._seqs for e in s]
+
+    def get_number_of_workers(self) -> int:
+        return self._workers
+
+    def clear_events(self) -> None:
+        self._seqs = []
+        self._workers = 1
+
+
+def kv_events(events: List[BlockEvent], block_tokens: int) -> List[KVCacheEvent]:
+    """vLLM's event objects for :class:`~dynblock.vllm.events.BlockEvents`' output:
+    the medium named (host: CPU, disk: STORAGE), ``ownership="dynblock"``."""
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+    out: List[KVCacheEvent] = []
+    for kind, tier, h in events:
+        if kind == "stored":
+            out.append(BlockStored(block_hashes=[maybe_convert_block_hash(h)], parent_block_hash=None,
+                                   token_ids=[], block_size=block_tokens, lora_id=None,
+                                   medium=MEDIUM[tier], lora_name=None, ownership="dynblock"))
+        else:
+            out.append(BlockRemoved(block_hashes=[maybe_convert_block_hash(h)],
+                                    medium=MEDIUM[tier], ownership="dynblock"))
+    return out

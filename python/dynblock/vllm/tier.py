@@ -30,12 +30,14 @@ import time
 from typing import TYPE_CHECKING, Any, ClassVar, Deque, Dict, Iterable, List, Optional
 
 import numpy as np
-from vllm.v1.kv_offload.base import LookupResult, Medium, RequestOffloadingContext
+from vllm.v1.kv_offload.base import (LookupResult, Medium, OffloadingEvent, OffloadKey,
+                                      RequestOffloadingContext)
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
 
 from ..config import Config
 from ..manager import BlockManager, Job
 from . import metrics, stats
+from .events import BlockEvents
 from .keys import block_key
 from .store import CONNECTOR_OPTIONS, split_extra_config
 
@@ -43,6 +45,9 @@ if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec, OffloadKey, ReqContext
 
 log = logging.getLogger("dynblock.vllm")
+
+#: Tier changes the store keeps between two scheduler steps at most.
+EVENTS_KEPT = 1 << 18
 
 
 def tier_fingerprint(spec: Any, chunk_bytes: int) -> int:
@@ -91,8 +96,17 @@ class DynblockTier(SecondaryTierManager):
         self._idle = threading.Condition(self._lock)
         self._failed_logged = False
         self._stats_logged = False
+        self._events_logged = False
         self.counters = {"stored_chunks": 0, "loaded_chunks": 0, "failed_jobs": 0}
         self._deltas = stats.Deltas()
+        # KV events (vLLM's --kv-events-config): the store's tier changes, per chunk
+        self._events: Optional[BlockEvents] = None
+        ev = getattr(offloading_spec, "kv_events_config", None)
+        if ev is not None and getattr(ev, "enable_kv_cache_events", False):
+            st = self.kv.stats()
+            held = sum(int(st[t]["capacity_blocks"]) for t in ("host", "disk") if st.get(t))
+            self._events = BlockEvents(1, limit=max(4 * held, 1024))
+            self.kv.watch_events(EVENTS_KEPT)
 
     def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
         return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
@@ -109,6 +123,8 @@ class DynblockTier(SecondaryTierManager):
         if len(keys) != len(rows):
             raise ValueError(f"job {job.job_id}: {len(keys)} keys but {len(rows)} chunk_ids")
         hashes = self._keys(keys)
+        if not load and self._events is not None:
+            self._events.saved([bytes(k) for k in keys], 0, hashes)
         t0 = time.monotonic()
         with self._lock:
             self._pending += 1
@@ -192,6 +208,25 @@ class DynblockTier(SecondaryTierManager):
         if not self.kv.closed:
             out["store"] = self.kv.stats()
         return out
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        """Chunks stored into and removed from the store's tiers since the
+        last call (host: medium CPU, disk: STORAGE; ``ownership`` this tier's
+        type), when vLLM's KV events are on."""
+        if self._events is None or self.kv.closed:
+            return ()
+        try:
+            changes = self._events.apply(self.kv.take_events())
+        except Exception as e:  # events never take the engine down
+            if not self._events_logged:
+                self._events_logged = True
+                log.warning("dynblock tier: no KV events (%s: %s; logged once)",
+                            type(e).__name__, e)
+            return ()
+        return [OffloadingEvent(keys=[OffloadKey(h)], removed=kind == "removed",
+                                medium=Medium.CPU if tier == "host" else Medium.STORAGE,
+                                ownership=self.tier_type)
+                for kind, tier, h in changes]
 
     @classmethod
     def build_metric_definitions(cls, extra_config: Dict[str, Any]) -> Dict[str, Any]:

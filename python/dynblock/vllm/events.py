@@ -1,0 +1,84 @@
+"""KV events per vLLM block, from a :class:`~dynblock.vllm.LayerStore`'s tier
+events (no vLLM here; the connector wraps them in vLLM's event classes).
+
+The store holds one dynblock block per (vLLM block, layer), under a key
+derived from the vLLM block hash (:func:`~dynblock.vllm.keys.block_key`), so
+a tier event names a key, not a vLLM block. :class:`BlockEvents` maps the
+keys this worker saved back to their vLLM block and layer, and says a vLLM
+block is stored in a tier once every layer of it is there, and removed from
+it when the first of its layers leaves after that: what a KV-aware router
+can use (a prefix it can serve from that tier).
+
+Blocks a persistent store recovered at start are not announced: the store
+keeps the keys, which cannot be turned back into vLLM block hashes.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+#: (kind, tier, vLLM block hash): kind "stored" or "removed", tier "host" or "disk".
+BlockEvent = Tuple[str, str, bytes]
+
+
+class BlockEvents:
+    """The mapping from this worker's keys to vLLM blocks, and which layers
+    of each are in which tier (see the module docs). ``limit`` bounds the
+    keys remembered: past it, the oldest that no tier holds (saved but not
+    stored yet, refused, or gone: a key moving from host to disk is in
+    neither for a moment) are forgotten."""
+
+    def __init__(self, num_layers: int, limit: int) -> None:
+        self.num_layers = num_layers
+        self.limit = limit
+        self._block: Dict[int, Tuple[bytes, int]] = {}  # key -> (vLLM hash, layer)
+        self._tiers: Dict[int, Set[str]] = {}  # key -> tiers holding it
+        self._layers: Dict[Tuple[bytes, str], int] = {}  # (vLLM hash, tier) -> layers held
+
+    def saved(self, hashes: Sequence[bytes], layer: int, keys: Sequence[int]) -> None:
+        """This worker asked the store to save ``hashes``' layer ``layer``
+        under ``keys``."""
+        for h, k in zip(hashes, keys):
+            if k not in self._block:
+                self._block[k] = (bytes(h), layer)
+                self._tiers[k] = set()
+        if len(self._block) > self.limit:
+            self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        # down to 3/4 of the limit, so that the scan runs once per limit/4 saves
+        idle = [k for k, t in self._tiers.items() if not t]
+        for k in idle[: len(self._block) - self.limit * 3 // 4]:
+            del self._block[k], self._tiers[k]
+
+    def apply(self, events: Iterable[Tuple[str, Optional[str], int]]) -> List[BlockEvent]:
+        """The vLLM-block events that the store's tier events (``kind``,
+        ``tier``, key, oldest first) amount to."""
+        out: List[BlockEvent] = []
+        for kind, tier, key in events:
+            if kind == "cleared":  # each whole block leaves its tiers (not vLLM's own cache)
+                out += [("removed", t, h) for (h, t), n in self._layers.items()
+                        if n == self.num_layers]
+                self._layers.clear()
+                for t in self._tiers.values():
+                    t.clear()
+                continue
+            where = self._tiers.get(key)
+            if where is None or tier is None:
+                continue  # not saved by this worker (recovered at start)
+            h, _ = self._block[key]
+            n = self._layers.get((h, tier), 0)
+            if kind == "stored" and tier not in where:
+                where.add(tier)
+                self._layers[(h, tier)] = n + 1
+                if n + 1 == self.num_layers:
+                    out.append(("stored", tier, h))
+            elif kind == "removed" and tier in where:
+                where.discard(tier)
+                if n == self.num_layers:
+                    out.append(("removed", tier, h))
+                if n > 1:
+                    self._layers[(h, tier)] = n - 1
+                else:
+                    self._layers.pop((h, tier), None)
+        return out
