@@ -26,6 +26,7 @@ process (never a second writer). Exit status 2 for a refusal or bad input.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
@@ -38,9 +39,12 @@ import numpy as np
 from . import _core
 from ._core import DynblockError, StoreLockedError
 from .bench.common import Progress
+from .buffers import aligned_empty
 
 #: Bytes read per step of ``verify``.
-VERIFY_STEP = 64 << 20
+VERIFY_STEP = 16 << 20
+#: Steps of ``verify`` read ahead of the one being checked.
+AHEAD = 2
 
 
 class Refused(Exception):
@@ -82,8 +86,11 @@ def _holder_text(path: str) -> str:
     return f"process {pid}" + (f" ({cmd})" if cmd else "")
 
 
-def info(path: str) -> Dict[str, Any]:
-    """What ``info`` reports, as a dict (see the module docs)."""
+def info(path: str, who: bool = True) -> Dict[str, Any]:
+    """What ``info`` reports, as a dict (see the module docs); ``who=False``
+    leaves out which process holds the store (``held_by`` None: reading
+    ``/proc/locks`` can take milliseconds), for the commands that open it
+    themselves and name the holder only when refused."""
     if not os.path.isfile(path):
         raise Refused(f"{path} is not a file: give the data file of a persistent store "
                       "(its index is PATH.index)")
@@ -97,7 +104,7 @@ def info(path: str) -> Dict[str, Any]:
     live = d.pop("live")
     bs = int(d.get("block_size") or d["index_block_size"])
     st = os.stat(path)
-    h = holder(path)
+    h = holder(path) if who else None
     d.update(
         path=os.path.abspath(path),
         blocks=len(live),
@@ -279,39 +286,56 @@ class Reader:
 def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
            show: bool) -> Tuple[List[int], List[int]]:
     """Read every block of ``live`` ((hash, slot, crc)); returns the hashes
-    that failed their checksum and those that could not be read."""
+    that failed their checksum and those that could not be read. Reads go in
+    steps of ``VERIFY_STEP`` bytes into page-aligned buffers (O_DIRECT), the
+    next ``AHEAD`` steps read on threads while this one is checked (both
+    release the GIL)."""
     bs = o.block_size
     step = max(1, VERIFY_STEP // bs)
-    buf = np.empty(min(step, max(len(live), 1)) * bs, np.uint8)
+    parts = [live[i:i + step] for i in range(0, len(live), step)]
+    # AHEAD reads in flight while one step is checked: one buffer each, and one for the check
+    bufs = [aligned_empty(min(step, max(len(live), 1)) * bs)
+            for _ in range(min(len(parts), AHEAD + 1) or 1)]
     bad: List[int] = []
     unreadable: List[int] = []
     progress = Progress(show)
-    progress.add((len(live) + step - 1) // step)
-    for i in range(0, len(live), step):
-        part = live[i:i + step]
-        view = buf[:len(part) * bs]
+    progress.add(len(parts))
+
+    def read(k: int) -> List[bool]:
+        part, view = parts[k], bufs[k % len(bufs)][:len(parts[k]) * bs]
         try:
             o.disk.read_blocks([s for _, s, _ in part], view)
-            ok = [True] * len(part)
+            return [True] * len(part)
         except OSError:  # a device error: find the blocks that cannot be read
             ok = []
-            for j, (h, s, _) in enumerate(part):
+            for j, (_, s, _) in enumerate(part):
                 try:
                     o.disk.read_blocks([s], view[j * bs:(j + 1) * bs])
                     ok.append(True)
                 except OSError:
                     ok.append(False)
-                    unreadable.append(h)
-        if checksums:
-            got = _core.block_crcs([h for h, _, _ in part], view, bs)
-            bad += [h for (h, _, c), g, r in zip(part, got, ok) if r and g != c]
-        progress.step(f"{min(i + step, len(live))}/{len(live)} blocks read")
+            return ok
+
+    with concurrent.futures.ThreadPoolExecutor(AHEAD, thread_name_prefix="dynblock-verify") as pool:
+        reads = [pool.submit(read, k) for k in range(min(AHEAD, len(parts)))]
+        done = 0
+        for k, part in enumerate(parts):
+            ok = reads[k].result()
+            if k + AHEAD < len(parts):
+                reads.append(pool.submit(read, k + AHEAD))
+            unreadable += [h for (h, _, _), r in zip(part, ok) if not r]
+            if checksums:
+                view = bufs[k % len(bufs)][:len(part) * bs]
+                got = _core.block_crcs([h for h, _, _ in part], view, bs)
+                bad += [h for (h, _, c), g, r in zip(part, got, ok) if r and g != c]
+            done += len(part)
+            progress.step(f"{done}/{len(live)} blocks read")
     progress.close()
     return bad, unreadable
 
 
 def verify(path: str, drop_bad: bool = False, show: bool = False) -> Dict[str, Any]:
-    d = info(path)
+    d = info(path, who=False)
     o = _Open(path, d)
     try:
         # Re-read the index now that the store is ours (opening may have
@@ -330,19 +354,19 @@ def verify(path: str, drop_bad: bool = False, show: bool = False) -> Dict[str, A
 
 
 def compact(path: str) -> Dict[str, Any]:
-    d = info(path)
+    d = info(path, who=False)
     o = _Open(path, d)
     try:
         o.m.compact_index()
     finally:
         o.close()
-    after = info(path)
+    after = info(path, who=False)
     return {"path": d["path"], "records_before": d["index_records"],
             "records_after": after["index_records"], "blocks": after["blocks"]}
 
 
 def clear(path: str) -> Dict[str, Any]:
-    d = info(path)
+    d = info(path, who=False)
     o = _Open(path, d)
     try:
         n = len(o.m)
@@ -350,7 +374,7 @@ def clear(path: str) -> Dict[str, Any]:
         o.m.compact_index()
     finally:
         o.close()
-    return {"path": d["path"], "removed": n, "blocks": info(path)["blocks"]}
+    return {"path": d["path"], "removed": n, "blocks": info(path, who=False)["blocks"]}
 
 
 def _size(n: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -297,34 +298,75 @@ def run_trace(res: Results, directory: str, path: Optional[str], payload: int, h
 
 
 def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
+    """Per-call cost of small calls; with prometheus_client installed, also
+    on a second manager whose dynblock.metrics collector a thread scrapes
+    every 100 ms (a hundred times Prometheus's usual rate), interleaved."""
     bs = 4096
     n_present = 1000
-    cfg = Config(block_size=bs, host_blocks=12000, numa_node=None, pin=False)
-    progress.add(repeat * 4)
-    with BlockManager(cfg) as m:
-        hashes = np.arange(10_000, dtype=np.uint64) + np.uint64(1)
-        src = aligned_empty(10_000 * bs)
-        src[:] = 1
-        m.put(hashes, src)
-        one = aligned_empty(bs)
-        calls: Dict[str, Any] = {
-            "match-10000-hashes": (lambda: m.match(hashes), 10_000),
-            "put-1000-present": (lambda: m.put(hashes[:n_present], src[:n_present * bs]), n_present),
-            "get-1-block-4KiB": (lambda: m.get(hashes[:1], one), 1),
-            "match-1-hash": (lambda: m.match(hashes[:1]), 1),
-        }
+    prometheus_client: Any = None
+    try:
+        import prometheus_client
+    except ImportError:
+        res.note("overhead: prometheus_client is not installed (pip install 'dynblock[metrics]'): "
+                 "no metrics-on case")
+    variants = ["dynblock"] + (["dynblock-metrics"] if prometheus_client is not None else [])
+    hashes = np.arange(10_000, dtype=np.uint64) + np.uint64(1)
+    src = aligned_empty(10_000 * bs)
+    src[:] = 1
+    one = aligned_empty(bs)
+    progress.add(repeat * 4 * len(variants))
+    managers = {v: BlockManager(Config(block_size=bs, host_blocks=12000, numa_node=None, pin=False))
+                for v in variants}
+    stop = threading.Event()
+    scraper = None
+    try:
+        if prometheus_client is not None:
+            from ..metrics import register
+
+            registry = prometheus_client.CollectorRegistry()
+            register(managers["dynblock-metrics"], registry, store="bench")
+
+            def scrape() -> None:
+                while not stop.wait(0.1):
+                    prometheus_client.generate_latest(registry)
+
+            scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+            scraper.start()
+        calls: Dict[str, Dict[str, Any]] = {}
+        for v, m in managers.items():
+            m.put(hashes, src)
+            calls[v] = {
+                "match-10000-hashes": (lambda m=m: m.match(hashes), 10_000),
+                "put-1000-present": (lambda m=m: m.put(hashes[:n_present], src[:n_present * bs]),
+                                     n_present),
+                "get-1-block-4KiB": (lambda m=m: m.get(hashes[:1], one), 1),
+                "match-1-hash": (lambda m=m: m.match(hashes[:1]), 1),
+            }
         for _ in range(repeat):
-            for name, (fn, nh) in calls.items():
-                fn()
-                k = 200
-                t0 = time.perf_counter()
-                for _i in range(k):
+            for name in calls["dynblock"]:
+                for v in variants:
+                    fn, nh = calls[v][name]
                     fn()
-                per_call = (time.perf_counter() - t0) / k
-                c = res.case("overhead", "dynblock", name, unit="us/call", hashes=nh)
-                c.values.append(per_call * 1e6)
-                c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
-                progress.step(f"overhead {name}")
+                    k = 200
+                    t0 = time.perf_counter()
+                    for _i in range(k):
+                        fn()
+                    per_call = (time.perf_counter() - t0) / k
+                    c = res.case("overhead", v, name, unit="us/call", hashes=nh)
+                    c.values.append(per_call * 1e6)
+                    c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
+                    progress.step(f"overhead {v} {name}")
+        for c in res.cases:
+            if c.workload == "overhead" and c.impl == "dynblock-metrics":
+                off = next(b for b in res.cases if (b.workload, b.impl, b.op) ==
+                           ("overhead", "dynblock", c.op))
+                c.ratios["vs_metrics_off"] = off.median / c.median  # calls per second, on / off
+    finally:
+        stop.set()
+        if scraper is not None:
+            scraper.join(timeout=10)
+        for m in managers.values():
+            m.close()
 
 
 def default_directory() -> str:
@@ -364,6 +406,34 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
                 progress.step(f"durability put {name}")
                 res.case("durability", name, "get", **p).add_rate(w * block_size, timed(get_all))
                 progress.step(f"durability get {name}")
+    # `python -m dynblock.store verify` of a persistent store of the same blocks, against the
+    # cold reads with checksums above.
+    from .. import store as store_tool
+
+    vpath = os.path.join(directory, f".dynblock-bench-verify-{os.getpid()}.bin")
+    progress.add(repeat + 1)
+    try:
+        vcfg = Config(block_size=block_size, disk_blocks=w, disk_path=vpath, persist=True,
+                      io_depth=io_depth)
+        with BlockManager(vcfg) as m:
+            for i in range(0, w, batch):
+                m.put(hashes[i:i + batch], src[i * block_size:(i + batch) * block_size])
+        progress.step("durability: fill a store to verify")
+        for _ in range(repeat):
+            got: Dict[str, Any] = {}
+            t = timed(lambda: got.update(store_tool.verify(vpath)))
+            if got.get("checked") != w or not got.get("ok"):
+                raise RuntimeError(f"store verify did not check every block: {got}")
+            res.case("durability", "store-verify", "verify", **p).add_rate(w * block_size, t)
+            progress.step("durability: store verify")
+    finally:
+        for f in (vpath, vpath + ".index", vpath + ".lock"):
+            if os.path.exists(f):
+                os.unlink(f)
+    v = res.find("durability", "store-verify", "verify", **p)
+    cold = res.find("durability", "checksums-on", "get", **p)
+    assert v is not None and cold is not None
+    v.ratios["vs_cold_get"] = v.median / cold.median
     for op in ("put", "get"):
         on = res.find("durability", "checksums-on", op, **p)
         off = res.find("durability", "checksums-off", op, **p)
