@@ -36,6 +36,11 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``rem
   SGLang's own host pool: 128-page batches stored until the calls return and
   until durable, loaded cold, and ``batch_exists`` p99 during writes
   (``--sglang-page-sizes``, ``--sglang-size``).
+- ``vllmtier`` (not in the default run; needs vLLM, see
+  :mod:`dynblock.bench.vllm_tier`): ``DynblockTier`` against vLLM's own
+  ``fs`` tier, both made by vLLM's ``SecondaryTierFactory``: chunks stored
+  from the primary tier and loaded back cold (``--vllm-tier-chunk-sizes``,
+  ``--vllm-tier-size``).
 - ``policy`` (not in the default run): the traces replayed through the block
   manager's policy at three capacities, each policy configuration's hit rate
   and disk writes per disk hit beside Belady's offline optimum
@@ -65,8 +70,9 @@ from .workloads import (run_disk, run_durability, run_engine, run_host, run_over
 __all__ = ["main", "build_parser", "parse_size", "evaluate_goals", "FIO_INSTALL_HINT"]
 
 WORKLOADS = ("disk", "host", "tiered", "trace", "overhead", "durability", "engine", "vllm",
-             "remote", "policy", "sglang")
-DEFAULT_WORKLOADS = [w for w in WORKLOADS if w not in ("vllm", "remote", "policy", "sglang")]
+             "remote", "policy", "sglang", "vllmtier")
+DEFAULT_WORKLOADS = [w for w in WORKLOADS
+                     if w not in ("vllm", "remote", "policy", "sglang", "vllmtier")]
 
 # (workload, impl, op, param filter, ratio key, threshold, description)
 GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
@@ -134,6 +140,10 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "CPU seconds per GiB stored (until durable) <= 0.5x HiCacheFile's"),
     ("sglang", "dynblock", "get-cold", {}, "cpu_vs_hicache_file", 0.5,
      "CPU seconds per GiB loaded (cold) <= 0.5x HiCacheFile's"),
+    *[("vllmtier", "dynblock-tier", op, {}, "vs_vllm_fs_tier", 1.5,
+       f"DynblockTier {op} >= 1.5x vLLM's fs tier") for op in ("store", "load-cold")],
+    *[("vllmtier", "dynblock-tier", op, {}, "cpu_vs_vllm_fs_tier", 0.7,
+       f"DynblockTier {op}: CPU per GiB <= 0.7x vLLM's fs tier's") for op in ("store", "load-cold")],
     ("policy", "lru/reuse", "replay", {}, "writes_per_disk_hit_vs_all", 0.5,
      "disk writes per disk hit with disk_admission='reuse' <= 0.5x 'all'"),
     ("policy", "lru/reuse", "replay", {}, "hit_vs_all_points", -2.0,
@@ -142,7 +152,8 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
 
 
 # Ratio keys whose goal is an upper bound (a time over its baseline's): met at or below the threshold.
-AT_MOST = {"vs_no_remote", "writes_per_disk_hit_vs_all", "cpu_vs_hicache_file"}
+AT_MOST = {"vs_no_remote", "writes_per_disk_hit_vs_all", "cpu_vs_hicache_file",
+           "cpu_vs_vllm_fs_tier"}
 
 
 def evaluate_goals(cases: List[Case]) -> List[Dict[str, Any]]:
@@ -230,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vllm-models", type=_choices(("tiny", "large")), default=["tiny", "large"],
                    help="random-weight Llamas: tiny (2 layers, 384-token prefix), large (8 layers, "
                    "hidden 1024, 2048-token prefix) (default: tiny,large)")
+    g.add_argument("--vllm-tier-chunk-sizes", type=_sizes,
+                   default=[64 << 10, 256 << 10, 2 << 20],
+                   help="vllmtier: bytes per chunk (default: 64KiB,256KiB,2MiB)")
+    g.add_argument("--vllm-tier-size", type=parse_size, default=256 << 20,
+                   help="vllmtier: bytes stored and loaded per chunk size and repeat "
+                   "(default: 256MiB)")
     g = p.add_argument_group("sglang")
     g.add_argument("--sglang-python", help="an interpreter with SGLang and dynblock (default: "
                    "$DYNBLOCK_SGLANG_PYTHON, .venv-vllm/bin/python, this one)")
@@ -319,6 +336,11 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
 
         run_sglang(res, directory, a.sglang_python, a.sglang_page_sizes, a.sglang_size, a.repeat,
                    progress)
+    if "vllmtier" in a.workloads:
+        from .vllm_tier import run_vllm_tier
+
+        run_vllm_tier(res, directory, a.vllm_python, a.vllm_tier_chunk_sizes, a.vllm_tier_size,
+                      a.repeat, progress)
     if "policy" in a.workloads:
         from .policy import run_policy
 
