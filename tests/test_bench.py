@@ -356,3 +356,28 @@ def test_sglang_workload_measures_dynblock_beside_hicache_file(tmp_path: Path) -
     assert d["ratios"]["vs_hicache_file"] > 0 and d["ratios"]["cpu_vs_hicache_file"] > 0
     assert any(g["goal"].startswith("64 KiB pages: batch_set_v1 until durable") for g in out["goals"])
     assert os.listdir(tmp_path) == []
+
+
+def test_vllmtier_workload_measures_dynblock_tier_beside_vllms_fs_tier(tmp_path: Path) -> None:
+    """The vllmtier workload, small: DynblockTier (checksums on and off) and vLLM's own fs tier,
+    made by vLLM's factory, store and load every chunk (the loads are compared byte for byte in
+    the measuring process), ratios and goals evaluated, nothing left behind."""
+    from dynblock.bench.vllm import find_vllm_python
+
+    py, why = find_vllm_python()
+    if py is None:
+        pytest.skip(why)
+    r = run_bench(["--workloads", "vllmtier", "--dir", str(tmp_path), "--json", "--repeat", "1",
+                   "--vllm-tier-chunk-sizes", "64KiB", "--vllm-tier-size", "4MiB",
+                   "--vllm-python", py], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    cases = {(c["impl"], c["op"]): c for c in out["cases"] if c["workload"] == "vllmtier"}
+    for impl in ("dynblock-tier", "dynblock-tier-no-checksums", "vllm-fs-tier"):
+        for op in ("store", "load-cold"):
+            c = cases[(impl, op)]
+            assert c["values"] and all(v > 0 for v in c["values"]) and c["cpu_s_per_gib"] > 0, c
+    d = cases[("dynblock-tier", "load-cold")]
+    assert d["ratios"]["vs_vllm_fs_tier"] > 0 and d["ratios"]["cpu_vs_vllm_fs_tier"] > 0
+    assert any(g["goal"] == "DynblockTier store >= 1.5x vLLM's fs tier" for g in out["goals"])
+    assert os.listdir(tmp_path) == []
