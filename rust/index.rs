@@ -113,13 +113,13 @@ impl Record {
         b[8..16].copy_from_slice(&self.hash.to_le_bytes());
         b[16..20].copy_from_slice(&self.crc.to_le_bytes());
         b[20..24].copy_from_slice(&gen.to_le_bytes());
-        let c = crc32c::crc32c(&b[..28]);
+        let c = crate::checksum::crc32c(&b[..28]);
         b[28..32].copy_from_slice(&c.to_le_bytes());
         b
     }
     fn decode(b: &[u8]) -> Option<Record> {
         let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
-        if crc32c::crc32c(&b[..28]) != c || !matches!(b[0], PUT | DEL | OPEN | CLOSE) {
+        if crate::checksum::crc32c(&b[..28]) != c || !matches!(b[0], PUT | DEL | OPEN | CLOSE) {
             return None;
         }
         Some(Record {
@@ -141,7 +141,7 @@ fn encode_header(g: &Geometry) -> [u8; HEADER_LEN] {
     b[32..40].copy_from_slice(&g.layout.to_le_bytes());
     b[40] = g.checksums as u8;
     b[44..60].copy_from_slice(&g.store_id);
-    let c = crc32c::crc32c(&b[..60]);
+    let c = crate::checksum::crc32c(&b[..60]);
     b[60..64].copy_from_slice(&c.to_le_bytes());
     b
 }
@@ -164,7 +164,7 @@ fn decode_header(path: &Path, b: &[u8]) -> Result<Geometry> {
         )));
     }
     let c = u32::from_le_bytes(b[60..64].try_into().expect("4 bytes"));
-    if crc32c::crc32c(&b[..60]) != c {
+    if crate::checksum::crc32c(&b[..60]) != c {
         return Err(bad("header checksum mismatch"));
     }
     let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));

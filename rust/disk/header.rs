@@ -40,7 +40,7 @@ impl DataHeader {
         b[40..48].copy_from_slice(&self.stride.to_le_bytes());
         b[48..56].copy_from_slice(&self.num_blocks.to_le_bytes());
         b[56..64].copy_from_slice(&self.data_offset.to_le_bytes());
-        let c = crc32c::crc32c(&b[..64]);
+        let c = crate::checksum::crc32c(&b[..64]);
         b[64..68].copy_from_slice(&c.to_le_bytes());
         b
     }
@@ -73,7 +73,7 @@ impl DataHeader {
             )));
         }
         let c = u32::from_le_bytes(b[64..68].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&b[..64]) != c {
+        if crate::checksum::crc32c(&b[..64]) != c {
             return Err(refuse("header checksum mismatch"));
         }
         let u = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8 bytes"));

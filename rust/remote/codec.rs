@@ -169,7 +169,7 @@ impl RemoteTier {
                 want: head[HEADER..HEADER_MAC].try_into().expect("32 bytes"),
             },
             None => CheckKind::Crc {
-                got: block_crc_start(h),
+                got: Box::new(block_crc_start(h)),
                 want: u32_at(12),
             },
         };
@@ -188,7 +188,7 @@ pub(super) struct Check {
 
 enum CheckKind {
     Crc {
-        got: u32,
+        got: Box<crc_fast::Digest>,
         want: u32,
     },
     Mac {
@@ -223,7 +223,7 @@ impl Check {
 
     fn feed(&mut self, bytes: &[u8]) {
         match &mut self.kind {
-            CheckKind::Crc { got, .. } => *got = crc32c::crc32c_append(*got, bytes),
+            CheckKind::Crc { got, .. } => got.update(bytes),
             CheckKind::Mac { m, .. } => {
                 m.update(bytes);
             }
@@ -235,7 +235,7 @@ impl Check {
     pub(super) fn finish(mut self, block: &[u8]) -> std::result::Result<(), Bad> {
         self.feed(&block[self.done..]);
         match self.kind {
-            CheckKind::Crc { got, want } if got == want => Ok(()),
+            CheckKind::Crc { got, want } if got.finalize() as u32 == want => Ok(()),
             CheckKind::Crc { .. } => Err(Bad::Corrupt),
             // blake3::Hash compares in constant time.
             CheckKind::Mac { m, want, .. } if m.finalize() == blake3::Hash::from(want) => Ok(()),
