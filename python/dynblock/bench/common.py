@@ -233,3 +233,30 @@ def run_module(python: str, module: str, args: Dict[str, Any], what: str, timeou
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{what} failed (rc {r.returncode}): {(r.stdout + r.stderr)[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache (cold reads); False when not
+    allowed (not root)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_engine_workload(res: "Results", progress: "Progress", python: Optional[str], why: str,
+                        workload: str, module: str, args: Dict[str, Any]) -> Optional[Any]:
+    """Run a workload's measuring module in an engine's interpreter
+    (:func:`run_module`), passing its notes on; None (noted) without one."""
+    if python is None:
+        res.note(f"{workload} workload skipped: {why}")
+        return None
+    progress.add(1)
+    out = run_module(python, module, args, f"the {workload} workload", 3600)
+    for text in out["notes"]:
+        res.note(text)
+    progress.step(workload)
+    return out

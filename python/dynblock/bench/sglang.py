@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from .common import Progress, Results, find_python, run_module
+from .common import Progress, Results, find_python, run_engine_workload
 
 OPS = ("set-return", "set-durable", "get-cold", "get", "exists-128-during-writes")
 
@@ -38,15 +38,11 @@ def find_sglang_python(explicit: Optional[str] = None) -> Tuple[Optional[str], s
 def run_sglang(res: Results, directory: str, python: Optional[str], page_sizes: List[int],
                nbytes: int, repeat: int, progress: Progress) -> None:
     python, why = find_sglang_python(python)
-    if python is None:
-        res.note(f"sglang workload skipped: {why}")
-        return
-    progress.add(1)
     args = {"dir": directory, "page_sizes": page_sizes, "bytes": nbytes, "repeat": repeat,
             "exists_seconds": 1.0}
-    out = run_module(python, "dynblock.bench.sglang_run", args, "the sglang workload", 3600)
-    for text in out["notes"]:
-        res.note(text)
+    out = run_engine_workload(res, progress, python, why, "sglang", "dynblock.bench.sglang_run", args)
+    if out is None:
+        return
     for case in out["cases"]:
         pb = int(case["page_bytes"])
         for name, vals in case["results"].items():
@@ -67,7 +63,6 @@ def run_sglang(res: Results, directory: str, python: Optional[str], page_sizes: 
             d.ratios["vs_hicache_file"] = d.median / f.median
             if d.cpu and f.cpu and f.cpu_s_per_gib:
                 d.ratios["cpu_vs_hicache_file"] = (d.cpu_s_per_gib or 0.0) / f.cpu_s_per_gib
-    progress.step("sglang")
 
 
 __all__ = ["run_sglang", "find_sglang_python"]

@@ -28,7 +28,7 @@ from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E40
 from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost  # noqa: E402
 from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
 
-from .common import cpu_seconds  # noqa: E402
+from .common import cpu_seconds, drop_caches  # noqa: E402
 
 
 def mha_pool(layout: str, pages: int, page: int = 16, layers: int = 2, heads: int = 2,
@@ -141,16 +141,6 @@ class _Impl:
             self.b.close()
 
 
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def _exists_p99(impl: _Impl, keys: List[str], writes: int, seconds: float, tag: str) -> float:
     """p99 seconds of ``batch_exists(keys)`` (all stored) while another thread
     stores up to ``writes`` calls of 8 new pages."""
@@ -210,7 +200,7 @@ def _one_page_size(args: Dict[str, Any], page_bytes: int, notes: List[str]) -> D
             impl = _Impl(kind, pool, d, nbytes + (8 * writes + 64) * pb)
             keys = [[f"{rep:03d}-{b:05d}-{i:03d}" + "0" * 48 for i in range(BATCH)]
                     for b in range(batches)]
-            _drop_caches()
+            drop_caches()
             c0, t0 = cpu_seconds(), time.perf_counter()
             for ks in keys:
                 impl.set(ks, 0)
@@ -219,7 +209,7 @@ def _one_page_size(args: Dict[str, Any], page_bytes: int, notes: List[str]) -> D
             t_dur, c_dur = time.perf_counter() - t0, cpu_seconds() - c0
             rec(kind, "set-return", gib / t_ret, c_ret / gib)
             rec(kind, "set-durable", gib / t_dur, c_dur / gib)
-            cold = _drop_caches()
+            cold = drop_caches()
             if not cold:
                 notes.append("could not drop the page cache (needs root): HiCacheFile's gets "
                              "may have been served from memory")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from .common import Progress, Results, run_module
+from .common import Progress, Results, run_engine_workload
 from .vllm import find_vllm_python
 
 OPS = ("store", "load-cold")
@@ -32,15 +32,12 @@ OPS = ("store", "load-cold")
 def run_vllm_tier(res: Results, directory: str, python: Optional[str], chunk_sizes: List[int],
                   nbytes: int, repeat: int, progress: Progress) -> None:
     python, why = find_vllm_python(python)
-    if python is None:
-        res.note(f"vllmtier workload skipped: {why}")
-        return
-    progress.add(1)
     args = {"dir": directory, "chunk_sizes": chunk_sizes, "bytes": nbytes, "repeat": repeat,
             "job_chunks": 16}
-    out = run_module(python, "dynblock.bench.vllm_tier_run", args, "the vllmtier workload", 3600)
-    for text in out["notes"]:
-        res.note(text)
+    out = run_engine_workload(res, progress, python, why, "vllmtier", "dynblock.bench.vllm_tier_run",
+                              args)
+    if out is None:
+        return
     for case in out["cases"]:
         cb = int(case["chunk_bytes"])
         for name, vals in case["results"].items():
@@ -58,7 +55,6 @@ def run_vllm_tier(res: Results, directory: str, python: Optional[str], chunk_siz
                 d.ratios["vs_vllm_fs_tier"] = d.median / f.median
                 if d.cpu and f.cpu and f.cpu_s_per_gib:
                     d.ratios["cpu_vs_vllm_fs_tier"] = (d.cpu_s_per_gib or 0.0) / f.cpu_s_per_gib
-    progress.step("vllmtier")
 
 
 __all__ = ["run_vllm_tier"]

@@ -28,7 +28,7 @@ from vllm.v1.kv_offload.tiering.base import TransferJob  # noqa: E402
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory  # noqa: E402
 
 from ..buffers import aligned_empty  # noqa: E402
-from .common import cpu_seconds  # noqa: E402
+from .common import cpu_seconds, drop_caches  # noqa: E402
 
 
 def spec() -> Any:
@@ -43,16 +43,6 @@ def spec() -> Any:
     return types.SimpleNamespace(config=cfg, blocks_per_chunk=1,
                                  kv_events_config=types.SimpleNamespace(
                                      enable_kv_cache_events=False))
-
-
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def _wait(tier: Any, ids: List[int]) -> None:
@@ -99,7 +89,7 @@ def run(args: Dict[str, Any]) -> Dict[str, Any]:
                     for op, rows in (("store", range(n)), ("load-cold", range(n, 2 * n))):
                         if op == "load-cold":
                             primary[n:] = 0
-                            _drop_caches()
+                            drop_caches()
                         jobs = []
                         c0, t0 = cpu_seconds(), time.perf_counter()
                         for j, i in enumerate(range(0, n, jc)):
