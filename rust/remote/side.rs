@@ -76,9 +76,10 @@ impl Heads {
     }
 
     /// Value `i`'s header: the side thread's, or computed here if no side
-    /// thread claimed it. A claimed one is at most one value's hashing
-    /// away; waiting for it ends at once if its thread is gone (`gone()`),
-    /// then it is computed here.
+    /// thread claimed it (kept: a cluster's redirected command is packed
+    /// again). A claimed one is at most one value's hashing away; waiting
+    /// for it ends at once if its thread is gone (`gone()`), then it is
+    /// computed here.
     pub(super) fn take(
         &self,
         i: usize,
@@ -86,7 +87,7 @@ impl Heads {
         gone: &dyn Fn() -> bool,
     ) -> [u8; HEADER_MAC] {
         if !self.claimed[i].swap(true, Ordering::AcqRel) {
-            return compute(i);
+            return *self.done[i].get_or_init(|| compute(i));
         }
         loop {
             if let Some(h) = self.done[i].get() {
@@ -96,6 +97,56 @@ impl Heads {
                 return compute(i);
             }
             std::thread::yield_now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Heads, HEADER_MAC};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn head(i: usize) -> [u8; HEADER_MAC] {
+        [i as u8; HEADER_MAC]
+    }
+
+    #[test]
+    fn every_header_is_computed_once_by_whoever_claims_it() {
+        let n = 200;
+        let heads = Heads::new(n);
+        let calls = AtomicUsize::new(0);
+        let compute = |i: usize| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            head(i)
+        };
+        std::thread::scope(|sc| {
+            let workers: Vec<_> = (0..3)
+                .map(|t| {
+                    let (heads, compute) = (&heads, &compute);
+                    sc.spawn(move || heads.work(t, 3, compute))
+                })
+                .collect();
+            for i in 0..n {
+                assert_eq!(
+                    heads.take(i, &compute, &|| workers[i % 3].is_finished()),
+                    head(i)
+                );
+            }
+            // a value taken again (a redirected command) gets the same header, at once
+            for i in [0, n / 2, n - 1] {
+                assert_eq!(heads.take(i, &compute, &|| false), head(i));
+            }
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), n);
+    }
+
+    #[test]
+    fn a_stopped_batch_leaves_the_rest_to_the_sender() {
+        let heads = Heads::new(10);
+        heads.stop();
+        heads.work(0, 1, &head); // stops at once: claims nothing
+        for i in 0..10 {
+            assert_eq!(heads.take(i, &head, &|| true), head(i));
         }
     }
 }
