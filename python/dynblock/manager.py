@@ -20,6 +20,7 @@ from typing import (Any, Callable, Dict, Generator, List, NamedTuple, Optional, 
                     Union)
 
 from . import _core
+from ._once import LogOnce
 from .config import Config, canonical_dtype
 from .disk import DiskStorage
 from .host import HostStorage
@@ -344,7 +345,7 @@ class BlockManager:
             self._jobs_lock = threading.RLock()
             self._callbacks = _Callbacks()
             self._events_lost = 0
-            self._events_lost_logged = False
+            self._once = LogOnce(log)
         except BaseException:
             # Leave nothing behind: a data file this call created goes too.
             if self._disk is not None:
@@ -636,11 +637,9 @@ class BlockManager:
         events, lost = self._m.take_events()
         if lost:
             self._events_lost += lost
-            if not self._events_lost_logged:
-                self._events_lost_logged = True
-                log.warning("dynblock: %d tier events were dropped: more than watch_events' "
-                            "capacity waited to be taken (logged once; counted in "
-                            "stats()['events_lost'])", lost)
+            self._once("events_lost", "dynblock: %d tier events were dropped: more than "
+                       "watch_events' capacity waited to be taken (logged once; counted in "
+                       "stats()['events_lost'])", lost)
         return [TierEvent(k, t, h) for k, t, h in events]
 
     def lru_order(self) -> "tuple[list[int], list[int]]":

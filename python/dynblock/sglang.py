@@ -41,6 +41,7 @@ from typing import Any, Deque, Dict, List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._once import LogOnce
 from .config import Config, split_engine_config
 from .manager import BlockManager
 from .store import Reader
@@ -221,7 +222,7 @@ class DynblockHiCache(HiCacheStorage):
         self._prefetch: Deque[Tuple[int, float]] = collections.deque(maxlen=_STATS_KEPT)
         self._backup: Deque[Tuple[int, float]] = collections.deque(maxlen=_STATS_KEPT)
         self.failed_pages = 0
-        self._said_failed = False
+        self._once = LogOnce(log)
         # MLA ranks hold the same bytes and only the writer rank stores them; SGLang takes the
         # lowest hit count of all ranks, so the others must hit the writer's pages: they follow
         # the writer's persistent store read-only.
@@ -450,7 +451,5 @@ class DynblockHiCache(HiCacheStorage):
 
     def _failed(self, pages: int, why: str) -> None:
         self.failed_pages += pages
-        if not self._said_failed:
-            self._said_failed = True
-            log.warning("dynblock.sglang: %s (SGLang recomputes those pages; later failures are "
-                        "counted in stats()['failed_pages'])", why)
+        self._once("failed", "dynblock.sglang: %s (SGLang recomputes those pages; later failures "
+                   "are counted in stats()['failed_pages'])", why)

@@ -16,6 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ..config import Config
 from . import metrics, stats
+from . import events as block_events
+from .._once import LogOnce
 from .events import BlockEvents
 from .keys import socket_path
 from .service import LookupClient, LookupServer
@@ -29,10 +31,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("dynblock.vllm")
-
-#: Tier changes the store keeps between two engine steps at most (past it
-#: the oldest are dropped, counted and logged once).
-EVENTS_KEPT = 1 << 18
 
 @dataclass
 class LoadSpec:
@@ -107,17 +105,12 @@ class DynblockConnector(KVConnectorBase_V1):
         self._load_errors: Set[int] = set()
         self._events: Optional[BlockEvents] = None
         self._kv_events: List[Any] = []  # scheduler side: events of every worker, in order
-        self._logged: Set[str] = set()
+        self._once = LogOnce(log)
         self.counters = {"loaded_blocks": 0, "load_errors": 0, "saved_blocks": 0,
                          "save_errors": 0}
         if role == KVConnectorRole.SCHEDULER:
             self._clients = [LookupClient(socket_path(self._identity, r), timeout=self._timeout)
                              for r in range(self._world)]
-
-    def _once(self, key: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.log(level, msg, *args)
 
     # ==================== scheduler side ====================
     def on_new_request(self, request: "Request") -> None:
@@ -237,10 +230,7 @@ class DynblockConnector(KVConnectorBase_V1):
         ev = getattr(self._vllm_config, "kv_events_config", None)
         if ev is not None and ev.enable_kv_cache_events:
             # KV events: the store's tier changes, per vLLM block (events.py)
-            st = self._store.kv.stats()
-            held = sum(int(st[t]["capacity_blocks"]) for t in ("host", "disk") if st.get(t))
-            self._events = BlockEvents(len(names), limit=max(4 * held, 1024))
-            self._store.kv.watch_events(EVENTS_KEPT)
+            self._events = block_events.watch(self._store.kv, len(names))
         self._layers = {n: i for i, n in enumerate(names)}
         self._caches = dict(kv_caches)
         for n in names:

@@ -15,10 +15,27 @@ keeps the keys, which cannot be turned back into vLLM block hashes.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+if TYPE_CHECKING:
+    from ..manager import BlockManager
 
 #: (kind, tier, vLLM block hash): kind "stored" or "removed", tier "host" or "disk".
 BlockEvent = Tuple[str, str, bytes]
+
+#: Tier changes a store keeps between two engine steps at most (past it the
+#: oldest are dropped, counted and logged once).
+EVENTS_KEPT = 1 << 18
+
+
+def watch(kv: "BlockManager", num_layers: int) -> "BlockEvents":
+    """Start recording ``kv``'s tier changes; the :class:`BlockEvents` that
+    turns them into events per engine block of ``num_layers`` layers
+    (remembering at most 4x the keys the store's tiers hold)."""
+    st = kv.stats()
+    held = sum(int(st[t]["capacity_blocks"]) for t in ("host", "disk") if st.get(t))
+    kv.watch_events(EVENTS_KEPT)
+    return BlockEvents(num_layers, limit=max(4 * held, 1024))
 
 
 class BlockEvents:

@@ -109,12 +109,12 @@ def offloading_stats(p: Payload) -> Optional[OffloadingConnectorStats]:
     counters, gauges = totals(p)
     if not counters and not gauges:
         return None
-    per_tier = {name: pt for name, _, pt, _ in FAMILIES}
     st = OffloadingConnectorStats()
+    # tier is "" exactly for the families without a tier label
     for (name, tier), v in counters.items():
-        st.increase_counter(name, v, (tier,) if per_tier[name] else ())
+        st.increase_counter(name, v, (tier,) if tier else ())
     for (name, tier), v in gauges.items():
-        st.set_gauge(name, v, (tier,) if per_tier[name] else ())
+        st.set_gauge(name, v, (tier,) if tier else ())
     return st
 
 

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Sequence, Set
 
+from .._once import LogOnce
+
 log = logging.getLogger("dynblock.vllm")
 
 OP_LOOKUP, OP_RELEASE, OP_PING = 1, 2, 3
@@ -188,14 +190,9 @@ class LookupServer:
         self._sock.settimeout(0.2)
         self._conns: Set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._said: Set[str] = set()
+        self._once = LogOnce(log)
         self._thread = threading.Thread(target=self._accept, name="dynblock-lookup", daemon=True)
         self._thread.start()
-
-    def _once(self, key: str, msg: str, *args: object) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            log.warning(msg, *args)
 
     def _accept(self) -> None:
         while not self._closed.is_set():

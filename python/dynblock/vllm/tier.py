@@ -37,6 +37,8 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 from ..config import Config
 from ..manager import BlockManager, Job
 from . import metrics, stats
+from . import events as block_events
+from .._once import LogOnce
 from .events import BlockEvents
 from .keys import block_key
 from .store import CONNECTOR_OPTIONS, split_extra_config
@@ -45,9 +47,6 @@ if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec, OffloadKey, ReqContext
 
 log = logging.getLogger("dynblock.vllm")
-
-#: Tier changes the store keeps between two scheduler steps at most.
-EVENTS_KEPT = 1 << 18
 
 
 def tier_fingerprint(spec: Any, chunk_bytes: int) -> int:
@@ -94,19 +93,14 @@ class DynblockTier(SecondaryTierManager):
         self._lock = threading.Lock()
         self._pending = 0
         self._idle = threading.Condition(self._lock)
-        self._failed_logged = False
-        self._stats_logged = False
-        self._events_logged = False
+        self._once = LogOnce(log)
         self.counters = {"stored_chunks": 0, "loaded_chunks": 0, "failed_jobs": 0}
         self._deltas = stats.Deltas()
         # KV events (vLLM's --kv-events-config): the store's tier changes, per chunk
         self._events: Optional[BlockEvents] = None
         ev = getattr(offloading_spec, "kv_events_config", None)
         if ev is not None and getattr(ev, "enable_kv_cache_events", False):
-            st = self.kv.stats()
-            held = sum(int(st[t]["capacity_blocks"]) for t in ("host", "disk") if st.get(t))
-            self._events = BlockEvents(1, limit=max(4 * held, 1024))
-            self.kv.watch_events(EVENTS_KEPT)
+            self._events = block_events.watch(self.kv, 1)
 
     def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
         return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
@@ -143,11 +137,9 @@ class DynblockTier(SecondaryTierManager):
         if err is not None:
             result = JobResult(job_id=job.job_id, success=False)
             self.counters["failed_jobs"] += 1
-            if not self._failed_logged:
-                self._failed_logged = True
-                log.warning("dynblock tier: a %s job failed (%s: %s); vLLM treats its chunks as "
-                            "missing (logged once)", "load" if load else "store",
-                            type(err).__name__, err)
+            self._once("failed", "dynblock tier: a %s job failed (%s: %s); vLLM treats its chunks "
+                       "as missing (logged once)", "load" if load else "store",
+                       type(err).__name__, err)
         elif load:
             # Every chunk that arrived counts, also those after one that failed its check.
             ok: List[bool] = res  # type: ignore[assignment]
@@ -218,10 +210,8 @@ class DynblockTier(SecondaryTierManager):
         try:
             changes = self._events.apply(self.kv.take_events())
         except Exception as e:  # events never take the engine down
-            if not self._events_logged:
-                self._events_logged = True
-                log.warning("dynblock tier: no KV events (%s: %s; logged once)",
-                            type(e).__name__, e)
+            self._once("events", "dynblock tier: no KV events (%s: %s; logged once)",
+                       type(e).__name__, e)
             return ()
         return [OffloadingEvent(keys=[OffloadKey(h)], removed=kind == "removed",
                                 medium=Medium.CPU if tier == "host" else Medium.STORAGE,
@@ -242,7 +232,6 @@ class DynblockTier(SecondaryTierManager):
         try:
             return metrics.offloading_stats(self._deltas.take(self.kv))
         except Exception as e:  # metrics never take the engine down
-            if not self._stats_logged:
-                self._stats_logged = True
-                log.warning("dynblock tier: no metrics (%s: %s; logged once)", type(e).__name__, e)
+            self._once("stats", "dynblock tier: no metrics (%s: %s; logged once)",
+                       type(e).__name__, e)
             return None
