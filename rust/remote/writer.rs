@@ -131,13 +131,14 @@ impl RemoteTier {
         let bs = self.opts.block_size;
         let side = src.map_or(0, |_| side::side_threads(bs, self.opts.check_threads));
         let heads = Heads::new(if side > 0 { hashes.len() } else { 0 });
+        let all_keys: Vec<String> = hashes.iter().map(|&h| self.key(h)).collect();
         // The header of block i (its place in `hashes`), from `src`.
         let compute = |i: usize| {
             let src = src.expect("side threads only with src");
             // SAFETY: `src` (given only by `store`) holds addresses its
             // caller guarantees are valid for reads of `block_size` bytes.
             let block = unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) };
-            self.header(hashes[i], &self.key(hashes[i]), block)
+            self.header(hashes[i], &all_keys[i], block)
         };
         std::thread::scope(|sc| {
             // The side threads work through the whole call, ahead of the sender.
@@ -151,12 +152,12 @@ impl RemoteTier {
                 if self.writes_paused() {
                     break;
                 }
-                let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+                let keys = &all_keys[start..start + chunk.len()];
                 let mut took = 0;
                 let mut refused: Option<(usize, String)> = None;
                 let Writer { cmd, packed } = &mut *w;
                 let r = self.round_trip(
-                    &keys,
+                    keys,
                     super::Replies::Parsed(1024),
                     &d,
                     packed,

@@ -356,11 +356,12 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
                     c.values.append(per_call * 1e6)
                     c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
                     progress.step(f"overhead {v} {name}")
-        for c in res.cases:
-            if c.workload == "overhead" and c.impl == "dynblock-metrics":
-                off = next(b for b in res.cases if (b.workload, b.impl, b.op) ==
-                           ("overhead", "dynblock", c.op))
-                c.ratios["vs_metrics_off"] = off.median / c.median  # calls per second, on / off
+        if "dynblock-metrics" in variants:
+            for name, (_, nh) in calls["dynblock"].items():
+                on = res.find("overhead", "dynblock-metrics", name, hashes=nh)
+                off = res.find("overhead", "dynblock", name, hashes=nh)
+                assert on is not None and off is not None
+                on.ratios["vs_metrics_off"] = off.median / on.median  # calls per second, on / off
     finally:
         stop.set()
         if scraper is not None:
