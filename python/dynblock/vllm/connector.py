@@ -300,9 +300,10 @@ class DynblockConnector(KVConnectorBase_V1):
         rows = [b for s in meta.saves for b in s.block_ids]
         zc, bd = self._zero_copy[layer_name]
         try:
+            keys = self._store.keys(hashes, layer)
             if self._events is not None:
-                self._events.saved(hashes, layer, self._store.keys(hashes, layer))
-            self._save_jobs.append(self._store.save(layer, hashes, kv_layer, rows, zc, bd))
+                self._events.saved(hashes, layer, keys)
+            self._save_jobs.append(self._store.save(layer, hashes, kv_layer, rows, zc, bd, keys))
         except Exception as e:
             self.counters["save_errors"] += len(rows)
             self._once("save", "dynblock: saving KV failed (%s: %s); the engine goes on without "

@@ -221,10 +221,11 @@ class LayerStore:
 
     # --- moving blocks ----------------------------------------------------
     def save(self, layer: int, hashes: Sequence[bytes], tensor: Any, rows: Sequence[int],
-             zero_copy: bool, block_dim: int = 0) -> Job:
-        """Store rows ``rows`` of one layer's KV tensor under ``hashes`` in
-        the background; the job keeps what it reads alive."""
-        keys = self.keys(hashes, layer)
+             zero_copy: bool, block_dim: int = 0, keys: Optional[Sequence[int]] = None) -> Job:
+        """Store rows ``rows`` of one layer's KV tensor under ``hashes`` (whose
+        :meth:`keys` the caller may pass, if it has them) in the background;
+        the job keeps what it reads alive."""
+        keys = self.keys(hashes, layer) if keys is None else list(keys)
         if zero_copy:
             return self.kv.put_async(keys, tensor, rows=list(rows))
         import torch
