@@ -346,8 +346,13 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
             for name in calls["dynblock"]:
                 for v in variants:
                     fn, nh = calls[v][name]
-                    fn()
-                    k = 200
+                    # enough calls for a window of about 20 ms (at least 200): one interruption
+                    # of a few hundred microseconds must not decide a sub-microsecond case
+                    t0 = time.perf_counter()
+                    for _i in range(20):
+                        fn()
+                    est = (time.perf_counter() - t0) / 20
+                    k = min(100_000, max(200, int(0.02 / max(est, 1e-9))))
                     t0 = time.perf_counter()
                     for _i in range(k):
                         fn()
