@@ -130,6 +130,39 @@ impl DiskAdmission {
     }
 }
 
+/// How a tier chooses the block it gives up when it needs a slot
+/// (`host_eviction`, `disk_eviction`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Eviction {
+    /// The least recently used block (a hit, a `touch` or a `put` of a
+    /// stored block makes it the most recent).
+    #[default]
+    Lru,
+    /// S3-FIFO: new blocks enter a small FIFO queue and leave it unless
+    /// asked for again while in it (then they move to the main FIFO queue);
+    /// the main queue gives a block asked for since its last pass another
+    /// pass; a block put again soon after leaving the small queue (a ghost
+    /// of those is kept) goes straight to the main queue. One-off blocks
+    /// (scans, documents read once) leave early without pushing out blocks
+    /// that are asked for again.
+    S3Fifo,
+}
+
+impl Eviction {
+    pub const NAMES: [&'static str; 2] = ["lru", "s3fifo"];
+
+    /// `what`: the setting's name, for the error.
+    pub fn parse(v: &str, what: &str) -> Result<Self> {
+        match v {
+            "lru" => Ok(Eviction::Lru),
+            "s3fifo" => Ok(Eviction::S3Fifo),
+            other => Err(Error::InvalidArgument(format!(
+                "{what} must be \"lru\" or \"s3fifo\", got {other:?}"
+            ))),
+        }
+    }
+}
+
 /// Bounds of the integer settings: (name, minimum, maximum, default).
 /// `None` as default: no default (must be given) or "unset".
 pub struct IntSetting {
@@ -288,6 +321,7 @@ pub const DEFAULT_CHECKSUMS: bool = true;
 pub const DEFAULT_WRITE_THROUGH: bool = false;
 pub const DEFAULT_WRITE_BEHIND: bool = true;
 pub const DEFAULT_DISK_ADMISSION: &str = "all";
+pub const DEFAULT_EVICTION: &str = "lru";
 pub const DEFAULT_PERSIST: bool = false;
 pub const DEFAULT_HUGE_PAGES: bool = true;
 pub const DEFAULT_REMOTE_PREFIX: &str = "dynblock";
@@ -526,6 +560,18 @@ pub const ENV: &[EnvGroup] = &[
         "disk_admission",
     )]),
     group(&[var(
+        "DYNBLOCK_HOST_EVICTION",
+        "host_eviction",
+        EnvForm::Choice(&Eviction::NAMES),
+        "host_eviction",
+    )]),
+    group(&[var(
+        "DYNBLOCK_DISK_EVICTION",
+        "disk_eviction",
+        EnvForm::Choice(&Eviction::NAMES),
+        "disk_eviction",
+    )]),
+    group(&[var(
         "DYNBLOCK_CHECKSUMS",
         "checksums",
         EnvForm::Bool,
@@ -688,6 +734,14 @@ mod tests {
         assert_eq!(Durability::parse("sync").unwrap(), Durability::Sync);
         assert_eq!(DiskAdmission::parse("reuse").unwrap(), DiskAdmission::Reuse);
         assert!(DiskAdmission::parse("second-hit").is_err());
+        assert_eq!(
+            Eviction::parse("s3fifo", "host_eviction").unwrap(),
+            Eviction::S3Fifo
+        );
+        let e = Eviction::parse("arc", "disk_eviction")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("disk_eviction") && e.contains("\"arc\""), "{e}");
         assert!(Durability::parse("SYNC").is_err());
     }
 }

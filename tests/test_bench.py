@@ -101,6 +101,11 @@ def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:
         assert on["ratios"]["vs_checksums_off"] == pytest.approx(on["median"] / off["median"])
     reopen = find("dynblock", "reopen")[0]
     assert reopen["extra"]["recovered_blocks"] == 500 and reopen["unit"] == "s"
+    s3 = [c for c in cases if c["workload"] == "overhead" and c["impl"] == "dynblock-s3fifo"]
+    assert {c["op"] for c in s3} >= {"put-1000-present", "put-64-new-evicting"}
+    for c in s3:  # calls per second against LRU's: the inverse of the times per call
+        lru = [b for b in find("dynblock", c["op"]) if b["workload"] == "overhead"][0]
+        assert c["ratios"]["vs_lru"] == pytest.approx(lru["median"] / c["median"])
     pop = find("dynblock", "populate")[0]
     single = find("single-thread-touch", "populate")[0]
     assert pop["ratios"]["speedup_vs_single_thread"] == pytest.approx(single["median"] / pop["median"])
@@ -297,16 +302,16 @@ def test_policy_replay_counts_what_admission_keeps_off_the_disk(tmp_path: Path) 
 
     # Host 2, disk 8: requests that never come back, then one that does.
     reqs = [[1, 2], [3, 4], [5, 6], [1, 2], [1, 2]]
-    every = replay(reqs, 2, 8, "lru", "all", str(tmp_path))
-    reuse = replay(reqs, 2, 8, "lru", "reuse", str(tmp_path))
+    every = replay(reqs, 2, 8, ("lru", "lru"), "all", str(tmp_path))
+    reuse = replay(reqs, 2, 8, ("lru", "lru"), "reuse", str(tmp_path))
     # "all" writes every host victim: 1-4, then 5 and 6 when 1 and 2 come back from disk.
     # "reuse" writes none: no block is asked for twice while in the host tier; 1 and 2 come
     # back on their second sighting (recomputed) and stay in the host tier.
     assert (every["disk_writes"], every["disk_hits"], every["disk_not_admitted"]) == (6, 2, 0)
     assert (reuse["disk_writes"], reuse["disk_hits"], reuse["disk_not_admitted"]) == (0, 0, 6)
     assert every["hit_rate"] == 4 / 10 and reuse["hit_rate"] == 2 / 10
-    with pytest.raises(ValueError, match="eviction"):
-        replay(reqs, 2, 8, "fifo", "all", str(tmp_path))
+    with pytest.raises(ValueError, match="disk_eviction"):
+        replay(reqs, 2, 8, ("lru", "fifo"), "all", str(tmp_path))
     scanned = with_scans([[1, 2], [3], [4], [5], [6]], every=2)
     extra = [r for r in scanned if r not in ([1, 2], [3], [4], [5], [6])]
     assert len(scanned) == 7 and all(min(r) > 6 for r in extra)
@@ -319,15 +324,25 @@ def test_policy_workload_reports_every_trace_and_capacity_under_belady(tmp_path:
     out = json.loads(r.stdout)
     cases = [c for c in out["cases"] if c["workload"] == "policy"]
     assert {c["params"]["trace"] for c in cases} == {"conversation", "synthetic", "conversation+scans"}
-    assert len(cases) == 3 * 3 * 2 and {c["impl"] for c in cases} == {"lru/all", "lru/reuse"}
+    impls = {"lru/all", "s3fifo/all", "lru+s3fifo/all", "lru/reuse"}
+    assert len(cases) == 3 * 3 * 4 and {c["impl"] for c in cases} == impls
     for c in cases:
         e = c["extra"]
         assert 0 < e["hit_rate"] <= e["belady"] <= 1, c
         assert c["ratios"]["of_belady"] == pytest.approx(e["hit_rate"] / e["belady"])
         assert (e["disk_not_admitted"] > 0) == (c["impl"] == "lru/reuse")
+        if c["impl"] in ("s3fifo/all", "lru+s3fifo/all"):
+            lru = next(b for b in cases if b["impl"] == "lru/all" and b["params"] == c["params"])
+            points = 100 * (e["hit_rate"] - lru["extra"]["hit_rate"])
+            assert c["ratios"]["hit_vs_lru_points"] == pytest.approx(points)
+            gap = e["belady"] - lru["extra"]["hit_rate"]
+            assert c["ratios"]["gap_closed"] == pytest.approx(points / 100 / gap)
     goals = [g for g in out["goals"] if "disk_admission" in g["goal"]]
     assert len(goals) == 2 * 9 and all(g["key"] in ("writes_per_disk_hit_vs_all", "hit_vs_all_points")
                                        for g in goals)
+    # The eviction goals: never below LRU on every case, the gap on the conversation trace's.
+    goals = [g for g in out["goals"] if "beyond LRU" in g["goal"]]
+    assert sorted(g["key"] for g in goals) == ["gap_closed"] * 3 + ["hit_vs_lru_points"] * 9
     assert os.listdir(tmp_path) == []  # every replay's disk file is gone
 
 

@@ -47,7 +47,8 @@ def test_bytes_round_down_to_blocks_and_repr_shows_resolved_values(tmp_path) -> 
         (dict(block_size=4096, host_blocks=1, pin="always"), ValueError, "pin"),
         (dict(block_size=4096, host_blocks=1, numa_node=-2), ValueError, "numa_node"),
         (dict(block_size=4096, host_blocks=1, io_depth=0), ValueError, "io_depth"),
-        (dict(block_size=4096, host_blocks=1, policy="lfu"), ValueError, "policy"),
+        (dict(block_size=4096, host_blocks=1, host_eviction="lfu"), ValueError, "host_eviction"),
+        (dict(block_size=4096, disk_blocks=1, disk_eviction="arc"), ValueError, "disk_eviction"),
         (dict(block_size=100, layout=KvLayout(1, 2, 4, 8), host_blocks=1), ValueError, "disagrees"),
     ],
 )
@@ -84,6 +85,9 @@ def test_from_env_reads_dynblock_names() -> None:
     assert c.disk_dir == "/mnt/nvme" and c.o_direct is False
     assert c.numa_node == 1 and c.gpu == 3 and c.pin is False and c.io_depth == 32
     assert Config.from_env({**env, "DYNBLOCK_NUMA_NODE": "auto"}).numa_node == "auto"
+    assert (c.host_eviction, c.disk_eviction) == ("lru", "lru")
+    c = Config.from_env({**env, "DYNBLOCK_HOST_EVICTION": "s3fifo", "DYNBLOCK_DISK_EVICTION": "s3fifo"})
+    assert (c.host_eviction, c.disk_eviction) == ("s3fifo", "s3fifo")
 
 
 def test_from_env_reads_dynamo_names() -> None:
@@ -140,6 +144,8 @@ def test_dynblock_names_win_and_overrides_win_over_both() -> None:
         ("DYNBLOCK_REMOTE_WRITE", "later", "'async', 'sync' or 'off'"),
         ("DYNBLOCK_DURABILITY", "always", "'process' or 'sync'"),
         ("DYNBLOCK_WORKER_NICE", "20", "between 0 and 19"),
+        ("DYNBLOCK_HOST_EVICTION", "arc", "'lru' or 's3fifo'"),
+        ("DYNBLOCK_DISK_EVICTION", "s3-fifo", "'lru' or 's3fifo'"),
     ],
 )
 def test_from_env_rejects_invalid_values_naming_the_variable(var, value, match) -> None:

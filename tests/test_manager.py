@@ -28,10 +28,106 @@ from redis_servers import Server
 from test_durability import BS, blocks, data_for, get_one, open_store
 
 
+def mix(v: int) -> int:
+    """The splitmix64 finaliser (rust/manager/policy.rs `mix`)."""
+    m = (1 << 64) - 1
+    z = (v + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+class TierOrder:
+    """One tier's eviction order, as documented in rust/manager/mod.rs: "lru" or "s3fifo".
+    Iterates first to leave first (what ``lru_order`` lists)."""
+
+    SMALL_PERCENT = 60
+    MAX_FREQ = 3
+
+    def __init__(self, kind: str, cap: int) -> None:
+        self.kind = kind
+        self.small: "OrderedDict[int, None]" = OrderedDict()  # LRU's only list
+        self.main: "OrderedDict[int, None]" = OrderedDict()
+        self.freq: Dict[int, int] = {}
+        self.small_cap = max(1, cap * self.SMALL_PERCENT // 100)
+        # The ghost: the last `window` hashes added (window: the slots past the small queue's
+        # share), each in the entry of a table of next_power_of_two(2 * window) entries that
+        # the low bits of mix(h) pick, as (fingerprint: mix's high 32 bits, count of adds);
+        # a later hash landing there replaces it.
+        self.window = max(0, cap - self.small_cap) if kind == "s3fifo" else 0
+        self.ghost: List[Optional[tuple]] = (
+            [None] * (1 << (2 * self.window - 1).bit_length()) if self.window else [])
+        self.adds = 0
+
+    def _ghost_take(self, h: int) -> bool:
+        if not self.ghost:
+            return False
+        m = mix(h)
+        i = m & (len(self.ghost) - 1)
+        e = self.ghost[i]
+        if e is not None and e[0] == m >> 32 and self.adds - e[1] < self.window:
+            self.ghost[i] = None
+            return True
+        return False
+
+    def _ghost_add(self, h: int) -> None:
+        if self.ghost:
+            m = mix(h)
+            self.adds += 1
+            self.ghost[m & (len(self.ghost) - 1)] = (m >> 32, self.adds)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.small or h in self.main
+
+    def __iter__(self):
+        return iter(list(self.small) + list(self.main))
+
+    def __len__(self) -> int:
+        return len(self.small) + len(self.main)
+
+    def insert(self, h: int) -> None:
+        self.freq[h] = 0
+        if self._ghost_take(h):
+            self.main[h] = None
+        else:
+            self.small[h] = None
+
+    def touch(self, h: int) -> None:
+        if self.kind == "lru":
+            self.small.move_to_end(h)
+        else:
+            self.freq[h] = min(self.freq[h] + 1, self.MAX_FREQ)
+
+    def remove(self, h: int) -> None:
+        self.small.pop(h, None)
+        self.main.pop(h, None)
+        self.freq.pop(h, None)
+
+    def victim(self, pinned) -> Optional[int]:
+        """The block to evict (S3-FIFO moves blocks on the way), None if all are pinned."""
+        if self.kind == "lru":
+            return next((h for h in self.small if not pinned(h)), None)
+        while True:
+            small_first = len(self.small) >= self.small_cap or not self.main
+            queues = (self.small, self.main) if small_first else (self.main, self.small)
+            found = next(((q, h) for q in queues for h in q if not pinned(h)), None)
+            if found is None:
+                return None
+            q, h = found
+            if self.freq[h] == 0:
+                if q is self.small:
+                    self._ghost_add(h)
+                return h
+            self.freq[h] = 0 if q is self.small else self.freq[h] - 1
+            del q[h]
+            self.main[h] = None
+
+
 class PolicyModel:
     """The documented policy, block by block (see rust/manager/mod.rs)."""
 
-    def __init__(self, host_cap: int, disk_cap: int, admission: str = "all") -> None:
+    def __init__(self, host_cap: int, disk_cap: int, admission: str = "all",
+                 host_eviction: str = "lru", disk_eviction: str = "lru") -> None:
         self.H, self.D = host_cap, disk_cap
         # disk_admission: with "reuse" a host victim goes to disk only if it was asked for
         # again since it entered the host tier, or its hash was turned away before (the last
@@ -40,8 +136,8 @@ class PolicyModel:
         self.asked: "set[int]" = set()
         self.ghost: "OrderedDict[int, None]" = OrderedDict()
         self.not_admitted = 0
-        self.host: "OrderedDict[int, None]" = OrderedDict()
-        self.disk: "OrderedDict[int, None]" = OrderedDict()
+        self.host = TierOrder(host_eviction, host_cap)
+        self.disk = TierOrder(disk_eviction, disk_cap)
         self.data: Dict[int, bytes] = {}
         self.dropped = 0
         self.rejected = 0
@@ -60,7 +156,7 @@ class PolicyModel:
 
     def _evictable(self, tier: str):
         blocks = self.host if tier == "host" else self.disk
-        return next((h for h in blocks if not self.pins.get((tier, h))), None)
+        return blocks.victim(lambda h: self.pins.get((tier, h)))
 
     def _release_slot(self, tier: str, h: int) -> None:
         """A stored block leaves `tier`; a pinned slot becomes doomed."""
@@ -78,10 +174,10 @@ class PolicyModel:
 
     def touch(self, h: int) -> None:
         if h in self.host:
-            self.host.move_to_end(h)
+            self.host.touch(h)
             self.asked.add(h)
         if h in self.disk:
-            self.disk.move_to_end(h)
+            self.disk.touch(h)
 
     def _drop(self, h: int) -> None:
         self.data.pop(h, None)
@@ -94,7 +190,7 @@ class PolicyModel:
             if v is None:  # every host slot leased
                 self.inflight = None
                 return False
-            del self.host[v]
+            self.host.remove(v)
             asked = v in self.asked
             self.asked.discard(v)
             if v in self.disk:
@@ -109,7 +205,7 @@ class PolicyModel:
                 continue
             if not (self.D and self.disk_insert(v)):
                 self._drop(v)
-        self.host[h] = None
+        self.host.insert(h)
         if h in self.ghost:  # its second sighting
             del self.ghost[h]
             self.asked.add(h)
@@ -123,10 +219,10 @@ class PolicyModel:
             w = self._evictable("disk")
             if w is None:  # every disk slot leased
                 return False
-            del self.disk[w]
+            self.disk.remove(w)
             if w not in self.host and w != self.inflight:
                 self._drop(w)
-        self.disk[h] = None
+        self.disk.insert(h)
         return True
 
     def put(self, hashes: List[int], blocks: List[bytes],
@@ -182,7 +278,7 @@ class PolicyModel:
                 n += 1
                 for tier, blocks in (("host", self.host), ("disk", self.disk)):
                     if h in blocks:
-                        del blocks[h]
+                        blocks.remove(h)
                         self._release_slot(tier, h)
                 del self.data[h]
         return n
@@ -222,15 +318,19 @@ class ManagerMachine(RuleBasedStateMachine):
         block_size=st.sampled_from([512, 1000, 4096]),
         o_direct=st.booleans(),
         admission=st.sampled_from(["all", "reuse"]),
+        eviction=st.sampled_from([("lru", "lru"), ("s3fifo", "s3fifo"), ("lru", "s3fifo"),
+                                  ("s3fifo", "lru")]),
     )
-    def setup(self, caps, block_size, o_direct, admission) -> None:
-        self.open(caps, block_size, o_direct, disk_admission=admission)
+    def setup(self, caps, block_size, o_direct, admission, eviction) -> None:
+        self.open(caps, block_size, o_direct, disk_admission=admission,
+                  host_eviction=eviction[0], disk_eviction=eviction[1])
 
     def open(self, caps, block_size, o_direct, **extra) -> None:
         self.dir = tempfile.mkdtemp(prefix="dynblock-model-")
         h, d = caps
         self.bs = block_size
-        self.model = PolicyModel(h, d, extra.get("disk_admission", "all"))
+        self.model = PolicyModel(h, d, extra.get("disk_admission", "all"),
+                                 extra.get("host_eviction", "lru"), extra.get("disk_eviction", "lru"))
         # The model is the synchronous policy: no background write-behind.
         cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
                      o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
@@ -356,7 +456,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
 
 ManagerMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=25, deadline=None,
+    max_examples=150, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestManagerModel = ManagerMachine.TestCase
@@ -805,6 +905,48 @@ def test_host_alignment_above_a_huge_page_is_honoured() -> None:
         assert h.slot_stride % (16 << 20) == 0
     finally:
         h.close()
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_s3fifo_keeps_reused_blocks_through_a_scan_that_pushes_them_out_of_lru(
+        tmp_path: Path, tier: str) -> None:
+    """A tier of 100 blocks, 20 of them asked for again, then a scan of 200
+    one-off blocks: S3-FIFO keeps all 20, LRU none."""
+    bs = 4096
+    src = np.arange(200 * bs, dtype=np.uint32).view(np.uint8)[:200 * bs]
+    kept = {}
+    for eviction in ("lru", "s3fifo"):
+        caps = (100, 0) if tier == "host" else (0, 100)
+        with make(tmp_path, *caps, bs, **{f"{tier}_eviction": eviction}) as m:
+            assert m.put(np.arange(100, dtype=np.uint64), src[:100 * bs]) == 100
+            assert m.touch(list(range(20))) == 20
+            assert m.put(np.arange(1000, 1200, dtype=np.uint64), src) == 200
+            kept[eviction] = [h for h in range(20) if h in m]
+            dst = np.zeros(len(kept[eviction]) * bs, np.uint8)
+            assert m.get(kept[eviction], dst) == len(kept[eviction])
+            assert all(dst[i * bs:(i + 1) * bs].tobytes() == src[h * bs:(h + 1) * bs].tobytes()
+                       for i, h in enumerate(kept[eviction]))
+            host, disk = m.lru_order()
+            assert len(host if tier == "host" else disk) == 100
+    assert kept == {"lru": [], "s3fifo": list(range(20))}
+
+
+def test_a_persistent_s3fifo_disk_tier_recovers_its_blocks_into_its_queues(tmp_path: Path) -> None:
+    kept = {}
+    for eviction in ("lru", "s3fifo"):
+        path = tmp_path / eviction
+        with open_store(path, disk_blocks=8, disk_eviction=eviction) as m:
+            m.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
+        with open_store(path, disk_blocks=8, disk_eviction=eviction) as m:
+            assert sorted(m.lru_order()[1]) == list(range(8))
+            assert all(h in m for h in range(8))
+            assert all(get_one(m, h).tobytes() == data_for(h).tobytes() for h in (0, 1))
+            # S3-FIFO: the recovered blocks are in the small queue; 0 and 1 were asked for
+            # again, so 8 new blocks move them to the main queue and push out the other six
+            # and two of their own. LRU: 8 new blocks push out all 8.
+            m.put(list(range(100, 108)), np.concatenate([data_for(h) for h in range(100, 108)]))
+            kept[eviction] = [h for h in range(8) if h in m]
+    assert kept == {"lru": [], "s3fifo": [0, 1]}
 
 
 def test_reuse_admission_spares_the_disk_blocks_nobody_asked_for_twice(tmp_path: Path) -> None:

@@ -193,6 +193,14 @@ class Config:
     write, counted in ``stats()["disk_not_admitted"]``: fewer SSD writes for
     blocks nobody asks for twice. Write-behind and a closing persistent store
     write only what it admits; it cannot be combined with ``write_through``.
+    ``host_eviction`` and ``disk_eviction`` say which block a full tier gives
+    up: ``"lru"`` (default), its least recently used block, or ``"s3fifo"``:
+    new blocks wait in a small FIFO queue and leave it unless asked for again
+    meanwhile; blocks asked for again live in a main FIFO queue that gives
+    each one asked for since its last pass another pass. One-off blocks
+    (scans, documents read once) leave early without pushing out blocks that
+    are reused. ``python -m dynblock.bench --workloads policy`` compares them
+    on serving traces (the exact rules: ``rust/manager/mod.rs``).
     ``worker_nice`` (default 5, 0-19) is the nice value of the threads that
     copy and do disk I/O in the background: a busy CPU goes to the engine's
     own threads (its scheduler loop) first; 0 gives them the caller's priority.
@@ -215,13 +223,14 @@ class Config:
     io_depth: int = DEFAULTS["io_depth"]
     worker_nice: int = DEFAULTS["worker_nice"]
     huge_pages: bool = DEFAULTS["huge_pages"]
-    policy: Literal["lru"] = "lru"
     disk_path: Optional[str] = None
     persist: bool = DEFAULTS["persist"]
     durability: Literal["process", "sync"] = DEFAULTS["durability"]
     write_through: bool = DEFAULTS["write_through"]
     write_behind: bool = DEFAULTS["write_behind"]
     disk_admission: Literal["all", "reuse"] = DEFAULTS["disk_admission"]
+    host_eviction: Literal["lru", "s3fifo"] = DEFAULTS["host_eviction"]
+    disk_eviction: Literal["lru", "s3fifo"] = DEFAULTS["disk_eviction"]
     checksums: bool = DEFAULTS["checksums"]
     remote: Optional[str] = dataclasses.field(default=None, repr=False)
     remote_prefix: str = DEFAULTS["remote_prefix"]
@@ -271,7 +280,7 @@ class Config:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
         for name in ("o_direct", "pin", "preallocate", "io_depth", "worker_nice", "durability",
                      "persist", "write_through", "write_behind", "checksums", "huge_pages",
-                     "disk_admission"):
+                     "disk_admission", "host_eviction", "disk_eviction"):
             setattr(self, name, check(name, getattr(self, name)))
         if self.disk_admission != "all" and self.write_through:
             raise ValueError(
@@ -283,8 +292,6 @@ class Config:
         if self.gpu is not None:
             self.gpu = check("gpu", self.gpu)
         self._check_remote()
-        if self.policy != "lru":
-            raise ValueError(f"policy must be 'lru' (the only policy so far), got {self.policy!r}")
         if self.disk_path is not None:
             self.disk_path = os.fspath(self.disk_path)
         if self.persist:

@@ -327,6 +327,8 @@ class BlockManager:
                 layout=_layout_fingerprint(config),
                 write_behind=config.write_behind,
                 disk_admission=config.disk_admission,
+                host_eviction=config.host_eviction,
+                disk_eviction=config.disk_eviction,
             )
             self._remote: Optional[_core.RemoteTier] = None
             if config.remote:
@@ -643,7 +645,9 @@ class BlockManager:
         return [TierEvent(k, t, h) for k, t, h in events]
 
     def lru_order(self) -> "tuple[list[int], list[int]]":
-        """(host, disk) hashes, least recently used first."""
+        """(host, disk) hashes in eviction order, first to leave first: least
+        recently used first with ``"lru"`` eviction; with ``"s3fifo"`` the small
+        queue, then the main queue, each oldest first."""
         self._check_open()
         return self._m.lru_order()
 

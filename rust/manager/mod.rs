@@ -1,14 +1,37 @@
 //! The block manager: sequence hash -> slot in the host and/or disk tier,
-//! LRU per tier, offload (host -> disk) and onboard (disk -> host).
+//! an eviction order per tier (LRU or S3-FIFO), offload (host -> disk) and
+//! onboard (disk -> host).
 //!
 //! # Policy (the default, mirrored by the Python model in the tests)
 //! - A block lives in the host tier, the disk tier, or both (identical bytes:
 //!   a block's content never changes for its hash).
+//! - **Eviction order**, per tier (`host_eviction`, `disk_eviction`):
+//!   - `lru` (the default): a tier's victim is its least recently used
+//!     block; a touch makes a block the most recent.
+//!   - `s3fifo`: a tier keeps a small queue and a main queue (FIFO both) and
+//!     a 0-3 count per block. A new block joins the small queue, or the main
+//!     queue if its hash is in the tier's ghost; a touch adds one to its
+//!     count (at most 3). The victim is sought in the small queue while it
+//!     holds at least 60% of the tier's slots (or the main queue is empty),
+//!     else in the main queue; failing that (all pinned), in the other one.
+//!     The oldest unpinned block of that queue is the victim if its count is
+//!     0 (one leaving the small queue is remembered in the ghost); otherwise
+//!     it moves to the back of the main queue with its count reset to 0
+//!     (from the small queue) or lowered by one (from the main queue), and
+//!     the search starts again. The ghost remembers a hash while fewer than
+//!     `window = slots - small share` others were added after it and no later
+//!     one landed in its entry of a direct-mapped table of
+//!     `next_power_of_two(2 * window)` entries (the entry: the low bits of the
+//!     splitmix64 finaliser of the hash; the high 32 bits are kept as its
+//!     fingerprint); a block that joins the main queue from it is forgotten.
+//!
+//!   `lru_order` lists a tier's blocks first to leave first: LRU's list, or
+//!   the small queue then the main queue, each oldest first.
 //! - **Touch** refreshes a block in every tier that holds it.
 //! - **put**: blocks of the batch already stored are touched first (so the
 //!   batch's new blocks never evict them); then new ones go to the host tier
 //!   (or straight to disk when there is no host tier), in the order given.
-//! - **Host full**: the host LRU block leaves the host tier; if it has no disk
+//! - **Host full**: the host tier's victim leaves the host tier; if it has no disk
 //!   copy it is inserted into the disk tier (the offload), else it just keeps
 //!   its disk copy; with no disk tier it is dropped. With
 //!   `disk_admission="reuse"` only a block asked for again since it entered
@@ -17,7 +40,7 @@
 //!   away are remembered, oldest forgotten first) and that was put again;
 //!   another is dropped, counted as `disk_not_admitted`, and remembered.
 //!   `clear` forgets what was turned away.
-//! - **Disk full**: the disk LRU block loses its disk copy (dropped if that
+//! - **Disk full**: the disk tier's victim loses its disk copy (dropped if that
 //!   was its only copy).
 //! - **get**: the longest stored prefix is read from where each block is at
 //!   the start of the call (host preferred); then the blocks are touched in
@@ -30,8 +53,8 @@
 //!   on meanwhile).
 //! - **match** is a query: it changes no recency.
 //! - **Leases**: `lookup` pins the slots of the longest stored prefix (the
-//!   host slot where a block has one, else its disk slot). Eviction takes the
-//!   least recent *unpinned* block; when every candidate is pinned, the new
+//!   host slot where a block has one, else its disk slot). Eviction passes
+//!   over pinned blocks; when every candidate is pinned, the new
 //!   block is not stored and is counted (`rejected_full`); a host victim
 //!   whose disk tier is all pinned is dropped. A block removed while pinned
 //!   keeps its slot out of use until the last unpin. `get_lease` reads the
@@ -109,7 +132,7 @@ mod write_behind;
 pub use crate::checksum::block_crc;
 use leases::Pinned;
 pub use policy::TierEvent;
-use policy::{capacity, Map, Plan, Registry};
+use policy::{capacity, Map, Plan, Registry, Rules};
 use write_behind::Writer;
 
 /// Counters reported by `stats()`.
@@ -206,6 +229,10 @@ pub struct ManagerOptions {
     pub write_behind: bool,
     /// Which host victims get a disk copy.
     pub disk_admission: crate::settings::DiskAdmission,
+    /// How the host tier chooses its victims.
+    pub host_eviction: crate::settings::Eviction,
+    /// How the disk tier chooses its victims.
+    pub disk_eviction: crate::settings::Eviction,
 }
 
 impl BlockManager {
@@ -235,7 +262,11 @@ impl BlockManager {
                 .map_or(Ok(0), |h| capacity(h.num_blocks(), "host"))?,
             disk.as_ref()
                 .map_or(Ok(0), |d| capacity(d.num_blocks(), "disk"))?,
-            opts.disk_admission,
+            Rules {
+                host_eviction: opts.host_eviction,
+                disk_eviction: opts.disk_eviction,
+                admission: opts.disk_admission,
+            },
         );
         let mut stats = Stats::default();
         let mut warnings = Vec::new();

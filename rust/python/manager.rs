@@ -25,7 +25,7 @@ impl PyBlockManager {
     #[new]
     #[pyo3(signature = (block_size, *, host=None, disk=None, checksums=true, write_through=false,
                         index_path=None, sync=false, layout=0, write_behind=true,
-                        disk_admission="all"))]
+                        disk_admission="all", host_eviction="lru", disk_eviction="lru"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -39,9 +39,13 @@ impl PyBlockManager {
         layout: u64,
         write_behind: bool,
         disk_admission: &str,
+        host_eviction: &str,
+        disk_eviction: &str,
     ) -> PyResult<Self> {
-        let disk_admission =
-            crate::settings::DiskAdmission::parse(disk_admission).map_err(to_py)?;
+        use crate::settings::{DiskAdmission, Eviction};
+        let disk_admission = DiskAdmission::parse(disk_admission).map_err(to_py)?;
+        let host_eviction = Eviction::parse(host_eviction, "host_eviction").map_err(to_py)?;
+        let disk_eviction = Eviction::parse(disk_eviction, "disk_eviction").map_err(to_py)?;
         let opts = ManagerOptions {
             checksums,
             write_through,
@@ -50,6 +54,8 @@ impl PyBlockManager {
             layout,
             write_behind,
             disk_admission,
+            host_eviction,
+            disk_eviction,
         };
         let (h, d) = (
             host.map(|h| h.inner().clone()),

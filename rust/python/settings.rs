@@ -152,6 +152,8 @@ pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("write_through", settings::DEFAULT_WRITE_THROUGH)?;
     d.set_item("write_behind", settings::DEFAULT_WRITE_BEHIND)?;
     d.set_item("disk_admission", settings::DEFAULT_DISK_ADMISSION)?;
+    d.set_item("host_eviction", settings::DEFAULT_EVICTION)?;
+    d.set_item("disk_eviction", settings::DEFAULT_EVICTION)?;
     d.set_item("persist", settings::DEFAULT_PERSIST)?;
     d.set_item("huge_pages", settings::DEFAULT_HUGE_PAGES)?;
     d.set_item("remote_prefix", settings::DEFAULT_REMOTE_PREFIX)?;
@@ -230,6 +232,9 @@ pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bou
         }
         "disk_admission" => {
             settings::DiskAdmission::parse(&want_str(value, name)?).map_err(to_py)?;
+        }
+        "host_eviction" | "disk_eviction" => {
+            settings::Eviction::parse(&want_str(value, name)?, name).map_err(to_py)?;
         }
         "checksums" | "write_through" | "write_behind" | "persist" | "huge_pages" | "lock" => {
             want_bool(value, name)?;

@@ -7,7 +7,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -298,9 +298,12 @@ def run_trace(res: Results, directory: str, path: Optional[str], payload: int, h
 
 
 def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
-    """Per-call cost of small calls; with prometheus_client installed, also
-    on a second manager whose dynblock.metrics collector a thread scrapes
-    every 100 ms (a hundred times Prometheus's usual rate), interleaved."""
+    """Per-call cost of small calls, on a manager whose host tier evicts by
+    LRU (``dynblock``) and one by S3-FIFO (``dynblock-s3fifo``), interleaved;
+    with prometheus_client installed, also on a manager whose
+    dynblock.metrics collector a thread scrapes every 100 ms (a hundred times
+    Prometheus's usual rate). ``put-64-new-evicting`` stores 64 new blocks
+    into a full host tier of its own (each call evicts 64)."""
     bs = 4096
     n_present = 1000
     prometheus_client: Any = None
@@ -309,14 +312,21 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
     except ImportError:
         res.note("overhead: prometheus_client is not installed (pip install 'dynblock[metrics]'): "
                  "no metrics-on case")
-    variants = ["dynblock"] + (["dynblock-metrics"] if prometheus_client is not None else [])
+    variants = ["dynblock", "dynblock-s3fifo"] + (
+        ["dynblock-metrics"] if prometheus_client is not None else [])
     hashes = np.arange(10_000, dtype=np.uint64) + np.uint64(1)
     src = aligned_empty(10_000 * bs)
     src[:] = 1
     one = aligned_empty(bs)
-    progress.add(repeat * 4 * len(variants))
-    managers = {v: BlockManager(Config(block_size=bs, host_blocks=12000, numa_node=None, pin=False))
-                for v in variants}
+    progress.add(repeat * 5 * len(variants))
+
+    def config(v: str, blocks: int) -> Config:
+        eviction: Literal["lru", "s3fifo"] = "s3fifo" if v == "dynblock-s3fifo" else "lru"
+        return Config(block_size=bs, host_blocks=blocks, numa_node=None, pin=False,
+                      host_eviction=eviction)
+
+    managers = {v: BlockManager(config(v, 12000)) for v in variants}
+    full = {v: BlockManager(config(v, 4096)) for v in variants}
     stop = threading.Event()
     scraper = None
     try:
@@ -325,6 +335,7 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
 
             registry = prometheus_client.CollectorRegistry()
             register(managers["dynblock-metrics"], registry, store="bench")
+            register(full["dynblock-metrics"], registry, store="bench-full")
 
             def scrape() -> None:
                 while not stop.wait(0.1):
@@ -335,12 +346,21 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
         calls: Dict[str, Dict[str, Any]] = {}
         for v, m in managers.items():
             m.put(hashes, src)
+            f = full[v]
+            f.put(hashes[:4096] + np.uint64(1 << 40), src[:4096 * bs])
+            fresh = iter(range(1 << 41, 1 << 62, 64))
+
+            def put_new(f: BlockManager = f, fresh: Any = fresh) -> None:
+                start = next(fresh)
+                f.put(np.arange(start, start + 64, dtype=np.uint64), src[:64 * bs])
+
             calls[v] = {
                 "match-10000-hashes": (lambda m=m: m.match(hashes), 10_000),
                 "put-1000-present": (lambda m=m: m.put(hashes[:n_present], src[:n_present * bs]),
                                      n_present),
                 "get-1-block-4KiB": (lambda m=m: m.get(hashes[:1], one), 1),
                 "match-1-hash": (lambda m=m: m.match(hashes[:1]), 1),
+                "put-64-new-evicting": (put_new, 64),
             }
         for _ in range(repeat):
             for name in calls["dynblock"]:
@@ -361,17 +381,17 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
                     c.values.append(per_call * 1e6)
                     c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
                     progress.step(f"overhead {v} {name}")
-        if "dynblock-metrics" in variants:
-            for name, (_, nh) in calls["dynblock"].items():
-                on = res.find("overhead", "dynblock-metrics", name, hashes=nh)
-                off = res.find("overhead", "dynblock", name, hashes=nh)
-                assert on is not None and off is not None
-                on.ratios["vs_metrics_off"] = off.median / on.median  # calls per second, on / off
+        for v, key in (("dynblock-metrics", "vs_metrics_off"), ("dynblock-s3fifo", "vs_lru")):
+            for name, (_, nh) in calls["dynblock"].items() if v in variants else ():
+                other = res.find("overhead", v, name, hashes=nh)
+                base = res.find("overhead", "dynblock", name, hashes=nh)
+                assert other is not None and base is not None
+                other.ratios[key] = base.median / other.median  # calls per second, v / base
     finally:
         stop.set()
         if scraper is not None:
             scraper.join(timeout=10)
-        for m in managers.values():
+        for m in [*managers.values(), *full.values()]:
             m.close()
 
 
