@@ -1571,9 +1571,10 @@ mod tests {
         let (host, _) = reg.lru_order();
         assert!((0..3).all(|h| host.contains(&h)), "{host:?}");
         assert!((3..10).all(|h| !host.contains(&h)), "{host:?}");
-        assert_eq!(&host[host.len() - 3..], &[0, 1, 2]); // the main queue, last
-                                                         // 110 pushes 103 out of the small queue, unasked: into the ghost. Put again (104
-                                                         // leaves meanwhile, into another of the ghost's 4 entries), 103 joins the main queue.
+        // The main queue comes last.
+        assert_eq!(&host[host.len() - 3..], &[0, 1, 2]);
+        // 110 pushes 103 out of the small queue, unasked: into the ghost. Put again (104
+        // leaves meanwhile, into another of the ghost's 4 entries), 103 joins the main queue.
         assert!(reg.admit(110, 0, false, &mut plan));
         assert!(reg.admit(103, 0, false, &mut plan));
         let (host, _) = reg.lru_order();
