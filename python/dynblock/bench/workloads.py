@@ -93,6 +93,7 @@ def run_disk(
                             rw = {("random", "read"): "randread", ("random", "write"): "randwrite",
                                   ("sequential", "read"): "read", ("sequential", "write"): "write"}[(pattern, op)]
                             for d in fio_depths:
+                                first.drop_page_cache()
                                 bw = fio.run(base_path, rw, bs, nbytes, d, offset=slots_at)
                                 if bw is not None:
                                     fc = res.case("disk", "fio", op, io_depth=d, **p)
@@ -101,10 +102,10 @@ def run_disk(
                                         fc.cpu.append(fio.cpu_s_per_gib)
                                 progress.step(f"fio d{d} {label}")
                         w, r = naive_python(base_path, [int(x) for x in order], bs, buf, slots_at)
+                        first.drop_page_cache()
                         res.case("disk", "python-naive", op, **p).add_rate(nbytes, timed(w if op == "write" else r))
                         progress.step(f"naive {label}")
-                        if op == "read":
-                            first.drop_page_cache()
+                        first.drop_page_cache()
                         if pattern == "sequential":
                             nw, nr = numpy_file(base_path, buf, slots_at)
                             res.case("disk", "numpy-tofile" if op == "write" else "numpy-fromfile", op,
@@ -120,8 +121,7 @@ def run_disk(
                                 for i in range(0, n, batch):
                                     s.read_blocks(order[i:i + batch], out[i * bs:(i + batch) * bs])
 
-                            if op == "read":
-                                s.drop_page_cache()
+                            s.drop_page_cache()
                             c = res.case("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
                             c.add_rate(nbytes, timed(w_dyn if op == "write" else r_dyn))
                             c.extra = {"o_direct": s.o_direct, "alignment": s.alignment,
