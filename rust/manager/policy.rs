@@ -1,7 +1,7 @@
 //! The block manager's policy: which block lives in which slot of which
-//! tier, each tier's eviction order (LRU or S3-FIFO), pins (leases and in-flight transfers), and the
-//! planning of a batch (inserts, evictions, offloads, promotions) on metadata
-//! alone. No I/O and no `unsafe` here: the executor (`super::execute`) runs
+//! tier, each tier's eviction order (LRU or S3-FIFO), pins (leases and
+//! in-flight transfers), and the planning of a batch (inserts, evictions,
+//! offloads, promotions) on metadata alone. No I/O and no `unsafe` here: the executor (`super::execute`) runs
 //! the plans these verbs make.
 //!
 //! [`Registry`] keeps its fields private; its methods are the complete list of
