@@ -11,6 +11,14 @@
 //! - every read verifies the block checksum, so bytes from a torn or
 //!   interrupted write are never served even if the log were wrong.
 //!
+//! A `GHOST` record says "block H was turned away by `disk_admission`"
+//! (its slot is 0): the admission's memory of what it turned away, so that
+//! a block's second sighting is known across a restart and `kill -9`.
+//! Replay keeps them in order (the policy keeps the most recent it has room
+//! for); compaction writes the policy's current ones after the live blocks.
+//! A dynblock older than them reads one as a damaged record (counted, the
+//! log rewritten without it), losing only that memory.
+//!
 //! Two marker records carry no block: `OPEN` (appended when a manager opens
 //! the store) and `CLOSE` (appended by a clean `close()`, after everything
 //! it wrote), each with the time in seconds since the epoch; the store tool
@@ -50,6 +58,7 @@ const PUT: u8 = 1;
 const DEL: u8 = 2;
 const OPEN: u8 = 3;
 const CLOSE: u8 = 4;
+const GHOST: u8 = 5;
 
 /// What a store was made with; a reopen must match it exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +105,15 @@ impl Record {
             crc: 0,
         }
     }
+    /// Block `hash` was turned away by disk admission.
+    pub fn ghost(hash: u64) -> Self {
+        Record {
+            kind: GHOST,
+            slot: 0,
+            hash,
+            crc: 0,
+        }
+    }
     /// The marker of an open (`closed`: of a clean close) at `at` seconds
     /// since the epoch.
     pub fn marker(closed: bool, at: u64) -> Self {
@@ -119,7 +137,9 @@ impl Record {
     }
     fn decode(b: &[u8]) -> Option<Record> {
         let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
-        if crate::checksum::crc32c(&b[..28]) != c || !matches!(b[0], PUT | DEL | OPEN | CLOSE) {
+        if crate::checksum::crc32c(&b[..28]) != c
+            || !matches!(b[0], PUT | DEL | OPEN | CLOSE | GHOST)
+        {
             return None;
         }
         Some(Record {
@@ -192,6 +212,8 @@ pub struct IndexLog {
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub live: Vec<Live>,
+    /// Blocks disk admission turned away (`GHOST` records), oldest first.
+    pub ghost: Vec<u64>,
     pub records: u64,
     /// Bytes after the last good record, cut off.
     pub torn_bytes: u64,
@@ -330,6 +352,7 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
         match r.kind {
             OPEN => rec.last_open = Some(r.hash),
             CLOSE => rec.last_close = Some(r.hash),
+            GHOST => rec.ghost.push(r.hash),
             PUT => {
                 if let Some(old) = slot_owner.insert(r.slot, r.hash) {
                     if old != r.hash {
@@ -448,7 +471,7 @@ impl IndexLog {
         };
         if rec.bad_records > 0 {
             // Rewrite without the damaged records, so they are reported once.
-            if log.compact(g, &rec.live).is_err() {
+            if log.compact(g, &rec.live, &rec.ghost).is_err() {
                 log.dirty = true;
             }
         }
@@ -518,10 +541,11 @@ impl IndexLog {
         self.dirty
     }
 
-    /// Rewrite the log as one PUT per live entry (write beside under a
-    /// random name, fsync, rename over, fsync the directory). On failure the
-    /// old log stays in place and in use.
-    pub fn compact(&mut self, g: &Geometry, live: &[Live]) -> Result<()> {
+    /// Rewrite the log as one PUT per live entry, then one GHOST per hash
+    /// of `ghost` (write beside under a random name, fsync, rename over,
+    /// fsync the directory). On failure the old log stays in place and in
+    /// use.
+    pub fn compact(&mut self, g: &Geometry, live: &[Live], ghost: &[u64]) -> Result<()> {
         let suffix = crate::files::random_id()
             .map(|id| id_hex(&id)[..12].to_string())
             .unwrap_or_else(|_| std::process::id().to_string());
@@ -534,12 +558,16 @@ impl IndexLog {
         );
         let tmp = self.path.with_file_name(name);
         let mut f = open_private(&tmp, true).map_err(|e| Error::io("open", &tmp, 0, 0, e))?;
-        let mut buf = Vec::with_capacity(HEADER_LEN + live.len() * RECORD_LEN);
+        let mut buf = Vec::with_capacity(HEADER_LEN + (live.len() + ghost.len() + 1) * RECORD_LEN);
         buf.extend_from_slice(&encode_header(g));
         let mut gen = 0u32;
-        for l in live {
+        let records = live
+            .iter()
+            .map(|l| Record::put(l.hash, l.slot, l.crc))
+            .chain(ghost.iter().map(|&h| Record::ghost(h)));
+        for r in records {
             gen = gen.wrapping_add(1);
-            buf.extend_from_slice(&Record::put(l.hash, l.slot, l.crc).encode(gen));
+            buf.extend_from_slice(&r.encode(gen));
         }
         let marker = self.opened_at.map(|at| Record::marker(false, at));
         if let Some(m) = marker {
@@ -561,7 +589,7 @@ impl IndexLog {
         f.seek(SeekFrom::End(0))
             .map_err(|e| Error::io("seek", &self.path, 0, 0, e))?;
         self.file = f;
-        self.records = live.len() as u64 + marker.is_some() as u64;
+        self.records = (live.len() + ghost.len()) as u64 + marker.is_some() as u64;
         self.gen = gen;
         self.dirty = false;
         Ok(())
@@ -612,7 +640,7 @@ mod tests {
             log.mark(false).unwrap();
             log.append(&[Record::put(11, 1, 222)]).unwrap();
             // Compaction keeps this session's open marker.
-            log.compact(&geo(), &inspect(&p).unwrap().recovered.live)
+            log.compact(&geo(), &inspect(&p).unwrap().recovered.live, &[])
                 .unwrap();
         }
         let ins = inspect(&p).unwrap();
@@ -768,6 +796,25 @@ mod tests {
     }
 
     #[test]
+    fn ghost_records_replay_in_order_and_survive_compaction() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        let (mut log, _) = open(&p);
+        log.append(&[Record::ghost(7), Record::put(1, 0, 11), Record::ghost(8)])
+            .unwrap();
+        drop(log);
+        let (mut log, rec) = open(&p);
+        assert_eq!((rec.ghost.as_slice(), rec.live.len()), (&[7u64, 8][..], 1));
+        assert_eq!(rec.bad_records, 0);
+        log.compact(&geo(), &rec.live, &[8, 9]).unwrap();
+        assert_eq!(log.records(), 3);
+        drop(log);
+        let (_, rec) = open(&p);
+        assert_eq!(rec.ghost, vec![8, 9]);
+        assert_eq!(rec.live[0].hash, 1);
+    }
+
+    #[test]
     fn compaction_keeps_live_entries_and_leftovers_are_removed() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("kv.index");
@@ -783,7 +830,7 @@ mod tests {
                 crc: i as u32,
             })
             .collect();
-        log.compact(&geo(), &live).unwrap();
+        log.compact(&geo(), &live, &[]).unwrap();
         log.append(&[Record::del(99, 3)]).unwrap();
         drop(log);
         let stale = d.path().join("kv.index.compact-dead");

@@ -969,6 +969,48 @@ def test_reuse_admission_spares_the_disk_blocks_nobody_asked_for_twice(tmp_path:
         assert m.stats()["disk_not_admitted"] == 0 and m.stats()["offloaded_blocks"] == 2
 
 
+@pytest.mark.parametrize("end", ["close", "kill", "compact-kill"])
+def test_what_admission_turned_away_is_remembered_across_a_restart(tmp_path: Path, end: str) -> None:
+    """Blocks 1 and 2 are turned away (host 2, disk 8, never asked for again), then the
+    process closes or dies by kill -9 (after a compaction, in one case). Reopened, the
+    store knows 1 is on its second sighting: it is written to disk when it leaves."""
+    path = tmp_path / "store"
+    code = f"""
+        m = open_store({str(path)!r}, disk_blocks=8, host_blocks=2, disk_admission="reuse")
+        for h in (1, 2, 3, 4):
+            m.put([h], data_for(h))
+        assert m.stats()["disk_not_admitted"] == 2
+        if {end!r} == "compact-kill":
+            m._m.compact_index()  # what `python -m dynblock.store compact` runs
+        if {end!r} == "close":
+            m.close()
+        else:
+            print("ready", flush=True)
+            import time
+            time.sleep(60)
+    """
+    if end == "close":
+        r = run_py(code)
+        assert r.returncode == 0, r.stderr
+    else:
+        p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        p.kill()
+        p.wait(timeout=30)
+    from dynblock.store import info as store_info
+
+    assert store_info(str(path))["turned_away_remembered"] == 2
+    with open_store(path, disk_blocks=8, host_blocks=2, disk_admission="reuse") as m:
+        assert 1 not in m and 2 not in m
+        m.put([1], data_for(1))  # its second sighting: asked for, as the ghost says
+        m.put([5, 6], np.concatenate([data_for(5), data_for(6)]))  # 1 leaves the host tier
+        s = m.stats()
+        # 1 was written: without the ghost it would have been turned away again.
+        assert (s["offloaded_blocks"], s["disk_not_admitted"]) == (1, 0), s
+        assert np.array_equal(get_one(m, 1), data_for(1))
+
+
 def test_write_behind_and_a_closing_store_write_only_what_admission_admits(tmp_path: Path) -> None:
     path = tmp_path / "store"
     with open_store(path, disk_blocks=8, host_blocks=4, disk_admission="reuse") as m:

@@ -189,7 +189,8 @@ class Config:
     ``"all"`` (default) or ``"reuse"``: only a block asked for again while in
     the host tier (a hit, a ``touch``, a ``put`` of it), or one turned away
     before and put again (its second sighting; the last ``host_blocks +
-    disk_blocks`` turned away are remembered). The rest leave without a disk
+    disk_blocks`` turned away are remembered, by a persistent store across
+    restarts and ``kill -9`` too). The rest leave without a disk
     write, counted in ``stats()["disk_not_admitted"]``: fewer SSD writes for
     blocks nobody asks for twice. Write-behind and a closing persistent store
     write only what it admits; it cannot be combined with ``write_through``.

@@ -3,8 +3,9 @@ at and look after a persistent store (``Config(persist=True, disk_path=PATH)``:
 the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 
 - ``info``: geometry, store id, blocks and bytes stored, index records and
-  damaged ones, when the store was last opened and whether it was closed
-  cleanly since (and when), and which process holds the store, if one does. It reads the
+  damaged ones, the blocks disk admission remembers having turned away, when
+  the store was last opened and whether it was closed cleanly since (and
+  when), and which process holds the store, if one does. It reads the
   files without changing them and without the store's lock, so it also works
   while an engine has the store open (a record being appended then shows as a
   torn tail).
@@ -12,7 +13,8 @@ the data file ``PATH`` and its index ``PATH.index``) without writing Python.
   index recorded, with a progress bar and a summary; ``--drop-bad`` removes
   the blocks that fail (their index records too). Exit status 1 when a block
   failed and was kept.
-- ``compact``: rewrites the index with one record per stored block.
+- ``compact``: rewrites the index with one record per stored block (and one
+  per block ``disk_admission="reuse"`` remembers having turned away).
 - ``clear``: removes every block (the data file keeps its size).
 
 :class:`Reader` is the same read-only look for programs: a process that reads
@@ -412,6 +414,7 @@ def _print_info(d: Dict[str, Any]) -> None:
         ("data file", f"{_size(d['data_file_bytes'])} ({_size(d['data_file_allocated_bytes'])} allocated)"),
         ("index", f"{d['index_records']} records, {d['index_bad_records']} damaged, "
                   f"{d['index_torn_bytes']} torn bytes ({_size(d['index_bytes'])})"),
+        ("turned away", f"{d['turned_away_remembered']} blocks remembered by disk_admission='reuse'"),
         ("last opened", _when(d["last_opened"])),
         ("closed cleanly", _closed(d)),
         ("checksums", "on" if d["checksums"] else "off"),

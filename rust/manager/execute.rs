@@ -56,9 +56,12 @@ impl BlockManager {
         if !st.index.as_ref().is_some_and(IndexLog::dirty) {
             return Ok(());
         }
-        let live = st.reg.live_disk();
+        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
         let g = self.geometry.expect("persistent store");
-        st.index.as_mut().expect("checked").compact(&g, &live)?;
+        st.index
+            .as_mut()
+            .expect("checked")
+            .compact(&g, &live, &ghost)?;
         st.stats.index_compactions += 1;
         Ok(())
     }
@@ -232,6 +235,9 @@ impl BlockManager {
                     puts.push(Record::put(w.hash, w.slot as u32, crc));
                 }
             }
+            // What admission turned away, so its second sighting is known
+            // after a restart.
+            puts.extend(plan.turned_away.iter().map(|&h| Record::ghost(h)));
             st.index.as_mut().map_or(Ok(()), |ix| ix.append(&puts))
         });
         if let Err(e) = r {
@@ -239,27 +245,28 @@ impl BlockManager {
             st.reg.roll_back(plan);
             return Err(e);
         }
-        if !m.writes.is_empty() {
-            st.stats.offloaded_blocks += m.writes.iter().filter(|w| w.victim).count() as u64;
+        st.stats.offloaded_blocks += m.writes.iter().filter(|w| w.victim).count() as u64;
+        if !m.writes.is_empty() || !plan.turned_away.is_empty() {
             self.maybe_compact(st);
         }
         Ok(())
     }
 
-    /// Rewrite the index when it holds far more records than live blocks.
+    /// Rewrite the index when it holds far more records than live blocks
+    /// and remembered ghosts.
     fn maybe_compact(&self, st: &mut State) {
-        let live_n = st.reg.used().1 as u64;
+        let kept = (st.reg.used().1 + st.reg.ghost_len()) as u64;
         let needs = st
             .index
             .as_ref()
-            .is_some_and(|ix| ix.records() > 4 * live_n + 4096);
+            .is_some_and(|ix| ix.records() > 4 * kept + 4096);
         if !needs {
             return;
         }
-        let live = st.reg.live_disk();
+        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
         let g = self.geometry.expect("persistent store");
         if let Some(ix) = st.index.as_mut() {
-            match ix.compact(&g, &live) {
+            match ix.compact(&g, &live, &ghost) {
                 Ok(()) => st.stats.index_compactions += 1,
                 Err(e) => st.warnings.push(format!(
                     "compacting the index failed (it keeps growing): {e}"

@@ -39,7 +39,8 @@
 //!   one whose hash was turned away before (the last `host + disk` turned
 //!   away are remembered, oldest forgotten first) and that was put again;
 //!   another is dropped, counted as `disk_not_admitted`, and remembered.
-//!   `clear` forgets what was turned away.
+//!   `clear` forgets what was turned away. A persistent store remembers it
+//!   across a restart and `kill -9` (its index's `GHOST` records).
 //! - **Disk full**: the disk tier's victim loses its disk copy (dropped if that
 //!   was its only copy).
 //! - **get**: the longest stored prefix is read from where each block is at
@@ -572,7 +573,7 @@ impl BlockManager {
     pub fn clear(&self) -> Result<()> {
         let mut st = self.open_state()?;
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
-            ix.compact(&g, &[])?;
+            ix.compact(&g, &[], &[])?;
         }
         st.reg.reset();
         Ok(())
@@ -594,9 +595,9 @@ impl BlockManager {
     /// Compact the index now (it is also compacted automatically).
     pub fn compact_index(&self) -> Result<()> {
         let mut st = self.open_state()?;
-        let live = st.reg.live_disk();
+        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
-            ix.compact(&g, &live)?;
+            ix.compact(&g, &live, &ghost)?;
             st.stats.index_compactions += 1;
         }
         Ok(())

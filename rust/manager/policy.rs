@@ -498,6 +498,15 @@ impl Ghost {
         self.order.clear();
         self.members.clear();
     }
+
+    /// The remembered hashes, oldest first.
+    fn hashes(&self) -> Vec<u64> {
+        self.order
+            .iter()
+            .filter(|(h, t)| self.members.get(h) == Some(t))
+            .map(|&(h, _)| h)
+            .collect()
+    }
 }
 
 /// Where a block's copies are ([`NIL`] for none).
@@ -553,6 +562,9 @@ pub(super) struct Plan {
     write_by_disk: Map<u32, usize>,
     pub(super) copies: Vec<HostCopy>,
     copy_by_host: Map<u32, usize>,
+    /// Host victims disk admission turned away (remembered in its ghost):
+    /// their GHOST records go to a persistent store's index.
+    pub(super) turned_away: Vec<u64>,
 }
 
 impl Plan {
@@ -696,6 +708,24 @@ impl Registry {
                 },
             );
         }
+    }
+
+    /// Remember what a persistent store's index says disk admission turned
+    /// away (oldest first; the most recent the ghost has room for are kept).
+    pub(super) fn recover_ghost(&mut self, hashes: &[u64]) {
+        for &h in hashes {
+            self.ghost.add(h);
+        }
+    }
+
+    /// What disk admission remembers having turned away, oldest first.
+    pub(super) fn ghost_hashes(&self) -> Vec<u64> {
+        self.ghost.hashes()
+    }
+
+    /// How many hashes disk admission remembers having turned away.
+    pub(super) fn ghost_len(&self) -> usize {
+        self.ghost.members.len()
     }
 
     fn table(&self, kind: TierKind) -> &SlotTable {
@@ -890,6 +920,7 @@ impl Registry {
             self.counts.dropped_blocks += 1;
             self.counts.not_admitted += 1;
             self.ghost.add(vh);
+            plan.turned_away.push(vh);
             return;
         }
         if self.disk.is_none() || !self.disk_insert(vh, src, true, plan) {
@@ -1428,6 +1459,12 @@ mod tests {
             g.take(h);
         }
         assert!(g.order.len() <= 2 * 3 + 65, "{}", g.order.len());
+        let mut g = Ghost::new(3);
+        for h in [1, 2, 3, 4] {
+            g.add(h);
+        }
+        g.take(3);
+        assert_eq!(g.hashes(), vec![2, 4]);
     }
 
     proptest! {

@@ -47,6 +47,7 @@ pub(super) fn recover(
     };
     let (mut index, rec) = IndexLog::open(path, &geometry, opts.sync, d.created())?;
     reg.recover(&rec.live);
+    reg.recover_ghost(&rec.ghost);
     let mut warnings = Vec::new();
     // Best effort: a failed append marks the log for a rewrite before the
     // next data write, as any failed append does.

@@ -95,6 +95,8 @@ fn inspect_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, pyo
     d.set_item("index_records", ins.recovered.records)?;
     d.set_item("index_bad_records", ins.recovered.bad_records)?;
     d.set_item("index_torn_bytes", ins.recovered.torn_bytes)?;
+    let ghost: std::collections::HashSet<u64> = ins.recovered.ghost.iter().copied().collect();
+    d.set_item("turned_away_remembered", ghost.len())?;
     d.set_item("last_opened", ins.recovered.last_open)?;
     d.set_item("last_closed_cleanly", ins.recovered.last_close)?;
     d.set_item("closed_cleanly", ins.recovered.closed_cleanly)?;
