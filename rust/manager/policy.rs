@@ -1215,6 +1215,29 @@ impl Registry {
             .collect()
     }
 
+    /// The host-only blocks admission would not write on their eviction,
+    /// remembered now as turned away (a closing persistent store lets them
+    /// go with the process): their hashes, least recent first.
+    pub(super) fn turn_away_host_only(&mut self) -> Vec<u64> {
+        let Some(host) = self.host.as_ref() else {
+            return Vec::new();
+        };
+        if self.disk.is_none() || self.admission == DiskAdmission::All {
+            return Vec::new();
+        }
+        let turned: Vec<u64> = host
+            .order
+            .iter()
+            .filter(|&s| !host.filling[s as usize] && !self.admits(host.asked[s as usize]))
+            .map(|s| host.hash_of[s as usize])
+            .filter(|h| self.map.get(h).is_some_and(|e| e.disk == NIL))
+            .collect();
+        for &h in &turned {
+            self.ghost.add(h);
+        }
+        turned
+    }
+
     /// Every host-only block (hash, host slot) whose bytes are in place and
     /// that admission would write on its eviction, least recent first: what
     /// a closing persistent store writes to disk.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::policy::Plan;
 use super::{BlockManager, State};
 use crate::error::Result;
+use crate::index::Record;
 
 /// The write-behind thread's controls: woken after puts, stopped by close.
 #[derive(Default)]
@@ -203,6 +204,15 @@ impl BlockManager {
     ) -> (MutexGuard<'a, State>, Result<usize>) {
         if !st.reg.has_host() || !st.reg.has_disk() {
             return (st, Ok(0));
+        }
+        // What admission would not write leaves with the process: remembered
+        // as turned away, so its second sighting after a restart is known.
+        // Best effort: a failed append is cut back and marks the index for
+        // the rewrite below (which writes the ghost from memory).
+        let turned = st.reg.turn_away_host_only();
+        if let Some(ix) = st.index.as_mut() {
+            let recs: Vec<Record> = turned.iter().map(|&h| Record::ghost(h)).collect();
+            let _ = ix.append(&recs);
         }
         // Host LRU order, least recent first; keep the most recent `cap`.
         let host_only = st.reg.host_only();
