@@ -1219,18 +1219,13 @@ impl Registry {
     /// remembered now as turned away (a closing persistent store lets them
     /// go with the process): their hashes, least recent first.
     pub(super) fn turn_away_host_only(&mut self) -> Vec<u64> {
-        let Some(host) = self.host.as_ref() else {
-            return Vec::new();
-        };
-        if self.disk.is_none() || self.admission == DiskAdmission::All {
-            return Vec::new();
+        if self.disk.is_none() {
+            return Vec::new(); // no disk tier: nothing is turned away from it
         }
-        let turned: Vec<u64> = host
-            .order
-            .iter()
-            .filter(|&s| !host.filling[s as usize] && !self.admits(host.asked[s as usize]))
-            .map(|s| host.hash_of[s as usize])
-            .filter(|h| self.map.get(h).is_some_and(|e| e.disk == NIL))
+        let turned: Vec<u64> = self
+            .host_only_where(false)
+            .into_iter()
+            .map(|(h, _)| h)
             .collect();
         for &h in &turned {
             self.ghost.add(h);
@@ -1242,12 +1237,21 @@ impl Registry {
     /// that admission would write on its eviction, least recent first: what
     /// a closing persistent store writes to disk.
     pub(super) fn host_only(&self) -> Vec<(u64, u32)> {
+        self.host_only_where(true)
+    }
+
+    /// The host-only blocks (hash, host slot) whose bytes are in place and
+    /// that admission would (`admitted`) or would not write on their
+    /// eviction, least recent first.
+    fn host_only_where(&self, admitted: bool) -> Vec<(u64, u32)> {
         let Some(host) = self.host.as_ref() else {
             return Vec::new();
         };
         host.order
             .iter()
-            .filter(|&s| !host.filling[s as usize] && self.admits(host.asked[s as usize]))
+            .filter(|&s| {
+                !host.filling[s as usize] && self.admits(host.asked[s as usize]) == admitted
+            })
             .map(|s| (host.hash_of[s as usize], s))
             .filter(|(h, _)| self.map.get(h).is_some_and(|e| e.disk == NIL))
             .collect()

@@ -16,9 +16,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from ..config import Config
 from . import metrics, stats
-from . import events as block_events
 from .._once import LogOnce
-from .events import BlockEvents
+from .events import BlockEvents, watch as watch_events
 from .keys import socket_path
 from .service import LookupClient, LookupServer
 from .store import LayerStore, row_view, split_extra_config
@@ -230,7 +229,7 @@ class DynblockConnector(KVConnectorBase_V1):
         ev = getattr(self._vllm_config, "kv_events_config", None)
         if ev is not None and ev.enable_kv_cache_events:
             # KV events: the store's tier changes, per vLLM block (events.py)
-            self._events = block_events.watch(self._store.kv, len(names))
+            self._events = watch_events(self._store.kv, len(names))
         self._layers = {n: i for i, n in enumerate(names)}
         self._caches = dict(kv_caches)
         for n in names:

@@ -37,9 +37,8 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, Tra
 from ..config import Config
 from ..manager import BlockManager, Job
 from . import metrics, stats
-from . import events as block_events
 from .._once import LogOnce
-from .events import BlockEvents
+from .events import BlockEvents, watch as watch_events
 from .keys import block_key
 from .store import CONNECTOR_OPTIONS, split_extra_config
 
@@ -100,7 +99,7 @@ class DynblockTier(SecondaryTierManager):
         self._events: Optional[BlockEvents] = None
         ev = getattr(offloading_spec, "kv_events_config", None)
         if ev is not None and getattr(ev, "enable_kv_cache_events", False):
-            self._events = block_events.watch(self.kv, 1)
+            self._events = watch_events(self.kv, 1)
 
     def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
         return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
