@@ -49,6 +49,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::files::{check_parent, id_hex, open_private, sync_dir};
+use crate::keys::Key;
 
 pub const MAGIC: &[u8; 8] = b"DYNBLKIX";
 pub const VERSION: u32 = 2;
@@ -75,7 +76,7 @@ pub struct Geometry {
 /// A live entry recovered from the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Live {
-    pub hash: u64,
+    pub key: Key,
     pub slot: u32,
     pub crc: u32,
 }
@@ -86,33 +87,45 @@ pub struct Record {
     pub slot: u32,
     pub hash: u64,
     pub crc: u32,
+    /// The block's namespace (0: the shared one; records older than
+    /// namespaces have 0 there).
+    pub ns: u32,
 }
 
 impl Record {
-    pub fn put(hash: u64, slot: u32, crc: u32) -> Self {
+    pub fn put(key: impl Into<Key>, slot: u32, crc: u32) -> Self {
+        let key = key.into();
         Record {
             kind: PUT,
             slot,
-            hash,
+            hash: key.hash,
             crc,
+            ns: key.ns,
         }
     }
-    pub fn del(hash: u64, slot: u32) -> Self {
+    pub fn del(key: impl Into<Key>, slot: u32) -> Self {
+        let key = key.into();
         Record {
             kind: DEL,
             slot,
-            hash,
+            hash: key.hash,
             crc: 0,
+            ns: key.ns,
         }
     }
-    /// Block `hash` was turned away by disk admission.
-    pub fn ghost(hash: u64) -> Self {
+    /// Block `key` was turned away by disk admission.
+    pub fn ghost(key: impl Into<Key>) -> Self {
+        let key = key.into();
         Record {
             kind: GHOST,
             slot: 0,
-            hash,
+            hash: key.hash,
             crc: 0,
+            ns: key.ns,
         }
+    }
+    fn key(&self) -> Key {
+        Key::new(self.hash, self.ns)
     }
     /// The marker of an open (`closed`: of a clean close) at `at` seconds
     /// since the epoch.
@@ -122,6 +135,7 @@ impl Record {
             slot: 0,
             hash: at,
             crc: 0,
+            ns: 0,
         }
     }
     fn encode(&self, gen: u32) -> [u8; RECORD_LEN] {
@@ -131,6 +145,7 @@ impl Record {
         b[8..16].copy_from_slice(&self.hash.to_le_bytes());
         b[16..20].copy_from_slice(&self.crc.to_le_bytes());
         b[20..24].copy_from_slice(&gen.to_le_bytes());
+        b[24..28].copy_from_slice(&self.ns.to_le_bytes());
         let c = crate::checksum::crc32c(&b[..28]);
         b[28..32].copy_from_slice(&c.to_le_bytes());
         b
@@ -147,6 +162,7 @@ impl Record {
             slot: u32::from_le_bytes(b[4..8].try_into().ok()?),
             hash: u64::from_le_bytes(b[8..16].try_into().ok()?),
             crc: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            ns: u32::from_le_bytes(b[24..28].try_into().ok()?),
         })
     }
 }
@@ -213,7 +229,7 @@ pub struct IndexLog {
 pub struct Recovered {
     pub live: Vec<Live>,
     /// Blocks disk admission turned away (`GHOST` records), oldest first.
-    pub ghost: Vec<u64>,
+    pub ghost: Vec<Key>,
     pub records: u64,
     /// Bytes after the last good record, cut off.
     pub torn_bytes: u64,
@@ -330,8 +346,8 @@ fn header_matches(
 /// record, records replayed). Records after the last good one are a torn
 /// tail; bad records before a good one were damaged in the middle.
 fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
-    let mut live: HashMap<u64, (u32, u32, u64)> = HashMap::new(); // hash -> (slot, crc, seq)
-    let mut slot_owner: HashMap<u32, u64> = HashMap::new();
+    let mut live: HashMap<Key, (u32, u32, u64)> = HashMap::new(); // key -> (slot, crc, seq)
+    let mut slot_owner: HashMap<u32, Key> = HashMap::new();
     let mut off = HEADER_LEN;
     let mut good_end = HEADER_LEN;
     let mut pending_bad = 0u64;
@@ -352,23 +368,23 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
         match r.kind {
             OPEN => rec.last_open = Some(r.hash),
             CLOSE => rec.last_close = Some(r.hash),
-            GHOST => rec.ghost.push(r.hash),
+            GHOST => rec.ghost.push(r.key()),
             PUT => {
-                if let Some(old) = slot_owner.insert(r.slot, r.hash) {
-                    if old != r.hash {
+                if let Some(old) = slot_owner.insert(r.slot, r.key()) {
+                    if old != r.key() {
                         live.remove(&old);
                     }
                 }
-                if let Some((old_slot, _, _)) = live.insert(r.hash, (r.slot, r.crc, seq)) {
+                if let Some((old_slot, _, _)) = live.insert(r.key(), (r.slot, r.crc, seq)) {
                     if old_slot != r.slot {
                         slot_owner.remove(&old_slot);
                     }
                 }
             }
             _ => {
-                if slot_owner.get(&r.slot) == Some(&r.hash) {
+                if slot_owner.get(&r.slot) == Some(&r.key()) {
                     slot_owner.remove(&r.slot);
-                    live.remove(&r.hash);
+                    live.remove(&r.key());
                 }
             }
         }
@@ -376,7 +392,7 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
     }
     let mut list: Vec<(u64, Live)> = live
         .into_iter()
-        .map(|(hash, (slot, crc, s))| (s, Live { hash, slot, crc }))
+        .map(|(key, (slot, crc, s))| (s, Live { key, slot, crc }))
         .collect();
     list.sort_unstable_by_key(|x| x.0);
     rec.live = list.into_iter().map(|x| x.1).collect();
@@ -545,7 +561,7 @@ impl IndexLog {
     /// of `ghost` (write beside under a random name, fsync, rename over,
     /// fsync the directory). On failure the old log stays in place and in
     /// use.
-    pub fn compact(&mut self, g: &Geometry, live: &[Live], ghost: &[u64]) -> Result<()> {
+    pub fn compact(&mut self, g: &Geometry, live: &[Live], ghost: &[Key]) -> Result<()> {
         let suffix = crate::files::random_id()
             .map(|id| id_hex(&id)[..12].to_string())
             .unwrap_or_else(|_| std::process::id().to_string());
@@ -563,7 +579,7 @@ impl IndexLog {
         let mut gen = 0u32;
         let records = live
             .iter()
-            .map(|l| Record::put(l.hash, l.slot, l.crc))
+            .map(|l| Record::put(l.key, l.slot, l.crc))
             .chain(ghost.iter().map(|&h| Record::ghost(h)));
         for r in records {
             gen = gen.wrapping_add(1);
@@ -665,12 +681,12 @@ mod tests {
             rec.live,
             vec![
                 Live {
-                    hash: 11,
+                    key: 11.into(),
                     slot: 1,
                     crc: 222
                 },
                 Live {
-                    hash: 12,
+                    key: 12.into(),
                     slot: 0,
                     crc: 333
                 }
@@ -736,7 +752,7 @@ mod tests {
         let (_, rec) = open(&p);
         assert_eq!(rec.bad_records, 1);
         assert_eq!(rec.torn_bytes, 0);
-        let hashes: Vec<u64> = rec.live.iter().map(|l| l.hash).collect();
+        let hashes: Vec<u64> = rec.live.iter().map(|l| l.key.hash).collect();
         assert_eq!(hashes, vec![0, 1, 3, 4, 5, 6, 7]);
         // Rewritten without it: the next open finds nothing to skip.
         let (_, rec) = open(&p);
@@ -804,14 +820,18 @@ mod tests {
             .unwrap();
         drop(log);
         let (mut log, rec) = open(&p);
-        assert_eq!((rec.ghost.as_slice(), rec.live.len()), (&[7u64, 8][..], 1));
+        assert_eq!(
+            (rec.ghost.as_slice(), rec.live.len()),
+            (&[Key::from(7), 8.into()][..], 1)
+        );
         assert_eq!(rec.bad_records, 0);
-        log.compact(&geo(), &rec.live, &[8, 9]).unwrap();
+        log.compact(&geo(), &rec.live, &[Key::from(8), 9.into()])
+            .unwrap();
         assert_eq!(log.records(), 3);
         drop(log);
         let (_, rec) = open(&p);
-        assert_eq!(rec.ghost, vec![8, 9]);
-        assert_eq!(rec.live[0].hash, 1);
+        assert_eq!(rec.ghost, vec![Key::from(8), 9.into()]);
+        assert_eq!(rec.live[0].key, 1.into());
     }
 
     #[test]
@@ -825,7 +845,7 @@ mod tests {
         }
         let live: Vec<Live> = (92..100u64)
             .map(|i| Live {
-                hash: i,
+                key: i.into(),
                 slot: (i % 8) as u32,
                 crc: i as u32,
             })

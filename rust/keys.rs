@@ -7,6 +7,61 @@
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
+/// A block's name in a store: the engine's 64-bit hash within a namespace.
+/// Namespace 0 is the shared one (what a call without `namespace=` uses);
+/// another namespace's id stands for its name in the store's table of
+/// namespaces. Two keys are the same block only when both parts are equal:
+/// blocks of different namespaces with the same hash never alias.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub hash: u64,
+    pub ns: u32,
+}
+
+impl Key {
+    pub const fn new(hash: u64, ns: u32) -> Self {
+        Key { hash, ns }
+    }
+    /// The key of `hash` in the shared namespace.
+    pub const fn shared(hash: u64) -> Self {
+        Key { hash, ns: 0 }
+    }
+    /// Both parts folded into 64 bits (for hash tables and fingerprints:
+    /// equal keys fold equal; the shared namespace folds to the hash itself).
+    pub fn fold(self) -> u64 {
+        self.hash ^ (self.ns as u64).wrapping_mul(GOLDEN)
+    }
+    /// Keys of `hashes` in namespace `ns`.
+    pub fn all(hashes: &[u64], ns: u32) -> Vec<Key> {
+        hashes.iter().map(|&hash| Key { hash, ns }).collect()
+    }
+}
+
+/// `{:x}` / `{:#018x}`: the hash in hex, then the namespace's id when it is
+/// not the shared one.
+impl std::fmt::LowerHex for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::LowerHex::fmt(&self.hash, f)?;
+        if self.ns != 0 {
+            write!(f, " (namespace #{})", self.ns)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<u64> for Key {
+    fn from(hash: u64) -> Self {
+        Key::shared(hash)
+    }
+}
+
+impl std::hash::Hash for Key {
+    // One `write_u64` (the store's maps use a hasher made for one u64).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fold());
+    }
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

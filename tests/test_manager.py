@@ -44,8 +44,12 @@ class TierOrder:
     SMALL_PERCENT = 60
     MAX_FREQ = 3
 
-    def __init__(self, kind: str, cap: int) -> None:
+    def __init__(self, kind: str, cap: int, ns_of=lambda h: 0) -> None:
         self.kind = kind
+        # Each named namespace's blocks (not the shared one's, 0), oldest first; with LRU
+        # least recent first: where a namespace at its quota finds its own victim.
+        self.ns_of = ns_of
+        self.by_ns: Dict[int, "OrderedDict[int, None]"] = {}
         self.small: "OrderedDict[int, None]" = OrderedDict()  # LRU's only list
         self.main: "OrderedDict[int, None]" = OrderedDict()
         self.freq: Dict[int, int] = {}
@@ -86,6 +90,8 @@ class TierOrder:
         return len(self.small) + len(self.main)
 
     def insert(self, h: int) -> None:
+        if self.ns_of(h):
+            self.by_ns.setdefault(self.ns_of(h), OrderedDict())[h] = None
         self.freq[h] = 0
         if self._ghost_take(h):
             self.main[h] = None
@@ -95,13 +101,36 @@ class TierOrder:
     def touch(self, h: int) -> None:
         if self.kind == "lru":
             self.small.move_to_end(h)
+            if self.ns_of(h):
+                self.by_ns[self.ns_of(h)].move_to_end(h)
         else:
             self.freq[h] = min(self.freq[h] + 1, self.MAX_FREQ)
 
     def remove(self, h: int) -> None:
+        mine = self.by_ns.get(self.ns_of(h))
+        if mine is not None and h in mine:
+            del mine[h]
+            if not mine:
+                del self.by_ns[self.ns_of(h)]
         self.small.pop(h, None)
         self.main.pop(h, None)
         self.freq.pop(h, None)
+
+    def held_by(self, ns: int) -> int:
+        return len(self.by_ns.get(ns, ()))
+
+    def victim_in(self, ns: int, pinned) -> Optional[int]:
+        """Namespace `ns`'s own victim: LRU's least recent unpinned block of it; S3-FIFO's
+        oldest unpinned one with count 0, a block with a count going to the back of the
+        namespace's list with its count lowered by one (the queues stay as they are, the
+        ghost is not told)."""
+        while True:
+            mine = self.by_ns.get(ns, OrderedDict())
+            h = next((h for h in mine if not pinned(h)), None)
+            if h is None or self.kind == "lru" or self.freq[h] == 0:
+                return h
+            self.freq[h] -= 1
+            mine.move_to_end(h)
 
     def victim(self, pinned) -> Optional[int]:
         """The block to evict (S3-FIFO moves blocks on the way), None if all are pinned."""
@@ -127,8 +156,12 @@ class PolicyModel:
     """The documented policy, block by block (see rust/manager/mod.rs)."""
 
     def __init__(self, host_cap: int, disk_cap: int, admission: str = "all",
-                 host_eviction: str = "lru", disk_eviction: str = "lru") -> None:
+                 host_eviction: str = "lru", disk_eviction: str = "lru", ns_of=lambda h: 0) -> None:
         self.H, self.D = host_cap, disk_cap
+        # Blocks are model keys; `ns_of` names a key's namespace id (0: the shared one).
+        # Quotas in slots per namespace: {"host": n or None, "disk": n or None}.
+        self.ns_of = ns_of
+        self.quotas: Dict[int, Dict[str, Optional[int]]] = {}
         # disk_admission: with "reuse" a host victim goes to disk only if it was asked for
         # again since it entered the host tier, or its hash was turned away before (the last
         # H + D turned away are remembered, oldest forgotten first).
@@ -136,8 +169,8 @@ class PolicyModel:
         self.asked: "set[int]" = set()
         self.ghost: "OrderedDict[int, None]" = OrderedDict()
         self.not_admitted = 0
-        self.host = TierOrder(host_eviction, host_cap)
-        self.disk = TierOrder(disk_eviction, disk_cap)
+        self.host = TierOrder(host_eviction, host_cap, ns_of)
+        self.disk = TierOrder(disk_eviction, disk_cap, ns_of)
         self.data: Dict[int, bytes] = {}
         self.dropped = 0
         self.rejected = 0
@@ -183,28 +216,51 @@ class PolicyModel:
         self.data.pop(h, None)
         self.dropped += 1
 
+    def _at_quota(self, tier: str, ns: int) -> bool:
+        q = self.quotas.get(ns, {}).get(tier)
+        blocks = self.host if tier == "host" else self.disk
+        return ns != 0 and q is not None and blocks.held_by(ns) >= q
+
+    def _own_victim(self, tier: str, ns: int) -> Optional[int]:
+        blocks = self.host if tier == "host" else self.disk
+        return blocks.victim_in(ns, lambda h: self.pins.get((tier, h)))
+
+    def _evict_host(self, v: int) -> None:
+        """The host victim `v` leaves the host tier: offloaded, kept on disk, or dropped."""
+        self.host.remove(v)
+        asked = v in self.asked
+        self.asked.discard(v)
+        if v in self.disk:
+            return
+        if self.D and self.admission == "reuse" and not asked:
+            self._drop(v)
+            self.not_admitted += 1
+            if v not in self.ghost:
+                self.ghost[v] = None
+                while len(self.ghost) > self.H + self.D:
+                    self.ghost.popitem(last=False)
+            return
+        if not (self.D and self.disk_insert(v)):
+            self._drop(v)
+
+    def _evict_disk(self, w: int) -> None:
+        self.disk.remove(w)
+        if w not in self.host and w != self.inflight:
+            self._drop(w)
+
     def host_insert(self, h: int) -> bool:
         self.inflight = h  # its own eviction cascade must not drop it
-        while self._used("host") >= self.H:
-            v = self._evictable("host")
-            if v is None:  # every host slot leased
+        while True:
+            if self._at_quota("host", self.ns_of(h)):  # it takes the place of its own
+                v = self._own_victim("host", self.ns_of(h))
+            elif self._used("host") >= self.H:
+                v = self._evictable("host")
+            else:
+                break
+            if v is None:  # every slot it could take leased
                 self.inflight = None
                 return False
-            self.host.remove(v)
-            asked = v in self.asked
-            self.asked.discard(v)
-            if v in self.disk:
-                continue
-            if self.D and self.admission == "reuse" and not asked:
-                self._drop(v)
-                self.not_admitted += 1
-                if v not in self.ghost:
-                    self.ghost[v] = None
-                    while len(self.ghost) > self.H + self.D:
-                        self.ghost.popitem(last=False)
-                continue
-            if not (self.D and self.disk_insert(v)):
-                self._drop(v)
+            self._evict_host(v)
         self.host.insert(h)
         if h in self.ghost:  # its second sighting
             del self.ghost[h]
@@ -215,15 +271,31 @@ class PolicyModel:
         return True
 
     def disk_insert(self, h: int) -> bool:
-        while self._used("disk") >= self.D:
-            w = self._evictable("disk")
-            if w is None:  # every disk slot leased
+        while True:
+            if self._at_quota("disk", self.ns_of(h)):
+                w = self._own_victim("disk", self.ns_of(h))
+            elif self._used("disk") >= self.D:
+                w = self._evictable("disk")
+            else:
+                break
+            if w is None:  # every slot it could take leased
                 return False
-            self.disk.remove(w)
-            if w not in self.host and w != self.inflight:
-                self._drop(w)
+            self._evict_disk(w)
         self.disk.insert(h)
         return True
+
+    def set_quota(self, ns: int, host: Optional[int], disk: Optional[int]) -> None:
+        """Quotas in slots; blocks past them leave now, each its namespace's own victim."""
+        self.quotas[ns] = {"host": host, "disk": disk}
+        for tier, q, evict in (("host", host, self._evict_host), ("disk", disk, self._evict_disk)):
+            blocks = self.host if tier == "host" else self.disk
+            if q is None or not (self.H if tier == "host" else self.D):
+                continue
+            while blocks.held_by(ns) > q:
+                v = self._own_victim(tier, ns)
+                if v is None:
+                    break
+                evict(v)
 
     def put(self, hashes: List[int], blocks: List[bytes],
             inserted: "Optional[List[tuple]]" = None) -> int:
@@ -310,6 +382,18 @@ class PolicyModel:
 
 
 hash_lists = st.lists(st.integers(0, 12), min_size=1, max_size=6)
+# None: the shared namespace; "a" and "b" get ids 1, 2, ... in the order of their first put.
+namespaces = st.sampled_from([None, None, "a", "b"])
+GOLDEN = 0x9E3779B97F4A7C15
+UNKNOWN_NS = 0xFFFFFFFF  # the id of a name never put into: every query in it misses
+
+
+def fold(ns_id: int, h: int) -> int:
+    """A block's key (namespace id, hash) folded into 64 bits as the store does for its maps
+    and its S3-FIFO ghost (rust/keys.rs `Key::fold`); the shared namespace folds to the hash.
+    The model uses it as the block's name: for the hashes and ids here, distinct keys fold
+    to distinct values."""
+    return h ^ ((ns_id * GOLDEN) & ((1 << 64) - 1))
 
 
 class ManagerMachine(RuleBasedStateMachine):
@@ -330,13 +414,29 @@ class ManagerMachine(RuleBasedStateMachine):
         h, d = caps
         self.bs = block_size
         self.model = PolicyModel(h, d, extra.get("disk_admission", "all"),
-                                 extra.get("host_eviction", "lru"), extra.get("disk_eviction", "lru"))
+                                 extra.get("host_eviction", "lru"), extra.get("disk_eviction", "lru"),
+                                 ns_of=lambda k: self.ns_of[k])
         # The model is the synchronous policy: no background write-behind.
         cfg = Config(block_size=block_size, host_blocks=h, disk_blocks=d, disk_dir=self.dir,
                      o_direct=o_direct, numa_node=None, pin=False, io_depth=3, write_behind=False,
                      **extra)
         self.m = BlockManager(cfg)
         self.rng = np.random.default_rng(0)
+        self.ns_ids: Dict[Optional[str], int] = {None: 0}
+        self.hash_of: Dict[int, int] = {}  # model key -> its hash
+        self.ns_of: Dict[int, int] = {}  # model key -> its namespace id
+
+    def keys(self, hashes, ns, put: bool = False) -> list:
+        """The model's names of `hashes` in namespace `ns` (a put gives a new name its id)."""
+        if ns not in self.ns_ids and put:
+            self.ns_ids[ns] = len(self.ns_ids)
+        i = self.ns_ids.get(ns, UNKNOWN_NS)
+        out = []
+        for h in hashes:
+            k = fold(i, h)
+            self.hash_of[k], self.ns_of[k] = h, i
+            out.append(k)
+        return out
 
     def teardown(self) -> None:
         if hasattr(self, "m"):
@@ -344,11 +444,12 @@ class ManagerMachine(RuleBasedStateMachine):
             assert os.listdir(self.dir) == []
             shutil.rmtree(self.dir)
 
-    @rule(hashes=hash_lists)
-    def put(self, hashes) -> None:
+    @rule(hashes=hash_lists, ns=namespaces)
+    def put(self, hashes, ns) -> None:
         src = self.rng.integers(0, 256, size=len(hashes) * self.bs, dtype=np.uint8)
         blocks = [src[i * self.bs:(i + 1) * self.bs].tobytes() for i in range(len(hashes))]
-        assert self.m.put(np.array(hashes, dtype=np.uint64), src) == self.expect_put(hashes, blocks)
+        new = self.m.put(np.array(hashes, dtype=np.uint64), src, namespace=ns)
+        assert new == self.expect_put(self.keys(hashes, ns, put=True), blocks)
 
     # What the model expects; the remote variant below adds its tier.
     def expect_put(self, hashes, blocks) -> int:
@@ -363,21 +464,21 @@ class ManagerMachine(RuleBasedStateMachine):
     def expect_lookup(self, hashes) -> "tuple[int, int]":
         return self.model.lookup(hashes)
 
-    @rule(hashes=hash_lists)
-    def get(self, hashes) -> None:
+    @rule(hashes=hash_lists, ns=namespaces)
+    def get(self, hashes, ns) -> None:
         dst = np.zeros(len(hashes) * self.bs, dtype=np.uint8)
-        n = self.m.get(hashes, dst)
-        want = self.expect_get(hashes)
+        n = self.m.get(hashes, dst, namespace=ns)
+        want = self.expect_get(self.keys(hashes, ns))
         assert n == len(want)
         for i, b in enumerate(want):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"block {hashes[i]}"
 
-    @rule(hashes=hash_lists)
-    def match(self, hashes) -> None:
-        assert self.m.match(hashes) == self.expect_match(hashes)
+    @rule(hashes=hash_lists, ns=namespaces)
+    def match(self, hashes, ns) -> None:
+        assert self.m.match(hashes, namespace=ns) == self.expect_match(self.keys(hashes, ns))
 
-    @rule(put_hashes=hash_lists, extra=hash_lists, reverse=st.booleans())
-    def jobs(self, put_hashes, extra, reverse) -> None:
+    @rule(put_hashes=hash_lists, extra=hash_lists, reverse=st.booleans(), ns=namespaces)
+    def jobs(self, put_hashes, extra, reverse, ns) -> None:
         # A put job and a get job submitted back to back, waited for in either order. The get
         # includes a hash of the put, so it waits for the put: the order is defined, and the
         # model applies put then get.
@@ -385,28 +486,28 @@ class ManagerMachine(RuleBasedStateMachine):
         src = self.rng.integers(0, 256, size=len(put_hashes) * self.bs, dtype=np.uint8)
         blocks = [src[i * self.bs:(i + 1) * self.bs].tobytes() for i in range(len(put_hashes))]
         dst = np.zeros(len(get_hashes) * self.bs, dtype=np.uint8)
-        put_job = self.m.put_async(put_hashes, src)
-        get_job = self.m.get_async(get_hashes, dst)
+        put_job = self.m.put_async(put_hashes, src, namespace=ns)
+        get_job = self.m.get_async(get_hashes, dst, namespace=ns)
         if reverse:
             n = get_job.wait(timeout=60)
             new = put_job.wait(timeout=60)
         else:
             new = put_job.wait(timeout=60)
             n = get_job.wait(timeout=60)
-        assert new == self.expect_put(put_hashes, blocks)
-        want = self.expect_get(get_hashes)
+        assert new == self.expect_put(self.keys(put_hashes, ns, put=True), blocks)
+        want = self.expect_get(self.keys(get_hashes, ns))
         assert n == len(want)
         for i, b in enumerate(want):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"job block {get_hashes[i]}"
 
-    @rule(hashes=hash_lists)
-    def lookup(self, hashes) -> None:
+    @rule(hashes=hash_lists, ns=namespaces)
+    def lookup(self, hashes, ns) -> None:
         if not hasattr(self, "leases"):
             self.leases = {}
-        lease = self.m.lookup(hashes)
-        mid, n = self.expect_lookup(hashes)
+        lease = self.m.lookup(hashes, namespace=ns)
+        mid, n = self.expect_lookup(self.keys(hashes, ns))
         assert lease.count == n
-        self.leases[mid] = (lease, list(hashes[:n]))
+        self.leases[mid] = (lease, self.keys(hashes[:n], ns))
 
     @rule(data=st.data())
     def use_or_release_a_lease(self, data) -> None:
@@ -425,26 +526,43 @@ class ManagerMachine(RuleBasedStateMachine):
         for i, b in enumerate(want):
             assert dst[i * self.bs:(i + 1) * self.bs].tobytes() == b, f"leased block {hashes[i]}"
 
-    @rule(hashes=hash_lists)
-    def touch(self, hashes) -> None:
+    @rule(hashes=hash_lists, ns=namespaces)
+    def touch(self, hashes, ns) -> None:
         want = 0
-        for h in hashes:
-            if self.model.present(h):
-                self.model.touch(h)
+        for k in self.keys(hashes, ns):
+            if self.model.present(k):
+                self.model.touch(k)
                 want += 1
-        assert self.m.touch(hashes) == want
+        assert self.m.touch(hashes, namespace=ns) == want
 
-    @rule(hashes=hash_lists)
-    def remove(self, hashes) -> None:
-        assert self.m.remove(hashes) == self.model.remove(hashes)
+    @rule(hashes=hash_lists, ns=namespaces)
+    def remove(self, hashes, ns) -> None:
+        assert self.m.remove(hashes, namespace=ns) == self.model.remove(self.keys(hashes, ns))
+
+    @rule(ns=st.sampled_from(["a", "b"]), host=st.sampled_from([None, 1, 2]),
+          disk=st.sampled_from([None, 1, 2]))
+    def set_quota(self, ns, host, disk) -> None:
+        self.m.set_quota(ns, host_bytes=None if host is None else host * self.bs,
+                         disk_bytes=None if disk is None else disk * self.bs + self.bs // 2)
+        self.keys([], ns, put=True)  # a quota gives a new name its id too
+        self.model.set_quota(self.ns_ids[ns], host, disk)
+        part = self.m.stats(namespace=ns)
+        assert (part["host_quota_bytes"], part["disk_quota_bytes"]) == (
+            None if host is None else host * self.bs, None if disk is None else disk * self.bs + self.bs // 2)
+
+    @rule(ns=st.sampled_from(["a", "b"]))
+    def purge(self, ns) -> None:
+        # Every block of the namespace, in every tier; the others stay.
+        mine = [k for k in self.model.data if self.ns_of[k] == self.ns_ids.get(ns, UNKNOWN_NS)]
+        assert self.m.purge(ns) == self.model.remove(mine)
 
     @invariant()
     def same_state(self) -> None:
         if not hasattr(self, "m"):
             return
         host, disk = self.m.lru_order()
-        assert host == list(self.model.host)
-        assert disk == list(self.model.disk)
+        assert host == [self.hash_of[k] for k in self.model.host]
+        assert disk == [self.hash_of[k] for k in self.model.disk]
         assert len(self.m) == len(self.model.data)
         s = self.m.stats()
         assert s["host_blocks_used"] <= self.model.H and s["disk_blocks_used"] <= self.model.D
@@ -453,6 +571,14 @@ class ManagerMachine(RuleBasedStateMachine):
         assert s["rejected_full"] == self.model.rejected
         for h in range(13):
             assert (h in self.m) == self.model.present(h)
+        for ns in ("a", "b"):
+            i = self.ns_ids.get(ns, UNKNOWN_NS)
+            for h in range(13):
+                assert self.m.contains(h, namespace=ns) == self.model.present(fold(i, h)), (ns, h)
+            part = self.m.stats(namespace=ns)
+            assert part["host_blocks_used"] == sum(1 for k in self.model.host if self.ns_of[k] == i)
+            assert part["disk_blocks_used"] == sum(1 for k in self.model.disk if self.ns_of[k] == i)
+        assert self.m.namespaces() == [n for n in self.ns_ids if n is not None]
 
 
 ManagerMachine.TestCase.settings = settings(
@@ -502,7 +628,7 @@ class RemoteManagerMachine(ManagerMachine):
     def _continue(self, hashes, n) -> list:
         out = []
         for h in hashes[n:]:
-            if h not in self.remote:
+            if h not in self.remote:  # (it holds the shared namespace only)
                 break
             out.append(h)
         return out
@@ -510,7 +636,8 @@ class RemoteManagerMachine(ManagerMachine):
     def expect_put(self, hashes, blocks) -> int:
         sent: list = []
         new = self.model.put(hashes, blocks, sent)
-        self.remote.update(sent)  # in order: a hash sent twice keeps its last bytes
+        # In order: a hash sent twice keeps its last bytes. A namespace's blocks stay local.
+        self.remote.update((k, b) for k, b in sent if self.ns_of[k] == 0)
         return new
 
     def expect_get(self, hashes) -> list:

@@ -49,7 +49,7 @@ def test_verify_finds_a_changed_block_and_drop_bad_removes_it(tmp_path: Path) ->
     path = tmp_path / "kv"
     make_store(path, [1, 2, 3])
     d = _core.inspect_store(str(path))
-    slot = {h: s for h, s, _ in d["live"]}[2]
+    slot = {h: s for h, s, _, _ in d["live"]}[2]
     with open(path, "r+b") as f:  # one byte of block 2 changes on disk
         f.seek(d["data_offset"] + slot * d["slot_stride"] + 100)
         b = f.read(1)
@@ -70,11 +70,41 @@ def test_verify_finds_a_changed_block_and_drop_bad_removes_it(tmp_path: Path) ->
         assert m.get([3], out_buf) == 1 and np.array_equal(out_buf, data_for(3))
 
 
+def test_info_and_verify_know_namespaces(tmp_path: Path) -> None:
+    """Hash 2 is stored in the shared namespace and in "tenant a"; the tenant's copy is
+    damaged: info counts blocks per namespace, verify names the namespace of the bad block,
+    and --drop-bad removes that block only, not the shared one of the same hash."""
+    path = tmp_path / "kv"
+    with open_store(path, disk_blocks=32) as m:
+        m.put([1, 2], blocks([1, 2]))
+        m.put([2, 3], blocks([7, 8]), namespace="tenant a")
+    d = _core.inspect_store(str(path))
+    assert d["namespaces"] == ["tenant a"]
+    slot = {(h, ns): s for h, s, _, ns in d["live"]}[(2, 1)]
+    with open(path, "r+b") as f:
+        f.seek(d["data_offset"] + slot * d["slot_stride"] + 7)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x01]))
+    info = json.loads(tool(str(path), "info", "--json").stdout)
+    assert info["blocks"] == 4 and info["namespace_blocks"] == {"tenant a": 2}
+    assert "namespaces          1 ('tenant a': 2; blocks each)" in tool(str(path), "info").stdout
+    r = tool(str(path), "verify", "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and (out["bad"], out["bad_namespaces"]) == ([2], ["tenant a"])
+    r = tool(str(path), "verify", "--drop-bad")
+    assert r.returncode == 0 and "(namespace 'tenant a')" in r.stdout, r.stdout
+    with open_store(path, disk_blocks=32) as m:
+        assert 2 in m and not m.contains(2, namespace="tenant a") and len(m) == 3
+        out_buf = np.zeros(BS, np.uint8)
+        assert m.get([2], out_buf) == 1 and np.array_equal(out_buf, data_for(2))
+
+
 def test_verify_names_a_block_the_device_cannot_read(tmp_path: Path, faultshim: Path) -> None:
     path = tmp_path / "kv"
     make_store(path, [1, 2, 3])
     d = _core.inspect_store(str(path))
-    at = d["data_offset"] + {h: s for h, s, _ in d["live"]}[2] * d["slot_stride"]
+    at = d["data_offset"] + {h: s for h, s, _, _ in d["live"]}[2] * d["slot_stride"]
     env = dict(os.environ, **shim_env(faultshim, suffix="/kv", op="read", count=-1,
                                       off_lo=at, off_hi=at + d["slot_stride"]))
     r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "verify", "--json"],

@@ -176,7 +176,9 @@ class Config:
     Durability: by default the disk tier is an anonymous file that vanishes
     with the process. ``persist=True`` with ``disk_path`` keeps a named data
     file plus an index (``disk_path + ".index"``) that survive restarts and
-    ``kill -9``: every block whose disk write completed is recovered.
+    ``kill -9``: every block whose disk write completed is recovered. A store
+    that was given namespaces also keeps their names beside the index
+    (``disk_path + ".index.namespaces"``).
     ``durability="process"`` (default) survives the death of the process;
     ``"sync"`` also fdatasyncs data then index at every batch, surviving power
     loss (or call ``sync()`` at the points you choose). ``write_through=True``

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import operator
@@ -17,7 +18,7 @@ import os
 import queue
 import threading
 from typing import (Any, Callable, Dict, Generator, List, NamedTuple, Optional, Sequence, Set,
-                    Union)
+                    Tuple, Union)
 
 from . import _core
 from ._once import LogOnce
@@ -48,6 +49,20 @@ def _hash_value(hash: Any) -> int:
     if not 0 <= v < 2**64:
         raise ValueError(f"hash must be an integer in 0..2**64, got {v}")
     return v
+
+
+def _namespace(namespace: Any) -> Optional[str]:
+    """A ``namespace=`` argument checked: None (the shared namespace) or a
+    non-empty str of at most 1024 bytes of UTF-8."""
+    if namespace is None:
+        return None
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str or None, got {type(namespace).__name__} {namespace!r}")
+    n = len(namespace.encode("utf-8", "surrogatepass"))
+    if not 0 < n <= 1024:
+        raise ValueError(f"namespace must be a non-empty str of at most 1024 bytes of UTF-8 "
+                         f"(or None for the shared namespace), got one of {n} bytes")
+    return namespace
 
 
 def _layout_fingerprint(config: Config) -> int:
@@ -112,11 +127,13 @@ class TierEvent(NamedTuple):
     still be on their way, and a write that fails takes it back with a
     ``"removed"``), ``"removed"`` (it left ``tier``: evicted, moved, removed,
     failed its check) or ``"cleared"`` (every block left every tier; ``tier``
-    None, ``hash`` 0)."""
+    None, ``hash`` 0). ``namespace``: the block's namespace (None: the shared
+    one)."""
 
     kind: str
     tier: Optional[str]
     hash: int
+    namespace: Optional[str] = None
 
 
 class Lease:
@@ -131,13 +148,16 @@ class Lease:
     block, or a block that fails its checksum or read, ends the prefix early.
     """
 
-    __slots__ = ("_manager", "_id", "count", "_done")
+    __slots__ = ("_manager", "_id", "count", "_done", "namespace")
 
-    def __init__(self, manager: "BlockManager", lease_id: int, count: int) -> None:
+    def __init__(self, manager: "BlockManager", lease_id: int, count: int,
+                 namespace: Optional[str] = None) -> None:
         self._manager = manager
         self._id = lease_id
         self.count = count
         self._done = False
+        #: The namespace its blocks were looked up in.
+        self.namespace = namespace
 
     @property
     def active(self) -> bool:
@@ -343,7 +363,8 @@ class BlockManager:
             self._jobs_pid = 0
             self._pending: Set["concurrent.futures.Future[int]"] = set()
             # hash -> the latest put job storing it that has not finished
-            self._inflight: Dict[int, "concurrent.futures.Future[int]"] = {}
+            # (namespace, hash) of a block -> the put job storing it
+            self._inflight: Dict[Tuple[Optional[str], int], "concurrent.futures.Future[int]"] = {}
             self._jobs_lock = threading.RLock()
             self._callbacks = _Callbacks()
             self._events_lost = 0
@@ -387,21 +408,28 @@ class BlockManager:
         return self._m.persistent
 
     # --- the batch API ----------------------------------------------------
-    def put(self, hashes: Hashes, src: Any, rows: Rows = None) -> int:
+    def put(self, hashes: Hashes, src: Any, rows: Rows = None, *, namespace: Optional[str] = None) -> int:
         """Store ``len(hashes)`` blocks, back to back in ``src`` or, with
         ``rows``, block ``i`` from row ``rows[i]`` of ``src`` seen as
         ``[n_rows, block_size]`` bytes (a gather from one large KV buffer).
         Blocks already stored are skipped (and refreshed). Returns how many
-        were new. Every check runs before any byte moves."""
-        self._check_open()
-        return self._m.put(hashes, src, rows)
+        were new. Every check runs before any byte moves.
 
-    def match(self, hashes: Hashes) -> int:
+        ``namespace`` (every call that names blocks takes it): the blocks'
+        namespace, a str (a tenant, a ``cache_salt``); None (the default) is
+        the shared one. A block is its hash within its namespace: the same
+        hash in two namespaces is two blocks that never alias. A persistent
+        store keeps its namespaces' names across a restart."""
+        self._check_open()
+        return self._m.put(hashes, src, rows, _namespace(namespace))
+
+    def match(self, hashes: Hashes, *, namespace: Optional[str] = None) -> int:
         """Length of the longest prefix of ``hashes`` stored in any tier."""
         self._check_open()
-        return self._m.match(hashes)
+        return self._m.match(hashes, _namespace(namespace))
 
-    def get(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> int:
+    def get(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None, *,
+            namespace: Optional[str] = None) -> int:
         """Copy the longest stored prefix of ``hashes`` into ``dst`` (writable,
         ``len(hashes) * block_size`` bytes) or, with ``rows``, block ``i`` into
         row ``rows[i]`` of ``dst`` (distinct rows: a scatter into one large KV
@@ -411,8 +439,10 @@ class BlockManager:
 
         Given a :class:`Lease` instead of hashes, reads its ``count`` blocks
         (``dst`` sized for ``count`` blocks, or ``rows`` with ``count``
-        entries) and releases it; returns ``lease.count``."""
+        entries) and releases it; returns ``lease.count`` (its blocks are
+        those of the lease's namespace)."""
         self._check_open()
+        ns = _namespace(namespace)
         if isinstance(hashes, Lease):
             lease = hashes
             if lease._manager is not self:
@@ -422,22 +452,24 @@ class BlockManager:
             n = self._m.get_lease(lease._id, dst, rows)
             lease._done = True
             return n
-        return self._m.get(hashes, dst, rows)
+        return self._m.get(hashes, dst, rows, ns)
 
-    def get_each(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> List[bool]:
+    def get_each(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None, *,
+                 namespace: Optional[str] = None) -> List[bool]:
         """:meth:`get` of hashes, but past a block that is missing or fails its
         check (a checksum, a read error) the blocks after it are still read:
         returns, for each hash, whether its block arrived in ``dst`` (or its
         row). For an engine that recomputes exactly the blocks that did not
         arrive. (For a :class:`Lease`, see :meth:`get_each_async`.)"""
-        return self._get_each(hashes, dst, rows, None)
+        return self._get_each(hashes, dst, rows, None, _namespace(namespace))
 
     def _get_each(self, what: Union[Hashes, Lease], dst: Any, rows: Rows,
-                  lease_hashes: Optional[Sequence[int]]) -> List[bool]:
+                  lease_hashes: Optional[Sequence[int]], ns: Optional[str]) -> List[bool]:
         self._check_open()
         if isinstance(what, Lease):
             n_all = what.count
             hs = list(lease_hashes or [])[:n_all]
+            ns = what.namespace
         else:
             hs = _hash_ints(what)
             n_all = len(hs)
@@ -446,11 +478,11 @@ class BlockManager:
         if isinstance(what, Lease):
             n = self.get(what, dst, idx[:n_all])
         else:
-            n = self.get(what, dst, rows)
+            n = self.get(what, dst, rows, namespace=ns)
         ok = [True] * n + [False] * (n_all - n)
         i = n + 1  # the block at n did not arrive; the ones after it may
         while i < n_all and i < len(hs):
-            k = self._m.get(hs[i:], dst, idx[i:])
+            k = self._m.get(hs[i:], dst, idx[i:], ns)
             ok[i:i + k] = [True] * k
             i += k + 1
         return ok
@@ -471,36 +503,41 @@ class BlockManager:
                     max_workers=self.JOB_WORKERS, thread_name_prefix="dynblock-job")
             fut = self._jobs.submit(fn, *args)
             self._pending.add(fut)
-            for h in stores or ():
-                self._inflight[h] = fut
+            for k in stores or ():
+                self._inflight[k] = fut
             fut.add_done_callback(lambda f: self._job_done(f, stores))
         return Job(fut, what, self._callbacks)
 
     def _job_done(self, fut: "concurrent.futures.Future[int]", stores: Optional[list]) -> None:
         with self._jobs_lock:
             self._pending.discard(fut)
-            for h in stores or ():
-                if self._inflight.get(h) is fut:
-                    del self._inflight[h]
+            for k in stores or ():
+                if self._inflight.get(k) is fut:
+                    del self._inflight[k]
 
-    def put_async(self, hashes: Hashes, src: Any, rows: Rows = None) -> Job:
+    def put_async(self, hashes: Hashes, src: Any, rows: Rows = None, *,
+                  namespace: Optional[str] = None) -> Job:
         """:meth:`put` in the background: returns a :class:`Job` at once."""
-        return self._submit("put", self.put, hashes, src, rows, stores=_hash_ints(hashes))
+        ns = _namespace(namespace)
+        return self._submit("put", functools.partial(self.put, namespace=ns), hashes, src, rows,
+                            stores=[(ns, h) for h in _hash_ints(hashes)])
 
-    def get_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None) -> Job:
+    def get_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None, *,
+                  namespace: Optional[str] = None) -> Job:
         """:meth:`get` (of hashes or a :class:`Lease`) in the background:
         returns a :class:`Job` at once. A get submitted after a put of the same
         hash sees it: it waits for those puts (jobs start in submission order,
         so they are already running); other jobs run side by side."""
-        return self._get_job(hashes, lambda: self.get(hashes, dst, rows))
+        ns = _namespace(namespace)
+        return self._get_job(hashes, ns, lambda: self.get(hashes, dst, rows, namespace=ns))
 
-    def _get_job(self, hashes: Union[Hashes, Lease], read: Callable[[], Any]) -> Job:
-        """A job running ``read()`` once the puts of the same hashes submitted
-        before it have finished."""
+    def _get_job(self, hashes: Union[Hashes, Lease], ns: Optional[str], read: Callable[[], Any]) -> Job:
+        """A job running ``read()`` once the puts of the same blocks (hashes
+        in namespace ``ns``) submitted before it have finished."""
         deps = []
         if not isinstance(hashes, Lease):
             with self._jobs_lock:
-                deps = list({id(f): f for f in (self._inflight.get(h)
+                deps = list({id(f): f for f in (self._inflight.get((ns, h))
                                                 for h in _hash_ints(hashes)) if f}.values())
 
         def run() -> Any:
@@ -511,12 +548,14 @@ class BlockManager:
         return self._submit("get", run)
 
     def get_each_async(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None,
-                       lease_hashes: Optional[Sequence[int]] = None) -> Job:
+                       lease_hashes: Optional[Sequence[int]] = None, *,
+                       namespace: Optional[str] = None) -> Job:
         """:meth:`get_each` in the background (a :class:`Job` whose result is
         the list of booleans). With a :class:`Lease`, ``lease_hashes`` are the
         hashes it was looked up with: blocks after one that fails are then
         read by hash."""
-        return self._get_job(hashes, lambda: self._get_each(hashes, dst, rows, lease_hashes))
+        ns = _namespace(namespace)
+        return self._get_job(hashes, ns, lambda: self._get_each(hashes, dst, rows, lease_hashes, ns))
 
     def wait_all(self, timeout: Optional[float] = None) -> None:
         """Wait for every job submitted so far (their errors stay with each
@@ -527,7 +566,8 @@ class BlockManager:
         if not_done:
             raise TimeoutError(f"{len(not_done)} job(s) not done after {timeout} s")
 
-    def lookup(self, hashes: Hashes, timeout: Optional[float] = None) -> Lease:
+    def lookup(self, hashes: Hashes, timeout: Optional[float] = None, *,
+               namespace: Optional[str] = None) -> Lease:
         """Pin the longest stored prefix of ``hashes`` until it is loaded with
         ``get(lease, dst)`` or released: see :class:`Lease`. Takes no local
         I/O; with a remote tier, the blocks the local tiers miss are fetched
@@ -535,20 +575,22 @@ class BlockManager:
         seconds when that is sooner (what the remote cannot deliver in time
         is left out of the lease)."""
         self._check_open()
-        lease_id, count = self._m.lookup(hashes, timeout)
-        return Lease(self, lease_id, count)
+        ns = _namespace(namespace)
+        lease_id, count = self._m.lookup(hashes, timeout, ns)
+        return Lease(self, lease_id, count, ns)
 
-    def touch(self, hashes: Hashes) -> int:
+    def touch(self, hashes: Hashes, *, namespace: Optional[str] = None) -> int:
         """Mark the stored blocks among ``hashes`` as the most recently used
         (in the order given, the last one newest) without reading them;
         returns how many were stored. Takes no I/O."""
         self._check_open()
-        return self._m.touch(hashes)
+        return self._m.touch(hashes, _namespace(namespace))
 
-    def contains(self, hash: int) -> bool:
-        """Whether ``hash`` (a Python or numpy integer) is stored in any tier."""
+    def contains(self, hash: int, *, namespace: Optional[str] = None) -> bool:
+        """Whether ``hash`` (a Python or numpy integer) is stored in any tier
+        (in ``namespace``; ``hash in manager`` asks the shared one)."""
         self._check_open()
-        return self._m.contains(_hash_value(hash))
+        return self._m.contains(_hash_value(hash), _namespace(namespace))
 
     def __contains__(self, hash: object) -> bool:
         self._check_open()
@@ -562,20 +604,75 @@ class BlockManager:
         self._check_open()
         return len(self._m)
 
-    def remove(self, hashes: Hashes) -> int:
+    def remove(self, hashes: Hashes, *, namespace: Optional[str] = None) -> int:
         """Forget blocks; returns how many were stored."""
         self._check_open()
-        return self._m.remove(hashes)
+        return self._m.remove(hashes, _namespace(namespace))
+
+    def purge(self, namespace: str) -> int:
+        """Forget every block of ``namespace`` (in every tier; a persistent
+        store records it before anything changes); returns how many there
+        were. The name stays known."""
+        ns = _namespace(namespace)
+        if ns is None:
+            raise TypeError("purge needs a namespace (a str); clear() forgets every block")
+        self._check_open()
+        return self._m.purge(ns)
+
+    def set_quota(self, namespace: str, host_bytes: Optional[int] = None,
+                  disk_bytes: Optional[int] = None) -> None:
+        """Give ``namespace`` a quota of ``host_bytes`` of the host tier and
+        ``disk_bytes`` of the disk tier (None: no quota in that tier),
+        replacing its earlier quota. A quota is whole blocks (the bytes
+        rounded down), at least one block. A namespace at its quota in a tier
+        makes room for its next block there by evicting one of its own (its
+        least recently used with ``"lru"``; with ``"s3fifo"`` its oldest not
+        asked for since its last pass), never another namespace's: one
+        tenant's flood cannot push out another's blocks once the quotas add
+        up to no more than the tier. Blocks past a lowered quota are evicted
+        at once (host victims offloaded to disk as usual). A persistent store
+        keeps quotas across a restart (blocks past a quota after a crash leave
+        at the namespace's next put). The shared namespace has no quota."""
+        ns = _namespace(namespace)
+        if ns is None:
+            raise TypeError("set_quota needs a namespace (a str); the shared namespace has no quota")
+        for what, v in (("host_bytes", host_bytes), ("disk_bytes", disk_bytes)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{what} must be an int >= 0 or None, got {v!r}")
+        self._check_open()
+        self._m.set_quota(ns, host_bytes, disk_bytes)
+
+    def namespaces(self) -> List[str]:
+        """The namespaces this store has a name for, in the order they first
+        got a block (a persistent store's include those of earlier runs)."""
+        self._check_open()
+        return self._m.namespaces()
 
     def clear(self) -> None:
         self._check_open()
         self._m.clear()
 
-    def stats(self) -> Dict[str, Any]:
+    _MISSING: Any = object()
+
+    def stats(self, namespace: Any = _MISSING) -> Dict[str, Any]:
         """Counters (hits and misses per tier, blocks and bytes offloaded and
         onboarded, evictions, corrupt and unreadable blocks) and the tiers'
-        actual modes."""
+        actual modes.
+
+        With ``namespace=`` (a name, or None for the shared one): that
+        namespace's part only: ``namespace``, its calls' ``put_blocks``,
+        ``put_new``, ``host_hits``, ``disk_hits``, ``misses`` (since this
+        manager opened), the slots and bytes its blocks hold now
+        (``host_blocks_used``, ``disk_blocks_used``, ``host_bytes_used``,
+        ``disk_bytes_used``) and its quota (``host_quota_bytes``,
+        ``disk_quota_bytes``; None: none)."""
         self._check_open()
+        if namespace is not BlockManager._MISSING:
+            ns = _namespace(namespace)
+            part: Dict[str, Any] = {"namespace": ns}
+            part.update(self._m.namespace_counters(ns))
+            part["host_quota_bytes"], part["disk_quota_bytes"] = self._m.quota(ns)
+            return part
         out: Dict[str, Any] = dict(self._m.counters())
         r = self._remote
         if r is not None:
@@ -642,7 +739,7 @@ class BlockManager:
             self._once("events_lost", "dynblock: %d tier events were dropped: more than "
                        "watch_events' capacity waited to be taken (logged once; counted in "
                        "stats()['events_lost'])", lost)
-        return [TierEvent(k, t, h) for k, t, h in events]
+        return [TierEvent(k, t, h, ns) for k, t, h, ns in events]
 
     def lru_order(self) -> "tuple[list[int], list[int]]":
         """(host, disk) hashes in eviction order, first to leave first: least

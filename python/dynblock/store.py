@@ -2,8 +2,8 @@
 at and look after a persistent store (``Config(persist=True, disk_path=PATH)``:
 the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 
-- ``info``: geometry, store id, blocks and bytes stored, index records and
-  damaged ones, the blocks disk admission remembers having turned away, when
+- ``info``: geometry, store id, blocks and bytes stored (and how many in
+  each namespace), index records and damaged ones, the blocks disk admission remembers having turned away, when
   the store was last opened and whether it was closed cleanly since (and
   when), and which process holds the store, if one does. It reads the
   files without changing them and without the store's lock, so it also works
@@ -12,7 +12,7 @@ the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 - ``verify``: reads every stored block and checks it against the checksum its
   index recorded, with a progress bar and a summary; ``--drop-bad`` removes
   the blocks that fail (their index records too). Exit status 1 when a block
-  failed and was kept.
+  failed and was kept. A failed block of a namespace is reported with it.
 - ``compact``: rewrites the index with one record per stored block (and one
   per block ``disk_admission="reuse"`` remembers having turned away).
 - ``clear``: removes every block (the data file keeps its size).
@@ -104,6 +104,12 @@ def info(path: str, who: bool = True) -> Dict[str, Any]:
     except (DynblockError, ValueError, OSError) as e:
         raise Refused(str(e)) from None
     live = d.pop("live")
+    names = d["namespaces"]
+    per_ns: Dict[str, int] = {}
+    for _, _, _, ns in live:
+        if ns:
+            name = names[ns - 1] if ns <= len(names) else f"#{ns} (not in the table)"
+            per_ns[name] = per_ns.get(name, 0) + 1
     bs = int(d.get("block_size") or d["index_block_size"])
     st = os.stat(path)
     h = holder(path) if who else None
@@ -112,6 +118,7 @@ def info(path: str, who: bool = True) -> Dict[str, Any]:
         blocks=len(live),
         stored_bytes=len(live) * bs,
         fill=len(live) / d["index_num_blocks"] if d["index_num_blocks"] else 0.0,
+        namespace_blocks=per_ns,
         data_file_bytes=st.st_size,
         data_file_allocated_bytes=st.st_blocks * 512,
         held_by=None if h is None else {"pid": h[0], "command": h[1]},
@@ -228,7 +235,8 @@ class Reader:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             self._ino = dst.st_ino
         self._offset, self._stride = int(d["data_offset"]), int(d["slot_stride"])
-        self._map = {int(h): (int(slot), int(crc)) for h, slot, crc in d["live"]}
+        # The shared namespace's blocks (a namespaced block is another block, whatever its hash).
+        self._map = {int(h): (int(slot), int(crc)) for h, slot, crc, ns in d["live"] if ns == 0}
         self._sig = sig
         self.refreshes += 1
         self._next = time.monotonic() + 10 * (time.monotonic() - now)
@@ -285,10 +293,11 @@ class Reader:
             self._old_fds, self._fd, self._map = [], None, {}
 
 
-def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
-           show: bool) -> Tuple[List[int], List[int]]:
-    """Read every block of ``live`` ((hash, slot, crc)); returns the hashes
-    that failed their checksum and those that could not be read. Reads go in
+def _check(o: _Open, live: Sequence[Tuple[int, int, int, int]], checksums: bool,
+           show: bool) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """Read every block of ``live`` ((hash, slot, crc, namespace id)); returns
+    the (hash, namespace id) of those that failed their checksum and of those
+    that could not be read. Reads go in
     steps of ``VERIFY_STEP`` bytes into page-aligned buffers (O_DIRECT), the
     next ``AHEAD`` steps read on threads while this one is checked (both
     release the GIL)."""
@@ -298,19 +307,19 @@ def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
     # AHEAD reads in flight while one step is checked: one buffer each, and one for the check
     bufs = [aligned_empty(min(step, max(len(live), 1)) * bs)
             for _ in range(min(len(parts), AHEAD + 1) or 1)]
-    bad: List[int] = []
-    unreadable: List[int] = []
+    bad: List[Tuple[int, int]] = []
+    unreadable: List[Tuple[int, int]] = []
     progress = Progress(show)
     progress.add(len(parts))
 
     def read(k: int) -> List[bool]:
         part, view = parts[k], bufs[k % len(bufs)][:len(parts[k]) * bs]
         try:
-            o.disk.read_blocks([s for _, s, _ in part], view)
+            o.disk.read_blocks([s for _, s, _, _ in part], view)
             return [True] * len(part)
         except OSError:  # a device error: find the blocks that cannot be read
             ok = []
-            for j, (_, s, _) in enumerate(part):
+            for j, (_, s, _, _) in enumerate(part):
                 try:
                     o.disk.read_blocks([s], view[j * bs:(j + 1) * bs])
                     ok.append(True)
@@ -325,11 +334,11 @@ def _check(o: _Open, live: Sequence[Tuple[int, int, int]], checksums: bool,
             ok = reads[k].result()
             if k + AHEAD < len(parts):
                 reads.append(pool.submit(read, k + AHEAD))
-            unreadable += [h for (h, _, _), r in zip(part, ok) if not r]
+            unreadable += [(h, ns) for (h, _, _, ns), r in zip(part, ok) if not r]
             if checksums:
                 view = bufs[k % len(bufs)][:len(part) * bs]
-                got = _core.block_crcs([h for h, _, _ in part], view, bs)
-                bad += [h for (h, _, c), g, r in zip(part, got, ok) if r and g != c]
+                got = _core.block_crcs([h for h, _, _, _ in part], view, bs)
+                bad += [(h, ns) for (h, _, c, ns), g, r in zip(part, got, ok) if r and g != c]
             done += len(part)
             progress.step(f"{done}/{len(live)} blocks read")
     progress.close()
@@ -342,16 +351,30 @@ def verify(path: str, drop_bad: bool = False, show: bool = False) -> Dict[str, A
     try:
         # Re-read the index now that the store is ours (opening may have
         # rewritten it without damaged records).
-        live = _core.inspect_store(path)["live"]
+        now = _core.inspect_store(path)
+        live, names = now["live"], now["namespaces"]
         bad, unreadable = _check(o, live, bool(d["checksums"]), show)
         dropped = 0
         if drop_bad and (bad or unreadable):
-            dropped = o.m.remove(bad + unreadable)
+            by_ns: Dict[int, List[int]] = {}
+            for h, ns in bad + unreadable:
+                by_ns.setdefault(ns, []).append(h)
+            for ns, hashes in by_ns.items():
+                if ns == 0 or ns <= len(names):
+                    dropped += o.m.remove(hashes, names[ns - 1] if ns else None)
             o.m.compact_index()
     finally:
         o.close()
+
+    def name(ns: int) -> Optional[str]:
+        return None if ns == 0 else names[ns - 1] if ns <= len(names) else f"#{ns}"
+
     return {"path": d["path"], "checked": len(live), "checksums": bool(d["checksums"]),
-            "bad": bad, "unreadable": unreadable, "dropped": dropped,
+            "bad": [h for h, _ in bad], "unreadable": [h for h, _ in unreadable],
+            # The namespace of each (None: the shared one), in the same order.
+            "bad_namespaces": [name(ns) for _, ns in bad],
+            "unreadable_namespaces": [name(ns) for _, ns in unreadable],
+            "dropped": dropped,
             "ok": not (bad or unreadable) or dropped == len(bad) + len(unreadable)}
 
 
@@ -402,6 +425,15 @@ def _closed(d: Dict[str, Any]) -> str:
             + (f"; before that at {_when(last)}" if last else ""))
 
 
+def _namespaces(d: Dict[str, Any]) -> str:
+    per = d["namespace_blocks"]
+    if not d["namespaces"]:
+        return "none (every block is in the shared namespace)"
+    shown = ", ".join(f"{n!r}: {per.get(n, 0)}" for n in d["namespaces"][:5])
+    more = len(d["namespaces"]) - 5
+    return f"{len(d['namespaces'])} ({shown}{f', {more} more' if more > 0 else ''}; blocks each)"
+
+
 def _print_info(d: Dict[str, Any]) -> None:
     held = d["held_by"]
     rows = [
@@ -411,6 +443,7 @@ def _print_info(d: Dict[str, Any]) -> None:
         ("block size", f"{d['index_block_size']} bytes"),
         ("slots", f"{d['index_num_blocks']}"),
         ("blocks stored", f"{d['blocks']} ({d['fill']:.1%} full, {_size(d['stored_bytes'])})"),
+        ("namespaces", _namespaces(d)),
         ("data file", f"{_size(d['data_file_bytes'])} ({_size(d['data_file_allocated_bytes'])} allocated)"),
         ("index", f"{d['index_records']} records, {d['index_bad_records']} damaged, "
                   f"{d['index_torn_bytes']} torn bytes ({_size(d['index_bytes'])})"),
@@ -458,8 +491,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{out['checked']} blocks {what}: {len(out['bad'])} failed their checksum, "
               f"{len(out['unreadable'])} could not be read"
               + (f"; {out['dropped']} removed" if a.drop_bad else ""))
-        for h in (out["bad"] + out["unreadable"])[:20]:
-            print(f"  block {h:#018x}")
+        failed = zip(out["bad"] + out["unreadable"], out["bad_namespaces"] + out["unreadable_namespaces"])
+        for h, ns in list(failed)[:20]:
+            print(f"  block {h:#018x}" + ("" if ns is None else f" (namespace {ns!r})"))
     elif a.command == "compact":
         print(f"index rewritten: {out['records_before']} records -> {out['records_after']} "
               f"({out['blocks']} blocks)")

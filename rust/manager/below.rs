@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::BlockManager;
+use super::{BlockManager, Key};
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
@@ -50,11 +50,17 @@ impl BlockManager {
     ///
     /// # Safety
     /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
-    pub(super) unsafe fn send_remote(&self, hashes: &[u64], addrs: &[usize], new: &[usize]) {
+    pub(super) unsafe fn send_remote(&self, hashes: &[Key], addrs: &[usize], new: &[usize]) {
         let Some((r, w)) = self.remote.get() else {
             return;
         };
-        let hs: Vec<u64> = new.iter().map(|&i| hashes[i]).collect();
+        // The remote tier holds the shared namespace only (its keys carry no
+        // namespace): a namespaced block stays local.
+        let new: Vec<usize> = new.iter().copied().filter(|&i| hashes[i].ns == 0).collect();
+        if new.is_empty() {
+            return;
+        }
+        let hs: Vec<u64> = new.iter().map(|&i| hashes[i].hash).collect();
         match w {
             RemoteWrite::Off => {}
             RemoteWrite::Sync => {
@@ -77,7 +83,7 @@ impl BlockManager {
     /// and untouched by others for the whole call.
     pub(super) unsafe fn fetch_remote(
         &self,
-        hashes: &[u64],
+        hashes: &[Key],
         addrs: &[usize],
         region: Option<&Region>,
         d: Deadline,
@@ -85,11 +91,12 @@ impl BlockManager {
         let Some((r, _)) = self.remote.get() else {
             return 0;
         };
-        if hashes.is_empty() {
+        let shared = shared_prefix(hashes);
+        if shared.is_empty() {
             return 0;
         }
         // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(hashes, addrs, d) };
+        let k = unsafe { r.fetch(&shared, addrs, d) };
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
             if let Err(e) = unsafe { self.put_addrs(&hashes[..k], &addrs[..k], region, false) } {
@@ -102,11 +109,21 @@ impl BlockManager {
     }
 }
 
+/// The hashes of the leading keys of `keys` in the shared namespace: what
+/// the remote tier may be asked for (it holds no other namespace).
+pub(super) fn shared_prefix(keys: &[Key]) -> Vec<u64> {
+    keys.iter()
+        .take_while(|k| k.ns == 0)
+        .map(|k| k.hash)
+        .collect()
+}
+
 impl LocalSource for BlockManager {
     fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
         let (Ok(region), Ok(mut st)) = (self.region(), self.open_state()) else {
             return false;
         };
+        let h = Key::shared(h);
         let at = st.reg.readable(h);
         if let (Some(region), Some(at)) = (
             region.as_deref(),

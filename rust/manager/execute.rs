@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::MutexGuard;
 
 use super::policy::{Plan, Src};
-use super::{block_crc, BlockManager, State};
+use super::{block_crc, BlockManager, Key, State};
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::{IndexLog, Record};
@@ -22,7 +22,7 @@ struct Write {
     addr: usize,
     /// An offload (not a new block).
     victim: bool,
-    hash: u64,
+    hash: Key,
 }
 
 /// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
@@ -182,7 +182,7 @@ impl BlockManager {
         let hook = |i: usize, addr: usize| {
             // SAFETY: addr is block i's source, valid for bs bytes (see above).
             let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
-            m.crcs[i].store(block_crc(m.writes[i].hash, bytes), Ordering::Relaxed);
+            m.crcs[i].store(block_crc(m.writes[i].hash.hash, bytes), Ordering::Relaxed);
         };
         let disk = self.disk.as_ref().expect("disk tier");
         // SAFETY: forwarded from the caller.

@@ -5,14 +5,14 @@
 #![allow(unsafe_code)]
 
 use super::policy::TierSlot;
-use super::{BlockManager, State};
+use super::{BlockManager, Key, State};
 use crate::error::{Error, Result};
 use crate::remote::Deadline;
 
 /// One block a lease holds: its host slot or, when it had none, its disk slot.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Pinned {
-    pub(super) hash: u64,
+    pub(super) hash: Key,
     pub(super) at: TierSlot,
 }
 
@@ -28,7 +28,7 @@ impl BlockManager {
     /// engine's scheduler).
     pub fn lookup(
         &self,
-        hashes: &[u64],
+        hashes: &[Key],
         budget: Option<std::time::Duration>,
     ) -> Result<(u64, usize)> {
         let _timer = self.latency.lookup.time();
@@ -40,7 +40,11 @@ impl BlockManager {
         st.leases.insert(id, pins);
         st.stats.leases += 1;
         drop(st);
-        let Some((remote, _)) = self.remote.get().filter(|_| n < hashes.len()) else {
+        let Some((remote, _)) = self
+            .remote
+            .get()
+            .filter(|_| n < hashes.len() && hashes[n].ns == 0)
+        else {
             return Ok((id, n));
         };
         // Fetched through a bounded buffer, one step of the remote's fetch at
@@ -86,7 +90,7 @@ impl BlockManager {
 
     /// Pin the longest stored prefix of `hashes` (the slot each block is
     /// read from).
-    fn pin_prefix(st: &mut State, hashes: &[u64]) -> Vec<Pinned> {
+    fn pin_prefix(st: &mut State, hashes: &[Key]) -> Vec<Pinned> {
         let n = st.reg.prefix(hashes);
         hashes[..n]
             .iter()
@@ -143,7 +147,7 @@ impl BlockManager {
         let addrs =
             self.block_addrs(n, (dst as usize, len), rows, "dst", true, region.as_deref())?;
         let pins = st.leases.remove(&id).expect("checked above");
-        let hashes: Vec<u64> = pins.iter().map(|p| p.hash).collect();
+        let hashes: Vec<Key> = pins.iter().map(|p| p.hash).collect();
         // SAFETY: forwarded from the caller.
         let r = unsafe { self.get_prefix(st, &hashes, &addrs, region.as_deref()) };
         Self::unpin_all(&mut self.lock(), &pins);

@@ -3,8 +3,12 @@
 //! onboard (disk -> host).
 //!
 //! # Policy (the default, mirrored by the Python model in the tests)
+//! - A block is a [`Key`]: its hash within a namespace (0, the shared one,
+//!   unless a call names another; see `namespaces.rs`). Keys of different
+//!   namespaces are different blocks, whatever their hashes; everything
+//!   below holds for keys. The remote tier holds the shared namespace only.
 //! - A block lives in the host tier, the disk tier, or both (identical bytes:
-//!   a block's content never changes for its hash).
+//!   a block's content never changes for its key).
 //! - **Eviction order**, per tier (`host_eviction`, `disk_eviction`):
 //!   - `lru` (the default): a tier's victim is its least recently used
 //!     block; a touch makes a block the most recent.
@@ -102,6 +106,7 @@
 //!   `remove`/`clear`/`sync`/`stats`, close.
 //! - `policy.rs`: the registry and every decision about which block goes
 //!   where, as named verbs over private fields (no I/O, no `unsafe`).
+//! - `namespaces.rs`: the table of namespace names and its file.
 //! - `recover.rs`: reopening a persistent store: the index replayed into the
 //!   registry, and what recovery has to report.
 //! - `execute.rs`: running a plan (disk write and host copies without the
@@ -125,15 +130,19 @@ use crate::remote::{RemoteTier, RemoteWrite};
 mod below;
 mod execute;
 mod leases;
+pub(crate) mod namespaces;
 mod policy;
 mod read;
 mod recover;
 mod write_behind;
 
 pub use crate::checksum::block_crc;
+pub use crate::keys::Key;
 use leases::Pinned;
+use namespaces::Namespaces;
+pub use namespaces::{check_name, UNKNOWN as UNKNOWN_NAMESPACE};
 pub use policy::TierEvent;
-use policy::{capacity, Map, Plan, Registry, Rules};
+use policy::{capacity, Map, Plan, Registry, Rules, NO_QUOTA};
 use write_behind::Writer;
 
 /// Counters reported by `stats()`.
@@ -171,6 +180,21 @@ pub struct Stats {
     pub index_compactions: u64,
 }
 
+/// One namespace's part: what its calls counted and what it holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NamespaceStats {
+    pub put_blocks: u64,
+    pub put_new: u64,
+    pub host_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+    /// Slots its blocks take in the host and disk tiers (gauges).
+    pub host_blocks: u64,
+    pub disk_blocks: u64,
+    /// Its quota in bytes of the host and disk tiers (None: none).
+    pub quota: namespaces::Quota,
+}
+
 /// Everything behind the manager's one lock: the registry (the policy's),
 /// and the executor's own bookkeeping around it.
 struct State {
@@ -184,6 +208,10 @@ struct State {
     /// Leases by id: the slots each pins.
     leases: Map<u64, Vec<Pinned>>,
     next_lease: u64,
+    /// The namespaces' names.
+    names: Namespaces,
+    /// What each namespace's calls counted (the gauges are the registry's).
+    ns_counts: Map<u32, NamespaceStats>,
 }
 
 /// The tiers' state behind one lock; see the module docs for the policy.
@@ -271,13 +299,29 @@ impl BlockManager {
         );
         let mut stats = Stats::default();
         let mut warnings = Vec::new();
+        let mut names = Namespaces::new();
         let (index, geometry) = match &opts.index_path {
             Some(path) => {
+                names = Namespaces::open(path)?;
                 let r = recover::recover(path, disk.as_deref(), block_size, &opts, &mut reg)?;
                 stats.recovered_blocks = r.recovered;
                 stats.index_torn_bytes = r.torn_bytes;
                 stats.index_bad_records = r.bad_records;
                 warnings = r.warnings;
+                for (ns, q) in names.quotas() {
+                    // Recorded only: blocks past a quota (lowered before a
+                    // crash) leave at the namespace's next insertions.
+                    reg.restore_quota(ns, quota_slots(q, block_size));
+                }
+                let unnamed = reg.unnamed(|ns| names.name(ns).is_some());
+                if unnamed > 0 {
+                    warnings.push(format!(
+                        "{unnamed} blocks recovered from {} are in namespaces its table \
+                         (the .namespaces file beside it) does not name; nobody can ask for \
+                         them, and they leave as the tiers evict",
+                        path.display()
+                    ));
+                }
                 (Some(r.index), Some(r.geometry))
             }
             None => (None, None),
@@ -292,6 +336,8 @@ impl BlockManager {
                 io_error_logged: false,
                 leases: Map::default(),
                 next_lease: 1,
+                names,
+                ns_counts: Map::default(),
             }),
             host,
             disk,
@@ -428,17 +474,19 @@ impl BlockManager {
     /// `src` must be valid for reads of `len` bytes for the whole call.
     pub unsafe fn put_raw(&self, hashes: &[u64], src: *const u8, len: usize) -> Result<usize> {
         // SAFETY: forwarded.
-        unsafe { self.put_rows(hashes, src, len, None) }
+        unsafe { self.put_in(None, hashes, src, len, None) }
     }
 
-    /// Store blocks `hashes[i]` from row `rows[i]` of `src` (seen as rows of
-    /// block_size bytes), or back to back without rows. Returns how many
-    /// were new.
+    /// Store blocks `hashes[i]` of namespace `namespace` (None: the shared
+    /// one) from row `rows[i]` of `src` (seen as rows of block_size bytes),
+    /// or back to back without rows. Returns how many were new. A name new
+    /// to the store gets its id once the buffer and rows passed their checks.
     ///
     /// # Safety
     /// `src` must be valid for reads of `len` bytes for the whole call.
-    pub unsafe fn put_rows(
+    pub unsafe fn put_in(
         &self,
+        namespace: Option<&str>,
         hashes: &[u64],
         src: *const u8,
         len: usize,
@@ -454,8 +502,10 @@ impl BlockManager {
             false,
             region.as_deref(),
         )?;
+        let ns = self.namespace_id(namespace, !hashes.is_empty())?;
+        let keys = Key::all(hashes, ns);
         // SAFETY: forwarded from the caller; the addresses were checked.
-        unsafe { self.put_addrs(hashes, &addrs, region.as_deref(), true) }
+        unsafe { self.put_addrs(&keys, &addrs, region.as_deref(), true) }
     }
 
     /// `put` of blocks at checked addresses; `to_remote`: also send the new
@@ -465,7 +515,7 @@ impl BlockManager {
     /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
     unsafe fn put_addrs(
         &self,
-        hashes: &[u64],
+        hashes: &[Key],
         addrs: &[usize],
         region: Option<&Region>,
         to_remote: bool,
@@ -507,6 +557,11 @@ impl BlockManager {
         r?;
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
+        if let Some(k) = hashes.first().filter(|k| k.ns != UNKNOWN_NAMESPACE) {
+            let c = st.ns_counts.entry(k.ns).or_default();
+            c.put_blocks += hashes.len() as u64;
+            c.put_new += new as u64;
+        }
         st.stats.rejected_full += rejected;
         drop(st);
         if new > 0 {
@@ -526,11 +581,13 @@ impl BlockManager {
     }
 
     /// Length of the longest stored prefix (changes no recency).
-    pub fn match_prefix(&self, hashes: &[u64]) -> Result<usize> {
+    pub fn match_prefix(&self, hashes: &[Key]) -> Result<usize> {
         let _timer = self.latency.lookup.time();
         let n = self.open_state()?.reg.prefix(hashes);
         Ok(match self.remote.get() {
-            Some((r, _)) if n < hashes.len() => n + r.count_prefix(&hashes[n..], r.deadline()),
+            Some((r, _)) if n < hashes.len() => {
+                n + r.count_prefix(&below::shared_prefix(&hashes[n..]), r.deadline())
+            }
             _ => n,
         })
     }
@@ -538,12 +595,12 @@ impl BlockManager {
     /// Mark the stored blocks among `hashes` as the most recently used, in
     /// the order given (the last one is the newest), in every tier that
     /// holds them; takes no I/O. Returns how many were stored.
-    pub fn touch(&self, hashes: &[u64]) -> Result<usize> {
+    pub fn touch(&self, hashes: &[Key]) -> Result<usize> {
         let mut st = self.open_state()?;
         Ok(hashes.iter().filter(|&&h| st.reg.touch(h)).count())
     }
 
-    pub fn contains(&self, h: u64) -> Result<bool> {
+    pub fn contains(&self, h: Key) -> Result<bool> {
         Ok(self.open_state()?.reg.contains(h))
     }
 
@@ -551,9 +608,87 @@ impl BlockManager {
         Ok(self.open_state()?.reg.len())
     }
 
+    /// The id of namespace `name` (None: the shared one, 0). A name the
+    /// store does not know is given an id (and a persistent store writes its
+    /// table down) with `create`, as a put does; without it, it is
+    /// [`UNKNOWN_NAMESPACE`], in which every query misses.
+    pub fn namespace_id(&self, name: Option<&str>, create: bool) -> Result<u32> {
+        if let Some(n) = name {
+            check_name(n)?;
+        }
+        let mut st = self.open_state()?;
+        if create {
+            st.names.id(name)
+        } else {
+            Ok(st.names.find(name))
+        }
+    }
+
+    /// The name of namespace `id` (None: the shared one, or unknown).
+    pub fn namespace_name(&self, id: u32) -> Option<String> {
+        self.lock().names.name(id).map(str::to_owned)
+    }
+
+    /// Every namespace the store has a name for, in the order they came.
+    pub fn namespaces(&self) -> Result<Vec<String>> {
+        let st = self.open_state()?;
+        Ok(st.names.all().map(|(_, n)| n.to_owned()).collect())
+    }
+
+    /// Namespace `ns`'s counters (since this manager opened) and the slots
+    /// its blocks hold now.
+    pub fn namespace_stats(&self, ns: u32) -> Result<NamespaceStats> {
+        let st = self.open_state()?;
+        let (host_blocks, disk_blocks) = st.reg.used_by(ns);
+        Ok(NamespaceStats {
+            host_blocks: host_blocks as u64,
+            disk_blocks: disk_blocks as u64,
+            quota: st.names.quota(ns),
+            ..st.ns_counts.get(&ns).cloned().unwrap_or_default()
+        })
+    }
+
+    /// Give namespace `namespace` a quota of `quota` bytes of the (host,
+    /// disk) tiers (None: no quota in that tier), replacing its earlier one;
+    /// a name new to the store gets its id. A quota is whole blocks (the
+    /// bytes rounded down), at least one. A namespace at its quota in a tier
+    /// makes room for a new block of its own by evicting its own victim
+    /// there (see `policy.rs`); blocks past a lowered quota are evicted now
+    /// (a host victim offloaded as an eviction would), pinned ones as their
+    /// pins allow. A persistent store keeps quotas in its table of names.
+    pub fn set_quota(&self, namespace: &str, quota: namespaces::Quota) -> Result<()> {
+        check_name(namespace)?;
+        let bs = self.block_size as u64;
+        for (what, q) in ["host_bytes", "disk_bytes"].iter().zip(quota) {
+            if let Some(b) = q.filter(|&b| b < bs) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what} must be at least one block ({bs} bytes) or None (no quota), got {b}"
+                )));
+            }
+        }
+        let region = self.region()?;
+        let mut st = self.open_state()?;
+        self.settle_index(&mut st)?;
+        let ns = st.names.id(Some(namespace))?;
+        st.names.set_quota(ns, quota)?;
+        let mut plan = Plan::default();
+        st.reg
+            .set_quota(ns, quota_slots(quota, self.block_size), &mut plan);
+        let (_st, r) = self.execute(st, &plan, region.as_deref());
+        r
+    }
+
+    /// Forget every block of namespace `ns` (its name stays known); returns
+    /// how many there were. As `remove`: the index records the removal
+    /// first, and on an error nothing changed.
+    pub fn purge(&self, ns: u32) -> Result<usize> {
+        let keys = self.open_state()?.reg.keys_of(ns);
+        self.remove(&keys)
+    }
+
     /// Forget blocks; returns how many were stored. The index records the
     /// removal before memory forgets it: on an error nothing changed.
-    pub fn remove(&self, hashes: &[u64]) -> Result<usize> {
+    pub fn remove(&self, hashes: &[Key]) -> Result<usize> {
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
         let dels: Vec<Record> = st
@@ -624,7 +759,7 @@ impl BlockManager {
 
     /// Hashes in LRU order (least recent first) for the host and disk tiers:
     /// for tests and debugging.
-    pub fn lru_order(&self) -> Result<(Vec<u64>, Vec<u64>)> {
+    pub fn lru_order(&self) -> Result<(Vec<Key>, Vec<Key>)> {
         Ok(self.open_state()?.reg.lru_order())
     }
 
@@ -665,6 +800,15 @@ impl BlockManager {
     pub fn block_size(&self) -> usize {
         self.block_size
     }
+}
+
+/// A quota in bytes as whole slots of `block_size` bytes.
+fn quota_slots(q: namespaces::Quota, block_size: usize) -> [u32; 2] {
+    q.map(|b| {
+        b.map_or(NO_QUOTA, |b| {
+            (b / block_size as u64).min(NO_QUOTA as u64 - 1) as u32
+        })
+    })
 }
 
 #[cfg(test)]

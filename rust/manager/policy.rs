@@ -31,6 +31,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
 use crate::index::Live;
+pub(crate) use crate::keys::Key;
 use crate::settings::{DiskAdmission, Eviction};
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
@@ -141,6 +142,80 @@ impl Lists {
     }
 }
 
+/// Each named namespace's blocks in one tier, in a list of its own (front =
+/// oldest; with LRU, least recent): where a namespace at its quota finds
+/// its own victim without a walk past other namespaces' blocks. The shared
+/// namespace (0) has no list (it has no quota).
+struct NsLists {
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    /// namespace -> (head, tail, length)
+    ends: Map<u32, (u32, u32, u32)>,
+}
+
+impl NsLists {
+    fn new(n: usize) -> Self {
+        NsLists {
+            prev: vec![NIL; n],
+            next: vec![NIL; n],
+            ends: Map::default(),
+        }
+    }
+    fn push_back(&mut self, ns: u32, s: u32) {
+        let e = self.ends.entry(ns).or_insert((NIL, NIL, 0));
+        let i = s as usize;
+        self.prev[i] = e.1;
+        self.next[i] = NIL;
+        if e.1 != NIL {
+            self.next[e.1 as usize] = s;
+        } else {
+            e.0 = s;
+        }
+        e.1 = s;
+        e.2 += 1;
+    }
+    fn remove(&mut self, ns: u32, s: u32) {
+        let i = s as usize;
+        let (p, n) = (self.prev[i], self.next[i]);
+        let Some(e) = self.ends.get_mut(&ns) else {
+            return;
+        };
+        if p != NIL {
+            self.next[p as usize] = n;
+        } else {
+            e.0 = n;
+        }
+        if n != NIL {
+            self.prev[n as usize] = p;
+        } else {
+            e.1 = p;
+        }
+        self.prev[i] = NIL;
+        self.next[i] = NIL;
+        e.2 -= 1;
+        if e.2 == 0 {
+            self.ends.remove(&ns);
+        }
+    }
+    fn move_back(&mut self, ns: u32, s: u32) {
+        if self.ends.get(&ns).is_some_and(|e| e.1 != s) {
+            self.remove(ns, s);
+            self.push_back(ns, s);
+        }
+    }
+    fn len(&self, ns: u32) -> usize {
+        self.ends.get(&ns).map_or(0, |e| e.2 as usize)
+    }
+    /// Namespace `ns`'s slots from the oldest, lazily.
+    fn iter(&self, ns: u32) -> impl Iterator<Item = u32> + '_ {
+        let h = self.ends.get(&ns).map_or(NIL, |e| e.0);
+        std::iter::successors((h != NIL).then_some(h), |&c| {
+            let n = self.next[c as usize];
+            (n != NIL).then_some(n)
+        })
+    }
+}
+
 /// S3-FIFO's queue of new blocks (the only list of LRU).
 const SMALL: usize = 0;
 /// S3-FIFO's queue of blocks asked for again.
@@ -182,12 +257,16 @@ impl Order {
         }
     }
     /// Slot `s` now holds `h`, the newest block.
-    fn insert(&mut self, s: u32, h: u64) {
+    fn insert(&mut self, s: u32, h: Key) {
         match self.kind {
             Eviction::Lru => self.lists.push_back(SMALL, s),
             Eviction::S3Fifo => {
                 self.freq[s as usize] = 0;
-                let q = if self.ghost.take(h) { MAIN } else { SMALL };
+                let q = if self.ghost.take(h.fold()) {
+                    MAIN
+                } else {
+                    SMALL
+                };
                 self.lists.push_back(q, s);
             }
         }
@@ -205,6 +284,10 @@ impl Order {
     fn remove(&mut self, s: u32) {
         self.lists.remove(s);
     }
+    /// Slots in the order (holding a block).
+    fn len(&self) -> usize {
+        self.lists.len[SMALL] + self.lists.len[MAIN]
+    }
     /// The slots in the order they would leave if none were asked for or
     /// pinned: LRU's list from the least recent; S3-FIFO's small queue, then
     /// its main queue, each from the oldest.
@@ -216,7 +299,7 @@ impl Order {
     /// (and remembers in its ghost the block leaving the small queue, whose
     /// slot the caller then releases); each move spends one of the moved
     /// block's passes, so the search ends.
-    fn victim(&mut self, pinned: impl Fn(u32) -> bool, hash_of: &[u64]) -> Option<u32> {
+    fn victim(&mut self, pinned: impl Fn(u32) -> bool, hash_of: &[Key]) -> Option<u32> {
         if self.kind == Eviction::Lru {
             return self.lists.iter(SMALL).find(|&s| !pinned(s));
         }
@@ -233,7 +316,7 @@ impl Order {
             let f = &mut self.freq[s as usize];
             if *f == 0 {
                 if q == SMALL {
-                    self.ghost.add(hash_of[s as usize]);
+                    self.ghost.add(hash_of[s as usize].fold());
                 }
                 return Some(s);
             }
@@ -283,7 +366,7 @@ impl TierSlot {
 /// a block removed while pinned leaves its slot "doomed" until the last unpin.
 struct SlotTable {
     order: Order,
-    hash_of: Vec<u64>,
+    hash_of: Vec<Key>,
     /// Checksum of each slot's block (disk tier; unused for host).
     crc: Vec<u32>,
     free: Vec<u32>,
@@ -295,19 +378,22 @@ struct SlotTable {
     /// Whether each slot's block was asked for again since it took the
     /// slot (host tier: what `disk_admission="reuse"` admits).
     asked: Vec<bool>,
+    /// The blocks of each namespace other than the shared one.
+    by_ns: NsLists,
 }
 
 impl SlotTable {
     fn new(cap: u32, eviction: Eviction) -> Self {
         SlotTable {
             order: Order::new(eviction, cap as usize),
-            hash_of: vec![0; cap as usize],
+            hash_of: vec![Key::default(); cap as usize],
             crc: vec![0; cap as usize],
             free: (0..cap).rev().collect(),
             pins: vec![0; cap as usize],
             doomed: vec![false; cap as usize],
             filling: vec![false; cap as usize],
             asked: vec![false; cap as usize],
+            by_ns: NsLists::new(cap as usize),
         }
     }
     fn cap(&self) -> usize {
@@ -334,7 +420,7 @@ impl SlotTable {
     fn load(&mut self, live: &[Live]) {
         let mut used = vec![false; self.cap()];
         for l in live {
-            self.occupy(l.slot, l.hash);
+            self.occupy(l.slot, l.key);
             self.crc[l.slot as usize] = l.crc;
             used[l.slot as usize] = true;
         }
@@ -343,12 +429,19 @@ impl SlotTable {
             .filter(|&s| !used[s as usize])
             .collect();
     }
-    fn occupy(&mut self, s: u32, h: u64) {
+    fn occupy(&mut self, s: u32, h: Key) {
+        if h.ns != 0 {
+            self.by_ns.push_back(h.ns, s);
+        }
         self.hash_of[s as usize] = h;
         self.asked[s as usize] = false;
         self.order.insert(s, h);
     }
     fn release(&mut self, s: u32) {
+        let ns = self.hash_of[s as usize].ns;
+        if ns != 0 {
+            self.by_ns.remove(ns, s);
+        }
         self.order.remove(s);
         if self.pins[s as usize] > 0 {
             self.doomed[s as usize] = true;
@@ -358,6 +451,40 @@ impl SlotTable {
     }
     fn used(&self) -> usize {
         self.cap() - self.free.len()
+    }
+    /// Slots in use by namespace `ns`.
+    fn used_by(&self, ns: u32) -> usize {
+        if ns == 0 {
+            let others: u32 = self.by_ns.ends.values().map(|e| e.2).sum();
+            self.order.len() - others as usize
+        } else {
+            self.by_ns.len(ns)
+        }
+    }
+    /// The block in `s` was asked for.
+    fn touch(&mut self, s: u32) {
+        self.order.touch(s);
+        let ns = self.hash_of[s as usize].ns;
+        if ns != 0 && self.order.kind == Eviction::Lru {
+            self.by_ns.move_back(ns, s);
+        }
+    }
+    /// The slot namespace `ns` (not the shared one) gives up first, among
+    /// those nothing pins: with LRU its least recently used block; with
+    /// S3-FIFO its oldest block whose count is 0, a block with a count
+    /// going to the back of the namespace's list with its count lowered by
+    /// one on the way (the tier's queues are left as they are, and the
+    /// ghost does not remember it).
+    fn ns_victim(&mut self, ns: u32) -> Option<u32> {
+        loop {
+            let pins = &self.pins;
+            let s = self.by_ns.iter(ns).find(|&s| pins[s as usize] == 0)?;
+            if self.order.kind == Eviction::Lru || self.order.freq[s as usize] == 0 {
+                return Some(s);
+            }
+            self.order.freq[s as usize] -= 1;
+            self.by_ns.move_back(ns, s);
+        }
     }
     /// Forget every block; slots still pinned stay out of use until their
     /// last unpin.
@@ -372,7 +499,7 @@ impl SlotTable {
         self.free.retain(|&s| pins[s as usize] == 0);
         self.pins = pins;
     }
-    fn hashes_in_order(&self) -> Vec<u64> {
+    fn hashes_in_order(&self) -> Vec<Key> {
         self.order
             .iter()
             .map(|s| self.hash_of[s as usize])
@@ -444,8 +571,8 @@ impl Recent {
 struct Ghost {
     /// (hash, ticket); an entry whose ticket is no longer its hash's in
     /// `members` is stale (the hash was taken back out).
-    order: std::collections::VecDeque<(u64, u64)>,
-    members: Map<u64, u64>,
+    order: std::collections::VecDeque<(Key, u64)>,
+    members: Map<Key, u64>,
     next: u64,
     cap: usize,
 }
@@ -461,7 +588,7 @@ impl Ghost {
     }
 
     /// Remember `h` (no change if it is remembered already).
-    fn add(&mut self, h: u64) {
+    fn add(&mut self, h: Key) {
         use std::collections::hash_map::Entry;
         if self.cap == 0 {
             return;
@@ -490,7 +617,7 @@ impl Ghost {
     }
 
     /// Whether `h` was remembered; forgets it.
-    fn take(&mut self, h: u64) -> bool {
+    fn take(&mut self, h: Key) -> bool {
         self.members.remove(&h).is_some()
     }
 
@@ -500,7 +627,7 @@ impl Ghost {
     }
 
     /// The remembered hashes, oldest first.
-    fn hashes(&self) -> Vec<u64> {
+    fn hashes(&self) -> Vec<Key> {
         self.order
             .iter()
             .filter(|(h, t)| self.members.get(h) == Some(t))
@@ -538,7 +665,7 @@ pub(super) enum Src {
 pub(super) struct DiskWrite {
     pub(super) disk_slot: u32,
     pub(super) src: Src,
-    pub(super) hash: u64,
+    pub(super) hash: Key,
     /// An offload (a host victim or write-behind), not a new block.
     pub(super) victim: bool,
     /// False once a later step of the same plan took the slot back.
@@ -557,14 +684,14 @@ pub(super) struct HostCopy {
 pub(super) struct Plan {
     /// Disk slots taken from their owners in this batch (hash, slot): their
     /// DEL records go to the index before any slot is overwritten.
-    pub(super) disk_evicted: Vec<(u64, u32)>,
+    pub(super) disk_evicted: Vec<(Key, u32)>,
     pub(super) writes: Vec<DiskWrite>,
     write_by_disk: Map<u32, usize>,
     pub(super) copies: Vec<HostCopy>,
     copy_by_host: Map<u32, usize>,
     /// Host victims disk admission turned away (remembered in its ghost):
     /// their GHOST records go to a persistent store's index.
-    pub(super) turned_away: Vec<u64>,
+    pub(super) turned_away: Vec<Key>,
 }
 
 impl Plan {
@@ -583,9 +710,9 @@ pub enum TierEvent {
     /// The block took a slot of the tier (`true`: host, `false`: disk).
     /// Its bytes may still be on their way (a plan's copy or write), and a
     /// plan that fails takes it back with a `Removed`.
-    Stored { host: bool, hash: u64 },
+    Stored { host: bool, hash: Key },
     /// The block left the tier (evicted, moved, removed, failed its check).
-    Removed { host: bool, hash: u64 },
+    Removed { host: bool, hash: Key },
     /// Every block left every tier (`clear`).
     Cleared,
 }
@@ -609,7 +736,7 @@ pub(super) struct Rules {
 
 /// The registry: sequence hash -> its copies, and each tier's slot table.
 pub(super) struct Registry {
-    map: Map<u64, Entry>,
+    map: Map<Key, Entry>,
     host: Option<SlotTable>,
     disk: Option<SlotTable>,
     counts: PolicyCounts,
@@ -618,7 +745,12 @@ pub(super) struct Registry {
     ghost: Ghost,
     /// Tier changes, when watched.
     events: Option<EventLog>,
+    /// Each namespace's quota in slots (host, disk; [`NO_QUOTA`]: none).
+    quotas: Map<u32, [u32; 2]>,
 }
+
+/// No quota in a tier.
+pub(super) const NO_QUOTA: u32 = u32::MAX;
 
 impl Registry {
     /// Empty tiers of `host` and `disk` slots (0: no such tier) that evict
@@ -632,6 +764,7 @@ impl Registry {
             admission: rules.admission,
             ghost: Ghost::new(host as usize + disk as usize),
             events: None,
+            quotas: Map::default(),
         }
     }
 
@@ -673,7 +806,7 @@ impl Registry {
     }
 
     /// `h` takes slot `s` of tier `kind`.
-    fn occupy(&mut self, kind: TierKind, s: u32, h: u64) {
+    fn occupy(&mut self, kind: TierKind, s: u32, h: Key) {
         self.table_mut(kind).occupy(s, h);
         let host = kind == TierKind::Host;
         self.note(TierEvent::Stored { host, hash: h });
@@ -698,10 +831,10 @@ impl Registry {
         for l in live {
             self.note(TierEvent::Stored {
                 host: false,
-                hash: l.hash,
+                hash: l.key,
             });
             self.map.insert(
-                l.hash,
+                l.key,
                 Entry {
                     host: NIL,
                     disk: l.slot,
@@ -712,14 +845,14 @@ impl Registry {
 
     /// Remember what a persistent store's index says disk admission turned
     /// away (oldest first; the most recent the ghost has room for are kept).
-    pub(super) fn recover_ghost(&mut self, hashes: &[u64]) {
+    pub(super) fn recover_ghost(&mut self, hashes: &[Key]) {
         for &h in hashes {
             self.ghost.add(h);
         }
     }
 
     /// What disk admission remembers having turned away, oldest first.
-    pub(super) fn ghost_hashes(&self) -> Vec<u64> {
+    pub(super) fn ghost_hashes(&self) -> Vec<Key> {
         self.ghost.hashes()
     }
 
@@ -757,7 +890,7 @@ impl Registry {
         self.host.as_ref().map_or(0, SlotTable::cap)
     }
 
-    pub(super) fn contains(&self, h: u64) -> bool {
+    pub(super) fn contains(&self, h: Key) -> bool {
         self.map.contains_key(&h)
     }
 
@@ -773,13 +906,101 @@ impl Registry {
         )
     }
 
+    /// Slots in use in the (host, disk) tiers by namespace `ns`'s blocks.
+    pub(super) fn used_by(&self, ns: u32) -> (usize, usize) {
+        (
+            self.host.as_ref().map_or(0, |t| t.used_by(ns)),
+            self.disk.as_ref().map_or(0, |t| t.used_by(ns)),
+        )
+    }
+
+    /// Whether namespace `ns` holds as many slots of tier `kind` as its
+    /// quota there allows (a new block of it must take one of its own).
+    fn at_quota(&self, kind: TierKind, ns: u32) -> bool {
+        if ns == 0 {
+            return false;
+        }
+        let Some(q) = self.quotas.get(&ns) else {
+            return false;
+        };
+        let q = q[kind as usize];
+        q != NO_QUOTA && self.table(kind).used_by(ns) >= q as usize
+    }
+
+    /// Record namespace `ns`'s quota (a persistent store's, at open)
+    /// without evicting: blocks past it leave at its next insertions.
+    pub(super) fn restore_quota(&mut self, ns: u32, quota: [u32; 2]) {
+        if quota != [NO_QUOTA; 2] {
+            self.quotas.insert(ns, quota);
+        }
+    }
+
+    /// Give namespace `ns` (not the shared one) a quota of `quota` slots in
+    /// the (host, disk) tiers ([`NO_QUOTA`]: none): from now on a block of it
+    /// that would take it past its quota in a tier takes the place of its
+    /// own victim there (see [`SlotTable::ns_victim`]). Blocks past a lower
+    /// quota leave now, as evictions (a host victim offloaded as usual);
+    /// pinned ones leave as their pins allow, at its next insertions.
+    pub(super) fn set_quota(&mut self, ns: u32, quota: [u32; 2], plan: &mut Plan) {
+        if quota == [NO_QUOTA; 2] {
+            self.quotas.remove(&ns);
+        } else {
+            self.quotas.insert(ns, quota);
+        }
+        for kind in [TierKind::Host, TierKind::Disk] {
+            let q = quota[kind as usize];
+            if q == NO_QUOTA || !self.has(kind) {
+                continue;
+            }
+            while self.table(kind).used_by(ns) > q as usize {
+                let Some(v) = self.table_mut(kind).ns_victim(ns) else {
+                    break;
+                };
+                match kind {
+                    TierKind::Host => self.evict_host(v, plan),
+                    TierKind::Disk => self.evict_disk(v, plan),
+                }
+            }
+        }
+    }
+
+    fn has(&self, kind: TierKind) -> bool {
+        match kind {
+            TierKind::Host => self.host.is_some(),
+            TierKind::Disk => self.disk.is_some(),
+        }
+    }
+
+    /// Every stored block of namespace `ns`.
+    pub(super) fn keys_of(&self, ns: u32) -> Vec<Key> {
+        self.map.keys().filter(|k| k.ns == ns).copied().collect()
+    }
+
+    /// How many stored blocks are in namespaces `named` says have no name.
+    pub(super) fn unnamed(&self, named: impl Fn(u32) -> bool) -> usize {
+        self.map
+            .keys()
+            .filter(|k| k.ns != 0 && !named(k.ns))
+            .count()
+    }
+
+    /// [`Self::lru_order`] as bare hashes (for tests).
+    #[cfg(test)]
+    pub(super) fn lru_u64(&self) -> (Vec<u64>, Vec<u64>) {
+        let (h, d) = self.lru_order();
+        (
+            h.into_iter().map(|k| k.hash).collect(),
+            d.into_iter().map(|k| k.hash).collect(),
+        )
+    }
+
     pub(super) fn counts(&self) -> PolicyCounts {
         self.counts
     }
 
     /// Hashes of the host and disk tiers in eviction order, first to leave
     /// first (see [`Order::iter`]): LRU order, least recent first, with LRU.
-    pub(super) fn lru_order(&self) -> (Vec<u64>, Vec<u64>) {
+    pub(super) fn lru_order(&self) -> (Vec<Key>, Vec<Key>) {
         let order =
             |t: &Option<SlotTable>| t.as_ref().map_or_else(Vec::new, SlotTable::hashes_in_order);
         (order(&self.host), order(&self.disk))
@@ -787,13 +1008,13 @@ impl Registry {
 
     /// Make `h` the most recently used block of every tier that holds it;
     /// false when it is not stored.
-    pub(super) fn touch(&mut self, h: u64) -> bool {
+    pub(super) fn touch(&mut self, h: Key) -> bool {
         let Some(&e) = self.map.get(&h) else {
             return false;
         };
         if e.host != NIL && e.host != PENDING {
             if let Some(t) = self.host.as_mut() {
-                t.order.touch(e.host);
+                t.touch(e.host);
                 if self.admission != DiskAdmission::All {
                     t.asked[e.host as usize] = true;
                 }
@@ -801,7 +1022,7 @@ impl Registry {
         }
         if e.disk != NIL {
             if let Some(t) = self.disk.as_mut() {
-                t.order.touch(e.disk);
+                t.touch(e.disk);
             }
         }
         true
@@ -813,7 +1034,7 @@ impl Registry {
     /// take is pinned: nothing was registered.
     pub(super) fn admit(
         &mut self,
-        h: u64,
+        h: Key,
         addr: usize,
         write_through: bool,
         plan: &mut Plan,
@@ -834,7 +1055,7 @@ impl Registry {
     /// pushed out of a full disk tier is gone from the registry, but its
     /// bytes are at `addr`: it is promoted all the same, not lost. False
     /// when it already has a host copy or every host slot is pinned.
-    pub(super) fn promote(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
+    pub(super) fn promote(&mut self, h: Key, addr: usize, plan: &mut Plan) -> bool {
         if self.host.is_none() || self.map.get(&h).is_some_and(|e| e.host != NIL) {
             return false;
         }
@@ -843,13 +1064,13 @@ impl Registry {
 
     /// Give a host block (in `slot`) a disk copy, as write-behind and a
     /// closing persistent store do. False when every disk slot is pinned.
-    pub(super) fn offload(&mut self, h: u64, slot: u32, plan: &mut Plan) -> bool {
+    pub(super) fn offload(&mut self, h: Key, slot: u32, plan: &mut Plan) -> bool {
         self.disk.is_some() && self.disk_insert(h, Src::HostSlot(slot), true, plan)
     }
 
     /// Put `h` into the host tier with its bytes at `addr` (copied later).
     /// False when every host slot is pinned: nothing was registered.
-    fn host_insert(&mut self, h: u64, addr: usize, plan: &mut Plan) -> bool {
+    fn host_insert(&mut self, h: Key, addr: usize, plan: &mut Plan) -> bool {
         let had = self.map.contains_key(&h);
         self.map
             .entry(h)
@@ -859,6 +1080,15 @@ impl Registry {
                 disk: NIL,
             });
         let s = loop {
+            if self.at_quota(TierKind::Host, h.ns) {
+                match self.table_mut(TierKind::Host).ns_victim(h.ns) {
+                    Some(v) => {
+                        self.evict_host(v, plan);
+                        continue;
+                    }
+                    None => break None,
+                }
+            }
             let host = self.table_mut(TierKind::Host);
             if let Some(s) = host.free.pop() {
                 break Some(s);
@@ -931,8 +1161,17 @@ impl Registry {
 
     /// Put `h` into the disk tier from `src`. False when every disk slot is
     /// pinned: nothing was registered.
-    fn disk_insert(&mut self, h: u64, src: Src, victim: bool, plan: &mut Plan) -> bool {
+    fn disk_insert(&mut self, h: Key, src: Src, victim: bool, plan: &mut Plan) -> bool {
         let t = loop {
+            if self.at_quota(TierKind::Disk, h.ns) {
+                match self.table_mut(TierKind::Disk).ns_victim(h.ns) {
+                    Some(w) => {
+                        self.evict_disk(w, plan);
+                        continue;
+                    }
+                    None => break None,
+                }
+            }
             let disk = self.table_mut(TierKind::Disk);
             if let Some(t) = disk.free.pop() {
                 break Some(t);
@@ -976,7 +1215,7 @@ impl Registry {
 
     /// Release `h`'s disk copy in slot `t`; true when that was its last copy
     /// (the block is forgotten).
-    fn unlink_disk(&mut self, h: u64, t: u32) -> bool {
+    fn unlink_disk(&mut self, h: Key, t: u32) -> bool {
         self.release(TierKind::Disk, t);
         let e = self.map.get_mut(&h).expect("registered");
         e.disk = NIL;
@@ -989,7 +1228,7 @@ impl Registry {
 
     /// Drop the disk copy of `h` in slot `t` (it failed its checksum or its
     /// read): false when `h` is no longer there (removed or moved meanwhile).
-    pub(super) fn drop_disk_copy(&mut self, h: u64, t: u32) -> bool {
+    pub(super) fn drop_disk_copy(&mut self, h: Key, t: u32) -> bool {
         if !self.map.get(&h).is_some_and(|e| e.disk == t) {
             return false;
         }
@@ -1000,7 +1239,7 @@ impl Registry {
     /// Drop the host copy of `h` in slot `s` (its bytes could not be
     /// verified): false when `h` is no longer there. Forgets the block when
     /// that was its last copy (counted as dropped).
-    pub(super) fn drop_host_copy(&mut self, h: u64, s: u32) -> bool {
+    pub(super) fn drop_host_copy(&mut self, h: Key, s: u32) -> bool {
         let Some(e) = self.map.get_mut(&h).filter(|e| e.host == s) else {
             return false;
         };
@@ -1017,7 +1256,7 @@ impl Registry {
     /// The distinct stored blocks among `hashes` with the disk slot of each
     /// that has a disk copy: what [`Self::forget`] would remove (for the
     /// index's DEL records, written before memory changes).
-    pub(super) fn disk_copies_of(&self, hashes: &[u64]) -> Vec<(u64, u32)> {
+    pub(super) fn disk_copies_of(&self, hashes: &[Key]) -> Vec<(Key, u32)> {
         let mut seen = std::collections::HashSet::new();
         hashes
             .iter()
@@ -1032,7 +1271,7 @@ impl Registry {
     }
 
     /// Forget blocks (every copy); returns how many distinct ones were stored.
-    pub(super) fn forget(&mut self, hashes: &[u64]) -> usize {
+    pub(super) fn forget(&mut self, hashes: &[Key]) -> usize {
         let mut n = 0;
         for &h in hashes {
             let Some(e) = self.map.remove(&h) else {
@@ -1137,7 +1376,7 @@ impl Registry {
 
     /// Whether `h` is still registered in disk slot `t` (written by a plan
     /// whose lock was released meanwhile); if so, record its checksum.
-    pub(super) fn commit_write(&mut self, h: u64, t: u32, crc: u32) -> bool {
+    pub(super) fn commit_write(&mut self, h: Key, t: u32, crc: u32) -> bool {
         if !self.map.get(&h).is_some_and(|e| e.disk == t) {
             return false;
         }
@@ -1152,7 +1391,7 @@ impl Registry {
 
     /// The copy of a block whose bytes are in place (host preferred). None
     /// while every copy is still filling, or when it is not stored.
-    pub(super) fn readable(&self, h: u64) -> Option<TierSlot> {
+    pub(super) fn readable(&self, h: Key) -> Option<TierSlot> {
         let e = self.map.get(&h)?;
         if e.host != NIL
             && e.host != PENDING
@@ -1168,7 +1407,7 @@ impl Registry {
 
     /// Length of the longest registered prefix (bytes of some blocks may
     /// still be arriving: see [`Self::in_flight`]).
-    pub(super) fn prefix(&self, hashes: &[u64]) -> usize {
+    pub(super) fn prefix(&self, hashes: &[Key]) -> usize {
         hashes
             .iter()
             .position(|h| !self.map.contains_key(h))
@@ -1177,14 +1416,14 @@ impl Registry {
 
     /// Whether any block of `hashes` is registered but has no copy whose
     /// bytes are in place yet (a put or an offload in flight): a read waits.
-    pub(super) fn in_flight(&self, hashes: &[u64]) -> bool {
+    pub(super) fn in_flight(&self, hashes: &[Key]) -> bool {
         hashes.iter().any(|&h| self.readable(h).is_none())
     }
 
     /// The copy a lease pins: the readable one, else the host copy being
     /// filled, else the disk copy being filled (read once it is in place).
     /// `h` must be stored.
-    pub(super) fn lease_copy(&self, h: u64) -> TierSlot {
+    pub(super) fn lease_copy(&self, h: Key) -> TierSlot {
         if let Some(c) = self.readable(h) {
             return c;
         }
@@ -1200,7 +1439,7 @@ impl Registry {
     /// slot) among the `depth` least recent of the host tier, neither pinned
     /// nor filling, that admission would write on their eviction, least
     /// recent first.
-    pub(super) fn clean_candidates(&self, depth: usize, max: usize) -> Vec<(u64, u32)> {
+    pub(super) fn clean_candidates(&self, depth: usize, max: usize) -> Vec<(Key, u32)> {
         let Some(host) = self.host.as_ref() else {
             return Vec::new();
         };
@@ -1218,11 +1457,11 @@ impl Registry {
     /// The host-only blocks admission would not write on their eviction,
     /// remembered now as turned away (a closing persistent store lets them
     /// go with the process): their hashes, least recent first.
-    pub(super) fn turn_away_host_only(&mut self) -> Vec<u64> {
+    pub(super) fn turn_away_host_only(&mut self) -> Vec<Key> {
         if self.disk.is_none() {
             return Vec::new(); // no disk tier: nothing is turned away from it
         }
-        let turned: Vec<u64> = self
+        let turned: Vec<Key> = self
             .host_only_where(false)
             .into_iter()
             .map(|(h, _)| h)
@@ -1236,14 +1475,14 @@ impl Registry {
     /// Every host-only block (hash, host slot) whose bytes are in place and
     /// that admission would write on its eviction, least recent first: what
     /// a closing persistent store writes to disk.
-    pub(super) fn host_only(&self) -> Vec<(u64, u32)> {
+    pub(super) fn host_only(&self) -> Vec<(Key, u32)> {
         self.host_only_where(true)
     }
 
     /// The host-only blocks (hash, host slot) whose bytes are in place and
     /// that admission would (`admitted`) or would not write on their
     /// eviction, least recent first.
-    fn host_only_where(&self, admitted: bool) -> Vec<(u64, u32)> {
+    fn host_only_where(&self, admitted: bool) -> Vec<(Key, u32)> {
         let Some(host) = self.host.as_ref() else {
             return Vec::new();
         };
@@ -1272,7 +1511,7 @@ impl Registry {
             .iter()
             .filter(|&s| !t.filling[s as usize])
             .map(|s| Live {
-                hash: t.hash_of[s as usize],
+                key: t.hash_of[s as usize],
                 slot: s,
                 crc: t.crc[s as usize],
             })
@@ -1357,7 +1596,7 @@ mod tests {
             assert_eq!(in_tier, order.len(), "{name}: entries vs order");
         }
         for (&h, e) in &reg.map {
-            assert!(e.host != NIL || e.disk != NIL, "block {h} has no copy");
+            assert!(e.host != NIL || e.disk != NIL, "block {h:x} has no copy");
             assert_ne!(e.host, PENDING);
             if e.host != NIL {
                 assert_eq!(reg.host.as_ref().unwrap().hash_of[e.host as usize], h);
@@ -1387,10 +1626,10 @@ mod tests {
     fn a_removed_pinned_block_keeps_its_slot_until_unpinned() {
         let mut reg = Registry::new(2, 0, Rules::default());
         let mut plan = Plan::default();
-        assert!(reg.admit(7, 0, false, &mut plan));
-        let at = reg.readable(7).unwrap();
+        assert!(reg.admit(Key::from(7), 0, false, &mut plan));
+        let at = reg.readable(Key::from(7)).unwrap();
         reg.pin(at);
-        assert_eq!(reg.forget(&[7]), 1);
+        assert_eq!(reg.forget(&[Key::from(7)]), 1);
         check(&reg);
         assert!(!reg.host.as_ref().unwrap().free.contains(&at.slot));
         reg.unpin(at);
@@ -1402,19 +1641,19 @@ mod tests {
     fn a_host_victim_is_offloaded_and_a_full_disk_drops_its_lru_block() {
         let mut reg = Registry::new(1, 1, Rules::default());
         let mut plan = Plan::default();
-        reg.admit(1, 0, false, &mut plan);
-        reg.admit(2, 0, false, &mut plan); // 1 -> disk
-        reg.admit(3, 0, false, &mut plan); // 2 -> disk, 1 dropped
-        assert_eq!(reg.lru_order(), (vec![3], vec![2]));
+        reg.admit(Key::from(1), 0, false, &mut plan);
+        reg.admit(Key::from(2), 0, false, &mut plan); // 1 -> disk
+        reg.admit(Key::from(3), 0, false, &mut plan); // 2 -> disk, 1 dropped
+        assert_eq!(reg.lru_u64(), (vec![3], vec![2]));
         let c = reg.counts();
         assert_eq!(
             (c.host_evictions, c.disk_evictions, c.dropped_blocks),
             (2, 1, 1)
         );
-        assert_eq!(plan.disk_evicted, vec![(1, 0)]);
+        assert_eq!(plan.disk_evicted, vec![(Key::from(1), 0)]);
         // 1's write was taken back by 2's in the same plan.
         assert_eq!(
-            plan.live_writes().map(|w| w.hash).collect::<Vec<_>>(),
+            plan.live_writes().map(|w| w.hash.hash).collect::<Vec<_>>(),
             vec![2]
         );
     }
@@ -1423,26 +1662,26 @@ mod tests {
     fn reuse_admission_writes_only_blocks_asked_for_again() {
         let mut reg = Registry::new(1, 4, reuse());
         let mut plan = Plan::default();
-        reg.admit(1, 0, false, &mut plan);
-        reg.admit(2, 0, false, &mut plan); // 1 was never asked for again: not written
-        assert!(plan.writes.is_empty() && !reg.contains(1));
+        reg.admit(Key::from(1), 0, false, &mut plan);
+        reg.admit(Key::from(2), 0, false, &mut plan); // 1 was never asked for again: not written
+        assert!(plan.writes.is_empty() && !reg.contains(Key::from(1)));
         assert_eq!(
             (reg.counts().not_admitted, reg.counts().dropped_blocks),
             (1, 1)
         );
-        assert!(reg.touch(2));
-        reg.admit(3, 0, false, &mut plan); // 2 was: offloaded
+        assert!(reg.touch(Key::from(2)));
+        reg.admit(Key::from(3), 0, false, &mut plan); // 2 was: offloaded
         assert_eq!(
-            plan.writes.iter().map(|w| w.hash).collect::<Vec<_>>(),
+            plan.writes.iter().map(|w| w.hash.hash).collect::<Vec<_>>(),
             vec![2]
         );
-        reg.admit(1, 0, false, &mut plan); // 3 turned away; 1 is on its second sighting
-        reg.admit(4, 0, false, &mut plan); // so 1 is written
+        reg.admit(Key::from(1), 0, false, &mut plan); // 3 turned away; 1 is on its second sighting
+        reg.admit(Key::from(4), 0, false, &mut plan); // so 1 is written
         assert_eq!(
-            plan.live_writes().map(|w| w.hash).collect::<Vec<_>>(),
+            plan.live_writes().map(|w| w.hash.hash).collect::<Vec<_>>(),
             vec![2, 1]
         );
-        assert_eq!(reg.lru_order(), (vec![4], vec![2, 1]));
+        assert_eq!(reg.lru_u64(), (vec![4], vec![2, 1]));
         assert_eq!(reg.counts().not_admitted, 2);
         reg.reset();
         assert!(reg.ghost.members.is_empty());
@@ -1474,24 +1713,30 @@ mod tests {
     fn the_ghost_is_bounded_and_forgets_the_oldest_first() {
         let mut g = Ghost::new(3);
         for h in 0..10 {
-            g.add(h);
+            g.add(Key::from(h));
             if h % 2 == 0 {
-                assert!(g.take(h));
+                assert!(g.take(Key::from(h)));
             }
         }
         assert!(g.members.len() <= 3 && g.order.len() <= 2 * 3 + 64);
-        assert!(!g.take(1) && !g.take(3) && g.take(5) && g.take(7) && g.take(9));
+        assert!(
+            !g.take(Key::from(1))
+                && !g.take(Key::from(3))
+                && g.take(Key::from(5))
+                && g.take(Key::from(7))
+                && g.take(Key::from(9))
+        );
         for h in 0..1000 {
-            g.add(h);
-            g.take(h);
+            g.add(Key::from(h));
+            g.take(Key::from(h));
         }
         assert!(g.order.len() <= 2 * 3 + 65, "{}", g.order.len());
         let mut g = Ghost::new(3);
         for h in [1, 2, 3, 4] {
-            g.add(h);
+            g.add(Key::from(h));
         }
-        g.take(3);
-        assert_eq!(g.hashes(), vec![2, 4]);
+        g.take(Key::from(3));
+        assert_eq!(g.hashes(), vec![Key::from(2), 4.into()]);
     }
 
     proptest! {
@@ -1513,25 +1758,25 @@ mod tests {
             for o in ops {
                 match o {
                     Op::Put(h, roll_back) => {
-                        if reg.touch(h) {
+                        if reg.touch(Key::from(h)) {
                             continue;
                         }
                         let mut plan = Plan::default();
                         let asked: Vec<(u64, bool)> = reg.host.as_ref().map_or_else(Vec::new, |t| {
-                            t.order.iter().map(|s| (t.hash_of[s as usize], t.asked[s as usize])).collect()
+                            t.order.iter().map(|s| (t.hash_of[s as usize].hash, t.asked[s as usize])).collect()
                         });
-                        reg.admit(h, 0, false, &mut plan);
+                        reg.admit(Key::from(h), 0, false, &mut plan);
                         // Only admitted host victims are offloaded.
                         for w in plan.writes.iter().filter(|w| w.victim) {
-                            let was_asked = asked.iter().any(|&(v, a)| v == w.hash && a);
-                            prop_assert!(!reuse || was_asked, "{} offloaded unasked", w.hash);
+                            let was_asked = asked.iter().any(|&(v, a)| v == w.hash.hash && a);
+                            prop_assert!(!reuse || was_asked, "{:x} offloaded unasked", w.hash);
                         }
                         if roll_back {
                             reg.roll_back(&plan);
                         }
                     }
                     Op::Pin(h) => {
-                        if let Some(at) = reg.readable(h) {
+                        if let Some(at) = reg.readable(Key::from(h)) {
                             reg.pin(at);
                             pins.push((at, h, true));
                         }
@@ -1546,7 +1791,7 @@ mod tests {
                         for p in pins.iter_mut().filter(|p| p.1 == h) {
                             p.2 = false;
                         }
-                        reg.forget(&[h]);
+                        reg.forget(&[Key::from(h)]);
                     }
                     Op::Clear => {
                         for p in pins.iter_mut() {
@@ -1555,10 +1800,10 @@ mod tests {
                         reg.reset();
                     }
                     Op::Promote(h) => {
-                        if reg.readable(h).is_some_and(|a| a.kind == TierKind::Disk) {
+                        if reg.readable(Key::from(h)).is_some_and(|a| a.kind == TierKind::Disk) {
                             let mut plan = Plan::default();
-                            if reg.promote(h, 0, &mut plan) {
-                                prop_assert_eq!(reg.readable(h).map(|a| a.kind), Some(TierKind::Host));
+                            if reg.promote(Key::from(h), 0, &mut plan) {
+                                prop_assert_eq!(reg.readable(Key::from(h)).map(|a| a.kind), Some(TierKind::Host));
                             }
                         }
                     }
@@ -1571,11 +1816,11 @@ mod tests {
                         }
                     }
                     Op::DropDisk(h) => {
-                        if let Some(at) = reg.readable(h).filter(|a| a.kind == TierKind::Disk) {
+                        if let Some(at) = reg.readable(Key::from(h)).filter(|a| a.kind == TierKind::Disk) {
                             for p in pins.iter_mut().filter(|p| p.0 == at) {
                                 p.2 = false;
                             }
-                            prop_assert!(reg.drop_disk_copy(h, at.slot));
+                            prop_assert!(reg.drop_disk_copy(Key::from(h), at.slot));
                         }
                     }
                 }
@@ -1583,7 +1828,7 @@ mod tests {
                 // A pinned block keeps its copy in its slot: never evicted.
                 for &(at, h, expected) in &pins {
                     if expected {
-                        let e = reg.map.get(&h).copied();
+                        let e = reg.map.get(&Key::from(h)).copied();
                         let held = e.is_some_and(|e| match at.kind {
                             TierKind::Host => e.host == at.slot,
                             TierKind::Disk => e.disk == at.slot,
@@ -1623,35 +1868,35 @@ mod tests {
         let mut reg = Registry::new(10, 0, s3fifo());
         let mut plan = Plan::default();
         for h in 0..10 {
-            assert!(reg.admit(h, 0, false, &mut plan));
+            assert!(reg.admit(Key::from(h), 0, false, &mut plan));
         }
         for h in 0..3 {
-            assert!(reg.touch(h));
+            assert!(reg.touch(Key::from(h)));
         }
         // A scan of 10 one-off blocks: 0-2 move to the main queue, the rest leave.
         for h in 100..110 {
-            assert!(reg.admit(h, 0, false, &mut plan));
+            assert!(reg.admit(Key::from(h), 0, false, &mut plan));
         }
-        let (host, _) = reg.lru_order();
+        let (host, _) = reg.lru_u64();
         assert!((0..3).all(|h| host.contains(&h)), "{host:?}");
         assert!((3..10).all(|h| !host.contains(&h)), "{host:?}");
         // The main queue comes last.
         assert_eq!(&host[host.len() - 3..], &[0, 1, 2]);
         // 110 pushes 103 out of the small queue, unasked: into the ghost. Put again (104
         // leaves meanwhile, into another of the ghost's 4 entries), 103 joins the main queue.
-        assert!(reg.admit(110, 0, false, &mut plan));
-        assert!(reg.admit(103, 0, false, &mut plan));
-        let (host, _) = reg.lru_order();
+        assert!(reg.admit(Key::from(110), 0, false, &mut plan));
+        assert!(reg.admit(Key::from(103), 0, false, &mut plan));
+        let (host, _) = reg.lru_u64();
         assert_eq!(&host[host.len() - 4..], &[0, 1, 2, 103]);
         assert!(!host.contains(&104));
         // With LRU the same sequence keeps the scan and loses 0-2.
         let mut reg = Registry::new(10, 0, Rules::default());
         for h in (0..10).chain(0..3).chain(100..110) {
-            if !reg.touch(h) {
-                reg.admit(h, 0, false, &mut plan);
+            if !reg.touch(Key::from(h)) {
+                reg.admit(Key::from(h), 0, false, &mut plan);
             }
         }
-        assert_eq!(reg.lru_order().0, (100..110).collect::<Vec<_>>());
+        assert_eq!(reg.lru_u64().0, (100..110).collect::<Vec<_>>());
     }
 
     #[test]
@@ -1660,19 +1905,19 @@ mod tests {
         let mut plan = Plan::default();
         let mut pins = Vec::new();
         for h in 0..3 {
-            reg.admit(h, 0, false, &mut plan);
-            let at = reg.readable(h).unwrap();
+            reg.admit(Key::from(h), 0, false, &mut plan);
+            let at = reg.readable(Key::from(h)).unwrap();
             reg.pin(at);
             pins.push(at);
         }
-        reg.touch(1); // a count does not make a pinned block evictable
-        assert!(!reg.admit(3, 0, false, &mut plan));
-        assert_eq!(reg.lru_order().0, vec![0, 1, 2]);
+        reg.touch(Key::from(1)); // a count does not make a pinned block evictable
+        assert!(!reg.admit(Key::from(3), 0, false, &mut plan));
+        assert_eq!(reg.lru_u64().0, vec![0, 1, 2]);
         reg.unpin(pins[1]);
         // 1 was asked for: it moves to the main queue, and with nothing else
         // unpinned it comes round again (count 0) and leaves.
-        assert!(reg.admit(3, 0, false, &mut plan));
-        assert_eq!(reg.lru_order().0, vec![0, 2, 3]);
+        assert!(reg.admit(Key::from(3), 0, false, &mut plan));
+        assert_eq!(reg.lru_u64().0, vec![0, 2, 3]);
         check(&reg);
     }
 }

@@ -26,7 +26,7 @@ use std::sync::MutexGuard;
 
 use super::execute::Moves;
 use super::policy::{Plan, Src, TierKind, TierSlot};
-use super::{block_crc, BlockManager, State};
+use super::{block_crc, BlockManager, Key, State};
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::Record;
@@ -70,13 +70,13 @@ impl BlockManager {
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes for the whole call and
     /// untouched by others meanwhile.
-    pub unsafe fn get_raw(&self, hashes: &[u64], dst: *mut u8, len: usize) -> Result<usize> {
+    pub unsafe fn get_raw(&self, hashes: &[Key], dst: *mut u8, len: usize) -> Result<usize> {
         // SAFETY: forwarded.
         unsafe { self.get_rows(hashes, dst, len, None) }
     }
 
     #[cfg(test)] // a convenience of the unit tests
-    pub fn get(&self, hashes: &[u64], dst: &mut [u8]) -> Result<usize> {
+    pub fn get(&self, hashes: &[Key], dst: &mut [u8]) -> Result<usize> {
         // SAFETY: a valid exclusive slice.
         unsafe { self.get_raw(hashes, dst.as_mut_ptr(), dst.len()) }
     }
@@ -90,7 +90,7 @@ impl BlockManager {
     /// untouched by others meanwhile.
     pub unsafe fn get_rows(
         &self,
-        hashes: &[u64],
+        hashes: &[Key],
         dst: *mut u8,
         len: usize,
         rows: Option<&[u64]>,
@@ -133,7 +133,7 @@ impl BlockManager {
     pub(super) unsafe fn get_prefix(
         &self,
         mut st: MutexGuard<'_, State>,
-        hashes: &[u64],
+        hashes: &[Key],
         addrs: &[usize],
         region: Option<&Region>,
     ) -> Result<usize> {
@@ -216,6 +216,16 @@ impl BlockManager {
         st.stats.host_hits += read.host.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.disk_hits += read.disk.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.misses += (hashes.len() - n) as u64;
+        if let Some(k) = hashes.first().filter(|k| k.ns != super::UNKNOWN_NAMESPACE) {
+            let (host, disk) = (
+                read.host.iter().filter(|r| r.1 < n).count() as u64,
+                read.disk.iter().filter(|r| r.1 < n).count() as u64,
+            );
+            let c = st.ns_counts.entry(k.ns).or_default();
+            c.host_hits += host;
+            c.disk_hits += disk;
+            c.misses += (hashes.len() - n) as u64;
+        }
         st.stats.onboarded_blocks += (promoted_to.iter().flatten().count() - undone) as u64;
         Ok(n)
     }
@@ -239,7 +249,7 @@ impl BlockManager {
         &self,
         read: &Read,
         direct: &[Option<u32>],
-        hashes: &[u64],
+        hashes: &[Key],
         addrs: &[usize],
         region: Option<&Region>,
         moves: Option<&Moves>,
@@ -259,7 +269,7 @@ impl BlockManager {
                         Some(s) if into_slot => slot_addr(s),
                         _ => addrs[i],
                     };
-                    (t, dst, hashes[i], crc)
+                    (t, dst, hashes[i].hash, crc)
                 })
                 .collect()
         };
@@ -313,7 +323,7 @@ impl BlockManager {
     pub(super) unsafe fn read_prefix<'a>(
         &'a self,
         st: MutexGuard<'a, State>,
-        hashes: &[u64],
+        hashes: &[Key],
         addrs: &[usize],
         region: Option<&Region>,
     ) -> Result<(MutexGuard<'a, State>, Read)> {
@@ -328,7 +338,7 @@ impl BlockManager {
         let reads: Vec<DiskRead> = read
             .disk
             .iter()
-            .map(|&(t, i, crc)| (t, addrs[i], hashes[i], crc))
+            .map(|&(t, i, crc)| (t, addrs[i], hashes[i].hash, crc))
             .collect();
         let all: Vec<usize> = (0..reads.len()).collect();
         // SAFETY: as above.
@@ -348,7 +358,7 @@ impl BlockManager {
     fn plan_read<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
-        hashes: &[u64],
+        hashes: &[Key],
     ) -> (MutexGuard<'a, State>, Read) {
         if let Err(e) = self.settle_index(&mut st) {
             // Reads still work; promotions wait for the rewrite.
@@ -480,7 +490,7 @@ impl BlockManager {
     fn commit_read(
         &self,
         st: &mut State,
-        hashes: &[u64],
+        hashes: &[Key],
         read: &mut Read,
         failures: Vec<Option<Failure>>,
         promoted_to: &[Option<u32>],

@@ -4,6 +4,18 @@ use super::*;
 use crate::disk::DiskOptions;
 use crate::host::{HostOptions, Pin};
 
+/// Keys of `hashes` in the shared namespace.
+fn k(hashes: &[u64]) -> Vec<Key> {
+    Key::all(hashes, 0)
+}
+
+/// `lru_order` as bare hashes.
+fn lru(m: &BlockManager) -> (Vec<u64>, Vec<u64>) {
+    let (h, d) = m.lru_order().unwrap();
+    let bare = |v: Vec<Key>| -> Vec<u64> { v.into_iter().map(|k| k.hash).collect() };
+    (bare(h), bare(d))
+}
+
 fn mgr(host: u64, disk: u64, bs: usize, dir: &std::path::Path) -> BlockManager {
     let h = (host > 0).then(|| {
         Arc::new(
@@ -43,13 +55,13 @@ fn leased_blocks_are_never_evicted_and_a_full_pinned_tier_rejects() {
     let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
     m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
         .unwrap();
-    let (lease, n) = m.lookup(&[1, 9], None).unwrap();
+    let (lease, n) = m.lookup(&k(&[1, 9]), None).unwrap();
     assert_eq!(n, 1);
     // 1 is pinned: new blocks evict 2, then each other, never 1.
     for h in 10..20u64 {
         assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
     }
-    let (lease2, n2) = m.lookup(&[19], None).unwrap();
+    let (lease2, n2) = m.lookup(&k(&[19]), None).unwrap();
     assert_eq!(n2, 1);
     // Both slots pinned: a new block is rejected, counted, not an error.
     assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
@@ -71,8 +83,8 @@ fn a_block_removed_while_leased_frees_its_slot_at_release() {
     let m = mgr(2, 0, bs, dir.path());
     m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
         .unwrap();
-    let (lease, _) = m.lookup(&[1, 2], None).unwrap();
-    assert_eq!(m.remove(&[1]).unwrap(), 1);
+    let (lease, _) = m.lookup(&k(&[1, 2]), None).unwrap();
+    assert_eq!(m.remove(&k(&[1])).unwrap(), 1);
     m.clear().unwrap();
     // Both slots still leased: nothing fits.
     assert_eq!(m.put(&[5], &block(5, bs)).unwrap(), 0);
@@ -98,9 +110,9 @@ fn a_batch_never_evicts_its_own_stored_blocks() {
         .put(&[3, 1], &[block(3, bs), block(1, bs)].concat())
         .unwrap();
     assert_eq!(n, 1);
-    assert_eq!(m.lru_order().unwrap().1, vec![3, 1]); // the batch order is the recency order
+    assert_eq!(lru(&m).1, vec![3, 1]); // the batch order is the recency order
     let mut one = vec![0u8; bs];
-    assert_eq!(m.get(&[1], &mut one).unwrap(), 1);
+    assert_eq!(m.get(&k(&[1]), &mut one).unwrap(), 1);
     assert_eq!(one, block(1, bs));
 }
 
@@ -113,21 +125,21 @@ fn offload_and_onboard_round_trip() {
         assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
     }
     // host holds 3,4; disk holds 0,1,2 (offloaded in order)
-    assert_eq!(m.lru_order().unwrap(), (vec![3, 4], vec![0, 1, 2]));
+    assert_eq!(lru(&m), (vec![3, 4], vec![0, 1, 2]));
     let mut out = vec![0u8; 3 * bs];
-    assert_eq!(m.get(&[0, 1, 9], &mut out).unwrap(), 2);
+    assert_eq!(m.get(&k(&[0, 1, 9]), &mut out).unwrap(), 2);
     assert_eq!(&out[..bs], &block(0, bs)[..]);
     assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
     // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
-    let (host, disk) = m.lru_order().unwrap();
+    let (host, disk) = lru(&m);
     assert_eq!(host, vec![0, 1]);
     assert_eq!(disk, vec![0, 1, 3, 4]);
-    assert!(!m.contains(2).unwrap());
+    assert!(!m.contains(2.into()).unwrap());
     let s = m.stats().unwrap().0;
     assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
     let mut one = vec![0u8; bs];
     for h in [0u64, 1, 3, 4] {
-        assert_eq!(m.get(&[h], &mut one).unwrap(), 1, "block {h}");
+        assert_eq!(m.get(&k(&[h]), &mut one).unwrap(), 1, "block {h}");
         assert_eq!(one, block(h, bs));
     }
 }
@@ -147,7 +159,7 @@ fn promotions_hold_no_slot_once_done() {
     let mut disk_hits = 0;
     for round in 0..3u64 {
         for pair in all.chunks(2) {
-            assert_eq!(m.get(pair, &mut out).unwrap(), 2, "round {round}");
+            assert_eq!(m.get(&k(pair), &mut out).unwrap(), 2, "round {round}");
             assert_eq!(&out[..bs], &block(pair[0], bs)[..]);
             assert_eq!(&out[bs..], &block(pair[1], bs)[..]);
         }
@@ -158,7 +170,7 @@ fn promotions_hold_no_slot_once_done() {
     // recent host blocks, the ones the next pairs would have hit.
     assert_eq!(s.disk_hits, disk_hits);
     assert_eq!(s.onboarded_blocks, s.disk_hits);
-    assert_eq!(m.lru_order().unwrap().0, vec![12, 13, 14, 15]);
+    assert_eq!(lru(&m).0, vec![12, 13, 14, 15]);
     assert_eq!(m.put(&[100, 101, 102, 103], &vec![7u8; 4 * bs]).unwrap(), 4);
     assert_eq!(s.rejected_full, 0);
 }

@@ -11,7 +11,7 @@ use super::disk::PyDiskStorage;
 use super::errors::to_py;
 use super::host::PyHostStorage;
 use super::remote::PyRemoteTier;
-use crate::manager::{BlockManager, ManagerOptions};
+use crate::manager::{BlockManager, Key, ManagerOptions};
 use crate::remote::RemoteWrite;
 
 /// The block manager over a host tier, a disk tier or both.
@@ -94,26 +94,28 @@ impl PyBlockManager {
         self.inner.persistent()
     }
 
-    #[pyo3(signature = (hashes, src, rows=None))]
+    #[pyo3(signature = (hashes, src, rows=None, namespace=None))]
     fn put(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         src: &Bound<'_, PyAny>,
         rows: Option<&Bound<'_, PyAny>>,
+        namespace: Option<String>,
     ) -> PyResult<usize> {
-        self.transfer(py, hashes, src, rows, true)
+        self.transfer(py, hashes, src, rows, true, namespace)
     }
 
-    #[pyo3(signature = (hashes, dst, rows=None))]
+    #[pyo3(signature = (hashes, dst, rows=None, namespace=None))]
     fn get(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         dst: &Bound<'_, PyAny>,
         rows: Option<&Bound<'_, PyAny>>,
+        namespace: Option<String>,
     ) -> PyResult<usize> {
-        self.transfer(py, hashes, dst, rows, false)
+        self.transfer(py, hashes, dst, rows, false, namespace)
     }
 
     /// Put a remote tier below the local ones; `write`: "async", "sync" or "off".
@@ -126,12 +128,13 @@ impl PyBlockManager {
 
     /// Pin the longest stored prefix: (lease id, count). `timeout_s`: the
     /// most the remote tier's part may take (None: `remote_timeout_ms`).
-    #[pyo3(signature = (hashes, timeout_s=None))]
+    #[pyo3(signature = (hashes, timeout_s=None, namespace=None))]
     fn lookup(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         timeout_s: Option<f64>,
+        namespace: Option<String>,
     ) -> PyResult<(u64, usize)> {
         let budget = match timeout_s {
             None => None,
@@ -142,7 +145,7 @@ impl PyBlockManager {
                 )))
             }
         };
-        let hs = u64_list(hashes, "hashes")?;
+        let hs = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
         let r = py.detach(move || m.lookup(&hs, budget)).map_err(to_py);
         if self.inner.remote().is_some() {
@@ -177,9 +180,14 @@ impl PyBlockManager {
         r.map_err(to_py)
     }
 
-    #[pyo3(name = "match")]
-    fn match_prefix(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let hs = u64_list(hashes, "hashes")?;
+    #[pyo3(name = "match", signature = (hashes, namespace=None))]
+    fn match_prefix(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        namespace: Option<String>,
+    ) -> PyResult<usize> {
+        let hs = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
         let r = py.detach(move || m.match_prefix(&hs)).map_err(to_py);
         if self.inner.remote().is_some() {
@@ -189,15 +197,92 @@ impl PyBlockManager {
     }
 
     /// Mark stored blocks as the most recently used; returns how many were stored.
-    fn touch(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let hs = u64_list(hashes, "hashes")?;
+    #[pyo3(signature = (hashes, namespace=None))]
+    fn touch(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        namespace: Option<String>,
+    ) -> PyResult<usize> {
+        let hs = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
         py.detach(move || m.touch(&hs)).map_err(to_py)
     }
 
-    fn contains(&self, py: Python<'_>, hash: u64) -> PyResult<bool> {
+    #[pyo3(signature = (hash, namespace=None))]
+    fn contains(&self, py: Python<'_>, hash: u64, namespace: Option<String>) -> PyResult<bool> {
+        let ns = self.ns(py, namespace)?;
         let m = self.inner.clone();
-        py.detach(move || m.contains(hash)).map_err(to_py)
+        py.detach(move || m.contains(Key::new(hash, ns)))
+            .map_err(to_py)
+    }
+
+    /// Forget every block of `namespace`: how many there were.
+    fn purge(&self, py: Python<'_>, namespace: String) -> PyResult<usize> {
+        let ns = self.ns(py, Some(namespace))?;
+        let m = self.inner.clone();
+        py.detach(move || m.purge(ns)).map_err(to_py)
+    }
+
+    /// The namespaces the store has names for, in the order they came.
+    fn namespaces(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let m = self.inner.clone();
+        py.detach(move || m.namespaces()).map_err(to_py)
+    }
+
+    /// Give `namespace` a quota in bytes of each tier (None: none there).
+    #[pyo3(signature = (namespace, host_bytes=None, disk_bytes=None))]
+    fn set_quota(
+        &self,
+        py: Python<'_>,
+        namespace: String,
+        host_bytes: Option<u64>,
+        disk_bytes: Option<u64>,
+    ) -> PyResult<()> {
+        let m = self.inner.clone();
+        let r = py
+            .detach(move || m.set_quota(&namespace, [host_bytes, disk_bytes]))
+            .map_err(to_py);
+        self.flush_warnings(py)?;
+        r
+    }
+
+    /// `namespace`'s quota in bytes: (host, disk), None where it has none.
+    fn quota(
+        &self,
+        py: Python<'_>,
+        namespace: Option<String>,
+    ) -> PyResult<(Option<u64>, Option<u64>)> {
+        let ns = self.ns(py, namespace)?;
+        let m = self.inner.clone();
+        let s = py.detach(move || m.namespace_stats(ns)).map_err(to_py)?;
+        Ok((s.quota[0], s.quota[1]))
+    }
+
+    /// `namespace`'s counters (since this manager opened) and the slots its
+    /// blocks hold.
+    fn namespace_counters(
+        &self,
+        py: Python<'_>,
+        namespace: Option<String>,
+    ) -> PyResult<std::collections::BTreeMap<&'static str, u64>> {
+        let ns = self.ns(py, namespace)?;
+        let m = self.inner.clone();
+        let s = py.detach(move || m.namespace_stats(ns)).map_err(to_py)?;
+        let bs = self.inner.block_size() as u64;
+        Ok([
+            ("put_blocks", s.put_blocks),
+            ("put_new", s.put_new),
+            ("host_hits", s.host_hits),
+            ("disk_hits", s.disk_hits),
+            ("misses", s.misses),
+            ("host_blocks_used", s.host_blocks),
+            ("disk_blocks_used", s.disk_blocks),
+            ("host_bytes_used", s.host_blocks * bs),
+            ("disk_bytes_used", s.disk_blocks * bs),
+        ]
+        .into_iter()
+        .collect())
     }
 
     fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
@@ -215,8 +300,14 @@ impl PyBlockManager {
         r
     }
 
-    fn remove(&self, py: Python<'_>, hashes: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let hs = u64_list(hashes, "hashes")?;
+    #[pyo3(signature = (hashes, namespace=None))]
+    fn remove(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        namespace: Option<String>,
+    ) -> PyResult<usize> {
+        let hs = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
         py.detach(move || m.remove(&hs)).map_err(to_py)
     }
@@ -290,32 +381,44 @@ impl PyBlockManager {
         py.detach(move || m.watch_events(cap)).map_err(to_py)
     }
 
-    /// ([(kind, tier, hash)], lost): kind "stored", "removed" or "cleared"
-    /// (tier "host" or "disk"; None for "cleared"), oldest first.
+    /// ([(kind, tier, hash, namespace)], lost): kind "stored", "removed" or
+    /// "cleared" (tier "host" or "disk"; None for "cleared"; namespace None
+    /// for the shared one), oldest first.
     #[allow(clippy::type_complexity)]
     fn take_events(
         &self,
         py: Python<'_>,
-    ) -> PyResult<(Vec<(&'static str, Option<&'static str>, u64)>, u64)> {
+    ) -> PyResult<(
+        Vec<(&'static str, Option<&'static str>, u64, Option<String>)>,
+        u64,
+    )> {
         use crate::manager::TierEvent;
         let m = self.inner.clone();
         let (events, lost) = py.detach(move || m.take_events()).map_err(to_py)?;
         let tier = |host: bool| Some(if host { "host" } else { "disk" });
+        let name = |k: Key| {
+            (k.ns != 0)
+                .then(|| self.inner.namespace_name(k.ns))
+                .flatten()
+        };
         let out = events
             .into_iter()
             .map(|e| match e {
-                TierEvent::Stored { host, hash } => ("stored", tier(host), hash),
-                TierEvent::Removed { host, hash } => ("removed", tier(host), hash),
-                TierEvent::Cleared => ("cleared", None, 0),
+                TierEvent::Stored { host, hash } => ("stored", tier(host), hash.hash, name(hash)),
+                TierEvent::Removed { host, hash } => ("removed", tier(host), hash.hash, name(hash)),
+                TierEvent::Cleared => ("cleared", None, 0, None),
             })
             .collect();
         Ok((out, lost))
     }
 
-    /// (host hashes, disk hashes), least recently used first.
+    /// (host hashes, disk hashes), least recently used first (hashes of
+    /// every namespace).
     fn lru_order(&self, py: Python<'_>) -> PyResult<(Vec<u64>, Vec<u64>)> {
         let m = self.inner.clone();
-        py.detach(move || m.lru_order()).map_err(to_py)
+        let (h, d) = py.detach(move || m.lru_order()).map_err(to_py)?;
+        let hashes = |v: Vec<Key>| v.into_iter().map(|k| k.hash).collect();
+        Ok((hashes(h), hashes(d)))
     }
 
     #[getter]
@@ -343,9 +446,13 @@ impl PyBlockManager {
         buf: &Bound<'_, PyAny>,
         rows: Option<&Bound<'_, PyAny>>,
         put: bool,
+        namespace: Option<String>,
     ) -> PyResult<usize> {
         let m = self.inner.clone();
         let rows = rows_arg(rows)?;
+        if let Some(n) = &namespace {
+            crate::manager::check_name(n).map_err(to_py)?;
+        }
         let unit = rows.is_none().then(|| self.inner.block_size());
         let name = if put { "src" } else { "dst" };
         // SAFETY: the buffer is held (alive, fixed) for the call; written only
@@ -360,14 +467,34 @@ impl PyBlockManager {
             unit,
             move |hs, p, n| unsafe {
                 if put {
-                    m.put_rows(hs, p as *const u8, n, rows.as_deref())
+                    m.put_in(namespace.as_deref(), hs, p as *const u8, n, rows.as_deref())
                 } else {
-                    m.get_rows(hs, p as *mut u8, n, rows.as_deref())
+                    let ns = m.namespace_id(namespace.as_deref(), false)?;
+                    m.get_rows(&Key::all(hs, ns), p as *mut u8, n, rows.as_deref())
                 }
             },
         );
         self.flush_warnings(py)?;
         r
+    }
+
+    /// The id of `namespace` (checked; a name the store does not know is
+    /// the unknown id, in which every query misses).
+    fn ns(&self, py: Python<'_>, namespace: Option<String>) -> PyResult<u32> {
+        let m = self.inner.clone();
+        py.detach(move || m.namespace_id(namespace.as_deref(), false))
+            .map_err(to_py)
+    }
+
+    /// `hashes` (a sequence of ints) as keys of `namespace`.
+    fn keys(
+        &self,
+        py: Python<'_>,
+        hashes: &Bound<'_, PyAny>,
+        namespace: Option<String>,
+    ) -> PyResult<Vec<Key>> {
+        let hs = u64_list(hashes, "hashes")?;
+        Ok(Key::all(&hs, self.ns(py, namespace)?))
     }
 
     /// Log the engine's pending warnings. They are taken with the GIL

@@ -61,17 +61,19 @@ fn redact_url(url: &str) -> String {
 
 /// What a persistent store's files say, read without changing them and
 /// without its lock (see `dynblock.store`): a dict of the data file's
-/// header, the index's geometry and records, and its live blocks as
-/// `(hash, slot, crc)`, oldest first.
+/// header, the index's geometry and records, its live blocks as
+/// `(hash, slot, crc, namespace id)`, oldest first, and the names of its
+/// namespaces (`namespaces`: id `i`'s at `i - 1`; id 0 is the shared one).
 #[pyfunction]
 fn inspect_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
     use crate::files::id_hex;
     let index_path = PathBuf::from(format!("{}.index", path.display()));
-    let (data, ins) = py
+    let (data, ins, names) = py
         .detach(|| {
             let data = crate::disk::inspect_data_file(&path)?;
             let ins = crate::index::inspect(&index_path)?;
-            Ok::<_, crate::error::Error>((data, ins))
+            let names = crate::manager::namespaces::read_names(&index_path)?;
+            Ok::<_, crate::error::Error>((data, ins, names))
         })
         .map_err(to_py)?;
     let d = pyo3::types::PyDict::new(py);
@@ -95,18 +97,20 @@ fn inspect_store<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, pyo
     d.set_item("index_records", ins.recovered.records)?;
     d.set_item("index_bad_records", ins.recovered.bad_records)?;
     d.set_item("index_torn_bytes", ins.recovered.torn_bytes)?;
-    let ghost: std::collections::HashSet<u64> = ins.recovered.ghost.iter().copied().collect();
+    let ghost: std::collections::HashSet<crate::keys::Key> =
+        ins.recovered.ghost.iter().copied().collect();
     d.set_item("turned_away_remembered", ghost.len())?;
     d.set_item("last_opened", ins.recovered.last_open)?;
     d.set_item("last_closed_cleanly", ins.recovered.last_close)?;
     d.set_item("closed_cleanly", ins.recovered.closed_cleanly)?;
-    let live: Vec<(u64, u32, u32)> = ins
+    let live: Vec<(u64, u32, u32, u32)> = ins
         .recovered
         .live
         .iter()
-        .map(|l| (l.hash, l.slot, l.crc))
+        .map(|l| (l.key.hash, l.slot, l.crc, l.key.ns))
         .collect();
     d.set_item("live", live)?;
+    d.set_item("namespaces", names)?;
     Ok(d)
 }
 

@@ -15,7 +15,7 @@ keeps the keys, which cannot be turned back into vLLM block hashes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Set, Tuple
 
 if TYPE_CHECKING:
     from ..manager import BlockManager
@@ -68,11 +68,12 @@ class BlockEvents:
         for k in idle[: len(self._block) - self.limit * 3 // 4]:
             del self._block[k], self._tiers[k]
 
-    def apply(self, events: Iterable[Tuple[str, Optional[str], int]]) -> List[BlockEvent]:
+    def apply(self, events: Iterable[Tuple[Any, ...]]) -> List[BlockEvent]:
         """The vLLM-block events that the store's tier events (``kind``,
-        ``tier``, key, oldest first) amount to."""
+        ``tier``, key, and the namespace, which is None here: oldest first)
+        amount to."""
         out: List[BlockEvent] = []
-        for kind, tier, key in events:
+        for kind, tier, key, *_ in events:
             if kind == "cleared":  # each whole block leaves its tiers (not vLLM's own cache)
                 out += [("removed", t, h) for (h, t), n in self._layers.items()
                         if n == self.num_layers]
