@@ -323,7 +323,7 @@ def test_policy_workload_reports_every_trace_and_capacity_under_belady(tmp_path:
     r = run_bench(["--workloads", "policy", "--dir", str(tmp_path), "--json"], timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    cases = [c for c in out["cases"] if c["workload"] == "policy"]
+    cases = [c for c in out["cases"] if c["workload"] == "policy" and c["op"] == "replay"]
     assert {c["params"]["trace"] for c in cases} == {"conversation", "synthetic", "conversation+scans"}
     impls = {"lru/all", "s3fifo/all", "lru+s3fifo/all", "lru/reuse"}
     assert len(cases) == 3 * 3 * 4 and {c["impl"] for c in cases} == impls
@@ -338,6 +338,22 @@ def test_policy_workload_reports_every_trace_and_capacity_under_belady(tmp_path:
             assert c["ratios"]["hit_vs_lru_points"] == pytest.approx(points)
             gap = e["belady"] - lru["extra"]["hit_rate"]
             assert c["ratios"]["gap_closed"] == pytest.approx(points / 100 / gap)
+    # Tenants: with quotas the flooded tenant keeps its hit rate; sharing the store it does not.
+    tenants = [c for c in out["cases"] if c["workload"] == "policy" and c["op"] == "tenants"]
+    assert len(tenants) == 3 * 4
+    assert {c["impl"] for c in tenants} == {"quotas/alone", "quotas/flood", "shared/alone", "shared/flood"}
+    for c in tenants:
+        if c["impl"].endswith("/flood"):
+            alone = next(b for b in tenants if b["impl"] == c["impl"].replace("flood", "alone")
+                         and b["params"] == c["params"])
+            assert c["ratios"]["vs_alone"] == pytest.approx(c["values"][0] / alone["values"][0])
+            assert c["extra"]["flood_blocks"] > 0
+        if c["impl"] == "quotas/flood":
+            assert c["ratios"]["vs_alone"] >= 0.95, c
+        if c["impl"] == "shared/flood":
+            assert c["ratios"]["vs_alone"] < 0.95, c
+    goals = [g for g in out["goals"] if "10x flood" in g["goal"]]
+    assert len(goals) == 3 and all(g["met"] for g in goals), goals
     goals = [g for g in out["goals"] if "disk_admission" in g["goal"]]
     assert len(goals) == 2 * 9 and all(g["key"] in ("writes_per_disk_hit_vs_all", "hit_vs_all_points")
                                        for g in goals)

@@ -161,6 +161,8 @@ GOALS: List[Tuple[str, str, str, Dict[str, Any], str, float, str]] = [
      "disk writes per disk hit with disk_admission='reuse' <= 0.5x 'all'"),
     ("policy", "lru/reuse", "replay", {}, "hit_vs_all_points", -2.0,
      "hit rate with disk_admission='reuse' no more than 2 points below 'all'"),
+    ("policy", "quotas/flood", "tenants", {}, "vs_alone", 0.95,
+     "a tenant under a 10x flood from another keeps >= 0.95x of its hit rate alone (quotas)"),
 ]
 
 
@@ -355,9 +357,10 @@ def run(a: argparse.Namespace, directory: str, progress: Progress) -> "tuple[Res
         run_vllm_tier(res, directory, a.vllm_python, a.vllm_tier_chunk_sizes, a.vllm_tier_size,
                       a.repeat, progress)
     if "policy" in a.workloads:
-        from .policy import run_policy
+        from .policy import run_policy, run_tenants
 
         run_policy(res, directory, progress)
+        run_tenants(res, directory, progress)
     return res, fio
 
 

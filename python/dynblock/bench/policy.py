@@ -25,6 +25,15 @@ For each trace and capacity it reports, per policy configuration (eviction /
   every reference served from a cache that always evicts the block used
   farthest in the future. It counts a block as a hit even when a block before
   it in its request missed, so it is an upper bound on any policy's hit rate.
+
+Tenants (op ``tenants``, the conversation trace, the same three capacities,
+LRU, ``disk_admission="all"``): tenant ``a`` replays the trace in its
+namespace; after each request tenant ``flood`` puts ten times as many
+never-repeated blocks in its own. ``quotas/alone`` replays ``a`` with no
+flood, ``a`` holding a quota of 3/4 of each tier and ``flood`` the rest;
+``quotas/flood`` adds the flood; ``shared/flood`` floods with no quotas and
+``shared/alone`` is ``a`` alone with the whole store. ``vs_alone`` is a
+flooded tenant's hit rate over the same store's without the flood.
 """
 
 from __future__ import annotations
@@ -186,8 +195,73 @@ def run_policy(res: Results, directory: str, progress: Progress,
                 progress.step(f"policy {name} {impl}")
 
 
+#: Tenant ``a``'s share of each tier under quotas (``flood`` has the rest).
+TENANT_SHARE = 0.75
+#: Blocks the flooding tenant puts per block of tenant ``a``'s requests.
+FLOOD = 10
+
+
+def tenant_replay(requests: List[List[int]], host: int, disk: int, quotas: bool, flood: bool,
+                  directory: str) -> Dict[str, Any]:
+    """Tenant ``a`` replays ``requests``; with ``flood``, tenant ``flood`` puts
+    FLOOD one-off blocks per block of each request after it; with
+    ``quotas``, ``a`` holds TENANT_SHARE of each tier and ``flood`` the rest."""
+    cfg = Config(block_size=BLOCK, host_blocks=host, disk_blocks=disk, disk_dir=directory,
+                 o_direct=False, write_behind=False, numa_node=None, pin=False)
+    reqs = [trace_mod.Request(0, 0, 0, r) for r in requests]
+    with BlockManager(cfg) as m:
+        if quotas:
+            qa = (max(1, int(host * TENANT_SHARE)), max(1, int(disk * TENANT_SHARE)))
+            m.set_quota("a", host_bytes=qa[0] * BLOCK, disk_bytes=qa[1] * BLOCK)
+            m.set_quota("flood", host_bytes=max(1, host - qa[0]) * BLOCK,
+                        disk_bytes=max(1, disk - qa[1]) * BLOCK)
+        longest = FLOOD * max(len(r) for r in requests)
+        src = bytearray(longest * BLOCK)
+        nxt = [1 << 62]
+
+        def flood_after(r: trace_mod.Request) -> None:
+            n = FLOOD * len(r.hash_ids)
+            m.put(list(range(nxt[0], nxt[0] + n)), memoryview(src)[:n * BLOCK], namespace="flood")
+            nxt[0] += n
+
+        r = trace_mod.replay(m, reqs, namespace="a", after=flood_after if flood else None)
+        f = m.stats(namespace="flood")
+    return {"hit_rate": r.hit_rate, "host_hits": r.host_hits, "disk_hits": r.disk_hits,
+            "flood_blocks": f["put_blocks"], "seconds": r.seconds}
+
+
+def run_tenants(res: Results, directory: str, progress: Progress,
+                capacities: Tuple[float, ...] = CAPACITIES) -> None:
+    reqs = load("conversation")
+    if reqs is None:
+        res.note("policy: the shipped conversation trace is missing; the tenants cases are skipped")
+        return
+    distinct = len({h for r in reqs for h in r})
+    progress.add(4 * len(capacities))
+    for frac in capacities:
+        host = max(4, int(distinct * frac))
+        disk = DISK_PER_HOST * host
+        got: Dict[str, Dict[str, Any]] = {}
+        for quotas in (True, False):
+            for flood in (False, True):
+                impl = f"{'quotas' if quotas else 'shared'}/{'flood' if flood else 'alone'}"
+                with tempfile.TemporaryDirectory(dir=directory) as d:
+                    r = got[impl] = tenant_replay(reqs, host, disk, quotas, flood, d)
+                c = res.case("policy", impl, "tenants", unit="hit rate", trace="conversation",
+                             host_blocks=host, disk_blocks=disk)
+                c.values.append(r["hit_rate"])
+                c.extra = dict(r, tenant_share=TENANT_SHARE if quotas else None, flood_per_block=FLOOD)
+                alone = got[impl.replace("flood", "alone")]["hit_rate"]
+                if flood and alone:
+                    c.ratios["vs_alone"] = r["hit_rate"] / alone
+                progress.step(f"policy tenants {impl}")
+
+
 def describe(extra: Dict[str, Any]) -> str:
     """The table's text for one policy case."""
+    if "flood_blocks" in extra:
+        return (f"tenant a hit {extra['hit_rate']:.1%} (host {extra['host_hits']}, disk "
+                f"{extra['disk_hits']}), flood {extra['flood_blocks']} blocks")
     w = extra["disk_writes_per_disk_hit"]
     return (f"hit {extra['hit_rate']:.1%} (belady {extra['belady']:.1%}), disk writes per disk hit "
             f"{w:.2f}, not admitted {extra['disk_not_admitted']}")
@@ -197,7 +271,7 @@ def write_plot(res: Results, path: str) -> Optional[str]:
     """Hit rate by capacity per trace (each configuration and Belady's
     optimum) beside disk writes per disk hit; written next to ``path`` as
     ``<stem>-policy.png``. Returns the file, or None without policy cases."""
-    cases = [c for c in res.cases if c.workload == "policy" and c.values]
+    cases = [c for c in res.cases if c.workload == "policy" and c.op == "replay" and c.values]
     if not cases:
         return None
     import matplotlib

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 
@@ -119,35 +119,41 @@ class ReplayResult:
         return d
 
 
-def replay(manager, requests: List[Request], tokens_per_block: int = TOKENS_PER_BLOCK) -> ReplayResult:
-    """Run ``requests`` through ``manager`` (a dynblock.BlockManager)."""
+def replay(manager, requests: List[Request], tokens_per_block: int = TOKENS_PER_BLOCK,
+           namespace: Optional[str] = None,
+           after: Optional[Callable[[Request], None]] = None) -> ReplayResult:
+    """Run ``requests`` through ``manager`` (a dynblock.BlockManager), in
+    ``namespace``; ``after(request)`` runs after each (another tenant's
+    traffic, say)."""
     bs = manager.block_size
     longest = max((len(r.hash_ids) for r in requests), default=0)
     dst = aligned_empty(max(longest, 1) * bs)
     src = aligned_empty(max(longest, 1) * bs)
     src[:] = np.random.default_rng(0).integers(0, 256, size=src.size, dtype=np.uint8)
-    before = manager.stats()
+    before = manager.stats(namespace=namespace)
     refs = hits = puts = 0
     t0 = time.perf_counter()
     for r in requests:
         hs = np.asarray(r.hash_ids, dtype=np.uint64)
         refs += len(hs)
-        n = manager.match(hs)
+        n = manager.match(hs, namespace=namespace)
         if n:
-            got = manager.get(hs[:n], dst[:n * bs])
+            got = manager.get(hs[:n], dst[:n * bs], namespace=namespace)
             hits += got
             n = got
         if n < len(hs):
-            manager.put(hs[n:], src[:(len(hs) - n) * bs])
+            manager.put(hs[n:], src[:(len(hs) - n) * bs], namespace=namespace)
             puts += len(hs) - n
+        if after is not None:
+            after(r)
     dt = time.perf_counter() - t0
-    after = manager.stats()
+    end = manager.stats(namespace=namespace)
     return ReplayResult(
         requests=len(requests),
         block_refs=refs,
         hit_blocks=hits,
-        host_hits=after["host_hits"] - before["host_hits"],
-        disk_hits=after["disk_hits"] - before["disk_hits"],
+        host_hits=end["host_hits"] - before["host_hits"],
+        disk_hits=end["disk_hits"] - before["disk_hits"],
         put_blocks=puts,
         tokens_saved=hits * tokens_per_block,
         payload_bytes=bs,
