@@ -19,6 +19,7 @@ pub struct Key {
 }
 
 impl Key {
+    #[inline]
     pub const fn new(hash: u64, ns: u32) -> Self {
         Key { hash, ns }
     }
@@ -28,12 +29,60 @@ impl Key {
     }
     /// Both parts folded into 64 bits (for hash tables and fingerprints:
     /// equal keys fold equal; the shared namespace folds to the hash itself).
+    #[inline]
     pub fn fold(self) -> u64 {
         self.hash ^ (self.ns as u64).wrapping_mul(GOLDEN)
     }
-    /// Keys of `hashes` in namespace `ns`.
-    pub fn all(hashes: &[u64], ns: u32) -> Vec<Key> {
-        hashes.iter().map(|&hash| Key { hash, ns }).collect()
+}
+
+/// A batch's keys: its hashes, all in one namespace (what every call that
+/// names blocks passes), read as [`Key`]s without a copy.
+#[derive(Clone, Copy, Debug)]
+pub struct Keys<'a> {
+    hashes: &'a [u64],
+    ns: u32,
+}
+
+impl<'a> Keys<'a> {
+    #[inline]
+    pub const fn new(hashes: &'a [u64], ns: u32) -> Self {
+        Keys { hashes, ns }
+    }
+    /// `hashes` in the shared namespace.
+    #[cfg(test)]
+    pub const fn shared(hashes: &'a [u64]) -> Self {
+        Keys { hashes, ns: 0 }
+    }
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+    #[inline]
+    pub fn ns(&self) -> u32 {
+        self.ns
+    }
+    #[inline]
+    pub fn hashes(&self) -> &'a [u64] {
+        self.hashes
+    }
+    /// The key at `i` (panics past the end, as indexing does).
+    #[inline]
+    pub fn at(&self, i: usize) -> Key {
+        Key::new(self.hashes[i], self.ns)
+    }
+    #[inline]
+    pub fn iter(&self) -> impl Iterator<Item = Key> + 'a {
+        let ns = self.ns;
+        self.hashes.iter().map(move |&hash| Key { hash, ns })
+    }
+    /// The keys in `range`.
+    #[inline]
+    pub fn sub(&self, range: impl std::slice::SliceIndex<[u64], Output = [u64]>) -> Keys<'a> {
+        Keys::new(&self.hashes[range], self.ns)
     }
 }
 

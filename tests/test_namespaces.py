@@ -70,8 +70,14 @@ def test_stats_and_purge_of_one_namespace(tmp_path: Path) -> None:
         assert a["host_hits"] + a["disk_hits"] == 2
         assert a["host_blocks_used"] + a["disk_blocks_used"] >= 6  # some have both copies
         assert a["host_bytes_used"] == a["host_blocks_used"] * BS
+        m.get([1], np.zeros(BS, np.uint8), namespace="nobody")  # a miss in a name never put into
+        m.get([1, 9], np.zeros(2 * BS, np.uint8))
         shared = m.stats(namespace=None)
         whole = m.stats()
+        assert (shared["put_blocks"], shared["put_new"], shared["misses"]) == (3, 3, 1)
+        assert shared["host_hits"] + shared["disk_hits"] == 1
+        assert whole["misses"] == 3 and m.stats(namespace="nobody")["misses"] == 0
+        a = m.stats(namespace="a")
         assert shared["host_blocks_used"] + a["host_blocks_used"] == whole["host_blocks_used"]
         assert shared["disk_blocks_used"] + a["disk_blocks_used"] == whole["disk_blocks_used"]
         assert m.purge("a") == 6

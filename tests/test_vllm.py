@@ -139,6 +139,31 @@ def test_evicted_prefix_comes_back_from_dynblock_with_identical_output(f32: Runs
     assert rec["store"]["blocks"] >= full * 2 - 3 * 2
 
 
+def test_a_requests_cache_salt_is_its_blocks_namespace(f32: Runs, tmp_path: Path) -> None:
+    """Requests with a ``cache_salt`` store their blocks in that namespace of the store: the
+    evicted prefix of tenant t1 comes back for t1 from its namespace, tenant t2's copy of the
+    same tokens lands in its own, and the store's table names both."""
+    first, others, final = scenario()
+    args = base_args(f32.model_dir, [first] + others + [final, final], f32.dtype)
+    args["salts"] = ["t1"] + [None] * len(others) + ["t2", "t1"]
+    store = tmp_path / "kv.bin"
+    args["connector"] = connector(store)
+    res, _ = run_engine(args)
+    got = res["results"]
+    assert got[-2]["cached"] == 0  # t2 never had this prefix
+    assert got[-1]["cached"] == 3 * BLOCK  # t1's, from dynblock
+    assert [r["tokens"] for r in got[-2:]] == [f32.tokens(f32.baseline)[-1]] * 2
+    from dynblock import _core
+
+    d = _core.inspect_store(str(store))
+    assert d["namespaces"] == ["t1", "t2"]
+    per_ns = {}
+    for _, _, _, ns in d["live"]:
+        per_ns[ns] = per_ns.get(ns, 0) + 1
+    # t1: its first prompt's full blocks; t2: the final prompt's; the others: shared.
+    assert per_ns.get(1, 0) >= 3 * 2 and per_ns.get(2, 0) >= 3 * 2 and per_ns.get(0, 0) > 0, per_ns
+
+
 def test_warm_restart_serves_the_prefix_from_disk(f32: Runs) -> None:
     # A new engine process on the same persistent store, loaded through the public
     # module path: the prefix comes from the disk tier.

@@ -138,6 +138,43 @@ def test_staging_path_for_tensors_that_are_not_rows(tmp_path: Path) -> None:
     st.close()
 
 
+def test_a_tenants_blocks_are_its_own_through_the_lookup_service(tmp_path: Path) -> None:
+    """Blocks saved with a namespace (a request's cache_salt) are found by a lookup over
+    the service in that namespace only, and loaded from it."""
+    from dynblock.vllm.service import decode_request, encode_lookup
+
+    st = layer_store(tmp_path)
+    t, u = kv_tensor(8, 5), kv_tensor(8, 6)
+    for layer in range(2):
+        st.save(layer, H[:3], t, [0, 1, 2], True, namespace="tenant-1").wait(30)
+        st.save(layer, H[:1], u, [4], True).wait(30)
+    path = str(tmp_path / "s.sock")
+    srv = LookupServer(path, st.lookup, st.release)
+    cli = LookupClient(path, timeout=5, retry_s=0.0)
+    try:
+        assert cli.lookup("a", H[:3], "tenant-1") == 3
+        assert cli.lookup("b", H[:3]) == 1 and cli.lookup("c", H[:3], "tenant-2") == 0
+        held = st.take("a")
+        assert held is not None and held.leases[0].namespace == "tenant-1"
+        out = np.zeros_like(t)
+        assert st.load(0, held.leases[0], out, [5, 6, 7], True, hashes=H[:3]).wait(30) == [True] * 3
+        assert np.array_equal(out[5:8], t[0:3])
+        assert st.load(1, H[:1], out, [0], True, namespace="tenant-1").wait(30) == [True]
+        assert np.array_equal(out[0], t[0])
+        assert st.kv.namespaces() == ["tenant-1"]
+    finally:
+        cli.close()
+        srv.close()
+        st.close()
+    # The frame carries the namespace; a frame whose namespace length lies is refused.
+    frame = encode_lookup("r", H[:2], 0.05, "tenant-1")
+    assert decode_request(frame)[4] == "tenant-1" and decode_request(encode_lookup("r", H[:2]))[4] is None
+    with pytest.raises(ValueError, match="namespace"):
+        decode_request(frame[:-1])
+    with pytest.raises(ValueError, match="namespace is 1 to 1024 bytes"):
+        encode_lookup("r", H[:1], 0.05, "x" * 1025)
+
+
 def test_lookup_service_over_a_real_socket(tmp_path: Path) -> None:
     st = layer_store(tmp_path)
     t = kv_tensor(8, 5)
@@ -314,10 +351,21 @@ def test_block_events_remember_a_bounded_number_of_keys() -> None:
     keys = list(range(1000, 1400))
     ev.saved([k.to_bytes(32, "little") for k in keys], 0, keys)
     # 400 keys saved, none stored yet: at most the limit are kept, the newest
-    assert len(ev._block) <= 100 and keys[-1] in ev._block and keys[0] not in ev._block
+    assert len(ev._block) <= 100 and (None, keys[-1]) in ev._block and (None, keys[0]) not in ev._block
     # a key that moves from host to disk is in neither for a moment and stays known
     assert ev.apply([("stored", "host", keys[-1]), ("removed", "host", keys[-1]),
                      ("stored", "disk", keys[-1])]) == [
         ("stored", "host", keys[-1].to_bytes(32, "little")),
         ("removed", "host", keys[-1].to_bytes(32, "little")),
         ("stored", "disk", keys[-1].to_bytes(32, "little"))]
+
+
+def test_block_events_keep_namespaces_apart() -> None:
+    from dynblock.vllm.events import BlockEvents
+
+    ev = BlockEvents(num_layers=1, limit=100)
+    ev.saved([b"a" * 32], 0, [7], "t1")
+    ev.saved([b"b" * 32], 0, [7], "t2")  # the same store key in another namespace
+    assert ev.apply([("stored", "host", 7, "t2"), ("stored", "host", 7, None),
+                     ("removed", "host", 7, "t1")]) == [("stored", "host", b"b" * 32)]
+    assert ev.apply([("stored", "host", 7, "t1")]) == [("stored", "host", b"a" * 32)]

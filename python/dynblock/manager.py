@@ -421,11 +421,15 @@ class BlockManager:
         hash in two namespaces is two blocks that never alias. A persistent
         store keeps its namespaces' names across a restart."""
         self._check_open()
+        if namespace is None:  # (the common case: no argument for the engine to parse)
+            return self._m.put(hashes, src, rows)
         return self._m.put(hashes, src, rows, _namespace(namespace))
 
     def match(self, hashes: Hashes, *, namespace: Optional[str] = None) -> int:
         """Length of the longest prefix of ``hashes`` stored in any tier."""
         self._check_open()
+        if namespace is None:
+            return self._m.match(hashes)
         return self._m.match(hashes, _namespace(namespace))
 
     def get(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None, *,
@@ -442,7 +446,7 @@ class BlockManager:
         entries) and releases it; returns ``lease.count`` (its blocks are
         those of the lease's namespace)."""
         self._check_open()
-        ns = _namespace(namespace)
+        ns = namespace if namespace is None else _namespace(namespace)
         if isinstance(hashes, Lease):
             lease = hashes
             if lease._manager is not self:
@@ -452,7 +456,7 @@ class BlockManager:
             n = self._m.get_lease(lease._id, dst, rows)
             lease._done = True
             return n
-        return self._m.get(hashes, dst, rows, ns)
+        return self._m.get(hashes, dst, rows) if ns is None else self._m.get(hashes, dst, rows, ns)
 
     def get_each(self, hashes: Union[Hashes, Lease], dst: Any, rows: Rows = None, *,
                  namespace: Optional[str] = None) -> List[bool]:
@@ -575,7 +579,7 @@ class BlockManager:
         seconds when that is sooner (what the remote cannot deliver in time
         is left out of the lease)."""
         self._check_open()
-        ns = _namespace(namespace)
+        ns = namespace if namespace is None else _namespace(namespace)
         lease_id, count = self._m.lookup(hashes, timeout, ns)
         return Lease(self, lease_id, count, ns)
 
@@ -584,12 +588,14 @@ class BlockManager:
         (in the order given, the last one newest) without reading them;
         returns how many were stored. Takes no I/O."""
         self._check_open()
-        return self._m.touch(hashes, _namespace(namespace))
+        return self._m.touch(hashes, namespace if namespace is None else _namespace(namespace))
 
     def contains(self, hash: int, *, namespace: Optional[str] = None) -> bool:
         """Whether ``hash`` (a Python or numpy integer) is stored in any tier
         (in ``namespace``; ``hash in manager`` asks the shared one)."""
         self._check_open()
+        if namespace is None:
+            return self._m.contains(_hash_value(hash))
         return self._m.contains(_hash_value(hash), _namespace(namespace))
 
     def __contains__(self, hash: object) -> bool:

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{BlockManager, Key};
+use super::{BlockManager, Key, Keys};
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
@@ -50,17 +50,16 @@ impl BlockManager {
     ///
     /// # Safety
     /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
-    pub(super) unsafe fn send_remote(&self, hashes: &[Key], addrs: &[usize], new: &[usize]) {
+    pub(super) unsafe fn send_remote(&self, hashes: Keys<'_>, addrs: &[usize], new: &[usize]) {
         let Some((r, w)) = self.remote.get() else {
             return;
         };
         // The remote tier holds the shared namespace only (its keys carry no
         // namespace): a namespaced block stays local.
-        let new: Vec<usize> = new.iter().copied().filter(|&i| hashes[i].ns == 0).collect();
-        if new.is_empty() {
+        if hashes.ns() != 0 {
             return;
         }
-        let hs: Vec<u64> = new.iter().map(|&i| hashes[i].hash).collect();
+        let hs: Vec<u64> = new.iter().map(|&i| hashes.hashes()[i]).collect();
         match w {
             RemoteWrite::Off => {}
             RemoteWrite::Sync => {
@@ -83,7 +82,7 @@ impl BlockManager {
     /// and untouched by others for the whole call.
     pub(super) unsafe fn fetch_remote(
         &self,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
         d: Deadline,
@@ -91,15 +90,15 @@ impl BlockManager {
         let Some((r, _)) = self.remote.get() else {
             return 0;
         };
-        let shared = shared_prefix(hashes);
-        if shared.is_empty() {
+        // The remote tier holds the shared namespace only.
+        if hashes.is_empty() || hashes.ns() != 0 {
             return 0;
         }
         // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(&shared, addrs, d) };
+        let k = unsafe { r.fetch(hashes.hashes(), addrs, d) };
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
-            if let Err(e) = unsafe { self.put_addrs(&hashes[..k], &addrs[..k], region, false) } {
+            if let Err(e) = unsafe { self.put_addrs(hashes.sub(..k), &addrs[..k], region, false) } {
                 self.lock().warnings.push(format!(
                     "keeping {k} blocks fetched from the remote tier in the local tiers failed: {e}"
                 ));
@@ -107,15 +106,6 @@ impl BlockManager {
         }
         k
     }
-}
-
-/// The hashes of the leading keys of `keys` in the shared namespace: what
-/// the remote tier may be asked for (it holds no other namespace).
-pub(super) fn shared_prefix(keys: &[Key]) -> Vec<u64> {
-    keys.iter()
-        .take_while(|k| k.ns == 0)
-        .map(|k| k.hash)
-        .collect()
 }
 
 impl LocalSource for BlockManager {
@@ -146,7 +136,14 @@ impl LocalSource for BlockManager {
         scratch.resize(self.block_size, 0);
         let addr = [scratch.as_mut_ptr() as usize];
         // SAFETY: `scratch` is this call's exclusive buffer of block_size bytes.
-        let r = unsafe { self.read_prefix(st, &[h], &addr, region.as_deref()) };
+        let r = unsafe {
+            self.read_prefix(
+                st,
+                Keys::new(std::slice::from_ref(&h.hash), 0),
+                &addr,
+                region.as_deref(),
+            )
+        };
         if matches!(r, Ok((_, ref read)) if read.n == 1) {
             f(scratch);
             true

@@ -5,7 +5,7 @@
 #![allow(unsafe_code)]
 
 use super::policy::TierSlot;
-use super::{BlockManager, Key, State};
+use super::{BlockManager, Key, Keys, State};
 use crate::error::{Error, Result};
 use crate::remote::Deadline;
 
@@ -28,7 +28,7 @@ impl BlockManager {
     /// engine's scheduler).
     pub fn lookup(
         &self,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         budget: Option<std::time::Duration>,
     ) -> Result<(u64, usize)> {
         let _timer = self.latency.lookup.time();
@@ -43,7 +43,7 @@ impl BlockManager {
         let Some((remote, _)) = self
             .remote
             .get()
-            .filter(|_| n < hashes.len() && hashes[n].ns == 0)
+            .filter(|_| n < hashes.len() && hashes.ns() == 0)
         else {
             return Ok((id, n));
         };
@@ -60,12 +60,14 @@ impl BlockManager {
         };
         let mut buf = vec![0u8; piece.min(hashes.len() - n) * bs];
         let mut k = 0;
-        for chunk in hashes[n..].chunks(piece) {
+        for chunk in hashes.hashes()[n..].chunks(piece) {
             let base = buf.as_mut_ptr() as usize;
             let addrs: Vec<usize> = (0..chunk.len()).map(|i| base + i * bs).collect();
             // SAFETY: `buf` is ours, at least chunk.len() blocks long, alive
             // for the call.
-            let got = unsafe { self.fetch_remote(chunk, &addrs, region.as_deref(), d) };
+            let got = unsafe {
+                self.fetch_remote(Keys::new(chunk, hashes.ns()), &addrs, region.as_deref(), d)
+            };
             k += got;
             if got < chunk.len() || d.left().is_err() {
                 break;
@@ -90,11 +92,12 @@ impl BlockManager {
 
     /// Pin the longest stored prefix of `hashes` (the slot each block is
     /// read from).
-    fn pin_prefix(st: &mut State, hashes: &[Key]) -> Vec<Pinned> {
+    fn pin_prefix(st: &mut State, hashes: Keys<'_>) -> Vec<Pinned> {
         let n = st.reg.prefix(hashes);
-        hashes[..n]
+        hashes
+            .sub(..n)
             .iter()
-            .map(|&hash| {
+            .map(|hash| {
                 let at = st.reg.lease_copy(hash);
                 st.reg.pin(at);
                 Pinned { hash, at }
@@ -147,9 +150,11 @@ impl BlockManager {
         let addrs =
             self.block_addrs(n, (dst as usize, len), rows, "dst", true, region.as_deref())?;
         let pins = st.leases.remove(&id).expect("checked above");
-        let hashes: Vec<Key> = pins.iter().map(|p| p.hash).collect();
+        // One lookup's blocks: one namespace.
+        let hashes: Vec<u64> = pins.iter().map(|p| p.hash.hash).collect();
+        let ns = pins.first().map_or(0, |p| p.hash.ns);
         // SAFETY: forwarded from the caller.
-        let r = unsafe { self.get_prefix(st, &hashes, &addrs, region.as_deref()) };
+        let r = unsafe { self.get_prefix(st, Keys::new(&hashes, ns), &addrs, region.as_deref()) };
         Self::unpin_all(&mut self.lock(), &pins);
         r
     }

@@ -137,7 +137,7 @@ mod recover;
 mod write_behind;
 
 pub use crate::checksum::block_crc;
-pub use crate::keys::Key;
+pub use crate::keys::{Key, Keys};
 use leases::Pinned;
 use namespaces::Namespaces;
 pub use namespaces::{check_name, UNKNOWN as UNKNOWN_NAMESPACE};
@@ -503,9 +503,8 @@ impl BlockManager {
             region.as_deref(),
         )?;
         let ns = self.namespace_id(namespace, !hashes.is_empty())?;
-        let keys = Key::all(hashes, ns);
         // SAFETY: forwarded from the caller; the addresses were checked.
-        unsafe { self.put_addrs(&keys, &addrs, region.as_deref(), true) }
+        unsafe { self.put_addrs(Keys::new(hashes, ns), &addrs, region.as_deref(), true) }
     }
 
     /// `put` of blocks at checked addresses; `to_remote`: also send the new
@@ -515,7 +514,7 @@ impl BlockManager {
     /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
     unsafe fn put_addrs(
         &self,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
         to_remote: bool,
@@ -532,12 +531,12 @@ impl BlockManager {
         let mut unseen: Vec<usize> = Vec::new();
         // Refresh the batch's stored blocks first, so its new blocks never
         // evict them (`put([3, 1])` into a full tier holding 1 keeps 1).
-        for &h in hashes {
+        for h in hashes.iter() {
             st.reg.touch(h);
         }
         let mut new = 0usize;
         let mut rejected = 0u64;
-        for (i, &h) in hashes.iter().enumerate() {
+        for (i, h) in hashes.iter().enumerate() {
             if st.reg.touch(h) {
                 continue;
             }
@@ -557,8 +556,8 @@ impl BlockManager {
         r?;
         st.stats.put_blocks += hashes.len() as u64;
         st.stats.put_new += new as u64;
-        if let Some(k) = hashes.first().filter(|k| k.ns != UNKNOWN_NAMESPACE) {
-            let c = st.ns_counts.entry(k.ns).or_default();
+        if !hashes.is_empty() && hashes.ns() != 0 {
+            let c = st.ns_counts.entry(hashes.ns()).or_default();
             c.put_blocks += hashes.len() as u64;
             c.put_new += new as u64;
         }
@@ -581,12 +580,13 @@ impl BlockManager {
     }
 
     /// Length of the longest stored prefix (changes no recency).
-    pub fn match_prefix(&self, hashes: &[Key]) -> Result<usize> {
+    pub fn match_prefix(&self, hashes: Keys<'_>) -> Result<usize> {
         let _timer = self.latency.lookup.time();
         let n = self.open_state()?.reg.prefix(hashes);
         Ok(match self.remote.get() {
-            Some((r, _)) if n < hashes.len() => {
-                n + r.count_prefix(&below::shared_prefix(&hashes[n..]), r.deadline())
+            // The remote tier holds the shared namespace only.
+            Some((r, _)) if n < hashes.len() && hashes.ns() == 0 => {
+                n + r.count_prefix(&hashes.hashes()[n..], r.deadline())
             }
             _ => n,
         })
@@ -595,9 +595,9 @@ impl BlockManager {
     /// Mark the stored blocks among `hashes` as the most recently used, in
     /// the order given (the last one is the newest), in every tier that
     /// holds them; takes no I/O. Returns how many were stored.
-    pub fn touch(&self, hashes: &[Key]) -> Result<usize> {
+    pub fn touch(&self, hashes: Keys<'_>) -> Result<usize> {
         let mut st = self.open_state()?;
-        Ok(hashes.iter().filter(|&&h| st.reg.touch(h)).count())
+        Ok(hashes.iter().filter(|&h| st.reg.touch(h)).count())
     }
 
     pub fn contains(&self, h: Key) -> Result<bool> {
@@ -613,9 +613,10 @@ impl BlockManager {
     /// table down) with `create`, as a put does; without it, it is
     /// [`UNKNOWN_NAMESPACE`], in which every query misses.
     pub fn namespace_id(&self, name: Option<&str>, create: bool) -> Result<u32> {
-        if let Some(n) = name {
-            check_name(n)?;
-        }
+        let Some(n) = name else {
+            return Ok(0); // the shared namespace: no lock to take
+        };
+        check_name(n)?;
         let mut st = self.open_state()?;
         if create {
             st.names.id(name)
@@ -640,11 +641,35 @@ impl BlockManager {
     pub fn namespace_stats(&self, ns: u32) -> Result<NamespaceStats> {
         let st = self.open_state()?;
         let (host_blocks, disk_blocks) = st.reg.used_by(ns);
+        let counts = if ns == 0 {
+            // Not counted per call (the common case pays nothing): the
+            // totals less every other namespace's.
+            let mut c = NamespaceStats {
+                put_blocks: st.stats.put_blocks,
+                put_new: st.stats.put_new,
+                host_hits: st.stats.host_hits,
+                disk_hits: st.stats.disk_hits,
+                misses: st.stats.misses,
+                ..Default::default()
+            };
+            for o in st.ns_counts.values() {
+                c.put_blocks = c.put_blocks.saturating_sub(o.put_blocks);
+                c.put_new = c.put_new.saturating_sub(o.put_new);
+                c.host_hits = c.host_hits.saturating_sub(o.host_hits);
+                c.disk_hits = c.disk_hits.saturating_sub(o.disk_hits);
+                c.misses = c.misses.saturating_sub(o.misses);
+            }
+            c
+        } else if ns == UNKNOWN_NAMESPACE {
+            NamespaceStats::default() // (its calls' misses are kept apart, under its id)
+        } else {
+            st.ns_counts.get(&ns).cloned().unwrap_or_default()
+        };
         Ok(NamespaceStats {
             host_blocks: host_blocks as u64,
             disk_blocks: disk_blocks as u64,
             quota: st.names.quota(ns),
-            ..st.ns_counts.get(&ns).cloned().unwrap_or_default()
+            ..counts
         })
     }
 
@@ -682,13 +707,13 @@ impl BlockManager {
     /// how many there were. As `remove`: the index records the removal
     /// first, and on an error nothing changed.
     pub fn purge(&self, ns: u32) -> Result<usize> {
-        let keys = self.open_state()?.reg.keys_of(ns);
-        self.remove(&keys)
+        let hashes = self.open_state()?.reg.hashes_of(ns);
+        self.remove(Keys::new(&hashes, ns))
     }
 
     /// Forget blocks; returns how many were stored. The index records the
     /// removal before memory forgets it: on an error nothing changed.
-    pub fn remove(&self, hashes: &[Key]) -> Result<usize> {
+    pub fn remove(&self, hashes: Keys<'_>) -> Result<usize> {
         let mut st = self.open_state()?;
         self.settle_index(&mut st)?;
         let dels: Vec<Record> = st

@@ -31,7 +31,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
 use crate::index::Live;
-pub(crate) use crate::keys::Key;
+pub(crate) use crate::keys::{Key, Keys};
 use crate::settings::{DiskAdmission, Eviction};
 
 /// Hasher for u64 keys: the splitmix64 finaliser (sequence hashes may be
@@ -461,10 +461,9 @@ impl SlotTable {
             self.by_ns.len(ns)
         }
     }
-    /// The block in `s` was asked for.
-    fn touch(&mut self, s: u32) {
+    /// The block in `s`, of namespace `ns`, was asked for.
+    fn touch(&mut self, s: u32, ns: u32) {
         self.order.touch(s);
-        let ns = self.hash_of[s as usize].ns;
         if ns != 0 && self.order.kind == Eviction::Lru {
             self.by_ns.move_back(ns, s);
         }
@@ -636,6 +635,78 @@ impl Ghost {
     }
 }
 
+/// Where each stored block's copies are: the shared namespace's blocks by
+/// their bare hash (8-byte keys: the common case pays nothing for
+/// namespaces), the other namespaces' by [`Key`].
+#[derive(Default)]
+struct Blocks {
+    shared: Map<u64, Entry>,
+    named: Map<Key, Entry>,
+}
+
+impl Blocks {
+    #[inline]
+    fn get(&self, k: &Key) -> Option<&Entry> {
+        if k.ns == 0 {
+            self.shared.get(&k.hash)
+        } else {
+            self.named.get(k)
+        }
+    }
+    #[inline]
+    fn get_mut(&mut self, k: &Key) -> Option<&mut Entry> {
+        if k.ns == 0 {
+            self.shared.get_mut(&k.hash)
+        } else {
+            self.named.get_mut(k)
+        }
+    }
+    #[inline]
+    fn contains_key(&self, k: &Key) -> bool {
+        self.get(k).is_some()
+    }
+    #[inline]
+    fn insert(&mut self, k: Key, e: Entry) -> Option<Entry> {
+        if k.ns == 0 {
+            self.shared.insert(k.hash, e)
+        } else {
+            self.named.insert(k, e)
+        }
+    }
+    #[inline]
+    fn remove(&mut self, k: &Key) -> Option<Entry> {
+        if k.ns == 0 {
+            self.shared.remove(&k.hash)
+        } else {
+            self.named.remove(k)
+        }
+    }
+    /// `k`'s entry changed by `f`, or `new` when it has none.
+    #[inline]
+    fn upsert(&mut self, k: Key, f: impl FnOnce(&mut Entry), new: Entry) {
+        match self.get_mut(&k) {
+            Some(e) => f(e),
+            None => {
+                self.insert(k, new);
+            }
+        }
+    }
+    fn len(&self) -> usize {
+        self.shared.len() + self.named.len()
+    }
+    fn clear(&mut self) {
+        self.shared.clear();
+        self.named.clear();
+    }
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (Key, &Entry)> + '_ {
+        self.shared
+            .iter()
+            .map(|(&h, e)| (Key::shared(h), e))
+            .chain(self.named.iter().map(|(&k, e)| (k, e)))
+    }
+}
+
 /// Where a block's copies are ([`NIL`] for none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -736,7 +807,7 @@ pub(super) struct Rules {
 
 /// The registry: sequence hash -> its copies, and each tier's slot table.
 pub(super) struct Registry {
-    map: Map<Key, Entry>,
+    map: Blocks,
     host: Option<SlotTable>,
     disk: Option<SlotTable>,
     counts: PolicyCounts,
@@ -757,7 +828,7 @@ impl Registry {
     /// and admit as `rules` say.
     pub(super) fn new(host: u32, disk: u32, rules: Rules) -> Self {
         Registry {
-            map: Map::default(),
+            map: Blocks::default(),
             host: (host > 0).then(|| SlotTable::new(host, rules.host_eviction)),
             disk: (disk > 0).then(|| SlotTable::new(disk, rules.disk_eviction)),
             counts: PolicyCounts::default(),
@@ -971,17 +1042,22 @@ impl Registry {
         }
     }
 
-    /// Every stored block of namespace `ns`.
-    pub(super) fn keys_of(&self, ns: u32) -> Vec<Key> {
-        self.map.keys().filter(|k| k.ns == ns).copied().collect()
+    /// The hashes of every stored block of namespace `ns`.
+    pub(super) fn hashes_of(&self, ns: u32) -> Vec<u64> {
+        if ns == 0 {
+            return self.map.shared.keys().copied().collect();
+        }
+        self.map
+            .named
+            .keys()
+            .filter(|k| k.ns == ns)
+            .map(|k| k.hash)
+            .collect()
     }
 
     /// How many stored blocks are in namespaces `named` says have no name.
     pub(super) fn unnamed(&self, named: impl Fn(u32) -> bool) -> usize {
-        self.map
-            .keys()
-            .filter(|k| k.ns != 0 && !named(k.ns))
-            .count()
+        self.map.named.keys().filter(|k| !named(k.ns)).count()
     }
 
     /// [`Self::lru_order`] as bare hashes (for tests).
@@ -1014,7 +1090,7 @@ impl Registry {
         };
         if e.host != NIL && e.host != PENDING {
             if let Some(t) = self.host.as_mut() {
-                t.touch(e.host);
+                t.touch(e.host, h.ns);
                 if self.admission != DiskAdmission::All {
                     t.asked[e.host as usize] = true;
                 }
@@ -1022,7 +1098,7 @@ impl Registry {
         }
         if e.disk != NIL {
             if let Some(t) = self.disk.as_mut() {
-                t.touch(e.disk);
+                t.touch(e.disk, h.ns);
             }
         }
         true
@@ -1072,13 +1148,14 @@ impl Registry {
     /// False when every host slot is pinned: nothing was registered.
     fn host_insert(&mut self, h: Key, addr: usize, plan: &mut Plan) -> bool {
         let had = self.map.contains_key(&h);
-        self.map
-            .entry(h)
-            .and_modify(|e| e.host = PENDING)
-            .or_insert(Entry {
+        self.map.upsert(
+            h,
+            |e| e.host = PENDING,
+            Entry {
                 host: PENDING,
                 disk: NIL,
-            });
+            },
+        );
         let s = loop {
             if self.at_quota(TierKind::Host, h.ns) {
                 match self.table_mut(TierKind::Host).ns_victim(h.ns) {
@@ -1186,9 +1263,7 @@ impl Registry {
         };
         self.occupy(TierKind::Disk, t, h);
         self.map
-            .entry(h)
-            .and_modify(|e| e.disk = t)
-            .or_insert(Entry { host: NIL, disk: t });
+            .upsert(h, |e| e.disk = t, Entry { host: NIL, disk: t });
         plan.write_by_disk.insert(t, plan.writes.len());
         plan.writes.push(DiskWrite {
             disk_slot: t,
@@ -1256,12 +1331,12 @@ impl Registry {
     /// The distinct stored blocks among `hashes` with the disk slot of each
     /// that has a disk copy: what [`Self::forget`] would remove (for the
     /// index's DEL records, written before memory changes).
-    pub(super) fn disk_copies_of(&self, hashes: &[Key]) -> Vec<(Key, u32)> {
+    pub(super) fn disk_copies_of(&self, hashes: Keys<'_>) -> Vec<(Key, u32)> {
         let mut seen = std::collections::HashSet::new();
         hashes
             .iter()
-            .filter(|&&h| seen.insert(h))
-            .filter_map(|&h| {
+            .filter(|&h| seen.insert(h))
+            .filter_map(|h| {
                 self.map
                     .get(&h)
                     .filter(|e| e.disk != NIL)
@@ -1271,9 +1346,9 @@ impl Registry {
     }
 
     /// Forget blocks (every copy); returns how many distinct ones were stored.
-    pub(super) fn forget(&mut self, hashes: &[Key]) -> usize {
+    pub(super) fn forget(&mut self, hashes: Keys<'_>) -> usize {
         let mut n = 0;
-        for &h in hashes {
+        for h in hashes.iter() {
             let Some(e) = self.map.remove(&h) else {
                 continue;
             };
@@ -1407,17 +1482,21 @@ impl Registry {
 
     /// Length of the longest registered prefix (bytes of some blocks may
     /// still be arriving: see [`Self::in_flight`]).
-    pub(super) fn prefix(&self, hashes: &[Key]) -> usize {
-        hashes
-            .iter()
-            .position(|h| !self.map.contains_key(h))
-            .unwrap_or(hashes.len())
+    pub(super) fn prefix(&self, hashes: Keys<'_>) -> usize {
+        let n = if hashes.ns() == 0 {
+            // (the hot loop of `match`: one map, bare hashes)
+            let m = &self.map.shared;
+            hashes.hashes().iter().position(|h| !m.contains_key(h))
+        } else {
+            hashes.iter().position(|h| !self.map.named.contains_key(&h))
+        };
+        n.unwrap_or(hashes.len())
     }
 
     /// Whether any block of `hashes` is registered but has no copy whose
     /// bytes are in place yet (a put or an offload in flight): a read waits.
-    pub(super) fn in_flight(&self, hashes: &[Key]) -> bool {
-        hashes.iter().any(|&h| self.readable(h).is_none())
+    pub(super) fn in_flight(&self, hashes: Keys<'_>) -> bool {
+        hashes.iter().any(|h| self.readable(h).is_none())
     }
 
     /// The copy a lease pins: the readable one, else the host copy being
@@ -1427,7 +1506,7 @@ impl Registry {
         if let Some(c) = self.readable(h) {
             return c;
         }
-        let e = self.map[&h];
+        let e = *self.map.get(&h).expect("stored");
         if e.host != NIL && e.host != PENDING {
             TierSlot::host(e.host)
         } else {
@@ -1584,7 +1663,8 @@ mod tests {
             assert!(reg.ghost.order.len() <= 2 * reg.ghost.cap + 65);
             let in_tier = reg
                 .map
-                .values()
+                .iter()
+                .map(|(_, e)| e)
                 .filter(|e| {
                     if name == "host" {
                         e.host != NIL
@@ -1595,7 +1675,7 @@ mod tests {
                 .count();
             assert_eq!(in_tier, order.len(), "{name}: entries vs order");
         }
-        for (&h, e) in &reg.map {
+        for (h, e) in reg.map.iter() {
             assert!(e.host != NIL || e.disk != NIL, "block {h:x} has no copy");
             assert_ne!(e.host, PENDING);
             if e.host != NIL {
@@ -1629,7 +1709,7 @@ mod tests {
         assert!(reg.admit(Key::from(7), 0, false, &mut plan));
         let at = reg.readable(Key::from(7)).unwrap();
         reg.pin(at);
-        assert_eq!(reg.forget(&[Key::from(7)]), 1);
+        assert_eq!(reg.forget(Keys::shared(&[7])), 1);
         check(&reg);
         assert!(!reg.host.as_ref().unwrap().free.contains(&at.slot));
         reg.unpin(at);
@@ -1791,7 +1871,7 @@ mod tests {
                         for p in pins.iter_mut().filter(|p| p.1 == h) {
                             p.2 = false;
                         }
-                        reg.forget(&[Key::from(h)]);
+                        reg.forget(Keys::shared(&[h]));
                     }
                     Op::Clear => {
                         for p in pins.iter_mut() {

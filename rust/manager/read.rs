@@ -26,7 +26,7 @@ use std::sync::MutexGuard;
 
 use super::execute::Moves;
 use super::policy::{Plan, Src, TierKind, TierSlot};
-use super::{block_crc, BlockManager, Key, State};
+use super::{block_crc, BlockManager, Keys, State};
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::Record;
@@ -70,13 +70,13 @@ impl BlockManager {
     /// # Safety
     /// `dst` must be valid for writes of `len` bytes for the whole call and
     /// untouched by others meanwhile.
-    pub unsafe fn get_raw(&self, hashes: &[Key], dst: *mut u8, len: usize) -> Result<usize> {
+    pub unsafe fn get_raw(&self, hashes: Keys<'_>, dst: *mut u8, len: usize) -> Result<usize> {
         // SAFETY: forwarded.
         unsafe { self.get_rows(hashes, dst, len, None) }
     }
 
     #[cfg(test)] // a convenience of the unit tests
-    pub fn get(&self, hashes: &[Key], dst: &mut [u8]) -> Result<usize> {
+    pub fn get(&self, hashes: Keys<'_>, dst: &mut [u8]) -> Result<usize> {
         // SAFETY: a valid exclusive slice.
         unsafe { self.get_raw(hashes, dst.as_mut_ptr(), dst.len()) }
     }
@@ -90,7 +90,7 @@ impl BlockManager {
     /// untouched by others meanwhile.
     pub unsafe fn get_rows(
         &self,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         dst: *mut u8,
         len: usize,
         rows: Option<&[u64]>,
@@ -113,7 +113,7 @@ impl BlockManager {
         };
         let d = r.deadline();
         // SAFETY: forwarded from the caller; the addresses were checked (distinct).
-        Ok(n + unsafe { self.fetch_remote(&hashes[n..], &addrs[n..], region.as_deref(), d) })
+        Ok(n + unsafe { self.fetch_remote(hashes.sub(n..), &addrs[n..], region.as_deref(), d) })
     }
 
     /// `get` of checked destinations from the local tiers (see the module
@@ -133,19 +133,19 @@ impl BlockManager {
     pub(super) unsafe fn get_prefix(
         &self,
         mut st: MutexGuard<'_, State>,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
     ) -> Result<usize> {
         st.stats.get_calls += 1;
         let (mut st, mut read) = self.plan_read(st, hashes);
-        for &h in &hashes[..read.n] {
+        for h in hashes.sub(..read.n).iter() {
             st.reg.touch(h);
         }
         let mut plan = Plan::default();
         if st.reg.has_host() {
             for &(_, i, _) in &read.disk {
-                st.reg.promote(hashes[i], addrs[i], &mut plan);
+                st.reg.promote(hashes.at(i), addrs[i], &mut plan);
             }
         }
         for at in read.slots() {
@@ -216,12 +216,13 @@ impl BlockManager {
         st.stats.host_hits += read.host.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.disk_hits += read.disk.iter().filter(|r| r.1 < n).count() as u64;
         st.stats.misses += (hashes.len() - n) as u64;
-        if let Some(k) = hashes.first().filter(|k| k.ns != super::UNKNOWN_NAMESPACE) {
+        // The shared namespace's are the totals less the others' (see `namespace_stats`).
+        if !hashes.is_empty() && hashes.ns() != 0 {
             let (host, disk) = (
                 read.host.iter().filter(|r| r.1 < n).count() as u64,
                 read.disk.iter().filter(|r| r.1 < n).count() as u64,
             );
-            let c = st.ns_counts.entry(k.ns).or_default();
+            let c = st.ns_counts.entry(hashes.ns()).or_default();
             c.host_hits += host;
             c.disk_hits += disk;
             c.misses += (hashes.len() - n) as u64;
@@ -249,7 +250,7 @@ impl BlockManager {
         &self,
         read: &Read,
         direct: &[Option<u32>],
-        hashes: &[Key],
+        hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
         moves: Option<&Moves>,
@@ -269,7 +270,7 @@ impl BlockManager {
                         Some(s) if into_slot => slot_addr(s),
                         _ => addrs[i],
                     };
-                    (t, dst, hashes[i].hash, crc)
+                    (t, dst, hashes.hashes()[i], crc)
                 })
                 .collect()
         };
@@ -323,7 +324,7 @@ impl BlockManager {
     pub(super) unsafe fn read_prefix<'a>(
         &'a self,
         st: MutexGuard<'a, State>,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
     ) -> Result<(MutexGuard<'a, State>, Read)> {
@@ -338,7 +339,7 @@ impl BlockManager {
         let reads: Vec<DiskRead> = read
             .disk
             .iter()
-            .map(|&(t, i, crc)| (t, addrs[i], hashes[i].hash, crc))
+            .map(|&(t, i, crc)| (t, addrs[i], hashes.hashes()[i], crc))
             .collect();
         let all: Vec<usize> = (0..reads.len()).collect();
         // SAFETY: as above.
@@ -358,7 +359,7 @@ impl BlockManager {
     fn plan_read<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
-        hashes: &[Key],
+        hashes: Keys<'_>,
     ) -> (MutexGuard<'a, State>, Read) {
         if let Err(e) = self.settle_index(&mut st) {
             // Reads still work; promotions wait for the rewrite.
@@ -366,7 +367,7 @@ impl BlockManager {
                 .push(format!("rewriting the store's index failed: {e}"));
         }
         let mut n = st.reg.prefix(hashes);
-        while n > 0 && st.reg.in_flight(&hashes[..n]) {
+        while n > 0 && st.reg.in_flight(hashes.sub(..n)) {
             st = self
                 .committed
                 .wait_timeout(st, std::time::Duration::from_millis(50))
@@ -379,7 +380,7 @@ impl BlockManager {
             host: Vec::new(),
             disk: Vec::new(),
         };
-        for (i, &h) in hashes[..n].iter().enumerate() {
+        for (i, h) in hashes.sub(..n).iter().enumerate() {
             let at = st.reg.readable(h).expect("in the prefix");
             match at.kind {
                 TierKind::Host => read.host.push((at.slot, i)),
@@ -490,7 +491,7 @@ impl BlockManager {
     fn commit_read(
         &self,
         st: &mut State,
-        hashes: &[Key],
+        hashes: Keys<'_>,
         read: &mut Read,
         failures: Vec<Option<Failure>>,
         promoted_to: &[Option<u32>],
@@ -502,7 +503,7 @@ impl BlockManager {
                 continue;
             };
             let (t, i, _) = read.disk[k];
-            let h = hashes[i];
+            let h = hashes.at(i);
             read.n = read.n.min(i);
             let host_dropped = promoted_to[k].is_some_and(|s| st.reg.drop_host_copy(h, s));
             undone += host_dropped as usize;

@@ -5,8 +5,8 @@ use crate::disk::DiskOptions;
 use crate::host::{HostOptions, Pin};
 
 /// Keys of `hashes` in the shared namespace.
-fn k(hashes: &[u64]) -> Vec<Key> {
-    Key::all(hashes, 0)
+fn k(hashes: &[u64]) -> Keys<'_> {
+    Keys::shared(hashes)
 }
 
 /// `lru_order` as bare hashes.
@@ -55,13 +55,13 @@ fn leased_blocks_are_never_evicted_and_a_full_pinned_tier_rejects() {
     let m = mgr(2, 0, bs, dir.path()); // host only, 2 slots
     m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
         .unwrap();
-    let (lease, n) = m.lookup(&k(&[1, 9]), None).unwrap();
+    let (lease, n) = m.lookup(k(&[1, 9]), None).unwrap();
     assert_eq!(n, 1);
     // 1 is pinned: new blocks evict 2, then each other, never 1.
     for h in 10..20u64 {
         assert_eq!(m.put(&[h], &block(h, bs)).unwrap(), 1);
     }
-    let (lease2, n2) = m.lookup(&k(&[19]), None).unwrap();
+    let (lease2, n2) = m.lookup(k(&[19]), None).unwrap();
     assert_eq!(n2, 1);
     // Both slots pinned: a new block is rejected, counted, not an error.
     assert_eq!(m.put(&[30], &block(30, bs)).unwrap(), 0);
@@ -83,8 +83,8 @@ fn a_block_removed_while_leased_frees_its_slot_at_release() {
     let m = mgr(2, 0, bs, dir.path());
     m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
         .unwrap();
-    let (lease, _) = m.lookup(&k(&[1, 2]), None).unwrap();
-    assert_eq!(m.remove(&k(&[1])).unwrap(), 1);
+    let (lease, _) = m.lookup(k(&[1, 2]), None).unwrap();
+    assert_eq!(m.remove(k(&[1])).unwrap(), 1);
     m.clear().unwrap();
     // Both slots still leased: nothing fits.
     assert_eq!(m.put(&[5], &block(5, bs)).unwrap(), 0);
@@ -112,7 +112,7 @@ fn a_batch_never_evicts_its_own_stored_blocks() {
     assert_eq!(n, 1);
     assert_eq!(lru(&m).1, vec![3, 1]); // the batch order is the recency order
     let mut one = vec![0u8; bs];
-    assert_eq!(m.get(&k(&[1]), &mut one).unwrap(), 1);
+    assert_eq!(m.get(k(&[1]), &mut one).unwrap(), 1);
     assert_eq!(one, block(1, bs));
 }
 
@@ -127,7 +127,7 @@ fn offload_and_onboard_round_trip() {
     // host holds 3,4; disk holds 0,1,2 (offloaded in order)
     assert_eq!(lru(&m), (vec![3, 4], vec![0, 1, 2]));
     let mut out = vec![0u8; 3 * bs];
-    assert_eq!(m.get(&k(&[0, 1, 9]), &mut out).unwrap(), 2);
+    assert_eq!(m.get(k(&[0, 1, 9]), &mut out).unwrap(), 2);
     assert_eq!(&out[..bs], &block(0, bs)[..]);
     assert_eq!(&out[bs..2 * bs], &block(1, bs)[..]);
     // 0 and 1 promoted; 3 and 4 offloaded; the disk was full, so its LRU block 2 was dropped
@@ -139,7 +139,7 @@ fn offload_and_onboard_round_trip() {
     assert_eq!((s.disk_hits, s.onboarded_blocks, s.misses), (2, 2, 1));
     let mut one = vec![0u8; bs];
     for h in [0u64, 1, 3, 4] {
-        assert_eq!(m.get(&k(&[h]), &mut one).unwrap(), 1, "block {h}");
+        assert_eq!(m.get(k(&[h]), &mut one).unwrap(), 1, "block {h}");
         assert_eq!(one, block(h, bs));
     }
 }
@@ -159,7 +159,7 @@ fn promotions_hold_no_slot_once_done() {
     let mut disk_hits = 0;
     for round in 0..3u64 {
         for pair in all.chunks(2) {
-            assert_eq!(m.get(&k(pair), &mut out).unwrap(), 2, "round {round}");
+            assert_eq!(m.get(k(pair), &mut out).unwrap(), 2, "round {round}");
             assert_eq!(&out[..bs], &block(pair[0], bs)[..]);
             assert_eq!(&out[bs..], &block(pair[1], bs)[..]);
         }

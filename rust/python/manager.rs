@@ -11,7 +11,7 @@ use super::disk::PyDiskStorage;
 use super::errors::to_py;
 use super::host::PyHostStorage;
 use super::remote::PyRemoteTier;
-use crate::manager::{BlockManager, Key, ManagerOptions};
+use crate::manager::{BlockManager, Key, Keys, ManagerOptions};
 use crate::remote::RemoteWrite;
 
 /// The block manager over a host tier, a disk tier or both.
@@ -145,9 +145,11 @@ impl PyBlockManager {
                 )))
             }
         };
-        let hs = self.keys(py, hashes, namespace)?;
+        let (hs, ns) = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
-        let r = py.detach(move || m.lookup(&hs, budget)).map_err(to_py);
+        let r = py
+            .detach(move || m.lookup(Keys::new(&hs, ns), budget))
+            .map_err(to_py);
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -187,9 +189,11 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let hs = self.keys(py, hashes, namespace)?;
+        let (hs, ns) = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
-        let r = py.detach(move || m.match_prefix(&hs)).map_err(to_py);
+        let r = py
+            .detach(move || m.match_prefix(Keys::new(&hs, ns)))
+            .map_err(to_py);
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -204,9 +208,10 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let hs = self.keys(py, hashes, namespace)?;
+        let (hs, ns) = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
-        py.detach(move || m.touch(&hs)).map_err(to_py)
+        py.detach(move || m.touch(Keys::new(&hs, ns)))
+            .map_err(to_py)
     }
 
     #[pyo3(signature = (hash, namespace=None))]
@@ -307,9 +312,10 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let hs = self.keys(py, hashes, namespace)?;
+        let (hs, ns) = self.keys(py, hashes, namespace)?;
         let m = self.inner.clone();
-        py.detach(move || m.remove(&hs)).map_err(to_py)
+        py.detach(move || m.remove(Keys::new(&hs, ns)))
+            .map_err(to_py)
     }
 
     fn clear(&self, py: Python<'_>) -> PyResult<()> {
@@ -470,7 +476,7 @@ impl PyBlockManager {
                     m.put_in(namespace.as_deref(), hs, p as *const u8, n, rows.as_deref())
                 } else {
                     let ns = m.namespace_id(namespace.as_deref(), false)?;
-                    m.get_rows(&Key::all(hs, ns), p as *mut u8, n, rows.as_deref())
+                    m.get_rows(Keys::new(hs, ns), p as *mut u8, n, rows.as_deref())
                 }
             },
         );
@@ -481,20 +487,23 @@ impl PyBlockManager {
     /// The id of `namespace` (checked; a name the store does not know is
     /// the unknown id, in which every query misses).
     fn ns(&self, py: Python<'_>, namespace: Option<String>) -> PyResult<u32> {
+        if namespace.is_none() {
+            return Ok(0); // the shared namespace: no lock to take
+        }
         let m = self.inner.clone();
         py.detach(move || m.namespace_id(namespace.as_deref(), false))
             .map_err(to_py)
     }
 
-    /// `hashes` (a sequence of ints) as keys of `namespace`.
+    /// `hashes` (a sequence of ints) and the id of `namespace`.
     fn keys(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
-    ) -> PyResult<Vec<Key>> {
+    ) -> PyResult<(Vec<u64>, u32)> {
         let hs = u64_list(hashes, "hashes")?;
-        Ok(Key::all(&hs, self.ns(py, namespace)?))
+        Ok((hs, self.ns(py, namespace)?))
     }
 
     /// Log the engine's pending warnings. They are taken with the GIL

@@ -3,7 +3,8 @@ one JSON line of results. Run by tests/test_vllm.py with the interpreter of
 the separate vLLM environment (.ci/vllm-env), never imported by pytest.
 
     python driver.py '{"model_dir": ..., "dtype": "float32", "connector": {...} | null,
-                       "prompts": [[token ids], ...], "max_tokens": 8}'   (or @args.json)
+                       "prompts": [[token ids], ...], "max_tokens": 8,
+                       "salts": [cache_salt or null per prompt] (optional)}'   (or @args.json)
 
 The prompts run one after another (one ``generate`` each), so vLLM's own
 cache sees them in order. ``RecordingConnector`` is DynblockConnector plus a
@@ -95,9 +96,13 @@ def main() -> None:
                 pass
     sp = SamplingParams(max_tokens=args.get("max_tokens", 8), temperature=0)
     results = []
-    for p in args["prompts"]:
+    salts = args.get("salts") or [None] * len(args["prompts"])
+    for p, salt in zip(args["prompts"], salts):
         t = time.time()
-        out = llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0]
+        prompt = {"prompt_token_ids": p}
+        if salt is not None:
+            prompt["cache_salt"] = salt  # the request's tenant
+        out = llm.generate([prompt], sp, use_tqdm=False)[0]
         results.append({"tokens": list(out.outputs[0].token_ids),
                         "cached": out.num_cached_tokens, "seconds": time.time() - t})
     print("RESULT " + json.dumps({"start_s": start, "results": results}), flush=True)

@@ -36,12 +36,22 @@ class LoadSpec:
     req_id: str
     hashes: List[bytes]
     block_ids: List[int]
+    #: The request's tenant (its ``cache_salt``): the store namespace of its blocks.
+    namespace: Optional[str] = None
 
 
 @dataclass
 class SaveSpec:
     hashes: List[bytes]
     block_ids: List[int]
+    namespace: Optional[str] = None
+
+
+def namespace_of(request: "Request") -> Optional[str]:
+    """The store namespace of a request's blocks: its ``cache_salt`` (vLLM's
+    per-tenant cache isolation), None (the shared namespace) without one."""
+    salt = getattr(request, "cache_salt", None)
+    return salt if isinstance(salt, str) and salt else None
 
 
 @dataclass
@@ -127,7 +137,8 @@ class DynblockConnector(KVConnectorBase_V1):
         if usable <= skip or not self._clients:
             return 0, False
         hashes = [bytes(h) for h in request.block_hashes[skip:usable]]
-        counts = [c.lookup(rid, hashes) for c in self._clients]
+        ns = namespace_of(request)
+        counts = [c.lookup(rid, hashes, ns) for c in self._clients]
         count = min(counts)
         if count == 0:
             if any(counts):  # another rank holds a lease this request will not use
@@ -151,7 +162,7 @@ class DynblockConnector(KVConnectorBase_V1):
             return
         ids = list(blocks.get_block_ids()[0][skip:skip + n])
         hashes = [bytes(h) for h in request.block_hashes[skip:skip + n]]
-        self._loads.append(LoadSpec(rid, hashes, ids))
+        self._loads.append(LoadSpec(rid, hashes, ids, namespace_of(request)))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = DynblockMetadata(loads=self._loads)
@@ -180,7 +191,7 @@ class DynblockConnector(KVConnectorBase_V1):
         full = min(len(st.request.block_hashes), computed // self._block_tokens, len(st.block_ids))
         if full > st.saved:
             meta.saves.append(SaveSpec([bytes(h) for h in st.request.block_hashes[st.saved:full]],
-                                       st.block_ids[st.saved:full]))
+                                       st.block_ids[st.saved:full], namespace_of(st.request)))
             st.saved = full
 
     def request_finished(self, request: "Request",
@@ -260,7 +271,7 @@ class DynblockConnector(KVConnectorBase_V1):
                 src = held.leases[layer] if use_leases and held is not None else spec.hashes
                 try:
                     job = self._store.load(layer, src, tensor, spec.block_ids, zc, bd,
-                                           hashes=spec.hashes)
+                                           hashes=spec.hashes, namespace=spec.namespace)
                 except Exception as e:
                     self._load_failed(spec.block_ids, e)
                     continue
@@ -295,18 +306,24 @@ class DynblockConnector(KVConnectorBase_V1):
         layer = self._layers.get(layer_name)
         if layer is None:
             return
-        hashes = [h for s in meta.saves for h in s.hashes]
-        rows = [b for s in meta.saves for b in s.block_ids]
         zc, bd = self._zero_copy[layer_name]
-        try:
-            keys = self._store.keys(hashes, layer)
-            if self._events is not None:
-                self._events.saved(hashes, layer, keys)
-            self._save_jobs.append(self._store.save(layer, hashes, kv_layer, rows, zc, bd, keys))
-        except Exception as e:
-            self.counters["save_errors"] += len(rows)
-            self._once("save", "dynblock: saving KV failed (%s: %s); the engine goes on without "
-                       "those blocks (logged once)", type(e).__name__, e)
+        # One put per namespace (the requests' tenants), in the order they first come.
+        groups: Dict[Optional[str], Tuple[List[bytes], List[int]]] = {}
+        for s in meta.saves:
+            hs, rs = groups.setdefault(s.namespace, ([], []))
+            hs += s.hashes
+            rs += s.block_ids
+        for ns, (hashes, rows) in groups.items():
+            try:
+                keys = self._store.keys(hashes, layer)
+                if self._events is not None:
+                    self._events.saved(hashes, layer, keys, ns)
+                self._save_jobs.append(self._store.save(layer, hashes, kv_layer, rows, zc, bd, keys,
+                                                        namespace=ns))
+            except Exception as e:
+                self.counters["save_errors"] += len(rows)
+                self._once("save", "dynblock: saving KV failed (%s: %s); the engine goes on "
+                           "without those blocks (logged once)", type(e).__name__, e)
 
     def wait_for_save(self) -> None:
         # Source rows must stay untouched until read: vLLM may reuse them next step.

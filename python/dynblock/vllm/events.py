@@ -15,7 +15,7 @@ keeps the keys, which cannot be turned back into vLLM block hashes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 if TYPE_CHECKING:
     from ..manager import BlockManager
@@ -48,14 +48,19 @@ class BlockEvents:
     def __init__(self, num_layers: int, limit: int) -> None:
         self.num_layers = num_layers
         self.limit = limit
-        self._block: Dict[int, Tuple[bytes, int]] = {}  # key -> (vLLM hash, layer)
-        self._tiers: Dict[int, Set[str]] = {}  # key -> tiers holding it
-        self._layers: Dict[Tuple[bytes, str], int] = {}  # (vLLM hash, tier) -> layers held
+        # Keys are (namespace, store key): the store's blocks of one key in two namespaces
+        # are two blocks.
+        self._block: Dict[Tuple[Optional[str], int], Tuple[bytes, int]] = {}  # -> (vLLM hash, layer)
+        self._tiers: Dict[Tuple[Optional[str], int], Set[str]] = {}  # -> tiers holding it
+        # (namespace, vLLM hash, tier) -> layers held
+        self._layers: Dict[Tuple[Optional[str], bytes, str], int] = {}
 
-    def saved(self, hashes: Sequence[bytes], layer: int, keys: Sequence[int]) -> None:
+    def saved(self, hashes: Sequence[bytes], layer: int, keys: Sequence[int],
+              namespace: Optional[str] = None) -> None:
         """This worker asked the store to save ``hashes``' layer ``layer``
-        under ``keys``."""
-        for h, k in zip(hashes, keys):
+        under ``keys`` in ``namespace``."""
+        for h, key in zip(hashes, keys):
+            k = (namespace, key)
             if k not in self._block:
                 self._block[k] = (bytes(h), layer)
                 self._tiers[k] = set()
@@ -70,25 +75,25 @@ class BlockEvents:
 
     def apply(self, events: Iterable[Tuple[Any, ...]]) -> List[BlockEvent]:
         """The vLLM-block events that the store's tier events (``kind``,
-        ``tier``, key, and the namespace, which is None here: oldest first)
-        amount to."""
+        ``tier``, key, namespace (None when absent): oldest first) amount to."""
         out: List[BlockEvent] = []
-        for kind, tier, key, *_ in events:
+        for kind, tier, key, *rest in events:
             if kind == "cleared":  # each whole block leaves its tiers (not vLLM's own cache)
-                out += [("removed", t, h) for (h, t), n in self._layers.items()
+                out += [("removed", t, h) for (_, h, t), n in self._layers.items()
                         if n == self.num_layers]
                 self._layers.clear()
                 for t in self._tiers.values():
                     t.clear()
                 continue
-            where = self._tiers.get(key)
+            ns = rest[0] if rest else None
+            where = self._tiers.get((ns, key))
             if where is None or tier is None:
                 continue  # not saved by this worker (recovered at start)
-            h, _ = self._block[key]
-            n = self._layers.get((h, tier), 0)
+            h, _ = self._block[(ns, key)]
+            n = self._layers.get((ns, h, tier), 0)
             if kind == "stored" and tier not in where:
                 where.add(tier)
-                self._layers[(h, tier)] = n + 1
+                self._layers[(ns, h, tier)] = n + 1
                 if n + 1 == self.num_layers:
                     out.append(("stored", tier, h))
             elif kind == "removed" and tier in where:
@@ -96,7 +101,7 @@ class BlockEvents:
                 if n == self.num_layers:
                     out.append(("removed", tier, h))
                 if n > 1:
-                    self._layers[(h, tier)] = n - 1
+                    self._layers[(ns, h, tier)] = n - 1
                 else:
-                    self._layers.pop((h, tier), None)
+                    self._layers.pop((ns, h, tier), None)
         return out

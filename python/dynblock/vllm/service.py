@@ -41,7 +41,9 @@ OP_LOOKUP, OP_RELEASE, OP_PING = 1, 2, 3
 MAX_HASHES = 1 << 16
 #: Bytes of one block hash at most (vLLM's are 32).
 MAX_HASH_BYTES = 64
-_MAX_FRAME = 3 + 0xFFFF + 10 + MAX_HASHES * MAX_HASH_BYTES
+#: Bytes of a namespace (the request's ``cache_salt``) at most, as the store allows.
+MAX_NAMESPACE_BYTES = 1024
+_MAX_FRAME = 3 + 0xFFFF + 10 + MAX_HASHES * MAX_HASH_BYTES + 2 + MAX_NAMESPACE_BYTES
 _HDR = struct.Struct("<I")
 _LOOKUP = struct.Struct("<IHI")  # hash count, hash length, the caller's budget in ms
 _CRED = struct.Struct("3i")  # pid, uid, gid
@@ -86,10 +88,16 @@ def _rid(req_id: str) -> bytes:
     return rid
 
 
-def encode_lookup(req_id: str, hashes: Sequence[bytes], budget_s: float = 0.05) -> bytes:
+def encode_lookup(req_id: str, hashes: Sequence[bytes], budget_s: float = 0.05,
+                  namespace: Optional[str] = None) -> bytes:
     """A LOOKUP frame: the request, its block hashes (1 to 64 bytes each, all
-    the same length, at most :data:`MAX_HASHES`) and how long the caller waits."""
+    the same length, at most :data:`MAX_HASHES`), how long the caller waits,
+    and the namespace its blocks are in (None: the shared one; else 1 to
+    :data:`MAX_NAMESPACE_BYTES` bytes of UTF-8)."""
     rid = _rid(req_id)
+    ns = b"" if namespace is None else namespace.encode()
+    if namespace is not None and not 1 <= len(ns) <= MAX_NAMESPACE_BYTES:
+        raise ValueError(f"a namespace is 1 to {MAX_NAMESPACE_BYTES} bytes, got {len(ns)}")
     hlen = len(hashes[0]) if hashes else 0
     if any(len(h) != hlen for h in hashes):
         raise ValueError("block hashes of one request must all have the same length")
@@ -99,7 +107,8 @@ def encode_lookup(req_id: str, hashes: Sequence[bytes], budget_s: float = 0.05) 
         raise ValueError(f"a lookup carries at most {MAX_HASHES} hashes, got {len(hashes)}")
     budget_ms = min(max(int(budget_s * 1000), 1), 0xFFFFFFFF)
     return (struct.pack("<BH", OP_LOOKUP, len(rid)) + rid
-            + _LOOKUP.pack(len(hashes), hlen, budget_ms) + b"".join(hashes))
+            + _LOOKUP.pack(len(hashes), hlen, budget_ms) + b"".join(hashes)
+            + struct.pack("<H", len(ns)) + ns)
 
 
 def encode_release(req_id: str) -> bytes:
@@ -107,9 +116,10 @@ def encode_release(req_id: str) -> bytes:
     return struct.pack("<BH", OP_RELEASE, len(rid)) + rid
 
 
-def decode_request(body: bytes) -> "tuple[int, str, list[bytes], float]":
-    """(op, request id, hashes, the caller's budget in seconds); every count is
-    checked against the frame's length before anything is built."""
+def decode_request(body: bytes) -> "tuple[int, str, list[bytes], float, Optional[str]]":
+    """(op, request id, hashes, the caller's budget in seconds, namespace);
+    every count is checked against the frame's length before anything is
+    built."""
     if len(body) < 3:
         raise ValueError("lookup frame shorter than its header")
     op, rlen = struct.unpack_from("<BH", body, 0)
@@ -120,6 +130,7 @@ def decode_request(body: bytes) -> "tuple[int, str, list[bytes], float]":
     pos += rlen
     hashes: list[bytes] = []
     budget = 0.0
+    namespace: Optional[str] = None
     if op == OP_LOOKUP:
         if len(body) < pos + _LOOKUP.size:
             raise ValueError("lookup frame shorter than its counts")
@@ -129,20 +140,27 @@ def decode_request(body: bytes) -> "tuple[int, str, list[bytes], float]":
             raise ValueError(f"lookup frame with {n} hashes (at most {MAX_HASHES})")
         if n and not 1 <= hlen <= MAX_HASH_BYTES:
             raise ValueError(f"lookup frame with hashes of {hlen} bytes (1 to {MAX_HASH_BYTES})")
-        if len(body) != pos + n * hlen:
-            raise ValueError("lookup frame length does not match its hash count")
+        end = pos + n * hlen
+        if len(body) < end + 2:
+            raise ValueError("lookup frame shorter than its hashes and namespace length")
+        (nslen,) = struct.unpack_from("<H", body, end)
+        if nslen > MAX_NAMESPACE_BYTES or len(body) != end + 2 + nslen:
+            raise ValueError("lookup frame length does not match its hash count and namespace")
         hashes = [body[pos + i * hlen: pos + (i + 1) * hlen] for i in range(n)]
         budget = budget_ms / 1000.0
+        if nslen:
+            namespace = body[end + 2:end + 2 + nslen].decode()
     elif op == OP_RELEASE or op == OP_PING:
         if len(body) != pos:
             raise ValueError("release/ping frame longer than its request id")
     else:
         raise ValueError(f"unknown lookup-service op {op}")
-    return op, req_id, hashes, budget
+    return op, req_id, hashes, budget, namespace
 
 
 class LookupServer:
-    """Serves ``lookup(req_id, hashes, timeout) -> count`` and
+    """Serves ``lookup(req_id, hashes, timeout) -> count`` (with
+    ``namespace=`` when the request has one) and
     ``release(req_id)`` on a Unix socket, one thread per connection (at most
     :attr:`MAX_CONNS`), to processes of this user only. ``close()`` stops it
     and removes the socket."""
@@ -261,9 +279,10 @@ class LookupServer:
                 start = time.monotonic()
                 req_id, leased = "", False
                 try:
-                    op, req_id, hashes, budget = decode_request(body)
+                    op, req_id, hashes, budget, namespace = decode_request(body)
                     if op == OP_LOOKUP:
-                        result = self._lookup(req_id, hashes, timeout=budget * self.BUDGET_SHARE)
+                        kw = {} if namespace is None else {"namespace": namespace}
+                        result = self._lookup(req_id, hashes, timeout=budget * self.BUDGET_SHARE, **kw)
                         leased = result > 0
                         if leased and time.monotonic() - start > budget:
                             # The caller has stopped waiting: nobody will load or release it.
@@ -413,12 +432,12 @@ class LookupClient:
             self._abandoned.append(req_id)
             del self._abandoned[:-self.MAX_ABANDONED]
 
-    def lookup(self, req_id: str, hashes: Sequence[bytes]) -> int:
-        """How many leading blocks of ``hashes`` the worker holds, leased for
-        ``req_id`` (replacing that request's earlier lease)."""
+    def lookup(self, req_id: str, hashes: Sequence[bytes], namespace: Optional[str] = None) -> int:
+        """How many leading blocks of ``hashes`` (in ``namespace``) the worker
+        holds, leased for ``req_id`` (replacing that request's earlier lease)."""
         if not hashes:
             return 0
-        return self._call(encode_lookup(req_id, hashes, self.timeout), req_id)
+        return self._call(encode_lookup(req_id, hashes, self.timeout, namespace), req_id)
 
     def release(self, req_id: str) -> None:
         self._call(encode_release(req_id), req_id)

@@ -133,9 +133,12 @@ class LayerStore:
         return layer_keys(hashes, layer, self.fingerprint)
 
     # --- leases, per request ----------------------------------------------
-    def lookup(self, req_id: str, hashes: Sequence[bytes], timeout: Optional[float] = None) -> int:
-        """Lease the longest prefix of ``hashes`` stored for every layer, for
-        ``req_id`` (its earlier lease is released); returns its length. With
+    def lookup(self, req_id: str, hashes: Sequence[bytes], timeout: Optional[float] = None,
+               namespace: Optional[str] = None) -> int:
+        """Lease the longest prefix of ``hashes`` (in ``namespace``: the
+        request's tenant, None for the shared namespace) stored for every
+        layer, for ``req_id`` (its earlier lease is released); returns its
+        length. With
         ``timeout`` (seconds), the remote tier's part of the whole lookup ends
         by then: what it could not deliver in time is not leased (and is in
         the host tier for a later lookup when it arrived)."""
@@ -148,7 +151,7 @@ class LayerStore:
             leases = []
             for layer in range(self.num_layers):
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                lease = self.kv.lookup(self.keys(hashes[:c], layer), timeout=left)
+                lease = self.kv.lookup(self.keys(hashes[:c], layer), timeout=left, namespace=namespace)
                 leases.append(lease)
                 if lease.count < c:
                     break
@@ -164,7 +167,7 @@ class LayerStore:
             with self._lock:
                 self._held[req_id] = _Held(leases, c)
         if deadline is not None and c < len(hashes) and self.kv.config.remote \
-                and time.monotonic() >= deadline:
+                and namespace is None and time.monotonic() >= deadline:  # (the remote: shared only)
             self._warm_later(list(hashes[c:]))
         return c
 
@@ -221,38 +224,40 @@ class LayerStore:
 
     # --- moving blocks ----------------------------------------------------
     def save(self, layer: int, hashes: Sequence[bytes], tensor: Any, rows: Sequence[int],
-             zero_copy: bool, block_dim: int = 0, keys: Optional[Sequence[int]] = None) -> Job:
+             zero_copy: bool, block_dim: int = 0, keys: Optional[Sequence[int]] = None,
+             namespace: Optional[str] = None) -> Job:
         """Store rows ``rows`` of one layer's KV tensor under ``hashes`` (whose
-        :meth:`keys` the caller may pass, if it has them) in the background;
-        the job keeps what it reads alive."""
+        :meth:`keys` the caller may pass, if it has them) in ``namespace``, in
+        the background; the job keeps what it reads alive."""
         keys = self.keys(hashes, layer) if keys is None else list(keys)
         if zero_copy:
-            return self.kv.put_async(keys, tensor, rows=list(rows))
+            return self.kv.put_async(keys, tensor, rows=list(rows), namespace=namespace)
         import torch
 
         idx = torch.tensor(list(rows), dtype=torch.long, device=tensor.device)
         staged = tensor.movedim(block_dim, 0)[idx].to("cpu").contiguous()
-        return self.kv.put_async(keys, staged)
+        return self.kv.put_async(keys, staged, namespace=namespace)
 
     def load(self, layer: int, src: "Lease | Sequence[bytes]", tensor: Any, rows: Sequence[int],
              zero_copy: bool, block_dim: int = 0,
-             hashes: Optional[Sequence[bytes]] = None) -> Any:
+             hashes: Optional[Sequence[bytes]] = None, namespace: Optional[str] = None) -> Any:
         """Read a lease (with the ``hashes`` it was looked up with) or the
-        stored blocks of ``hashes`` of one layer into rows ``rows`` of its KV
-        tensor in the background; ``wait()`` returns, for each row, whether
-        its block arrived (a block that fails its check does not stop the
-        ones after it)."""
+        stored blocks of ``hashes`` (in ``namespace``; a lease keeps its own)
+        of one layer into rows ``rows`` of its KV tensor in the background;
+        ``wait()`` returns, for each row, whether its block arrived (a block
+        that fails its check does not stop the ones after it)."""
         keys = self.keys(hashes if hashes is not None else
                          ([] if isinstance(src, Lease) else src), layer)
         what = src if isinstance(src, Lease) else keys
         if zero_copy:
-            return self.kv.get_each_async(what, tensor, rows=list(rows), lease_hashes=keys)
+            return self.kv.get_each_async(what, tensor, rows=list(rows), lease_hashes=keys,
+                                          namespace=namespace)
         import torch
 
         shape = list(tensor.movedim(block_dim, 0).shape[1:])
         staged = torch.empty([len(rows)] + shape, dtype=tensor.dtype, device="cpu")
-        return _Staged(self.kv.get_each_async(what, staged, lease_hashes=keys), staged, tensor,
-                       block_dim, rows)
+        return _Staged(self.kv.get_each_async(what, staged, lease_hashes=keys, namespace=namespace),
+                       staged, tensor, block_dim, rows)
 
     def close(self) -> None:
         if self._warmer is not None:
