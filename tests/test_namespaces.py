@@ -23,6 +23,19 @@ def other_for(h: int) -> np.ndarray:
     return np.random.default_rng(10_000 + h).integers(0, 256, size=BS, dtype=np.uint8)
 
 
+def run_then(code: str, end: str) -> None:
+    """Run ``code`` (which opens a store as ``m``) in a fresh interpreter, then end it:
+    ``"close"`` closes the store and exits; ``"kill"`` kills the process (SIGKILL) once the
+    code has run."""
+    tail = "m.close()" if end == "close" else 'print("ready", flush=True)\nimport time\ntime.sleep(60)'
+    p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code) + "\n" + tail],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if end == "kill":
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
+        p.kill()
+    assert p.wait(timeout=60) in (0, -9)
+
+
 def get_in(m, h: int, ns):
     out = np.zeros(BS, np.uint8)
     return out if m.get([h], out, namespace=ns) == 1 else None
@@ -114,19 +127,8 @@ def test_namespaces_and_their_blocks_survive_a_restart(tmp_path: Path, end: str)
         m.put([1, 3], np.concatenate([data_for(7), data_for(8)]), namespace="b")
         assert m.purge("b") == 2
         m.put([4], data_for(9), namespace="b")
-        if {end!r} == "close":
-            m.close()
-        else:
-            print("ready", flush=True)
-            import time
-            time.sleep(60)
     """
-    p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if end == "kill":
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
-        p.kill()
-    assert p.wait(timeout=60) in (0, -9)
+    run_then(code, end)
     with open_store(path, disk_blocks=16) as m:
         assert m.namespaces() == ["a", "b"]
         assert len(m) == 5
@@ -232,19 +234,8 @@ def test_quotas_survive_a_restart(tmp_path: Path, end: str) -> None:
         m.set_quota("b", disk_bytes=5 * BS)
         m.put(list(range(10)), np.concatenate([data_for(h) for h in range(10)]), namespace="a")
         assert m.stats(namespace="a")["disk_blocks_used"] == 3
-        if {end!r} == "close":
-            m.close()
-        else:
-            print("ready", flush=True)
-            import time
-            time.sleep(60)
     """
-    p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if end == "kill":
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr
-        p.kill()
-    assert p.wait(timeout=60) in (0, -9)
+    run_then(code, end)
     with open_store(path, disk_blocks=16) as m:
         a = m.stats(namespace="a")
         assert (a["disk_quota_bytes"], a["disk_blocks_used"]) == (3 * BS, 3)

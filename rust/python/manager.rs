@@ -145,11 +145,7 @@ impl PyBlockManager {
                 )))
             }
         };
-        let (hs, ns) = self.keys(py, hashes, namespace)?;
-        let m = self.inner.clone();
-        let r = py
-            .detach(move || m.lookup(Keys::new(&hs, ns), budget))
-            .map_err(to_py);
+        let r = self.keyed(py, hashes, namespace, move |m, k| m.lookup(k, budget));
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -189,11 +185,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let (hs, ns) = self.keys(py, hashes, namespace)?;
-        let m = self.inner.clone();
-        let r = py
-            .detach(move || m.match_prefix(Keys::new(&hs, ns)))
-            .map_err(to_py);
+        let r = self.keyed(py, hashes, namespace, |m, k| m.match_prefix(k));
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -208,10 +200,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let (hs, ns) = self.keys(py, hashes, namespace)?;
-        let m = self.inner.clone();
-        py.detach(move || m.touch(Keys::new(&hs, ns)))
-            .map_err(to_py)
+        self.keyed(py, hashes, namespace, |m, k| m.touch(k))
     }
 
     #[pyo3(signature = (hash, namespace=None))]
@@ -312,10 +301,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let (hs, ns) = self.keys(py, hashes, namespace)?;
-        let m = self.inner.clone();
-        py.detach(move || m.remove(Keys::new(&hs, ns)))
-            .map_err(to_py)
+        self.keyed(py, hashes, namespace, |m, k| m.remove(k))
     }
 
     fn clear(&self, py: Python<'_>) -> PyResult<()> {
@@ -495,15 +481,19 @@ impl PyBlockManager {
             .map_err(to_py)
     }
 
-    /// `hashes` (a sequence of ints) and the id of `namespace`.
-    fn keys(
+    /// `f(manager, keys)` with the GIL released, the keys being `hashes` (a
+    /// sequence of ints) in `namespace`.
+    fn keyed<T: Send>(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
-    ) -> PyResult<(Vec<u64>, u32)> {
+        f: impl FnOnce(&BlockManager, Keys<'_>) -> crate::error::Result<T> + Send,
+    ) -> PyResult<T> {
         let hs = u64_list(hashes, "hashes")?;
-        Ok((hs, self.ns(py, namespace)?))
+        let ns = self.ns(py, namespace)?;
+        let m = self.inner.clone();
+        py.detach(move || f(&m, Keys::new(&hs, ns))).map_err(to_py)
     }
 
     /// Log the engine's pending warnings. They are taken with the GIL
