@@ -157,6 +157,14 @@ def test_a_store_whose_namespace_table_is_damaged_is_refused_clearly(tmp_path: P
     table.unlink()
     with open_store(path) as m:  # without the table: the blocks are kept but nobody can name them
         assert m.namespaces() == [] and len(m) == 1 and m.match([1], namespace="a") == 0
+        # A new name does not take the orphaned blocks' id: it never sees them.
+        assert m.match([1], namespace="new") == 0
+        m.put([2], data_for(2), namespace="new")
+        assert m.match([1], namespace="new") == 0 and m.namespaces() == ["new"]
+    assert table.read_text() == "2 6e6577\n"  # id 1 is held back
+    with open_store(path) as m:
+        assert m.namespaces() == ["new"] and m.match([1, 2], namespace="new") == 0
+        assert m.contains(2, namespace="new")
 
 
 @pytest.mark.parametrize("bad, exc", [(5, TypeError), (b"a", TypeError), ("", ValueError),

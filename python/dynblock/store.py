@@ -108,7 +108,7 @@ def info(path: str, who: bool = True) -> Dict[str, Any]:
     per_ns: Dict[str, int] = {}
     for _, _, _, ns in live:
         if ns:
-            name = names[ns - 1] if ns <= len(names) else f"#{ns} (not in the table)"
+            name = names[ns - 1] if ns <= len(names) and names[ns - 1] else f"#{ns} (not in the table)"
             per_ns[name] = per_ns.get(name, 0) + 1
     bs = int(d.get("block_size") or d["index_block_size"])
     st = os.stat(path)
@@ -360,14 +360,14 @@ def verify(path: str, drop_bad: bool = False, show: bool = False) -> Dict[str, A
             for h, ns in bad + unreadable:
                 by_ns.setdefault(ns, []).append(h)
             for ns, hashes in by_ns.items():
-                if ns == 0 or ns <= len(names):
+                if ns == 0 or (ns <= len(names) and names[ns - 1]):
                     dropped += o.m.remove(hashes, names[ns - 1] if ns else None)
             o.m.compact_index()
     finally:
         o.close()
 
     def name(ns: int) -> Optional[str]:
-        return None if ns == 0 else names[ns - 1] if ns <= len(names) else f"#{ns}"
+        return None if ns == 0 else names[ns - 1] if ns <= len(names) and names[ns - 1] else f"#{ns}"
 
     return {"path": d["path"], "checked": len(live), "checksums": bool(d["checksums"]),
             "bad": [h for h, _ in bad], "unreadable": [h for h, _ in unreadable],

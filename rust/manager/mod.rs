@@ -313,6 +313,7 @@ impl BlockManager {
                     // crash) leave at the namespace's next insertions.
                     reg.restore_quota(ns, quota_slots(q, block_size));
                 }
+                names.reserve(reg.top_namespace());
                 let unnamed = reg.unnamed(|ns| names.name(ns).is_some());
                 if unnamed > 0 {
                     warnings.push(format!(

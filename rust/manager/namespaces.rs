@@ -31,7 +31,8 @@ pub const UNKNOWN: u32 = u32::MAX;
 /// A namespace's quota in bytes of the (host, disk) tiers (None: no quota).
 pub type Quota = [Option<u64>; 2];
 
-/// The table: names by id (index 0 unused: the shared namespace).
+/// The table: names by id (index 0 unused: the shared namespace; an empty
+/// name is an id held back, see [`Namespaces::reserve`]).
 #[derive(Default)]
 pub(super) struct Namespaces {
     names: Vec<String>,
@@ -50,7 +51,8 @@ pub fn file_of(index: &Path) -> PathBuf {
 }
 
 /// The names in the table of the store whose index is `index`, in id order
-/// (the name of id `i` at `i - 1`; empty without a table).
+/// (the name of id `i` at `i - 1`, "" for an id held back; empty without a
+/// table).
 pub fn read_names(index: &Path) -> Result<Vec<String>> {
     Ok(Namespaces::open(index)?.names.split_off(1))
 }
@@ -100,9 +102,10 @@ impl Namespaces {
                 .next()
                 .and_then(|f| f.parse().ok())
                 .ok_or_else(|| bad(i + 1, "no id"))?;
-            if id as usize != t.names.len() {
+            if (id as usize) < t.names.len() {
                 return Err(bad(i + 1, "ids out of order"));
             }
+            t.reserve(id - 1);
             let hex = fields.next().ok_or_else(|| bad(i + 1, "no name"))?;
             let quota: Vec<&str> = fields.collect();
             match quota.as_slice() {
@@ -169,6 +172,17 @@ impl Namespaces {
             .then(|| self.names.get(id as usize))
             .flatten()
             .map(String::as_str)
+            .filter(|n| !n.is_empty())
+    }
+
+    /// Never give out ids up to `top`: blocks of a store whose table lost
+    /// their names (a table deleted or restored from an older copy) keep
+    /// ids nobody can name, and a new name must not take one of them (it
+    /// would see another tenant's blocks).
+    pub(super) fn reserve(&mut self, top: u32) {
+        while self.names.len() <= top as usize {
+            self.names.push(String::new());
+        }
     }
 
     /// Namespace `id`'s quota (none: `[None, None]`).
@@ -206,6 +220,7 @@ impl Namespaces {
             .iter()
             .enumerate()
             .skip(1)
+            .filter(|(_, n)| !n.is_empty())
             .map(|(i, n)| (i as u32, n.as_str()))
     }
 

@@ -1055,6 +1055,19 @@ impl Registry {
             .collect()
     }
 
+    /// The highest namespace id of a stored block or a remembered one (0
+    /// with none).
+    pub(super) fn top_namespace(&self) -> u32 {
+        let ghost = self.ghost.members.keys().map(|k| k.ns);
+        self.map
+            .named
+            .keys()
+            .map(|k| k.ns)
+            .chain(ghost)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// How many stored blocks are in namespaces `named` says have no name.
     pub(super) fn unnamed(&self, named: impl Fn(u32) -> bool) -> usize {
         self.map.named.keys().filter(|k| !named(k.ns)).count()
