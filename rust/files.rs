@@ -219,6 +219,47 @@ pub(crate) fn open_private(path: &Path, create: bool) -> std::io::Result<File> {
     o.open(path)
 }
 
+/// A fresh name beside `path` for a file that is written, synced and then
+/// renamed over `path`: `<path>.<tag>-<12 random hex digits>`.
+pub(crate) fn temp_beside(path: &Path, tag: &str) -> PathBuf {
+    let suffix = random_id()
+        .map(|id| id_hex(&id)[..12].to_string())
+        .unwrap_or_else(|_| std::process::id().to_string());
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{tag}-{suffix}"));
+    PathBuf::from(name)
+}
+
+/// Remove what [`temp_beside`]`(path, tag)` names were left by a process that
+/// died before its rename (regular files of this user only). For an opener
+/// that holds the store exclusively: a reader must not, a writer may be
+/// mid-rename.
+pub(crate) fn remove_temps_beside(path: &Path, tag: &str) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.{tag}-", name.to_string_lossy());
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let me = euid();
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            if let Ok(md) = e.path().symlink_metadata() {
+                if md.is_file() && md.uid() == me {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
 /// fsync the directory holding `path` (a rename or a new file in it).
 pub(crate) fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent() {

@@ -48,7 +48,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::files::{check_parent, id_hex, open_private, sync_dir};
+use crate::files::{
+    check_parent, id_hex, open_private, remove_temps_beside, sync_dir, temp_beside,
+};
 use crate::keys::Key;
 
 pub const MAGIC: &[u8; 8] = b"DYNBLKIX";
@@ -246,33 +248,6 @@ pub struct Recovered {
     pub closed_cleanly: bool,
 }
 
-/// Remove leftovers of compactions that died (`<index>.compact-*`).
-fn remove_stale_compactions(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let prefix = format!("{}.compact", name.to_string_lossy());
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    use std::os::unix::fs::MetadataExt;
-    let me = crate::files::euid();
-    for e in rd.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) {
-            if let Ok(md) = e.path().symlink_metadata() {
-                if md.is_file() && md.uid() == me {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
-}
-
 /// Create the index (private, 0600) or open the existing one (checked to be
 /// a private regular file, no symlink followed): (file, created?).
 fn open_index_file(path: &Path) -> Result<(std::fs::File, bool)> {
@@ -444,7 +419,7 @@ impl IndexLog {
         data_created: bool,
     ) -> Result<(Self, Recovered)> {
         check_parent(path)?;
-        remove_stale_compactions(path);
+        remove_temps_beside(path, "compact"); // compactions that died
         let mut rec = Recovered::default();
         let (mut file, created) = open_index_file(path)?;
         rec.created = created;
@@ -562,17 +537,7 @@ impl IndexLog {
     /// fsync the directory). On failure the old log stays in place and in
     /// use.
     pub fn compact(&mut self, g: &Geometry, live: &[Live], ghost: &[Key]) -> Result<()> {
-        let suffix = crate::files::random_id()
-            .map(|id| id_hex(&id)[..12].to_string())
-            .unwrap_or_else(|_| std::process::id().to_string());
-        let name = format!(
-            "{}.compact-{suffix}",
-            self.path
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
-        let tmp = self.path.with_file_name(name);
+        let tmp = temp_beside(&self.path, "compact");
         let mut f = open_private(&tmp, true).map_err(|e| Error::io("open", &tmp, 0, 0, e))?;
         let mut buf = Vec::with_capacity(HEADER_LEN + (live.len() + ghost.len() + 1) * RECORD_LEN);
         buf.extend_from_slice(&encode_header(g));

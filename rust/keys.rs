@@ -12,7 +12,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 /// another namespace's id stands for its name in the store's table of
 /// namespaces. Two keys are the same block only when both parts are equal:
 /// blocks of different namespaces with the same hash never alias.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Key {
     pub hash: u64,
     pub ns: u32,

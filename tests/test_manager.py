@@ -248,19 +248,27 @@ class PolicyModel:
         if w not in self.host and w != self.inflight:
             self._drop(w)
 
+    def _make_room(self, tier: str, ns: int) -> bool:
+        """Evict until a block of `ns` may take a slot of `tier`: at its quota, its own
+        victim; else, while the tier is full, the tier's. False when every slot it could
+        take is leased."""
+        cap, evict = (self.H, self._evict_host) if tier == "host" else (self.D, self._evict_disk)
+        while True:
+            if self._at_quota(tier, ns):  # it takes the place of its own
+                v = self._own_victim(tier, ns)
+            elif self._used(tier) >= cap:
+                v = self._evictable(tier)
+            else:
+                return True
+            if v is None:
+                return False
+            evict(v)
+
     def host_insert(self, h: int) -> bool:
         self.inflight = h  # its own eviction cascade must not drop it
-        while True:
-            if self._at_quota("host", self.ns_of(h)):  # it takes the place of its own
-                v = self._own_victim("host", self.ns_of(h))
-            elif self._used("host") >= self.H:
-                v = self._evictable("host")
-            else:
-                break
-            if v is None:  # every slot it could take leased
-                self.inflight = None
-                return False
-            self._evict_host(v)
+        if not self._make_room("host", self.ns_of(h)):
+            self.inflight = None
+            return False
         self.host.insert(h)
         if h in self.ghost:  # its second sighting
             del self.ghost[h]
@@ -271,16 +279,8 @@ class PolicyModel:
         return True
 
     def disk_insert(self, h: int) -> bool:
-        while True:
-            if self._at_quota("disk", self.ns_of(h)):
-                w = self._own_victim("disk", self.ns_of(h))
-            elif self._used("disk") >= self.D:
-                w = self._evictable("disk")
-            else:
-                break
-            if w is None:  # every slot it could take leased
-                return False
-            self._evict_disk(w)
+        if not self._make_room("disk", self.ns_of(h)):
+            return False
         self.disk.insert(h)
         return True
 

@@ -154,6 +154,19 @@ def test_a_store_whose_namespace_table_is_damaged_is_refused_clearly(tmp_path: P
     table.write_text("1 zz\n")
     with pytest.raises(ValueError, match=r"namespaces line 1 is not a namespace"):
         open_store(path)
+    # Whoever could write the table could map a name to another tenant's blocks: it must be
+    # a private file of this user, not a link.
+    table.write_text("1 61\n")
+    table.chmod(0o644)
+    with pytest.raises(ValueError, match=r"namespace table .* has permissions 0644"):
+        open_store(path)
+    table.chmod(0o600)
+    link = Path(str(table) + ".real")
+    table.rename(link)
+    table.symlink_to(link)
+    with pytest.raises(ValueError, match=r"is a symbolic link"):
+        open_store(path)
+    link.unlink()
     table.unlink()
     with open_store(path) as m:  # without the table: the blocks are kept but nobody can name them
         assert m.namespaces() == [] and len(m) == 1 and m.match([1], namespace="a") == 0

@@ -579,7 +579,7 @@ class BlockManager:
         seconds when that is sooner (what the remote cannot deliver in time
         is left out of the lease)."""
         self._check_open()
-        ns = namespace if namespace is None else _namespace(namespace)
+        ns = _namespace(namespace)
         lease_id, count = self._m.lookup(hashes, timeout, ns)
         return Lease(self, lease_id, count, ns)
 
@@ -588,7 +588,7 @@ class BlockManager:
         (in the order given, the last one newest) without reading them;
         returns how many were stored. Takes no I/O."""
         self._check_open()
-        return self._m.touch(hashes, namespace if namespace is None else _namespace(namespace))
+        return self._m.touch(hashes, _namespace(namespace))
 
     def contains(self, hash: int, *, namespace: Optional[str] = None) -> bool:
         """Whether ``hash`` (a Python or numpy integer) is stored in any tier
@@ -677,7 +677,6 @@ class BlockManager:
             ns = _namespace(namespace)
             part: Dict[str, Any] = {"namespace": ns}
             part.update(self._m.namespace_counters(ns))
-            part["host_quota_bytes"], part["disk_quota_bytes"] = self._m.quota(ns)
             return part
         out: Dict[str, Any] = dict(self._m.counters())
         r = self._remote

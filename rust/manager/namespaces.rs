@@ -16,11 +16,12 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::files::{id_hex, open_private, sync_dir};
+use crate::files::{check_private_file, open_private, remove_temps_beside, sync_dir, temp_beside};
 
 /// The longest name, in bytes of UTF-8.
 pub const MAX_NAME: usize = 1024;
@@ -54,7 +55,7 @@ pub fn file_of(index: &Path) -> PathBuf {
 /// (the name of id `i` at `i - 1`, "" for an id held back; empty without a
 /// table).
 pub fn read_names(index: &Path) -> Result<Vec<String>> {
-    Ok(Namespaces::open(index)?.names.split_off(1))
+    Ok(Namespaces::read(index)?.names.split_off(1))
 }
 
 /// Check a namespace name: a non-empty string of at most [`MAX_NAME`] bytes.
@@ -79,16 +80,35 @@ impl Namespaces {
     }
 
     /// The table a persistent store's index at `index` keeps beside it
-    /// (empty when there is none yet).
+    /// (empty when there is none yet), for the store's exclusive opener:
+    /// what a save that died left beside it is removed first.
     pub(super) fn open(index: &Path) -> Result<Self> {
+        remove_temps_beside(&file_of(index), "new");
+        Self::read(index)
+    }
+
+    /// The table, read only. Like the index, it must be a private regular
+    /// file of this user (not a link): whoever could write it could map a
+    /// name to another tenant's blocks.
+    fn read(index: &Path) -> Result<Self> {
         let file = file_of(index);
         let mut t = Namespaces::new();
         t.file = Some(file.clone());
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
+        let mut f = match open_private(&file, false) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(t),
-            Err(e) => return Err(Error::io("read", &file, 0, 0, e)),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a symbolic link; dynblock does not follow links for its store files",
+                    file.display()
+                )))
+            }
+            Err(e) => return Err(Error::io("open", &file, 0, 0, e)),
         };
+        check_private_file(f.as_raw_fd(), &file, "namespace table")?;
+        let mut text = String::new();
+        f.read_to_string(&mut text)
+            .map_err(|e| Error::io("read", &file, 0, 0, e))?;
         let bad = |line: usize, why: &str| {
             Error::InvalidArgument(format!(
                 "{} line {line} is not a namespace ({why}); restore the file or delete it \
@@ -238,12 +258,7 @@ impl Namespaces {
             }
             text.push('\n');
         }
-        let suffix = crate::files::random_id()
-            .map(|id| id_hex(&id)[..12].to_string())
-            .unwrap_or_else(|_| std::process::id().to_string());
-        let mut tmp = file.as_os_str().to_owned();
-        tmp.push(format!(".new-{suffix}"));
-        let tmp = PathBuf::from(tmp);
+        let tmp = temp_beside(file, "new");
         let res = open_private(&tmp, true)
             .and_then(|mut f| {
                 f.write_all(text.as_bytes())?;
@@ -300,6 +315,14 @@ mod tests {
         t.set_quota(2, [Some(4096), None]).unwrap();
         let t = Namespaces::open(&ix).unwrap();
         assert_eq!((t.quota(2), t.quota(1)), ([Some(4096), None], [None, None]));
+        // A save that died before its rename leaves a file the next open removes.
+        let dead = temp_beside(&file_of(&ix), "new");
+        std::fs::write(&dead, "1 61\n").unwrap();
+        assert!(
+            Namespaces::read(&ix).is_ok() && dead.exists(),
+            "a reader leaves it"
+        );
+        Namespaces::open(&ix).unwrap();
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "only the table itself is left");
     }

@@ -1027,10 +1027,7 @@ impl Registry {
                 let Some(v) = self.table_mut(kind).ns_victim(ns) else {
                     break;
                 };
-                match kind {
-                    TierKind::Host => self.evict_host(v, plan),
-                    TierKind::Disk => self.evict_disk(v, plan),
-                }
+                self.evict(kind, v, plan);
             }
         }
     }
@@ -1169,26 +1166,7 @@ impl Registry {
                 disk: NIL,
             },
         );
-        let s = loop {
-            if self.at_quota(TierKind::Host, h.ns) {
-                match self.table_mut(TierKind::Host).ns_victim(h.ns) {
-                    Some(v) => {
-                        self.evict_host(v, plan);
-                        continue;
-                    }
-                    None => break None,
-                }
-            }
-            let host = self.table_mut(TierKind::Host);
-            if let Some(s) = host.free.pop() {
-                break Some(s);
-            }
-            match host.victim() {
-                Some(v) => self.evict_host(v, plan),
-                None => break None,
-            }
-        };
-        let Some(s) = s else {
+        let Some(s) = self.make_room(TierKind::Host, h.ns, plan) else {
             let e = self.map.get_mut(&h).expect("inserted above");
             if e.disk != NIL {
                 e.host = NIL;
@@ -1211,6 +1189,32 @@ impl Registry {
             live: true,
         });
         true
+    }
+
+    /// A free slot of tier `kind` for a new block of namespace `ns`: at its
+    /// quota there, its own victim's; else a free one; else the tier's
+    /// victim's. None when every slot it could take is pinned.
+    fn make_room(&mut self, kind: TierKind, ns: u32, plan: &mut Plan) -> Option<u32> {
+        loop {
+            let v = if self.at_quota(kind, ns) {
+                self.table_mut(kind).ns_victim(ns)?
+            } else {
+                let t = self.table_mut(kind);
+                if let Some(s) = t.free.pop() {
+                    return Some(s);
+                }
+                t.victim()?
+            };
+            self.evict(kind, v, plan);
+        }
+    }
+
+    /// The block in slot `s` of tier `kind` is evicted from it.
+    fn evict(&mut self, kind: TierKind, s: u32, plan: &mut Plan) {
+        match kind {
+            TierKind::Host => self.evict_host(s, plan),
+            TierKind::Disk => self.evict_disk(s, plan),
+        }
     }
 
     /// The host tier's victim leaves the host tier: offloaded to disk when it
@@ -1252,26 +1256,7 @@ impl Registry {
     /// Put `h` into the disk tier from `src`. False when every disk slot is
     /// pinned: nothing was registered.
     fn disk_insert(&mut self, h: Key, src: Src, victim: bool, plan: &mut Plan) -> bool {
-        let t = loop {
-            if self.at_quota(TierKind::Disk, h.ns) {
-                match self.table_mut(TierKind::Disk).ns_victim(h.ns) {
-                    Some(w) => {
-                        self.evict_disk(w, plan);
-                        continue;
-                    }
-                    None => break None,
-                }
-            }
-            let disk = self.table_mut(TierKind::Disk);
-            if let Some(t) = disk.free.pop() {
-                break Some(t);
-            }
-            match disk.victim() {
-                Some(w) => self.evict_disk(w, plan),
-                None => break None,
-            }
-        };
-        let Some(t) = t else {
+        let Some(t) = self.make_room(TierKind::Disk, h.ns, plan) else {
             return false;
         };
         self.occupy(TierKind::Disk, t, h);

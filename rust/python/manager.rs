@@ -241,25 +241,13 @@ impl PyBlockManager {
         r
     }
 
-    /// `namespace`'s quota in bytes: (host, disk), None where it has none.
-    fn quota(
-        &self,
-        py: Python<'_>,
-        namespace: Option<String>,
-    ) -> PyResult<(Option<u64>, Option<u64>)> {
-        let ns = self.ns(py, namespace)?;
-        let m = self.inner.clone();
-        let s = py.detach(move || m.namespace_stats(ns)).map_err(to_py)?;
-        Ok((s.quota[0], s.quota[1]))
-    }
-
-    /// `namespace`'s counters (since this manager opened) and the slots its
-    /// blocks hold.
+    /// `namespace`'s counters (since this manager opened), the slots its
+    /// blocks hold, and its quota in bytes (None where it has none).
     fn namespace_counters(
         &self,
         py: Python<'_>,
         namespace: Option<String>,
-    ) -> PyResult<std::collections::BTreeMap<&'static str, u64>> {
+    ) -> PyResult<std::collections::BTreeMap<&'static str, Option<u64>>> {
         let ns = self.ns(py, namespace)?;
         let m = self.inner.clone();
         let s = py.detach(move || m.namespace_stats(ns)).map_err(to_py)?;
@@ -276,6 +264,11 @@ impl PyBlockManager {
             ("disk_bytes_used", s.disk_blocks * bs),
         ]
         .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .chain([
+            ("host_quota_bytes", s.quota[0]),
+            ("disk_quota_bytes", s.quota[1]),
+        ])
         .collect())
     }
 
@@ -386,13 +379,25 @@ impl PyBlockManager {
     )> {
         use crate::manager::TierEvent;
         let m = self.inner.clone();
-        let (events, lost) = py.detach(move || m.take_events()).map_err(to_py)?;
+        // The names of the events' namespaces, each looked up once, the GIL released.
+        let (events, lost, names) = py
+            .detach(move || {
+                let (events, lost) = m.take_events()?;
+                let mut names = std::collections::HashMap::new();
+                for e in &events {
+                    if let TierEvent::Stored { hash, .. } | TierEvent::Removed { hash, .. } = e {
+                        if hash.ns != 0 {
+                            names
+                                .entry(hash.ns)
+                                .or_insert_with(|| m.namespace_name(hash.ns));
+                        }
+                    }
+                }
+                Ok::<_, crate::error::Error>((events, lost, names))
+            })
+            .map_err(to_py)?;
         let tier = |host: bool| Some(if host { "host" } else { "disk" });
-        let name = |k: Key| {
-            (k.ns != 0)
-                .then(|| self.inner.namespace_name(k.ns))
-                .flatten()
-        };
+        let name = |k: Key| names.get(&k.ns).cloned().flatten();
         let out = events
             .into_iter()
             .map(|e| match e {
@@ -442,9 +447,6 @@ impl PyBlockManager {
     ) -> PyResult<usize> {
         let m = self.inner.clone();
         let rows = rows_arg(rows)?;
-        if let Some(n) = &namespace {
-            crate::manager::check_name(n).map_err(to_py)?;
-        }
         let unit = rows.is_none().then(|| self.inner.block_size());
         let name = if put { "src" } else { "dst" };
         // SAFETY: the buffer is held (alive, fixed) for the call; written only

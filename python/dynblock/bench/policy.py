@@ -217,12 +217,13 @@ def tenant_replay(requests: List[List[int]], host: int, disk: int, quotas: bool,
                         disk_bytes=max(1, disk - qa[1]) * BLOCK)
         longest = FLOOD * max(len(r) for r in requests)
         src = bytearray(longest * BLOCK)
-        nxt = [1 << 62]
+        nxt = 1 << 62  # the flood's next hash: each one is new
 
         def flood_after(r: trace_mod.Request) -> None:
+            nonlocal nxt
             n = FLOOD * len(r.hash_ids)
-            m.put(list(range(nxt[0], nxt[0] + n)), memoryview(src)[:n * BLOCK], namespace="flood")
-            nxt[0] += n
+            m.put(list(range(nxt, nxt + n)), memoryview(src)[:n * BLOCK], namespace="flood")
+            nxt += n
 
         r = trace_mod.replay(m, reqs, namespace="a", after=flood_after if flood else None)
         f = m.stats(namespace="flood")
