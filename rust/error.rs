@@ -56,6 +56,9 @@ pub enum Error {
     /// The remote tier (Redis/Valkey) refused or could not be reached at open.
     #[error("{0}")]
     Remote(String),
+    /// The kernel refuses a facility a setting requires (io_uring).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

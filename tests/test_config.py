@@ -286,10 +286,13 @@ def test_one_message_per_setting_wherever_it_is_given(clean_env, tmp_path: Path)
         msgs.add(str(e.value))
     assert len(msgs) == 1 and "io_depth" in msgs.pop()
     defaults = dynblock._core.settings_defaults()
-    assert Config(block_size=1, host_blocks=1).io_depth == defaults["io_depth"]
     import inspect
 
-    assert inspect.signature(DiskStorage).parameters["io_depth"].default == defaults["io_depth"]
+    for name, field in (("worker_nice", "worker_nice"), ("disk_engine", "engine")):
+        assert getattr(Config(block_size=1, host_blocks=1), name) == defaults[name]
+        assert inspect.signature(DiskStorage).parameters[field].default == defaults[name]
+    # io_depth has no fixed default: each storage picks it from its block size and device.
+    assert "io_depth" not in defaults and Config(block_size=1, host_blocks=1).io_depth is None
 
 
 def test_every_variable_of_the_settings_table_reaches_its_field() -> None:

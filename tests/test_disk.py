@@ -115,13 +115,17 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     block_size=st.sampled_from([512, 3000, 4096, 12288]),
     o_direct=st.booleans(),
     aligned=st.booleans(),
+    engine=st.sampled_from(["auto", "threads"]),
 )
-def test_random_batches_match_a_dict_model(tmp_path_factory, batches, block_size, o_direct, aligned) -> None:
+def test_random_batches_match_a_dict_model(tmp_path_factory, batches, block_size, o_direct, aligned,
+                                           engine) -> None:
     # aligned buffers take the zero-copy (and, for adjacent slots, vectored)
-    # path; unaligned ones the bounce buffers.
+    # path, through the io_uring ring where the kernel has one ("auto"); unaligned
+    # ones the bounce buffers.
     d = tmp_path_factory.mktemp("hyp")
     model: dict = {}
-    with DiskStorage(d, 16, block_size, o_direct=o_direct, io_depth=4, max_io_bytes=3 * 4096) as s:
+    with DiskStorage(d, 16, block_size, o_direct=o_direct, io_depth=4, max_io_bytes=3 * 4096,
+                     engine=engine) as s:
         for is_write, slots, seed in batches:
             if is_write:
                 slots = list(dict.fromkeys(slots))  # no duplicates in a write batch
@@ -170,16 +174,22 @@ def test_ramfs_require_raises_and_leaves_nothing(ramfs_dir: Path, clean_env) -> 
     assert entries(ramfs_dir) == []
 
 
-def test_einval_at_first_direct_io_falls_back(loop_ext4_4k: Path, clean_env, caplog) -> None:
+@pytest.mark.parametrize("engine", ["threads", "io_uring"])
+def test_einval_at_first_direct_io_falls_back(loop_ext4_4k: Path, clean_env, caplog, engine: str) -> None:
     # The device's sectors are 4096 bytes; forcing 512-byte alignment makes the
-    # kernel accept O_DIRECT at open and refuse the first I/O with EINVAL.
+    # kernel accept O_DIRECT at open and refuse the first I/O with EINVAL. Aligned
+    # memory and two runs of slots: under io_uring the ring issues both, both come
+    # back EINVAL, and the synchronous path falls back and does them again.
+    if engine == "io_uring":
+        _need_io_uring(loop_ext4_4k)
     with caplog.at_level(logging.WARNING, logger="dynblock"):
-        s = DiskStorage(loop_ext4_4k, 4, 512, alignment=(512, 512))
+        s = DiskStorage(loop_ext4_4k, 4, 512, alignment=(512, 512), engine=engine)
+    assert s.engine == engine
     assert s.o_direct is False
     assert "EINVAL" in s.fallback_reason and "first direct" in s.fallback_reason
-    src = rand_blocks(3, 512, seed=1)
+    src = _aligned_copy(rand_blocks(3, 512, seed=1))
     s.write_blocks([0, 1, 3], src)
-    dst = np.zeros_like(src)
+    dst = _aligned_copy(np.zeros_like(src))
     s.read_blocks([0, 1, 3], dst)
     assert np.array_equal(src, dst)
     s.close()
@@ -262,6 +272,72 @@ def test_enospc_during_io_is_reported_and_storage_survives(tiny_tmpfs: Path, cle
     assert np.array_equal(out, first)
     s.close()
     assert entries(tiny_tmpfs) == []
+
+
+def test_enospc_inside_a_ring_batch_is_reported_and_storage_survives(tiny_tmpfs: Path,
+                                                                     clean_env) -> None:
+    # Three runs of slots from aligned memory: io_uring issues them together and
+    # the ones the full filesystem refuses are done again synchronously, which
+    # reports the first failure as the pool would.
+    _need_io_uring(tiny_tmpfs)
+    s = DiskStorage(tiny_tmpfs, 12, 1 << 20, preallocate="sparse", engine="io_uring")
+    if not s.o_direct:
+        pytest.skip(f"tmpfs here refuses O_DIRECT ({s.fallback_reason}): the ring carries direct I/O only")
+    first = _aligned_copy(rand_blocks(1, 1 << 20, seed=5))
+    s.write_blocks([0], first)
+    filler = fill_up(tiny_tmpfs)
+    with pytest.raises(OSError) as ei:
+        s.write_blocks([5, 7, 9], _aligned_copy(rand_blocks(3, 1 << 20, seed=6)))
+    assert ei.value.errno == errno.ENOSPC
+    assert "pwrite" in str(ei.value) and "offset" in str(ei.value)
+    out = _aligned_copy(np.zeros(2 << 20, dtype=np.uint8))
+    s.read_blocks([0, 3], out)
+    assert np.array_equal(out[: 1 << 20], first)
+    filler.unlink()
+    both = _aligned_copy(np.concatenate([first, first[::-1]]))
+    s.write_blocks([5, 9], both)
+    s.read_blocks([5, 9], out)
+    assert np.array_equal(out, both)
+    s.close()
+    assert entries(tiny_tmpfs) == []
+
+
+def test_a_kernel_that_refuses_io_uring(tmp_path: Path, clean_env) -> None:
+    # kernel.io_uring_disabled=2 refuses every io_uring_setup: "auto" runs on the
+    # worker pool, "io_uring" is refused at open saying why. The knob is global, so
+    # it is held only around the two opens and put back whatever happens.
+    knob = Path("/proc/sys/kernel/io_uring_disabled")
+    if not knob.exists():
+        pytest.skip("this kernel has no kernel.io_uring_disabled (it came in Linux 6.6)")
+    if os.geteuid() != 0:
+        pytest.skip("setting kernel.io_uring_disabled needs root")
+    old = knob.read_text().strip()
+    try:
+        knob.write_text("2")
+    except OSError as e:
+        pytest.skip(f"kernel.io_uring_disabled cannot be set here: {e}")
+    try:
+        s = DiskStorage(tmp_path, 8, 4096)
+        with pytest.raises(OSError, match="io_uring_disabled") as ei:
+            DiskStorage(tmp_path, 8, 4096, engine="io_uring")
+    finally:
+        knob.write_text(old)
+    assert "disk_engine=\"auto\"" in str(ei.value)
+    with s:
+        assert s.engine == "threads"
+        src = _aligned_copy(rand_blocks(3, 4096, seed=2))
+        s.write_blocks([6, 0, 3], src)
+        dst = _aligned_copy(np.zeros_like(src))
+        s.read_blocks([6, 0, 3], dst)
+        assert np.array_equal(src, dst)
+    assert entries(tmp_path) == []
+
+
+def _need_io_uring(d: Path) -> None:
+    with DiskStorage(d, 1, 4096) as probe:
+        if probe.engine != "io_uring":
+            pytest.skip("this kernel refuses io_uring (kernel.io_uring_disabled or a seccomp "
+                        "filter): the ring engine cannot be tested here")
 
 
 def test_zero_fill_where_fallocate_is_unsupported(ramfs_dir: Path, clean_env) -> None:

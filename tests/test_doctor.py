@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
+import dynblock
 from dynblock import doctor
 
 GiB = 1 << 30
@@ -170,6 +171,9 @@ def test_run_checks_api_matches_the_cli(tmp_path: Path) -> None:
     for n in ("shm", "memlock", "nofile", "stack", "ipc", "capabilities", "cgroup_memory", "numa",
               "gpu", "o_direct", "fallocate", "disk_space", "io_uring"):
         assert n in names
+    with dynblock.DiskStorage(tmp_path, 1, 4096) as probe:  # what a disk tier there runs on
+        ring = next(c for c in checks if c.name == "io_uring")
+        assert (ring.status == doctor.OK) == (probe.engine == "io_uring"), (ring, probe.engine)
     r = run_doctor(["--json", "--dir", str(tmp_path), "--disk-gib", str(1 / 1024)])
     cli = checks_of(r)
     for c in checks:

@@ -204,6 +204,14 @@ class Config:
     (scans, documents read once) leave early without pushing out blocks that
     are reused. ``python -m dynblock.bench --workloads policy`` compares them
     on serving traces (the exact rules: ``rust/manager/mod.rs``).
+    ``io_depth`` is the disk I/Os in flight per batch (default: from the
+    block size, the engine and the device, 16 to 64; see
+    :class:`~dynblock.DiskStorage`).
+    ``disk_engine`` says what keeps the disk tier's direct I/Os in flight:
+    ``"auto"`` (default) an io_uring ring the calling thread drives, where
+    the kernel allows io_uring, else a pool of ``io_depth`` threads;
+    ``"threads"`` always the pool; ``"io_uring"`` the ring or an ``OSError``
+    saying why not (see :class:`~dynblock.DiskStorage`).
     ``worker_nice`` (default 5, 0-19) is the nice value of the threads that
     copy and do disk I/O in the background: a busy CPU goes to the engine's
     own threads (its scheduler loop) first; 0 gives them the caller's priority.
@@ -223,7 +231,8 @@ class Config:
     numa_node: Union[int, None, Literal["auto"]] = "auto"
     gpu: Optional[int] = None
     pin: Union[bool, Literal["require"]] = DEFAULTS["pin"]
-    io_depth: int = DEFAULTS["io_depth"]
+    io_depth: Optional[int] = None
+    disk_engine: Literal["auto", "threads", "io_uring"] = DEFAULTS["disk_engine"]
     worker_nice: int = DEFAULTS["worker_nice"]
     huge_pages: bool = DEFAULTS["huge_pages"]
     disk_path: Optional[str] = None
@@ -281,8 +290,10 @@ class Config:
             setattr(self, f"{tier}_bytes", check(f"{tier}_bytes", blocks * bs))
         if self.host_blocks == 0 and self.disk_blocks == 0:
             raise ValueError("both tiers are empty: give host_blocks/host_bytes or disk_blocks/disk_bytes")
-        for name in ("o_direct", "pin", "preallocate", "io_depth", "worker_nice", "durability",
-                     "persist", "write_through", "write_behind", "checksums", "huge_pages",
+        if self.io_depth is not None:
+            self.io_depth = check("io_depth", self.io_depth)
+        for name in ("o_direct", "pin", "preallocate", "disk_engine", "worker_nice",
+                     "durability", "persist", "write_through", "write_behind", "checksums", "huge_pages",
                      "disk_admission", "host_eviction", "disk_eviction"):
             setattr(self, name, check(name, getattr(self, name)))
         if self.disk_admission != "all" and self.write_through:

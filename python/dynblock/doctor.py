@@ -13,7 +13,6 @@ fails, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -335,7 +334,8 @@ def check_cache_dir(directory: str, disk_bytes: int) -> List[Check]:
             value.update(o_direct=probe.o_direct, alignment=probe.alignment,
                          memory_alignment=probe.memory_alignment,
                          alignment_source=probe.alignment_source,
-                         preallocation=probe.preallocation, fallback_reason=probe.fallback_reason)
+                         preallocation=probe.preallocation, fallback_reason=probe.fallback_reason,
+                         engine=probe.engine)
     except Exception as e:  # a probe failure is a finding, not a crash
         out.append(Check("cache_dir", FAIL, value, "a disk tier file can be created",
                          f"use another directory: {type(e).__name__}: {e}"))
@@ -348,6 +348,13 @@ def check_cache_dir(directory: str, disk_bytes: int) -> List[Check]:
                          value["fallback_reason"] or ""))
     else:
         out.append(Check("o_direct", OK, value, "O_DIRECT"))
+    if value["engine"] != "io_uring":
+        out.append(Check("io_uring", WARN, value["engine"], "io_uring for the disk tier",
+                         "allow io_uring (sysctl kernel.io_uring_disabled=0; a container runtime's "
+                         "seccomp profile may block io_uring_setup)",
+                         "the disk tier runs on its worker pool: about twice the CPU per GiB"))
+    else:
+        out.append(Check("io_uring", OK, "io_uring", "io_uring for the disk tier"))
     if value["preallocation"] != "fallocate":
         out.append(Check("fallocate", WARN, value["preallocation"], "fallocate",
                          "use a filesystem with fallocate (ext4, xfs)",
@@ -368,26 +375,6 @@ def check_cache_dir(directory: str, disk_bytes: int) -> List[Check]:
         else:
             out.append(Check("disk_space", OK, free, f">= {_gib(disk_bytes)} free"))
     return out
-
-
-def check_io_uring() -> Check:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        params = (ctypes.c_ubyte * 120)()
-        fd = libc.syscall(425, 1, ctypes.byref(params))  # io_uring_setup (x86-64 and aarch64)
-        err = ctypes.get_errno()
-        if fd >= 0:
-            os.close(fd)
-            avail = True
-        else:
-            avail = False
-    except (OSError, AttributeError):
-        avail, err = False, 0
-    value = {"available": avail, "used_by_disk_tier": False}
-    detail = "the disk tier uses a thread pool of pread/pwrite, so io_uring is not needed"
-    if not avail:
-        detail += f" (io_uring_setup: {os.strerror(err) if err else 'unavailable'})"
-    return Check("io_uring", OK, value, "not needed", "", detail)
 
 
 def _numa_probe(sysfs_root: str) -> Optional[str]:
@@ -428,7 +415,6 @@ def run_checks(
         lambda: check_numa(sysfs_root),
         lambda: check_gpus(gpu, nvidia_smi, sysfs_root, dev_root),
         lambda: check_cache_dir(directory, disk_bytes),
-        check_io_uring,
     ]
     for step in steps:
         try:

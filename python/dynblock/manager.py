@@ -333,6 +333,7 @@ class BlockManager:
                     o_direct=config.o_direct,
                     preallocate=config.preallocate,
                     io_depth=config.io_depth,
+                    engine=config.disk_engine,
                     persist=config.persist,
                     worker_nice=config.worker_nice,
                 )

@@ -35,7 +35,7 @@ impl IoFail {
 }
 
 /// What one worker holds while a batch runs.
-struct Worker<'a> {
+pub(super) struct Worker<'a> {
     storage: &'a DiskStorage,
     bounce: Option<AlignedBuf>,
 }
@@ -52,7 +52,14 @@ impl Drop for Worker<'_> {
     }
 }
 
-impl Worker<'_> {
+impl<'a> Worker<'a> {
+    pub(super) fn new(storage: &'a DiskStorage) -> Self {
+        Worker {
+            storage,
+            bounce: None,
+        }
+    }
+
     fn bounce(&mut self) -> Result<&mut AlignedBuf> {
         if self.bounce.is_none() {
             let pooled = self
@@ -167,16 +174,25 @@ impl DiskStorage {
             self.max_slots_per_io(),
         );
         let groups = self.group_ops(&ops);
+        if let Some(rings) = &self.rings {
+            // The ring carries direct I/O straight to the caller's memory;
+            // one group needs no queue (it runs on this thread below).
+            let in_place = self.stride == self.block_size
+                && ops
+                    .iter()
+                    .all(|op| is_aligned(op.addr as *const u8, self.align.mem));
+            if groups.len() > 1 && in_place && self.direct.on() {
+                // SAFETY: forwarded from the caller; the ops are in place.
+                if unsafe { self.run_ring(rings, fd, &ops, &groups, dir, hook, &order) }? {
+                    return Ok(());
+                }
+            }
+        }
         io::run_on(
             pool.as_ref(),
             groups.len(),
             self.io_depth,
-            || {
-                Ok(Worker {
-                    storage: self,
-                    bounce: None,
-                })
-            },
+            || Ok(Worker::new(self)),
             |g, w| {
                 let group = &ops[groups[g].clone()];
                 let run_hook = || {
@@ -234,7 +250,13 @@ impl DiskStorage {
     ///
     /// # Safety
     /// Every op's memory is valid for op.count blocks and owned by this call.
-    unsafe fn do_group(&self, fd: RawFd, group: &[Op], dir: Dir, w: &mut Worker) -> Result<()> {
+    pub(super) unsafe fn do_group(
+        &self,
+        fd: RawFd,
+        group: &[Op],
+        dir: Dir,
+        w: &mut Worker,
+    ) -> Result<()> {
         loop {
             let direct = self.direct.on();
             // SAFETY: forwarded.

@@ -272,3 +272,14 @@ pub(crate) fn open_anonymous(dir: &Path) -> Result<OwnedFd> {
         dir.display()
     )))
 }
+
+/// The request queue depth of the block device holding filesystem `dev`
+/// (`/sys/dev/block/MAJ:MIN/queue/nr_requests`, or its parent's for a
+/// partition). None where there is no such device (tmpfs, overlay, NFS).
+pub(crate) fn device_queue_depth(dev: u64) -> Option<usize> {
+    let base = format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev));
+    ["queue/nr_requests", "../queue/nr_requests"]
+        .iter()
+        .find_map(|rel| std::fs::read_to_string(format!("{base}/{rel}")).ok())
+        .and_then(|s| s.trim().parse().ok())
+}

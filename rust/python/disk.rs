@@ -8,9 +8,9 @@ use pyo3::prelude::*;
 
 use super::buffers::{batch_call, log_warnings};
 use super::errors::to_py;
-use super::settings::{int_or_default, int_setting, ODirectArg, PreallocArg};
+use super::settings::{int_or_default, int_setting, EngineArg, ODirectArg, PreallocArg};
 use crate::align::{Alignment, AlignmentSource};
-use crate::disk::{DiskOptions, DiskStorage, ODirect, Prealloc};
+use crate::disk::{DiskEngine, DiskOptions, DiskStorage, ODirect, Prealloc};
 
 /// The disk tier (see `dynblock.DiskStorage` for the documented wrapper).
 #[pyclass(name = "DiskStorage", module = "dynblock._core", frozen)]
@@ -64,7 +64,8 @@ impl PyDiskStorage {
     #[new]
     #[pyo3(signature = (path, num_blocks, block_size, *, o_direct=ODirectArg(ODirect::Auto),
                         persist=false, preallocate=PreallocArg(Prealloc::Auto), io_depth=None,
-                        max_io_bytes=None, alignment=None, lock=true, worker_nice=None))]
+                        max_io_bytes=None, alignment=None, lock=true, worker_nice=None,
+                        engine=EngineArg(DiskEngine::Auto)))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -79,6 +80,7 @@ impl PyDiskStorage {
         alignment: Option<(usize, usize)>,
         lock: bool,
         worker_nice: Option<&Bound<'_, PyAny>>,
+        engine: EngineArg,
     ) -> PyResult<Self> {
         let num_blocks = int_setting(num_blocks, "num_blocks")?;
         let block_size = int_setting(block_size, "block_size")? as usize;
@@ -90,11 +92,15 @@ impl PyDiskStorage {
             o_direct: o_direct.0,
             persist,
             prealloc: preallocate.0,
-            io_depth: int_or_default(io_depth, "io_depth")? as usize,
+            io_depth: match io_depth {
+                Some(d) if !d.is_none() => Some(int_setting(d, "io_depth")? as usize),
+                _ => None,
+            },
             max_io_bytes: int_or_default(max_io_bytes, "max_io_bytes")? as usize,
             alignment,
             lock,
             worker_nice: int_or_default(worker_nice, "worker_nice")? as u32,
+            engine: engine.0,
         };
         let s = py
             .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))
@@ -186,6 +192,11 @@ impl PyDiskStorage {
     #[getter]
     fn io_depth(&self) -> usize {
         self.inner.io_depth()
+    }
+    /// The engine running direct I/O batches: "io_uring" or "threads".
+    #[getter]
+    fn engine(&self) -> &'static str {
+        self.inner.engine()
     }
     #[getter]
     fn file_size(&self) -> u64 {

@@ -83,6 +83,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Locked(_) => StoreLockedError::new_err(msg),
         Error::Forked(_) => ForkError::new_err(msg),
         Error::Remote(_) => RemoteError::new_err(msg),
+        Error::Unsupported(_) => PyOSError::new_err(msg),
     }
 }
 

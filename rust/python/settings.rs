@@ -86,6 +86,25 @@ impl<'a, 'py> FromPyObject<'a, 'py> for PreallocArg {
     }
 }
 
+/// The disk tier's `engine` argument (`Config.disk_engine`).
+pub struct EngineArg(pub crate::settings::DiskEngine);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for EngineArg {
+    type Error = PyErr;
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let s = obj.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "disk_engine must be a str, one of {:?}, got {}",
+                crate::settings::DiskEngine::NAMES,
+                obj.repr().map(|r| r.to_string()).unwrap_or_default()
+            ))
+        })?;
+        crate::settings::DiskEngine::parse(&s.to_cow()?)
+            .map(EngineArg)
+            .map_err(to_py)
+    }
+}
+
 /// An integer setting from any Python integer (numpy integers included;
 /// `bool` refused), checked against the setting's bounds.
 pub fn int_setting(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<u64> {
@@ -152,6 +171,7 @@ pub fn settings_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("write_through", settings::DEFAULT_WRITE_THROUGH)?;
     d.set_item("write_behind", settings::DEFAULT_WRITE_BEHIND)?;
     d.set_item("disk_admission", settings::DEFAULT_DISK_ADMISSION)?;
+    d.set_item("disk_engine", settings::DEFAULT_DISK_ENGINE)?;
     d.set_item("host_eviction", settings::DEFAULT_EVICTION)?;
     d.set_item("disk_eviction", settings::DEFAULT_EVICTION)?;
     d.set_item("persist", settings::DEFAULT_PERSIST)?;
@@ -229,6 +249,9 @@ pub fn check_setting<'py>(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Bou
         }
         "durability" => {
             Durability::parse(&want_str(value, name)?).map_err(to_py)?;
+        }
+        "disk_engine" => {
+            value.extract::<EngineArg>()?;
         }
         "disk_admission" => {
             settings::DiskAdmission::parse(&want_str(value, name)?).map_err(to_py)?;

@@ -229,9 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per disk case (default: 128MiB)")
     g.add_argument("--patterns", type=_choices(("random", "sequential")), default=["random"],
                    help="slot order: random,sequential (default: random)")
-    g.add_argument("--modes", type=_choices(("o_direct", "buffered")), default=["o_direct", "buffered"],
-                   help="dynblock I/O modes (default: o_direct,buffered)")
-    g.add_argument("--io-depth", type=int, default=16, help="dynblock I/Os in flight (default: 16)")
+    g.add_argument("--modes", type=_choices(("o_direct", "buffered", "o_direct-threads")),
+                   default=["o_direct", "buffered"],
+                   help="dynblock I/O modes (default: o_direct,buffered; o_direct-threads: O_DIRECT on "
+                        "the worker pool instead of the default engine, io_uring where the kernel has it)")
+    g.add_argument("--io-depth", type=int, default=None,
+                   help="dynblock I/Os in flight (default: the storage's own choice from the block "
+                        "size and the device)")
     g.add_argument("--batch-size", type=parse_size, default=32 << 20,
                    help="bytes per dynblock call (default: 32MiB)")
     g.add_argument("--fio-depths", type=_ints, default=[1, 4, 16, 32],
@@ -291,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("repeat", "io_depth", "trace_host_blocks", "trace_disk_blocks", "recovery_blocks"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if a.trace_requests < 0:
         p.error("--trace-requests must be >= 0")

@@ -46,7 +46,7 @@ def run_disk(
     case_bytes: int,
     patterns: Sequence[str],
     modes: Sequence[str],
-    io_depth: int,
+    io_depth: Optional[int],
     batch_bytes: int,
     fio: Fio,
     fio_depths: Sequence[int],
@@ -72,8 +72,9 @@ def run_disk(
         try:
             for mode in modes:
                 stores[mode] = DiskStorage(base_path, n, bs, io_depth=io_depth, persist=True,
-                                           o_direct=(mode == "o_direct"), lock=False)
-                if mode == "o_direct" and not stores[mode].o_direct:
+                                           o_direct=mode.startswith("o_direct"), lock=False,
+                                           engine="threads" if mode.endswith("-threads") else "auto")
+                if mode.startswith("o_direct") and not stores[mode].o_direct:
                     res.note(f"O_DIRECT unavailable in {directory}: {stores[mode].fallback_reason}")
             if not stores:
                 stores["o_direct"] = DiskStorage(base_path, n, bs, persist=True, lock=False)
@@ -122,10 +123,11 @@ def run_disk(
                                     s.read_blocks(order[i:i + batch], out[i * bs:(i + batch) * bs])
 
                             s.drop_page_cache()
-                            c = res.case("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
+                            c = res.case("disk", f"dynblock-{mode}", op, io_depth=s.io_depth, **p)
                             c.add_rate(nbytes, timed(w_dyn if op == "write" else r_dyn))
                             c.extra = {"o_direct": s.o_direct, "alignment": s.alignment,
-                                       "batch_blocks": batch}
+                                       "batch_blocks": batch, "engine": s.engine,
+                                       "io_depth_given": io_depth}
                             if op == "read" and not np.array_equal(out, buf):
                                 raise RuntimeError(f"dynblock ({mode}) read back other bytes than it wrote")
                             progress.step(f"dynblock {mode} {label}")
@@ -136,10 +138,11 @@ def run_disk(
                     found = [res.find("disk", "fio", op, io_depth=d, **p) for d in fio_depths]
                     fios = [c for c in found if c is not None and c.values]
                     best = max(fios, key=lambda c: c.median) if fios else None
-                    same = res.find("disk", "fio", op, io_depth=io_depth, **p)
                     naive = res.find("disk", "python-naive", op, **p)
                     for mode in modes:
-                        dc = res.find("disk", f"dynblock-{mode}", op, io_depth=io_depth, **p)
+                        depth = stores[mode].io_depth
+                        same = res.find("disk", "fio", op, io_depth=depth, **p)
+                        dc = res.find("disk", f"dynblock-{mode}", op, io_depth=depth, **p)
                         if dc is None:
                             continue
                         c = dc
@@ -220,7 +223,7 @@ def run_host(res: Results, host_bytes: int, block_size: int, populate_bytes: int
 
 
 def run_tiered(res: Results, directory: str, block_size: int, working_bytes: int,
-               host_fraction: float, io_depth: int, batch_bytes: int, repeat: int,
+               host_fraction: float, io_depth: Optional[int], batch_bytes: int, repeat: int,
                progress: Progress) -> None:
     """Puts that offload, then gets of disk hits that promote: into an aligned
     destination and into one 64 bytes off a page (as engines' buffers often
@@ -400,7 +403,7 @@ def default_directory() -> str:
 
 
 def run_durability(res: Results, directory: str, block_size: int, working_bytes: int,
-                   recovery_blocks: int, io_depth: int, batch_bytes: int, repeat: int,
+                   recovery_blocks: int, io_depth: Optional[int], batch_bytes: int, repeat: int,
                    progress: Progress) -> None:
     """Checksums on against off (disk-only manager, same run), and the time to
     reopen a persistent store of `recovery_blocks` blocks."""
