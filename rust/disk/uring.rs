@@ -70,43 +70,80 @@ struct Flight<'r> {
     rings: &'r Rings,
     /// Always Some until the drop gives it back.
     ring: Option<IoUring>,
+    /// Operations pushed and not yet reaped.
     inflight: usize,
-    /// `io_uring_enter` failed for good: submit nothing more, drop the ring.
+    /// `io_uring_enter` failed other than "try again": push nothing more,
+    /// drop the ring at the end.
     broken: bool,
+    /// Such failures in a row.
+    failures: u32,
 }
 
 impl Flight<'_> {
+    /// Such failures in a row after which the process stops (10 s): the
+    /// kernel would not take the operations already pushed, and returning
+    /// would leave it free to write into memory the caller reuses.
+    const GIVE_UP: u32 = 10_000;
+
     fn ring(&mut self) -> &mut IoUring {
         self.ring.as_mut().expect("held until dropped")
     }
 
-    /// Submit what was pushed and wait for at least one completion.
-    fn wait(&mut self) {
-        match self.ring().submit_and_wait(1) {
-            Ok(_) => {}
+    /// Hand what was pushed to the kernel; with `wait`, also wait for at
+    /// least one completion.
+    fn submit(&mut self, wait: bool) {
+        let r = if wait {
+            self.ring().submit_and_wait(1)
+        } else {
+            self.ring().submit()
+        };
+        match r {
+            Ok(_) => self.failures = 0,
             Err(e) if transient(&e) => {}
-            Err(_) => {
-                // What is in flight still completes and is posted whatever
+            Err(e) => {
+                // What the kernel took still completes and is posted whatever
                 // this call said; look again shortly.
                 self.broken = true;
+                self.failures += 1;
+                if self.failures >= Self::GIVE_UP {
+                    eprintln!(
+                        "dynblock: io_uring_enter keeps failing ({e}) with disk I/O in flight; \
+                         stopping the process rather than return while the kernel may still \
+                         write into the caller's memory"
+                    );
+                    std::process::abort();
+                }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
+    }
+
+    /// What completed since the last look: (group, result).
+    fn reap(&mut self) -> Vec<(usize, i32)> {
+        let done: Vec<(usize, i32)> = self
+            .ring()
+            .completion()
+            .map(|c| (c.user_data() as usize, c.result()))
+            .collect();
+        self.inflight -= done.len();
+        done
     }
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
         while self.inflight > 0 {
-            self.wait();
-            let done = self.ring().completion().count();
-            self.inflight -= done;
+            self.submit(true);
+            self.reap();
         }
         if let (false, Some(ring)) = (self.broken, self.ring.take()) {
             self.rings.give(ring);
         }
     }
 }
+
+/// Bytes of checksummed writes pushed before they are handed to the kernel.
+const SUBMIT_EVERY: usize = 1 << 20;
 
 /// Whether `e` from `io_uring_enter` only asks to try again.
 fn transient(e: &std::io::Error) -> bool {
@@ -170,10 +207,17 @@ impl DiskStorage {
             ring: Some(ring),
             inflight: 0,
             broken: false,
+            failures: 0,
         };
         let mut redo: Vec<usize> = Vec::new();
         let mut next = 0usize;
-        while next < groups.len() || flight.inflight > 0 {
+        let mut done: Vec<(usize, i32)> = Vec::new();
+        loop {
+            // Keep the device busy first: push up to `depth`. When checksums
+            // are computed between pushes, hand the kernel each MiB as it is
+            // pushed (otherwise the first write would wait for every checksum).
+            let mut pushed = false;
+            let mut unsent = 0usize;
             while !flight.broken
                 && flight.inflight < depth
                 && next < groups.len()
@@ -213,18 +257,19 @@ impl DiskStorage {
                 unsafe { flight.ring().submission().push(&sqe) }.expect("checked not full");
                 next += 1;
                 flight.inflight += 1;
+                pushed = true;
+                unsent += len as usize;
+                if dir == Dir::Write && hook.is_some() && unsent >= SUBMIT_EVERY {
+                    flight.submit(false);
+                    unsent = 0;
+                }
             }
-            if flight.inflight == 0 {
-                break; // broken before anything was in flight
+            if pushed {
+                flight.submit(false);
             }
-            flight.wait();
-            let done: Vec<(usize, i32)> = flight
-                .ring()
-                .completion()
-                .map(|c| (c.user_data() as usize, c.result()))
-                .collect();
-            for (g, res) in done {
-                flight.inflight -= 1;
+            // Then check what completed last time (read checksums), while
+            // the refilled queue moves.
+            for (g, res) in done.drain(..) {
                 if usize::try_from(res).ok() == Some(want(g)) {
                     if dir == Dir::Read {
                         run_hook(g);
@@ -233,10 +278,16 @@ impl DiskStorage {
                     redo.push(g); // an error or a short transfer: done again, synchronously
                 }
             }
+            if flight.inflight == 0 {
+                break; // all done, or broken with nothing in flight
+            }
+            flight.submit(true);
+            done = flight.reap();
         }
         drop(flight); // nothing in flight: the ring goes back unless it broke
-                      // What the ring did not finish, and what it never submitted, goes the
-                      // synchronous way: fallback to buffered I/O and errors are decided there.
+
+        // What the ring did not finish, and what it never submitted, goes the
+        // synchronous way: fallback to buffered I/O and errors are decided there.
         let submitted = next;
         redo.extend(next..groups.len());
         if redo.is_empty() {
