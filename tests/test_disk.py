@@ -154,6 +154,7 @@ def test_ramfs_falls_back_to_buffered_and_keeps_data(ramfs_dir: Path, clean_env,
     with caplog.at_level(logging.WARNING, logger="dynblock"):
         s = DiskStorage(ramfs_dir, 8, 5000)
     assert s.o_direct is False
+    assert s.engine == "threads"  # buffered I/O never goes to a ring
     assert "ramfs" in s.fallback_reason and "EINVAL" in s.fallback_reason
     warnings = [r for r in caplog.records if r.name == "dynblock.disk"]
     assert len(warnings) == 1 and "ramfs" in warnings[0].getMessage()

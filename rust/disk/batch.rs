@@ -273,6 +273,16 @@ impl DiskStorage {
         Ok(())
     }
 
+    /// One segment per op: its memory, its blocks' bytes.
+    pub(super) fn iovecs(&self, ops: &[Op]) -> Vec<libc::iovec> {
+        ops.iter()
+            .map(|op| libc::iovec {
+                iov_base: op.addr as *mut libc::c_void,
+                iov_len: op.count * self.block_size,
+            })
+            .collect()
+    }
+
     /// Runs of ops whose slots follow each other, up to `max_io_bytes` and
     /// IOV_MAX segments: each run becomes one vectored I/O.
     fn group_ops(&self, ops: &[Op]) -> Vec<std::ops::Range<usize>> {
@@ -389,15 +399,8 @@ impl DiskStorage {
         } else {
             "pwritev"
         };
-        let bs = self.block_size;
         let file_off = self.slot_offset(group[0].slot);
-        let iov: Vec<libc::iovec> = group
-            .iter()
-            .map(|op| libc::iovec {
-                iov_base: op.addr as *mut libc::c_void,
-                iov_len: op.count * bs,
-            })
-            .collect();
+        let iov = self.iovecs(group);
         let total: usize = iov.iter().map(|v| v.iov_len).sum();
         let n = loop {
             // SAFETY: the iovecs point at memory owned by this call.

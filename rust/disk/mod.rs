@@ -414,9 +414,12 @@ impl DiskStorage {
         );
 
         // Rings are sized for the most a ring may keep in flight; the depth
-        // follows from whether one could be had.
+        // follows from whether one could be had. Buffered I/O never uses
+        // one (`"io_uring"` is still checked, so it fails where it would).
         let ring_max = opts.io_depth.unwrap_or(64);
-        let rings = open_rings(opts.engine, ring_max).map_err(cleanup)?;
+        let rings = open_rings(opts.engine, ring_max)
+            .map_err(cleanup)?
+            .filter(|_| on);
         let io_depth = opts.io_depth.unwrap_or_else(|| {
             let queue = os::device_queue_depth(file.dev);
             settings::auto_io_depth(block_size, rings.is_some(), queue)

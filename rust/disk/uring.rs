@@ -177,13 +177,7 @@ impl DiskStorage {
         let bs = self.block_size;
         // Every group's segments, built before the first submission and
         // kept until the last completion (the kernel reads them at issue).
-        let iov: Vec<libc::iovec> = ops
-            .iter()
-            .map(|op| libc::iovec {
-                iov_base: op.addr as *mut libc::c_void,
-                iov_len: op.count * bs,
-            })
-            .collect();
+        let iov = self.iovecs(ops);
         let want = |g: usize| {
             iov[groups[g].clone()]
                 .iter()
