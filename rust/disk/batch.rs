@@ -1,8 +1,10 @@
 //! The batch engine of the disk tier: a batch is validated, sorted into
 //! file order, cut into operations (adjacent slots coalesced, even when their
 //! memory is apart: vectored I/O), and run with `io_depth` operations in
-//! flight on the storage's worker pool. Memory that O_DIRECT cannot use as
-//! it is (unaligned, or slots padded to the alignment) goes through a
+//! flight: direct I/O in place on an io_uring ring the calling thread drives
+//! (`super::uring`) where the storage has one, otherwise on the storage's
+//! worker pool; buffered writes by one writer. Memory that O_DIRECT cannot
+//! use as it is (unaligned, or slots padded to the alignment) goes through a
 //! per-worker aligned bounce buffer.
 #![allow(unsafe_code)]
 
@@ -47,11 +49,10 @@ pub(super) struct Worker<'a> {
 
 /// A one-writer buffered batch of blocks this large starts write-back every
 /// [`WRITEBACK_EVERY`] bytes; smaller blocks leave it to the kernel. On the
-/// bench's disk workload (2-core VM, ext4, random slots), against a Python
-/// `pwrite` loop: 64 KiB writes went from 0.88x with it to 1.06-1.24x
-/// without; 256 KiB and 2 MiB writes went from 0.40x / 2.3x without to
-/// 2.5-6x / 1.3-18x with it (buffered write-back here swings widely run to
-/// run).
+/// bench's disk workload (2-core VM, ext4, random slots; medians that swing
+/// widely run to run there), against a Python `pwrite` loop: 64 KiB writes
+/// 0.88x with it, 1.06-1.24x without; 256 KiB and 2 MiB writes 0.40x /
+/// 2.3x without, 2.5-6x / 1.3-18x with it.
 const WRITEBACK_MIN_BLOCK: usize = 256 << 10;
 /// See [`WRITEBACK_MIN_BLOCK`].
 const WRITEBACK_EVERY: usize = 8 << 20;
@@ -269,8 +270,7 @@ impl DiskStorage {
                 }
                 Ok(())
             },
-        )?;
-        Ok(())
+        )
     }
 
     /// One segment per op: its memory, its blocks' bytes.
