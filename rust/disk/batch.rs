@@ -249,15 +249,7 @@ impl DiskStorage {
             },
             |g, w| {
                 let group = &ops[groups[g].clone()];
-                let run_hook = || {
-                    if let Some(h) = hook {
-                        for op in group {
-                            for k in 0..op.count {
-                                h(order[op.first + k], op.addr + k * self.block_size);
-                            }
-                        }
-                    }
-                };
+                let run_hook = || self.hook_group(hook, group, &order);
                 // Writes: checksum first, so the device reads bytes the CPU
                 // just pulled into cache. Reads: after the data arrived.
                 if dir == Dir::Write {
@@ -271,6 +263,17 @@ impl DiskStorage {
                 Ok(())
             },
         )
+    }
+
+    /// `hook` on every block of `group` (its index in the batch, its memory).
+    pub(super) fn hook_group(&self, hook: Option<Hook<'_>>, group: &[Op], order: &[usize]) {
+        if let Some(h) = hook {
+            for op in group {
+                for k in 0..op.count {
+                    h(order[op.first + k], op.addr + k * self.block_size);
+                }
+            }
+        }
     }
 
     /// One segment per op: its memory, its blocks' bytes.

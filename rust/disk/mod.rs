@@ -183,20 +183,25 @@ fn store_dir(path: &Path, persist: bool) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The io_uring rings `engine` asks for: none for `Threads`, none where the
-/// kernel refuses io_uring under `Auto`, an error saying why under `IoUring`.
-fn open_rings(engine: DiskEngine, depth: usize) -> Result<Option<uring::Rings>> {
+/// The io_uring rings `engine` asks for, of room for `depth` I/Os: none for
+/// `Threads`, none where the kernel refuses io_uring under `Auto` or where
+/// the file does buffered I/O (`direct` off: a ring carries direct I/O only);
+/// an error saying why under `IoUring` (checked also for a buffered file, so
+/// it fails where it would).
+fn open_rings(engine: DiskEngine, depth: usize, direct: bool) -> Result<Option<uring::Rings>> {
     match engine {
         DiskEngine::Threads => Ok(None),
+        DiskEngine::Auto if !direct => Ok(None),
         DiskEngine::Auto => Ok(uring::Rings::new(depth).ok()),
-        DiskEngine::IoUring => uring::Rings::new(depth).map(Some).map_err(|e| {
-            Error::Unsupported(format!(
+        DiskEngine::IoUring => match uring::Rings::new(depth) {
+            Ok(r) => Ok(Some(r).filter(|_| direct)),
+            Err(e) => Err(Error::Unsupported(format!(
                 "disk_engine=\"io_uring\" but this kernel refuses io_uring ({}: {e}; \
                  kernel.io_uring_disabled, a seccomp filter or a kernel before 5.6); \
                  use disk_engine=\"auto\" or \"threads\"",
                 e.raw_os_error().map(errno_name).unwrap_or("error")
-            ))
-        }),
+            ))),
+        },
     }
 }
 
@@ -413,17 +418,15 @@ impl DiskStorage {
             format!("alignment {} from {}", align.offset, align.source.as_str()),
         );
 
-        // Rings are sized for the most a ring may keep in flight; the depth
-        // follows from whether one could be had. Buffered I/O never uses
-        // one (`"io_uring"` is still checked, so it fails where it would).
-        let ring_max = opts.io_depth.unwrap_or(64);
-        let rings = open_rings(opts.engine, ring_max)
-            .map_err(cleanup)?
-            .filter(|_| on);
-        let io_depth = opts.io_depth.unwrap_or_else(|| {
-            let queue = os::device_queue_depth(file.dev);
-            settings::auto_io_depth(block_size, rings.is_some(), queue)
-        });
+        // A ring is sized for the depth it runs at; without one (refused, or
+        // buffered I/O, which never uses one) the pool's depth applies.
+        let queue = os::device_queue_depth(file.dev);
+        let depth_for = |ring| {
+            opts.io_depth
+                .unwrap_or_else(|| settings::auto_io_depth(block_size, ring, queue))
+        };
+        let rings = open_rings(opts.engine, depth_for(true), on).map_err(cleanup)?;
+        let io_depth = depth_for(rings.is_some());
         let storage = DiskStorage {
             fd: RwLock::new(Some(fd)),
             path: display_path,
@@ -950,6 +953,13 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
+    /// `n` bytes of [`pattern`] in page-aligned memory (what the ring takes).
+    fn aligned_pattern(n: usize, seed: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::new(n, 4096).unwrap();
+        b.as_mut_slice().copy_from_slice(&pattern(n, seed));
+        b
+    }
+
     /// A storage on `engine`, or None where the kernel refuses io_uring.
     fn open_on(
         dir: &Path,
@@ -984,9 +994,7 @@ mod tests {
         assert_eq!((ring.engine(), pool.engine()), ("io_uring", "threads"));
         // Runs of adjacent slots (vectored ops) and lone slots, more than io_depth of them.
         let slots: Vec<u64> = vec![40, 3, 4, 5, 17, 63, 0, 1, 30, 31, 32, 9, 50];
-        let mut src = AlignedBuf::new(slots.len() * bs, 4096).unwrap();
-        src.as_mut_slice()
-            .copy_from_slice(&pattern(slots.len() * bs, 7));
+        let src = aligned_pattern(slots.len() * bs, 7);
         for (w, r) in [(&ring, &pool), (&pool, &ring)] {
             // Same bytes through each engine, read back through the other's file
             // layout (each file read by its own storage, compared across).
@@ -1019,9 +1027,7 @@ mod tests {
                     let slots: Vec<u64> =
                         (0..64).filter(|i| i % 3 != 1).map(|i| t * 64 + i).collect();
                     for round in 0..20u8 {
-                        let mut src = AlignedBuf::new(slots.len() * bs, 4096).unwrap();
-                        src.as_mut_slice()
-                            .copy_from_slice(&pattern(slots.len() * bs, round ^ t as u8));
+                        let src = aligned_pattern(slots.len() * bs, round ^ t as u8);
                         s.write_blocks(&slots, src.as_slice()).unwrap();
                         let mut dst = AlignedBuf::new(slots.len() * bs, 4096).unwrap();
                         s.read_blocks(&slots, dst.as_mut_slice()).unwrap();
@@ -1046,8 +1052,7 @@ mod tests {
             let Some(s) = open_on(&path, 16, bs, engine, true) else {
                 return;
             };
-            let mut src = AlignedBuf::new(16 * bs, 4096).unwrap();
-            src.as_mut_slice().copy_from_slice(&pattern(16 * bs, 3));
+            let src = aligned_pattern(16 * bs, 3);
             let all: Vec<u64> = (0..16).collect();
             s.write_blocks(&all, src.as_slice()).unwrap();
             let cut = s.slot_offset(10);

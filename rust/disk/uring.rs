@@ -174,7 +174,6 @@ impl DiskStorage {
         let Ok(ring) = rings.take() else {
             return Ok(false);
         };
-        let bs = self.block_size;
         // Every group's segments, built before the first submission and
         // kept until the last completion (the kernel reads them at issue).
         let iov = self.iovecs(ops);
@@ -184,16 +183,8 @@ impl DiskStorage {
                 .map(|v| v.iov_len)
                 .sum::<usize>()
         };
-        let run_hook = |g: usize| {
-            if let Some(h) = hook {
-                for op in &ops[groups[g].clone()] {
-                    for k in 0..op.count {
-                        h(order[op.first + k], op.addr + k * bs);
-                    }
-                }
-            }
-        };
-        let depth = self.io_depth.min(rings.entries as usize).max(1);
+        let run_hook = |g: usize| self.hook_group(hook, &ops[groups[g].clone()], order);
+        let depth = self.io_depth; // the rings were sized for it
         let file = types::Fd(fd);
         // Declared after `iov`: dropped before it, waiting for what is in flight.
         let mut flight = Flight {
@@ -258,11 +249,12 @@ impl DiskStorage {
                     unsent = 0;
                 }
             }
-            if pushed {
+            // Then check what completed last time (read checksums), while
+            // the refilled queue moves: handed to the kernel first. Otherwise
+            // the wait below submits it in the same call.
+            if pushed && dir == Dir::Read && hook.is_some() && !done.is_empty() {
                 flight.submit(false);
             }
-            // Then check what completed last time (read checksums), while
-            // the refilled queue moves.
             for (g, res) in done.drain(..) {
                 if usize::try_from(res).ok() == Some(want(g)) {
                     if dir == Dir::Read {

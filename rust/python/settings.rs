@@ -73,16 +73,8 @@ pub struct PreallocArg(pub Prealloc);
 impl<'a, 'py> FromPyObject<'a, 'py> for PreallocArg {
     type Error = PyErr;
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let s = obj.cast::<PyString>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "preallocate must be a str, one of {:?}, got {}",
-                Prealloc::NAMES,
-                obj.repr().map(|r| r.to_string()).unwrap_or_default()
-            ))
-        })?;
-        Prealloc::parse(&s.to_cow()?)
-            .map(PreallocArg)
-            .map_err(to_py)
+        let v = choice(obj, "preallocate", &Prealloc::NAMES)?;
+        Prealloc::parse(&v).map(PreallocArg).map_err(to_py)
     }
 }
 
@@ -92,17 +84,22 @@ pub struct EngineArg(pub crate::settings::DiskEngine);
 impl<'a, 'py> FromPyObject<'a, 'py> for EngineArg {
     type Error = PyErr;
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let s = obj.cast::<PyString>().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "disk_engine must be a str, one of {:?}, got {}",
-                crate::settings::DiskEngine::NAMES,
-                obj.repr().map(|r| r.to_string()).unwrap_or_default()
-            ))
-        })?;
-        crate::settings::DiskEngine::parse(&s.to_cow()?)
-            .map(EngineArg)
-            .map_err(to_py)
+        use crate::settings::DiskEngine;
+        let v = choice(obj, "disk_engine", &DiskEngine::NAMES)?;
+        DiskEngine::parse(&v).map(EngineArg).map_err(to_py)
     }
+}
+
+/// A str argument `name` that must be one of `names` (the engine's parse
+/// checks which): a TypeError naming them for anything else.
+fn choice(obj: Borrowed<'_, '_, PyAny>, name: &str, names: &[&str]) -> PyResult<String> {
+    let s = obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a str, one of {names:?}, got {}",
+            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })?;
+    Ok(s.to_cow()?.into_owned())
 }
 
 /// An integer setting from any Python integer (numpy integers included;
