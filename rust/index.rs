@@ -19,6 +19,29 @@
 //! A dynblock older than them reads one as a damaged record (counted, the
 //! log rewritten without it), losing only that memory.
 //!
+//! The disk tier's eviction order rides along (byte 1: flags, byte 2: an
+//! S3-FIFO count; both 0 in records older than them, which recover as
+//! before: new blocks of the small queue, in log order):
+//! - a `PUT` says which queue the block joined (flag 1: S3-FIFO's main
+//!   queue) and its count;
+//! - an `ORDER` record (kind 6) says "the block H in slot S" moved to the
+//!   back of a queue (flag 2; flag 1 names the queue) and/or has a new
+//!   count: LRU's touches, S3-FIFO's counts and moves between queues. The
+//!   manager writes the changes since its last append in front of each
+//!   append (and before `CLOSE`), so after `kill -9` the order is the one
+//!   of the last index write; a record naming a slot that holds another
+//!   block by then is ignored;
+//! - a `DEL` with flag 1 says the block went into the tier's S3-FIFO ghost
+//!   as it left, and a `GHOST` with flag 1 is an entry of that ghost (a
+//!   folded key, written by compaction) rather than admission's.
+//!
+//! Replay puts each live block at the place of its last `PUT` or moving
+//! `ORDER`, so compaction (which writes the live blocks in the tier's order
+//! with their queues and counts) and a clean close (which compacts) keep
+//! the order exactly. A dynblock older than `ORDER` records reads them as
+//! damaged records (the log rewritten without them), losing the order
+//! only.
+//!
 //! Two marker records carry no block: `OPEN` (appended when a manager opens
 //! the store) and `CLOSE` (appended by a clean `close()`, after everything
 //! it wrote), each with the time in seconds since the epoch; the store tool
@@ -62,6 +85,14 @@ const DEL: u8 = 2;
 const OPEN: u8 = 3;
 const CLOSE: u8 = 4;
 const GHOST: u8 = 5;
+const ORDER: u8 = 6;
+/// Flag (byte 1) of `PUT`/`ORDER`: S3-FIFO's main queue; of `DEL`: the
+/// block went into the tier's S3-FIFO ghost; of `GHOST`: an entry of that
+/// ghost (not admission's).
+const F_MAIN: u8 = 1;
+const F_GHOST: u8 = 1;
+/// Flag of `ORDER`: the block moved to the back of its queue.
+const F_MOVED: u8 = 2;
 
 /// What a store was made with; a reopen must match it exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,17 +106,35 @@ pub struct Geometry {
     pub store_id: [u8; 16],
 }
 
-/// A live entry recovered from the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A live entry recovered from the log (or written by compaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Live {
     pub key: Key,
     pub slot: u32,
     pub crc: u32,
+    /// Its place in the disk tier's order: in S3-FIFO's main queue (LRU:
+    /// always false), and its S3-FIFO count.
+    pub main: bool,
+    pub count: u8,
+}
+
+/// What a compaction writes: the live blocks in their tier's order (first
+/// to leave first), what disk admission turned away and the tier's S3-FIFO
+/// ghost (folded keys), each oldest first.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub live: Vec<Live>,
+    pub ghost: Vec<Key>,
+    pub order_ghost: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub kind: u8,
+    /// Byte 1: the kind's flags (`F_*`).
+    pub flags: u8,
+    /// Byte 2: an S3-FIFO count (`PUT`, `ORDER`).
+    pub count: u8,
     pub slot: u32,
     pub hash: u64,
     pub crc: u32,
@@ -99,6 +148,8 @@ impl Record {
         let key = key.into();
         Record {
             kind: PUT,
+            flags: 0,
+            count: 0,
             slot,
             hash: key.hash,
             crc,
@@ -109,6 +160,8 @@ impl Record {
         let key = key.into();
         Record {
             kind: DEL,
+            flags: 0,
+            count: 0,
             slot,
             hash: key.hash,
             crc: 0,
@@ -120,10 +173,48 @@ impl Record {
         let key = key.into();
         Record {
             kind: GHOST,
+            flags: 0,
+            count: 0,
             slot: 0,
             hash: key.hash,
             crc: 0,
             ns: key.ns,
+        }
+    }
+    /// A live block's `PUT` with its place in the tier's order.
+    pub fn placed(l: &Live) -> Self {
+        Record {
+            flags: if l.main { F_MAIN } else { 0 },
+            count: l.count,
+            ..Record::put(l.key, l.slot, l.crc)
+        }
+    }
+    /// The block `l` moved to the back of its queue (`moved`), or only
+    /// has a new count.
+    pub fn order(l: &Live, moved: bool) -> Self {
+        Record {
+            kind: ORDER,
+            flags: if l.main { F_MAIN } else { 0 } | if moved { F_MOVED } else { 0 },
+            count: l.count,
+            slot: l.slot,
+            hash: l.key.hash,
+            crc: 0,
+            ns: l.key.ns,
+        }
+    }
+    /// The `DEL` of a block evicted from slot `slot`, which went into the
+    /// tier's S3-FIFO ghost as it left if `ghosted`.
+    pub fn evicted(key: impl Into<Key>, slot: u32, ghosted: bool) -> Self {
+        Record {
+            flags: if ghosted { F_GHOST } else { 0 },
+            ..Record::del(key, slot)
+        }
+    }
+    /// An entry (a folded key) of the disk tier's S3-FIFO ghost.
+    fn order_ghost(folded: u64) -> Self {
+        Record {
+            flags: F_GHOST,
+            ..Record::ghost(Key::new(folded, 0))
         }
     }
     fn key(&self) -> Key {
@@ -134,6 +225,8 @@ impl Record {
     pub fn marker(closed: bool, at: u64) -> Self {
         Record {
             kind: if closed { CLOSE } else { OPEN },
+            flags: 0,
+            count: 0,
             slot: 0,
             hash: at,
             crc: 0,
@@ -143,6 +236,8 @@ impl Record {
     fn encode(&self, gen: u32) -> [u8; RECORD_LEN] {
         let mut b = [0u8; RECORD_LEN];
         b[0] = self.kind;
+        b[1] = self.flags;
+        b[2] = self.count;
         b[4..8].copy_from_slice(&self.slot.to_le_bytes());
         b[8..16].copy_from_slice(&self.hash.to_le_bytes());
         b[16..20].copy_from_slice(&self.crc.to_le_bytes());
@@ -155,12 +250,14 @@ impl Record {
     fn decode(b: &[u8]) -> Option<Record> {
         let c = u32::from_le_bytes(b[28..32].try_into().ok()?);
         if crate::checksum::crc32c(&b[..28]) != c
-            || !matches!(b[0], PUT | DEL | OPEN | CLOSE | GHOST)
+            || !matches!(b[0], PUT | DEL | OPEN | CLOSE | GHOST | ORDER)
         {
             return None;
         }
         Some(Record {
             kind: b[0],
+            flags: b[1],
+            count: b[2],
             slot: u32::from_le_bytes(b[4..8].try_into().ok()?),
             hash: u64::from_le_bytes(b[8..16].try_into().ok()?),
             crc: u32::from_le_bytes(b[16..20].try_into().ok()?),
@@ -232,6 +329,11 @@ pub struct Recovered {
     pub live: Vec<Live>,
     /// Blocks disk admission turned away (`GHOST` records), oldest first.
     pub ghost: Vec<Key>,
+    /// What the disk tier's S3-FIFO ghost went through, in order: a folded
+    /// key added (true) or taken back out (false, as its block joined the
+    /// main queue). Replayed in order into an empty ghost, it leaves the
+    /// ghost as the log's writer had it (its add counts included).
+    pub order_ghost: Vec<(u64, bool)>,
     pub records: u64,
     /// Bytes after the last good record, cut off.
     pub torn_bytes: u64,
@@ -321,8 +423,11 @@ fn header_matches(
 /// record, records replayed). Records after the last good one are a torn
 /// tail; bad records before a good one were damaged in the middle.
 fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
-    let mut live: HashMap<Key, (u32, u32, u64)> = HashMap::new(); // key -> (slot, crc, seq)
+    // key -> (its live entry, the seq of its place in the order)
+    let mut live: HashMap<Key, (Live, u64)> = HashMap::new();
     let mut slot_owner: HashMap<u32, Key> = HashMap::new();
+    // Folded keys the S3-FIFO ghost was given (a take of another is moot).
+    let mut ghosted: std::collections::HashSet<u64> = std::collections::HashSet::new();
     let mut off = HEADER_LEN;
     let mut good_end = HEADER_LEN;
     let mut pending_bad = 0u64;
@@ -343,6 +448,10 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
         match r.kind {
             OPEN => rec.last_open = Some(r.hash),
             CLOSE => rec.last_close = Some(r.hash),
+            GHOST if r.flags & F_GHOST != 0 => {
+                ghosted.insert(r.hash);
+                rec.order_ghost.push((r.hash, true));
+            }
             GHOST => rec.ghost.push(r.key()),
             PUT => {
                 if let Some(old) = slot_owner.insert(r.slot, r.key()) {
@@ -350,13 +459,38 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
                         live.remove(&old);
                     }
                 }
-                if let Some((old_slot, _, _)) = live.insert(r.key(), (r.slot, r.crc, seq)) {
-                    if old_slot != r.slot {
-                        slot_owner.remove(&old_slot);
+                let l = Live {
+                    key: r.key(),
+                    slot: r.slot,
+                    crc: r.crc,
+                    main: r.flags & F_MAIN != 0,
+                    count: r.count,
+                };
+                if l.main && ghosted.remove(&l.key.fold()) {
+                    // It joined the main queue, from the ghost if it was there.
+                    rec.order_ghost.push((l.key.fold(), false));
+                }
+                if let Some((old, _)) = live.insert(r.key(), (l, seq)) {
+                    if old.slot != r.slot {
+                        slot_owner.remove(&old.slot);
+                    }
+                }
+            }
+            ORDER => {
+                if slot_owner.get(&r.slot) == Some(&r.key()) {
+                    let (l, at) = live.get_mut(&r.key()).expect("owners are live");
+                    l.count = r.count;
+                    if r.flags & F_MOVED != 0 {
+                        l.main = r.flags & F_MAIN != 0;
+                        *at = seq;
                     }
                 }
             }
             _ => {
+                if r.flags & F_GHOST != 0 {
+                    ghosted.insert(r.key().fold());
+                    rec.order_ghost.push((r.key().fold(), true));
+                }
                 if slot_owner.get(&r.slot) == Some(&r.key()) {
                     slot_owner.remove(&r.slot);
                     live.remove(&r.key());
@@ -365,13 +499,26 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
         }
         seq += 1;
     }
-    let mut list: Vec<(u64, Live)> = live
-        .into_iter()
-        .map(|(key, (slot, crc, s))| (s, Live { key, slot, crc }))
-        .collect();
-    list.sort_unstable_by_key(|x| x.0);
-    rec.live = list.into_iter().map(|x| x.1).collect();
+    let mut list: Vec<(Live, u64)> = live.into_values().collect();
+    list.sort_unstable_by_key(|x| x.1);
+    rec.live = list.into_iter().map(|x| x.0).collect();
     (good_end, seq)
+}
+
+/// The keys a ghost's adds and takes (see [`Recovered::order_ghost`]) leave
+/// in it, oldest first, as far as it had room.
+fn ghost_left(ops: &[(u64, bool)]) -> Vec<u64> {
+    let mut at: HashMap<u64, usize> = HashMap::new();
+    for (i, &(h, add)) in ops.iter().enumerate() {
+        if add {
+            at.insert(h, i);
+        } else {
+            at.remove(&h);
+        }
+    }
+    let mut left: Vec<(usize, u64)> = at.into_iter().map(|(h, i)| (i, h)).collect();
+    left.sort_unstable();
+    left.into_iter().map(|x| x.1).collect()
 }
 
 /// What an index file says, read without changing it (nor taking any
@@ -462,7 +609,12 @@ impl IndexLog {
         };
         if rec.bad_records > 0 {
             // Rewrite without the damaged records, so they are reported once.
-            if log.compact(g, &rec.live, &rec.ghost).is_err() {
+            let snap = Snapshot {
+                live: rec.live.clone(),
+                ghost: rec.ghost.clone(),
+                order_ghost: ghost_left(&rec.order_ghost),
+            };
+            if log.compact(g, &snap).is_err() {
                 log.dirty = true;
             }
         }
@@ -532,20 +684,23 @@ impl IndexLog {
         self.dirty
     }
 
-    /// Rewrite the log as one PUT per live entry, then one GHOST per hash
-    /// of `ghost` (write beside under a random name, fsync, rename over,
-    /// fsync the directory). On failure the old log stays in place and in
-    /// use.
-    pub fn compact(&mut self, g: &Geometry, live: &[Live], ghost: &[Key]) -> Result<()> {
+    /// Rewrite the log as one PUT per live entry (with its place in the
+    /// order), then one GHOST per entry of each ghost (write beside under a
+    /// random name, fsync, rename over, fsync the directory). On failure the
+    /// old log stays in place and in use.
+    pub fn compact(&mut self, g: &Geometry, snap: &Snapshot) -> Result<()> {
+        let (live, ghost) = (&snap.live, &snap.ghost);
+        let kept = live.len() + ghost.len() + snap.order_ghost.len();
         let tmp = temp_beside(&self.path, "compact");
         let mut f = open_private(&tmp, true).map_err(|e| Error::io("open", &tmp, 0, 0, e))?;
-        let mut buf = Vec::with_capacity(HEADER_LEN + (live.len() + ghost.len() + 1) * RECORD_LEN);
+        let mut buf = Vec::with_capacity(HEADER_LEN + (kept + 1) * RECORD_LEN);
         buf.extend_from_slice(&encode_header(g));
         let mut gen = 0u32;
         let records = live
             .iter()
-            .map(|l| Record::put(l.key, l.slot, l.crc))
-            .chain(ghost.iter().map(|&h| Record::ghost(h)));
+            .map(Record::placed)
+            .chain(ghost.iter().map(|&h| Record::ghost(h)))
+            .chain(snap.order_ghost.iter().map(|&h| Record::order_ghost(h)));
         for r in records {
             gen = gen.wrapping_add(1);
             buf.extend_from_slice(&r.encode(gen));
@@ -570,7 +725,7 @@ impl IndexLog {
         f.seek(SeekFrom::End(0))
             .map_err(|e| Error::io("seek", &self.path, 0, 0, e))?;
         self.file = f;
-        self.records = (live.len() + ghost.len()) as u64 + marker.is_some() as u64;
+        self.records = kept as u64 + marker.is_some() as u64;
         self.gen = gen;
         self.dirty = false;
         Ok(())
@@ -621,8 +776,15 @@ mod tests {
             log.mark(false).unwrap();
             log.append(&[Record::put(11, 1, 222)]).unwrap();
             // Compaction keeps this session's open marker.
-            log.compact(&geo(), &inspect(&p).unwrap().recovered.live, &[])
-                .unwrap();
+            let live = inspect(&p).unwrap().recovered.live;
+            log.compact(
+                &geo(),
+                &Snapshot {
+                    live,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         }
         let ins = inspect(&p).unwrap();
         assert!(!ins.recovered.closed_cleanly && ins.recovered.last_open.is_some());
@@ -648,12 +810,14 @@ mod tests {
                 Live {
                     key: 11.into(),
                     slot: 1,
-                    crc: 222
+                    crc: 222,
+                    ..Live::default()
                 },
                 Live {
                     key: 12.into(),
                     slot: 0,
-                    crc: 333
+                    crc: 333,
+                    ..Live::default()
                 }
             ]
         );
@@ -790,8 +954,12 @@ mod tests {
             (&[Key::from(7), 8.into()][..], 1)
         );
         assert_eq!(rec.bad_records, 0);
-        log.compact(&geo(), &rec.live, &[Key::from(8), 9.into()])
-            .unwrap();
+        let snap = Snapshot {
+            live: rec.live,
+            ghost: vec![Key::from(8), 9.into()],
+            order_ghost: Vec::new(),
+        };
+        log.compact(&geo(), &snap).unwrap();
         assert_eq!(log.records(), 3);
         drop(log);
         let (_, rec) = open(&p);
@@ -813,9 +981,17 @@ mod tests {
                 key: i.into(),
                 slot: (i % 8) as u32,
                 crc: i as u32,
+                ..Live::default()
             })
             .collect();
-        log.compact(&geo(), &live, &[]).unwrap();
+        log.compact(
+            &geo(),
+            &Snapshot {
+                live,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         log.append(&[Record::del(99, 3)]).unwrap();
         drop(log);
         let stale = d.path().join("kv.index.compact-dead");
@@ -824,5 +1000,62 @@ mod tests {
         assert_eq!(rec.live.len(), 7);
         assert_eq!(rec.records, 9);
         assert!(!stale.exists());
+    }
+
+    #[test]
+    fn order_records_replay_places_counts_and_the_s3fifo_ghost() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kv.index");
+        let at = |key: u64, slot: u32, main: bool, count: u8| Live {
+            key: key.into(),
+            slot,
+            crc: 0,
+            main,
+            count,
+        };
+        let (mut log, _) = open(&p);
+        log.append(&[
+            Record::put(1, 0, 0),
+            Record::put(2, 1, 0),
+            Record::put(3, 2, 0),
+            // 1 moves to the back of the main queue with count 2; 2 only
+            // gets a count; 3 leaves into the ghost, 4 takes its slot.
+            Record::order(&at(1, 0, true, 2), true),
+            Record::order(&at(2, 1, false, 1), false),
+            Record::evicted(3, 2, true),
+            Record::put(4, 2, 0),
+            // A record naming a slot another block holds is ignored.
+            Record::order(&at(3, 2, true, 3), true),
+            // 5 leaves into the ghost and comes back into the main queue:
+            // the ghost forgets it.
+            Record::put(5, 3, 0),
+            Record::evicted(5, 3, true),
+            Record::placed(&at(5, 3, true, 0)),
+        ])
+        .unwrap();
+        drop(log);
+        let (mut log, rec) = open(&p);
+        assert_eq!(rec.bad_records, 0);
+        let want = vec![
+            at(2, 1, false, 1),
+            at(1, 0, true, 2),
+            at(4, 2, false, 0),
+            at(5, 3, true, 0),
+        ];
+        assert_eq!(rec.live, want);
+        assert_eq!(rec.order_ghost, vec![(3, true), (5, true), (5, false)]);
+        // Compaction writes the same places and counts, and the ghost.
+        let snap = Snapshot {
+            live: rec.live.clone(),
+            ghost: vec![Key::from(9)],
+            order_ghost: vec![3],
+        };
+        log.compact(&geo(), &snap).unwrap();
+        drop(log);
+        let (_, rec) = open(&p);
+        assert_eq!(
+            (rec.live, rec.ghost, rec.order_ghost),
+            (want, vec![Key::from(9)], vec![(3, true)])
+        );
     }
 }

@@ -56,7 +56,7 @@ class TierOrder:
         self.small_cap = max(1, cap * self.SMALL_PERCENT // 100)
         # The ghost: the last `window` hashes added (window: the slots past the small queue's
         # share), each in the entry of a table of next_power_of_two(2 * window) entries that
-        # the low bits of mix(h) pick, as (fingerprint: mix's high 32 bits, count of adds);
+        # the low bits of mix(h) pick, as (h, count of adds);
         # a later hash landing there replaces it.
         self.window = max(0, cap - self.small_cap) if kind == "s3fifo" else 0
         self.ghost: List[Optional[tuple]] = (
@@ -69,7 +69,7 @@ class TierOrder:
         m = mix(h)
         i = m & (len(self.ghost) - 1)
         e = self.ghost[i]
-        if e is not None and e[0] == m >> 32 and self.adds - e[1] < self.window:
+        if e is not None and e[0] == h and self.adds - e[1] < self.window:
             self.ghost[i] = None
             return True
         return False
@@ -78,7 +78,7 @@ class TierOrder:
         if self.ghost:
             m = mix(h)
             self.adds += 1
-            self.ghost[m & (len(self.ghost) - 1)] = (m >> 32, self.adds)
+            self.ghost[m & (len(self.ghost) - 1)] = (h, self.adds)
 
     def __contains__(self, h: int) -> bool:
         return h in self.small or h in self.main
@@ -1074,6 +1074,47 @@ def test_a_persistent_s3fifo_disk_tier_recovers_its_blocks_into_its_queues(tmp_p
             m.put(list(range(100, 108)), np.concatenate([data_for(h) for h in range(100, 108)]))
             kept[eviction] = [h for h in range(8) if h in m]
     assert kept == {"lru": [], "s3fifo": [0, 1]}
+
+
+@pytest.mark.parametrize("eviction", ["lru", "s3fifo"])
+@pytest.mark.parametrize("end", ["close", "kill"])
+def test_a_persistent_disk_tier_keeps_its_order_across_a_restart(
+        tmp_path: Path, eviction: str, end: str) -> None:
+    """Blocks 0-7 fill a disk tier of 8; 0 and 1 are asked for again, then block 100
+    is put (its index write carries the order's changes; 2 leaves). After a clean close or
+    kill -9, five new blocks push out the five least worth keeping: 3-7 (LRU: 0 and 1
+    were used recently; S3-FIFO: they moved to the main queue). Were the order lost
+    (every block back in write order, no count), 0 and 1 would be the first to go."""
+    path = tmp_path / "store"
+    code = f"""
+        m = open_store({str(path)!r}, disk_blocks=8, disk_eviction={eviction!r})
+        m.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
+        out = np.zeros(BS, np.uint8)
+        for h in (0, 1):
+            assert m.get([h], out) == 1 and out.tobytes() == data_for(h).tobytes()
+        m.put([100], data_for(100))
+        assert 2 not in m and all(h in m for h in (0, 1, 3, 4, 5, 6, 7, 100))
+        if {end!r} == "close":
+            m.close()
+        else:
+            print("ready", flush=True)
+            import time
+            time.sleep(60)
+    """
+    if end == "close":
+        r = run_py(code)
+        assert r.returncode == 0, r.stderr
+    else:
+        p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+                             stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        p.kill()
+        p.wait(timeout=30)
+    with open_store(path, disk_blocks=8, disk_eviction=eviction) as m:
+        m.put(list(range(101, 106)), np.concatenate([data_for(h) for h in range(101, 106)]))
+        kept = sorted(h for h in [*range(8), *range(100, 106)] if h in m)
+        assert kept == [0, 1, 100, 101, 102, 103, 104, 105]
+        assert all(get_one(m, h).tobytes() == data_for(h).tobytes() for h in kept)
 
 
 def test_reuse_admission_spares_the_disk_blocks_nobody_asked_for_twice(tmp_path: Path) -> None:

@@ -56,12 +56,9 @@ impl BlockManager {
         if !st.index.as_ref().is_some_and(IndexLog::dirty) {
             return Ok(());
         }
-        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
+        let snap = st.reg.snapshot();
         let g = self.geometry.expect("persistent store");
-        st.index
-            .as_mut()
-            .expect("checked")
-            .compact(&g, &live, &ghost)?;
+        st.index.as_mut().expect("checked").compact(&g, &snap)?;
         st.stats.index_compactions += 1;
         Ok(())
     }
@@ -141,13 +138,13 @@ impl BlockManager {
             .live_copies()
             .map(|c| (c.host_slot as u64, c.addr))
             .collect();
-        if let Some(ix) = st.index.as_mut() {
+        if st.index.is_some() {
             let dels: Vec<Record> = plan
                 .disk_evicted
                 .iter()
-                .map(|&(h, t)| Record::del(h, t))
+                .map(|&(h, t, ghosted)| Record::evicted(h, t, ghosted))
                 .collect();
-            if let Err(e) = ix.append(&dels) {
+            if let Err(e) = st.log(&dels) {
                 st.reg.roll_back(plan);
                 return Err(e);
             }
@@ -227,18 +224,24 @@ impl BlockManager {
         st.reg.hold(plan, false);
         self.committed.notify_all();
         let r = r.and_then(|()| {
-            // Only blocks still registered in the slots written are recorded.
-            let mut puts = Vec::new();
+            // Only blocks still registered in the slots written are recorded
+            // (PUT records, with the tier's other order changes in the order
+            // they happened).
+            let mut committed = Vec::new();
             for (i, w) in m.writes.iter().enumerate() {
                 let crc = m.crcs[i].load(Ordering::Relaxed);
                 if st.reg.commit_write(w.hash, w.slot as u32, crc) {
-                    puts.push(Record::put(w.hash, w.slot as u32, crc));
+                    committed.push(w.slot as u32);
                 }
             }
+            let Some(ix) = st.index.as_mut() else {
+                return Ok(());
+            };
+            let mut recs = st.reg.order_records(&committed);
             // What admission turned away, so its second sighting is known
             // after a restart.
-            puts.extend(plan.turned_away.iter().map(|&h| Record::ghost(h)));
-            st.index.as_mut().map_or(Ok(()), |ix| ix.append(&puts))
+            recs.extend(plan.turned_away.iter().map(|&h| Record::ghost(h)));
+            ix.append(&recs)
         });
         if let Err(e) = r {
             st.stats.failed_writes += m.writes.len() as u64;
@@ -263,10 +266,10 @@ impl BlockManager {
         if !needs {
             return;
         }
-        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
+        let snap = st.reg.snapshot();
         let g = self.geometry.expect("persistent store");
         if let Some(ix) = st.index.as_mut() {
-            match ix.compact(&g, &live, &ghost) {
+            match ix.compact(&g, &snap) {
                 Ok(()) => st.stats.index_compactions += 1,
                 Err(e) => st.warnings.push(format!(
                     "compacting the index failed (it keeps growing): {e}"

@@ -26,8 +26,13 @@
 //!     `window = slots - small share` others were added after it and no later
 //!     one landed in its entry of a direct-mapped table of
 //!     `next_power_of_two(2 * window)` entries (the entry: the low bits of the
-//!     splitmix64 finaliser of the hash; the high 32 bits are kept as its
-//!     fingerprint); a block that joins the main queue from it is forgotten.
+//!     splitmix64 finaliser of the hash); a block that joins the main queue
+//!     from it is forgotten.
+//!
+//!   A persistent store's disk tier keeps its order across a restart: each
+//!   block's place (queue, position, count) and the S3-FIFO ghost, exactly
+//!   after a clean `close()`, as of the last index write after `kill -9`
+//!   (see `index.rs`).
 //!
 //!   `lru_order` lists a tier's blocks first to leave first: LRU's list, or
 //!   the small queue then the main queue, each oldest first.
@@ -123,7 +128,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::disk::DiskStorage;
 use crate::error::{Error, Result};
 use crate::host::{HostStorage, Region};
-use crate::index::{Geometry, IndexLog, Record};
+use crate::index::{Geometry, IndexLog, Record, Snapshot};
 use crate::process::ForkGuard;
 use crate::remote::{RemoteTier, RemoteWrite};
 
@@ -212,6 +217,20 @@ struct State {
     names: Namespaces,
     /// What each namespace's calls counted (the gauges are the registry's).
     ns_counts: Map<u32, NamespaceStats>,
+}
+
+impl State {
+    /// Append `recs` to a persistent store's index (nothing without one, or
+    /// with no records), then the disk tier's order changes since the last
+    /// append (see [`Registry::order_records`]): they ride along.
+    fn log(&mut self, recs: &[Record]) -> Result<()> {
+        if self.index.is_none() || recs.is_empty() {
+            return Ok(());
+        }
+        let mut all = recs.to_vec();
+        all.extend(self.reg.order_records(&[]));
+        self.index.as_mut().expect("checked").append(&all)
+    }
 }
 
 /// The tiers' state behind one lock; see the module docs for the policy.
@@ -390,7 +409,15 @@ impl BlockManager {
             (st, Ok(0))
         };
         if flush && written.is_ok() && !self.fork.forked() {
-            // After everything the close wrote: the store was closed cleanly.
+            // The disk tier's last order changes (nothing is being written
+            // now, so all of them: the next open finds every block at its
+            // place), then, after everything the close wrote: the store was
+            // closed cleanly. Best effort: a failed append leaves the index
+            // dirty, and a dirty index is not marked closed cleanly.
+            let recs = st.reg.order_records(&[]);
+            if let Some(ix) = st.index.as_mut().filter(|ix| !ix.dirty()) {
+                let _ = ix.append(&recs);
+            }
             if let Some(ix) = st.index.as_mut().filter(|ix| !ix.dirty()) {
                 let _ = ix.mark(true);
             }
@@ -723,9 +750,7 @@ impl BlockManager {
             .into_iter()
             .map(|(h, t)| Record::del(h, t))
             .collect();
-        if let Some(ix) = st.index.as_mut() {
-            ix.append(&dels)?;
-        }
+        st.log(&dels)?;
         Ok(st.reg.forget(hashes))
     }
 
@@ -734,7 +759,7 @@ impl BlockManager {
     pub fn clear(&self) -> Result<()> {
         let mut st = self.open_state()?;
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
-            ix.compact(&g, &[], &[])?;
+            ix.compact(&g, &Snapshot::default())?;
         }
         st.reg.reset();
         Ok(())
@@ -756,9 +781,9 @@ impl BlockManager {
     /// Compact the index now (it is also compacted automatically).
     pub fn compact_index(&self) -> Result<()> {
         let mut st = self.open_state()?;
-        let (live, ghost) = (st.reg.live_disk(), st.reg.ghost_hashes());
+        let snap = st.reg.snapshot();
         if let (Some(ix), Some(g)) = (st.index.as_mut(), self.geometry) {
-            ix.compact(&g, &live, &ghost)?;
+            ix.compact(&g, &snap)?;
             st.stats.index_compactions += 1;
         }
         Ok(())

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
-use crate::index::Live;
+use crate::index::{Live, Record, Snapshot};
 pub(crate) use crate::keys::{Key, Keys};
 use crate::settings::{DiskAdmission, Eviction};
 
@@ -242,6 +242,79 @@ struct Order {
     ghost: Recent,
     /// S3-FIFO: the small queue's share of the slots.
     small_cap: usize,
+    /// A persistent disk tier's changes not yet in the index.
+    journal: Option<Journal>,
+}
+
+/// The changes of a persistent tier's order not yet written to its index,
+/// in the order they happened: each slot's stamp (0: unchanged; 1: a new
+/// count only; from 2 on: joined or moved to the back of its queue, later
+/// changes with larger stamps), whether its block joined the tier and has
+/// no `PUT` record yet (`fresh`), and the slots with a stamp (bounded:
+/// pruned past twice the slots). See [`Registry::order_records`].
+struct Journal {
+    stamp: Vec<u64>,
+    fresh: Vec<bool>,
+    dirty: Vec<u32>,
+    clock: u64,
+}
+
+impl Journal {
+    fn new(n: usize) -> Self {
+        Journal {
+            stamp: vec![0; n],
+            fresh: vec![false; n],
+            dirty: Vec::new(),
+            clock: 1,
+        }
+    }
+    /// Slot `s` got a new count, and `moved` to the back of its queue.
+    fn note(&mut self, s: u32, moved: bool) {
+        let st = &mut self.stamp[s as usize];
+        let new = *st == 0;
+        if moved {
+            self.clock += 1;
+            *st = self.clock;
+        } else if new {
+            *st = 1;
+        }
+        if new {
+            self.dirty.push(s);
+            if self.dirty.len() > 2 * self.stamp.len() + 64 {
+                let stamp = &self.stamp;
+                self.dirty.sort_unstable();
+                self.dirty.dedup();
+                self.dirty.retain(|&s| stamp[s as usize] != 0);
+            }
+        }
+    }
+    /// A block joined the tier in slot `s`.
+    fn joined(&mut self, s: u32) {
+        self.note(s, true);
+        self.fresh[s as usize] = true;
+    }
+    /// Slot `s`'s block left the tier (its `DEL` says so).
+    fn forget(&mut self, s: u32) {
+        self.stamp[s as usize] = 0;
+        self.fresh[s as usize] = false;
+    }
+    /// Every changed slot with its stamp, oldest change first; forgets them.
+    fn take(&mut self) -> Vec<(u64, u32)> {
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for s in std::mem::take(&mut self.dirty) {
+            let st = std::mem::take(&mut self.stamp[s as usize]);
+            if st != 0 {
+                out.push((st, s));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+    /// Keep slot `s`'s change (stamp `st`) for a later take.
+    fn keep(&mut self, st: u64, s: u32) {
+        self.stamp[s as usize] = st;
+        self.dirty.push(s);
+    }
 }
 
 impl Order {
@@ -254,10 +327,14 @@ impl Order {
             freq: if s3 { vec![0; n] } else { Vec::new() },
             ghost: Recent::new(if s3 { n.saturating_sub(small_cap) } else { 0 }),
             small_cap,
+            journal: None,
         }
     }
     /// Slot `s` now holds `h`, the newest block.
     fn insert(&mut self, s: u32, h: Key) {
+        if let Some(j) = self.journal.as_mut() {
+            j.joined(s);
+        }
         match self.kind {
             Eviction::Lru => self.lists.push_back(SMALL, s),
             Eviction::S3Fifo => {
@@ -271,6 +348,26 @@ impl Order {
             }
         }
     }
+    /// Slot `s` holds a recovered block: at the back of S3-FIFO's main
+    /// queue (`main`) or of the small queue / LRU's list, with `count`.
+    fn place(&mut self, s: u32, main: bool, count: u8) {
+        let s3 = self.kind == Eviction::S3Fifo;
+        self.lists
+            .push_back(if main && s3 { MAIN } else { SMALL }, s);
+        if s3 {
+            self.freq[s as usize] = count.min(MAX_FREQ);
+        }
+    }
+    /// Where slot `s` is: in S3-FIFO's main queue, and its count.
+    fn place_of(&self, s: u32) -> (bool, u8) {
+        match self.kind {
+            Eviction::Lru => (false, 0),
+            Eviction::S3Fifo => (
+                self.lists.list[s as usize] as usize == MAIN,
+                self.freq[s as usize],
+            ),
+        }
+    }
     /// The block in `s` was asked for.
     fn touch(&mut self, s: u32) {
         match self.kind {
@@ -280,9 +377,15 @@ impl Order {
                 *f = (*f + 1).min(MAX_FREQ);
             }
         }
+        if let Some(j) = self.journal.as_mut() {
+            j.note(s, self.kind == Eviction::Lru);
+        }
     }
     fn remove(&mut self, s: u32) {
         self.lists.remove(s);
+        if let Some(j) = self.journal.as_mut() {
+            j.forget(s);
+        }
     }
     /// Slots in the order (holding a block).
     fn len(&self) -> usize {
@@ -327,6 +430,9 @@ impl Order {
             }
             self.lists.remove(s);
             self.lists.push_back(MAIN, s);
+            if let Some(j) = self.journal.as_mut() {
+                j.note(s, true);
+            }
         }
     }
 }
@@ -416,11 +522,13 @@ impl SlotTable {
             self.free.push(s);
         }
     }
-    /// Fill from recovered entries (oldest first), marking their slots used.
+    /// Fill from recovered entries (first to leave first), each at its
+    /// place in the order, marking their slots used.
     fn load(&mut self, live: &[Live]) {
         let mut used = vec![false; self.cap()];
         for l in live {
-            self.occupy(l.slot, l.key);
+            self.take_slot(l.slot, l.key);
+            self.order.place(l.slot, l.main, l.count);
             self.crc[l.slot as usize] = l.crc;
             used[l.slot as usize] = true;
         }
@@ -430,12 +538,27 @@ impl SlotTable {
             .collect();
     }
     fn occupy(&mut self, s: u32, h: Key) {
+        self.take_slot(s, h);
+        self.order.insert(s, h);
+    }
+    /// Slot `s` holds `h` (its place in the order is the caller's).
+    fn take_slot(&mut self, s: u32, h: Key) {
         if h.ns != 0 {
             self.by_ns.push_back(h.ns, s);
         }
         self.hash_of[s as usize] = h;
         self.asked[s as usize] = false;
-        self.order.insert(s, h);
+    }
+    /// The block in slot `s` with its place in the order.
+    fn live(&self, s: u32) -> Live {
+        let (main, count) = self.order.place_of(s);
+        Live {
+            key: self.hash_of[s as usize],
+            slot: s,
+            crc: self.crc[s as usize],
+            main,
+            count,
+        }
     }
     fn release(&mut self, s: u32) {
         let ns = self.hash_of[s as usize].ns;
@@ -482,6 +605,9 @@ impl SlotTable {
                 return Some(s);
             }
             self.order.freq[s as usize] -= 1;
+            if let Some(j) = self.order.journal.as_mut() {
+                j.note(s, false);
+            }
             self.by_ns.move_back(ns, s);
         }
     }
@@ -489,7 +615,11 @@ impl SlotTable {
     /// last unpin.
     fn reset(&mut self) {
         let pins = std::mem::take(&mut self.pins);
+        let journaled = self.order.journal.is_some();
         *self = SlotTable::new(self.cap() as u32, self.order.kind);
+        if journaled {
+            self.order.journal = Some(Journal::new(self.cap()));
+        }
         for (s, &p) in pins.iter().enumerate() {
             if p > 0 {
                 self.doomed[s] = true;
@@ -508,59 +638,71 @@ impl SlotTable {
 
 /// The last `window` hashes added, as far as a direct-mapped table of twice
 /// as many entries (rounded up to a power of two) keeps them: S3-FIFO's
-/// ghost. A hash lands in the entry the low bits of its [`mix`] pick, as a
-/// 32-bit fingerprint (the high bits) and the 32-bit count of adds at that
-/// moment, replacing what was there; it is remembered while the entry still
-/// holds it and fewer than `window` adds came after it. Adding and taking
-/// are one memory access each, where a map with a FIFO queue costs a few
-/// hash-table operations, which S3-FIFO would pay at every eviction. A hash
-/// may be lost early to a later one landing in its entry, or (one chance in
-/// 2^32) taken for another: either only changes which queue a new block
-/// joins.
+/// ghost. A hash lands in the entry the low bits of its [`mix`] pick, with
+/// the count of adds at that moment, replacing what was there; it is
+/// remembered while the entry still holds it and fewer than `window` adds
+/// came after it. Adding and taking are one memory access each, where a map
+/// with a FIFO queue costs a few hash-table operations, which S3-FIFO would
+/// pay at every eviction. A hash may be lost early to a later one landing
+/// in its entry: that only changes which queue a new block joins.
 struct Recent {
-    /// `fingerprint << 32 | add count`; 0: empty.
-    table: Vec<u64>,
-    adds: u32,
-    window: u32,
+    /// (hash, add count); count 0: empty.
+    table: Vec<(u64, u64)>,
+    adds: u64,
+    window: u64,
 }
 
 impl Recent {
     fn new(window: usize) -> Self {
-        let window = window.min(u32::MAX as usize / 2) as u32;
         Recent {
             table: if window == 0 {
                 Vec::new()
             } else {
-                vec![0; (2 * window as usize).next_power_of_two()]
+                vec![(0, 0); (2 * window).next_power_of_two()]
             },
             adds: 0,
-            window,
+            window: window as u64,
         }
     }
-    /// `h`'s entry and its fingerprint; None without a table.
-    fn slot(&self, h: u64) -> Option<(usize, u64)> {
+    /// `h`'s entry; None without a table.
+    fn slot(&self, h: u64) -> Option<usize> {
         let mask = self.table.len().checked_sub(1)?;
-        let m = mix(h);
-        Some((m as usize & mask, m >> 32))
+        Some(mix(h) as usize & mask)
     }
     fn add(&mut self, h: u64) {
-        if let Some((i, fp)) = self.slot(h) {
-            self.adds = self.adds.wrapping_add(1);
-            self.table[i] = fp << 32 | self.adds as u64;
+        if let Some(i) = self.slot(h) {
+            self.adds += 1;
+            self.table[i] = (h, self.adds);
         }
+    }
+    fn holds(&self, e: (u64, u64), h: u64) -> bool {
+        e.1 != 0 && e.0 == h && self.adds - e.1 < self.window
+    }
+    /// Whether `h` is remembered.
+    fn contains(&self, h: u64) -> bool {
+        self.slot(h).is_some_and(|i| self.holds(self.table[i], h))
     }
     /// Whether `h` is remembered; forgets it.
     fn take(&mut self, h: u64) -> bool {
-        let Some((i, fp)) = self.slot(h) else {
+        let Some(i) = self.slot(h) else {
             return false;
         };
-        let e = self.table[i];
-        let age = self.adds.wrapping_sub(e as u32);
-        if e != 0 && e >> 32 == fp && age < self.window {
-            self.table[i] = 0;
+        if self.holds(self.table[i], h) {
+            self.table[i] = (0, 0);
             return true;
         }
         false
+    }
+    /// The remembered hashes, oldest first.
+    fn hashes(&self) -> Vec<u64> {
+        let mut kept: Vec<(u64, u64)> = self
+            .table
+            .iter()
+            .copied()
+            .filter(|&e| self.holds(e, e.0))
+            .collect();
+        kept.sort_unstable_by_key(|e| e.1);
+        kept.into_iter().map(|e| e.0).collect()
     }
 }
 
@@ -753,9 +895,10 @@ pub(super) struct HostCopy {
 /// What a batch's decisions need done, made by the verbs, run by the executor.
 #[derive(Default)]
 pub(super) struct Plan {
-    /// Disk slots taken from their owners in this batch (hash, slot): their
-    /// DEL records go to the index before any slot is overwritten.
-    pub(super) disk_evicted: Vec<(Key, u32)>,
+    /// Disk slots taken from their owners in this batch (hash, slot, into
+    /// the tier's S3-FIFO ghost): their DEL records go to the index before
+    /// any slot is overwritten.
+    pub(super) disk_evicted: Vec<(Key, u32, bool)>,
     pub(super) writes: Vec<DiskWrite>,
     write_by_disk: Map<u32, usize>,
     pub(super) copies: Vec<HostCopy>,
@@ -892,13 +1035,24 @@ impl Registry {
         self.note(TierEvent::Removed { host, hash: h });
     }
 
-    /// Register the blocks a persistent store's index names (oldest first)
-    /// in the disk tier, replacing what it held.
-    pub(super) fn recover(&mut self, live: &[Live]) {
+    /// Register the blocks a persistent store's index names (first to leave
+    /// first, each at its place) in the disk tier, replacing what it held,
+    /// with the tier's S3-FIFO ghost (`order_ghost`: its adds and takes in
+    /// order, see [`crate::index::Recovered`]); from now
+    /// on the tier's order changes are kept for [`Self::order_records`].
+    pub(super) fn recover(&mut self, live: &[Live], order_ghost: &[(u64, bool)]) {
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
         disk.load(live);
+        for &(h, add) in order_ghost {
+            if add {
+                disk.order.ghost.add(h);
+            } else {
+                disk.order.ghost.take(h);
+            }
+        }
+        disk.order.journal = Some(Journal::new(disk.cap()));
         for l in live {
             self.note(TierEvent::Stored {
                 host: false,
@@ -922,9 +1076,62 @@ impl Registry {
         }
     }
 
-    /// What disk admission remembers having turned away, oldest first.
-    pub(super) fn ghost_hashes(&self) -> Vec<Key> {
-        self.ghost.hashes()
+    /// What a compaction of a persistent store's index writes: the disk
+    /// tier's blocks in its order, with their places, and both ghosts.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            live: self.live_disk(),
+            ghost: self.ghost.hashes(),
+            order_ghost: self
+                .disk
+                .as_ref()
+                .map_or_else(Vec::new, |t| t.order.ghost.hashes()),
+        }
+    }
+
+    /// The index records of the disk tier's changes since the last call, in
+    /// the order they happened (see `index.rs`), given the slots whose
+    /// writes `committed` just now: a block that joined the tier gets its
+    /// `PUT` (with its place) once its write is committed, a block that
+    /// moved or got a new count an `ORDER`. The changes stop at the first
+    /// block whose write is not committed yet (its `PUT` cannot be written
+    /// before its bytes): they are kept for a later call, except that every
+    /// committed block's `PUT` is written now (its place is then fixed by
+    /// an `ORDER` later). Without the journal (not a persistent store's
+    /// registry): the committed blocks' `PUT`s only.
+    pub(super) fn order_records(&mut self, committed: &[u32]) -> Vec<Record> {
+        let Some(t) = self.disk.as_mut() else {
+            return Vec::new();
+        };
+        let Some(mut j) = t.order.journal.take() else {
+            return committed
+                .iter()
+                .map(|&s| Record::placed(&t.live(s)))
+                .collect();
+        };
+        let now: std::collections::HashSet<u32> = committed.iter().copied().collect();
+        let changes = j.take();
+        let mut out = Vec::with_capacity(changes.len() + committed.len());
+        let mut rest = changes.len();
+        for (i, &(st, s)) in changes.iter().enumerate() {
+            if j.fresh[s as usize] && !now.contains(&s) {
+                rest = i;
+                break;
+            }
+            out.push(if std::mem::take(&mut j.fresh[s as usize]) {
+                Record::placed(&t.live(s))
+            } else {
+                Record::order(&t.live(s), st >= 2)
+            });
+        }
+        for &(st, s) in &changes[rest..] {
+            if now.contains(&s) && std::mem::take(&mut j.fresh[s as usize]) {
+                out.push(Record::placed(&t.live(s)));
+            }
+            j.keep(st, s);
+        }
+        t.order.journal = Some(j);
+        out
     }
 
     /// How many hashes disk admission remembers having turned away.
@@ -1275,9 +1482,12 @@ impl Registry {
 
     /// The disk tier's victim loses its disk copy (dropped if it was its last).
     fn evict_disk(&mut self, t: u32, plan: &mut Plan) {
-        let wh = self.table(TierKind::Disk).hash_of[t as usize];
+        let d = self.table(TierKind::Disk);
+        let wh = d.hash_of[t as usize];
+        // Its victim search may just have remembered it in the ghost.
+        let ghosted = d.order.ghost.contains(wh.fold());
         self.counts.disk_evictions += 1;
-        plan.disk_evicted.push((wh, t));
+        plan.disk_evicted.push((wh, t, ghosted));
         if let Some(wi) = plan.write_by_disk.remove(&t) {
             plan.writes[wi].live = false;
         }
@@ -1587,11 +1797,7 @@ impl Registry {
         t.order
             .iter()
             .filter(|&s| !t.filling[s as usize])
-            .map(|s| Live {
-                key: t.hash_of[s as usize],
-                slot: s,
-                crc: t.crc[s as usize],
-            })
+            .map(|s| t.live(s))
             .collect()
     }
 }
@@ -1728,7 +1934,7 @@ mod tests {
             (c.host_evictions, c.disk_evictions, c.dropped_blocks),
             (2, 1, 1)
         );
-        assert_eq!(plan.disk_evicted, vec![(Key::from(1), 0)]);
+        assert_eq!(plan.disk_evicted, vec![(Key::from(1), 0, false)]);
         // 1's write was taken back by 2's in the same plan.
         assert_eq!(
             plan.live_writes().map(|w| w.hash.hash).collect::<Vec<_>>(),
@@ -1772,16 +1978,14 @@ mod tests {
         for h in 0..1000 {
             r.add(h);
         }
-        // At most the last 5, at least the very last; each taken once.
-        let kept: Vec<u64> = (0..1000).filter(|&h| r.take(h)).collect();
-        assert!(kept.contains(&999) && kept.len() <= 5 && kept.iter().all(|&h| h >= 995));
-        assert!((0..1000).all(|h| !r.take(h)));
-        // The count of adds wraps around without forgetting the latest.
-        r.adds = u32::MAX - 1;
-        for h in 5000..5004 {
-            r.add(h);
-        }
-        assert!(r.take(5003));
+        // At most the last 5, at least the very last, listed oldest first;
+        // each taken once.
+        let listed = r.hashes();
+        assert!(listed.windows(2).all(|w| w[0] < w[1]) && listed.last() == Some(&999));
+        let kept: Vec<u64> = (0..1000).filter(|&h| r.contains(h) && r.take(h)).collect();
+        assert_eq!(kept, listed);
+        assert!(kept.len() <= 5 && kept.iter().all(|&h| h >= 995));
+        assert!((0..1000).all(|h| !r.take(h)) && r.hashes().is_empty());
         let mut none = Recent::new(0);
         none.add(1);
         assert!(!none.take(1));
@@ -1997,5 +2201,117 @@ mod tests {
         assert!(reg.admit(Key::from(3), 0, false, &mut plan));
         assert_eq!(reg.lru_u64().0, vec![0, 2, 3]);
         check(&reg);
+    }
+
+    /// A plan run as the executor runs it against a persistent store's
+    /// index: its DELs (with their ghost flags) and the order's changes so
+    /// far, then its writes committed and their records.
+    fn run_logged(reg: &mut Registry, plan: &Plan, log: &mut crate::index::IndexLog) {
+        let mut recs: Vec<Record> = plan
+            .disk_evicted
+            .iter()
+            .map(|&(h, t, g)| Record::evicted(h, t, g))
+            .collect();
+        if !recs.is_empty() {
+            recs.extend(reg.order_records(&[]));
+            log.append(&recs).unwrap();
+        }
+        reg.hold(plan, true);
+        reg.hold(plan, false);
+        let committed: Vec<u32> = plan
+            .live_writes()
+            .filter(|w| reg.map.get(&w.hash).is_some_and(|e| e.disk == w.disk_slot))
+            .map(|w| w.disk_slot)
+            .collect();
+        for &s in &committed {
+            let h = reg.disk.as_ref().unwrap().hash_of[s as usize];
+            assert!(reg.commit_write(h, s, s ^ 0x5a5a));
+        }
+        let mut recs = reg.order_records(&committed);
+        recs.extend(plan.turned_away.iter().map(|&h| Record::ghost(h)));
+        log.append(&recs).unwrap();
+    }
+
+    #[derive(Debug, Clone)]
+    enum LoggedOp {
+        Put(Vec<u64>),
+        Get(u64),
+        Remove(u64),
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// A persistent store's disk tier reopened from its index has every
+        /// block at its place (queue, position, count) as it was: from the
+        /// log of its changes, and from a compaction (with the S3-FIFO
+        /// ghost too).
+        #[test]
+        fn the_index_keeps_the_disk_tiers_order(
+            host in 0u32..4, disk in 1u32..7, s3 in (prop::bool::ANY, prop::bool::ANY),
+            ops in proptest::collection::vec(prop_oneof![
+                proptest::collection::vec(0u64..24, 1..4).prop_map(LoggedOp::Put),
+                (0u64..24).prop_map(LoggedOp::Get),
+                (0u64..24).prop_map(LoggedOp::Remove),
+            ], 1..50)) {
+            use crate::index::{Geometry, IndexLog};
+            let kind = |on: bool| if on { Eviction::S3Fifo } else { Eviction::Lru };
+            let rules = Rules { host_eviction: kind(s3.0), disk_eviction: kind(s3.1), ..Rules::default() };
+            let g = Geometry { block_size: 4096, num_blocks: disk as u64, layout: 0, checksums: true, store_id: [3; 16] };
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("kv.index");
+            let (mut log, _) = IndexLog::open(&path, &g, false, true).unwrap();
+            let mut reg = Registry::new(host, disk, rules);
+            reg.recover(&[], &[]);
+            for o in ops {
+                let mut plan = Plan::default();
+                match o {
+                    LoggedOp::Put(hs) => {
+                        for h in hs {
+                            if !reg.touch(Key::from(h)) {
+                                reg.admit(Key::from(h), 0, false, &mut plan);
+                            }
+                        }
+                    }
+                    LoggedOp::Get(h) => {
+                        let was_disk_only = reg.readable(Key::from(h)).is_some_and(|a| a.kind == TierKind::Disk);
+                        reg.touch(Key::from(h));
+                        if was_disk_only {
+                            reg.promote(Key::from(h), 0, &mut plan);
+                        }
+                    }
+                    LoggedOp::Remove(h) => {
+                        let dels: Vec<Record> = reg
+                            .disk_copies_of(Keys::shared(&[h]))
+                            .into_iter()
+                            .map(|(h, t)| Record::del(h, t))
+                            .collect();
+                        if !dels.is_empty() {
+                            let mut recs = dels;
+                            recs.extend(reg.order_records(&[]));
+                            log.append(&recs).unwrap();
+                        }
+                        reg.forget(Keys::shared(&[h]));
+                    }
+                }
+                run_logged(&mut reg, &plan, &mut log);
+            }
+            // What a close appends when it cannot compact.
+            log.append(&reg.order_records(&[])).unwrap();
+            drop(log);
+            let (mut log, rec) = IndexLog::open(&path, &g, false, false).unwrap();
+            prop_assert_eq!(rec.bad_records, 0);
+            let mut again = Registry::new(host, disk, rules);
+            again.recover(&rec.live, &rec.order_ghost);
+            let (a, b) = (again.snapshot(), reg.snapshot());
+            prop_assert_eq!((a.live, a.order_ghost), (b.live, b.order_ghost));
+            // A compaction keeps the S3-FIFO ghost exactly as well.
+            log.compact(&g, &reg.snapshot()).unwrap();
+            drop(log);
+            let (_, rec) = IndexLog::open(&path, &g, false, false).unwrap();
+            let mut again = Registry::new(host, disk, rules);
+            again.recover(&rec.live, &rec.order_ghost);
+            let (a, b) = (again.snapshot(), reg.snapshot());
+            prop_assert_eq!((a.live, a.order_ghost), (b.live, b.order_ghost));
+        }
     }
 }

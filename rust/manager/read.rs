@@ -536,12 +536,10 @@ impl BlockManager {
                 }
             }
         }
-        if let Some(ix) = st.index.as_mut() {
-            if let Err(e) = ix.append(&dels) {
-                st.warnings.push(format!(
-                    "recording dropped corrupt blocks in the index failed: {e}"
-                ));
-            }
+        if let Err(e) = st.log(&dels) {
+            st.warnings.push(format!(
+                "recording dropped corrupt blocks in the index failed: {e}"
+            ));
         }
         undone
     }

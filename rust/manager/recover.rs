@@ -46,7 +46,7 @@ pub(super) fn recover(
         store_id,
     };
     let (mut index, rec) = IndexLog::open(path, &geometry, opts.sync, d.created())?;
-    reg.recover(&rec.live);
+    reg.recover(&rec.live, &rec.order_ghost);
     reg.recover_ghost(&rec.ghost);
     let mut warnings = Vec::new();
     // Best effort: a failed append marks the log for a rewrite before the

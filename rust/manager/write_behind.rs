@@ -210,10 +210,8 @@ impl BlockManager {
         // Best effort: a failed append is cut back and marks the index for
         // the rewrite below (which writes the ghost from memory).
         let turned = st.reg.turn_away_host_only();
-        if let Some(ix) = st.index.as_mut() {
-            let recs: Vec<Record> = turned.iter().map(|&h| Record::ghost(h)).collect();
-            let _ = ix.append(&recs);
-        }
+        let recs: Vec<Record> = turned.iter().map(|&h| Record::ghost(h)).collect();
+        let _ = st.log(&recs);
         // Host LRU order, least recent first; keep the most recent `cap`.
         let host_only = st.reg.host_only();
         let keep = &host_only[host_only.len().saturating_sub(st.reg.disk_cap())..];
