@@ -179,6 +179,38 @@ def test_keys_carry_prefix_layout_and_block_size(redis: Server) -> None:
         assert c.match([7]) == 0
 
 
+def test_namespaces_reach_the_remote_tier_under_keys_of_their_own(redis: Server) -> None:
+    """Blocks of the same hashes in the shared namespace and in "t1", and one in "t2" (sent
+    with remote_write="sync"): each namespace's blocks come back in another manager with
+    empty local tiers, under its own name only; the server's keys never show the names."""
+    url = f"redis://127.0.0.1:{redis.port}"
+    with manager(url) as a:
+        assert a.put([1, 2], blocks([1, 2])) == 2
+        assert a.put([1, 2], blocks([101, 102]), namespace="t1") == 2
+        a.flush()
+    with manager(url, remote_write="sync") as a:
+        assert a.put([3], blocks([103]), namespace="t2") == 1
+    keys = sorted(redis.cli("KEYS", "dynblock:*").split())
+    assert len(keys) == 5 and not any("t1" in k or "t2" in k for k in keys), keys
+    named = [k for k in keys if ":n" in k]
+    assert len(named) == 3 and f"dynblock:{0:016x}:{BS}:{1:016x}" in keys
+    with manager(url, host_blocks=16) as b:
+        assert b.match([1, 2], namespace="t1") == 2 and b.match([3], namespace="t1") == 0
+        assert b.match([3], namespace="t2") == 1 and b.match([1], namespace="t2") == 0
+        assert b.match([1, 2], namespace="t3") == 0
+        out = np.zeros(2 * BS, np.uint8)
+        assert b.get([1, 2], out, namespace="t1") == 2 and np.array_equal(out, blocks([101, 102]))
+        assert b.contains(1, namespace="t1") and 1 not in b  # kept locally, in "t1" only
+        assert b.get([1, 2], out) == 2 and np.array_equal(out, blocks([1, 2]))
+        with b.lookup([3], namespace="t2") as lease:
+            assert lease.count == 1
+            assert b.get(lease, out[:BS]) == 1 and np.array_equal(out[:BS], blocks([103]))
+        assert b.stats(namespace="t2")["host_blocks_used"] == 1
+    # Another secret, other tags: another deployment's namespaces are not this one's.
+    with manager(url, host_blocks=16, remote_secret="other") as c:
+        assert c.match([1, 2], namespace="t1") == 0
+
+
 def test_a_corrupt_value_is_detected_counted_deleted_never_served(redis: Server,
                                                                   caplog) -> None:
     url = f"redis://127.0.0.1:{redis.port}"

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::{BlockManager, Key, Keys};
 use crate::error::{Error, Result};
 use crate::host::Region;
-use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite};
+use crate::remote::{Deadline, LocalSource, RemoteTier, RemoteWrite, Space};
 
 impl BlockManager {
     /// Put a remote tier below the local ones (once): gets and lookups
@@ -44,6 +44,18 @@ impl BlockManager {
         self.remote.get().map(|(r, _)| r)
     }
 
+    /// The remote tier and the keys namespace `ns` has there: None without
+    /// a remote tier, or for a namespace with no name here (blocks whose
+    /// table lost their names stay local).
+    pub(super) fn remote_space(&self, ns: u32) -> Option<(&Arc<RemoteTier>, Space)> {
+        let r = self.remote()?;
+        if ns == 0 {
+            return Some((r, Space::SHARED));
+        }
+        let name = self.namespace_name(ns)?;
+        Some((r, r.space(Some(&name))))
+    }
+
     /// Send the blocks `hashes[i]` for `i` in `new` (new to the local
     /// tiers) to the remote tier: now with `remote_write="sync"`, else
     /// queued for its writer (which reads them back from the local tiers).
@@ -51,24 +63,25 @@ impl BlockManager {
     /// # Safety
     /// Every `addrs[i]` is valid for reads of block_size bytes for the call.
     pub(super) unsafe fn send_remote(&self, hashes: Keys<'_>, addrs: &[usize], new: &[usize]) {
-        let Some((r, w)) = self.remote.get() else {
+        let Some(&(_, w)) = self.remote.get() else {
             return;
         };
-        // The remote tier holds the shared namespace only (its keys carry no
-        // namespace): a namespaced block stays local.
-        if hashes.ns() != 0 {
+        if w == RemoteWrite::Off {
             return;
         }
+        let Some((r, space)) = self.remote_space(hashes.ns()) else {
+            return;
+        };
         let hs: Vec<u64> = new.iter().map(|&i| hashes.hashes()[i]).collect();
         match w {
             RemoteWrite::Off => {}
             RemoteWrite::Sync => {
                 let src: Vec<usize> = new.iter().map(|&i| addrs[i]).collect();
                 // SAFETY: forwarded from the caller.
-                unsafe { r.store(&hs, &src, r.deadline()) };
+                unsafe { r.store(&space, &hs, &src, r.deadline()) };
             }
             RemoteWrite::Async => {
-                r.enqueue(&hs);
+                r.enqueue(&space, hashes.ns(), &hs);
             }
         }
     }
@@ -87,15 +100,14 @@ impl BlockManager {
         region: Option<&Region>,
         d: Deadline,
     ) -> usize {
-        let Some((r, _)) = self.remote.get() else {
-            return 0;
-        };
-        // The remote tier holds the shared namespace only.
-        if hashes.is_empty() || hashes.ns() != 0 {
+        if hashes.is_empty() {
             return 0;
         }
+        let Some((r, space)) = self.remote_space(hashes.ns()) else {
+            return 0;
+        };
         // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(hashes.hashes(), addrs, d) };
+        let k = unsafe { r.fetch(&space, hashes.hashes(), addrs, d) };
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
             if let Err(e) = unsafe { self.put_addrs(hashes.sub(..k), &addrs[..k], region, false) } {
@@ -109,11 +121,10 @@ impl BlockManager {
 }
 
 impl LocalSource for BlockManager {
-    fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
+    fn with_local(&self, h: Key, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
         let (Ok(region), Ok(mut st)) = (self.region(), self.open_state()) else {
             return false;
         };
-        let h = Key::shared(h);
         let at = st.reg.readable(h);
         if let (Some(region), Some(at)) = (
             region.as_deref(),
@@ -139,7 +150,7 @@ impl LocalSource for BlockManager {
         let r = unsafe {
             self.read_prefix(
                 st,
-                Keys::new(std::slice::from_ref(&h.hash), 0),
+                Keys::new(std::slice::from_ref(&h.hash), h.ns),
                 &addr,
                 region.as_deref(),
             )

@@ -40,10 +40,9 @@ impl BlockManager {
         st.leases.insert(id, pins);
         st.stats.leases += 1;
         drop(st);
-        let Some((remote, _)) = self
-            .remote
-            .get()
-            .filter(|_| n < hashes.len() && hashes.ns() == 0)
+        let Some(remote) = self
+            .remote()
+            .filter(|_| n < hashes.len() && self.remote_space(hashes.ns()).is_some())
         else {
             return Ok((id, n));
         };

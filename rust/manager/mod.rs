@@ -6,7 +6,8 @@
 //! - A block is a [`Key`]: its hash within a namespace (0, the shared one,
 //!   unless a call names another; see `namespaces.rs`). Keys of different
 //!   namespaces are different blocks, whatever their hashes; everything
-//!   below holds for keys. The remote tier holds the shared namespace only.
+//!   below holds for keys. The remote tier holds every namespace, each
+//!   under keys of its own (see `remote/codec.rs`).
 //! - A block lives in the host tier, the disk tier, or both (identical bytes:
 //!   a block's content never changes for its key).
 //! - **Eviction order**, per tier (`host_eviction`, `disk_eviction`):
@@ -611,12 +612,12 @@ impl BlockManager {
     pub fn match_prefix(&self, hashes: Keys<'_>) -> Result<usize> {
         let _timer = self.latency.lookup.time();
         let n = self.open_state()?.reg.prefix(hashes);
-        Ok(match self.remote.get() {
-            // The remote tier holds the shared namespace only.
-            Some((r, _)) if n < hashes.len() && hashes.ns() == 0 => {
-                n + r.count_prefix(&hashes.hashes()[n..], r.deadline())
-            }
-            _ => n,
+        if n == hashes.len() {
+            return Ok(n);
+        }
+        Ok(match self.remote_space(hashes.ns()) {
+            Some((r, space)) => n + r.count_prefix(&space, &hashes.hashes()[n..], r.deadline()),
+            None => n,
         })
     }
 
@@ -638,13 +639,16 @@ impl BlockManager {
 
     /// The id of namespace `name` (None: the shared one, 0). A name the
     /// store does not know is given an id (and a persistent store writes its
-    /// table down) with `create`, as a put does; without it, it is
-    /// [`UNKNOWN_NAMESPACE`], in which every query misses.
+    /// table down) with `create`, as a put does, or when a remote tier is
+    /// attached (the remote tier may hold the namespace's blocks, and what a
+    /// query fetches from it is kept in the local tiers under that id);
+    /// otherwise it is [`UNKNOWN_NAMESPACE`], in which every query misses.
     pub fn namespace_id(&self, name: Option<&str>, create: bool) -> Result<u32> {
         let Some(n) = name else {
             return Ok(0); // the shared namespace: no lock to take
         };
         check_name(n)?;
+        let create = create || self.remote.get().is_some();
         let mut st = self.open_state()?;
         if create {
             st.names.id(name)

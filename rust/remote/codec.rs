@@ -1,6 +1,9 @@
-//! Keys and values: `prefix:layout:block_size:hash` keys; a value is a
+//! Keys and values: `prefix:layout:block_size:hash` keys (a named
+//! namespace's: `prefix:layout:block_size:n<tag>:hash`); a value is a
 //! header (magic, version, block size, hash, layout, and a CRC32C or a MAC)
 //! then the block.
+
+use std::sync::Arc;
 
 use super::RemoteTier;
 use crate::checksum::{block_crc, block_crc_start};
@@ -25,12 +28,38 @@ pub(super) enum Bad {
     Oversized,
 }
 
+/// Whose keys a call names in the remote store: the shared namespace's, or
+/// a named namespace's, whose keys carry a tag derived from its name
+/// ([`RemoteTier::space`]): the same name gives the same keys in every
+/// process that names the same server, prefix and layout (and secret),
+/// and the name itself never reaches the server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Space(Option<Arc<str>>);
+
+impl Space {
+    /// The shared namespace's keys.
+    pub const SHARED: Space = Space(None);
+}
+
 impl RemoteTier {
-    pub(super) fn key(&self, h: u64) -> String {
-        format!(
-            "{}:{:016x}:{}:{h:016x}",
-            self.opts.prefix, self.opts.layout, self.opts.block_size
-        )
+    /// The keys of namespace `name` (None: the shared one). A named one's
+    /// tag is 128 bits of BLAKE3 keyed by a key derived from the
+    /// `remote_secret` (or from nothing without one) over the name: a
+    /// server's keys do not say which names they belong to.
+    pub fn space(&self, name: Option<&str>) -> Space {
+        Space(name.map(|n| {
+            let d = blake3::keyed_hash(&self.tag_key, n.as_bytes());
+            let tag: [u8; 16] = d.as_bytes()[..16].try_into().expect("16 bytes");
+            Arc::from(crate::files::id_hex(&tag).as_str())
+        }))
+    }
+
+    pub(super) fn key(&self, space: &Space, h: u64) -> String {
+        let (p, l, b) = (&self.opts.prefix, self.opts.layout, self.opts.block_size);
+        match &space.0 {
+            None => format!("{p}:{l:016x}:{b}:{h:016x}"),
+            Some(tag) => format!("{p}:{l:016x}:{b}:n{tag}:{h:016x}"),
+        }
     }
 
     /// Bytes of one block's value.

@@ -3,9 +3,11 @@
 //! same server, prefix and layout.
 //!
 //! - **Keys** `"{prefix}:{layout:016x}:{block_size}:{hash:016x}"`: two
-//!   models (layout fingerprints) or two block sizes never share a key. In a
-//!   cluster the keys spread over every master by their hash slot
-//!   ([`cluster`]).
+//!   models (layout fingerprints) or two block sizes never share a key. A
+//!   named namespace's keys carry a tag derived from its name
+//!   (`"...:{block_size}:n{tag}:{hash:016x}"`, [`Space`]), so two namespaces
+//!   never share one either. In a cluster the keys spread over every master
+//!   by their hash slot ([`cluster`]).
 //! - **Values**: a header (magic `DYNR`, version, header length, block size,
 //!   the hash, the layout, and a check of the key and the bytes) then the
 //!   block. The check is CRC32C (version 1, a 32-byte header), or with a
@@ -47,6 +49,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::error::{Error, Result};
+use crate::keys::Key;
 
 mod cluster;
 mod codec;
@@ -60,6 +63,7 @@ use std::cell::Cell;
 use std::sync::mpsc;
 
 use codec::Bad;
+pub use codec::Space;
 pub use conn::Deadline;
 use conn::{Conn, Dialer, Failure, Landed};
 use health::Health;
@@ -158,11 +162,11 @@ pub struct RemoteStats {
 /// Where the background writer reads the bytes of the blocks it sends: the
 /// local tiers of the manager the remote belongs to.
 pub trait LocalSource: Send + Sync {
-    /// Hand block `h`'s bytes to `f` when the local tiers hold it, changing
-    /// nothing else (no recency, no promotion): a host-tier block in place
-    /// (its slot held meanwhile), a disk-tier block read into `scratch`.
-    /// False when the block is not held.
-    fn with_local(&self, h: u64, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool;
+    /// Hand block `key`'s bytes to `f` when the local tiers hold it,
+    /// changing nothing else (no recency, no promotion): a host-tier block
+    /// in place (its slot held meanwhile), a disk-tier block read into
+    /// `scratch`. False when the block is not held.
+    fn with_local(&self, key: Key, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool;
 }
 
 /// One remote store (see the module docs).
@@ -174,6 +178,8 @@ pub struct RemoteTier {
     secrets: Vec<String>,
     /// The MAC key (from `opts.secret`).
     mac_key: Option<[u8; 32]>,
+    /// The key of namespaces' tags (from `opts.secret`, or from nothing).
+    tag_key: [u8; 32],
     health: Mutex<Health>,
     pub stats: RemoteStats,
     warnings: crate::error::Warnings,
@@ -257,6 +263,10 @@ impl RemoteTier {
             .secret
             .as_ref()
             .map(|s| blake3::derive_key("dynblock remote value MAC v2", s.as_bytes()));
+        let tag_key = blake3::derive_key(
+            "dynblock remote namespace tag v1",
+            opts.secret.as_deref().unwrap_or("").as_bytes(),
+        );
         let tier = Arc::new(RemoteTier {
             net: Net {
                 dial: Dialer {
@@ -275,6 +285,7 @@ impl RemoteTier {
             shown,
             secrets,
             mac_key,
+            tag_key,
             health: Mutex::new(Health::default()),
             stats: RemoteStats::default(),
             warnings: crate::error::Warnings::default(),
@@ -528,17 +539,17 @@ impl RemoteTier {
         Ok(())
     }
 
-    /// Length of the longest prefix of `hashes` the remote holds (one
-    /// pipelined round trip per 64 hashes, stopping at the first miss), all
-    /// before the deadline.
-    pub fn count_prefix(&self, hashes: &[u64], d: Deadline) -> usize {
+    /// Length of the longest prefix of `hashes` (in `space`) the remote
+    /// holds (one pipelined round trip per 64 hashes, stopping at the first
+    /// miss), all before the deadline.
+    pub fn count_prefix(&self, space: &Space, hashes: &[u64], d: Deadline) -> usize {
         if self.skipped_now() || d.left().is_err() {
             return 0;
         }
         let mut n = 0;
         let mut buf = Vec::new();
         for chunk in hashes.chunks(self.chunk_len()) {
-            let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+            let keys: Vec<String> = chunk.iter().map(|&h| self.key(space, h)).collect();
             let mut found = vec![false; chunk.len()];
             let r = self.round_trip(
                 &keys,
@@ -565,7 +576,7 @@ impl RemoteTier {
         n
     }
 
-    /// Fetch the longest prefix of `hashes` the remote holds, verified,
+    /// Fetch the longest prefix of `hashes` (in `space`) the remote holds, verified,
     /// block `i` into `dst[i]` (each `block_size` bytes), all before the
     /// deadline; returns its length. A value that fails verification ends
     /// the prefix and is counted (and deleted, unless it failed only the
@@ -574,7 +585,7 @@ impl RemoteTier {
     /// # Safety
     /// Every `dst[i]` is valid for writes of `block_size` bytes, distinct,
     /// and untouched by others for the whole call.
-    pub unsafe fn fetch(&self, hashes: &[u64], dst: &[usize], d: Deadline) -> usize {
+    pub unsafe fn fetch(&self, space: &Space, hashes: &[u64], dst: &[usize], d: Deadline) -> usize {
         if self.skipped_now() || d.left().is_err() {
             return 0;
         }
@@ -587,7 +598,7 @@ impl RemoteTier {
             // Chunk k's destinations are dst[(first + k) * per..]: distinct per chunk.
             let got: Vec<usize> = if group.len() == 1 {
                 // SAFETY: valid, distinct destinations, as the caller guarantees.
-                vec![unsafe { self.get_chunk(group[0], &dst[first * per..], &d) }]
+                vec![unsafe { self.get_chunk(space, group[0], &dst[first * per..], &d) }]
             } else {
                 std::thread::scope(|sc| {
                     let hs: Vec<_> = group
@@ -597,7 +608,7 @@ impl RemoteTier {
                             let out = &dst[(first + k) * per..];
                             // SAFETY: each thread writes its own chunk's
                             // destinations, valid as the caller guarantees.
-                            sc.spawn(move || unsafe { self.get_chunk(c, out, &d) })
+                            sc.spawn(move || unsafe { self.get_chunk(space, c, out, &d) })
                         })
                         .collect();
                     hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
@@ -618,13 +629,13 @@ impl RemoteTier {
     ///
     /// # Safety
     /// As for [`Self::fetch`], for `dst[..chunk.len()]`.
-    unsafe fn get_chunk(&self, chunk: &[u64], dst: &[usize], d: &Deadline) -> usize {
+    unsafe fn get_chunk(&self, space: &Space, chunk: &[u64], dst: &[usize], d: &Deadline) -> usize {
         let bs = self.opts.block_size;
         let hl = self.header_len();
         // Values of either kind (with a MAC or a CRC) are read whole and
         // judged; only a reply longer than the longer kind is refused.
         let limit = codec::HEADER_MAC + bs + FRAMING;
-        let keys: Vec<String> = chunk.iter().map(|&h| self.key(h)).collect();
+        let keys: Vec<String> = chunk.iter().map(|&h| self.key(space, h)).collect();
         // Each block's fate: None once it arrived whole and passed its checks.
         let fate: Vec<Cell<Option<Bad>>> = vec![Cell::new(Some(Bad::Missing)); chunk.len()];
         let mut head = [0u8; codec::HEADER_MAC];

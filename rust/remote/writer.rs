@@ -11,12 +11,14 @@ use redis::Value;
 
 use super::conn::Deadline;
 use super::side::{self, Heads};
-use super::{LocalSource, RemoteTier};
+use super::{LocalSource, RemoteTier, Space};
+use crate::keys::Key;
 
 #[derive(Default)]
 pub(super) struct Queue {
-    /// Hashes to send; the writer reads their bytes from the local tiers.
-    pub(super) items: VecDeque<u64>,
+    /// Blocks to send (their local key, and their namespace's keys on the
+    /// server); the writer reads their bytes from the local tiers.
+    pub(super) items: VecDeque<(Key, Space)>,
     pub(super) busy: bool,
     pub(super) stop: bool,
 }
@@ -37,7 +39,7 @@ pub(super) fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
     let mut scratch = Vec::new();
     loop {
         let Some(t) = weak.upgrade() else { return };
-        let batch: Vec<u64> = {
+        let batch: Vec<(Key, Space)> = {
             let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
             if q.stop {
                 return;
@@ -60,14 +62,17 @@ pub(super) fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         let source = t.source.get().and_then(|s| s.upgrade());
         // Each block goes from the local tiers straight into its command; a
         // block gone from them before its turn is skipped.
+        let hashes: Vec<u64> = batch.iter().map(|(k, _)| k.hash).collect();
+        let keys: Vec<String> = batch.iter().map(|(k, s)| t.key(s, k.hash)).collect();
         t.store_from(
             &mut w,
-            &batch,
+            &hashes,
+            &keys,
             None,
             &mut |i, f| {
                 source
                     .as_ref()
-                    .is_some_and(|s| s.with_local(batch[i], &mut scratch, f))
+                    .is_some_and(|s| s.with_local(batch[i].0, &mut scratch, f))
             },
             t.deadline(),
         );
@@ -86,18 +91,20 @@ impl RemoteTier {
         self.writer_nice.store(nice, Ordering::Relaxed);
     }
 
-    /// Store blocks now (`remote_write="sync"`), in pipelined batches, all
-    /// before the deadline; returns how many were stored (0 when the remote
-    /// is down).
+    /// Store blocks (in `space`) now (`remote_write="sync"`), in pipelined
+    /// batches, all before the deadline; returns how many were stored (0
+    /// when the remote is down).
     ///
     /// # Safety
     /// Every `src[i]` is valid for reads of `block_size` bytes.
-    pub unsafe fn store(&self, hashes: &[u64], src: &[usize], d: Deadline) -> usize {
+    pub unsafe fn store(&self, space: &Space, hashes: &[u64], src: &[usize], d: Deadline) -> usize {
         let bs = self.opts.block_size;
         let mut w = Writer::default();
+        let keys: Vec<String> = hashes.iter().map(|&h| self.key(space, h)).collect();
         self.store_from(
             &mut w,
             hashes,
+            &keys,
             Some(src),
             &mut |i, f| {
                 // SAFETY: forwarded from the caller.
@@ -108,7 +115,7 @@ impl RemoteTier {
         )
     }
 
-    /// Store `hashes` in pipelined batches, block `i`'s bytes being what
+    /// Store `hashes` under `all_keys` in pipelined batches, block `i`'s bytes being what
     /// `read(i, f)` hands to `f` (false: the block is gone, skipped). Each
     /// value is built once, in the command that carries it; the commands
     /// stream out in ~1 MiB writes (a buffer that stays in cache) and the
@@ -121,6 +128,7 @@ impl RemoteTier {
         &self,
         w: &mut Writer,
         hashes: &[u64],
+        all_keys: &[String],
         src: Option<&[usize]>,
         read: &mut ReadBlock<'_>,
         d: Deadline,
@@ -131,7 +139,6 @@ impl RemoteTier {
         let bs = self.opts.block_size;
         let side = src.map_or(0, |_| side::side_threads(bs, self.opts.check_threads));
         let heads = Heads::new(if side > 0 { hashes.len() } else { 0 });
-        let all_keys: Vec<String> = hashes.iter().map(|&h| self.key(h)).collect();
         // The header of block i (its place in `hashes`), from `src`.
         let compute = |i: usize| {
             let src = src.expect("side threads only with src");
@@ -220,11 +227,13 @@ impl RemoteTier {
         let _ = self.source.set(source);
     }
 
-    /// Queue blocks for the background writer, which reads their bytes
-    /// back from the local tiers (the caller copies nothing and never waits
-    /// for the network). Blocks that do not fit the queue (`queue_bytes`),
-    /// or arrive while the tier is down, are skipped and counted.
-    pub fn enqueue(&self, hashes: &[u64]) -> usize {
+    /// Queue blocks (`hashes` of local namespace `ns`, whose keys on the
+    /// server are `space`'s) for the background writer, which reads their
+    /// bytes back from the local tiers (the caller copies nothing and never
+    /// waits for the network). Blocks that do not fit the queue
+    /// (`queue_bytes`), or arrive while the tier is down, are skipped and
+    /// counted.
+    pub fn enqueue(&self, space: &Space, ns: u32, hashes: &[u64]) -> usize {
         if self.writes_paused() || self.source.get().is_none() {
             self.stats
                 .skipped
@@ -234,7 +243,11 @@ impl RemoteTier {
         let cap = self.opts.queue_bytes / self.value_len(); // >= 1: checked at open
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let room = cap.saturating_sub(q.items.len()).min(hashes.len());
-        q.items.extend(&hashes[..room]);
+        q.items.extend(
+            hashes[..room]
+                .iter()
+                .map(|&h| (Key::new(h, ns), space.clone())),
+        );
         drop(q);
         if room < hashes.len() {
             self.stats

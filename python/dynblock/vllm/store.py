@@ -108,7 +108,8 @@ class LayerStore:
         self.hit_blocks = 0
         # Remote blocks a lookup's budget could not wait for, warmed into the local tiers in
         # the background for the next lookup (bounded: what does not fit is dropped, counted).
-        self._warm: "queue.Queue[Optional[List[bytes]]]" = queue.Queue(maxsize=16)
+        self._warm: "queue.Queue[Optional[Tuple[List[bytes], Optional[str]]]]" = \
+            queue.Queue(maxsize=16)
         self._warmer: Optional[threading.Thread] = None
         self.warmed_blocks = 0
         self.warm_dropped = 0
@@ -167,11 +168,11 @@ class LayerStore:
             with self._lock:
                 self._held[req_id] = _Held(leases, c)
         if deadline is not None and c < len(hashes) and self.kv.config.remote \
-                and namespace is None and time.monotonic() >= deadline:  # (the remote: shared only)
-            self._warm_later(list(hashes[c:]))
+                and time.monotonic() >= deadline:
+            self._warm_later(list(hashes[c:]), namespace)
         return c
 
-    def _warm_later(self, hashes: List[bytes]) -> None:
+    def _warm_later(self, hashes: List[bytes], namespace: Optional[str]) -> None:
         """Fetch blocks the budget cut off into the local tiers in the background (within
         ``remote_timeout_ms``), so a later lookup of the same prefix hits locally."""
         if self._warmer is None:
@@ -183,19 +184,20 @@ class LayerStore:
                 return
             self._warmer = t
         try:
-            self._warm.put_nowait(hashes)
+            self._warm.put_nowait((hashes, namespace))
         except queue.Full:
             self.warm_dropped += len(hashes)
 
     def _warm_loop(self) -> None:
         while True:
-            hashes = self._warm.get()
-            if hashes is None or self.kv.closed:
+            item = self._warm.get()
+            if item is None or self.kv.closed:
                 return
+            hashes, namespace = item
             try:
                 # Every layer's blocks in one lookup: one pipelined round trip per 64 blocks.
                 keys = [k for layer in range(self.num_layers) for k in self.keys(hashes, layer)]
-                with self.kv.lookup(keys) as lease:
+                with self.kv.lookup(keys, namespace=namespace) as lease:
                     self.warmed_blocks += lease.count
             except Exception as e:  # closed meanwhile, or the remote failed: only hits lost
                 log.debug("dynblock: warming remote blocks failed: %s", e)
