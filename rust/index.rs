@@ -752,6 +752,14 @@ mod tests {
         IndexLog::open(p, &geo(), false, false).unwrap()
     }
 
+    /// A snapshot of live blocks and no ghosts.
+    fn live_only(live: Vec<Live>) -> Snapshot {
+        Snapshot {
+            live,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn open_and_close_markers_say_whether_the_store_was_closed_cleanly() {
         let d = tempfile::tempdir().unwrap();
@@ -777,14 +785,7 @@ mod tests {
             log.append(&[Record::put(11, 1, 222)]).unwrap();
             // Compaction keeps this session's open marker.
             let live = inspect(&p).unwrap().recovered.live;
-            log.compact(
-                &geo(),
-                &Snapshot {
-                    live,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+            log.compact(&geo(), &live_only(live)).unwrap();
         }
         let ins = inspect(&p).unwrap();
         assert!(!ins.recovered.closed_cleanly && ins.recovered.last_open.is_some());
@@ -984,14 +985,7 @@ mod tests {
                 ..Live::default()
             })
             .collect();
-        log.compact(
-            &geo(),
-            &Snapshot {
-                live,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        log.compact(&geo(), &live_only(live)).unwrap();
         log.append(&[Record::del(99, 3)]).unwrap();
         drop(log);
         let stale = d.path().join("kv.index.compact-dead");

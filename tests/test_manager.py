@@ -1076,6 +1076,22 @@ def test_a_persistent_s3fifo_disk_tier_recovers_its_blocks_into_its_queues(tmp_p
     assert kept == {"lru": [], "s3fifo": [0, 1]}
 
 
+def run_then_end(code: str, end: str) -> None:
+    """Run ``code`` (which opened a store as ``m``) in a fresh interpreter, then end it: a
+    clean ``m.close()`` (``end == "close"``) or ``kill -9`` once the code has run."""
+    tail = ("\nm.close()\n" if end == "close" else
+            "\nprint('ready', flush=True)\nimport time\ntime.sleep(60)\n")
+    full = textwrap.dedent(code) + tail
+    if end == "close":
+        r = run_py(full)
+        assert r.returncode == 0, r.stderr
+        return
+    p = subprocess.Popen([sys.executable, "-c", PRELUDE + full], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    p.kill()
+    p.wait(timeout=30)
+
+
 @pytest.mark.parametrize("eviction", ["lru", "s3fifo"])
 @pytest.mark.parametrize("end", ["close", "kill"])
 def test_a_persistent_disk_tier_keeps_its_order_across_a_restart(
@@ -1094,22 +1110,8 @@ def test_a_persistent_disk_tier_keeps_its_order_across_a_restart(
             assert m.get([h], out) == 1 and out.tobytes() == data_for(h).tobytes()
         m.put([100], data_for(100))
         assert 2 not in m and all(h in m for h in (0, 1, 3, 4, 5, 6, 7, 100))
-        if {end!r} == "close":
-            m.close()
-        else:
-            print("ready", flush=True)
-            import time
-            time.sleep(60)
     """
-    if end == "close":
-        r = run_py(code)
-        assert r.returncode == 0, r.stderr
-    else:
-        p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-                             stdout=subprocess.PIPE, text=True)
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        p.kill()
-        p.wait(timeout=30)
+    run_then_end(code, end)
     with open_store(path, disk_blocks=8, disk_eviction=eviction) as m:
         m.put(list(range(101, 106)), np.concatenate([data_for(h) for h in range(101, 106)]))
         kept = sorted(h for h in [*range(8), *range(100, 106)] if h in m)
@@ -1151,22 +1153,8 @@ def test_what_admission_turned_away_is_remembered_across_a_restart(tmp_path: Pat
         assert m.stats()["disk_not_admitted"] == 2
         if {end!r} == "compact-kill":
             m._m.compact_index()  # what `python -m dynblock.store compact` runs
-        if {end!r} == "close":
-            m.close()
-        else:
-            print("ready", flush=True)
-            import time
-            time.sleep(60)
     """
-    if end == "close":
-        r = run_py(code)
-        assert r.returncode == 0, r.stderr
-    else:
-        p = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
-                             stdout=subprocess.PIPE, text=True)
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        p.kill()
-        p.wait(timeout=30)
+    run_then_end(code, "close" if end == "close" else "kill")
     from dynblock.store import info as store_info
 
     assert store_info(str(path))["turned_away_remembered"] == (4 if end == "close" else 2)
