@@ -639,22 +639,28 @@ impl BlockManager {
 
     /// The id of namespace `name` (None: the shared one, 0). A name the
     /// store does not know is given an id (and a persistent store writes its
-    /// table down) with `create`, as a put does, or when a remote tier is
-    /// attached (the remote tier may hold the namespace's blocks, and what a
-    /// query fetches from it is kept in the local tiers under that id);
-    /// otherwise it is [`UNKNOWN_NAMESPACE`], in which every query misses.
+    /// table down) with `create`, as a put does; without it, it is
+    /// [`UNKNOWN_NAMESPACE`], in which every query misses.
     pub fn namespace_id(&self, name: Option<&str>, create: bool) -> Result<u32> {
         let Some(n) = name else {
             return Ok(0); // the shared namespace: no lock to take
         };
         check_name(n)?;
-        let create = create || self.remote.get().is_some();
         let mut st = self.open_state()?;
         if create {
             st.names.id(name)
         } else {
             Ok(st.names.find(name))
         }
+    }
+
+    /// The id of namespace `name` for a query that goes on to the remote
+    /// tier (`get`, `lookup`, `match`): with a remote tier, an unseen name is
+    /// given an id, as a put does (the remote tier may hold the namespace's
+    /// blocks, and what the query fetches is kept locally under that id);
+    /// without one, as [`Self::namespace_id`] without `create`.
+    pub fn query_namespace_id(&self, name: Option<&str>) -> Result<u32> {
+        self.namespace_id(name, self.remote.get().is_some())
     }
 
     /// The name of namespace `id` (None: the shared one, or unknown).

@@ -145,7 +145,7 @@ impl PyBlockManager {
                 )))
             }
         };
-        let r = self.keyed(py, hashes, namespace, move |m, k| m.lookup(k, budget));
+        let r = self.keyed(py, hashes, namespace, true, move |m, k| m.lookup(k, budget));
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -185,7 +185,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        let r = self.keyed(py, hashes, namespace, |m, k| m.match_prefix(k));
+        let r = self.keyed(py, hashes, namespace, true, |m, k| m.match_prefix(k));
         if self.inner.remote().is_some() {
             self.flush_warnings(py)?;
         }
@@ -200,7 +200,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        self.keyed(py, hashes, namespace, |m, k| m.touch(k))
+        self.keyed(py, hashes, namespace, false, |m, k| m.touch(k))
     }
 
     #[pyo3(signature = (hash, namespace=None))]
@@ -294,7 +294,7 @@ impl PyBlockManager {
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
     ) -> PyResult<usize> {
-        self.keyed(py, hashes, namespace, |m, k| m.remove(k))
+        self.keyed(py, hashes, namespace, false, |m, k| m.remove(k))
     }
 
     fn clear(&self, py: Python<'_>) -> PyResult<()> {
@@ -463,7 +463,7 @@ impl PyBlockManager {
                 if put {
                     m.put_in(namespace.as_deref(), hs, p as *const u8, n, rows.as_deref())
                 } else {
-                    let ns = m.namespace_id(namespace.as_deref(), false)?;
+                    let ns = m.query_namespace_id(namespace.as_deref())?;
                     m.get_rows(Keys::new(hs, ns), p as *mut u8, n, rows.as_deref())
                 }
             },
@@ -484,16 +484,24 @@ impl PyBlockManager {
     }
 
     /// `f(manager, keys)` with the GIL released, the keys being `hashes` (a
-    /// sequence of ints) in `namespace`.
+    /// sequence of ints) in `namespace` (`remote`: a query that goes on to
+    /// the remote tier, see `BlockManager::query_namespace_id`).
     fn keyed<T: Send>(
         &self,
         py: Python<'_>,
         hashes: &Bound<'_, PyAny>,
         namespace: Option<String>,
+        remote: bool,
         f: impl FnOnce(&BlockManager, Keys<'_>) -> crate::error::Result<T> + Send,
     ) -> PyResult<T> {
         let hs = u64_list(hashes, "hashes")?;
-        let ns = self.ns(py, namespace)?;
+        let ns = if remote && namespace.is_some() {
+            let m = self.inner.clone();
+            py.detach(move || m.query_namespace_id(namespace.as_deref()))
+                .map_err(to_py)?
+        } else {
+            self.ns(py, namespace)?
+        };
         let m = self.inner.clone();
         py.detach(move || f(&m, Keys::new(&hs, ns))).map_err(to_py)
     }
