@@ -135,6 +135,31 @@ def main() -> None:
     assert tier.kv.lru_order()[0][-1] in tier._keys([keys[0]])
     stats = tier.stats()
     metrics = check_metrics(tier)
+
+    # a request whose kv_transfer_params name a namespace keeps its chunks there: the same key
+    # with other bytes, apart from the shared namespace's; a bad name stores and finds nothing
+    t1 = ReqContext(req_id="r2", kv_transfer_params={"dynblock_namespace": "t1"})
+    bad = ReqContext(req_id="r3", kv_transfer_params={"dynblock_namespace": 5})
+    primary[50] = torch.from_numpy(rng.integers(0, 256, CHUNK, dtype=np.uint8))
+    mine = primary[50].clone()
+    assert tier.lookup(keys[1], t1) == LookupResult.MISS
+    tier.submit_store(TransferJob(job_id=6, keys=[keys[1]], chunk_ids=np.array([50]),
+                                  is_promotion=False, req_context=t1))
+    tier.submit_store(TransferJob(job_id=7, keys=[keys[3]], chunk_ids=np.array([50]),
+                                  is_promotion=False, req_context=bad))
+    done = wait_jobs(tier, {6, 7})
+    assert done[6].success and not done[7].success
+    assert tier.lookup(keys[1], t1) == LookupResult.HIT and tier.lookup(keys[3], bad) == LookupResult.MISS
+    assert tier.lookup(keys[4], t1) == LookupResult.MISS  # the shared namespace's chunk
+    part = tier.kv.stats(namespace="t1")
+    assert part["host_blocks_used"] + part["disk_blocks_used"] == 1, part
+    tier.submit_load(TransferJob(job_id=8, keys=[keys[1]], chunk_ids=np.array([51]),
+                                 is_promotion=True, req_context=t1))
+    tier.submit_load(TransferJob(job_id=9, keys=[keys[1]], chunk_ids=np.array([52]),
+                                 is_promotion=True, req_context=ctx))
+    done = wait_jobs(tier, {8, 9})
+    assert done[8].success and done[9].success
+    assert torch.equal(primary[51], mine) and torch.equal(primary[52], want[1])
     tier.shutdown()
 
     # a restarted tier on the same persistent store serves every chunk

@@ -18,6 +18,16 @@ on dynblock's job threads, never on the scheduler's::
 
 Every other key of the tier's entry is a :class:`dynblock.Config` field
 (``block_size`` comes from the primary tier).
+
+Tenants: vLLM hands a secondary tier each request's ``kv_transfer_params``
+(and no ``cache_salt``). A request whose ``kv_transfer_params`` carry
+``"dynblock_namespace": NAME`` has its chunks looked up, touched, stored and
+loaded in the store namespace ``NAME`` (so ``stats(namespace=)``,
+``set_quota`` and ``purge`` apply per tenant); other requests use the shared
+namespace. Whoever sets ``kv_transfer_params`` chooses the namespace: set it
+in a gateway, not from end users' input. A value that is not a non-empty
+str of at most 1024 UTF-8 bytes is refused: the request's chunks miss and
+are not stored (logged once).
 """
 
 from __future__ import annotations
@@ -46,6 +56,13 @@ if TYPE_CHECKING:
     from vllm.v1.kv_offload.base import OffloadingSpec, OffloadKey, ReqContext
 
 log = logging.getLogger("dynblock.vllm")
+
+#: The ``kv_transfer_params`` key that names a request's store namespace.
+NAMESPACE_PARAM = "dynblock_namespace"
+#: Bytes of a namespace at most (the store's limit).
+_MAX_NAMESPACE_BYTES = 1024
+#: A request whose namespace was refused.
+_REFUSED = object()
 
 
 def tier_fingerprint(spec: Any, chunk_bytes: int) -> int:
@@ -104,27 +121,54 @@ class DynblockTier(SecondaryTierManager):
     def _keys(self, keys: Iterable["OffloadKey"]) -> List[int]:
         return [block_key(bytes(k), 0, self._fingerprint) for k in keys]
 
+    def _namespace(self, req_context: Optional["ReqContext"]) -> Any:
+        """The request's store namespace (None: the shared one), or ``_REFUSED``."""
+        params = getattr(req_context, "kv_transfer_params", None)
+        ns = params.get(NAMESPACE_PARAM) if isinstance(params, dict) else None
+        if ns is None:
+            return None
+        if isinstance(ns, str) and ns and len(ns.encode("utf-8", "replace")) <= _MAX_NAMESPACE_BYTES:
+            return ns
+        self._once("namespace", "dynblock tier: request %s: kv_transfer_params[%r] must be a "
+                   "non-empty str of at most %d bytes, got %s; its chunks are neither looked up "
+                   "nor stored (logged once)", getattr(req_context, "req_id", "?"),
+                   NAMESPACE_PARAM, _MAX_NAMESPACE_BYTES, type(ns).__name__)
+        return _REFUSED
+
     def lookup(self, key: "OffloadKey", req_context: "ReqContext") -> LookupResult:
-        return LookupResult.HIT if self.kv.contains(self._keys([key])[0]) else LookupResult.MISS
+        ns = self._namespace(req_context)
+        if ns is _REFUSED:
+            return LookupResult.MISS
+        hit = self.kv.contains(self._keys([key])[0], namespace=ns)
+        return LookupResult.HIT if hit else LookupResult.MISS
 
     def touch(self, keys: Any, req_context: "ReqContext") -> None:
-        self.kv.touch(self._keys(keys))
+        ns = self._namespace(req_context)
+        if ns is not _REFUSED:
+            self.kv.touch(self._keys(keys), namespace=ns)
 
     def _submit(self, job: TransferJob, load: bool) -> None:
         keys = list(job.keys)
         rows = [int(c) for c in np.asarray(job.chunk_ids).reshape(-1)]
         if len(keys) != len(rows):
             raise ValueError(f"job {job.job_id}: {len(keys)} keys but {len(rows)} chunk_ids")
+        ns = self._namespace(job.req_context)
+        if ns is _REFUSED:
+            self.counters["failed_jobs"] += 1
+            with self._lock:
+                self._done.append(JobResult(job_id=job.job_id, success=False,
+                                            successful_keys=[] if load else None))
+            return
         hashes = self._keys(keys)
         if not load and self._events is not None:
-            self._events.saved([bytes(k) for k in keys], 0, hashes)
+            self._events.saved([bytes(k) for k in keys], 0, hashes, ns)
         t0 = time.monotonic()
         with self._lock:
             self._pending += 1
         if load:
-            fut = self.kv.get_each_async(hashes, self._primary, rows=rows)
+            fut = self.kv.get_each_async(hashes, self._primary, rows=rows, namespace=ns)
         else:
-            fut = self.kv.put_async(hashes, self._primary, rows=rows)
+            fut = self.kv.put_async(hashes, self._primary, rows=rows, namespace=ns)
         fut.add_done_callback(lambda j: self._finish(job, keys, load, j, t0))
 
     def _finish(self, job: TransferJob, keys: List[Any], load: bool, done: Job, t0: float) -> None:
