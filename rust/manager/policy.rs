@@ -2244,14 +2244,15 @@ mod tests {
         /// A persistent store's disk tier reopened from its index has every
         /// block at its place (queue, position, count) as it was: from the
         /// log of its changes, and from a compaction (with the S3-FIFO
-        /// ghost too).
+        /// ghost too). Blocks of two namespaces: with LRU, each namespace's
+        /// own list (its quota victims' order) comes back too.
         #[test]
         fn the_index_keeps_the_disk_tiers_order(
             host in 0u32..4, disk in 1u32..7, s3 in (prop::bool::ANY, prop::bool::ANY),
             ops in proptest::collection::vec(prop_oneof![
-                proptest::collection::vec(0u64..24, 1..4).prop_map(LoggedOp::Put),
-                (0u64..24).prop_map(LoggedOp::Get),
-                (0u64..24).prop_map(LoggedOp::Remove),
+                proptest::collection::vec(0u64..32, 1..4).prop_map(LoggedOp::Put),
+                (0u64..32).prop_map(LoggedOp::Get),
+                (0u64..32).prop_map(LoggedOp::Remove),
             ], 1..50)) {
             use crate::index::{Geometry, IndexLog};
             let kind = |on: bool| if on { Eviction::S3Fifo } else { Eviction::Lru };
@@ -2262,26 +2263,29 @@ mod tests {
             let (mut log, _) = IndexLog::open(&path, &g, false, true).unwrap();
             let mut reg = Registry::new(host, disk, rules);
             reg.recover(&[], &[]);
+            // Hashes 0-15 in the shared namespace, 16-31 as 0-15 in namespace 1.
+            let key = |h: u64| Key::new(h % 16, (h / 16) as u32);
             for o in ops {
                 let mut plan = Plan::default();
                 match o {
                     LoggedOp::Put(hs) => {
                         for h in hs {
-                            if !reg.touch(Key::from(h)) {
-                                reg.admit(Key::from(h), 0, false, &mut plan);
+                            if !reg.touch(key(h)) {
+                                reg.admit(key(h), 0, false, &mut plan);
                             }
                         }
                     }
                     LoggedOp::Get(h) => {
-                        let was_disk_only = reg.readable(Key::from(h)).is_some_and(|a| a.kind == TierKind::Disk);
-                        reg.touch(Key::from(h));
+                        let was_disk_only = reg.readable(key(h)).is_some_and(|a| a.kind == TierKind::Disk);
+                        reg.touch(key(h));
                         if was_disk_only {
-                            reg.promote(Key::from(h), 0, &mut plan);
+                            reg.promote(key(h), 0, &mut plan);
                         }
                     }
                     LoggedOp::Remove(h) => {
+                        let k = key(h);
                         let dels: Vec<Record> = reg
-                            .disk_copies_of(Keys::shared(&[h]))
+                            .disk_copies_of(Keys::new(&[k.hash], k.ns))
                             .into_iter()
                             .map(|(h, t)| Record::del(h, t))
                             .collect();
@@ -2290,7 +2294,7 @@ mod tests {
                             recs.extend(reg.order_records(&[]));
                             log.append(&recs).unwrap();
                         }
-                        reg.forget(Keys::shared(&[h]));
+                        reg.forget(Keys::new(&[k.hash], k.ns));
                     }
                 }
                 run_logged(&mut reg, &plan, &mut log);
@@ -2304,6 +2308,10 @@ mod tests {
             again.recover(&rec.live, &rec.order_ghost);
             let (a, b) = (again.snapshot(), reg.snapshot());
             prop_assert_eq!((a.live, a.order_ghost), (b.live, b.order_ghost));
+            if !s3.1 {
+                let own = |r: &Registry| r.disk.as_ref().unwrap().by_ns.iter(1).collect::<Vec<u32>>();
+                prop_assert_eq!(own(&again), own(&reg));
+            }
             // A compaction keeps the S3-FIFO ghost exactly as well.
             log.compact(&g, &reg.snapshot()).unwrap();
             drop(log);
