@@ -86,15 +86,18 @@ impl BlockManager {
         }
     }
 
-    /// What the local tiers missed, from the remote tier: the longest
-    /// prefix of `hashes` it holds, verified, into `addrs`, then stored in
-    /// the local tiers (promoted; not sent back). Returns its length.
+    /// What the local tiers missed, from remote tier `r` (where the keys of
+    /// `hashes`' namespace are `space`'s, see [`Self::remote_space`]): the
+    /// longest prefix of `hashes` it holds, verified, into `addrs`, then
+    /// stored in the local tiers (promoted; not sent back). Returns its
+    /// length.
     ///
     /// # Safety
     /// Every `addrs[i]` is valid for writes of block_size bytes, distinct,
     /// and untouched by others for the whole call.
     pub(super) unsafe fn fetch_remote(
         &self,
+        (r, space): (&RemoteTier, &Space),
         hashes: Keys<'_>,
         addrs: &[usize],
         region: Option<&Region>,
@@ -103,11 +106,8 @@ impl BlockManager {
         if hashes.is_empty() {
             return 0;
         }
-        let Some((r, space)) = self.remote_space(hashes.ns()) else {
-            return 0;
-        };
         // SAFETY: forwarded from the caller.
-        let k = unsafe { r.fetch(&space, hashes.hashes(), addrs, d) };
+        let k = unsafe { r.fetch(space, hashes.hashes(), addrs, d) };
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
             if let Err(e) = unsafe { self.put_addrs(hashes.sub(..k), &addrs[..k], region, false) } {

@@ -40,10 +40,10 @@ impl BlockManager {
         st.leases.insert(id, pins);
         st.stats.leases += 1;
         drop(st);
-        let Some(remote) = self
-            .remote()
-            .filter(|_| n < hashes.len() && self.remote_space(hashes.ns()).is_some())
-        else {
+        if n == hashes.len() {
+            return Ok((id, n));
+        }
+        let Some((remote, space)) = self.remote_space(hashes.ns()) else {
             return Ok((id, n));
         };
         // Fetched through a bounded buffer, one step of the remote's fetch at
@@ -65,7 +65,8 @@ impl BlockManager {
             // SAFETY: `buf` is ours, at least chunk.len() blocks long, alive
             // for the call.
             let got = unsafe {
-                self.fetch_remote(Keys::new(chunk, hashes.ns()), &addrs, region.as_deref(), d)
+                let keys = Keys::new(chunk, hashes.ns());
+                self.fetch_remote((remote, &space), keys, &addrs, region.as_deref(), d)
             };
             k += got;
             if got < chunk.len() || d.left().is_err() {

@@ -1077,15 +1077,17 @@ impl Registry {
     }
 
     /// What a compaction of a persistent store's index writes: the disk
-    /// tier's blocks in its order, with their places, and both ghosts.
+    /// tier's blocks whose bytes are in place, in its order (first to leave
+    /// first) with their places, and both ghosts.
     pub(super) fn snapshot(&self) -> Snapshot {
+        let (live, order_ghost) = self.disk.as_ref().map_or_else(Default::default, |t| {
+            let live = t.order.iter().filter(|&s| !t.filling[s as usize]);
+            (live.map(|s| t.live(s)).collect(), t.order.ghost.hashes())
+        });
         Snapshot {
-            live: self.live_disk(),
+            live,
             ghost: self.ghost.hashes(),
-            order_ghost: self
-                .disk
-                .as_ref()
-                .map_or_else(Vec::new, |t| t.order.ghost.hashes()),
+            order_ghost,
         }
     }
 
@@ -1786,19 +1788,6 @@ impl Registry {
     /// Slots of the disk tier (0 without one).
     pub(super) fn disk_cap(&self) -> usize {
         self.disk.as_ref().map_or(0, SlotTable::cap)
-    }
-
-    /// The disk tier's blocks whose bytes are in place, in eviction order
-    /// (first to leave first): what a rewritten index records.
-    pub(super) fn live_disk(&self) -> Vec<Live> {
-        let Some(t) = self.disk.as_ref() else {
-            return Vec::new();
-        };
-        t.order
-            .iter()
-            .filter(|&s| !t.filling[s as usize])
-            .map(|s| t.live(s))
-            .collect()
     }
 }
 

@@ -108,12 +108,15 @@ impl BlockManager {
         let st = self.open_state()?;
         // SAFETY: forwarded from the caller.
         let n = unsafe { self.get_prefix(st, hashes, &addrs, region.as_deref()) }?;
-        let Some(r) = self.remote().filter(|_| n < hashes.len()) else {
+        if n == hashes.len() {
+            return Ok(n);
+        }
+        let Some((r, space)) = self.remote_space(hashes.ns()) else {
             return Ok(n);
         };
-        let d = r.deadline();
+        let (d, rest) = (r.deadline(), hashes.sub(n..));
         // SAFETY: forwarded from the caller; the addresses were checked (distinct).
-        Ok(n + unsafe { self.fetch_remote(hashes.sub(n..), &addrs[n..], region.as_deref(), d) })
+        Ok(n + unsafe { self.fetch_remote((r, &space), rest, &addrs[n..], region.as_deref(), d) })
     }
 
     /// `get` of checked destinations from the local tiers (see the module

@@ -495,15 +495,17 @@ impl PyBlockManager {
         f: impl FnOnce(&BlockManager, Keys<'_>) -> crate::error::Result<T> + Send,
     ) -> PyResult<T> {
         let hs = u64_list(hashes, "hashes")?;
-        let ns = if remote && namespace.is_some() {
-            let m = self.inner.clone();
-            py.detach(move || m.query_namespace_id(namespace.as_deref()))
-                .map_err(to_py)?
-        } else {
-            self.ns(py, namespace)?
-        };
         let m = self.inner.clone();
-        py.detach(move || f(&m, Keys::new(&hs, ns))).map_err(to_py)
+        py.detach(move || {
+            let name = namespace.as_deref();
+            let ns = if remote {
+                m.query_namespace_id(name)?
+            } else {
+                m.namespace_id(name, false)?
+            };
+            f(&m, Keys::new(&hs, ns))
+        })
+        .map_err(to_py)
     }
 
     /// Log the engine's pending warnings. They are taken with the GIL

@@ -93,13 +93,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for EngineArg {
 /// A str argument `name` that must be one of `names` (the engine's parse
 /// checks which): a TypeError naming them for anything else.
 fn choice(obj: Borrowed<'_, '_, PyAny>, name: &str, names: &[&str]) -> PyResult<String> {
-    let s = obj.cast::<PyString>().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a str, one of {names:?}, got {}",
-            obj.repr().map(|r| r.to_string()).unwrap_or_default()
-        ))
-    })?;
-    Ok(s.to_cow()?.into_owned())
+    str_arg(&obj, name, &format!("a str, one of {names:?}"))
 }
 
 /// An integer setting from any Python integer (numpy integers included;
@@ -142,9 +136,14 @@ fn want_bool(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
 
 /// A `str` argument's text, or a `TypeError` naming the setting.
 fn want_str(value: &Bound<'_, PyAny>, name: &str) -> PyResult<String> {
+    str_arg(value, name, "a str")
+}
+
+/// A `str` argument's text, or a `TypeError`: "`name` must be `what`, got ...".
+fn str_arg(value: &Bound<'_, PyAny>, name: &str, what: &str) -> PyResult<String> {
     let s = value.cast::<PyString>().map_err(|_| {
         PyTypeError::new_err(format!(
-            "{name} must be a str, got {}",
+            "{name} must be {what}, got {}",
             value.repr().map(|r| r.to_string()).unwrap_or_default()
         ))
     })?;

@@ -50,6 +50,7 @@ from . import metrics, stats
 from .._once import LogOnce
 from .events import BlockEvents, watch as watch_events
 from .keys import block_key
+from .service import MAX_NAMESPACE_BYTES
 from .store import CONNECTOR_OPTIONS, split_extra_config
 
 if TYPE_CHECKING:
@@ -59,8 +60,6 @@ log = logging.getLogger("dynblock.vllm")
 
 #: The ``kv_transfer_params`` key that names a request's store namespace.
 NAMESPACE_PARAM = "dynblock_namespace"
-#: Bytes of a namespace at most (the store's limit).
-_MAX_NAMESPACE_BYTES = 1024
 #: A request whose namespace was refused.
 _REFUSED = object()
 
@@ -127,12 +126,12 @@ class DynblockTier(SecondaryTierManager):
         ns = params.get(NAMESPACE_PARAM) if isinstance(params, dict) else None
         if ns is None:
             return None
-        if isinstance(ns, str) and ns and len(ns.encode("utf-8", "replace")) <= _MAX_NAMESPACE_BYTES:
+        if isinstance(ns, str) and ns and len(ns.encode("utf-8", "replace")) <= MAX_NAMESPACE_BYTES:
             return ns
         self._once("namespace", "dynblock tier: request %s: kv_transfer_params[%r] must be a "
                    "non-empty str of at most %d bytes, got %s; its chunks are neither looked up "
                    "nor stored (logged once)", getattr(req_context, "req_id", "?"),
-                   NAMESPACE_PARAM, _MAX_NAMESPACE_BYTES, type(ns).__name__)
+                   NAMESPACE_PARAM, MAX_NAMESPACE_BYTES, type(ns).__name__)
         return _REFUSED
 
     def lookup(self, key: "OffloadKey", req_context: "ReqContext") -> LookupResult:
