@@ -211,6 +211,99 @@ def test_namespaces_reach_the_remote_tier_under_keys_of_their_own(redis: Server)
         assert c.match([1, 2], namespace="t1") == 0
 
 
+def test_purge_with_remote_deletes_the_namespace_on_the_server_and_nothing_else(
+        redis: Server) -> None:
+    """purge(ns, remote=True) deletes the server's keys of that namespace only: not another
+    namespace's, not the shared one's, not those of another prefix (whose glob characters
+    must not widen the pattern) or block size; queued background writes of the namespace
+    never land after it; a later get in another manager misses."""
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = list(range(1, 41))
+    with manager(url, remote_write="sync") as a:
+        assert a.put(hs, blocks(hs), namespace="t1") == 40
+        assert a.put(hs[:2], blocks(hs[:2]), namespace="t2") == 2
+        assert a.put(hs[:2], blocks(hs[:2])) == 2
+    for prefix in ("p*", "pX"):  # "p*" unescaped would match "pX"'s keys too
+        with manager(url, remote_write="sync", remote_prefix=prefix) as o:
+            assert o.put([1], blocks([1]), namespace="t1") == 1
+    with BlockManager(Config(block_size=2 * BS, host_blocks=4, numa_node=None, pin=False,
+                             remote=url, remote_write="sync")) as o:
+        assert o.put([1], np.zeros(2 * BS, np.uint8), namespace="t1") == 1
+    before = set(redis.cli("KEYS", "*").split())
+    assert len(before) == 40 + 2 + 2 + 2 + 1
+    with manager(url) as b:
+        out = np.zeros(40 * BS, np.uint8)
+        assert b.get(hs[:3], out[:3 * BS], namespace="t1") == 3  # now held locally too
+        assert b.purge("t1", remote=True) == 3
+        assert b.stats()["remote_purged"] == 40
+        assert b.match(hs, namespace="t1") == 0  # neither tier has it
+        assert b.purge("t1", remote=True) == 0 and b.stats()["remote_purged"] == 40
+        assert b.get(hs[:2], out[:2 * BS], namespace="t2") == 2
+    after = set(redis.cli("KEYS", "*").split())
+    gone = before - after
+    assert after <= before and len(gone) == 40
+    assert all(k.startswith(f"dynblock:{0:016x}:{BS}:n") for k in gone)
+    assert sum(k.startswith("p*:") or k.startswith("pX:") for k in after) == 2
+    with manager(url, host_blocks=64) as c:
+        assert c.match(hs, namespace="t1") == 0
+        assert c.match(hs[:2], namespace="t2") == 2 and c.match(hs[:2]) == 2
+    # Background writes: what is queued for the namespace is dropped, what is being sent is
+    # waited for, so nothing of it is left on the server after the purge.
+    many = list(range(1000, 1512))
+    with manager(url, host_blocks=512) as w:
+        assert w.put(many, blocks(many), namespace="t3") == 512
+        w.purge("t3", remote=True)
+        w.flush()
+        s = w.stats()
+        assert s["remote_stored"] + s["remote_skipped"] == 512
+    assert set(redis.cli("KEYS", "*").split()) == after
+    # A prefix holding glob characters is matched literally: "p*" is not "pX".
+    with manager(url, remote_prefix="p*") as p:
+        p.purge("t1", remote=True)
+        assert p.stats()["remote_purged"] == 1
+    left = set(redis.cli("KEYS", "*").split())
+    assert after - left == {k for k in after if k.startswith("p*:")} and len(after - left) == 1
+
+
+def test_a_remote_purge_is_checked_and_bounded(tmp_path: Path) -> None:
+    """Bad arguments change nothing; a server that never answers ends the purge at its
+    timeout with RemoteError (the local tiers already purged); one that refuses SCAN is an
+    error naming it and leaves the tier up."""
+    from hostile_redis import HostileRedis
+
+    srv = HostileRedis()
+    try:
+        url = f"redis://127.0.0.1:{srv.port}"
+        with manager(url, remote_write="sync") as m:
+            assert m.put([1, 2], blocks([1, 2]), namespace="t") == 2
+            with pytest.raises(TypeError, match="remote must be a bool"):
+                m.purge("t", remote="yes")  # type: ignore[arg-type]
+            for bad in (0, -1.0, float("nan"), True):
+                with pytest.raises(ValueError, match="timeout must be"):
+                    m.purge("t", remote=True, timeout=bad)
+            assert m.match([1, 2], namespace="t") == 2 and len(srv.data) == 2
+            with pytest.raises(RemoteError, match=r"refused SCAN.*unknown command"):
+                m.purge("t", remote=True)
+            # the local tiers forgot the blocks; the server (which refused) still has them
+            assert not m.stats()["remote"]["down"] and len(srv.data) == 2
+            assert not m.contains(1, namespace="t") and m.match([1], namespace="t") == 1
+            assert m.put([3], blocks([3]), namespace="t") == 1
+            srv.mode = "stall"
+            t = time.monotonic()
+            with pytest.raises(RemoteError, match=r"after deleting 0 key\(s\): the timeout passed.*call purge again"):
+                m.purge("t", remote=True, timeout=0.3)
+            assert time.monotonic() - t < 2.0
+            assert not m.contains(3, namespace="t")  # the local part is done
+        with BlockManager(Config(block_size=BS, host_blocks=4, numa_node=None,
+                                 pin=False)) as local:
+            assert local.put([1], blocks([1]), namespace="t") == 1
+            with pytest.raises(ValueError, match="needs a remote tier"):
+                local.purge("t", remote=True)
+            assert local.contains(1, namespace="t")
+    finally:
+        srv.close()
+
+
 def test_a_corrupt_value_is_detected_counted_deleted_never_served(redis: Server,
                                                                   caplog) -> None:
     url = f"redis://127.0.0.1:{redis.port}"
@@ -532,6 +625,23 @@ def test_cluster_spreads_keys_over_every_master_and_serves_another_process(
     assert sum(sizes) == 60 and all(s > 0 for s in sizes), sizes
     info, out = read_in_another_process(url, 60, tmp_path)
     assert info["got"] == 60 and np.array_equal(out, blocks(hs))
+
+
+def test_purge_with_remote_scans_every_master_of_a_cluster(cluster: List[Server]) -> None:
+    # 4000 keys of "t1" over three masters: several SCAN steps on each (a step looks at about
+    # 1000 of a master's keys); the shared namespace's 100 keys stay.
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in cluster)
+    hs = list(range(5000, 9000))
+    with manager(url, host_blocks=4100, remote_write="sync", remote_timeout_ms=5000) as a:
+        for i in range(0, len(hs), 500):
+            assert a.put(hs[i:i + 500], blocks(hs[i:i + 500]), namespace="t1") == 500
+        assert a.put(hs[:100], blocks(hs[:100])) == 100
+        assert a.stats()["remote_stored"] == 4100
+        assert min(int(n.cli("DBSIZE")) for n in cluster) > 1000
+        assert a.purge("t1", remote=True) == 4000
+        assert a.stats()["remote_purged"] == 4000
+    keys = [k for n in cluster for k in n.cli("KEYS", "*").split()]
+    assert len(keys) == 100 and not any(":n" in k for k in keys)
 
 
 def test_a_full_cluster_refusing_writes_is_not_down(cluster: List[Server]) -> None:

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import hashlib
 import logging
+import math
 import operator
 import os
 import queue
@@ -616,15 +617,40 @@ class BlockManager:
         self._check_open()
         return self._m.remove(hashes, _namespace(namespace))
 
-    def purge(self, namespace: str) -> int:
-        """Forget every block of ``namespace`` (in every tier; a persistent
-        store records it before anything changes); returns how many there
-        were. The name stays known."""
+    def purge(self, namespace: str, *, remote: bool = False, timeout: float = 30.0) -> int:
+        """Forget every block of ``namespace`` in the local tiers (a
+        persistent store records it before anything changes); returns how
+        many there were. The name stays known.
+
+        With ``remote=True`` the remote tier's keys of the namespace are
+        deleted too (``SCAN`` on every master, ``UNLINK`` of what it finds;
+        other namespaces, prefixes, layouts and block sizes untouched), after
+        the local tiers forgot the blocks and the background writer dropped
+        or finished sending the namespace's queued ones, within ``timeout``
+        seconds; ``stats()["remote_purged"]`` counts the keys deleted. A
+        remote purge cut short (the timeout, the server) raises
+        :class:`RemoteError` saying how many keys it deleted, with the local
+        tiers already purged: call again to go on. Other processes' local
+        tiers keep their copies (purge there too), and keys another process
+        writes during the scan may be left."""
         ns = _namespace(namespace)
         if ns is None:
             raise TypeError("purge needs a namespace (a str); clear() forgets every block")
+        if not isinstance(remote, bool):
+            raise TypeError(f"remote must be a bool, got {remote!r}")
+        if remote:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                    or not math.isfinite(timeout) or timeout <= 0:
+                raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         self._check_open()
-        return self._m.purge(ns)
+        if remote and self._remote is None:
+            raise ValueError("purge(remote=True) needs a remote tier (Config(remote=...)); "
+                             "this manager has none")
+        n = self._m.purge(ns)
+        if remote:
+            assert self._remote is not None
+            self._remote.purge(ns, float(timeout))
+        return n
 
     def set_quota(self, namespace: str, host_bytes: Optional[int] = None,
                   disk_bytes: Optional[int] = None) -> None:

@@ -132,6 +132,8 @@ METRICS: List[Tuple[str, str, bool, str, Optional[Callable[[Stats], Rows]]]] = [
      "values without a valid MAC, not served", _key("remote_unauthenticated", True)),
     ("dynblock_remote_oversized_total", "counter", False, "replies longer than a value, refused",
      _key("remote_oversized", True)),
+    ("dynblock_remote_purged_total", "counter", False, "keys deleted by purge(remote=True)",
+     _key("remote_purged", True)),
     ("dynblock_lookup_seconds", "histogram", False, "time of lookup and match calls", None),
     ("dynblock_load_seconds", "histogram", False, "time of get calls and lease loads", None),
     ("dynblock_store_seconds", "histogram", False, "time of put calls", None),

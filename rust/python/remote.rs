@@ -8,7 +8,8 @@ use pyo3::prelude::*;
 
 use super::buffers::log_warnings;
 use super::errors::to_py;
-use crate::remote::{RemoteOptions, RemoteTier};
+use crate::error::Error;
+use crate::remote::{Deadline, RemoteOptions, RemoteTier};
 
 /// A connection to a Redis/Valkey remote tier (see `rust/remote/`).
 #[pyclass(name = "RemoteTier", module = "dynblock._core", frozen)]
@@ -94,7 +95,7 @@ impl PyRemoteTier {
 
     /// (name, value) counters: remote_hits, remote_misses, remote_errors,
     /// remote_skipped, remote_corrupt, remote_stored, remote_unauthenticated,
-    /// remote_oversized, remote_deadline_missed.
+    /// remote_oversized, remote_deadline_missed, remote_purged.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.inner.stats;
@@ -108,7 +109,39 @@ impl PyRemoteTier {
             ("remote_unauthenticated", s.unauthenticated.load(Relaxed)),
             ("remote_oversized", s.oversized.load(Relaxed)),
             ("remote_deadline_missed", s.deadline_missed.load(Relaxed)),
+            ("remote_purged", s.purged.load(Relaxed)),
         ]
+    }
+
+    /// Delete every key of namespace `namespace` (None: the shared one) the
+    /// server holds, within `timeout_s`; how many were deleted. A purge cut
+    /// short raises `RemoteError` saying how many it deleted.
+    fn purge(&self, py: Python<'_>, namespace: Option<String>, timeout_s: f64) -> PyResult<u64> {
+        if !(timeout_s.is_finite() && timeout_s > 0.0) {
+            return Err(to_py(Error::InvalidArgument(format!(
+                "timeout must be a number of seconds > 0, got {timeout_s}"
+            ))));
+        }
+        let r = self.inner.clone();
+        let shown = namespace
+            .as_deref()
+            .map_or("the shared namespace".to_string(), |n| {
+                format!("namespace {n:?}")
+            });
+        let got = py.detach(move || {
+            let space = r.space(namespace.as_deref());
+            r.purge(&space, Deadline::after(Duration::from_secs_f64(timeout_s)))
+        });
+        self.log_warnings(py)?;
+        got.map_err(|s| {
+            to_py(Error::Remote(format!(
+                "purge of {shown} on {}: stopped after deleting {} key(s): {}; the keys left \
+                 are still served: call purge again to go on",
+                self.inner.display_url(),
+                s.deleted,
+                s.why
+            )))
+        })
     }
 
     /// Wait for the background writes; False after `timeout_s`.

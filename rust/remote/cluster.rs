@@ -97,6 +97,17 @@ impl SlotMap {
     pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// Every master, each once, in slot order.
+    pub(crate) fn masters(&self) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        for r in &self.ranges {
+            if !out.contains(&r.2) {
+                out.push(r.2.clone());
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,11 @@ pub struct Space(Option<Arc<str>>);
 impl Space {
     /// The shared namespace's keys.
     pub const SHARED: Space = Space(None);
+
+    /// A named namespace's tag in its keys (None: the shared namespace).
+    pub(super) fn tag(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
 }
 
 impl RemoteTier {
@@ -56,7 +61,7 @@ impl RemoteTier {
 
     pub(super) fn key(&self, space: &Space, h: u64) -> String {
         let (p, l, b) = (&self.opts.prefix, self.opts.layout, self.opts.block_size);
-        match &space.0 {
+        match space.tag() {
             None => format!("{p}:{l:016x}:{b}:{h:016x}"),
             Some(tag) => format!("{p}:{l:016x}:{b}:n{tag}:{h:016x}"),
         }

@@ -20,6 +20,8 @@ pub(super) struct Queue {
     /// server); the writer reads their bytes from the local tiers.
     pub(super) items: VecDeque<(Key, Space)>,
     pub(super) busy: bool,
+    /// Batches the writer has finished (sent, or given up on).
+    pub(super) done: u64,
     pub(super) stop: bool,
 }
 
@@ -79,6 +81,7 @@ pub(super) fn writer_loop(weak: std::sync::Weak<RemoteTier>) {
         drop(source);
         let mut q = t.queue.lock().unwrap_or_else(|p| p.into_inner());
         q.busy = false;
+        q.done += 1;
         drop(q);
         t.queue_cv.notify_all();
     }
