@@ -206,6 +206,10 @@ def test_namespaces_reach_the_remote_tier_under_keys_of_their_own(redis: Server)
             assert lease.count == 1
             assert b.get(lease, out[:BS]) == 1 and np.array_equal(out[:BS], blocks([103]))
         assert b.stats(namespace="t2")["host_blocks_used"] == 1
+        # remote hits per namespace: t1's two, t2's one; the shared namespace's two are the rest
+        per = {ns: b.stats(namespace=ns)["remote_hits"] for ns in ("t1", "t2", "t3", None)}
+        assert per == {"t1": 2, "t2": 1, "t3": 0, None: 2}, per
+        assert b.stats()["remote_hits"] == 5
     # Another secret, other tags: another deployment's namespaces are not this one's.
     with manager(url, host_blocks=16, remote_secret="other") as c:
         assert c.match([1, 2], namespace="t1") == 0

@@ -694,7 +694,9 @@ class BlockManager:
 
         With ``namespace=`` (a name, or None for the shared one): that
         namespace's part only: ``namespace``, its calls' ``put_blocks``,
-        ``put_new``, ``host_hits``, ``disk_hits``, ``misses`` (since this
+        ``put_new``, ``host_hits``, ``disk_hits``, ``remote_hits`` (blocks
+        its gets and lookups fetched from the remote tier; also in
+        ``misses``, the local tiers' misses), ``misses`` (since this
         manager opened), the slots and bytes its blocks hold now
         (``host_blocks_used``, ``disk_blocks_used``, ``host_bytes_used``,
         ``disk_bytes_used``) and its quota (``host_quota_bytes``,

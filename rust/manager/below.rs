@@ -108,6 +108,14 @@ impl BlockManager {
         }
         // SAFETY: forwarded from the caller.
         let k = unsafe { r.fetch(space, hashes.hashes(), addrs, d) };
+        if k > 0 && hashes.ns() != 0 {
+            // The shared namespace's are the tier's total less the others' (see `namespace_stats`).
+            self.lock()
+                .ns_counts
+                .entry(hashes.ns())
+                .or_default()
+                .remote_hits += k as u64;
+        }
         if k > 0 {
             // SAFETY: the k blocks were just written there and stay the caller's.
             if let Err(e) = unsafe { self.put_addrs(hashes.sub(..k), &addrs[..k], region, false) } {

@@ -193,6 +193,9 @@ pub struct NamespaceStats {
     pub put_new: u64,
     pub host_hits: u64,
     pub disk_hits: u64,
+    /// Blocks its `get`s and `lookup`s fetched from the remote tier (also
+    /// counted in `misses`: the local tiers did not hold them).
+    pub remote_hits: u64,
     pub misses: u64,
     /// Slots its blocks take in the host and disk tiers (gauges).
     pub host_blocks: u64,
@@ -688,9 +691,13 @@ impl BlockManager {
                 host_hits: st.stats.host_hits,
                 disk_hits: st.stats.disk_hits,
                 misses: st.stats.misses,
+                remote_hits: self.remote().map_or(0, |r| {
+                    r.stats.hits.load(std::sync::atomic::Ordering::Relaxed)
+                }),
                 ..Default::default()
             };
             for o in st.ns_counts.values() {
+                c.remote_hits = c.remote_hits.saturating_sub(o.remote_hits);
                 c.put_blocks = c.put_blocks.saturating_sub(o.put_blocks);
                 c.put_new = c.put_new.saturating_sub(o.put_new);
                 c.host_hits = c.host_hits.saturating_sub(o.host_hits);

@@ -257,6 +257,7 @@ impl PyBlockManager {
             ("put_new", s.put_new),
             ("host_hits", s.host_hits),
             ("disk_hits", s.disk_hits),
+            ("remote_hits", s.remote_hits),
             ("misses", s.misses),
             ("host_blocks_used", s.host_blocks),
             ("disk_blocks_used", s.disk_blocks),
