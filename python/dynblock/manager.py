@@ -631,8 +631,9 @@ class BlockManager:
         remote purge cut short (the timeout, the server) raises
         :class:`RemoteError` saying how many keys it deleted, with the local
         tiers already purged: call again to go on. Other processes' local
-        tiers keep their copies (purge there too), and keys another process
-        writes during the scan may be left."""
+        tiers keep their copies (purge there too), and calls in the
+        namespace running meanwhile (here or in another process) may bring
+        blocks back: stop its traffic first."""
         ns = _namespace(namespace)
         if ns is None:
             raise TypeError("purge needs a namespace (a str); clear() forgets every block")
