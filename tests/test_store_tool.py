@@ -131,6 +131,83 @@ def test_compact_and_clear(tmp_path: Path) -> None:
         assert len(m) == 0
 
 
+def _ns_store(path: Path, **kw) -> None:
+    """Blocks 1, 2 shared; 1, 2, 3 in "t1"; 5 in "t2"."""
+    with open_store(path, disk_blocks=32, **kw) as m:
+        assert m.put([1, 2], blocks([1, 2])) == 2
+        assert m.put([1, 2, 3], blocks([11, 12, 13]), namespace="t1") == 3
+        assert m.put([5], blocks([5]), namespace="t2") == 1
+
+
+def test_purge_removes_one_namespace(tmp_path: Path) -> None:
+    path = tmp_path / "kv"
+    _ns_store(path)
+    r = tool(str(path), "purge", "--namespace", "t1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"path": str(path), "namespace": "t1", "removed": 3,
+                                    "blocks": 3}
+    r = tool(str(path), "purge", "--namespace", "t2")
+    assert r.returncode == 0 and "removed 1 blocks of namespace 't2'; 2 left" in r.stdout, r
+    with open_store(path, disk_blocks=32) as m:
+        assert m.match([1, 2, 3], namespace="t1") == 0 and m.match([5], namespace="t2") == 0
+        out = np.zeros(2 * BS, np.uint8)
+        assert m.get([1, 2], out) == 2 and np.array_equal(out, blocks([1, 2]))
+        assert set(m.namespaces()) == {"t1", "t2"}  # the names stay known
+    for args, says in ((["purge"], "purge needs --namespace NAME"),
+                       (["info", "--namespace", "t1"], "--namespace and --remote go with purge"),
+                       (["purge", "--namespace", "t1", "--timeout", "0"], "--timeout must be")):
+        r = tool(str(path), *args)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+
+
+def test_purge_remote_deletes_the_namespace_on_the_server(tmp_path: Path) -> None:
+    from redis_servers import Server, need
+
+    need("redis-server")
+    srv = Server(tmp_path / "redis", [], kind="redis")
+    try:
+        url = f"redis://127.0.0.1:{srv.port}"
+        path = tmp_path / "kv"
+        _ns_store(path, remote=url, remote_write="sync", remote_secret="s3")
+        assert len(srv.cli("KEYS", "*").split()) == 6
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DYNBLOCK_")}
+        # Without the URL nothing changes: refused before the store is opened.
+        r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "purge",
+                            "--namespace", "t1", "--remote"], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 2 and "needs DYNBLOCK_REMOTE_URL" in r.stderr, r.stderr
+        assert json.loads(tool(str(path), "info", "--json").stdout)["blocks"] == 6
+        env.update(DYNBLOCK_REMOTE_URL=url, DYNBLOCK_REMOTE_SECRET="s3")
+        r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "purge",
+                            "--namespace", "t1", "--remote"], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "removed 3 blocks" in r.stdout and "deleted 3 keys" in r.stdout, r.stdout
+        keys = srv.cli("KEYS", "*").split()
+        assert len(keys) == 3  # the shared namespace's two, t2's one
+        with open_store(path, disk_blocks=32, remote=url, remote_secret="s3") as m:
+            assert m.match([1, 2, 3], namespace="t1") == 0  # neither the store nor the server
+            assert m.match([5], namespace="t2") == 1 and m.match([1, 2]) == 2
+        # A user the server's ACL denies SCAN: the local purge is done, the remote one says
+        # why (exit status 1) and the server keeps the key.
+        srv.cli("ACL", "SETUSER", "noscan", "on", ">pw9", "~*", "+@all", "-scan")
+        env["DYNBLOCK_REMOTE_URL"] = f"redis://noscan:pw9@127.0.0.1:{srv.port}"
+        r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "purge",
+                            "--namespace", "t2", "--remote"], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 1 and "removed 1 blocks" in r.stdout, (r.stdout, r.stderr)
+        assert "refused SCAN" in r.stderr and "pw9" not in r.stderr + r.stdout, r.stderr
+        assert len(srv.cli("KEYS", "*").split()) == 3
+        srv.stop()  # a server that is gone: refused before the store is opened
+        r = subprocess.run([sys.executable, "-m", "dynblock.store", str(path), "purge",
+                            "--namespace", "t1", "--remote"], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 2 and "remote" in r.stderr and "pw9" not in r.stderr, r.stderr
+        assert json.loads(tool(str(path), "info", "--json").stdout)["blocks"] == 2
+    finally:
+        srv.stop()
+
+
 def test_writers_are_refused_naming_the_process_that_holds_the_store(tmp_path: Path) -> None:
     path = tmp_path / "kv"
     make_store(path, [1, 2])
@@ -143,8 +220,8 @@ def test_writers_are_refused_naming_the_process_that_holds_the_store(tmp_path: P
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
-        for cmd in ("verify", "compact", "clear"):
-            r = tool(str(path), cmd)
+        for cmd in ("verify", "compact", "clear", "purge --namespace t"):
+            r = tool(str(path), *cmd.split())
             assert r.returncode == 2, (cmd, r.stdout, r.stderr)
             assert f"held by process {holder.pid}" in r.stderr and "python" in r.stderr, r.stderr
         d = json.loads(tool(str(path), "info", "--json").stdout)  # info only reads: it works

@@ -1,4 +1,4 @@
-"""``python -m dynblock.store PATH info|verify|compact|clear [--json]``: look
+"""``python -m dynblock.store PATH info|verify|compact|clear|purge [--json]``: look
 at and look after a persistent store (``Config(persist=True, disk_path=PATH)``:
 the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 
@@ -16,11 +16,19 @@ the data file ``PATH`` and its index ``PATH.index``) without writing Python.
 - ``compact``: rewrites the index with one record per stored block (and one
   per block ``disk_admission="reuse"`` remembers having turned away).
 - ``clear``: removes every block (the data file keeps its size).
+- ``purge --namespace NAME``: removes every block of one namespace (a
+  tenant). With ``--remote``, also deletes the namespace's keys on the
+  remote tier the environment names, as an engine's ``Config.from_env()``
+  reads it (``DYNBLOCK_REMOTE_URL``, ``DYNBLOCK_REMOTE_PREFIX``,
+  ``DYNBLOCK_REMOTE_SECRET``, ``DYNBLOCK_REMOTE_CA_FILE``), for the store's
+  block size and layout fingerprint, within ``--timeout`` seconds (30): see
+  ``BlockManager.purge``. A remote purge cut short exits with status 1 after
+  the local one, saying how many keys it deleted (run it again to go on).
 
 :class:`Reader` is the same read-only look for programs: a process that reads
 the blocks another process (the store's writer) stores, following its index.
 
-``verify``, ``compact`` and ``clear`` open the store the way an engine does,
+``verify``, ``compact``, ``clear`` and ``purge`` open the store the way an engine does,
 exclusively: while another process holds it they are refused, naming that
 process (never a second writer). Exit status 2 for a refusal or bad input.
 """
@@ -34,7 +42,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -402,6 +410,59 @@ def clear(path: str) -> Dict[str, Any]:
     return {"path": d["path"], "removed": n, "blocks": info(path, who=False)["blocks"]}
 
 
+def purge(path: str, namespace: str, remote: bool = False, timeout: float = 30.0,
+          env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Remove namespace ``namespace``'s blocks from the store; with
+    ``remote``, then its keys on the remote tier ``env`` (default: the
+    process's environment) names. Raises :class:`Refused` before anything
+    changes when the store or the remote settings cannot be used."""
+    if not isinstance(namespace, str) or not namespace:
+        raise Refused(f"--namespace must be a non-empty name, got {namespace!r}")
+    d = info(path, who=False)
+    tier = None
+    if remote:
+        tier = _remote_tier(d, os.environ if env is None else env)
+    try:
+        o = _Open(path, d)
+        try:
+            n = o.m.purge(namespace)
+        finally:
+            o.close()
+        out: Dict[str, Any] = {"path": d["path"], "namespace": namespace, "removed": n,
+                               "blocks": info(path, who=False)["blocks"]}
+        if tier is not None:
+            out["remote"] = tier.url
+            try:
+                out["remote_deleted"] = tier.purge(namespace, float(timeout))
+                out["remote_error"] = None
+            except _core.RemoteError as e:
+                out["remote_deleted"] = None
+                out["remote_error"] = str(e)
+        return out
+    finally:
+        if tier is not None:
+            tier.close(0.0)
+
+
+def _remote_tier(d: Dict[str, Any], env: Mapping[str, str]) -> "_core.RemoteTier":
+    """The remote tier ``env`` names, for the store ``d`` describes (its
+    block size and layout fingerprint)."""
+    from .config import Config, EnvError
+
+    if not env.get("DYNBLOCK_REMOTE_URL"):
+        raise Refused("--remote needs DYNBLOCK_REMOTE_URL (and DYNBLOCK_REMOTE_PREFIX / "
+                      "DYNBLOCK_REMOTE_SECRET as the engine has them)")
+    bs = int(d["index_block_size"])
+    try:
+        c = Config.from_env(env, block_size=bs, layout=None, host_blocks=1)
+        assert c.remote is not None  # DYNBLOCK_REMOTE_URL is set
+        return _core.RemoteTier(c.remote, bs, prefix=c.remote_prefix,
+                                timeout_ms=c.remote_timeout_ms, ca_file=c.remote_ca_file,
+                                layout=int(d["layout"]), secret=c.remote_secret)
+    except (EnvError, ValueError, TypeError, _core.RemoteError) as e:
+        raise Refused(str(e)) from None
+
+
 def _size(n: int) -> str:
     for unit, m in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= m:
@@ -462,13 +523,24 @@ def _print_info(d: Dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynblock.store", description=__doc__.split("\n\n")[0])
     p.add_argument("path", help="the store's data file (its index is PATH.index)")
-    p.add_argument("command", choices=("info", "verify", "compact", "clear"))
+    p.add_argument("command", choices=("info", "verify", "compact", "clear", "purge"))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--drop-bad", action="store_true",
                    help="verify: remove the blocks that fail their check")
+    p.add_argument("--namespace", help="purge: the namespace whose blocks go")
+    p.add_argument("--remote", action="store_true",
+                   help="purge: also delete its keys on the remote tier DYNBLOCK_REMOTE_URL names")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="purge --remote: seconds the remote purge may take (default 30)")
     a = p.parse_args(argv)
     if a.drop_bad and a.command != "verify":
         p.error("--drop-bad goes with verify")
+    if a.command == "purge" and a.namespace is None:
+        p.error("purge needs --namespace NAME")
+    if a.command != "purge" and (a.namespace is not None or a.remote):
+        p.error("--namespace and --remote go with purge")
+    if not (a.timeout > 0 and a.timeout < float("inf")):
+        p.error(f"--timeout must be a number of seconds > 0, got {a.timeout}")
     try:
         if a.command == "info":
             out = info(a.path)
@@ -476,6 +548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             out = verify(a.path, a.drop_bad, show=not a.json and sys.stderr.isatty())
         elif a.command == "compact":
             out = compact(a.path)
+        elif a.command == "purge":
+            out = purge(a.path, a.namespace, a.remote, a.timeout)
         else:
             out = clear(a.path)
     except Refused as e:
@@ -497,9 +571,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elif a.command == "compact":
         print(f"index rewritten: {out['records_before']} records -> {out['records_after']} "
               f"({out['blocks']} blocks)")
+    elif a.command == "purge":
+        print(f"removed {out['removed']} blocks of namespace {out['namespace']!r}; "
+              f"{out['blocks']} left")
+        if "remote" in out:
+            if out["remote_error"] is None:
+                print(f"deleted {out['remote_deleted']} keys of namespace {out['namespace']!r} "
+                      f"on {out['remote']}")
+            else:
+                print(f"dynblock.store: {out['remote_error']}", file=sys.stderr)
     else:
         print(f"removed {out['removed']} blocks; {out['blocks']} left")
     if a.command == "verify" and not out["ok"]:
+        return 1
+    if a.command == "purge" and out.get("remote_error"):
         return 1
     return 0
 
