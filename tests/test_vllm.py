@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 from engine_env import check_fresh
-from redis_servers import Server
+from redis_servers import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "vllm" / "driver.py"
@@ -272,9 +271,9 @@ def test_dynblock_tier_against_the_installed_secondary_tier_interface(tmp_path: 
 # ---- vLLM's own server: dynblock's metrics on its /metrics -----------------------------------
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    # Below the kernel's ephemeral range: vLLM's own sockets (ZMQ, bound to port 0) and the
+    # test's connections never take it between now and the server's bind.
+    return free_port()
 
 
 def _http(url: str, body: Optional[Dict[str, Any]] = None, timeout: float = 120) -> bytes:
