@@ -239,9 +239,9 @@ def test_purge_with_remote_deletes_the_namespace_on_the_server_and_nothing_else(
         out = np.zeros(40 * BS, np.uint8)
         assert b.get(hs[:3], out[:3 * BS], namespace="t1") == 3  # now held locally too
         assert b.purge("t1", remote=True) == 3
-        assert b.stats()["remote_purged"] == 40
+        assert b.stats()["remote_deleted"] == 40
         assert b.match(hs, namespace="t1") == 0  # neither tier has it
-        assert b.purge("t1", remote=True) == 0 and b.stats()["remote_purged"] == 40
+        assert b.purge("t1", remote=True) == 0 and b.stats()["remote_deleted"] == 40
         assert b.get(hs[:2], out[:2 * BS], namespace="t2") == 2
     after = set(redis.cli("KEYS", "*").split())
     gone = before - after
@@ -264,9 +264,32 @@ def test_purge_with_remote_deletes_the_namespace_on_the_server_and_nothing_else(
     # A prefix holding glob characters is matched literally: "p*" is not "pX".
     with manager(url, remote_prefix="p*") as p:
         p.purge("t1", remote=True)
-        assert p.stats()["remote_purged"] == 1
+        assert p.stats()["remote_deleted"] == 1
     left = set(redis.cli("KEYS", "*").split())
     assert after - left == {k for k in after if k.startswith("p*:")} and len(after - left) == 1
+
+
+def test_remove_with_remote_deletes_those_blocks_on_the_server(redis: Server) -> None:
+    url = f"redis://127.0.0.1:{redis.port}"
+    hs = [1, 2, 3, 4, 5]
+    with manager(url, remote_write="sync") as a:
+        assert a.put(hs, blocks(hs), namespace="t1") == 5 and a.put(hs, blocks(hs)) == 5
+    with manager(url) as b:
+        assert b.get([1], np.zeros(BS, np.uint8), namespace="t1") == 1  # held locally too
+        # 1 held here and on the server, 2 only on the server, 9 nowhere
+        assert b.remove([1, 2, 9], namespace="t1", remote=True) == 1
+        assert b.stats()["remote_deleted"] == 2
+        assert b.match([1], namespace="t1") == 0 and b.match([2], namespace="t1") == 0
+        # queued background writes of removed blocks never land after the removal
+        many = list(range(1000, 1512))
+        assert b.put(many, blocks(many)) == 512
+        b.remove(many, remote=True)
+        b.flush()
+    keys = redis.cli("KEYS", "*").split()
+    assert len(keys) == 3 + 5, keys  # t1's 3, 4, 5 and the shared namespace's five
+    with manager(url) as c:
+        assert c.match([3, 4, 5], namespace="t1") == 3 and c.match(hs) == 5
+        assert c.match(many) == 0
 
 
 def test_a_remote_purge_is_checked_and_bounded(tmp_path: Path) -> None:
@@ -282,6 +305,8 @@ def test_a_remote_purge_is_checked_and_bounded(tmp_path: Path) -> None:
             assert m.put([1, 2], blocks([1, 2]), namespace="t") == 2
             with pytest.raises(TypeError, match="remote must be a bool"):
                 m.purge("t", remote="yes")  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="timeout must be"):
+                m.remove([1], namespace="t", remote=True, timeout=0)
             for bad in (0, -1.0, float("nan"), True):
                 with pytest.raises(ValueError, match="timeout must be"):
                     m.purge("t", remote=True, timeout=bad)
@@ -291,6 +316,9 @@ def test_a_remote_purge_is_checked_and_bounded(tmp_path: Path) -> None:
             # the local tiers forgot the blocks; the server (which refused) still has them
             assert not m.stats()["remote"]["down"] and len(srv.data) == 2
             assert not m.contains(1, namespace="t") and m.match([1], namespace="t") == 1
+            with pytest.raises(RemoteError, match=r"refused UNLINK.*call remove again"):
+                m.remove([1], namespace="t", remote=True)
+            assert not m.stats()["remote"]["down"] and len(srv.data) == 2
             assert m.put([3], blocks([3]), namespace="t") == 1
             srv.mode = "stall"
             t = time.monotonic()
@@ -298,11 +326,18 @@ def test_a_remote_purge_is_checked_and_bounded(tmp_path: Path) -> None:
                 m.purge("t", remote=True, timeout=0.3)
             assert time.monotonic() - t < 2.0
             assert not m.contains(3, namespace="t")  # the local part is done
+            assert m.put([4], blocks([4]), namespace="t") == 1  # its sync write times out
+            t = time.monotonic()  # a removal is tried even while the tier is marked down
+            with pytest.raises(RemoteError, match=r"the timeout passed.*call remove again"):
+                m.remove([4], namespace="t", remote=True, timeout=0.3)
+            assert time.monotonic() - t < 2.0 and not m.contains(4, namespace="t")
         with BlockManager(Config(block_size=BS, host_blocks=4, numa_node=None,
                                  pin=False)) as local:
             assert local.put([1], blocks([1]), namespace="t") == 1
             with pytest.raises(ValueError, match="needs a remote tier"):
                 local.purge("t", remote=True)
+            with pytest.raises(ValueError, match="needs a remote tier"):
+                local.remove([1], namespace="t", remote=True)
             assert local.contains(1, namespace="t")
     finally:
         srv.close()
@@ -643,9 +678,13 @@ def test_purge_with_remote_scans_every_master_of_a_cluster(cluster: List[Server]
         assert a.stats()["remote_stored"] == 4100
         assert min(int(n.cli("DBSIZE")) for n in cluster) > 1000
         assert a.purge("t1", remote=True) == 4000
-        assert a.stats()["remote_purged"] == 4000
+        assert a.stats()["remote_deleted"] == 4000
+        # remove: each block's UNLINK goes to the master that holds it
+        assert a.remove(hs[:50], remote=True) == 50
+        assert a.stats()["remote_deleted"] == 4050
     keys = [k for n in cluster for k in n.cli("KEYS", "*").split()]
-    assert len(keys) == 100 and not any(":n" in k for k in keys)
+    assert len(keys) == 50 and not any(":n" in k for k in keys)
+    assert {int(k.rsplit(":", 1)[1], 16) for k in keys} == set(hs[50:100])
 
 
 def test_a_full_cluster_refusing_writes_is_not_down(cluster: List[Server]) -> None:

@@ -612,10 +612,36 @@ class BlockManager:
         self._check_open()
         return len(self._m)
 
-    def remove(self, hashes: Hashes, *, namespace: Optional[str] = None) -> int:
-        """Forget blocks; returns how many were stored."""
+    def remove(self, hashes: Hashes, *, namespace: Optional[str] = None, remote: bool = False,
+               timeout: float = 30.0) -> int:
+        """Forget blocks; returns how many the local tiers held.
+
+        With ``remote=True`` they are deleted from the remote tier too (one
+        pipelined ``UNLINK`` per block, sent to the master holding it), after
+        the local tiers forgot them and the background writer dropped or
+        finished sending them, within ``timeout`` seconds;
+        ``stats()["remote_deleted"]`` counts the keys the server held. Cut
+        short: :class:`RemoteError` as for :meth:`purge` (the local part done;
+        call again to go on)."""
+        ns = _namespace(namespace)
+        self._check_remote_args(remote, timeout)
         self._check_open()
-        return self._m.remove(hashes, _namespace(namespace))
+        if remote and self._remote is None:
+            raise ValueError("remove(remote=True) needs a remote tier (Config(remote=...)); "
+                             "this manager has none")
+        n = self._m.remove(hashes, ns)
+        if remote:
+            assert self._remote is not None
+            self._remote.remove(ns, hashes, float(timeout))
+        return n
+
+    @staticmethod
+    def _check_remote_args(remote: Any, timeout: Any) -> None:
+        if not isinstance(remote, bool):
+            raise TypeError(f"remote must be a bool, got {remote!r}")
+        if remote and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                       or not math.isfinite(timeout) or timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
     def purge(self, namespace: str, *, remote: bool = False, timeout: float = 30.0) -> int:
         """Forget every block of ``namespace`` in the local tiers (a
@@ -627,7 +653,7 @@ class BlockManager:
         other namespaces, prefixes, layouts and block sizes untouched), after
         the local tiers forgot the blocks and the background writer dropped
         or finished sending the namespace's queued ones, within ``timeout``
-        seconds; ``stats()["remote_purged"]`` counts the keys deleted. A
+        seconds; ``stats()["remote_deleted"]`` counts the keys deleted. A
         remote purge cut short (the timeout, the server) raises
         :class:`RemoteError` saying how many keys it deleted, with the local
         tiers already purged: call again to go on. Other processes' local
@@ -637,12 +663,7 @@ class BlockManager:
         ns = _namespace(namespace)
         if ns is None:
             raise TypeError("purge needs a namespace (a str); clear() forgets every block")
-        if not isinstance(remote, bool):
-            raise TypeError(f"remote must be a bool, got {remote!r}")
-        if remote:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-                    or not math.isfinite(timeout) or timeout <= 0:
-                raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        self._check_remote_args(remote, timeout)
         self._check_open()
         if remote and self._remote is None:
             raise ValueError("purge(remote=True) needs a remote tier (Config(remote=...)); "

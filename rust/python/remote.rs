@@ -95,7 +95,7 @@ impl PyRemoteTier {
 
     /// (name, value) counters: remote_hits, remote_misses, remote_errors,
     /// remote_skipped, remote_corrupt, remote_stored, remote_unauthenticated,
-    /// remote_oversized, remote_deadline_missed, remote_purged.
+    /// remote_oversized, remote_deadline_missed, remote_deleted.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.inner.stats;
@@ -109,7 +109,7 @@ impl PyRemoteTier {
             ("remote_unauthenticated", s.unauthenticated.load(Relaxed)),
             ("remote_oversized", s.oversized.load(Relaxed)),
             ("remote_deadline_missed", s.deadline_missed.load(Relaxed)),
-            ("remote_purged", s.purged.load(Relaxed)),
+            ("remote_deleted", s.deleted.load(Relaxed)),
         ]
     }
 
@@ -117,31 +117,31 @@ impl PyRemoteTier {
     /// server holds, within `timeout_s`; how many were deleted. A purge cut
     /// short raises `RemoteError` saying how many it deleted.
     fn purge(&self, py: Python<'_>, namespace: Option<String>, timeout_s: f64) -> PyResult<u64> {
-        if !(timeout_s.is_finite() && timeout_s > 0.0) {
-            return Err(to_py(Error::InvalidArgument(format!(
-                "timeout must be a number of seconds > 0, got {timeout_s}"
-            ))));
-        }
+        let d = deadline(timeout_s)?;
         let r = self.inner.clone();
-        let shown = namespace
-            .as_deref()
-            .map_or("the shared namespace".to_string(), |n| {
-                format!("namespace {n:?}")
-            });
-        let got = py.detach(move || {
-            let space = r.space(namespace.as_deref());
-            r.purge(&space, Deadline::after(Duration::from_secs_f64(timeout_s)))
-        });
+        let shown = shown_namespace(namespace.as_deref());
+        let got = py.detach(move || r.purge(&r.space(namespace.as_deref()), d));
         self.log_warnings(py)?;
-        got.map_err(|s| {
-            to_py(Error::Remote(format!(
-                "purge of {shown} on {}: stopped after deleting {} key(s): {}; the keys left \
-                 are still served: call purge again to go on",
-                self.inner.display_url(),
-                s.deleted,
-                s.why
-            )))
-        })
+        got.map_err(|s| self.stopped("purge", &shown, s.deleted, &s.why))
+    }
+
+    /// Delete blocks `hashes` of namespace `namespace` (None: the shared
+    /// one) from the server, within `timeout_s`; how many it held. Cut
+    /// short: `RemoteError` saying how many it deleted.
+    fn remove(
+        &self,
+        py: Python<'_>,
+        namespace: Option<String>,
+        hashes: &Bound<'_, PyAny>,
+        timeout_s: f64,
+    ) -> PyResult<u64> {
+        let d = deadline(timeout_s)?;
+        let hs = super::buffers::u64_list(hashes, "hashes")?;
+        let r = self.inner.clone();
+        let shown = shown_namespace(namespace.as_deref());
+        let got = py.detach(move || r.remove(&r.space(namespace.as_deref()), &hs, d));
+        self.log_warnings(py)?;
+        got.map_err(|s| self.stopped("remove", &shown, s.deleted, &s.why))
     }
 
     /// Wait for the background writes; False after `timeout_s`.
@@ -167,4 +167,31 @@ impl PyRemoteTier {
     fn __repr__(&self) -> String {
         format!("RemoteTier({:?})", self.inner.display_url())
     }
+}
+
+impl PyRemoteTier {
+    /// The error of a deletion (`what`: purge or remove) cut short.
+    fn stopped(&self, what: &str, shown: &str, deleted: u64, why: &str) -> PyErr {
+        to_py(Error::Remote(format!(
+            "{what} of {shown} on {}: stopped after deleting {deleted} key(s): {why}; the keys \
+             left are still served: call {what} again to go on",
+            self.inner.display_url(),
+        )))
+    }
+}
+
+/// A caller's deadline `timeout_s` from now (a number of seconds > 0).
+fn deadline(timeout_s: f64) -> PyResult<Deadline> {
+    if !(timeout_s.is_finite() && timeout_s > 0.0) {
+        return Err(to_py(Error::InvalidArgument(format!(
+            "timeout must be a number of seconds > 0, got {timeout_s}"
+        ))));
+    }
+    Ok(Deadline::after(Duration::from_secs_f64(timeout_s)))
+}
+
+fn shown_namespace(name: Option<&str>) -> String {
+    name.map_or("the shared namespace".to_string(), |n| {
+        format!("namespace {n:?}")
+    })
 }

@@ -31,9 +31,10 @@
 //! - **Secrets**: the password (from the URL) and the MAC secret never
 //!   appear in [`RemoteTier::display_url`], counters, warnings or errors:
 //!   every message is scrubbed of them.
-//! - **Purges**: [`RemoteTier::purge`] deletes a namespace's keys (`SCAN`
-//!   with a pattern of their exact shape on every master, `UNLINK`), before
-//!   the caller's deadline ([`purge`]).
+//! - **Deletions**: [`RemoteTier::purge`] deletes a namespace's keys (`SCAN`
+//!   with a pattern of their exact shape on every master, `UNLINK`),
+//!   [`RemoteTier::remove`] given blocks', before the caller's deadline
+//!   ([`purge`]).
 //! - **Writes in the background**: [`RemoteTier::enqueue`] queues hashes
 //!   (bounded by `queue_bytes` of blocks) for one writer thread, which
 //!   reads each block from the local tiers straight into the command that
@@ -161,8 +162,8 @@ pub struct RemoteStats {
     pub oversized: AtomicU64,
     /// Calls whose remote work ran into its deadline.
     pub deadline_missed: AtomicU64,
-    /// Keys deleted by purges of a namespace.
-    pub purged: AtomicU64,
+    /// Keys deleted by purges of a namespace and removals of blocks.
+    pub deleted: AtomicU64,
 }
 
 /// Where the background writer reads the bytes of the blocks it sends: the

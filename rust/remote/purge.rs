@@ -1,6 +1,6 @@
-//! Deleting a namespace's keys from the server ([`RemoteTier::purge`]):
-//! `SCAN ... MATCH` on every master, `UNLINK` of what each step finds, all
-//! before the caller's deadline.
+//! Deleting keys from the server: a namespace's ([`RemoteTier::purge`]:
+//! `SCAN ... MATCH` on every master, `UNLINK` of what each step finds) or
+//! given blocks' ([`RemoteTier::remove`]), all before the caller's deadline.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,11 +9,14 @@ use redis::Value;
 
 use super::conn::{self, Conn, Deadline, Failure};
 use super::{Node, RemoteTier, Space};
+use crate::keys::Key;
 
 /// Keys one `SCAN` step asks the server to look at (a hint).
 const SCAN_COUNT: usize = 1000;
 /// Bytes one `SCAN` reply may take (its keys are under 100 bytes each).
 const SCAN_REPLY: usize = 4 << 20;
+/// Keys one step of [`RemoteTier::remove`] unlinks (one round trip per master).
+const STEP_KEYS: usize = 1024;
 
 /// A purge that ended before the server's every key of the namespace was
 /// deleted.
@@ -54,13 +57,14 @@ impl RemoteTier {
     pub fn purge(&self, space: &Space, d: Deadline) -> Result<u64, PurgeStopped> {
         let mut deleted = 0;
         let stopped = |deleted: u64, why: &dyn std::fmt::Display| {
-            self.stats.purged.fetch_add(deleted, Ordering::Relaxed);
+            self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
             PurgeStopped {
                 deleted,
                 why: self.scrub(why),
             }
         };
-        self.drop_queued(space, &d).map_err(|e| stopped(0, &e))?;
+        self.drop_queued(&d, |_, s| s == space)
+            .map_err(|e| stopped(0, &e))?;
         let pattern = self.pattern(space);
         let masters: Vec<Node> = if self.net.cluster {
             if let Err(e) = self.refresh_slots(&d) {
@@ -88,7 +92,61 @@ impl RemoteTier {
             }
         }
         self.came_up();
-        self.stats.purged.fetch_add(deleted, Ordering::Relaxed);
+        self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+        Ok(deleted)
+    }
+
+    /// Delete blocks `hashes` of `space` from the server (one pipelined
+    /// `UNLINK` each, routed to the master that holds it) before `d`;
+    /// returns how many the server held. The background queue's copies of
+    /// them are dropped first and a batch being sent is waited for, as for
+    /// [`Self::purge`].
+    pub fn remove(&self, space: &Space, hashes: &[u64], d: Deadline) -> Result<u64, PurgeStopped> {
+        let stopped = |deleted: u64, why: &dyn std::fmt::Display| {
+            self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+            PurgeStopped {
+                deleted,
+                why: self.scrub(why),
+            }
+        };
+        let gone: std::collections::HashSet<u64> = hashes.iter().copied().collect();
+        self.drop_queued(&d, |k, s| s == space && gone.contains(&k.hash))
+            .map_err(|e| stopped(0, &e))?;
+        let mut deleted = 0u64;
+        let mut refused = None;
+        let mut buf = Vec::new();
+        for chunk in hashes.chunks(STEP_KEYS) {
+            let keys: Vec<String> = chunk.iter().map(|&h| self.key(space, h)).collect();
+            let r = self.round_trip(
+                &keys,
+                super::Replies::Parsed(1024),
+                &d,
+                &mut buf,
+                &mut |i, b| {
+                    redis::cmd("UNLINK").arg(&keys[i]).write_packed_command(b);
+                    true
+                },
+                &mut |_, v| match v {
+                    Value::Int(n) => deleted += n.max(0) as u64,
+                    Value::ServerError(e) => refused = Some(conn::describe(&e)),
+                    _ => {}
+                },
+            );
+            if let Err(e) = r {
+                self.failed(&e, &d);
+                return Err(match e {
+                    Failure::Io {
+                        timed_out: true, ..
+                    } => stopped(deleted, &"the timeout passed"),
+                    e => stopped(deleted, &e),
+                });
+            }
+            if let Some(e) = refused.take() {
+                return Err(stopped(deleted, &format!("the server refused UNLINK: {e}")));
+            }
+        }
+        self.came_up();
+        self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
         Ok(deleted)
     }
 
@@ -112,12 +170,12 @@ impl RemoteTier {
         }
     }
 
-    /// Drop the queued blocks of `space` and wait (until `d`) for a batch
-    /// the writer is sending now.
-    fn drop_queued(&self, space: &Space, d: &Deadline) -> Result<(), String> {
+    /// Drop the queued blocks `gone` says go and wait (until `d`) for a
+    /// batch the writer is sending now.
+    fn drop_queued(&self, d: &Deadline, gone: impl Fn(&Key, &Space) -> bool) -> Result<(), String> {
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let before = q.items.len();
-        q.items.retain(|(_, s)| s != space);
+        q.items.retain(|(k, s)| !gone(k, s));
         let dropped = (before - q.items.len()) as u64;
         self.stats.skipped.fetch_add(dropped, Ordering::Relaxed);
         if q.busy {
