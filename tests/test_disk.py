@@ -515,3 +515,95 @@ def test_missing_directory(tmp_path: Path, clean_env) -> None:
         DiskStorage(tmp_path / "nope", 4, 4096)
     with pytest.raises(ValueError, match="does not exist"):
         DiskStorage(tmp_path / "nope" / "kv.bin", 4, 4096, persist=True)
+
+
+# --- registered buffers -----------------------------------------------------
+
+
+def _shared(nbytes: int) -> "tuple[object, np.ndarray]":
+    """Memory as vLLM's primary tier is: a shared mapping, on small pages."""
+    import mmap
+
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED)
+    return region, np.frombuffer(region, dtype=np.uint8)
+
+
+def test_a_registered_buffer_moves_the_same_bytes_without_pinning_per_io(
+        tmp_path: Path, clean_env) -> None:
+    _need_io_uring(tmp_path)
+    bs = 256 << 10
+    with DiskStorage(tmp_path, 16, bs) as s:
+        _region, buf = _shared(8 * bs)
+        buf[:] = rand_blocks(8, bs, seed=3)
+        rid = s.register_buffer(buf)
+        assert rid is not None, s.registration
+        assert s.registration[:2] == (8 * bs, 0)
+        s.write_blocks([9, 2, 3, 4, 12, 0, 1, 15], buf)  # runs of adjacent slots: vectored
+        want = buf.copy()
+        buf[:] = 0
+        s.read_blocks([9, 2, 3, 4, 12, 0, 1, 15], buf)
+        assert np.array_equal(buf, want)
+        fixed = s.registration[1]
+        assert fixed > 0
+        # Part of it, from an offset inside the registered memory.
+        s.read_blocks([0, 1], buf[2 * bs:4 * bs])
+        assert np.array_equal(buf[2 * bs:4 * bs], want[5 * bs:7 * bs])
+        assert s.registration[1] > fixed
+        # Memory outside it goes the usual way, and after unregistering nothing is fixed.
+        other = _aligned_copy(np.zeros(bs, np.uint8))
+        fixed = s.registration[1]
+        s.read_blocks([15], other)
+        assert s.registration[1] == fixed and np.array_equal(other, want[7 * bs:])
+        assert s.unregister_buffer(rid) is True and s.unregister_buffer(rid) is False
+        assert s.registration[0] == 0
+        s.read_blocks([9], buf[:bs])
+        assert s.registration[1] == fixed and np.array_equal(buf[:bs], want[:bs])
+        with pytest.raises(TypeError, match="registration must be an id"):
+            s.unregister_buffer("1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="empty"):
+            s.register_buffer(buf[:0])
+
+
+def test_huge_page_memory_is_left_unregistered(tmp_path: Path, clean_env) -> None:
+    import mmap
+
+    _need_io_uring(tmp_path)
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("this Python's mmap has no MADV_HUGEPAGE")
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this kernel")
+    region = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE)  # anonymous, advised for huge pages
+    region.madvise(mmap.MADV_HUGEPAGE)
+    buf = np.frombuffer(region, dtype=np.uint8)
+    with DiskStorage(tmp_path, 4, 1 << 20) as s:
+        assert s.register_buffer(buf) is None
+        assert "huge pages" in (s.registration[2] or "") and s.registration[0] == 0
+        buf[:] = 5
+        s.write_blocks([0, 1, 2, 3], buf)  # the usual way
+        out = _aligned_copy(np.zeros(4 << 20, np.uint8))
+        s.read_blocks([0, 1, 2, 3], out)
+        assert (out == 5).all() and s.registration[1] == 0
+
+
+def test_close_forgets_registrations_and_a_manager_registers_through_its_disk(
+        tmp_path: Path, clean_env) -> None:
+    from dynblock import BlockManager, Config
+
+    _need_io_uring(tmp_path)
+    bs = 64 << 10
+    _region, src = _shared(32 * bs)
+    src[:] = rand_blocks(32, bs, seed=5)
+    _region2, dst = _shared(32 * bs)
+    cfg = Config(block_size=bs, host_blocks=0, disk_blocks=64, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False)
+    with BlockManager(cfg) as m:
+        assert m.register_buffer(src) is not None and m.register_buffer(dst) is not None
+        assert m.put(list(range(32)), src) == 32
+        assert m.get(list(range(32)), dst) == 32 and np.array_equal(src, dst)
+        d = m.stats()["disk"]
+        assert d["registered_bytes"] == 64 * bs and d["fixed_ios"] > 0
+    with pytest.raises(ValueError, match="closed"):
+        m.register_buffer(src)
+    with BlockManager(Config(block_size=bs, host_blocks=4, numa_node=None, pin=False)) as h:
+        assert h.register_buffer(src) is None  # no disk tier: nothing to register with

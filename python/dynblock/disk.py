@@ -135,8 +135,31 @@ class DiskStorage:
         """Flush and evict this file's pages from the page cache (cold reads)."""
         self._s.drop_page_cache()
 
+    def register_buffer(self, buf: Any) -> Optional[int]:
+        """Register ``buf`` (long-lived memory that many batches read from or
+        write into: an engine's staging buffer) with the io_uring engine:
+        its direct I/O then skips pinning the buffer's pages for every
+        operation (the kernel pins them once). The buffer is held (kept
+        alive, not resizable) until :meth:`unregister_buffer` or
+        :meth:`close`. Returns the registration's id, or None when this
+        storage has no io_uring engine, or for memory on huge pages
+        (hugetlbfs, or a mapping that may get transparent huge pages, from
+        ``/proc/self/smaps``): pinning those per I/O is cheap, and
+        registering them measured costlier. A kernel that refuses it (over
+        ``RLIMIT_MEMLOCK`` without ``CAP_IPC_LOCK``) leaves the I/O as it
+        was. ``registration`` says why in either case."""
+        return self._s.register_buffer(buf)
+
+    def unregister_buffer(self, registration: int) -> bool:
+        """Forget a registration (and let go of its buffer); False when it
+        is not one."""
+        if isinstance(registration, bool) or not isinstance(registration, int):
+            raise TypeError(f"registration must be an id from register_buffer, got {registration!r}")
+        return self._s.unregister_buffer(registration)
+
     def close(self) -> None:
-        """Close the file (waits for batches in flight). Idempotent."""
+        """Close the file (waits for batches in flight); forgets every
+        registered buffer. Idempotent."""
         self._s.close()
 
     def __enter__(self) -> "DiskStorage":
@@ -169,6 +192,9 @@ class DiskStorage:
     engine = ReadOnly[str](doc='The engine running direct I/O batches: "io_uring" or "threads".')
     file_size = ReadOnly[int]()
     preallocation = ReadOnly[str](doc="How the space was reserved: fallocate, zero-fill, sparse, or existing.")
+    registration = ReadOnly[Tuple[int, int, Optional[str]]](
+        doc="(bytes registered, direct I/Os that used registered memory, why the last "
+            "buffer was left unregistered or the kernel refused one, or None).")
     closed = ReadOnly[bool]()
 
     def __repr__(self) -> str:

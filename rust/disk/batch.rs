@@ -216,12 +216,14 @@ impl DiskStorage {
         let groups = self.group_ops(&ops);
         if let Some(rings) = &self.rings {
             // The ring carries direct I/O straight to the caller's memory;
-            // one group needs no queue (it runs on this thread below).
+            // one group needs no queue (it runs on this thread below) unless
+            // memory is registered (the ring moves it without pinning).
             let in_place = self.stride == self.block_size
                 && ops
                     .iter()
                     .all(|op| is_aligned(op.addr as *const u8, self.align.mem));
-            if groups.len() > 1 && in_place && self.direct.on() {
+            let worth = groups.len() > 1 || (groups.len() == 1 && rings.any_registered());
+            if worth && in_place && self.direct.on() {
                 // SAFETY: forwarded from the caller; the ops are in place.
                 if unsafe { self.run_ring(rings, fd, &ops, &groups, dir, hook, &order) }? {
                     return Ok(());

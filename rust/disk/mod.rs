@@ -832,6 +832,36 @@ impl DiskStorage {
     pub fn io_depth(&self) -> usize {
         self.io_depth
     }
+    /// Register `len` bytes at `addr` with the io_uring engine, which then
+    /// moves direct I/O of blocks inside it without pinning its pages for
+    /// every operation; its id for [`Self::unregister_memory`]. None: no
+    /// io_uring engine here (nothing to register with), or memory on huge
+    /// pages (where pinning per I/O is cheap and registering measured
+    /// costlier), with the reason in [`Self::registration`]. A kernel that
+    /// refuses the registration (`RLIMIT_MEMLOCK`) leaves the I/O as it was
+    /// and says why there too.
+    ///
+    /// # Safety
+    /// The memory stays mapped, and is not moved, until
+    /// `unregister_memory(id)` returns.
+    pub unsafe fn register_memory(&self, addr: usize, len: usize) -> Option<u64> {
+        let rings = self.rings.as_ref()?;
+        // SAFETY: forwarded from the caller.
+        unsafe { rings.register(addr, len, self.block_size) }
+    }
+
+    /// Forget a registration; false when `id` is not one.
+    pub fn unregister_memory(&self, id: u64) -> bool {
+        self.rings.as_ref().is_some_and(|r| r.unregister(id))
+    }
+
+    /// Bytes registered, direct I/Os that used registered memory, and why
+    /// a buffer was left unregistered or the kernel refused one (None:
+    /// neither happened).
+    pub fn registration(&self) -> (u64, u64, Option<String>) {
+        self.rings.as_ref().map_or((0, 0, None), |r| r.registered())
+    }
+
     /// The engine that runs direct I/O batches: `"io_uring"` or `"threads"`.
     pub fn engine(&self) -> &'static str {
         if self.rings.is_some() {

@@ -14,7 +14,8 @@
 #![allow(unsafe_code)]
 
 use std::ops::Range;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -26,11 +27,62 @@ use crate::error::Result;
 use crate::io::Op;
 
 /// Rings kept for the next batch (one per batch running at once, at most
-/// [`Rings::KEEP`] kept idle).
+/// [`Rings::KEEP`] kept idle), and the memory registered with them.
 pub(super) struct Rings {
     entries: u32,
-    idle: Mutex<Vec<IoUring>>,
+    idle: Mutex<Vec<Held>>,
+    regs: Mutex<Regs>,
+    /// A ring used for no I/O that holds the registrations (of the
+    /// generation given): the others clone its buffer table (Linux 6.12),
+    /// which shares the pinned pages instead of pinning them again.
+    source: Mutex<Option<(IoUring, u64)>>,
+    /// The kernel has `READV_FIXED`/`WRITEV_FIXED` (Linux 6.15): a run of
+    /// adjacent slots in registered memory is one fixed vectored I/O.
+    vectored_fixed: bool,
+    /// I/Os that went through registered buffers.
+    fixed_ios: AtomicU64,
+    /// Some memory is registered (read without the lock, per batch).
+    any: std::sync::atomic::AtomicBool,
 }
+
+/// Memory registered with the rings ([`Rings::register`]).
+#[derive(Default)]
+struct Regs {
+    /// Changes with every registration and removal.
+    gen: u64,
+    next_id: u64,
+    /// (id, its pieces as (address, length)): each piece one buffer of
+    /// every ring's table.
+    regions: Vec<(u64, Vec<(usize, usize)>)>,
+    /// Why the last buffer left unregistered was (huge pages), or why the
+    /// kernel refused a registration.
+    refused: Option<String>,
+}
+
+impl Regs {
+    fn table(&self) -> Vec<(usize, usize)> {
+        let mut t: Vec<(usize, usize)> = self
+            .regions
+            .iter()
+            .flat_map(|r| r.1.iter().copied())
+            .collect();
+        t.truncate(MAX_BUFFERS);
+        t
+    }
+}
+
+/// A ring and the buffers it has registered (their indices are its table's).
+struct Held {
+    ring: IoUring,
+    /// The registrations' generation the table is of (None: never synced).
+    gen: Option<u64>,
+    table: Vec<(usize, usize)>,
+}
+
+/// Buffers one ring may register (the kernel's limit).
+const MAX_BUFFERS: usize = 1 << 14;
+/// Bytes of one registered buffer at most (the kernel's limit).
+const MAX_BUFFER_BYTES: usize = 1 << 30;
 
 impl Rings {
     const KEEP: usize = 4;
@@ -41,26 +93,253 @@ impl Rings {
     pub(super) fn new(depth: usize) -> std::io::Result<Self> {
         let entries = (depth.clamp(1, 4096) as u32).next_power_of_two();
         let first = IoUring::new(entries)?;
+        let mut probe = io_uring::Probe::new();
+        let vectored_fixed = first.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadvFixed::CODE)
+            && probe.is_supported(opcode::WritevFixed::CODE);
         Ok(Rings {
             entries,
-            idle: Mutex::new(vec![first]),
+            idle: Mutex::new(vec![Held {
+                ring: first,
+                gen: None,
+                table: Vec::new(),
+            }]),
+            regs: Mutex::new(Regs::default()),
+            source: Mutex::new(None),
+            vectored_fixed,
+            fixed_ios: AtomicU64::new(0),
+            any: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    fn take(&self) -> std::io::Result<IoUring> {
+    fn take(&self) -> std::io::Result<Held> {
         let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match kept {
-            Some(r) => Ok(r),
-            None => IoUring::new(self.entries),
+        let mut h = match kept {
+            Some(h) => h,
+            None => Held {
+                ring: IoUring::new(self.entries)?,
+                gen: None,
+                table: Vec::new(),
+            },
+        };
+        self.sync(&mut h);
+        Ok(h)
+    }
+
+    fn give(&self, mut h: Held) {
+        // A ring back from a batch drops registrations removed meanwhile
+        // now, rather than keep their pages pinned until its next batch.
+        self.sync(&mut h);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < Self::KEEP {
+            idle.push(h);
         }
     }
 
-    fn give(&self, ring: IoUring) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < Self::KEEP {
-            idle.push(ring);
+    /// Bring `h`'s registered buffers up to date with the registrations.
+    fn sync(&self, h: &mut Held) {
+        let (gen, table) = {
+            let r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+            if h.gen == Some(r.gen) {
+                return;
+            }
+            (r.gen, r.table())
+        };
+        if !h.table.is_empty() || h.gen.is_none() {
+            // ENXIO when it has none: nothing to undo.
+            let _ = h.ring.submitter().unregister_buffers();
+        }
+        h.table.clear();
+        if !table.is_empty() {
+            match self.clone_into(&h.ring, gen, &table) {
+                Ok(()) => h.table = table,
+                Err(e) => {
+                    let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+                    r.refused = Some(format!("the kernel refused to register: {e}"));
+                }
+            }
+        }
+        h.gen = Some(gen);
+    }
+
+    /// Give `ring` (with no buffers registered) the buffers of `table`
+    /// (generation `gen`): cloned from the source ring, registered there
+    /// first when it is of another generation; registered on `ring` itself
+    /// where the kernel cannot clone (before 6.12).
+    fn clone_into(
+        &self,
+        ring: &IoUring,
+        gen: u64,
+        table: &[(usize, usize)],
+    ) -> std::io::Result<()> {
+        let iov: Vec<libc::iovec> = table
+            .iter()
+            .map(|&(a, l)| libc::iovec {
+                iov_base: a as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        // Both registrations below: every piece is memory a caller of
+        // `register` promised stays mapped until its `unregister`, which
+        // syncs the source and the idle rings (a ring in use syncs when it
+        // comes back) before it returns; the kernel pins the pages meanwhile.
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(src.as_ref(), Some(s) if s.1 == gen) {
+            let fresh = match src.take() {
+                Some((r, _)) => {
+                    let _ = r.submitter().unregister_buffers();
+                    r
+                }
+                None => IoUring::new(1)?,
+            };
+            // SAFETY: the pieces stay mapped while registered (see above).
+            unsafe { fresh.submitter().register_buffers(&iov) }?;
+            *src = Some((fresh, gen));
+        }
+        let (s, _) = src.as_ref().expect("set above");
+        match ring.submitter().register_buffers_clone(s.as_raw_fd()) {
+            Ok(()) => Ok(()),
+            // SAFETY: as above.
+            Err(_) => unsafe { ring.submitter().register_buffers(&iov) },
         }
     }
+
+    /// Register `len` bytes at `addr` with every ring (in pieces of whole
+    /// `unit`s, each at most 1 GiB); its id for [`Self::unregister`]. None
+    /// for memory on huge pages ([`huge_pages_in`]), left as it is.
+    ///
+    /// # Safety
+    /// The memory stays mapped (and is not moved) until `unregister(id)`
+    /// returns.
+    pub(super) unsafe fn register(&self, addr: usize, len: usize, unit: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+        if let Some(why) = huge_pages_in(addr, len, &smaps) {
+            let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+            r.refused = Some(format!("a buffer of {len} bytes is not registered: {why}"));
+            return None;
+        }
+        let piece = (MAX_BUFFER_BYTES / unit.max(1)).max(1) * unit.max(1);
+        let pieces: Vec<(usize, usize)> = (0..len)
+            .step_by(piece.max(1))
+            .map(|o| (addr + o, piece.min(len - o)))
+            .collect();
+        let id = {
+            let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+            r.next_id += 1;
+            let id = r.next_id;
+            r.regions.push((id, pieces));
+            r.gen += 1;
+            self.any.store(true, Ordering::Relaxed);
+            id
+        };
+        self.sync_idle();
+        Some(id)
+    }
+
+    /// Forget registration `id`: no ring uses it once this returns, except
+    /// a batch running now (whose memory the caller still holds).
+    pub(super) fn unregister(&self, id: u64) -> bool {
+        let found = {
+            let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+            let before = r.regions.len();
+            r.regions.retain(|x| x.0 != id);
+            let found = r.regions.len() != before;
+            if found {
+                r.gen += 1;
+                self.any.store(!r.regions.is_empty(), Ordering::Relaxed);
+            }
+            found
+        };
+        if found {
+            self.sync_idle();
+        }
+        found
+    }
+
+    fn sync_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for h in idle.iter_mut() {
+            self.sync(h);
+        }
+        drop(idle);
+        // The source lets go of pages no registration holds any more.
+        let gen = self.regs.lock().unwrap_or_else(|p| p.into_inner()).gen;
+        let mut src = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if src.as_ref().is_some_and(|s| s.1 != gen) {
+            *src = None; // dropping the ring unregisters its buffers
+        }
+    }
+
+    /// Whether any memory is registered.
+    pub(super) fn any_registered(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    /// Bytes registered, I/Os through registered buffers, and why a buffer
+    /// was left unregistered or the kernel refused one (None: neither).
+    pub(super) fn registered(&self) -> (u64, u64, Option<String>) {
+        let r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = r
+            .regions
+            .iter()
+            .flat_map(|x| x.1.iter())
+            .map(|p| p.1 as u64)
+            .sum();
+        (
+            bytes,
+            self.fixed_ios.load(Ordering::Relaxed),
+            r.refused.clone(),
+        )
+    }
+}
+
+/// Why memory at `addr..addr + len` is better left unregistered (None: it
+/// is on small pages, where registering pays): from `/proc/self/smaps`,
+/// a mapping of it on huge pages (`KernelPageSize` over 4 kB: hugetlbfs)
+/// or that may get transparent huge pages (`THPeligible: 1`). Pinning large
+/// folios per I/O is cheap, and registering them measured costlier here
+/// (see ARCHITECTURE).
+pub(super) fn huge_pages_in(addr: usize, len: usize, smaps: &str) -> Option<String> {
+    let end = addr.saturating_add(len);
+    let mut overlaps = false;
+    let mut seen = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                overlaps = a < end && addr < b;
+                seen |= overlaps;
+                continue;
+            }
+        }
+        if !overlaps {
+            continue;
+        }
+        let mut kv = line.split_whitespace();
+        match (kv.next(), kv.next()) {
+            (Some("KernelPageSize:"), Some(kb)) if kb != "4" => {
+                return Some(format!("it is on {kb} kB pages"));
+            }
+            (Some("THPeligible:"), Some("1")) => {
+                return Some("it may be on transparent huge pages (THPeligible)".into());
+            }
+            _ => {}
+        }
+    }
+    (!seen).then(|| "it is not mapped in this process".to_string())
+}
+
+/// The index of the buffer in `table` that holds every segment of `iov`.
+fn fixed_index(table: &[(usize, usize)], iov: &[libc::iovec]) -> Option<u16> {
+    table
+        .iter()
+        .position(|&(a, l)| {
+            iov.iter().all(|v| {
+                let b = v.iov_base as usize;
+                b >= a && b + v.iov_len <= a + l
+            })
+        })
+        .and_then(|i| u16::try_from(i).ok())
 }
 
 /// A ring taken for one batch. Dropped, also while unwinding, it first
@@ -69,7 +348,7 @@ impl Rings {
 struct Flight<'r> {
     rings: &'r Rings,
     /// Always Some until the drop gives it back.
-    ring: Option<IoUring>,
+    ring: Option<Held>,
     /// Operations pushed and not yet reaped.
     inflight: usize,
     /// `io_uring_enter` failed other than "try again": push nothing more,
@@ -86,7 +365,7 @@ impl Flight<'_> {
     const GIVE_UP: u32 = 10_000;
 
     fn ring(&mut self) -> &mut IoUring {
-        self.ring.as_mut().expect("held until dropped")
+        &mut self.ring.as_mut().expect("held until dropped").ring
     }
 
     /// Hand what was pushed to the kernel; with `wait`, also wait for at
@@ -215,30 +494,64 @@ impl DiskStorage {
                     run_hook(g); // the CRC reads bytes the device is about to read
                 }
                 let len = u32::try_from(want(g)).expect("a group is at most max_io_bytes");
-                let sqe = match (dir, r.len()) {
-                    (Dir::Write, 1) => {
-                        opcode::Write::new(file, iov[r.start].iov_base as *const u8, len)
+                let table = &flight.ring.as_ref().expect("held until dropped").table;
+                let fixed = fixed_index(table, &iov[r.clone()])
+                    .filter(|_| r.len() == 1 || rings.vectored_fixed);
+                if fixed.is_some() {
+                    rings.fixed_ios.fetch_add(1, Ordering::Relaxed);
+                }
+                let sqe = match (dir, r.len(), fixed) {
+                    (Dir::Write, 1, Some(i)) => {
+                        opcode::WriteFixed::new(file, iov[r.start].iov_base as *const u8, len, i)
                             .offset(off)
                             .build()
                     }
-                    (Dir::Read, 1) => {
-                        opcode::Read::new(file, iov[r.start].iov_base as *mut u8, len)
+                    (Dir::Read, 1, Some(i)) => {
+                        opcode::ReadFixed::new(file, iov[r.start].iov_base as *mut u8, len, i)
                             .offset(off)
                             .build()
                     }
-                    (Dir::Write, n) => opcode::Writev::new(file, iov[r.start..].as_ptr(), n as u32)
-                        .offset(off)
-                        .build(),
-                    (Dir::Read, n) => opcode::Readv::new(file, iov[r.start..].as_ptr(), n as u32)
-                        .offset(off)
-                        .build(),
+                    (Dir::Write, n, Some(i)) => {
+                        opcode::WritevFixed::new(file, iov[r.start..].as_ptr(), n as u32, i)
+                            .offset(off)
+                            .build()
+                    }
+                    (Dir::Read, n, Some(i)) => {
+                        opcode::ReadvFixed::new(file, iov[r.start..].as_ptr(), n as u32, i)
+                            .offset(off)
+                            .build()
+                    }
+                    _ => match (dir, r.len()) {
+                        (Dir::Write, 1) => {
+                            opcode::Write::new(file, iov[r.start].iov_base as *const u8, len)
+                                .offset(off)
+                                .build()
+                        }
+                        (Dir::Read, 1) => {
+                            opcode::Read::new(file, iov[r.start].iov_base as *mut u8, len)
+                                .offset(off)
+                                .build()
+                        }
+                        (Dir::Write, n) => {
+                            opcode::Writev::new(file, iov[r.start..].as_ptr(), n as u32)
+                                .offset(off)
+                                .build()
+                        }
+                        (Dir::Read, n) => {
+                            opcode::Readv::new(file, iov[r.start..].as_ptr(), n as u32)
+                                .offset(off)
+                                .build()
+                        }
+                    },
                 };
                 let sqe: squeue::Entry = sqe.user_data(g as u64);
                 // SAFETY: the memory and iovecs the entry points at outlive
                 // its completion: `iov` and the caller's buffers live through
                 // this call, and `flight` waits for every operation in flight
                 // before it is dropped (also while unwinding), which happens
-                // before `iov` is. The queue was checked not full.
+                // before `iov` is. A fixed entry's buffer index is of this
+                // ring's table, which changes only between batches, and its
+                // segments lie inside that buffer. The queue was checked not full.
                 unsafe { flight.ring().submission().push(&sqe) }.expect("checked not full");
                 next += 1;
                 flight.inflight += 1;
@@ -293,5 +606,53 @@ impl DiskStorage {
             }
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixed_index, huge_pages_in};
+
+    const SMAPS: &str = "\
+7f0000000000-7f0000400000 rw-s 00000000 00:1b 1488 /dev/shm/x
+Size:               4096 kB
+KernelPageSize:        4 kB
+THPeligible:           0
+7f0000400000-7f0000800000 rw-p 00000000 00:00 0
+Size:               4096 kB
+KernelPageSize:        4 kB
+THPeligible:           1
+7f0000800000-7f0000c00000 rw-s 00000000 00:1c 7 /mnt/huge/y
+Size:               4096 kB
+KernelPageSize:     2048 kB
+THPeligible:           0
+";
+
+    #[test]
+    fn only_small_page_memory_is_registered() {
+        let base = 0x7f00_0000_0000usize;
+        assert_eq!(huge_pages_in(base + 4096, 1 << 20, SMAPS), None);
+        let thp = huge_pages_in(base + (4 << 20) - 4096, 8192, SMAPS);
+        assert!(thp.is_some_and(|w| w.contains("THPeligible")));
+        let hugetlb = huge_pages_in(base + (8 << 20), 4096, SMAPS);
+        assert!(hugetlb.is_some_and(|w| w.contains("2048 kB")));
+        let unmapped = huge_pages_in(base + (12 << 20), 4096, SMAPS);
+        assert!(unmapped.is_some_and(|w| w.contains("not mapped")));
+    }
+
+    #[test]
+    fn a_fixed_io_needs_every_segment_in_one_buffer() {
+        let iov = |a: usize, l: usize| libc::iovec {
+            iov_base: a as *mut libc::c_void,
+            iov_len: l,
+        };
+        let table = [(1000, 100), (5000, 1000)];
+        assert_eq!(
+            fixed_index(&table, &[iov(5000, 10), iov(5990, 10)]),
+            Some(1)
+        );
+        assert_eq!(fixed_index(&table, &[iov(5000, 10), iov(5995, 10)]), None);
+        assert_eq!(fixed_index(&table, &[iov(1000, 10), iov(5000, 10)]), None);
+        assert_eq!(fixed_index(&table, &[iov(1050, 50)]), Some(0));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use super::buffers::{batch_call, log_warnings};
+use super::buffers::{batch_call, hold_buffer, log_warnings, HeldBuffer};
 use super::errors::to_py;
 use super::settings::{int_or_default, int_setting, EngineArg, ODirectArg, PreallocArg};
 use crate::align::{Alignment, AlignmentSource};
@@ -16,11 +16,31 @@ use crate::disk::{DiskEngine, DiskOptions, DiskStorage, ODirect, Prealloc};
 #[pyclass(name = "DiskStorage", module = "dynblock._core", frozen)]
 pub struct PyDiskStorage {
     inner: Arc<DiskStorage>,
+    /// Buffers registered with the io_uring engine, held (alive, fixed)
+    /// until they are unregistered.
+    registered: std::sync::Mutex<std::collections::HashMap<u64, HeldBuffer>>,
+}
+
+impl Drop for PyDiskStorage {
+    fn drop(&mut self) {
+        // The storage may outlive this object (a manager holds it too): no
+        // ring may keep a buffer whose hold goes now.
+        self.unregister_all();
+    }
 }
 
 impl PyDiskStorage {
     pub fn inner(&self) -> &Arc<DiskStorage> {
         &self.inner
+    }
+
+    /// Forget every registration (then drop the holds).
+    fn unregister_all(&self) -> Vec<HeldBuffer> {
+        let mut held = self.registered.lock().unwrap_or_else(|p| p.into_inner());
+        for id in held.keys() {
+            self.inner.unregister_memory(*id);
+        }
+        held.drain().map(|(_, b)| b).collect()
     }
 
     /// One batch between the slots and a caller buffer (`write`: from it,
@@ -106,7 +126,10 @@ impl PyDiskStorage {
             .detach(|| DiskStorage::open(&path, num_blocks, block_size, &opts))
             .map_err(to_py)?;
         log_warnings(py, "dynblock.disk", s.take_warnings())?;
-        Ok(PyDiskStorage { inner: Arc::new(s) })
+        Ok(PyDiskStorage {
+            inner: Arc::new(s),
+            registered: Default::default(),
+        })
     }
 
     /// Write blocks from `src` (len(slot_ids) * block_size bytes) to the slots.
@@ -140,8 +163,55 @@ impl PyDiskStorage {
     }
 
     fn close(&self, py: Python<'_>) {
+        let held = py.detach(|| self.unregister_all());
+        drop(held); // with the GIL: releasing a Python buffer needs it
         let s = self.inner.clone();
         py.detach(move || s.close())
+    }
+
+    /// Register `buf` with the io_uring engine (its direct I/O then skips
+    /// pinning the buffer's pages for every operation); the buffer is held
+    /// until `unregister_buffer(id)` or `close()`. None: no io_uring engine.
+    fn register_buffer(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        let held = hold_buffer(buf, "buf", false)?;
+        if held.len == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "buf is empty: nothing to register",
+            ));
+        }
+        let (ptr, len) = (held.ptr, held.len);
+        let s = self.inner.clone();
+        // SAFETY: `held` keeps the buffer alive and un-resizable; it is kept
+        // in `registered` until the registration is gone (unregister_buffer,
+        // close, or drop unregister it first).
+        let id = py.detach(move || unsafe { s.register_memory(ptr, len) });
+        if let Some(id) = id {
+            self.registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, held);
+        }
+        Ok(id)
+    }
+
+    /// Forget a registration; False when `id` is not one.
+    fn unregister_buffer(&self, py: Python<'_>, id: u64) -> bool {
+        let s = self.inner.clone();
+        let found = py.detach(move || s.unregister_memory(id));
+        let held = self
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        drop(held);
+        found
+    }
+
+    /// (bytes registered, direct I/Os through registered memory, why the
+    /// kernel refused a registration or None).
+    #[getter]
+    fn registration(&self) -> (u64, u64, Option<String>) {
+        self.inner.registration()
     }
 
     /// Close, and remove the file if this open created it (for an owner

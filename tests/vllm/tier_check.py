@@ -79,6 +79,11 @@ def main() -> None:
     store = os.path.join(work, "tier.bin")
     tier = make(primary, spec, host_blocks=4, disk_blocks=64, disk_path=store, persist=True,
                 numa_node=None, pin=False)
+    # The primary tier's memory is registered with the disk engine (small pages), or says why not.
+    disk = tier.kv.stats()["disk"]
+    assert (disk["registered_bytes"] == primary.numel()
+            or disk["engine"] != "io_uring" or "huge pages" in (disk["registration_skipped"] or "")
+            or "refused" in (disk["registration_skipped"] or "")), disk
     keys = [make_offload_key(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), 0) for _ in range(12)]
     primary[:12] = torch.from_numpy(rng.integers(0, 256, (12, CHUNK), dtype=np.uint8))
     want = primary[:12].clone()

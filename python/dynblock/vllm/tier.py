@@ -104,6 +104,10 @@ class DynblockTier(SecondaryTierManager):
         self._primary = np.frombuffer(view.cast("B"), dtype=np.uint8).reshape(chunks, -1)
         self._fingerprint = tier_fingerprint(offloading_spec, self.block_size_bytes)
         self.kv = BlockManager(Config.from_env(**fields, block_size=self.block_size_bytes))
+        # Every job moves chunks between the primary tier and the store: its
+        # memory is registered with the disk engine (no page pinning per I/O
+        # on vLLM's /dev/shm region; skipped on huge pages). Held until close.
+        self.kv.register_buffer(self._primary)
         self._done: Deque[JobResult] = collections.deque()
         self._lock = threading.Lock()
         self._pending = 0
