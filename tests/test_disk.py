@@ -562,6 +562,10 @@ def test_a_registered_buffer_moves_the_same_bytes_without_pinning_per_io(
             s.unregister_buffer("1")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="empty"):
             s.register_buffer(buf[:0])
+        assert s.register_buffer(buf) is not None
+    assert s.registration[0] == 0  # close() let go of it
+    with pytest.raises(ValueError, match="DiskStorage is closed"):
+        s.register_buffer(buf)
 
 
 def test_huge_page_memory_is_left_unregistered(tmp_path: Path, clean_env) -> None:

@@ -173,6 +173,9 @@ impl PyDiskStorage {
     /// pinning the buffer's pages for every operation); the buffer is held
     /// until `unregister_buffer(id)` or `close()`. None: no io_uring engine.
     fn register_buffer(&self, py: Python<'_>, buf: &Bound<'_, PyAny>) -> PyResult<Option<u64>> {
+        if self.inner.is_closed() {
+            return Err(to_py(crate::error::Error::Closed("DiskStorage")));
+        }
         let held = hold_buffer(buf, "buf", false)?;
         if held.len == 0 {
             return Err(pyo3::exceptions::PyValueError::new_err(
