@@ -624,24 +624,26 @@ class BlockManager:
         short: :class:`RemoteError` as for :meth:`purge` (the local part done;
         call again to go on)."""
         ns = _namespace(namespace)
-        self._check_remote_args(remote, timeout)
-        self._check_open()
-        if remote and self._remote is None:
-            raise ValueError("remove(remote=True) needs a remote tier (Config(remote=...)); "
-                             "this manager has none")
+        r = self._remote_for("remove", remote, timeout)
         n = self._m.remove(hashes, ns)
-        if remote:
-            assert self._remote is not None
-            self._remote.remove(ns, hashes, float(timeout))
+        if r is not None:
+            r.remove(ns, hashes, float(timeout))
         return n
 
-    @staticmethod
-    def _check_remote_args(remote: Any, timeout: Any) -> None:
+    def _remote_for(self, what: str, remote: Any, timeout: Any) -> "Optional[_core.RemoteTier]":
+        """The remote tier a ``what(..., remote=True, timeout=...)`` call
+        deletes from (None for ``remote=False``), its arguments checked and
+        the manager open, before anything changes."""
         if not isinstance(remote, bool):
             raise TypeError(f"remote must be a bool, got {remote!r}")
         if remote and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                        or not math.isfinite(timeout) or timeout <= 0):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        self._check_open()
+        if remote and self._remote is None:
+            raise ValueError(f"{what}(remote=True) needs a remote tier (Config(remote=...)); "
+                             "this manager has none")
+        return self._remote if remote else None
 
     def purge(self, namespace: str, *, remote: bool = False, timeout: float = 30.0) -> int:
         """Forget every block of ``namespace`` in the local tiers (a
@@ -663,15 +665,10 @@ class BlockManager:
         ns = _namespace(namespace)
         if ns is None:
             raise TypeError("purge needs a namespace (a str); clear() forgets every block")
-        self._check_remote_args(remote, timeout)
-        self._check_open()
-        if remote and self._remote is None:
-            raise ValueError("purge(remote=True) needs a remote tier (Config(remote=...)); "
-                             "this manager has none")
+        r = self._remote_for("purge", remote, timeout)
         n = self._m.purge(ns)
-        if remote:
-            assert self._remote is not None
-            self._remote.purge(ns, float(timeout))
+        if r is not None:
+            r.purge(ns, float(timeout))
         return n
 
     def set_quota(self, namespace: str, host_bytes: Optional[int] = None,
@@ -778,9 +775,7 @@ class BlockManager:
             "fs_type": d.fs_type,
             "path": d.path,
             "engine": d.engine,
-            "registered_bytes": d.registration[0],
-            "fixed_ios": d.registration[1],
-            "registration_skipped": d.registration[2],
+            **dict(zip(("registered_bytes", "fixed_ios", "registration_skipped"), d.registration)),
         }
         out["remote"] = None if r is None else {
             "url": r.url,  # without its password

@@ -56,20 +56,12 @@ impl RemoteTier {
     /// whole shape).
     pub fn purge(&self, space: &Space, d: Deadline) -> Result<u64, PurgeStopped> {
         let mut deleted = 0;
-        let stopped = |deleted: u64, why: &dyn std::fmt::Display| {
-            self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-            PurgeStopped {
-                deleted,
-                why: self.scrub(why),
-            }
-        };
         self.drop_queued(&d, |_, s| s == space)
-            .map_err(|e| stopped(0, &e))?;
+            .map_err(|e| self.stopped(0, &e))?;
         let pattern = self.pattern(space);
         let masters: Vec<Node> = if self.net.cluster {
             if let Err(e) = self.refresh_slots(&d) {
-                self.failed(&e, &d);
-                return Err(stopped(0, &format!("no slot map from the cluster: {e}")));
+                return Err(self.lost(0, e, &d));
             }
             let map = self.net.slots.lock().unwrap_or_else(|p| p.into_inner());
             map.masters()
@@ -79,21 +71,40 @@ impl RemoteTier {
         for node in &masters {
             match self.purge_node(node, &pattern, &d, &mut deleted) {
                 Ok(()) => {}
-                Err(Stop::Net(e)) => {
-                    self.failed(&e, &d);
-                    return Err(match e {
-                        Failure::Io {
-                            timed_out: true, ..
-                        } => stopped(deleted, &"the timeout passed"),
-                        e => stopped(deleted, &e),
-                    });
-                }
-                Err(Stop::Refused(e)) => return Err(stopped(deleted, &e)),
+                Err(Stop::Net(e)) => return Err(self.lost(deleted, e, &d)),
+                Err(Stop::Refused(e)) => return Err(self.stopped(deleted, &e)),
             }
         }
+        Ok(self.finished(deleted))
+    }
+
+    /// A deletion that ended after `deleted` keys: counted.
+    fn finished(&self, deleted: u64) -> u64 {
         self.came_up();
         self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-        Ok(deleted)
+        deleted
+    }
+
+    /// A deletion that stopped after `deleted` keys: counted, its reason
+    /// scrubbed of secrets.
+    fn stopped(&self, deleted: u64, why: &dyn std::fmt::Display) -> PurgeStopped {
+        self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+        PurgeStopped {
+            deleted,
+            why: self.scrub(why),
+        }
+    }
+
+    /// A deletion whose round trip failed: the tier's health hears of it
+    /// as of any call's; the caller's deadline is named as such.
+    fn lost(&self, deleted: u64, e: Failure, d: &Deadline) -> PurgeStopped {
+        self.failed(&e, d);
+        match e {
+            Failure::Io {
+                timed_out: true, ..
+            } => self.stopped(deleted, &"the timeout passed"),
+            e => self.stopped(deleted, &e),
+        }
     }
 
     /// Delete blocks `hashes` of `space` from the server (one pipelined
@@ -102,16 +113,9 @@ impl RemoteTier {
     /// them are dropped first and a batch being sent is waited for, as for
     /// [`Self::purge`].
     pub fn remove(&self, space: &Space, hashes: &[u64], d: Deadline) -> Result<u64, PurgeStopped> {
-        let stopped = |deleted: u64, why: &dyn std::fmt::Display| {
-            self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-            PurgeStopped {
-                deleted,
-                why: self.scrub(why),
-            }
-        };
         let gone: std::collections::HashSet<u64> = hashes.iter().copied().collect();
         self.drop_queued(&d, |k, s| s == space && gone.contains(&k.hash))
-            .map_err(|e| stopped(0, &e))?;
+            .map_err(|e| self.stopped(0, &e))?;
         let mut deleted = 0u64;
         let mut refused = None;
         let mut buf = Vec::new();
@@ -133,21 +137,13 @@ impl RemoteTier {
                 },
             );
             if let Err(e) = r {
-                self.failed(&e, &d);
-                return Err(match e {
-                    Failure::Io {
-                        timed_out: true, ..
-                    } => stopped(deleted, &"the timeout passed"),
-                    e => stopped(deleted, &e),
-                });
+                return Err(self.lost(deleted, e, &d));
             }
             if let Some(e) = refused.take() {
-                return Err(stopped(deleted, &format!("the server refused UNLINK: {e}")));
+                return Err(self.stopped(deleted, &format!("the server refused UNLINK: {e}")));
             }
         }
-        self.came_up();
-        self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-        Ok(deleted)
+        Ok(self.finished(deleted))
     }
 
     /// The `MATCH` pattern of every key of `space` and no other: the
