@@ -611,3 +611,39 @@ def test_close_forgets_registrations_and_a_manager_registers_through_its_disk(
         m.register_buffer(src)
     with BlockManager(Config(block_size=bs, host_blocks=4, numa_node=None, pin=False)) as h:
         assert h.register_buffer(src) is None  # no disk tier: nothing to register with
+
+
+def test_a_registration_the_kernel_refuses_leaves_the_io_as_it_was(tmp_path: Path) -> None:
+    # Without CAP_IPC_LOCK registered buffers count against RLIMIT_MEMLOCK: 4 MiB over a limit of
+    # 64 KiB is refused; the call says None and why, and the I/O goes the usual way.
+    import shutil
+
+    _need_io_uring(tmp_path)
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot drop CAP_IPC_LOCK")
+    code = textwrap.dedent(f"""
+        import json, mmap, resource
+        import numpy as np
+        from dynblock import DiskStorage
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (65536, 65536))
+        region = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_SHARED)
+        buf = np.frombuffer(region, dtype=np.uint8)
+        buf[:] = 9
+        with DiskStorage({str(tmp_path)!r}, 8, 1 << 20) as s:
+            rid = s.register_buffer(buf)
+            s.write_blocks([0, 1, 2, 3], buf)
+            buf[:] = 0
+            s.read_blocks([0, 1, 2, 3], buf)
+            print(json.dumps({{"rid": rid, "reg": s.registration, "ok": bool((buf == 9).all())}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNBLOCK_", "DYN_"))}
+    r = subprocess.run(["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock",
+                        sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["rid"] is None and out["ok"], out
+    registered, fixed, why = out["reg"]
+    assert (registered, fixed) == (0, 0) and "refused to register" in why, out

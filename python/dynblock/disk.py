@@ -145,9 +145,10 @@ class DiskStorage:
         storage has no io_uring engine, or for memory on huge pages
         (hugetlbfs, or a mapping that may get transparent huge pages, from
         ``/proc/self/smaps``): pinning those per I/O is cheap, and
-        registering them measured costlier. A kernel that refuses it (over
-        ``RLIMIT_MEMLOCK`` without ``CAP_IPC_LOCK``) leaves the I/O as it
-        was. ``registration`` says why in either case."""
+        registering them measured costlier; and None where the kernel
+        refuses to pin it (over ``RLIMIT_MEMLOCK`` without
+        ``CAP_IPC_LOCK``). The I/O then goes as it did, and
+        ``registration`` says why."""
         return self._s.register_buffer(buf)
 
     def unregister_buffer(self, registration: int) -> bool:

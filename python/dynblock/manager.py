@@ -702,8 +702,8 @@ class BlockManager:
         :meth:`DiskStorage.register_buffer`). Held until
         :meth:`unregister_buffer` or :meth:`close`. Returns the
         registration's id, or None without a disk tier or io_uring engine,
-        or for memory on huge pages (left as it is: pinning them per I/O is
-        cheap); ``stats()["disk"]`` shows ``registered_bytes``, ``fixed_ios``
+        for memory on huge pages (left as it is: pinning them per I/O is
+        cheap), or where the kernel refuses to pin it; ``stats()["disk"]`` shows ``registered_bytes``, ``fixed_ios``
         (I/Os that used registered memory) and ``registration_skipped`` (why
         the last buffer was left unregistered, or the kernel refused one)."""
         self._check_open()

@@ -172,14 +172,24 @@ impl Rings {
         gen: u64,
         table: &[(usize, usize)],
     ) -> std::io::Result<()> {
-        let iov: Vec<libc::iovec> = table
-            .iter()
-            .map(|&(a, l)| libc::iovec {
-                iov_base: a as *mut libc::c_void,
-                iov_len: l,
-            })
-            .collect();
-        // Both registrations below: every piece is memory a caller of
+        let iov = iovecs(table);
+        let src = self.source_at(gen, &iov)?;
+        let (s, _) = src.as_ref().expect("source_at sets it");
+        match ring.submitter().register_buffers_clone(s.as_raw_fd()) {
+            Ok(()) => Ok(()),
+            // SAFETY: the pieces stay mapped while registered (see `source_at`).
+            Err(_) => unsafe { ring.submitter().register_buffers(&iov) },
+        }
+    }
+
+    /// The source ring, holding `iov` (generation `gen`) registered: made
+    /// or registered again when it is of another generation.
+    fn source_at(
+        &self,
+        gen: u64,
+        iov: &[libc::iovec],
+    ) -> std::io::Result<std::sync::MutexGuard<'_, Option<(IoUring, u64)>>> {
+        // Every registration of these pieces: each is memory a caller of
         // `register` promised stays mapped until its `unregister`, which
         // syncs the source and the idle rings (a ring in use syncs when it
         // comes back) before it returns; the kernel pins the pages meanwhile.
@@ -193,20 +203,16 @@ impl Rings {
                 None => IoUring::new(1)?,
             };
             // SAFETY: the pieces stay mapped while registered (see above).
-            unsafe { fresh.submitter().register_buffers(&iov) }?;
+            unsafe { fresh.submitter().register_buffers(iov) }?;
             *src = Some((fresh, gen));
         }
-        let (s, _) = src.as_ref().expect("set above");
-        match ring.submitter().register_buffers_clone(s.as_raw_fd()) {
-            Ok(()) => Ok(()),
-            // SAFETY: as above.
-            Err(_) => unsafe { ring.submitter().register_buffers(&iov) },
-        }
+        Ok(src)
     }
 
     /// Register `len` bytes at `addr` with every ring (in pieces of whole
     /// `unit`s, each at most 1 GiB); its id for [`Self::unregister`]. None
-    /// for memory on huge pages ([`huge_pages_in`]), left as it is.
+    /// for memory on huge pages ([`huge_pages_in`]), left as it is, and
+    /// where the kernel refuses to pin it; the reason is kept either way.
     ///
     /// # Safety
     /// The memory stays mapped (and is not moved) until `unregister(id)`
@@ -223,15 +229,30 @@ impl Rings {
             .step_by(piece.max(1))
             .map(|o| (addr + o, piece.min(len - o)))
             .collect();
-        let id = {
+        let (id, gen, table) = {
             let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
             r.next_id += 1;
             let id = r.next_id;
             r.regions.push((id, pieces));
             r.gen += 1;
             self.any.store(true, Ordering::Relaxed);
-            id
+            (id, r.gen, r.table())
         };
+        // The kernel pins the pages now, on the source ring: a refusal
+        // (RLIMIT_MEMLOCK without CAP_IPC_LOCK) takes the registration back.
+        let refused = self.source_at(gen, &iovecs(&table)).err();
+        if let Some(e) = refused {
+            let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
+            r.regions.retain(|x| x.0 != id);
+            r.gen += 1;
+            self.any.store(!r.regions.is_empty(), Ordering::Relaxed);
+            r.refused = Some(format!(
+                "the kernel refused to register a buffer of {len} bytes: {e}"
+            ));
+            drop(r);
+            self.sync_idle();
+            return None;
+        }
         self.sync_idle();
         Some(id)
     }
@@ -327,6 +348,17 @@ pub(super) fn huge_pages_in(addr: usize, len: usize, smaps: &str) -> Option<Stri
         }
     }
     (!seen).then(|| "it is not mapped in this process".to_string())
+}
+
+/// `table`'s pieces as the kernel takes them.
+fn iovecs(table: &[(usize, usize)]) -> Vec<libc::iovec> {
+    table
+        .iter()
+        .map(|&(a, l)| libc::iovec {
+            iov_base: a as *mut libc::c_void,
+            iov_len: l,
+        })
+        .collect()
 }
 
 /// The index of the buffer in `table` that holds every segment of `iov`.
