@@ -155,9 +155,12 @@ def test_purge_removes_one_namespace(tmp_path: Path) -> None:
         assert set(m.namespaces()) == {"t1", "t2"}  # the names stay known
     for args, says in ((["purge"], "purge needs --namespace NAME"),
                        (["info", "--namespace", "t1"], "--namespace and --remote go with purge"),
-                       (["purge", "--namespace", "t1", "--timeout", "0"], "--timeout must be")):
+                       (["purge", "--namespace", "t1", "--timeout", "0"], "--timeout must be"),
+                       (["purge", "--namespace", ""], "non-empty"),
+                       (["purge", "--namespace", "x" * 2000], "at most 1024 bytes")):
         r = tool(str(path), *args)
-        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, \
+            (args, r.stderr)
 
 
 def test_purge_remote_deletes_the_namespace_on_the_server(tmp_path: Path) -> None:

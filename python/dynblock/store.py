@@ -416,8 +416,13 @@ def purge(path: str, namespace: str, remote: bool = False, timeout: float = 30.0
     ``remote``, then its keys on the remote tier ``env`` (default: the
     process's environment) names. Raises :class:`Refused` before anything
     changes when the store or the remote settings cannot be used."""
-    if not isinstance(namespace, str) or not namespace:
-        raise Refused(f"--namespace must be a non-empty name, got {namespace!r}")
+    from .manager import _namespace
+
+    try:
+        if _namespace(namespace) is None:
+            raise ValueError("purge needs a namespace, got None")
+    except (TypeError, ValueError) as e:
+        raise Refused(f"--namespace: {e}") from None
     d = info(path, who=False)
     tier = None
     if remote:
