@@ -850,9 +850,10 @@ impl DiskStorage {
         unsafe { rings.register(addr, len, self.block_size) }
     }
 
-    /// Forget a registration; false when `id` is not one.
-    pub fn unregister_memory(&self, id: u64) -> bool {
-        self.rings.as_ref().is_some_and(|r| r.unregister(id))
+    /// Forget registrations (all at once: the rings are brought up to date
+    /// once); how many of `ids` were registrations.
+    pub fn unregister_memory(&self, ids: &[u64]) -> usize {
+        self.rings.as_ref().map_or(0, |r| r.unregister(ids))
     }
 
     /// Bytes registered, direct I/Os that used registered memory, and why

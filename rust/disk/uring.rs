@@ -54,12 +54,19 @@ struct Regs {
     /// (id, its pieces as (address, length)): each piece one buffer of
     /// every ring's table.
     regions: Vec<(u64, Vec<(usize, usize)>)>,
-    /// Why the last buffer left unregistered was (huge pages), or why the
-    /// kernel refused a registration.
-    refused: Option<String>,
+    /// Why the last buffer left unregistered was (huge pages, or the
+    /// kernel refused to pin it).
+    skipped: Option<String>,
 }
 
 impl Regs {
+    /// The regions changed: a new generation, and `any` says whether some
+    /// memory is registered.
+    fn changed(&mut self, any: &std::sync::atomic::AtomicBool) {
+        self.gen += 1;
+        any.store(!self.regions.is_empty(), Ordering::Relaxed);
+    }
+
     fn table(&self) -> Vec<(usize, usize)> {
         let mut t: Vec<(usize, usize)> = self
             .regions
@@ -155,7 +162,7 @@ impl Rings {
                 Ok(()) => h.table = table,
                 Err(e) => {
                     let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
-                    r.refused = Some(format!("the kernel refused to register: {e}"));
+                    r.skipped = Some(format!("the kernel refused to register: {e}"));
                 }
             }
         }
@@ -221,12 +228,13 @@ impl Rings {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
         if let Some(why) = huge_pages_in(addr, len, &smaps) {
             let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
-            r.refused = Some(format!("a buffer of {len} bytes is not registered: {why}"));
+            r.skipped = Some(format!("a buffer of {len} bytes is not registered: {why}"));
             return None;
         }
-        let piece = (MAX_BUFFER_BYTES / unit.max(1)).max(1) * unit.max(1);
+        let unit = unit.max(1);
+        let piece = (MAX_BUFFER_BYTES / unit).max(1) * unit;
         let pieces: Vec<(usize, usize)> = (0..len)
-            .step_by(piece.max(1))
+            .step_by(piece)
             .map(|o| (addr + o, piece.min(len - o)))
             .collect();
         let (id, gen, table) = {
@@ -234,8 +242,7 @@ impl Rings {
             r.next_id += 1;
             let id = r.next_id;
             r.regions.push((id, pieces));
-            r.gen += 1;
-            self.any.store(true, Ordering::Relaxed);
+            r.changed(&self.any);
             (id, r.gen, r.table())
         };
         // The kernel pins the pages now, on the source ring: a refusal
@@ -244,9 +251,8 @@ impl Rings {
         if let Some(e) = refused {
             let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
             r.regions.retain(|x| x.0 != id);
-            r.gen += 1;
-            self.any.store(!r.regions.is_empty(), Ordering::Relaxed);
-            r.refused = Some(format!(
+            r.changed(&self.any);
+            r.skipped = Some(format!(
                 "the kernel refused to register a buffer of {len} bytes: {e}"
             ));
             drop(r);
@@ -257,21 +263,21 @@ impl Rings {
         Some(id)
     }
 
-    /// Forget registration `id`: no ring uses it once this returns, except
-    /// a batch running now (whose memory the caller still holds).
-    pub(super) fn unregister(&self, id: u64) -> bool {
+    /// Forget registrations `ids` (one new generation for them all); how
+    /// many there were. No ring uses them once this returns, except a batch
+    /// running now (whose memory the caller still holds).
+    pub(super) fn unregister(&self, ids: &[u64]) -> usize {
         let found = {
             let mut r = self.regs.lock().unwrap_or_else(|p| p.into_inner());
             let before = r.regions.len();
-            r.regions.retain(|x| x.0 != id);
-            let found = r.regions.len() != before;
-            if found {
-                r.gen += 1;
-                self.any.store(!r.regions.is_empty(), Ordering::Relaxed);
+            r.regions.retain(|x| !ids.contains(&x.0));
+            let found = before - r.regions.len();
+            if found > 0 {
+                r.changed(&self.any);
             }
             found
         };
-        if found {
+        if found > 0 {
             self.sync_idle();
         }
         found
@@ -309,7 +315,7 @@ impl Rings {
         (
             bytes,
             self.fixed_ios.load(Ordering::Relaxed),
-            r.refused.clone(),
+            r.skipped.clone(),
         )
     }
 }

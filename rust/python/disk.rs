@@ -37,9 +37,8 @@ impl PyDiskStorage {
     /// Forget every registration (then drop the holds).
     fn unregister_all(&self) -> Vec<HeldBuffer> {
         let mut held = self.registered.lock().unwrap_or_else(|p| p.into_inner());
-        for id in held.keys() {
-            self.inner.unregister_memory(*id);
-        }
+        let ids: Vec<u64> = held.keys().copied().collect();
+        self.inner.unregister_memory(&ids);
         held.drain().map(|(_, b)| b).collect()
     }
 
@@ -200,7 +199,7 @@ impl PyDiskStorage {
     /// Forget a registration; False when `id` is not one.
     fn unregister_buffer(&self, py: Python<'_>, id: u64) -> bool {
         let s = self.inner.clone();
-        let found = py.detach(move || s.unregister_memory(id));
+        let found = py.detach(move || s.unregister_memory(&[id]) == 1);
         let held = self
             .registered
             .lock()
@@ -211,7 +210,8 @@ impl PyDiskStorage {
     }
 
     /// (bytes registered, direct I/Os through registered memory, why the
-    /// kernel refused a registration or None).
+    /// last buffer was left unregistered (huge pages, or the kernel refused
+    /// to pin it) or None).
     #[getter]
     fn registration(&self) -> (u64, u64, Option<String>) {
         self.inner.registration()
