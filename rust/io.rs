@@ -203,9 +203,95 @@ impl Pool {
         }
     }
 
+    /// Run `f` on the calling thread and on at most `helpers` pool threads
+    /// that take it up while the caller runs it (a free thread is woken for
+    /// each); return once the caller's run and every helper's have ended,
+    /// without waiting for threads that were busy elsewhere. `f` shares its
+    /// work out itself and must return at once when none is left.
+    pub fn help(&self, helpers: usize, f: &(dyn Fn() + Sync)) {
+        if helpers == 0 || self.fork.forked() {
+            f();
+            return;
+        }
+        // SAFETY: only the lifetime is erased; `Helped` below does not let
+        // this call end (returning or unwinding) before every ticket is
+        // either withdrawn untaken or finished.
+        let g: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let id = {
+            let mut q = self.shared.lock();
+            let id = q.next_id;
+            q.next_id += 1;
+            q.jobs.push(Job {
+                id,
+                f: g,
+                tickets: helpers,
+                taken: 0,
+                finished: 0,
+                panic: None,
+            });
+            id
+        };
+        for _ in 0..helpers {
+            self.shared.work.notify_one();
+        }
+        let helped = Helped {
+            shared: &self.shared,
+            id,
+        };
+        f();
+        if let Some(p) = helped.end() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
     fn on_pool_thread(&self) -> bool {
         let me = std::thread::current().id();
         self.threads.iter().any(|t| t.thread().id() == me)
+    }
+}
+
+/// A [`Pool::help`] job while its caller runs: ending it (or dropping it,
+/// when the caller's run panics) withdraws the tickets no thread took and
+/// waits for the taken ones.
+struct Helped<'a> {
+    shared: &'a Shared,
+    id: u64,
+}
+
+impl Helped<'_> {
+    /// Withdraw, wait, and hand back a helper's panic.
+    fn end(self) -> Option<Box<dyn std::any::Any + Send>> {
+        let p = self.finish();
+        std::mem::forget(self);
+        p
+    }
+
+    fn finish(&self) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut q = self.shared.lock();
+        loop {
+            let job = q
+                .jobs
+                .iter_mut()
+                .find(|j| j.id == self.id)
+                .expect("own job");
+            job.tickets = 0;
+            if job.finished == job.taken {
+                break;
+            }
+            q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let at = q
+            .jobs
+            .iter()
+            .position(|j| j.id == self.id)
+            .expect("own job");
+        q.jobs.remove(at).panic
+    }
+}
+
+impl Drop for Helped<'_> {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 
@@ -455,6 +541,65 @@ mod tests {
             assert!(matches!(r, Err(Error::InvalidArgument(_))));
             assert!(done.load(Ordering::Relaxed) < 1000);
         }
+    }
+
+    #[test]
+    fn help_shares_the_work_with_free_threads_and_each_item_runs_once() {
+        let p = pool(2, "test-help", 0).unwrap();
+        let seen: Vec<AtomicUsize> = (0..400).map(|_| AtomicUsize::new(0)).collect();
+        let next = AtomicUsize::new(0);
+        let me = std::thread::current().id();
+        let others = AtomicUsize::new(0);
+        p.help(2, &|| {
+            while let Some(s) = seen.get(next.fetch_add(1, Ordering::Relaxed)) {
+                s.fetch_add(1, Ordering::Relaxed);
+                if std::thread::current().id() != me {
+                    others.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        });
+        assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+        assert!(others.load(Ordering::Relaxed) > 0, "no pool thread helped");
+        // Its job is gone: the pool's threads are free for the next caller.
+        assert!(p.shared.lock().jobs.is_empty());
+    }
+
+    #[test]
+    fn help_does_not_wait_for_busy_threads_and_passes_on_a_helpers_panic() {
+        let p = pool(1, "test-help-busy", 0).unwrap();
+        let release = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            // The pool's only thread is busy until the helped caller is done.
+            s.spawn(|| {
+                p.run(1, &|| {
+                    release.wait();
+                })
+            });
+            while p.shared.lock().jobs.first().map_or(true, |j| j.taken == 0) {
+                std::thread::yield_now();
+            }
+            let ran = AtomicUsize::new(0);
+            p.help(1, &|| {
+                ran.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(ran.load(Ordering::Relaxed), 1, "only the caller ran it");
+            release.wait();
+        });
+        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let me = std::thread::current().id();
+            p.help(1, &|| {
+                if std::thread::current().id() != me {
+                    panic!("helper failed");
+                }
+                // The caller waits here until the helper has taken its ticket.
+                while p.shared.lock().jobs.iter().all(|j| j.taken == 0) {
+                    std::thread::yield_now();
+                }
+            });
+        }));
+        assert!(hit.is_err(), "the helper's panic reaches the caller");
+        assert!(p.shared.lock().jobs.is_empty());
     }
 
     #[test]

@@ -9,13 +9,20 @@
 //! - **One open per store per process**: `flock` cannot tell two opens of one
 //!   file in the same process from an open in another process, so open
 //!   persistent stores are also registered here by (device, inode).
+//! - **Cores**: how many the process may run on, for work split across threads.
 #![allow(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, Once, OnceLock};
 
 use crate::error::{Error, Result};
+
+/// Cores this process may run on (CPU affinity and cgroup quota), read once.
+pub fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
 
 static FORKS: AtomicU64 = AtomicU64::new(0);
 static REGISTER: Once = Once::new();

@@ -225,7 +225,9 @@ impl DiskStorage {
             let worth = groups.len() > 1 || (groups.len() == 1 && rings.any_registered());
             if worth && in_place && self.direct.on() {
                 // SAFETY: forwarded from the caller; the ops are in place.
-                if unsafe { self.run_ring(rings, fd, &ops, &groups, dir, hook, &order) }? {
+                if unsafe {
+                    self.run_ring(rings, pool.as_ref(), fd, &ops, &groups, dir, hook, &order)
+                }? {
                     return Ok(());
                 }
             }

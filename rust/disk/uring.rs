@@ -15,7 +15,7 @@
 
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -459,8 +459,18 @@ impl Drop for Flight<'_> {
     }
 }
 
-/// Bytes of checksummed writes pushed before they are handed to the kernel.
-const SUBMIT_EVERY: usize = 1 << 20;
+/// Bytes of verified reads in flight at most (at least one operation): the
+/// reads that complete last are checked after the device is done, so what is
+/// in flight then is the call's tail. Measured (2 MiB blocks, 32 MiB
+/// batches, 16 in flight): 0.86x of unverified reads with the whole batch in
+/// flight, 0.92-0.95x with 8 MiB (4 and 16 MiB: no better), whose tail of
+/// four blocks the free cores sum together ([`DiskStorage::verify`]).
+const VERIFY_WINDOW: usize = 8 << 20;
+
+/// Bytes of completed reads worth waking pool threads to check alongside
+/// the caller (a wake-up costs tens of microseconds; CRC32C reads about a
+/// MiB in a hundred).
+const SHARE_FROM: usize = 1 << 20;
 
 /// Whether `e` from `io_uring_enter` only asks to try again.
 fn transient(e: &std::io::Error) -> bool {
@@ -481,6 +491,7 @@ impl DiskStorage {
     pub(super) unsafe fn run_ring(
         &self,
         rings: &Rings,
+        pool: Option<&crate::io::Pool>,
         fd: RawFd,
         ops: &[Op],
         groups: &[Range<usize>],
@@ -514,23 +525,25 @@ impl DiskStorage {
         let mut redo: Vec<usize> = Vec::new();
         let mut next = 0usize;
         let mut done: Vec<(usize, i32)> = Vec::new();
+        let window = match (dir, hook) {
+            (Dir::Read, Some(_)) => VERIFY_WINDOW,
+            _ => usize::MAX,
+        };
+        let mut moving = 0usize; // bytes in flight
+        let mut fresh: Vec<usize> = Vec::new();
+        let mut arrived: Vec<usize> = Vec::new();
         loop {
-            // Keep the device busy first: push up to `depth`. When checksums
-            // are computed between pushes, hand the kernel each MiB as it is
-            // pushed (otherwise the first write would wait for every checksum).
-            let mut pushed = false;
-            let mut unsent = 0usize;
+            // Keep the device busy first: push up to `depth` (verified
+            // reads: up to the window).
             while !flight.broken
                 && flight.inflight < depth
+                && (moving < window || flight.inflight == 0)
                 && next < groups.len()
                 && !flight.ring().submission().is_full()
             {
                 let g = next;
                 let r = groups[g].clone();
                 let off = self.slot_offset(ops[r.start].slot);
-                if dir == Dir::Write {
-                    run_hook(g); // the CRC reads bytes the device is about to read
-                }
                 let len = u32::try_from(want(g)).expect("a group is at most max_io_bytes");
                 let table = &flight.ring.as_ref().expect("held until dropped").table;
                 let fixed = fixed_index(table, &iov[r.clone()])
@@ -593,28 +606,34 @@ impl DiskStorage {
                 unsafe { flight.ring().submission().push(&sqe) }.expect("checked not full");
                 next += 1;
                 flight.inflight += 1;
-                pushed = true;
-                unsent += len as usize;
-                if dir == Dir::Write && hook.is_some() && unsent >= SUBMIT_EVERY {
-                    flight.submit(false);
-                    unsent = 0;
-                }
+                moving += len as usize;
+                fresh.push(g);
             }
-            // Then check what completed last time (read checksums), while
-            // the refilled queue moves: handed to the kernel first. Otherwise
-            // the wait below submits it in the same call.
-            if pushed && dir == Dir::Read && hook.is_some() && !done.is_empty() {
-                flight.submit(false);
-            }
+            // Checksums are computed while the device moves what was just
+            // handed to it (writes: the bytes it is reading, which do not
+            // change; reads: what completed last time). Without checksum
+            // work the wait below submits in the same call.
             for (g, res) in done.drain(..) {
+                moving -= want(g);
                 if usize::try_from(res).ok() == Some(want(g)) {
-                    if dir == Dir::Read {
-                        run_hook(g);
-                    }
+                    arrived.push(g);
                 } else {
                     redo.push(g); // an error or a short transfer: done again, synchronously
                 }
             }
+            if hook.is_some() && !fresh.is_empty() {
+                if dir == Dir::Write || !arrived.is_empty() {
+                    flight.submit(false);
+                }
+                if dir == Dir::Write {
+                    fresh.iter().for_each(|&g| run_hook(g));
+                }
+            }
+            fresh.clear();
+            if let (Dir::Read, Some(h)) = (dir, hook) {
+                self.verify(pool, h, &arrived, (ops, groups, order));
+            }
+            arrived.clear();
             if flight.inflight == 0 {
                 break; // all done, or broken with nothing in flight
             }
@@ -644,6 +663,39 @@ impl DiskStorage {
             }
         }
         Ok(true)
+    }
+}
+
+impl DiskStorage {
+    /// Check the blocks of the read groups that `arrived` (`hook` on each):
+    /// on this thread and, when they are worth it, on free pool threads too,
+    /// one per other core at most, each taking the next block.
+    fn verify(
+        &self,
+        pool: Option<&crate::io::Pool>,
+        hook: Hook<'_>,
+        arrived: &[usize],
+        (ops, groups, order): (&[Op], &[Range<usize>], &[usize]),
+    ) {
+        let blocks: Vec<(usize, usize)> = arrived
+            .iter()
+            .flat_map(|&g| &ops[groups[g].clone()])
+            .flat_map(|op| {
+                (0..op.count).map(|k| (order[op.first + k], op.addr + k * self.block_size))
+            })
+            .collect();
+        let helpers = (crate::process::cores() - 1).min(blocks.len().saturating_sub(1));
+        match pool {
+            Some(p) if helpers > 0 && blocks.len() * self.block_size >= SHARE_FROM => {
+                let next = AtomicUsize::new(0);
+                p.help(helpers, &|| {
+                    while let Some(&(i, addr)) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        hook(i, addr);
+                    }
+                });
+            }
+            _ => blocks.iter().for_each(|&(i, addr)| hook(i, addr)),
+        }
     }
 }
 

@@ -23,14 +23,13 @@ const SIDE_MAX: usize = 4;
 /// [`SIDE_MIN_BLOCK`] or on a machine of fewer than 8 usable cores, and one
 /// per two cores past the first four, at most [`SIDE_MAX`].
 pub(super) fn side_threads(block_size: usize, given: Option<usize>) -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
     if let Some(n) = given {
         return n;
     }
     if block_size < SIDE_MIN_BLOCK {
         return 0;
     }
-    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let cores = crate::process::cores();
     if cores < 8 {
         0
     } else {
