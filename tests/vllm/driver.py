@@ -9,7 +9,8 @@ the separate vLLM environment (.ci/vllm-env), never imported by pytest.
 The prompts run one after another (one ``generate`` each), so vLLM's own
 cache sees them in order. ``RecordingConnector`` is DynblockConnector plus a
 file the worker rewrites after every step with the connector's counters and
-the store's stats, so the test can see what the worker process did.
+the store's stats, so the test can see what the worker process did;
+``BareConnector`` loads and saves nothing (a baseline on the connector path).
 """
 
 from __future__ import annotations
@@ -24,8 +25,40 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 try:
     from dynblock.vllm.connector import DynblockConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                                   KVConnectorMetadata)
 except ImportError:  # imported outside the vLLM environment: nothing to define
-    DynblockConnector = object  # type: ignore[misc,assignment]
+    DynblockConnector = KVConnectorBase_V1 = KVConnectorMetadata = object  # type: ignore
+
+
+class BareConnector(KVConnectorBase_V1):  # type: ignore[misc,valid-type]
+    """A connector that loads and saves nothing: the engine's connector code
+    path without a store. With any KV connector configured, vLLM's CPU build
+    computes bfloat16 differently on this project's CI machines (AMX): a prompt
+    no cache ever touches gets other greedy tokens than without a connector
+    (seen with this class as with DynblockConnector), so an exact bfloat16
+    comparison needs a baseline on the same path."""
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):  # type: ignore[no-untyped-def]
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens):  # type: ignore[no-untyped-def]
+        pass
+
+    def build_connector_meta(self, scheduler_output):  # type: ignore[no-untyped-def]
+        return KVConnectorMetadata()
+
+    def start_load_kv(self, forward_context, **kwargs):  # type: ignore[no-untyped-def]
+        pass
+
+    def wait_for_layer_load(self, layer_name):  # type: ignore[no-untyped-def]
+        pass
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs):  # type: ignore[no-untyped-def]
+        pass
+
+    def wait_for_save(self):  # type: ignore[no-untyped-def]
+        pass
 
 
 class RecordingConnector(DynblockConnector):  # type: ignore[misc,valid-type]
