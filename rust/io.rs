@@ -125,6 +125,41 @@ impl Shared {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Queue a job of `tickets` runs of `f` (see [`Job`]); its id.
+    fn post(&self, f: *const (dyn Fn() + Sync + 'static), tickets: usize) -> u64 {
+        let mut q = self.lock();
+        let id = q.next_id;
+        q.next_id += 1;
+        q.jobs.push(Job {
+            id,
+            f,
+            tickets,
+            taken: 0,
+            finished: 0,
+            panic: None,
+        });
+        id
+    }
+
+    /// Wait until job `id` has no ticket left (`withdraw`: take back those
+    /// not taken yet) and every taken one finished; remove it and hand back
+    /// a run's panic.
+    fn finish(&self, id: u64, withdraw: bool) -> Option<Box<dyn std::any::Any + Send>> {
+        let mut q = self.lock();
+        loop {
+            let job = q.jobs.iter_mut().find(|j| j.id == id).expect("own job");
+            if withdraw {
+                job.tickets = 0;
+            }
+            if job.tickets == 0 && job.finished == job.taken {
+                break;
+            }
+            q = self.done.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let at = q.jobs.iter().position(|j| j.id == id).expect("own job");
+        q.jobs.remove(at).panic
+    }
+
     /// A pool thread: take a ticket of the oldest job that has one, run it,
     /// report it; sleep while there is none; end when the pool stops.
     fn serve(&self) {
@@ -176,29 +211,9 @@ impl Pool {
         // before every ticket was taken and has finished running `f` (the
         // wait below).
         let f: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f) };
-        let mut q = self.shared.lock();
-        let id = q.next_id;
-        q.next_id += 1;
-        q.jobs.push(Job {
-            id,
-            f,
-            tickets: workers,
-            taken: 0,
-            finished: 0,
-            panic: None,
-        });
+        let id = self.shared.post(f, workers);
         self.shared.work.notify_all();
-        loop {
-            let job = q.jobs.iter().find(|j| j.id == id).expect("own job");
-            if job.tickets == 0 && job.finished == job.taken {
-                break;
-            }
-            q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        let at = q.jobs.iter().position(|j| j.id == id).expect("own job");
-        let job = q.jobs.remove(at);
-        drop(q);
-        if let Some(p) = job.panic {
+        if let Some(p) = self.shared.finish(id, false) {
             std::panic::resume_unwind(p);
         }
     }
@@ -217,20 +232,7 @@ impl Pool {
         // this call end (returning or unwinding) before every ticket is
         // either withdrawn untaken or finished.
         let g: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(f) };
-        let id = {
-            let mut q = self.shared.lock();
-            let id = q.next_id;
-            q.next_id += 1;
-            q.jobs.push(Job {
-                id,
-                f: g,
-                tickets: helpers,
-                taken: 0,
-                finished: 0,
-                panic: None,
-            });
-            id
-        };
+        let id = self.shared.post(g, helpers);
         for _ in 0..helpers {
             self.shared.work.notify_one();
         }
@@ -267,25 +269,7 @@ impl Helped<'_> {
     }
 
     fn finish(&self) -> Option<Box<dyn std::any::Any + Send>> {
-        let mut q = self.shared.lock();
-        loop {
-            let job = q
-                .jobs
-                .iter_mut()
-                .find(|j| j.id == self.id)
-                .expect("own job");
-            job.tickets = 0;
-            if job.finished == job.taken {
-                break;
-            }
-            q = self.shared.done.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        let at = q
-            .jobs
-            .iter()
-            .position(|j| j.id == self.id)
-            .expect("own job");
-        q.jobs.remove(at).panic
+        self.shared.finish(self.id, true)
     }
 }
 
