@@ -33,8 +33,7 @@ import os
 from typing import Dict, List, Tuple
 
 import dynblock.bench
-
-NEVER = 1 << 62
+from dynblock.bench.policy import belady_hits
 
 
 def load(path: str) -> List[List[int]]:
@@ -76,33 +75,9 @@ def predictability(reqs: List[List[int]]) -> None:
     print("   " + ", ".join(f"{k * 16}: {f / n:.2f} of {n}" for k, (n, f) in sorted(by_len.items())))
 
 
-def accesses(reqs: List[List[int]]) -> Tuple[List[Tuple[int, bool]], List[int]]:
-    acc = [(h, j == len(hs) - 1) for hs in reqs for j, h in enumerate(hs)]
-    nxt = [0] * len(acc)
-    seen: Dict[int, int] = {}
-    for t in range(len(acc) - 1, -1, -1):
-        h = acc[t][0]
-        nxt[t] = seen.get(h, NEVER)
-        seen[h] = t
-    return acc, nxt
-
-
-def belady(acc: List[Tuple[int, bool]], nxt: List[int], cap: int) -> float:
-    held: Dict[int, int] = {}
-    heap: List[Tuple[int, int]] = []
-    hits = 0
-    for t, (h, _) in enumerate(acc):
-        if h in held:
-            hits += 1
-        elif len(held) >= cap:
-            while True:
-                k, b = heapq.heappop(heap)
-                if held.get(b) == -k:
-                    del held[b]
-                    break
-        held[h] = nxt[t]
-        heapq.heappush(heap, (-nxt[t], h))
-    return hits / len(acc)
+def accesses(reqs: List[List[int]]) -> List[Tuple[int, bool]]:
+    """Every block access in order, with whether it is its request's last block."""
+    return [(h, j == len(hs) - 1) for hs in reqs for j, h in enumerate(hs)]
 
 
 def keyed(acc: List[Tuple[int, bool]], cap: int, bonus: float, last_cold: bool) -> float:
@@ -140,9 +115,9 @@ def main() -> None:
     reqs = load(a.trace)
     print(f"trace {a.trace}")
     predictability(reqs)
-    acc, nxt = accesses(reqs)
+    acc = accesses(reqs)
     for cap in (int(c) for c in a.capacity.split(",")):
-        b, lru = belady(acc, nxt, cap), keyed(acc, cap, 0.0, False)
+        b, lru = belady_hits(reqs, cap) / len(acc), keyed(acc, cap, 0.0, False)
         print(f"capacity {cap}: Belady {b:.4f}, LRU {lru:.4f}")
         best = (lru, 0.0, False)
         for last_cold in (False, True):
