@@ -263,19 +263,15 @@ struct Helped<'a> {
 impl Helped<'_> {
     /// Withdraw, wait, and hand back a helper's panic.
     fn end(self) -> Option<Box<dyn std::any::Any + Send>> {
-        let p = self.finish();
+        let p = self.shared.finish(self.id, true);
         std::mem::forget(self);
         p
-    }
-
-    fn finish(&self) -> Option<Box<dyn std::any::Any + Send>> {
-        self.shared.finish(self.id, true)
     }
 }
 
 impl Drop for Helped<'_> {
     fn drop(&mut self) {
-        let _ = self.finish();
+        let _ = self.shared.finish(self.id, true);
     }
 }
 

@@ -99,8 +99,9 @@ def base_args(model_dir: Path, prompts: List[List[int]], dtype: str = "float32")
 
 
 class Runs:
-    """The baseline engine (no connector) and the engine with the connector,
-    on the same prompts, shared by the tests of one dtype."""
+    """The baseline engine (no connector, or with ``bare_baseline`` one that
+    stores nothing) and the engine with the connector, on the same prompts,
+    shared by the tests of one dtype."""
 
     def __init__(self, model_dir: Path, store_dir: Path, dtype: str,
                  bare_baseline: bool = False) -> None:

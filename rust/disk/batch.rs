@@ -272,12 +272,20 @@ impl DiskStorage {
     /// `hook` on every block of `group` (its index in the batch, its memory).
     pub(super) fn hook_group(&self, hook: Option<Hook<'_>>, group: &[Op], order: &[usize]) {
         if let Some(h) = hook {
-            for op in group {
-                for k in 0..op.count {
-                    h(order[op.first + k], op.addr + k * self.block_size);
-                }
-            }
+            self.blocks_of(group, order)
+                .for_each(|(i, addr)| h(i, addr));
         }
+    }
+
+    /// The blocks of `group`: (index in the batch, address).
+    pub(super) fn blocks_of<'a>(
+        &'a self,
+        group: &'a [Op],
+        order: &'a [usize],
+    ) -> impl Iterator<Item = (usize, usize)> + 'a {
+        group.iter().flat_map(move |op| {
+            (0..op.count).map(move |k| (order[op.first + k], op.addr + k * self.block_size))
+        })
     }
 
     /// One segment per op: its memory, its blocks' bytes.

@@ -677,16 +677,18 @@ impl DiskStorage {
         arrived: &[usize],
         (ops, groups, order): (&[Op], &[Range<usize>], &[usize]),
     ) {
-        let blocks: Vec<(usize, usize)> = arrived
+        let count: usize = arrived
             .iter()
             .flat_map(|&g| &ops[groups[g].clone()])
-            .flat_map(|op| {
-                (0..op.count).map(|k| (order[op.first + k], op.addr + k * self.block_size))
-            })
-            .collect();
-        let helpers = (crate::process::cores() - 1).min(blocks.len().saturating_sub(1));
+            .map(|op| op.count)
+            .sum();
+        let helpers = (crate::process::cores() - 1).min(count.saturating_sub(1));
         match pool {
-            Some(p) if helpers > 0 && blocks.len() * self.block_size >= SHARE_FROM => {
+            Some(p) if helpers > 0 && count * self.block_size >= SHARE_FROM => {
+                let blocks: Vec<(usize, usize)> = arrived
+                    .iter()
+                    .flat_map(|&g| self.blocks_of(&ops[groups[g].clone()], order))
+                    .collect();
                 let next = AtomicUsize::new(0);
                 p.help(helpers, &|| {
                     while let Some(&(i, addr)) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) {
@@ -694,7 +696,9 @@ impl DiskStorage {
                     }
                 });
             }
-            _ => blocks.iter().for_each(|&(i, addr)| hook(i, addr)),
+            _ => arrived
+                .iter()
+                .for_each(|&g| self.hook_group(Some(hook), &ops[groups[g].clone()], order)),
         }
     }
 }
