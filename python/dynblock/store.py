@@ -51,10 +51,14 @@ from ._core import DynblockError, StoreLockedError
 from .bench.common import Progress
 from .buffers import aligned_empty
 
-#: Bytes read per step of ``verify``.
-VERIFY_STEP = 16 << 20
-#: Steps of ``verify`` read ahead of the one being checked.
-AHEAD = 2
+#: Bytes read per step of ``verify``: one step fills the disk tier's queue at
+#: 2 MiB blocks (16 reads). Measured (512 MiB of 2 MiB blocks, virtio disk,
+#: against the manager's cold reads with checksums): 16 MiB steps 0.84-0.93x,
+#: 32 MiB and 64 MiB 0.96-0.98x.
+VERIFY_STEP = 32 << 20
+#: Steps of ``verify`` read ahead of the one being checked (the check of a
+#: step takes a fifth of its read; two ahead measured no faster).
+AHEAD = 1
 
 
 class Refused(Exception):
