@@ -46,10 +46,7 @@ class TierOrder:
 
     def __init__(self, kind: str, cap: int, ns_of=lambda h: 0) -> None:
         self.kind = kind
-        # Each named namespace's blocks (not the shared one's, 0), oldest first; with LRU
-        # least recent first: where a namespace at its quota finds its own victim.
         self.ns_of = ns_of
-        self.by_ns: Dict[int, "OrderedDict[int, None]"] = {}
         self.small: "OrderedDict[int, None]" = OrderedDict()  # LRU's only list
         self.main: "OrderedDict[int, None]" = OrderedDict()
         self.freq: Dict[int, int] = {}
@@ -89,9 +86,12 @@ class TierOrder:
     def __len__(self) -> int:
         return len(self.small) + len(self.main)
 
+    def own(self, q: "OrderedDict[int, None]", ns: int) -> List[int]:
+        """Namespace `ns`'s blocks in queue `q`, in its order (a namespace's own order is the
+        tier's, restricted to it)."""
+        return [h for h in q if self.ns_of(h) == ns]
+
     def insert(self, h: int) -> None:
-        if self.ns_of(h):
-            self.by_ns.setdefault(self.ns_of(h), OrderedDict())[h] = None
         self.freq[h] = 0
         if self._ghost_take(h):
             self.main[h] = None
@@ -101,36 +101,50 @@ class TierOrder:
     def touch(self, h: int) -> None:
         if self.kind == "lru":
             self.small.move_to_end(h)
-            if self.ns_of(h):
-                self.by_ns[self.ns_of(h)].move_to_end(h)
         else:
             self.freq[h] = min(self.freq[h] + 1, self.MAX_FREQ)
 
     def remove(self, h: int) -> None:
-        mine = self.by_ns.get(self.ns_of(h))
-        if mine is not None and h in mine:
-            del mine[h]
-            if not mine:
-                del self.by_ns[self.ns_of(h)]
         self.small.pop(h, None)
         self.main.pop(h, None)
         self.freq.pop(h, None)
 
     def held_by(self, ns: int) -> int:
-        return len(self.by_ns.get(ns, ()))
+        return len(self.own(self.small, ns)) + len(self.own(self.main, ns))
+
+    def _leaves(self, q: "OrderedDict[int, None]", h: int) -> bool:
+        """S3-FIFO's step on the oldest candidate `h` of queue `q`: the victim if its count is
+        0 (remembered in the ghost when it leaves the small queue); else it moves to the back
+        of the main queue, its count reset (from the small queue) or lowered by one."""
+        if self.freq[h] == 0:
+            if q is self.small:
+                self._ghost_add(h)
+            return True
+        self.freq[h] = 0 if q is self.small else self.freq[h] - 1
+        del q[h]
+        self.main[h] = None
+        return False
 
     def victim_in(self, ns: int, pinned) -> Optional[int]:
         """Namespace `ns`'s own victim: LRU's least recent unpinned block of it; S3-FIFO's
-        oldest unpinned one with count 0, a block with a count going to the back of the
-        namespace's list with its count lowered by one (the queues stay as they are, the
-        ghost is not told)."""
+        search over its own blocks, with their share in the small queue in place of the
+        tier's: sought among its small-queue blocks while they are at least 60% of its blocks
+        (rounded down, at least one; or none of them is in the main queue), else among its
+        main-queue ones; the blocks
+        move in the tier as `victim` moves them."""
+        if self.kind == "lru":
+            return next((h for h in self.own(self.small, ns) if not pinned(h)), None)
         while True:
-            mine = self.by_ns.get(ns, OrderedDict())
-            h = next((h for h in mine if not pinned(h)), None)
-            if h is None or self.kind == "lru" or self.freq[h] == 0:
-                return h
-            self.freq[h] -= 1
-            mine.move_to_end(h)
+            small, main = self.own(self.small, ns), self.own(self.main, ns)
+            share = max(1, (len(small) + len(main)) * self.SMALL_PERCENT // 100)
+            small_first = len(small) >= share or not main
+            queues = ((self.small, small), (self.main, main))
+            found = next(((q, h) for q, mine in (queues if small_first else queues[::-1])
+                          for h in mine if not pinned(h)), None)
+            if found is None:
+                return None
+            if self._leaves(*found):
+                return found[1]
 
     def victim(self, pinned) -> Optional[int]:
         """The block to evict (S3-FIFO moves blocks on the way), None if all are pinned."""
@@ -142,14 +156,8 @@ class TierOrder:
             found = next(((q, h) for q in queues for h in q if not pinned(h)), None)
             if found is None:
                 return None
-            q, h = found
-            if self.freq[h] == 0:
-                if q is self.small:
-                    self._ghost_add(h)
-                return h
-            self.freq[h] = 0 if q is self.small else self.freq[h] - 1
-            del q[h]
-            self.main[h] = None
+            if self._leaves(*found):
+                return found[1]
 
 
 class PolicyModel:

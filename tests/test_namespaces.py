@@ -270,6 +270,42 @@ def test_quotas_survive_a_restart(tmp_path: Path, end: str) -> None:
         assert len(held) == 3 and held[0] in (7, 8, 9) and held[1:] == [20, 21]
 
 
+S3FIFO_QUOTA_STEPS = """
+    m.set_quota("a", disk_bytes=4 * BS)
+    m.put(list(range(4)), np.concatenate([data_for(h) for h in range(4)]), namespace="a")
+    out = np.zeros(BS, np.uint8)
+    for h in (0, 1):
+        assert m.get([h], out, namespace="a") == 1
+    m.put([4], data_for(4), namespace="a")
+    assert [h for h in range(5) if m.contains(h, namespace="a")] == [0, 1, 3, 4]
+"""
+
+
+@pytest.mark.parametrize("end", ["close", "kill", "none"])
+def test_a_namespaces_own_s3fifo_order_survives_a_restart(tmp_path: Path, end: str) -> None:
+    """Namespace "a" may hold 4 slots of an S3-FIFO disk tier. Blocks 0-3 are put, 0 and 1
+    asked for again; block 4 makes "a" evict one of its own: 0 and 1 (asked for) move to the
+    main queue, 2 (not) leaves. Then, after a clean close, kill -9 or no restart at all,
+    blocks 5 and 6 find a's small queue at its share (2 of its 4 blocks): 3 and 4 leave, 0
+    and 1 stay. Were the order lost (every block back in the small queue in write order, no
+    count), 0 and 1 would leave first."""
+    path = tmp_path / "store"
+    kw = dict(disk_blocks=16, disk_eviction="s3fifo")
+    if end == "none":
+        m = open_store(path, **kw)
+        exec(textwrap.dedent(S3FIFO_QUOTA_STEPS), {"m": m, "np": np, "BS": BS, "data_for": data_for})
+    else:
+        run_then(f"m = open_store({str(path)!r}, disk_eviction='s3fifo')\n"
+                 + textwrap.dedent(S3FIFO_QUOTA_STEPS), end)
+        m = open_store(path, **kw)
+    with m:
+        for h in (5, 6):
+            m.put([h], data_for(h), namespace="a")
+        kept = [h for h in range(7) if m.contains(h, namespace="a")]
+        assert kept == [0, 1, 5, 6]
+        assert all(np.array_equal(get_in(m, h, "a"), data_for(h)) for h in kept)
+
+
 def test_a_bad_quota_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     with open_store(tmp_path / "s") as m:
         m.put([1], data_for(1), namespace="a")

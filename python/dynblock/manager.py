@@ -678,13 +678,15 @@ class BlockManager:
         replacing its earlier quota. A quota is whole blocks (the bytes
         rounded down), at least one block. A namespace at its quota in a tier
         makes room for its next block there by evicting one of its own (its
-        least recently used with ``"lru"``; with ``"s3fifo"`` its oldest not
-        asked for since its last pass), never another namespace's: one
-        tenant's flood cannot push out another's blocks once the quotas add
-        up to no more than the tier. Blocks past a lowered quota are evicted
-        at once (host victims offloaded to disk as usual). A persistent store
-        keeps quotas across a restart (blocks past a quota after a crash leave
-        at the namespace's next put). The shared namespace has no quota."""
+        least recently used with ``"lru"``; with ``"s3fifo"`` the one S3-FIFO
+        picks among its own blocks, the namespace's share of them in the
+        small queue standing in for the tier's), never another namespace's:
+        one tenant's flood cannot push out another's blocks once the quotas
+        add up to no more than the tier. Blocks past a lowered quota are
+        evicted at once (host victims offloaded to disk as usual). A
+        persistent store keeps quotas across a restart (blocks past a quota
+        after a crash leave at the namespace's next put), and its disk tier's
+        order, each namespace's included. The shared namespace has no quota."""
         ns = _namespace(namespace)
         if ns is None:
             raise TypeError("set_quota needs a namespace (a str); the shared namespace has no quota")

@@ -142,10 +142,11 @@ impl Lists {
     }
 }
 
-/// Each named namespace's blocks in one tier, in a list of its own (front =
-/// oldest; with LRU, least recent): where a namespace at its quota finds
-/// its own victim without a walk past other namespaces' blocks. The shared
-/// namespace (0) has no list (it has no quota).
+/// Each named namespace's blocks in one queue of a tier, in a list of its
+/// own in the queue's order (front = oldest; with LRU, least recent): where
+/// a namespace at its quota finds its own victim without a walk past other
+/// namespaces' blocks. The shared namespace (0) has no list (it has no
+/// quota).
 struct NsLists {
     prev: Vec<u32>,
     next: Vec<u32>,
@@ -244,6 +245,13 @@ struct Order {
     small_cap: usize,
     /// A persistent disk tier's changes not yet in the index.
     journal: Option<Journal>,
+    /// Each named namespace's blocks per queue (`by_ns[q]`: those in queue
+    /// `q`, in its order; LRU: `SMALL` only), moved with them, so that a
+    /// namespace's own order is the tier's order restricted to it (and a
+    /// reopened store, which restores the tier's order, has it too).
+    by_ns: [NsLists; 2],
+    /// The namespace of each slot's block.
+    ns: Vec<u32>,
 }
 
 /// The changes of a persistent tier's order not yet written to its index,
@@ -328,15 +336,47 @@ impl Order {
             ghost: Recent::new(if s3 { n.saturating_sub(small_cap) } else { 0 }),
             small_cap,
             journal: None,
+            by_ns: [NsLists::new(n), NsLists::new(n)],
+            ns: vec![0; n],
         }
+    }
+    /// Slot `s` joins the back of queue `q` (and of its namespace's list there).
+    fn link(&mut self, q: usize, s: u32) {
+        self.lists.push_back(q, s);
+        let ns = self.ns[s as usize];
+        if ns != 0 {
+            self.by_ns[q].push_back(ns, s);
+        }
+    }
+    /// Slot `s` leaves its queue (and its namespace's list there).
+    fn unlink(&mut self, s: u32) {
+        let q = self.lists.list[s as usize] as usize;
+        self.lists.remove(s);
+        let ns = self.ns[s as usize];
+        if ns != 0 {
+            self.by_ns[q].remove(ns, s);
+        }
+    }
+    /// Blocks of namespace `ns` (not the shared one) in the order.
+    fn held_by(&self, ns: u32) -> usize {
+        self.by_ns[SMALL].len(ns) + self.by_ns[MAIN].len(ns)
+    }
+    /// Blocks of every named namespace in the order.
+    fn named(&self) -> usize {
+        self.by_ns
+            .iter()
+            .flat_map(|l| l.ends.values())
+            .map(|e| e.2 as usize)
+            .sum()
     }
     /// Slot `s` now holds `h`, the newest block.
     fn insert(&mut self, s: u32, h: Key) {
         if let Some(j) = self.journal.as_mut() {
             j.joined(s);
         }
+        self.ns[s as usize] = h.ns;
         match self.kind {
-            Eviction::Lru => self.lists.push_back(SMALL, s),
+            Eviction::Lru => self.link(SMALL, s),
             Eviction::S3Fifo => {
                 self.freq[s as usize] = 0;
                 let q = if self.ghost.take(h.fold()) {
@@ -344,16 +384,17 @@ impl Order {
                 } else {
                     SMALL
                 };
-                self.lists.push_back(q, s);
+                self.link(q, s);
             }
         }
     }
-    /// Slot `s` holds a recovered block: at the back of S3-FIFO's main
-    /// queue (`main`) or of the small queue / LRU's list, with `count`.
-    fn place(&mut self, s: u32, main: bool, count: u8) {
+    /// Slot `s` holds a recovered block of namespace `ns`: at the back of
+    /// S3-FIFO's main queue (`main`) or of the small queue / LRU's list,
+    /// with `count`.
+    fn place(&mut self, s: u32, main: bool, count: u8, ns: u32) {
         let s3 = self.kind == Eviction::S3Fifo;
-        self.lists
-            .push_back(if main && s3 { MAIN } else { SMALL }, s);
+        self.ns[s as usize] = ns;
+        self.link(if main && s3 { MAIN } else { SMALL }, s);
         if s3 {
             self.freq[s as usize] = count.min(MAX_FREQ);
         }
@@ -371,7 +412,13 @@ impl Order {
     /// The block in `s` was asked for.
     fn touch(&mut self, s: u32) {
         match self.kind {
-            Eviction::Lru => self.lists.move_back(SMALL, s),
+            Eviction::Lru => {
+                self.lists.move_back(SMALL, s);
+                let ns = self.ns[s as usize];
+                if ns != 0 {
+                    self.by_ns[SMALL].move_back(ns, s);
+                }
+            }
             Eviction::S3Fifo => {
                 let f = &mut self.freq[s as usize];
                 *f = (*f + 1).min(MAX_FREQ);
@@ -382,7 +429,7 @@ impl Order {
         }
     }
     fn remove(&mut self, s: u32) {
-        self.lists.remove(s);
+        self.unlink(s);
         if let Some(j) = self.journal.as_mut() {
             j.forget(s);
         }
@@ -416,24 +463,65 @@ impl Order {
             let (q, s) = queues
                 .into_iter()
                 .find_map(|q| self.lists.iter(q).find(|&s| !pinned(s)).map(|s| (q, s)))?;
-            let f = &mut self.freq[s as usize];
-            if *f == 0 {
-                if q == SMALL {
-                    self.ghost.add(hash_of[s as usize].fold());
-                }
+            if self.leaves(q, s, hash_of) {
                 return Some(s);
             }
-            if q == SMALL {
-                *f = 0;
+        }
+    }
+    /// Namespace `ns`'s own victim (not the shared namespace's), skipping
+    /// pinned slots; None when every one of its slots is. LRU: its least
+    /// recently used block. S3-FIFO: S3-FIFO's search over its own blocks,
+    /// with its small queue's share of them in place of the tier's: the
+    /// victim is sought among its blocks in the small queue while they are
+    /// at least 60% of its blocks in the tier (rounded down, at least one;
+    /// or it has none in the main queue), else among those in the main
+    /// queue, each from the oldest;
+    /// a block with a count moves in the tier as [`Self::victim`] moves it,
+    /// and one leaving the small queue is remembered in the ghost.
+    fn ns_victim(&mut self, ns: u32, pinned: impl Fn(u32) -> bool, hash_of: &[Key]) -> Option<u32> {
+        if self.kind == Eviction::Lru {
+            return self.by_ns[SMALL].iter(ns).find(|&s| !pinned(s));
+        }
+        loop {
+            let (small, main) = (self.by_ns[SMALL].len(ns), self.by_ns[MAIN].len(ns));
+            let share = ((small + main) * SMALL_PERCENT / 100).max(1);
+            let small_first = small >= share || main == 0;
+            let queues = if small_first {
+                [SMALL, MAIN]
             } else {
-                *f -= 1;
-            }
-            self.lists.remove(s);
-            self.lists.push_back(MAIN, s);
-            if let Some(j) = self.journal.as_mut() {
-                j.note(s, true);
+                [MAIN, SMALL]
+            };
+            let (q, s) = queues
+                .into_iter()
+                .find_map(|q| self.by_ns[q].iter(ns).find(|&s| !pinned(s)).map(|s| (q, s)))?;
+            if self.leaves(q, s, hash_of) {
+                return Some(s);
             }
         }
+    }
+    /// S3-FIFO's step on the oldest candidate `s` of queue `q`: true if it
+    /// is the victim (count 0; leaving the small queue, remembered in the
+    /// ghost); else it moves to the back of the main queue with its count
+    /// reset (from the small queue) or lowered by one, and false.
+    fn leaves(&mut self, q: usize, s: u32, hash_of: &[Key]) -> bool {
+        let f = &mut self.freq[s as usize];
+        if *f == 0 {
+            if q == SMALL {
+                self.ghost.add(hash_of[s as usize].fold());
+            }
+            return true;
+        }
+        if q == SMALL {
+            *f = 0;
+        } else {
+            *f -= 1;
+        }
+        self.unlink(s);
+        self.link(MAIN, s);
+        if let Some(j) = self.journal.as_mut() {
+            j.note(s, true);
+        }
+        false
     }
 }
 
@@ -484,8 +572,6 @@ struct SlotTable {
     /// Whether each slot's block was asked for again since it took the
     /// slot (host tier: what `disk_admission="reuse"` admits).
     asked: Vec<bool>,
-    /// The blocks of each namespace other than the shared one.
-    by_ns: NsLists,
 }
 
 impl SlotTable {
@@ -499,7 +585,6 @@ impl SlotTable {
             doomed: vec![false; cap as usize],
             filling: vec![false; cap as usize],
             asked: vec![false; cap as usize],
-            by_ns: NsLists::new(cap as usize),
         }
     }
     fn cap(&self) -> usize {
@@ -528,7 +613,7 @@ impl SlotTable {
         let mut used = vec![false; self.cap()];
         for l in live {
             self.take_slot(l.slot, l.key);
-            self.order.place(l.slot, l.main, l.count);
+            self.order.place(l.slot, l.main, l.count, l.key.ns);
             self.crc[l.slot as usize] = l.crc;
             used[l.slot as usize] = true;
         }
@@ -543,9 +628,6 @@ impl SlotTable {
     }
     /// Slot `s` holds `h` (its place in the order is the caller's).
     fn take_slot(&mut self, s: u32, h: Key) {
-        if h.ns != 0 {
-            self.by_ns.push_back(h.ns, s);
-        }
         self.hash_of[s as usize] = h;
         self.asked[s as usize] = false;
     }
@@ -561,10 +643,6 @@ impl SlotTable {
         }
     }
     fn release(&mut self, s: u32) {
-        let ns = self.hash_of[s as usize].ns;
-        if ns != 0 {
-            self.by_ns.remove(ns, s);
-        }
         self.order.remove(s);
         if self.pins[s as usize] > 0 {
             self.doomed[s as usize] = true;
@@ -578,38 +656,21 @@ impl SlotTable {
     /// Slots in use by namespace `ns`.
     fn used_by(&self, ns: u32) -> usize {
         if ns == 0 {
-            let others: u32 = self.by_ns.ends.values().map(|e| e.2).sum();
-            self.order.len() - others as usize
+            self.order.len() - self.order.named()
         } else {
-            self.by_ns.len(ns)
+            self.order.held_by(ns)
         }
     }
-    /// The block in `s`, of namespace `ns`, was asked for.
-    fn touch(&mut self, s: u32, ns: u32) {
+    /// The block in `s` was asked for.
+    fn touch(&mut self, s: u32) {
         self.order.touch(s);
-        if ns != 0 && self.order.kind == Eviction::Lru {
-            self.by_ns.move_back(ns, s);
-        }
     }
     /// The slot namespace `ns` (not the shared one) gives up first, among
-    /// those nothing pins: with LRU its least recently used block; with
-    /// S3-FIFO its oldest block whose count is 0, a block with a count
-    /// going to the back of the namespace's list with its count lowered by
-    /// one on the way (the tier's queues are left as they are, and the
-    /// ghost does not remember it).
+    /// those nothing pins (see [`Order::ns_victim`]).
     fn ns_victim(&mut self, ns: u32) -> Option<u32> {
-        loop {
-            let pins = &self.pins;
-            let s = self.by_ns.iter(ns).find(|&s| pins[s as usize] == 0)?;
-            if self.order.kind == Eviction::Lru || self.order.freq[s as usize] == 0 {
-                return Some(s);
-            }
-            self.order.freq[s as usize] -= 1;
-            if let Some(j) = self.order.journal.as_mut() {
-                j.note(s, false);
-            }
-            self.by_ns.move_back(ns, s);
-        }
+        let pins = &self.pins;
+        self.order
+            .ns_victim(ns, |s| pins[s as usize] > 0, &self.hash_of)
     }
     /// Forget every block; slots still pinned stay out of use until their
     /// last unpin.
@@ -1309,7 +1370,7 @@ impl Registry {
         };
         if e.host != NIL && e.host != PENDING {
             if let Some(t) = self.host.as_mut() {
-                t.touch(e.host, h.ns);
+                t.touch(e.host);
                 if self.admission != DiskAdmission::All {
                     t.asked[e.host as usize] = true;
                 }
@@ -1317,7 +1378,7 @@ impl Registry {
         }
         if e.disk != NIL {
             if let Some(t) = self.disk.as_mut() {
-                t.touch(e.disk, h.ns);
+                t.touch(e.disk);
             }
         }
         true
@@ -2233,8 +2294,9 @@ mod tests {
         /// A persistent store's disk tier reopened from its index has every
         /// block at its place (queue, position, count) as it was: from the
         /// log of its changes, and from a compaction (with the S3-FIFO
-        /// ghost too). Blocks of two namespaces: with LRU, each namespace's
-        /// own list (its quota victims' order) comes back too.
+        /// ghost too). Blocks of two namespaces, one with quotas of half of
+        /// each tier: its own lists (its quota victims' order) come back
+        /// too, with LRU and with S3-FIFO.
         #[test]
         fn the_index_keeps_the_disk_tiers_order(
             host in 0u32..4, disk in 1u32..7, s3 in (prop::bool::ANY, prop::bool::ANY),
@@ -2252,6 +2314,7 @@ mod tests {
             let (mut log, _) = IndexLog::open(&path, &g, false, true).unwrap();
             let mut reg = Registry::new(host, disk, rules);
             reg.recover(&[], &[]);
+            reg.set_quota(1, [(host / 2).max(1), (disk / 2).max(1)], &mut Plan::default());
             // Hashes 0-15 in the shared namespace, 16-31 as 0-15 in namespace 1.
             let key = |h: u64| Key::new(h % 16, (h / 16) as u32);
             for o in ops {
@@ -2297,10 +2360,11 @@ mod tests {
             again.recover(&rec.live, &rec.order_ghost);
             let (a, b) = (again.snapshot(), reg.snapshot());
             prop_assert_eq!((a.live, a.order_ghost), (b.live, b.order_ghost));
-            if !s3.1 {
-                let own = |r: &Registry| r.disk.as_ref().unwrap().by_ns.iter(1).collect::<Vec<u32>>();
-                prop_assert_eq!(own(&again), own(&reg));
-            }
+            let own = |r: &Registry| {
+                let o = &r.disk.as_ref().unwrap().order;
+                [SMALL, MAIN].map(|q| o.by_ns[q].iter(1).collect::<Vec<u32>>())
+            };
+            prop_assert_eq!(own(&again), own(&reg));
             // A compaction keeps the S3-FIFO ghost exactly as well.
             log.compact(&g, &reg.snapshot()).unwrap();
             drop(log);
