@@ -475,9 +475,9 @@ impl Order {
     /// victim is sought among its blocks in the small queue while they are
     /// at least 60% of its blocks in the tier (rounded down, at least one;
     /// or it has none in the main queue), else among those in the main
-    /// queue, each from the oldest;
-    /// a block with a count moves in the tier as [`Self::victim`] moves it,
-    /// and one leaving the small queue is remembered in the ghost.
+    /// queue, each from the oldest; a block with a count moves in the tier
+    /// as [`Self::victim`] moves it, and one leaving the small queue is
+    /// remembered in the ghost.
     fn ns_victim(&mut self, ns: u32, pinned: impl Fn(u32) -> bool, hash_of: &[Key]) -> Option<u32> {
         if self.kind == Eviction::Lru {
             return self.by_ns[SMALL].iter(ns).find(|&s| !pinned(s));
