@@ -349,7 +349,10 @@ pub fn lower_priority(nice: u32) {
 /// Run `work(op_index, worker_state)` for every index in `0..n` on up to
 /// `depth` threads of `pool` (scoped threads when there is no pool). Each
 /// worker owns one `S` made by `init` (e.g. a bounce buffer). Stops handing
-/// out work at the first error and returns it.
+/// out work at the first error and returns the error of the lowest index
+/// that failed: every index below a failed one was handed out before it and
+/// runs, so that is the batch's first failure in order, whichever thread
+/// failed first.
 pub fn run_on<S, I, F>(pool: Option<&Pool>, n: usize, depth: usize, init: I, work: F) -> Result<()>
 where
     I: Fn() -> Result<S> + Sync,
@@ -368,18 +371,19 @@ where
     }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    // (index, error); a worker whose `init` failed reports usize::MAX.
+    let first_err: Mutex<Option<(usize, Error)>> = Mutex::new(None);
     let worker = || {
-        let fail = |e: Error| {
+        let fail = |i: usize, e: Error| {
             failed.store(true, Ordering::Relaxed);
             let mut slot = first_err.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(e);
+            if slot.as_ref().map_or(true, |&(j, _)| i < j) {
+                *slot = Some((i, e));
             }
         };
         let mut s = match init() {
             Ok(s) => s,
-            Err(e) => return fail(e),
+            Err(e) => return fail(usize::MAX, e),
         };
         while !failed.load(Ordering::Relaxed) {
             let i = next.fetch_add(1, Ordering::Relaxed);
@@ -387,7 +391,7 @@ where
                 break;
             }
             if let Err(e) = work(i, &mut s) {
-                return fail(e);
+                return fail(i, e);
             }
         }
     };
@@ -400,7 +404,7 @@ where
         }),
     }
     match first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        Some(e) => Err(e),
+        Some((_, e)) => Err(e),
         None => Ok(()),
     }
 }
@@ -520,6 +524,33 @@ mod tests {
             );
             assert!(matches!(r, Err(Error::InvalidArgument(_))));
             assert!(done.load(Ordering::Relaxed) < 1000);
+        }
+    }
+
+    #[test]
+    fn run_reports_the_failure_of_the_lowest_index_whichever_thread_fails_first() {
+        // Op 2 fails late, op 3 at once: the error is op 2's, as a serial
+        // run's would be.
+        let p = pool(4, "test-order", 0);
+        for on in [p.as_ref(), None] {
+            let r = run_on(
+                on,
+                8,
+                4,
+                || Ok(()),
+                |i, _| match i {
+                    2 => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        Err(Error::InvalidArgument("op 2".into()))
+                    }
+                    3 => Err(Error::InvalidArgument("op 3".into())),
+                    _ => Ok(()),
+                },
+            );
+            assert!(
+                matches!(r, Err(Error::InvalidArgument(ref m)) if m == "op 2"),
+                "{r:?}"
+            );
         }
     }
 
