@@ -166,7 +166,8 @@ def admission(reqs: List[List[int]], host_cap: int, disk_cap: int, admit: Rule) 
                 host[h] = (True, host[h][1])
                 host.move_to_end(h)
             else:
-                second = ghost.pop(h, False) is None
+                second = h in ghost
+                ghost.pop(h, None)
                 insert(h, second, share, i)
     return hits / refs, writes / disk_hits if disk_hits else float("inf")
 

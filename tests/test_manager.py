@@ -130,8 +130,7 @@ class TierOrder:
         search over its own blocks, with their share in the small queue in place of the
         tier's: sought among its small-queue blocks while they are at least 60% of its blocks
         (rounded down, at least one; or none of them is in the main queue), else among its
-        main-queue ones; the blocks
-        move in the tier as `victim` moves them."""
+        main-queue ones; the blocks move in the tier as `victim` moves them."""
         if self.kind == "lru":
             return next((h for h in self.own(self.small, ns) if not pinned(h)), None)
         while True:

@@ -295,7 +295,7 @@ def test_a_namespaces_own_s3fifo_order_survives_a_restart(tmp_path: Path, end: s
         m = open_store(path, **kw)
         exec(textwrap.dedent(S3FIFO_QUOTA_STEPS), {"m": m, "np": np, "BS": BS, "data_for": data_for})
     else:
-        run_then(f"m = open_store({str(path)!r}, disk_eviction='s3fifo')\n"
+        run_then(f"m = open_store({str(path)!r}, **{kw!r})\n"
                  + textwrap.dedent(S3FIFO_QUOTA_STEPS), end)
         m = open_store(path, **kw)
     with m:

@@ -250,8 +250,6 @@ struct Order {
     /// namespace's own order is the tier's order restricted to it (and a
     /// reopened store, which restores the tier's order, has it too).
     by_ns: [NsLists; 2],
-    /// The namespace of each slot's block.
-    ns: Vec<u32>,
 }
 
 /// The changes of a persistent tier's order not yet written to its index,
@@ -337,22 +335,21 @@ impl Order {
             small_cap,
             journal: None,
             by_ns: [NsLists::new(n), NsLists::new(n)],
-            ns: vec![0; n],
         }
     }
-    /// Slot `s` joins the back of queue `q` (and of its namespace's list there).
-    fn link(&mut self, q: usize, s: u32) {
+    /// Slot `s`, of namespace `ns`, joins the back of queue `q` (and of its
+    /// namespace's list there).
+    fn link(&mut self, q: usize, s: u32, ns: u32) {
         self.lists.push_back(q, s);
-        let ns = self.ns[s as usize];
         if ns != 0 {
             self.by_ns[q].push_back(ns, s);
         }
     }
-    /// Slot `s` leaves its queue (and its namespace's list there).
-    fn unlink(&mut self, s: u32) {
+    /// Slot `s`, of namespace `ns`, leaves its queue (and its namespace's
+    /// list there).
+    fn unlink(&mut self, s: u32, ns: u32) {
         let q = self.lists.list[s as usize] as usize;
         self.lists.remove(s);
-        let ns = self.ns[s as usize];
         if ns != 0 {
             self.by_ns[q].remove(ns, s);
         }
@@ -374,9 +371,8 @@ impl Order {
         if let Some(j) = self.journal.as_mut() {
             j.joined(s);
         }
-        self.ns[s as usize] = h.ns;
         match self.kind {
-            Eviction::Lru => self.link(SMALL, s),
+            Eviction::Lru => self.link(SMALL, s, h.ns),
             Eviction::S3Fifo => {
                 self.freq[s as usize] = 0;
                 let q = if self.ghost.take(h.fold()) {
@@ -384,7 +380,7 @@ impl Order {
                 } else {
                     SMALL
                 };
-                self.link(q, s);
+                self.link(q, s, h.ns);
             }
         }
     }
@@ -393,8 +389,7 @@ impl Order {
     /// with `count`.
     fn place(&mut self, s: u32, main: bool, count: u8, ns: u32) {
         let s3 = self.kind == Eviction::S3Fifo;
-        self.ns[s as usize] = ns;
-        self.link(if main && s3 { MAIN } else { SMALL }, s);
+        self.link(if main && s3 { MAIN } else { SMALL }, s, ns);
         if s3 {
             self.freq[s as usize] = count.min(MAX_FREQ);
         }
@@ -409,12 +404,11 @@ impl Order {
             ),
         }
     }
-    /// The block in `s` was asked for.
-    fn touch(&mut self, s: u32) {
+    /// The block in `s`, of namespace `ns`, was asked for.
+    fn touch(&mut self, s: u32, ns: u32) {
         match self.kind {
             Eviction::Lru => {
                 self.lists.move_back(SMALL, s);
-                let ns = self.ns[s as usize];
                 if ns != 0 {
                     self.by_ns[SMALL].move_back(ns, s);
                 }
@@ -428,8 +422,9 @@ impl Order {
             j.note(s, self.kind == Eviction::Lru);
         }
     }
-    fn remove(&mut self, s: u32) {
-        self.unlink(s);
+    /// Slot `s`'s block, of namespace `ns`, left the tier.
+    fn remove(&mut self, s: u32, ns: u32) {
+        self.unlink(s, ns);
         if let Some(j) = self.journal.as_mut() {
             j.forget(s);
         }
@@ -516,8 +511,9 @@ impl Order {
         } else {
             *f -= 1;
         }
-        self.unlink(s);
-        self.link(MAIN, s);
+        let ns = hash_of[s as usize].ns;
+        self.unlink(s, ns);
+        self.link(MAIN, s, ns);
         if let Some(j) = self.journal.as_mut() {
             j.note(s, true);
         }
@@ -643,7 +639,7 @@ impl SlotTable {
         }
     }
     fn release(&mut self, s: u32) {
-        self.order.remove(s);
+        self.order.remove(s, self.hash_of[s as usize].ns);
         if self.pins[s as usize] > 0 {
             self.doomed[s as usize] = true;
         } else {
@@ -663,7 +659,7 @@ impl SlotTable {
     }
     /// The block in `s` was asked for.
     fn touch(&mut self, s: u32) {
-        self.order.touch(s);
+        self.order.touch(s, self.hash_of[s as usize].ns);
     }
     /// The slot namespace `ns` (not the shared one) gives up first, among
     /// those nothing pins (see [`Order::ns_victim`]).
