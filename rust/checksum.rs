@@ -6,9 +6,53 @@
 
 use crc_fast::{CrcAlgorithm, Digest};
 
+/// The algorithm of every checksum here.
+const ALGO: CrcAlgorithm = CrcAlgorithm::Crc32Iscsi;
+
 /// CRC32C of `bytes` (the index's records, the data file's header).
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, bytes) as u32
+    crc_fast::checksum(ALGO, bytes) as u32
+}
+
+/// The CRC32C of `a` followed by `b`, from `crc32c(a)` (or a block's
+/// [`block_crc`] of its first bytes), `crc32c(b)` and `b`'s length: how a
+/// block checksummed in pieces on several threads gets its checksum.
+/// `crc(a) * x^(8 len(b)) + crc(b)` modulo the polynomial (the initial and
+/// final inversions cancel out); a few microseconds (`crc_fast`'s combine
+/// measured tens, a sixth of a fused copy's time at 1 MiB pieces).
+pub fn crc32c_combine(a: u32, b: u32, b_len: usize) -> u32 {
+    mul_mod(a, x_pow_8n(b_len as u64)) ^ b
+}
+
+/// The CRC32C polynomial, bit-reflected (the lowest power in the top bit).
+const POLY: u32 = 0x82F6_3B78;
+
+/// `a * b` modulo the polynomial, both in reflected bit order.
+fn mul_mod(a: u32, mut b: u32) -> u32 {
+    let mut p = 0;
+    for bit in (0..32).rev() {
+        if a & (1 << bit) != 0 {
+            p ^= b;
+        }
+        b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+    }
+    p
+}
+
+/// `x^(8 n)` modulo the polynomial, by squaring (`x^(2^k)` for each bit of
+/// `8 n`).
+fn x_pow_8n(n: u64) -> u32 {
+    let mut p = 1u32 << 31; // x^0
+    let mut sq = 1u32 << 30; // x^1
+    let mut e = n.checked_mul(8).expect("a length in bytes");
+    while e != 0 {
+        if e & 1 != 0 {
+            p = mul_mod(p, sq);
+        }
+        sq = mul_mod(sq, sq);
+        e >>= 1;
+    }
+    p
 }
 
 /// Checksum of a block: CRC32C over its hash (little endian) and its bytes.
@@ -22,9 +66,14 @@ pub fn block_crc(hash: u64, bytes: &[u8]) -> u32 {
 /// piece of the block, in order, and `finalize` it to get the block's
 /// checksum.
 pub fn block_crc_start(hash: u64) -> Digest {
-    let mut d = Digest::new(CrcAlgorithm::Crc32Iscsi);
+    let mut d = Digest::new(ALGO);
     d.update(&hash.to_le_bytes());
     d
+}
+
+/// A CRC32C before any bytes: `update` it, then `finalize`.
+pub fn crc_start() -> Digest {
+    Digest::new(ALGO)
 }
 
 #[cfg(test)]
@@ -62,6 +111,10 @@ mod tests {
             d.update(&bytes[at..]);
             prop_assert_eq!(d.finalize() as u32, super::crc32c(&whole));
             prop_assert_eq!(super::block_crc(hash, &bytes), super::crc32c(&whole));
+            let (a, b) = bytes.split_at(at);
+            let joined = super::crc32c_combine(super::block_crc(hash, a), super::crc32c(b), b.len());
+            prop_assert_eq!(joined, super::crc32c(&whole));
+            prop_assert_eq!(super::crc32c_combine(super::crc32c(b), 0, 0), super::crc32c(b));
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::align::round_up;
@@ -140,6 +140,15 @@ fn map_aligned(len: usize, align: usize) -> Result<*mut u8> {
     }
     Ok(aligned as *mut u8)
 }
+
+/// The pieces the copies between slots and the caller's memory are cut
+/// into (one per worker at a time).
+const COPY_PIECE: usize = 1 << 20;
+
+/// Bytes copied then summed at a time by [`HostStorage::copy_into_slots_summed`]:
+/// small enough to be still in the core's cache (L2) when summed, large
+/// enough for the copy's streaming stores.
+const SUM_RUN: usize = 64 << 10;
 
 pub struct HostStorage {
     region: RwLock<Option<Arc<Region>>>,
@@ -443,9 +452,64 @@ impl HostStorage {
         addr_of: impl Fn(usize) -> usize + Sync,
         into_slots: bool,
     ) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_pieces(region, slots, &addr_of, into_slots, None) };
+    }
+
+    /// [`Self::copy_slots`] into the slots, also returning each block's
+    /// checksum ([`crate::checksum::block_crc`] with hash `hash_of(i)`),
+    /// computed on the way: each piece is copied in runs of [`SUM_RUN`]
+    /// bytes and each run summed right after its copy read it, while its
+    /// bytes are in the CPU cache (a separate pass later would read them
+    /// from memory again).
+    ///
+    /// # Safety
+    /// As [`Self::copy_slots`] with `into_slots`.
+    pub unsafe fn copy_into_slots_summed(
+        &self,
+        region: &Region,
+        slots: &[u64],
+        addr_of: impl Fn(usize) -> usize + Sync,
+        hash_of: impl Fn(usize) -> u64 + Sync,
+    ) -> Vec<u32> {
+        let per_block = self.block_size.div_ceil(COPY_PIECE);
+        let sums: Vec<AtomicU32> = (0..slots.len() * per_block)
+            .map(|_| AtomicU32::new(0))
+            .collect();
+        // SAFETY: forwarded from the caller.
+        unsafe { self.copy_pieces(region, slots, &addr_of, true, Some((&hash_of, &sums))) };
+        let piece_len = |p: usize| COPY_PIECE.min(self.block_size - p * COPY_PIECE);
+        (0..slots.len())
+            .map(|b| {
+                let of = |p: usize| sums[b * per_block + p].load(Ordering::Relaxed);
+                (1..per_block).fold(of(0), |acc, p| {
+                    crate::checksum::crc32c_combine(acc, of(p), piece_len(p))
+                })
+            })
+            .collect()
+    }
+
+    /// The copy of [`Self::copy_slots`]; with `sums`, each piece's CRC32C
+    /// (a block's first piece starts with its hash) stored at the piece's
+    /// index.
+    ///
+    /// # Safety
+    /// As [`Self::copy_slots`].
+    #[allow(clippy::type_complexity)]
+    unsafe fn copy_pieces(
+        &self,
+        region: &Region,
+        slots: &[u64],
+        addr_of: &(dyn Fn(usize) -> usize + Sync),
+        into_slots: bool,
+        sums: Option<(&(dyn Fn(usize) -> u64 + Sync), &[AtomicU32])>,
+    ) {
+        debug_assert!(
+            sums.is_none() || into_slots,
+            "sums are of copies into slots"
+        );
         let bs = self.block_size;
-        const PIECE: usize = 1 << 20;
-        let per_block = bs.div_ceil(PIECE);
+        let per_block = bs.div_ceil(COPY_PIECE);
         let n = slots.len() * per_block;
         let total = slots.len() * bs;
         let threads = if total < (2 << 20) {
@@ -463,20 +527,41 @@ impl HostStorage {
             || Ok(()),
             |i, _| {
                 let (b, p) = (i / per_block, i % per_block);
-                let off = p * PIECE;
-                let cnt = PIECE.min(bs - off);
+                let off = p * COPY_PIECE;
+                let cnt = COPY_PIECE.min(bs - off);
                 // SAFETY: block b's piece p lies inside slot slots[b] and inside
                 // the caller's memory at addr_of(b) (caller's contract); pieces
                 // are disjoint.
-                unsafe {
-                    let h = base.get().add(slots[b] as usize * stride + off);
-                    let u = (addr_of(b) + off) as *mut u8;
-                    if into_slots {
-                        io::stream_copy(h, u, cnt);
-                    } else {
-                        io::stream_copy(u, h, cnt);
+                let h = unsafe { base.get().add(slots[b] as usize * stride + off) };
+                let u = (addr_of(b) + off) as *mut u8;
+                let Some((hash_of, out)) = sums else {
+                    // SAFETY: as above.
+                    unsafe {
+                        if into_slots {
+                            io::stream_copy(h, u, cnt);
+                        } else {
+                            io::stream_copy(u, h, cnt);
+                        }
                     }
+                    return Ok(());
+                };
+                let mut d = if p == 0 {
+                    crate::checksum::block_crc_start(hash_of(b))
+                } else {
+                    crate::checksum::crc_start()
+                };
+                let mut at = 0;
+                while at < cnt {
+                    let run = SUM_RUN.min(cnt - at);
+                    // SAFETY: as above (into the slot), and the run lies inside
+                    // the piece; the source is only read.
+                    unsafe {
+                        io::stream_copy(h.add(at), u.add(at), run);
+                        d.update(std::slice::from_raw_parts(u.add(at), run));
+                    }
+                    at += run;
                 }
+                out[i].store(d.finalize() as u32, Ordering::Relaxed);
                 Ok(())
             },
         );
@@ -666,6 +751,42 @@ mod tests {
             h.read_blocks(&[8], &mut vec![0u8; 5000]),
             Err(Error::Index(_))
         ));
+    }
+
+    #[test]
+    fn a_summed_copy_gives_each_blocks_checksum() {
+        // One piece (a run and a part), and pieces of 1 MiB with a short last one.
+        for (bs, threads) in [(5000, 1), ((2 << 20) + 8192, 2)] {
+            let h = HostStorage::new(
+                4,
+                bs,
+                &HostOptions {
+                    pin: Pin::Off,
+                    copy_threads: threads,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let src: Vec<u8> = (0..3 * bs).map(|i| (i * 31 % 251) as u8).collect();
+            let region = h.region().unwrap();
+            let slots = [3u64, 0, 2];
+            let base = src.as_ptr() as usize;
+            // SAFETY: slots in range; src holds three blocks and is only read.
+            let sums = unsafe {
+                h.copy_into_slots_summed(&region, &slots, |i| base + i * bs, |i| 100 + i as u64)
+            };
+            let mut dst = vec![0u8; src.len()];
+            h.read_blocks(&slots, &mut dst).unwrap();
+            assert_eq!(src, dst);
+            for (i, c) in sums.iter().enumerate() {
+                let block = &src[i * bs..(i + 1) * bs];
+                assert_eq!(
+                    *c,
+                    crate::checksum::block_crc(100 + i as u64, block),
+                    "bs {bs} block {i}"
+                );
+            }
+        }
     }
 
     #[test]

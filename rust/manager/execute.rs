@@ -23,16 +23,21 @@ struct Write {
     /// An offload (not a new block).
     victim: bool,
     hash: Key,
+    /// Its checksum is known already (a host slot's, computed when the
+    /// bytes were copied in): the write does not compute it again.
+    summed: bool,
 }
 
 /// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
 pub(super) struct Moves {
     /// Sorted by disk slot.
     writes: Vec<Write>,
-    /// (host slot, source address)
-    copies: Vec<(u64, usize)>,
-    /// Each write's checksum, filled by the I/O workers.
+    /// (host slot, source address, hash)
+    copies: Vec<(u64, usize, Key)>,
+    /// Each write's checksum, filled by the I/O workers (or known before).
     crcs: Vec<AtomicU32>,
+    /// Each copy's checksum, computed during the copy (with checksums on).
+    copy_crcs: std::sync::Mutex<Vec<u32>>,
     /// Whether `begin` held the plan's slots (`finish` releases them).
     held: bool,
 }
@@ -46,6 +51,17 @@ impl Moves {
     /// those slots instead); they stay held by the plan.
     pub(super) fn skip_copies(&mut self, skip: impl Fn(u64) -> bool) {
         self.copies.retain(|c| !skip(c.0));
+    }
+
+    /// Each copy's (host slot, hash, checksum), once the copies ran with
+    /// checksums on.
+    fn summed_copies(&self) -> Vec<(u32, Key, u32)> {
+        let crcs = self.copy_crcs.lock().unwrap_or_else(|p| p.into_inner());
+        self.copies
+            .iter()
+            .zip(crcs.iter())
+            .map(|(c, &crc)| (c.0 as u32, c.2, crc))
+            .collect()
     }
 }
 
@@ -118,25 +134,36 @@ impl BlockManager {
                     .into(),
             ));
         }
-        let mut writes: Vec<Write> = plan
+        let known = |crc: Option<u32>| crc.filter(|_| self.opts.checksums);
+        let mut writes: Vec<(Write, Option<u32>)> = plan
             .live_writes()
-            .map(|w| Write {
-                slot: w.disk_slot as u64,
-                addr: match w.src {
-                    Src::Addr(a) => a,
-                    Src::HostSlot(s) => {
-                        let (h, r) = (self.host.as_ref().expect("host"), region.expect("region"));
-                        h.slot_ptr(r, s as u64) as usize
-                    }
-                },
-                victim: w.victim,
-                hash: w.hash,
+            .map(|w| {
+                let write = Write {
+                    slot: w.disk_slot as u64,
+                    addr: match w.src {
+                        Src::Addr(a) => a,
+                        Src::HostSlot(s) => {
+                            let (h, r) =
+                                (self.host.as_ref().expect("host"), region.expect("region"));
+                            h.slot_ptr(r, s as u64) as usize
+                        }
+                    },
+                    victim: w.victim,
+                    hash: w.hash,
+                    summed: known(w.crc).is_some(),
+                };
+                (write, known(w.crc))
             })
             .collect();
-        writes.sort_unstable_by_key(|w| w.slot);
-        let copies: Vec<(u64, usize)> = plan
+        writes.sort_unstable_by_key(|w| w.0.slot);
+        let crcs = writes
+            .iter()
+            .map(|w| AtomicU32::new(w.1.unwrap_or(0)))
+            .collect();
+        let writes: Vec<Write> = writes.into_iter().map(|w| w.0).collect();
+        let copies: Vec<(u64, usize, Key)> = plan
             .live_copies()
-            .map(|c| (c.host_slot as u64, c.addr))
+            .map(|c| (c.host_slot as u64, c.addr, c.hash))
             .collect();
         if st.index.is_some() {
             let dels: Vec<Record> = plan
@@ -149,11 +176,11 @@ impl BlockManager {
                 return Err(e);
             }
         }
-        let crcs = (0..writes.len()).map(|_| AtomicU32::new(0)).collect();
         let mut moves = Moves {
             writes,
             copies,
             crcs,
+            copy_crcs: Default::default(),
             held: false,
         };
         if !moves.is_empty() {
@@ -177,6 +204,9 @@ impl BlockManager {
         let addrs: Vec<usize> = m.writes.iter().map(|w| w.addr).collect();
         let bs = self.block_size;
         let hook = |i: usize, addr: usize| {
+            if m.writes[i].summed {
+                return;
+            }
             // SAFETY: addr is block i's source, valid for bs bytes (see above).
             let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
             m.crcs[i].store(block_crc(m.writes[i].hash.hash, bytes), Ordering::Relaxed);
@@ -192,7 +222,9 @@ impl BlockManager {
         Ok(())
     }
 
-    /// The plan's copies into host slots, in parallel.
+    /// The plan's copies into host slots, in parallel; with checksums on,
+    /// each block's checksum is computed during its copy (kept in `m` for
+    /// [`Self::finish`]).
     ///
     /// # Safety
     /// Each copy's source is valid for block_size bytes; the host slots are
@@ -202,9 +234,18 @@ impl BlockManager {
             return;
         }
         let host = self.host.as_ref().expect("host tier");
+        let region = region.expect("region");
         let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
+        let addr_of = |i: usize| m.copies[i].1;
+        if !self.opts.checksums {
+            // SAFETY: forwarded from the caller.
+            unsafe { host.copy_slots(region, &slots, addr_of, true) };
+            return;
+        }
         // SAFETY: forwarded from the caller.
-        unsafe { host.copy_slots(region.expect("region"), &slots, |i| m.copies[i].1, true) };
+        let crcs =
+            unsafe { host.copy_into_slots_summed(region, &slots, addr_of, |i| m.copies[i].2.hash) };
+        *m.copy_crcs.lock().unwrap_or_else(|p| p.into_inner()) = crcs;
     }
 
     /// A plan's last step, under the lock: release its slots to reads, then
@@ -233,6 +274,9 @@ impl BlockManager {
                 if st.reg.commit_write(w.hash, w.slot as u32, crc) {
                     committed.push(w.slot as u32);
                 }
+            }
+            for (s, h, crc) in m.summed_copies() {
+                st.reg.commit_copy(h, s, crc);
             }
             let Some(ix) = st.index.as_mut() else {
                 return Ok(());

@@ -557,8 +557,11 @@ impl TierSlot {
 struct SlotTable {
     order: Order,
     hash_of: Vec<Key>,
-    /// Checksum of each slot's block (disk tier; unused for host).
+    /// Checksum of each slot's block: disk tier, as recorded; host tier,
+    /// where `summed` says it was computed as the bytes arrived.
     crc: Vec<u32>,
+    /// Host tier: whether `crc` holds the slot's block's checksum.
+    summed: Vec<bool>,
     free: Vec<u32>,
     pins: Vec<u32>,
     doomed: Vec<bool>,
@@ -576,6 +579,7 @@ impl SlotTable {
             order: Order::new(eviction, cap as usize),
             hash_of: vec![Key::default(); cap as usize],
             crc: vec![0; cap as usize],
+            summed: vec![false; cap as usize],
             free: (0..cap).rev().collect(),
             pins: vec![0; cap as usize],
             doomed: vec![false; cap as usize],
@@ -626,6 +630,7 @@ impl SlotTable {
     fn take_slot(&mut self, s: u32, h: Key) {
         self.hash_of[s as usize] = h;
         self.asked[s as usize] = false;
+        self.summed[s as usize] = false;
     }
     /// The block in slot `s` with its place in the order.
     fn live(&self, s: u32) -> Live {
@@ -938,6 +943,9 @@ pub(super) struct DiskWrite {
     pub(super) hash: Key,
     /// An offload (a host victim or write-behind), not a new block.
     pub(super) victim: bool,
+    /// The block's checksum where it is known before the write (a host
+    /// slot's, [`Registry::host_crc`], taken before the slot can be reused).
+    pub(super) crc: Option<u32>,
     /// False once a later step of the same plan took the slot back.
     pub(super) live: bool,
 }
@@ -946,6 +954,7 @@ pub(super) struct DiskWrite {
 pub(super) struct HostCopy {
     pub(super) host_slot: u32,
     pub(super) addr: usize,
+    pub(super) hash: Key,
     pub(super) live: bool,
 }
 
@@ -1452,6 +1461,7 @@ impl Registry {
         plan.copies.push(HostCopy {
             host_slot: s,
             addr,
+            hash: h,
             live: true,
         });
         true
@@ -1522,6 +1532,10 @@ impl Registry {
     /// Put `h` into the disk tier from `src`. False when every disk slot is
     /// pinned: nothing was registered.
     fn disk_insert(&mut self, h: Key, src: Src, victim: bool, plan: &mut Plan) -> bool {
+        let crc = match src {
+            Src::HostSlot(s) => self.host_crc(s),
+            Src::Addr(_) => None,
+        };
         let Some(t) = self.make_room(TierKind::Disk, h.ns, plan) else {
             return false;
         };
@@ -1534,6 +1548,7 @@ impl Registry {
             src,
             hash: h,
             victim,
+            crc,
             live: true,
         });
         true
@@ -1729,6 +1744,24 @@ impl Registry {
     /// The checksum recorded for disk slot `t`.
     pub(super) fn disk_crc(&self, t: u32) -> u32 {
         self.table(TierKind::Disk).crc[t as usize]
+    }
+
+    /// If `h` is still in host slot `s` (filled by a plan whose lock was
+    /// released meanwhile), remember its checksum, computed as its bytes
+    /// arrived: its disk write later need not read them again.
+    pub(super) fn commit_copy(&mut self, h: Key, s: u32, crc: u32) {
+        if self.map.get(&h).is_some_and(|e| e.host == s) {
+            let t = self.table_mut(TierKind::Host);
+            t.crc[s as usize] = crc;
+            t.summed[s as usize] = true;
+        }
+    }
+
+    /// The checksum of the block in host slot `s`, when it is known
+    /// ([`Self::commit_copy`]); a slot taken by another block forgets it.
+    pub(super) fn host_crc(&self, s: u32) -> Option<u32> {
+        let t = self.table(TierKind::Host);
+        t.summed[s as usize].then_some(t.crc[s as usize])
     }
 
     /// The copy of a block whose bytes are in place (host preferred). None

@@ -503,6 +503,12 @@ impl BlockManager {
         let mut undone = 0;
         for (k, f) in failures.into_iter().enumerate() {
             let Some(f) = f else {
+                // Read whole and checked: the host copy it was promoted to
+                // has its recorded checksum.
+                if let (Some(s), true) = (promoted_to[k], self.opts.checksums) {
+                    let (_, i, crc) = read.disk[k];
+                    st.reg.commit_copy(hashes.at(i), s, crc);
+                }
                 continue;
             };
             let (t, i, _) = read.disk[k];

@@ -174,3 +174,33 @@ fn promotions_hold_no_slot_once_done() {
     assert_eq!(m.put(&[100, 101, 102, 103], &vec![7u8; 4 * bs]).unwrap(), 4);
     assert_eq!(s.rejected_full, 0);
 }
+
+#[test]
+fn a_blocks_checksum_is_taken_as_it_enters_the_host_tier() {
+    // The checksum a host block's disk copy is written with is the one
+    // computed while its bytes were copied in: bytes that change in host
+    // memory afterwards fail it when read back from disk (a miss, never
+    // wrong bytes), and blocks left alone come back whole.
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 64 << 10;
+    let m = mgr(2, 8, bs, dir.path());
+    m.put(&[1, 2], &[block(1, bs), block(2, bs)].concat())
+        .unwrap();
+    let host = m.host.as_ref().unwrap();
+    let region = host.region().unwrap();
+    for s in 0..2 {
+        // SAFETY: inside slot s of the tier's mapping; no copy is running.
+        unsafe { *region.ptr().add(s * host.slot_stride() + 100) ^= 0xff };
+    }
+    m.put(&[3, 4], &[block(3, bs), block(4, bs)].concat())
+        .unwrap(); // 1 and 2 go to disk
+    m.put(&[5, 6], &[block(5, bs), block(6, bs)].concat())
+        .unwrap(); // 3 and 4 go to disk, unchanged
+    let mut out = vec![0u8; 2 * bs];
+    assert_eq!(m.get(k(&[1]), &mut out[..bs]).unwrap(), 0);
+    assert_eq!(m.get(k(&[2]), &mut out[..bs]).unwrap(), 0);
+    assert_eq!(m.get(k(&[3, 4]), &mut out).unwrap(), 2);
+    assert_eq!(out, [block(3, bs), block(4, bs)].concat());
+    let (s, _) = m.stats().unwrap();
+    assert_eq!(s.corrupt_blocks, 2);
+}
