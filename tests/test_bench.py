@@ -96,7 +96,7 @@ def test_ratios_are_computed_from_the_measured_medians(tiny_run) -> None:
     many = [c for c in cases if c["impl"].startswith("numpy-copyto-") and c is not one][0]
     limit = max(one["median"], many["median"])
     assert host_w[0]["ratios"]["vs_memory_limit"] == pytest.approx(host_w[0]["median"] / limit)
-    for op in ("put", "get"):
+    for op in ("put", "get", "put-offloading"):
         on, off = find("checksums-on", op)[0], find("checksums-off", op)[0]
         assert on["ratios"]["vs_checksums_off"] == pytest.approx(on["median"] / off["median"])
     reopen = find("dynblock", "reopen")[0]
@@ -129,7 +129,7 @@ def test_cpu_per_gib_is_reported_next_to_every_throughput(tiny_run) -> None:
                     c["cpu_s_per_gib"] / naive["cpu_s_per_gib"])
             else:  # too short to register any CPU: no ratio rather than a division by zero
                 assert "cpu_vs_python_naive" not in c["ratios"]
-    for op in ("put", "get"):
+    for op in ("put", "get", "put-offloading"):
         on, off = [[c for c in tiny_run["cases"] if c["impl"] == name and c["op"] == op][0]
                    for name in ("checksums-on", "checksums-off")]
         if off["cpu_s_per_gib"] > 0:

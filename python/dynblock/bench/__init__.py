@@ -20,8 +20,10 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``rem
 - ``trace``: replay of a real KV reuse trace (the Mooncake traces shipped in
   ``dynblock/bench/traces``, or ``--trace PATH``).
 - ``overhead``: per-call cost of match/put/get on small batches.
-- ``durability``: disk-only put/get with checksums on against off, and the
-  time to reopen a persistent store of 100,000 blocks.
+- ``durability``: disk-only put/get with checksums on against off, the same
+  for puts into a full host tier whose victims go to disk (``put-offloading``),
+  ``python -m dynblock.store verify`` against cold reads, and the time to
+  reopen a persistent store of 100,000 blocks.
 - ``engine``: what a serving engine feels: ``match`` p99 while another thread
   stores 128 MiB batches to disk, the longest stall of a Python thread ticking
   every 1 ms while another thread puts and gets, a 32-block put into a full

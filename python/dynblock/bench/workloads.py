@@ -418,7 +418,7 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
     hashes = np.arange(1, w + 1, dtype=np.uint64)
     order = np.random.default_rng(11).permutation(w)
     p: Dict[str, Any] = dict(block_size=block_size, blocks=w)
-    progress.add(repeat * 4)
+    progress.add(repeat * 6)
     for _ in range(repeat):
         for checksums in (False, True):
             cfg = Config(block_size=block_size, disk_blocks=w, disk_dir=directory,
@@ -439,6 +439,26 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
                 progress.step(f"durability put {name}")
                 res.case("durability", name, "get", **p).add_rate(w * block_size, timed(get_all))
                 progress.step(f"durability get {name}")
+            # Puts into a full host tier (a quarter of the blocks) whose victims go to disk:
+            # a block's checksum is taken while it is copied into the host tier, and its
+            # disk write reuses it.
+            hw = max(1, w // 4)
+            cfg = Config(block_size=block_size, host_blocks=hw, disk_blocks=w, disk_dir=directory,
+                         io_depth=io_depth, checksums=checksums, write_behind=False)
+            with BlockManager(cfg) as m:
+                for i in range(0, hw, batch):  # fill the host tier, untimed
+                    n = min(batch, hw - i)
+                    m.put(hashes[i:i + n] + np.uint64(w), src[i * block_size:(i + n) * block_size])
+
+                def put_offloading() -> None:
+                    for i in range(0, w, batch):
+                        m.put(hashes[i:i + batch], src[i * block_size:(i + batch) * block_size])
+
+                res.case("durability", name, "put-offloading", **p).add_rate(
+                    w * block_size, timed(put_offloading))
+                if m.stats()["offloaded_blocks"] != w:
+                    raise RuntimeError(f"expected {w} offloads: {m.stats()['offloaded_blocks']}")
+                progress.step(f"durability put-offloading {name}")
     # `python -m dynblock.store verify` of a persistent store of the same blocks, against the
     # cold reads with checksums above.
     from .. import store as store_tool
@@ -467,7 +487,7 @@ def run_durability(res: Results, directory: str, block_size: int, working_bytes:
     cold = res.find("durability", "checksums-on", "get", **p)
     assert v is not None and cold is not None
     v.ratios["vs_cold_get"] = v.median / cold.median
-    for op in ("put", "get"):
+    for op in ("put", "get", "put-offloading"):
         on = res.find("durability", "checksums-on", op, **p)
         off = res.find("durability", "checksums-off", op, **p)
         assert on is not None and off is not None
