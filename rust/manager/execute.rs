@@ -222,9 +222,9 @@ impl BlockManager {
         Ok(())
     }
 
-    /// The plan's copies into host slots, in parallel; with checksums on,
-    /// each block's checksum is computed during its copy (kept in `m` for
-    /// [`Self::finish`]).
+    /// The plan's copies into host slots, in parallel; with checksums on and
+    /// a disk tier, each block's checksum is computed during its copy (kept
+    /// in `m` for [`Self::finish`]).
     ///
     /// # Safety
     /// Each copy's source is valid for block_size bytes; the host slots are
@@ -237,7 +237,8 @@ impl BlockManager {
         let region = region.expect("region");
         let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
         let addr_of = |i: usize| m.copies[i].1;
-        if !self.opts.checksums {
+        if !self.opts.checksums || self.disk.is_none() {
+            // No disk write will need the checksum.
             // SAFETY: forwarded from the caller.
             unsafe { host.copy_slots(region, &slots, addr_of, true) };
             return;
