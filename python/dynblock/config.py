@@ -184,7 +184,8 @@ class Config:
     loss (or call ``sync()`` at the points you choose). ``write_through=True``
     makes ``put`` write to disk too, so blocks in the host tier also survive.
     ``write_behind`` (default on, with both tiers) keeps the least recent
-    half of the host tier written to disk in the background, so a ``put``
+    half of the host tier (at most half the disk tier's size) written to
+    disk in the background, so a ``put``
     into a full host tier evicts without waiting for disk writes;
     ``BlockManager.flush()`` waits for it.
     ``disk_admission`` says which blocks leaving the host tier get a disk copy:

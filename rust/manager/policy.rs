@@ -1879,6 +1879,11 @@ impl Registry {
     pub(super) fn disk_cap(&self) -> usize {
         self.disk.as_ref().map_or(0, SlotTable::cap)
     }
+
+    /// Whether `h` has a copy in the host tier.
+    pub(super) fn in_host(&self, h: Key) -> bool {
+        self.map.get(&h).is_some_and(|e| e.host != NIL)
+    }
 }
 
 pub(super) fn capacity(n: u64, what: &str) -> Result<u32> {

@@ -61,10 +61,14 @@ impl BlockManager {
                     let Some(m) = weak.upgrade() else {
                         return;
                     };
-                    while !w.stop.load(Ordering::Relaxed) {
-                        if m.clean_some(32) == 0 {
+                    // At most a clean depth's worth of writes per wake-up.
+                    let mut budget = m.clean_budget();
+                    while budget > 0 && !w.stop.load(Ordering::Relaxed) {
+                        let n = m.clean_some(32.min(budget));
+                        if n == 0 {
                             break;
                         }
+                        budget = budget.saturating_sub(n);
                     }
                 }
             });
@@ -102,16 +106,30 @@ impl BlockManager {
     }
 
     /// How many of the least recent host blocks write-behind keeps clean
-    /// (with a disk copy): half the host tier (none under 4 blocks). A step
-    /// pins at most a quarter of the tier (and at most its batch), so a put
+    /// (with a disk copy): half the host tier (none under 4 blocks), and at
+    /// most half the disk tier, which must hold those copies besides its
+    /// own blocks (more would evict the copies just written). A step pins
+    /// at most a quarter of the tier (and at most its batch), so a put
     /// always finds most of the tier evictable (eviction skips the blocks
     /// being written behind).
-    fn clean_depth(host_cap: usize) -> usize {
+    fn clean_depth(host_cap: usize, disk_cap: usize) -> usize {
         if host_cap < 4 {
             0
         } else {
-            host_cap / 2
+            (host_cap / 2).min(disk_cap / 2)
         }
+    }
+
+    /// The most blocks one round of write-behind (a wake-up of its thread,
+    /// or a `flush`) writes: the clean depth. Each step's writes evict disk
+    /// blocks, possibly the copies an earlier step wrote (an S3-FIFO disk
+    /// tier evicts its newest blocks first); the budget ends a round that
+    /// would otherwise rewrite them in turn forever.
+    fn clean_budget(&self) -> usize {
+        let Ok(st) = self.open_state() else {
+            return 0;
+        };
+        Self::clean_depth(st.reg.host_cap(), st.reg.disk_cap())
     }
 
     /// One step of write-behind: write up to `max` of the least recent
@@ -132,9 +150,8 @@ impl BlockManager {
             return 0;
         }
         let cap = st.reg.host_cap();
-        let pick = st
-            .reg
-            .clean_candidates(Self::clean_depth(cap), max.min(cap / 4));
+        let depth = Self::clean_depth(cap, st.reg.disk_cap());
+        let pick = st.reg.clean_candidates(depth, max.min(cap / 4));
         if pick.is_empty() {
             return 0;
         }
@@ -152,13 +169,20 @@ impl BlockManager {
             st.reg.pin(at);
         }
         let mut plan = Plan::default();
-        let mut n = 0;
+        let mut n: usize = 0;
         for &(h, s) in &pick {
             if !st.reg.offload(h, s, &mut plan) {
                 break; // the rest of the disk tier is leased
             }
             n += 1;
         }
+        // Copies of blocks still in the host tier that these writes evict:
+        // those blocks are host-only again (no progress for them).
+        let undone = plan
+            .disk_evicted
+            .iter()
+            .filter(|&&(h, _, _)| st.reg.in_host(h))
+            .count();
         let (mut st, r) = self.execute(st, &plan, region.as_deref());
         for &at in &held {
             st.reg.unpin(at);
@@ -166,7 +190,9 @@ impl BlockManager {
         match r {
             Ok(()) => {
                 st.stats.written_behind += n as u64;
-                n
+                // Counted as done when the step made no progress, so that
+                // the round ends.
+                n.saturating_sub(undone)
             }
             Err(e) => {
                 st.stats.failed_write_behind += 1;
@@ -183,11 +209,18 @@ impl BlockManager {
     }
 
     /// Wait for write-behind (write every host-only block within the clean
-    /// depth to disk now), then for the remote tier's write queue (up to
-    /// 60 s).
+    /// depth to disk now, at most a clean depth's worth of writes), then for
+    /// the remote tier's write queue (up to 60 s).
     pub fn flush(&self) -> Result<()> {
         drop(self.open_state()?);
-        while self.clean_some(64) > 0 {}
+        let mut budget = self.clean_budget();
+        while budget > 0 {
+            let n = self.clean_some(64.min(budget));
+            if n == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(n);
+        }
         if let Some((r, _)) = self.remote.get() {
             r.flush(std::time::Duration::from_secs(60));
         }
