@@ -129,7 +129,12 @@ impl BlockManager {
 }
 
 impl LocalSource for BlockManager {
-    fn with_local(&self, h: Key, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool {
+    fn with_local(
+        &self,
+        h: Key,
+        scratch: &mut Vec<u8>,
+        f: &mut dyn FnMut(&[u8], Option<u32>),
+    ) -> bool {
         let (Ok(region), Ok(mut st)) = (self.region(), self.open_state()) else {
             return false;
         };
@@ -138,8 +143,10 @@ impl LocalSource for BlockManager {
             region.as_deref(),
             at.filter(|a| a.kind == super::policy::TierKind::Host),
         ) {
-            // In the host tier: read in place, the slot pinned meanwhile.
+            // In the host tier: read in place, the slot pinned meanwhile,
+            // with the checksum taken when its bytes were copied in.
             st.reg.pin(at);
+            let crc = st.reg.host_crc(at.slot).filter(|_| self.opts.checksums);
             drop(st);
             let host = self.host.as_ref().expect("host tier");
             // SAFETY: the slot holds h's bytes, in place (readable: not
@@ -148,7 +155,7 @@ impl LocalSource for BlockManager {
             let bytes = unsafe {
                 std::slice::from_raw_parts(host.slot_ptr(region, at.slot as u64), self.block_size)
             };
-            f(bytes);
+            f(bytes, crc);
             self.lock().reg.unpin(at);
             return true;
         }
@@ -164,7 +171,7 @@ impl LocalSource for BlockManager {
             )
         };
         if matches!(r, Ok((_, ref read)) if read.n == 1) {
-            f(scratch);
+            f(scratch, None);
             true
         } else {
             false

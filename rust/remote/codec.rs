@@ -101,14 +101,7 @@ impl RemoteTier {
 
     /// The header of block `h`'s value (`header_len()` bytes).
     pub(super) fn header(&self, h: u64, name: &str, block: &[u8]) -> [u8; HEADER_MAC] {
-        let mut v = [0u8; HEADER_MAC];
-        let len = self.header_len();
-        v[..4].copy_from_slice(MAGIC);
-        v[4..6].copy_from_slice(&self.version().to_le_bytes());
-        v[6..8].copy_from_slice(&(len as u16).to_le_bytes());
-        v[8..12].copy_from_slice(&(self.opts.block_size as u32).to_le_bytes());
-        v[16..24].copy_from_slice(&h.to_le_bytes());
-        v[24..32].copy_from_slice(&self.opts.layout.to_le_bytes());
+        let mut v = self.header_fields(h);
         match &self.mac_key {
             Some(k) => {
                 let mut m = Self::mac_start(k, name, &v);
@@ -117,6 +110,31 @@ impl RemoteTier {
             }
             None => v[12..16].copy_from_slice(&block_crc(h, block).to_le_bytes()),
         }
+        v
+    }
+
+    /// The header of block `h`'s value from its checksum `crc` (its
+    /// [`block_crc`], known already), without reading the block. None with
+    /// a secret: the MAC has to read it.
+    pub(super) fn header_with_crc(&self, h: u64, crc: u32) -> Option<[u8; HEADER_MAC]> {
+        if self.mac_key.is_some() {
+            return None;
+        }
+        let mut v = self.header_fields(h);
+        v[12..16].copy_from_slice(&crc.to_le_bytes());
+        Some(v)
+    }
+
+    /// A header's fields other than its checksum or MAC.
+    fn header_fields(&self, h: u64) -> [u8; HEADER_MAC] {
+        let mut v = [0u8; HEADER_MAC];
+        let len = self.header_len();
+        v[..4].copy_from_slice(MAGIC);
+        v[4..6].copy_from_slice(&self.version().to_le_bytes());
+        v[6..8].copy_from_slice(&(len as u16).to_le_bytes());
+        v[8..12].copy_from_slice(&(self.opts.block_size as u32).to_le_bytes());
+        v[16..24].copy_from_slice(&h.to_le_bytes());
+        v[24..32].copy_from_slice(&self.opts.layout.to_le_bytes());
         v
     }
 

@@ -172,8 +172,15 @@ pub trait LocalSource: Send + Sync {
     /// Hand block `key`'s bytes to `f` when the local tiers hold it,
     /// changing nothing else (no recency, no promotion): a host-tier block
     /// in place (its slot held meanwhile), a disk-tier block read into
-    /// `scratch`. False when the block is not held.
-    fn with_local(&self, key: Key, scratch: &mut Vec<u8>, f: &mut dyn FnMut(&[u8])) -> bool;
+    /// `scratch`, with its checksum ([`crate::checksum::block_crc`]) where
+    /// the tier knows it without reading the bytes again. False when the
+    /// block is not held.
+    fn with_local(
+        &self,
+        key: Key,
+        scratch: &mut Vec<u8>,
+        f: &mut dyn FnMut(&[u8], Option<u32>),
+    ) -> bool;
 }
 
 /// One remote store (see the module docs).

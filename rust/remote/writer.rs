@@ -26,7 +26,7 @@ pub(super) struct Queue {
 }
 
 /// `read(i, f)`: hand block `i`'s bytes to `f`; false when it is gone.
-type ReadBlock<'a> = dyn FnMut(usize, &mut dyn FnMut(&[u8])) -> bool + 'a;
+type ReadBlock<'a> = dyn FnMut(usize, &mut dyn FnMut(&[u8], Option<u32>)) -> bool + 'a;
 
 /// Buffers a storing thread reuses from batch to batch (no allocation or
 /// page fault per block once they have grown).
@@ -111,7 +111,10 @@ impl RemoteTier {
             Some(src),
             &mut |i, f| {
                 // SAFETY: forwarded from the caller.
-                f(unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) });
+                f(
+                    unsafe { std::slice::from_raw_parts(src[i] as *const u8, bs) },
+                    None,
+                );
                 true
             },
             d,
@@ -172,11 +175,13 @@ impl RemoteTier {
                     &d,
                     packed,
                     &mut |i, b| {
-                        read(start + i, &mut |block| {
+                        read(start + i, &mut |block, crc| {
                             let at = start + i;
-                            let head = (side > 0).then(|| {
-                                heads.take(at, &compute, &|| workers[at % side].is_finished())
-                            });
+                            let head = if side > 0 {
+                                Some(heads.take(at, &compute, &|| workers[at % side].is_finished()))
+                            } else {
+                                crc.and_then(|c| self.header_with_crc(chunk[i], c))
+                            };
                             self.set_command(cmd, chunk[i], &keys[i], block, head.as_ref());
                             cmd.write_packed_command(b);
                         })
