@@ -146,7 +146,7 @@ impl LocalSource for BlockManager {
             // In the host tier: read in place, the slot pinned meanwhile,
             // with the checksum taken when its bytes were copied in.
             st.reg.pin(at);
-            let crc = st.reg.host_crc(at.slot).filter(|_| self.opts.checksums);
+            let crc = st.reg.host_crc(at.slot);
             drop(st);
             let host = self.host.as_ref().expect("host tier");
             // SAFETY: the slot holds h's bytes, in place (readable: not

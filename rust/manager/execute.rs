@@ -23,9 +23,9 @@ struct Write {
     /// An offload (not a new block).
     victim: bool,
     hash: Key,
-    /// Its checksum is known already (a host slot's, computed when the
-    /// bytes were copied in): the write does not compute it again.
-    summed: bool,
+    /// Its checksum where it is known already (a host slot's, computed
+    /// when the bytes were copied in): the write does not compute it again.
+    crc: Option<u32>,
 }
 
 /// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
@@ -134,33 +134,27 @@ impl BlockManager {
                     .into(),
             ));
         }
-        let known = |crc: Option<u32>| crc.filter(|_| self.opts.checksums);
-        let mut writes: Vec<(Write, Option<u32>)> = plan
+        let mut writes: Vec<Write> = plan
             .live_writes()
-            .map(|w| {
-                let write = Write {
-                    slot: w.disk_slot as u64,
-                    addr: match w.src {
-                        Src::Addr(a) => a,
-                        Src::HostSlot(s) => {
-                            let (h, r) =
-                                (self.host.as_ref().expect("host"), region.expect("region"));
-                            h.slot_ptr(r, s as u64) as usize
-                        }
-                    },
-                    victim: w.victim,
-                    hash: w.hash,
-                    summed: known(w.crc).is_some(),
-                };
-                (write, known(w.crc))
+            .map(|w| Write {
+                slot: w.disk_slot as u64,
+                addr: match w.src {
+                    Src::Addr(a) => a,
+                    Src::HostSlot(s) => {
+                        let (h, r) = (self.host.as_ref().expect("host"), region.expect("region"));
+                        h.slot_ptr(r, s as u64) as usize
+                    }
+                },
+                victim: w.victim,
+                hash: w.hash,
+                crc: w.crc,
             })
             .collect();
-        writes.sort_unstable_by_key(|w| w.0.slot);
+        writes.sort_unstable_by_key(|w| w.slot);
         let crcs = writes
             .iter()
-            .map(|w| AtomicU32::new(w.1.unwrap_or(0)))
+            .map(|w| AtomicU32::new(w.crc.unwrap_or(0)))
             .collect();
-        let writes: Vec<Write> = writes.into_iter().map(|w| w.0).collect();
         let copies: Vec<(u64, usize, Key)> = plan
             .live_copies()
             .map(|c| (c.host_slot as u64, c.addr, c.hash))
@@ -204,7 +198,7 @@ impl BlockManager {
         let addrs: Vec<usize> = m.writes.iter().map(|w| w.addr).collect();
         let bs = self.block_size;
         let hook = |i: usize, addr: usize| {
-            if m.writes[i].summed {
+            if m.writes[i].crc.is_some() {
                 return;
             }
             // SAFETY: addr is block i's source, valid for bs bytes (see above).

@@ -1758,7 +1758,8 @@ impl Registry {
     }
 
     /// The checksum of the block in host slot `s`, when it is known
-    /// ([`Self::commit_copy`]); a slot taken by another block forgets it.
+    /// ([`Self::commit_copy`], called only with checksums on); a slot taken
+    /// by another block forgets it.
     pub(super) fn host_crc(&self, s: u32) -> Option<u32> {
         let t = self.table(TierKind::Host);
         t.summed[s as usize].then_some(t.crc[s as usize])

@@ -61,15 +61,7 @@ impl BlockManager {
                     let Some(m) = weak.upgrade() else {
                         return;
                     };
-                    // At most a clean depth's worth of writes per wake-up.
-                    let mut budget = m.clean_budget();
-                    while budget > 0 && !w.stop.load(Ordering::Relaxed) {
-                        let n = m.clean_some(32.min(budget));
-                        if n == 0 {
-                            break;
-                        }
-                        budget = budget.saturating_sub(n);
-                    }
+                    m.clean_round(32, &|| w.stop.load(Ordering::Relaxed));
                 }
             });
         if let Ok(h) = spawned {
@@ -130,6 +122,19 @@ impl BlockManager {
             return 0;
         };
         Self::clean_depth(st.reg.host_cap(), st.reg.disk_cap())
+    }
+
+    /// One round of write-behind: steps of at most `step` blocks until
+    /// nothing is left, the budget is spent, or `stop` says so.
+    fn clean_round(&self, step: usize, stop: &dyn Fn() -> bool) {
+        let mut budget = self.clean_budget();
+        while budget > 0 && !stop() {
+            let n = self.clean_some(step.min(budget));
+            if n == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(n);
+        }
     }
 
     /// One step of write-behind: write up to `max` of the least recent
@@ -213,14 +218,7 @@ impl BlockManager {
     /// the remote tier's write queue (up to 60 s).
     pub fn flush(&self) -> Result<()> {
         drop(self.open_state()?);
-        let mut budget = self.clean_budget();
-        while budget > 0 {
-            let n = self.clean_some(64.min(budget));
-            if n == 0 {
-                break;
-            }
-            budget = budget.saturating_sub(n);
-        }
+        self.clean_round(64, &|| false);
         if let Some((r, _)) = self.remote.get() {
             r.flush(std::time::Duration::from_secs(60));
         }
