@@ -53,6 +53,24 @@ impl Moves {
         self.copies.retain(|c| !skip(c.0));
     }
 
+    /// For each copy, the checksum its block's disk write computed from the
+    /// same bytes (a new block put with `write_through`), once the writes ran.
+    fn written_crcs(&self) -> Vec<Option<u32>> {
+        let mut by_addr: Vec<(usize, usize)> = (self.writes.iter().enumerate())
+            .filter(|(_, w)| !w.victim)
+            .map(|(j, w)| (w.addr, j))
+            .collect();
+        by_addr.sort_unstable();
+        self.copies
+            .iter()
+            .map(|&(_, addr, hash)| {
+                let k = by_addr.binary_search_by_key(&addr, |&(a, _)| a).ok()?;
+                let j = by_addr[k].1;
+                (self.writes[j].hash == hash).then(|| self.crcs[j].load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
     /// Each copy's (host slot, hash, checksum), once the copies ran with
     /// checksums on.
     fn summed_copies(&self) -> Vec<(u32, Key, u32)> {
@@ -237,9 +255,32 @@ impl BlockManager {
             unsafe { host.copy_slots(region, &slots, addr_of, true) };
             return;
         }
-        // SAFETY: forwarded from the caller.
-        let crcs =
-            unsafe { host.copy_into_slots_summed(region, &slots, addr_of, |i| m.copies[i].2.hash) };
+        // A new block written to disk from the same bytes (`write_through`)
+        // has its checksum from that write already: copied without summing.
+        let known = m.written_crcs();
+        let (plain, summed): (Vec<usize>, Vec<usize>) =
+            (0..m.copies.len()).partition(|&i| known[i].is_some());
+        let mut crcs: Vec<u32> = known.iter().map(|c| c.unwrap_or(0)).collect();
+        if !plain.is_empty() {
+            let slots: Vec<u64> = plain.iter().map(|&i| m.copies[i].0).collect();
+            // SAFETY: forwarded from the caller.
+            unsafe { host.copy_slots(region, &slots, |k| addr_of(plain[k]), true) };
+        }
+        if !summed.is_empty() {
+            let slots: Vec<u64> = summed.iter().map(|&i| m.copies[i].0).collect();
+            // SAFETY: forwarded from the caller.
+            let got = unsafe {
+                host.copy_into_slots_summed(
+                    region,
+                    &slots,
+                    |k| addr_of(summed[k]),
+                    |k| m.copies[summed[k]].2.hash,
+                )
+            };
+            for (k, crc) in got.into_iter().enumerate() {
+                crcs[summed[k]] = crc;
+            }
+        }
         *m.copy_crcs.lock().unwrap_or_else(|p| p.into_inner()) = crcs;
     }
 

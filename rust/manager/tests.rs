@@ -176,6 +176,55 @@ fn promotions_hold_no_slot_once_done() {
 }
 
 #[test]
+fn a_write_through_put_gives_its_host_copies_the_writes_checksums() {
+    // With write_through a new block's disk write sums the caller's bytes;
+    // its copy into the host tier takes that checksum instead of summing
+    // them again. Each host slot must end up with its own block's checksum,
+    // also when the disk tier holds fewer blocks than the batch brings.
+    let dir = tempfile::tempdir().unwrap();
+    let bs = 64 << 10;
+    for disk in [8, 2] {
+        let d = tempfile::tempdir_in(dir.path()).unwrap();
+        let m = BlockManager::new(
+            bs,
+            Some(Arc::new(
+                HostStorage::new(
+                    8,
+                    bs,
+                    &HostOptions {
+                        pin: Pin::Off,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            )),
+            Some(Arc::new(
+                DiskStorage::open(d.path(), disk, bs, &DiskOptions::default()).unwrap(),
+            )),
+            ManagerOptions {
+                checksums: true,
+                write_through: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let hs = [7u64, 3, 9, 1];
+        let bytes: Vec<u8> = hs.iter().flat_map(|&h| block(h, bs)).collect();
+        m.put(&hs, &bytes).unwrap();
+        let st = m.lock();
+        for &h in &hs {
+            let at = st.reg.readable(Key::shared(h)).unwrap();
+            assert_eq!(at.kind, policy::TierKind::Host);
+            assert_eq!(
+                st.reg.host_crc(at.slot),
+                Some(crate::checksum::block_crc(h, &block(h, bs))),
+                "block {h}, disk tier of {disk}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_blocks_checksum_is_taken_as_it_enters_the_host_tier() {
     // The checksum a host block's disk copy is written with is the one
     // computed while its bytes were copied in: bytes that change in host
