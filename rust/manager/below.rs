@@ -170,11 +170,16 @@ impl LocalSource for BlockManager {
                 region.as_deref(),
             )
         };
-        if matches!(r, Ok((_, ref read)) if read.n == 1) {
-            f(scratch, None);
-            true
-        } else {
-            false
+        match r {
+            Ok((st, read)) if read.n == 1 => {
+                drop(st);
+                // Read from disk and checked against its recorded checksum
+                // (with checksums on): that checksum is the block's.
+                let crc = read.disk_crc(0).filter(|_| self.opts.checksums);
+                f(scratch, crc);
+                true
+            }
+            _ => false,
         }
     }
 }

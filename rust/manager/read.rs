@@ -43,6 +43,15 @@ pub(super) struct Read {
 }
 
 impl Read {
+    /// The recorded checksum that block `i` of the prefix was read from disk
+    /// against (checked when checksums are on); None for a host hit or a
+    /// block past the prefix.
+    pub(super) fn disk_crc(&self, i: usize) -> Option<u32> {
+        (i < self.n)
+            .then(|| self.disk.iter().find(|r| r.1 == i).map(|r| r.2))
+            .flatten()
+    }
+
     fn slots(&self) -> impl Iterator<Item = TierSlot> + '_ {
         let host = self.host.iter().map(|r| TierSlot::host(r.0));
         host.chain(self.disk.iter().map(|r| TierSlot::disk(r.0)))
