@@ -330,20 +330,77 @@ pub fn pool(threads: usize, name: &str, nice: u32) -> Option<Pool> {
 /// How long starting a pool's threads is waited for.
 const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Raise the calling thread's nice value to `nice` (never lower it: that
-/// would need privileges and would take CPU from the caller's threads). On
-/// Linux nice is per thread. Best effort: a failure leaves the priority as
-/// it was, which changes only who wins a busy CPU.
+/// Lower the calling thread's priority for background work: raise its nice
+/// value to `nice` (never lower it: that would need privileges and would
+/// take CPU from the caller's threads; on Linux nice is per thread) and, when
+/// `nice` is above 0, ask for a long time slice ([`WORKER_SLICE`]). Best
+/// effort: a failure leaves the priority as it was, which changes only who
+/// wins a busy CPU.
+///
+/// Why the slice: with the EEVDF scheduler (Linux 6.6 and later) a thread
+/// that wakes up on a busy core waits for the running thread's slice to end
+/// (often until the next tick, 4 ms at HZ=250) unless its own slice is the
+/// shorter one (Linux 6.12 and later, where a thread may set its slice). A
+/// worker with a longer slice than the default one (0.7-3 ms) is preempted at
+/// once by an engine thread that wakes (its scheduler loop, a ticking Python
+/// thread); its share of the CPU is unchanged (that is the nice value's).
+/// Earlier kernels ignore the setting.
 pub fn lower_priority(nice: u32) {
     // SAFETY: gettid and get/setpriority on the calling thread take no pointers.
-    unsafe {
+    let now = unsafe {
         let tid = libc::gettid() as libc::id_t;
         *libc::__errno_location() = 0;
         let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        if *libc::__errno_location() == 0 && now < nice as i32 {
+        if *libc::__errno_location() != 0 {
+            return;
+        }
+        if now < nice as i32 {
             libc::setpriority(libc::PRIO_PROCESS, tid, nice as i32);
         }
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    };
+    if nice > 0 {
+        long_slice(now);
     }
+}
+
+/// The time slice worker threads ask for (see [`lower_priority`]).
+pub const WORKER_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// `struct sched_attr` of `sched_setattr(2)` (its first version, 48 bytes).
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+/// Set the calling thread's slice to [`WORKER_SLICE`], keeping its policy
+/// (only the fair ones: normal and batch) and its nice value `nice`.
+fn long_slice(nice: i32) {
+    // SAFETY: sched_getscheduler on the calling thread takes no pointers.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH {
+        return;
+    }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        policy: policy as u32,
+        flags: 0,
+        nice,
+        priority: 0,
+        runtime: WORKER_SLICE.as_nanos() as u64,
+        deadline: 0,
+        period: 0,
+    };
+    // SAFETY: sched_setattr(0, attr, 0) reads `attr` (a live, initialised
+    // struct whose `size` says how much) for the calling thread only.
+    unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
 }
 
 /// Run `work(op_index, worker_state)` for every index in `0..n` on up to

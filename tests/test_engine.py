@@ -5,8 +5,11 @@ as a source or destination."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -567,3 +570,51 @@ def test_worker_threads_run_at_worker_nice(tmp_path: Path, nice: int) -> None:
         assert set(seen.values()) == {max(nice, os.getpriority(os.PRIO_PROCESS, 0))}, seen
     with pytest.raises(ValueError, match="worker_nice .* must be between 0 and 19, got 20"):
         Config(block_size=BS, host_blocks=4, worker_nice=20)
+
+
+def _slice_ns(tid: int) -> Optional[int]:
+    """A thread's EEVDF time slice from /proc (None where the kernel does not show it)."""
+    try:
+        with open(f"/proc/self/task/{tid}/sched") as f:
+            for line in f:
+                if line.startswith("se.slice"):
+                    return int(line.split()[-1])
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def _custom_slices() -> bool:
+    """Whether a thread may set its own time slice: Linux 6.12+, whose /proc shows it."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    new_enough = m is not None and (int(m.group(1)), int(m.group(2))) >= (6, 12)
+    return new_enough and _slice_ns(threading.get_native_id()) is not None
+
+
+@pytest.mark.skipif(not _custom_slices(),
+                    reason=f"kernel {os.uname().release} has no per-thread time slice (Linux 6.12+ "
+                           "shows se.slice in /proc/PID/sched and honours sched_setattr's)")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_worker_threads_take_a_long_time_slice(tmp_path: Path, nice: int) -> None:
+    # With worker_nice above 0 the workers ask for a 10 ms slice, longer than the default
+    # (0.7-3 ms): an engine thread that wakes on a busy core then preempts them at once
+    # instead of waiting for the next tick. With 0 they keep the caller's slice.
+    cfg = Config(block_size=BS, host_blocks=4, disk_blocks=16, disk_dir=str(tmp_path),
+                 numa_node=None, pin=False, worker_nice=nice, disk_engine="threads")
+    mine = _slice_ns(threading.get_native_id())
+    with BlockManager(cfg) as kv:
+        kv.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
+        kv.flush()
+        out = np.zeros(8 * BS, np.uint8)
+        assert kv.get(list(range(8)), out) == 8
+        slices = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except FileNotFoundError:
+                continue
+            if name.startswith("dynblock-") and not name.startswith("dynblock-job"):
+                slices[name] = _slice_ns(int(tid))
+        assert {n.split("-")[1] for n in slices} >= {"copy", "io", "writeb"}, slices
+        assert set(slices.values()) == {10_000_000 if nice > 0 else mine}, slices

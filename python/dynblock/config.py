@@ -215,7 +215,9 @@ class Config:
     saying why not (see :class:`~dynblock.DiskStorage`).
     ``worker_nice`` (default 5, 0-19) is the nice value of the threads that
     copy and do disk I/O in the background: a busy CPU goes to the engine's
-    own threads (its scheduler loop) first; 0 gives them the caller's priority.
+    own threads (its scheduler loop) first; above 0 they also take a 10 ms
+    time slice (Linux 6.12+), so an engine thread that wakes preempts them at
+    once; 0 gives them the caller's priority.
     ``checksums`` (default on) verifies a CRC32C of every block read from disk:
     a mismatch is a miss, never wrong bytes.
     """
