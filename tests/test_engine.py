@@ -9,7 +9,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import pytest
@@ -544,12 +544,12 @@ def test_a_failed_write_behind_loses_nothing_and_breaks_nothing(tiny_tmpfs: Path
         assert kv.stats()["written_behind"] >= 2
 
 
-@pytest.mark.parametrize("nice", [0, 7])
-def test_worker_threads_run_at_worker_nice(tmp_path: Path, nice: int) -> None:
-    import os
-
+def _worker_values(tmp_path: Path, nice: int, read: Callable[[int], Any],
+                   **config: Any) -> Dict[str, Any]:
+    """`read(tid)` of each of dynblock's worker threads (by name) while a manager with
+    `worker_nice=nice` that has put, written behind and read is open."""
     cfg = Config(block_size=BS, host_blocks=4, disk_blocks=16, disk_dir=str(tmp_path),
-                 numa_node=None, pin=False, worker_nice=nice)
+                 numa_node=None, pin=False, worker_nice=nice, **config)
     with BlockManager(cfg) as kv:
         kv.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
         kv.flush()
@@ -560,14 +560,20 @@ def test_worker_threads_run_at_worker_nice(tmp_path: Path, nice: int) -> None:
             try:
                 with open(f"/proc/self/task/{tid}/comm") as f:
                     name = f.read().strip()
-                prio = os.getpriority(os.PRIO_PROCESS, int(tid))
+                value = read(int(tid))
             except (FileNotFoundError, ProcessLookupError):
                 continue
             if name.startswith("dynblock-") and not name.startswith("dynblock-job"):
-                seen[name] = prio
-        kinds = {n.split("-")[1] for n in seen}
-        assert {"copy", "io", "writeb"} <= kinds, seen  # comm is cut at 15 bytes: "dynblock-writeb"
-        assert set(seen.values()) == {max(nice, os.getpriority(os.PRIO_PROCESS, 0))}, seen
+                seen[name] = value
+    kinds = {n.split("-")[1] for n in seen}
+    assert {"copy", "io", "writeb"} <= kinds, seen  # comm is cut at 15 bytes: "dynblock-writeb"
+    return seen
+
+
+@pytest.mark.parametrize("nice", [0, 7])
+def test_worker_threads_run_at_worker_nice(tmp_path: Path, nice: int) -> None:
+    seen = _worker_values(tmp_path, nice, lambda tid: os.getpriority(os.PRIO_PROCESS, tid))
+    assert set(seen.values()) == {max(nice, os.getpriority(os.PRIO_PROCESS, 0))}, seen
     with pytest.raises(ValueError, match="worker_nice .* must be between 0 and 19, got 20"):
         Config(block_size=BS, host_blocks=4, worker_nice=20)
 
@@ -599,22 +605,6 @@ def test_worker_threads_take_a_long_time_slice(tmp_path: Path, nice: int) -> Non
     # With worker_nice above 0 the workers ask for a 10 ms slice, longer than the default
     # (0.7-3 ms): an engine thread that wakes on a busy core then preempts them at once
     # instead of waiting for the next tick. With 0 they keep the caller's slice.
-    cfg = Config(block_size=BS, host_blocks=4, disk_blocks=16, disk_dir=str(tmp_path),
-                 numa_node=None, pin=False, worker_nice=nice, disk_engine="threads")
     mine = _slice_ns(threading.get_native_id())
-    with BlockManager(cfg) as kv:
-        kv.put(list(range(8)), np.concatenate([data_for(h) for h in range(8)]))
-        kv.flush()
-        out = np.zeros(8 * BS, np.uint8)
-        assert kv.get(list(range(8)), out) == 8
-        slices = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/comm") as f:
-                    name = f.read().strip()
-            except FileNotFoundError:
-                continue
-            if name.startswith("dynblock-") and not name.startswith("dynblock-job"):
-                slices[name] = _slice_ns(int(tid))
-        assert {n.split("-")[1] for n in slices} >= {"copy", "io", "writeb"}, slices
-        assert set(slices.values()) == {10_000_000 if nice > 0 else mine}, slices
+    slices = _worker_values(tmp_path, nice, _slice_ns, disk_engine="threads")
+    assert set(slices.values()) == {10_000_000 if nice > 0 else mine}, slices
