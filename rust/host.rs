@@ -145,7 +145,7 @@ fn map_aligned(len: usize, align: usize) -> Result<*mut u8> {
 /// into (one per worker at a time).
 const COPY_PIECE: usize = 1 << 20;
 
-/// Bytes copied then summed at a time by [`HostStorage::copy_into_slots_summed`]:
+/// Bytes copied then summed at a time by [`HostStorage::copy_slots_summed`]:
 /// small enough to be still in the core's cache (L2) when summed, large
 /// enough for the copy's streaming stores.
 const SUM_RUN: usize = 64 << 10;
@@ -456,20 +456,20 @@ impl HostStorage {
         unsafe { self.copy_pieces(region, slots, &addr_of, into_slots, None) };
     }
 
-    /// [`Self::copy_slots`] into the slots, also returning each block's
-    /// checksum ([`crate::checksum::block_crc`] with hash `hash_of(i)`),
-    /// computed on the way: each piece is copied in runs of [`SUM_RUN`]
-    /// bytes and each run summed right after its copy read it, while its
-    /// bytes are in the CPU cache (a separate pass later would read them
-    /// from memory again).
+    /// [`Self::copy_slots`], also returning each block's checksum
+    /// ([`crate::checksum::block_crc`] with hash `hash_of(i)`), computed on
+    /// the way: each piece is copied in runs of [`SUM_RUN`] bytes and each
+    /// run summed right after its copy read it, while its bytes are in the
+    /// CPU cache (a separate pass later would read them from memory again).
     ///
     /// # Safety
-    /// As [`Self::copy_slots`] with `into_slots`.
-    pub unsafe fn copy_into_slots_summed(
+    /// As [`Self::copy_slots`].
+    pub unsafe fn copy_slots_summed(
         &self,
         region: &Region,
         slots: &[u64],
         addr_of: impl Fn(usize) -> usize + Sync,
+        into_slots: bool,
         hash_of: impl Fn(usize) -> u64 + Sync,
     ) -> Vec<u32> {
         let per_block = self.block_size.div_ceil(COPY_PIECE);
@@ -477,7 +477,7 @@ impl HostStorage {
             .map(|_| AtomicU32::new(0))
             .collect();
         // SAFETY: forwarded from the caller.
-        unsafe { self.copy_pieces(region, slots, &addr_of, true, Some((&hash_of, &sums))) };
+        unsafe { self.copy_pieces(region, slots, &addr_of, into_slots, Some((&hash_of, &sums))) };
         let piece_len = |p: usize| COPY_PIECE.min(self.block_size - p * COPY_PIECE);
         (0..slots.len())
             .map(|b| {
@@ -504,10 +504,6 @@ impl HostStorage {
         into_slots: bool,
         sums: Option<(&(dyn Fn(usize) -> u64 + Sync), &[AtomicU32])>,
     ) {
-        debug_assert!(
-            sums.is_none() || into_slots,
-            "sums are of copies into slots"
-        );
         let bs = self.block_size;
         let per_block = bs.div_ceil(COPY_PIECE);
         let n = slots.len() * per_block;
@@ -550,14 +546,19 @@ impl HostStorage {
                 } else {
                     crate::checksum::crc_start()
                 };
+                let (src, dst) = if into_slots {
+                    (u as *const u8, h)
+                } else {
+                    (h as *const u8, u)
+                };
                 let mut at = 0;
                 while at < cnt {
                     let run = SUM_RUN.min(cnt - at);
-                    // SAFETY: as above (into the slot), and the run lies inside
-                    // the piece; the source is only read.
+                    // SAFETY: as above, and the run lies inside the piece; the
+                    // source is only read.
                     unsafe {
-                        io::stream_copy(h.add(at), u.add(at), run);
-                        d.update(std::slice::from_raw_parts(u.add(at), run));
+                        io::stream_copy(dst.add(at), src.add(at), run);
+                        d.update(std::slice::from_raw_parts(src.add(at), run));
                     }
                     at += run;
                 }
@@ -754,7 +755,7 @@ mod tests {
     }
 
     #[test]
-    fn a_summed_copy_gives_each_blocks_checksum() {
+    fn a_summed_copy_in_or_out_gives_each_blocks_checksum() {
         // One piece (a run and a part), and pieces of 1 MiB with a short last one.
         for (bs, threads) in [(5000, 1), ((2 << 20) + 8192, 2)] {
             let h = HostStorage::new(
@@ -772,19 +773,19 @@ mod tests {
             let slots = [3u64, 0, 2];
             let base = src.as_ptr() as usize;
             // SAFETY: slots in range; src holds three blocks and is only read.
-            let sums = unsafe {
-                h.copy_into_slots_summed(&region, &slots, |i| base + i * bs, |i| 100 + i as u64)
+            let sums_in = unsafe {
+                h.copy_slots_summed(&region, &slots, |i| base + i * bs, true, |i| 100 + i as u64)
             };
             let mut dst = vec![0u8; src.len()];
-            h.read_blocks(&slots, &mut dst).unwrap();
+            let out = dst.as_mut_ptr() as usize;
+            // SAFETY: slots in range; dst holds three blocks, written only here.
+            let sums_out = unsafe {
+                h.copy_slots_summed(&region, &slots, |i| out + i * bs, false, |i| 100 + i as u64)
+            };
             assert_eq!(src, dst);
-            for (i, c) in sums.iter().enumerate() {
-                let block = &src[i * bs..(i + 1) * bs];
-                assert_eq!(
-                    *c,
-                    crate::checksum::block_crc(100 + i as u64, block),
-                    "bs {bs} block {i}"
-                );
+            for (i, (a, b)) in sums_in.iter().zip(&sums_out).enumerate() {
+                let want = crate::checksum::block_crc(100 + i as u64, &src[i * bs..(i + 1) * bs]);
+                assert_eq!((*a, *b), (want, want), "bs {bs} block {i}");
             }
         }
     }

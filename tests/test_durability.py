@@ -130,6 +130,39 @@ def test_flips_in_a_large_batch_are_each_caught(tmp_path: Path, engine: str) -> 
         assert np.array_equal(out[:len(good) * bs], blocks(good, bs))
 
 
+@pytest.mark.parametrize("bs", [64 << 10, (3 << 20) + 4096])
+def test_flips_are_caught_in_disk_hits_promoted_into_the_host_tier(tmp_path: Path,
+                                                                   bs: int) -> None:
+    # With a host tier, a disk hit is read straight into the host slot it is promoted to and
+    # checked while it is copied out to the caller: a flipped byte anywhere in a block (one
+    # piece of 64 KiB, or four pieces of at most 1 MiB) is still a miss, never wrong bytes,
+    # and the block is gone from both tiers.
+    n = 6
+    hs = list(range(40, 40 + n))
+    src = dynblock.aligned_empty(n * bs)
+    src[:] = blocks(hs, bs)
+    path = tmp_path / "kv.bin"
+    with open_store(path, disk_blocks=n, block_size=bs) as m:
+        assert m.put(hs, src) == n  # disk-only: slots 0 to 5
+        stride, data = m.disk.slot_stride, m.disk.data_offset
+    bad = {1: 7, 4: bs - 1}  # slot: offset of the flipped byte in the block
+    for slot, off in bad.items():
+        flip(path, data + slot * stride + off)
+    with open_store(path, disk_blocks=n, host_blocks=n, block_size=bs) as m:
+        out = dynblock.aligned_empty(n * bs)
+        out[:] = 0
+        assert m.get(hs, out) == 1  # the prefix ends before the first bad block
+        assert np.array_equal(out[:bs], blocks(hs[:1], bs))
+        s = m.stats()
+        assert s["corrupt_blocks"] == 2 and s["host_blocks_used"] == n - 2, s
+        assert [h for h in hs if h not in m] == [hs[1], hs[4]]
+        good = [h for h in hs if h in m]
+        before = m.stats()["host_hits"]
+        assert m.get(good, out[:len(good) * bs]) == len(good)  # promoted: host hits now
+        assert np.array_equal(out[:len(good) * bs], blocks(good, bs))
+        assert m.stats()["host_hits"] - before == len(good)
+
+
 def test_checksums_can_be_turned_off(tmp_path: Path) -> None:
     path = tmp_path / "kv.bin"
     with open_store(path, checksums=False) as m:

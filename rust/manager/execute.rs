@@ -40,11 +40,20 @@ pub(super) struct Moves {
     copy_crcs: std::sync::Mutex<Vec<u32>>,
     /// Whether `begin` held the plan's slots (`finish` releases them).
     held: bool,
+    /// Whether the copies need their checksums computed (not when they are
+    /// disk hits promoted by a read, whose checksums are recorded).
+    sum_copies: bool,
 }
 
 impl Moves {
     fn is_empty(&self) -> bool {
         self.writes.is_empty() && self.copies.is_empty()
+    }
+
+    /// The copies are a read's promotions of disk hits: their checksums are
+    /// the recorded ones, not computed again while copying.
+    pub(super) fn promotions(&mut self) {
+        self.sum_copies = false;
     }
 
     /// Leave out the copies into the host slots `skip` names (a read fills
@@ -194,6 +203,7 @@ impl BlockManager {
             crcs,
             copy_crcs: Default::default(),
             held: false,
+            sum_copies: true,
         };
         if !moves.is_empty() {
             st.reg.hold(plan, true);
@@ -249,8 +259,8 @@ impl BlockManager {
         let region = region.expect("region");
         let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
         let addr_of = |i: usize| m.copies[i].1;
-        if !self.opts.checksums || self.disk.is_none() {
-            // No disk write will need the checksum.
+        if !self.opts.checksums || self.disk.is_none() || !m.sum_copies {
+            // No disk write will need the checksum (or it is known).
             // SAFETY: forwarded from the caller.
             unsafe { host.copy_slots(region, &slots, addr_of, true) };
             return;
@@ -270,10 +280,11 @@ impl BlockManager {
             let slots: Vec<u64> = summed.iter().map(|&i| m.copies[i].0).collect();
             // SAFETY: forwarded from the caller.
             let got = unsafe {
-                host.copy_into_slots_summed(
+                host.copy_slots_summed(
                     region,
                     &slots,
                     |k| addr_of(summed[k]),
+                    true,
                     |k| m.copies[summed[k]].2.hash,
                 )
             };

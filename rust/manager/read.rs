@@ -7,8 +7,9 @@
 //!    slots pinned and the promotion plan's slots held.
 //! 2. **move** (lock released): host hits copied out; disk hits read, most
 //!    straight into the host slot they are promoted to and copied out from
-//!    there (one read, one copy), the rest into the caller's buffer first
-//!    (see [`BlockManager::get_prefix`] for which); the promotion's offloads
+//!    there (one read, one copy, the checksum checked during the copy), the
+//!    rest into the caller's buffer first, checked as they arrive (see
+//!    [`BlockManager::get_prefix`] for which); the promotion's offloads
 //!    written in between.
 //! 3. **commit** (lock held): pins released, the plan committed (or rolled
 //!    back), blocks that failed their checksum or read dropped (a miss,
@@ -164,7 +165,10 @@ impl BlockManager {
             st.reg.pin(at);
         }
         let mut moves = match self.begin(&mut st, &plan, region) {
-            Ok(m) => Some(m),
+            Ok(mut m) => {
+                m.promotions();
+                Some(m)
+            }
             Err(e) => {
                 Self::promotion_undone(&mut st, &plan, &e);
                 None
@@ -288,8 +292,10 @@ impl BlockManager {
         };
         let (first, later): (Vec<usize>, Vec<usize>) =
             (0..read.disk.len()).partition(|&k| direct[k].is_none());
+        let check = self.opts.checksums;
         // SAFETY: forwarded; the destinations are the caller's blocks.
-        let mut r_read = unsafe { self.read_disk(&batch(&first, false), &first, &mut failures) };
+        let mut r_read =
+            unsafe { self.read_disk(&batch(&first, false), &first, &mut failures, check) };
         let mut r_write = Ok(());
         if let Some(m) = moves.filter(|_| r_read.is_ok()) {
             // SAFETY: the plan holds its slots; sources are held host slots
@@ -298,32 +304,75 @@ impl BlockManager {
         }
         if r_read.is_ok() {
             // With the offloads written, the direct reads may fill their host
-            // slots; without, they go to the caller's buffer.
+            // slots; without, they go to the caller's buffer. Read into their
+            // slots, they are checked while copied out to the caller (one
+            // pass over bytes the device just wrote to memory, not two).
             let into_slot = r_write.is_ok();
+            let b = batch(&later, into_slot);
             // SAFETY: destinations are held host slots or the caller's blocks.
-            r_read = unsafe { self.read_disk(&batch(&later, into_slot), &later, &mut failures) };
+            r_read = unsafe { self.read_disk(&b, &later, &mut failures, check && !into_slot) };
             if into_slot && r_read.is_ok() {
                 if let Some(m) = moves {
                     // SAFETY: the copies' sources are the caller's blocks,
                     // read above; their slots are held.
                     unsafe { self.copy_into_host(m, region) };
                 }
-                let out: Vec<(u64, usize)> = later
-                    .iter()
-                    .map(|&k| (direct[k].expect("direct") as u64, addrs[read.disk[k].1]))
-                    .collect();
-                if !out.is_empty() {
-                    let host = self.host.as_ref().expect("host tier");
-                    let slots: Vec<u64> = out.iter().map(|o| o.0).collect();
-                    // SAFETY: the slots are held by the plan and were just
-                    // filled; the destinations are the caller's blocks.
-                    unsafe {
-                        host.copy_slots(region.expect("region"), &slots, |j| out[j].1, false)
-                    };
-                }
+                // SAFETY: the slots are held by the plan and were just filled;
+                // the destinations are the caller's blocks.
+                unsafe {
+                    self.copy_out_read(&later, &b, direct, addrs, read, region, &mut failures)
+                };
             }
         }
         (failures, r_read, r_write)
+    }
+
+    /// The disk hits `ks` that were read straight into their host slots
+    /// (`direct`; `reads` in the order of `ks`), copied out to the caller's
+    /// blocks; with checksums
+    /// on, each checked during its copy (a mismatch is a failure, its bytes
+    /// in the caller's block unspecified). Blocks whose read failed are not
+    /// copied.
+    ///
+    /// # Safety
+    /// The reads' host slots are held and filled; `addrs` are the caller's
+    /// blocks, valid for writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn copy_out_read(
+        &self,
+        ks: &[usize],
+        reads: &[DiskRead],
+        direct: &[Option<u32>],
+        addrs: &[usize],
+        read: &Read,
+        region: Option<&Region>,
+        failures: &mut [Option<Failure>],
+    ) {
+        let out: Vec<usize> = (0..ks.len())
+            .filter(|&j| failures[ks[j]].is_none())
+            .collect();
+        if out.is_empty() {
+            return;
+        }
+        let (host, region) = (self.host.as_ref().expect("host"), region.expect("region"));
+        let slots: Vec<u64> = out
+            .iter()
+            .map(|&j| direct[ks[j]].expect("read into its host slot") as u64)
+            .collect();
+        let dst = |x: usize| addrs[read.disk[ks[out[x]]].1];
+        if !self.opts.checksums {
+            // SAFETY: forwarded from the caller.
+            unsafe { host.copy_slots(region, &slots, dst, false) };
+            return;
+        }
+        // SAFETY: forwarded from the caller.
+        let sums =
+            unsafe { host.copy_slots_summed(region, &slots, dst, false, |x| reads[out[x]].2) };
+        for (x, sum) in sums.into_iter().enumerate() {
+            if sum != reads[out[x]].3 {
+                failures[ks[out[x]]] = Some(Failure::Checksum);
+            }
+        }
     }
 
     /// Steps 1-3 without promotion (see the module docs): the longest stored
@@ -355,7 +404,7 @@ impl BlockManager {
             .collect();
         let all: Vec<usize> = (0..reads.len()).collect();
         // SAFETY: as above.
-        let r = unsafe { self.read_disk(&reads, &all, &mut failures) };
+        let r = unsafe { self.read_disk(&reads, &all, &mut failures, self.opts.checksums) };
         let mut st = self.lock();
         for at in read.slots() {
             st.reg.unpin(at);
@@ -424,7 +473,8 @@ impl BlockManager {
     }
 
     /// One batch of disk reads (`ks[j]` is read `j`'s index among the read's
-    /// disk hits, for `failures`), checked against their checksums. A failed
+    /// disk hits, for `failures`), checked against their checksums when
+    /// `check` (the caller checks them otherwise, or checksums are off). A failed
     /// read is bisected, block by block in order, to the first block that
     /// cannot be read; the blocks after it are not read. Errors other than a
     /// device's are returned.
@@ -437,6 +487,7 @@ impl BlockManager {
         reads: &[DiskRead],
         ks: &[usize],
         failures: &mut [Option<Failure>],
+        check: bool,
     ) -> Result<()> {
         if reads.is_empty() {
             return Ok(());
@@ -453,7 +504,6 @@ impl BlockManager {
                 bad[j].store(true, Ordering::Relaxed);
             }
         };
-        let check = self.opts.checksums;
         // A block may appear twice in a request; reading one slot into two
         // places is fine.
         // SAFETY: forwarded from the caller.
