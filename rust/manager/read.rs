@@ -329,10 +329,9 @@ impl BlockManager {
 
     /// The disk hits `ks` that were read straight into their host slots
     /// (`direct`; `reads` in the order of `ks`), copied out to the caller's
-    /// blocks; with checksums
-    /// on, each checked during its copy (a mismatch is a failure, its bytes
-    /// in the caller's block unspecified). Blocks whose read failed are not
-    /// copied.
+    /// blocks; with checksums on, each checked during its copy (a mismatch is
+    /// a failure, its bytes in the caller's block unspecified). Blocks whose
+    /// read failed are not copied.
     ///
     /// # Safety
     /// The reads' host slots are held and filled; `addrs` are the caller's
@@ -474,7 +473,7 @@ impl BlockManager {
 
     /// One batch of disk reads (`ks[j]` is read `j`'s index among the read's
     /// disk hits, for `failures`), checked against their checksums when
-    /// `check` (the caller checks them otherwise, or checksums are off). A failed
+    /// `check` (else the caller checks them, or checksums are off). A failed
     /// read is bisected, block by block in order, to the first block that
     /// cannot be read; the blocks after it are not read. Errors other than a
     /// device's are returned.
