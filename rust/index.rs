@@ -487,9 +487,16 @@ fn replay(bytes: &[u8], g: &Geometry, rec: &mut Recovered) -> (usize, u64) {
                 }
             }
             _ => {
+                // A DEL says whether the block is in the S3-FIFO ghost as it
+                // leaves: in it (a victim of the small queue), or not (taken
+                // out when it rejoined the main queue from the ghost earlier
+                // in the same batch, whose PUT was never written: it left again).
+                let f = r.key().fold();
                 if r.flags & F_GHOST != 0 {
-                    ghosted.insert(r.key().fold());
-                    rec.order_ghost.push((r.key().fold(), true));
+                    ghosted.insert(f);
+                    rec.order_ghost.push((f, true));
+                } else if ghosted.remove(&f) {
+                    rec.order_ghost.push((f, false));
                 }
                 if slot_owner.get(&r.slot) == Some(&r.key()) {
                     slot_owner.remove(&r.slot);
@@ -1025,6 +1032,12 @@ mod tests {
             Record::put(5, 3, 0),
             Record::evicted(5, 3, true),
             Record::placed(&at(5, 3, true, 0)),
+            // 6 leaves into the ghost, comes back into the main queue and
+            // leaves it again in the same batch (its PUT never written):
+            // the ghost forgets it too.
+            Record::put(6, 4, 0),
+            Record::evicted(6, 4, true),
+            Record::evicted(6, 4, false),
         ])
         .unwrap();
         drop(log);
@@ -1037,7 +1050,10 @@ mod tests {
             at(5, 3, true, 0),
         ];
         assert_eq!(rec.live, want);
-        assert_eq!(rec.order_ghost, vec![(3, true), (5, true), (5, false)]);
+        assert_eq!(
+            rec.order_ghost,
+            vec![(3, true), (5, true), (5, false), (6, true), (6, false)]
+        );
         // Compaction writes the same places and counts, and the ghost.
         let snap = Snapshot {
             live: rec.live.clone(),
