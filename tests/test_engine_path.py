@@ -25,6 +25,7 @@ import pytest
 
 import dynblock
 from dynblock import BlockManager, Config, EnvError
+from conftest import run_py
 from hostile_redis import HostileRedis
 from redis_servers import KINDS, Server
 from test_durability import flip, open_store
@@ -517,8 +518,8 @@ def test_write_behind_ends_when_the_disk_tier_is_smaller_than_the_host_tier(
     the copies an earlier step wrote. `flush()` returns, and the write-behind thread goes
     quiet once the puts stop (it used to rewrite the same blocks forever). Run in a
     subprocess with a deadline, so that a regression fails instead of hanging the suite."""
-    script = textwrap.dedent(f"""
-        import time, numpy as np
+    r = run_py(f"""
+        import time
         from dynblock import BlockManager, Config
         bs = 64 << 10
         cfg = Config(block_size=bs, host_blocks=512, disk_blocks=64, disk_dir={str(tmp_path)!r},
@@ -536,7 +537,6 @@ def test_write_behind_ends_when_the_disk_tier_is_smaller_than_the_host_tier(
             assert m.get([1], out) == 1 and out.min() == 1
         print("ok", a, b)
     """)
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     _, a, b = r.stdout.split()
     assert int(a) > 0  # write-behind ran

@@ -257,10 +257,10 @@ impl BlockManager {
         }
         let host = self.host.as_ref().expect("host tier");
         let region = region.expect("region");
-        let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
         let addr_of = |i: usize| m.copies[i].1;
         if !self.opts.checksums || self.disk.is_none() || !m.sum_copies {
             // No disk write will need the checksum (or it is known).
+            let slots: Vec<u64> = m.copies.iter().map(|c| c.0).collect();
             // SAFETY: forwarded from the caller.
             unsafe { host.copy_slots(region, &slots, addr_of, true) };
             return;

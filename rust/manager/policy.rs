@@ -1417,7 +1417,7 @@ impl Registry {
     /// bytes are at `addr`: it is promoted all the same, not lost. False
     /// when it already has a host copy or every host slot is pinned.
     pub(super) fn promote(&mut self, h: Key, addr: usize, plan: &mut Plan) -> bool {
-        if self.host.is_none() || self.map.get(&h).is_some_and(|e| e.host != NIL) {
+        if self.host.is_none() || self.in_host(h) {
             return false;
         }
         self.host_insert(h, addr, plan)
