@@ -241,6 +241,72 @@ def test_argument_toggle_and_require_conflict(tmp_path: Path, clean_env) -> None
         DiskStorage(tmp_path, 2, 4096, o_direct="require")
 
 
+def _dirty_fraction(path: Path, offset: int, length: int) -> float:
+    """Share of the file's pages in ``offset..offset+length`` that the page
+    cache holds dirty (not yet handed to the device), from the pages' own
+    flags (``/proc/self/pagemap`` and ``/proc/kpageflags``; root only)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m = mmap.mmap(fd, offset + length, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        view = np.frombuffer(m, dtype=np.uint8)[offset:]
+        int(view[::page].sum())  # map every page (a read dirties nothing)
+        first = (view.ctypes.data // page) * 8
+        with open("/proc/self/pagemap", "rb") as pm:
+            entries = np.frombuffer(os.pread(pm.fileno(), length // page * 8, first), dtype=np.uint64)
+        del view
+    finally:
+        m.close()
+    present = (entries >> np.uint64(63)) & np.uint64(1) == 1
+    pfns = entries & np.uint64((1 << 55) - 1)
+    if not present.all() or not pfns.any():
+        pytest.skip("page frame numbers are not readable here (/proc/self/pagemap needs root)")
+    kpf_dirty = 4
+    with open("/proc/kpageflags", "rb") as kf:
+        dirty = sum(
+            int.from_bytes(os.pread(kf.fileno(), 8, int(pfn) * 8), "little") >> kpf_dirty & 1
+            for pfn in pfns
+        )
+    return dirty / len(pfns)
+
+
+def test_a_large_buffered_batch_starts_write_back_while_it_writes(tmp_path: Path, clean_env) -> None:
+    """A buffered write batch hands its pages to the device while it copies
+    (a second thread starts write-back every few MiB), so little of it is
+    left dirty when the batch returns; a batch smaller than one start leaves
+    write-back to the kernel."""
+    if not os.access("/proc/kpageflags", os.R_OK):
+        pytest.skip("/proc/kpageflags is not readable (needs root)")
+    bs = 64 << 10
+    n = (128 << 20) // bs
+    path = tmp_path / "buffered.bin"
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, n * bs, dtype=np.uint8)
+    with DiskStorage(path, n, bs, o_direct=False, persist=True, lock=False) as s:
+        assert s.o_direct is False
+        s.write_blocks(np.arange(n, dtype=np.uint64), np.zeros(n * bs, np.uint8))
+        s.sync()
+        small = 64  # 4 MiB: below one start of write-back
+        s.write_blocks(np.arange(small, dtype=np.uint64), data[: small * bs])
+        assert _dirty_fraction(path, s.data_offset, small * bs) > 0.9
+        s.sync()
+        order = rng.permutation(n).astype(np.uint64)
+        s.write_blocks(order, data)
+        # Started every 8 MiB of 128: what was written since the last start
+        # is still dirty, the rest is on its way or on the device.
+        assert _dirty_fraction(path, s.data_offset, n * bs) < 0.5
+        s.sync()
+        assert _dirty_fraction(path, s.data_offset, n * bs) == 0
+        out = np.empty_like(data)
+        s.read_blocks(order, out)
+        assert np.array_equal(out, data)
+
+
 # --- space ------------------------------------------------------------------
 
 

@@ -40,22 +40,104 @@ impl IoFail {
 pub(super) struct Worker<'a> {
     storage: &'a DiskStorage,
     bounce: Option<AlignedBuf>,
-    /// Buffered writes of a one-writer batch: write-back is left to the
-    /// kernel, not started per I/O.
+    /// Buffered writes of a one-writer batch: write-back is started every
+    /// [`WRITEBACK_EVERY`] bytes (by `starter` where the batch has one), not
+    /// per I/O.
     defer_writeback: bool,
+    /// The batch's write-back starter, running on another thread.
+    starter: Option<&'a Starter>,
     /// Bytes written since write-back was last started.
     unflushed: usize,
 }
 
-/// A one-writer buffered batch of blocks this large starts write-back every
-/// [`WRITEBACK_EVERY`] bytes; smaller blocks leave it to the kernel. On the
-/// bench's disk workload (2-core VM, ext4, random slots; medians that swing
-/// widely run to run there), against a Python `pwrite` loop: 64 KiB writes
-/// 0.88x with it, 1.06-1.24x without; 256 KiB and 2 MiB writes 0.40x /
-/// 2.3x without, 2.5-6x / 1.3-18x with it.
-const WRITEBACK_MIN_BLOCK: usize = 256 << 10;
-/// See [`WRITEBACK_MIN_BLOCK`].
+/// A one-writer buffered batch starts the file's write-back every this many
+/// bytes it wrote, so that the device writes while the writer copies into
+/// the page cache (and the next `fdatasync` finds little left to do).
+/// Started from a second thread ([`Starter`]): `sync_file_range` submits the
+/// dirty pages and waits for room in the device's queue, which on the
+/// writer's own thread costs what it overlaps (a batch of random 64 KiB
+/// blocks took as long as copying and then syncing). Measured against a
+/// Python `pwrite` loop then `fdatasync`, 128 MiB of random slots (2-core
+/// VM, ext4 on virtio): 64 KiB blocks 0.98x started on the writer, 1.5x
+/// from a second thread; 256 KiB and 2 MiB 1.5-1.7x either way; every 2, 4,
+/// 8 or 16 MiB within noise of each other.
 const WRITEBACK_EVERY: usize = 8 << 20;
+/// Without a second thread (a storage with no worker pool), only blocks
+/// this large start write-back on the writer's thread; smaller ones leave
+/// it to the kernel (see [`WRITEBACK_EVERY`]).
+const WRITEBACK_MIN_BLOCK: usize = 256 << 10;
+
+/// Starts a file's write-back when a buffered batch's writer asks, on a
+/// thread other than the writer's; ends when the writer is done (without
+/// starting the rest: that is left to the kernel or the next sync).
+#[derive(Default)]
+pub(super) struct Starter {
+    state: std::sync::Mutex<StarterState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct StarterState {
+    asked: bool,
+    done: bool,
+    /// A thread serves requests (it may join after the writer started).
+    serving: bool,
+}
+
+impl Starter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StarterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writer: start write-back of what was written so far; false when
+    /// no thread serves (yet).
+    fn ask(&self) -> bool {
+        let mut s = self.lock();
+        if !s.serving {
+            return false;
+        }
+        s.asked = true;
+        drop(s);
+        self.wake.notify_one();
+        true
+    }
+
+    /// The writer ended (also on an error or a panic: see [`StarterDone`]).
+    fn finish(&self) {
+        self.lock().done = true;
+        self.wake.notify_one();
+    }
+
+    /// The starter's thread: serve requests until the writer is done.
+    fn serve(&self, fd: RawFd) {
+        let mut s = self.lock();
+        s.serving = true;
+        loop {
+            if s.done {
+                return;
+            }
+            if std::mem::take(&mut s.asked) {
+                drop(s);
+                // SAFETY: an advisory call on the batch's descriptor (held
+                // open by the batch); a failure only leaves write-back to
+                // the kernel.
+                unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+                s = self.lock();
+                continue;
+            }
+            s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Tells the starter the writer ended however it ends.
+struct StarterDone<'a>(&'a Starter);
+
+impl Drop for StarterDone<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
 
 impl Drop for Worker<'_> {
     fn drop(&mut self) {
@@ -75,29 +157,32 @@ impl<'a> Worker<'a> {
             storage,
             bounce: None,
             defer_writeback: false,
+            starter: None,
             unflushed: 0,
         }
     }
 
     /// After a buffered write of `len` bytes at `off`: start its write-back
     /// and drop its pages; in a one-writer batch, start write-back of the
-    /// file every [`WRITEBACK_EVERY`] bytes when its blocks are large, and
-    /// leave it to the kernel when they are small.
-    fn wrote_buffered(&mut self, fd: RawFd, off: u64, len: usize) {
+    /// file every [`WRITEBACK_EVERY`] bytes: by the batch's [`Starter`], or
+    /// on this thread for large blocks where none serves.
+    pub(super) fn wrote_buffered(&mut self, fd: RawFd, off: u64, len: usize) {
         if !self.defer_writeback {
             self.storage.drop_cache(fd, off, len as u64);
             return;
         }
-        if self.storage.block_size < WRITEBACK_MIN_BLOCK {
+        self.unflushed += len;
+        if self.unflushed < WRITEBACK_EVERY {
             return;
         }
-        self.unflushed += len;
-        if self.unflushed >= WRITEBACK_EVERY {
-            self.unflushed = 0;
-            // SAFETY: an advisory call on our own descriptor; a failure only
-            // leaves write-back to the kernel.
-            unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        self.unflushed = 0;
+        if self.starter.is_some_and(|st| st.ask()) || self.storage.block_size < WRITEBACK_MIN_BLOCK
+        {
+            return;
         }
+        // SAFETY: an advisory call on our own descriptor; a failure only
+        // leaves write-back to the kernel.
+        unsafe { libc::sync_file_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     fn bounce(&mut self) -> Result<&mut AlignedBuf> {
@@ -232,41 +317,82 @@ impl DiskStorage {
                 }
             }
         }
-        // Buffered writes: one writer, since parallel buffered writes to one
-        // file queue on its inode lock; write-back is not started per I/O
-        // (every block became its own device write, and each writer waited
-        // for each submission) but by the kernel, or every few MiB for large
-        // blocks ([`Worker::wrote_buffered`]). `POSIX_FADV_DONTNEED` would
-        // start write-back too, so pages are not dropped here: clean pages
-        // stay cached until the kernel needs the memory, as for any buffered
-        // file.
-        let buffered_write = dir == Dir::Write && !self.direct.on();
-        let depth = if buffered_write { 1 } else { self.io_depth };
+        let run_group = |g: usize, w: &mut Worker| {
+            let group = &ops[groups[g].clone()];
+            let run_hook = || self.hook_group(hook, group, &order);
+            // Writes: checksum first, so the device reads bytes the CPU
+            // just pulled into cache. Reads: after the data arrived.
+            if dir == Dir::Write {
+                run_hook();
+            }
+            // SAFETY: each op covers its own disjoint memory.
+            unsafe { self.do_group(fd, group, dir, w) }?;
+            if dir == Dir::Read {
+                run_hook();
+            }
+            Ok(())
+        };
+        if dir == Dir::Write && !self.direct.on() {
+            let bytes = slots.len() * self.block_size;
+            return self.write_buffered(pool.as_ref(), fd, groups.len(), bytes, run_group);
+        }
         io::run_on(
             pool.as_ref(),
             groups.len(),
-            depth,
-            || {
-                let mut w = Worker::new(self);
-                w.defer_writeback = buffered_write;
-                Ok(w)
-            },
-            |g, w| {
-                let group = &ops[groups[g].clone()];
-                let run_hook = || self.hook_group(hook, group, &order);
-                // Writes: checksum first, so the device reads bytes the CPU
-                // just pulled into cache. Reads: after the data arrived.
-                if dir == Dir::Write {
-                    run_hook();
-                }
-                // SAFETY: each op covers its own disjoint memory.
-                unsafe { self.do_group(fd, group, dir, w) }?;
-                if dir == Dir::Read {
-                    run_hook();
-                }
-                Ok(())
-            },
+            self.io_depth,
+            || Ok(Worker::new(self)),
+            run_group,
         )
+    }
+
+    /// A buffered write batch: one writer, since parallel buffered writes
+    /// to one file queue on its inode lock; write-back is not started per
+    /// I/O (every block became its own device write, and each writer waited
+    /// for each submission) but every [`WRITEBACK_EVERY`] bytes, by a pool
+    /// thread when one is free (it joins while the writer runs, see
+    /// [`io::Pool::help`]). `POSIX_FADV_DONTNEED` would start write-back
+    /// too, so pages are not dropped here: clean pages stay cached until the
+    /// kernel needs the memory, as for any buffered file.
+    pub(super) fn write_buffered(
+        &self,
+        pool: Option<&io::Pool>,
+        fd: RawFd,
+        groups: usize,
+        bytes: usize,
+        run_group: impl Fn(usize, &mut Worker) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let write = |starter: Option<&Starter>| {
+            let mut w = Worker::new(self);
+            w.defer_writeback = true;
+            w.starter = starter;
+            (0..groups).try_for_each(|g| run_group(g, &mut w))
+        };
+        let pool = match pool {
+            // Fewer bytes than one start of write-back, or one I/O: no
+            // write-back to start while the writer runs.
+            Some(p) if groups > 1 && bytes > WRITEBACK_EVERY => p,
+            _ => return write(None),
+        };
+        let starter = Starter::default();
+        let caller = std::thread::current().id();
+        let result: std::sync::Mutex<Option<Result<()>>> = std::sync::Mutex::new(None);
+        // The calling thread writes (as every batch's only writer did), a
+        // pool thread starts write-back until the writer is done; without a
+        // free pool thread the caller writes alone (and starts write-back
+        // itself as if there were no pool: [`Worker::wrote_buffered`]).
+        pool.help(1, &|| {
+            if std::thread::current().id() != caller {
+                starter.serve(fd);
+            } else {
+                let _done = StarterDone(&starter);
+                let r = write(Some(&starter));
+                *result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            }
+        });
+        result
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .expect("the writer ran")
     }
 
     /// `hook` on every block of `group` (its index in the batch, its memory).

@@ -1132,4 +1132,52 @@ mod tests {
             Err(Error::Closed(_))
         ));
     }
+
+    #[test]
+    fn a_buffered_batch_ends_with_its_writers_error_or_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = DiskOptions {
+            o_direct: ODirect::Off,
+            io_depth: Some(2),
+            ..Default::default()
+        };
+        let bs = 65536;
+        let s = DiskStorage::open(dir.path(), 16, bs, &opts).unwrap();
+        let (_g, fd) = s.raw_fd().unwrap();
+        let pool = s.pool.read().unwrap();
+        let pool = pool.as_ref().expect("a pool");
+        // Each group asks for write-back, so the starter is busy or waiting
+        // whenever the writer stops.
+        let fail_at = |bad: usize, panics: bool| {
+            move |g: usize, w: &mut batch::Worker| {
+                w.wrote_buffered(fd, 0, 8 << 20);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                match (g == bad, panics) {
+                    (true, true) => panic!("group {g}"),
+                    (true, false) => Err(Error::InvalidArgument(format!("group {g}"))),
+                    _ => Ok(()),
+                }
+            }
+        };
+        let r = s.write_buffered(Some(pool), fd, 20, 64 << 20, fail_at(10, false));
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(ref m)) if m == "group 10"),
+            "{r:?}"
+        );
+        assert!(s
+            .write_buffered(Some(pool), fd, 20, 64 << 20, fail_at(99, false))
+            .is_ok());
+        let hit = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            s.write_buffered(Some(pool), fd, 20, 64 << 20, fail_at(3, true))
+        }));
+        assert!(hit.is_err(), "the writer's panic reaches the caller");
+        drop(_g);
+        // The pool is free again: a real batch after them.
+        let src = pattern(bs * 16, 7);
+        let slots: Vec<u64> = (0..16).rev().collect();
+        s.write_blocks(&slots, &src).unwrap();
+        let mut dst = vec![0u8; src.len()];
+        s.read_blocks(&slots, &mut dst).unwrap();
+        assert_eq!(src, dst);
+    }
 }
