@@ -369,8 +369,9 @@ impl DiskStorage {
         };
         let pool = match pool {
             // Fewer bytes than one start of write-back, or one I/O: no
-            // write-back to start while the writer runs.
-            Some(p) if groups > 1 && bytes > WRITEBACK_EVERY => p,
+            // write-back to start while the writer runs. A pool of one
+            // thread stays free for other callers' batches (reads).
+            Some(p) if groups > 1 && bytes > WRITEBACK_EVERY && self.io_depth > 1 => p,
             _ => return write(None),
         };
         let starter = Starter::default();
