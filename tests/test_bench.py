@@ -391,9 +391,10 @@ def test_sglang_workload_measures_dynblock_beside_hicache_file(tmp_path: Path) -
 
 
 def test_vllmtier_workload_measures_dynblock_tier_beside_vllms_fs_tier(tmp_path: Path) -> None:
-    """The vllmtier workload, small: DynblockTier (checksums on and off) and vLLM's own fs tier,
-    made by vLLM's factory, store and load every chunk (the loads are compared byte for byte in
-    the measuring process), ratios and goals evaluated, nothing left behind."""
+    """The vllmtier workload, small: DynblockTier (checksums on and off, and zero-filled) and
+    vLLM's own fs tier, made by vLLM's factory, store and load every chunk (the loads are
+    compared byte for byte in the measuring process), each tier's making is timed, ratios and
+    goals evaluated, nothing left behind."""
     from dynblock.bench.vllm import find_vllm_python
 
     py, why = find_vllm_python()
@@ -405,10 +406,12 @@ def test_vllmtier_workload_measures_dynblock_tier_beside_vllms_fs_tier(tmp_path:
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     cases = {(c["impl"], c["op"]): c for c in out["cases"] if c["workload"] == "vllmtier"}
-    for impl in ("dynblock-tier", "dynblock-tier-no-checksums", "vllm-fs-tier"):
+    for impl in ("dynblock-tier", "dynblock-tier-no-checksums", "dynblock-tier-zero-filled",
+                 "vllm-fs-tier"):
         for op in ("store", "load-cold"):
             c = cases[(impl, op)]
             assert c["values"] and all(v > 0 for v in c["values"]) and c["cpu_s_per_gib"] > 0, c
+        assert cases[(impl, "open")]["unit"] == "s" and cases[(impl, "open")]["values"][0] > 0
     d = cases[("dynblock-tier", "load-cold")]
     assert d["ratios"]["vs_vllm_fs_tier"] > 0 and d["ratios"]["cpu_vs_vllm_fs_tier"] > 0
     assert any(g["goal"] == "DynblockTier store >= 1.5x vLLM's fs tier" for g in out["goals"])

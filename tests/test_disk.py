@@ -417,6 +417,49 @@ def test_zero_fill_where_fallocate_is_unsupported(ramfs_dir: Path, clean_env) ->
         assert not out.any()
 
 
+def _extents(path: Path) -> list:
+    """The file's extents from the kernel (``FS_IOC_FIEMAP``): (logical
+    offset, length, unwritten?) each."""
+    import fcntl
+    import struct
+
+    head, ext = "=QQLLLL", "=QQQQQLLLL"
+    count = 4096
+    req = bytearray(struct.pack(head, 0, 2**64 - 1, 1, 0, count, 0)
+                    + bytes(struct.calcsize(ext) * count))  # fm_flags 1: FIEMAP_FLAG_SYNC
+    with open(path, "rb") as f:
+        fcntl.ioctl(f.fileno(), 0xC020660B, req)  # FS_IOC_FIEMAP
+    mapped = struct.unpack_from(head, req)[3]
+    out = []
+    for i in range(mapped):
+        e = struct.unpack_from(ext, req, struct.calcsize(head) + i * struct.calcsize(ext))
+        out.append((e[0], e[2], bool(e[5] & 0x800)))  # FIEMAP_EXTENT_UNWRITTEN
+    return out
+
+
+def test_zero_preallocation_leaves_no_unwritten_space(tmp_path: Path, clean_env) -> None:
+    """``fallocate`` reserves space as unwritten extents (each slot's first
+    write also converts its part); ``preallocate="zero"`` writes the file at
+    creation, so every slot is written space from the start."""
+    bs, n = 1 << 20, 16
+    with DiskStorage(tmp_path / "auto.bin", n, bs, persist=True) as s:
+        if s.fs_type not in ("ext4", "xfs"):
+            pytest.skip(f"unwritten extents are an ext4/XFS matter; {tmp_path} is {s.fs_type}")
+        assert s.preallocation == "fallocate"
+        unwritten = sum(ln for _, ln, u in _extents(tmp_path / "auto.bin") if u)
+        assert unwritten >= n * bs  # every slot (the header was written)
+        s.write_blocks([3], np.ones(bs, np.uint8))
+        assert sum(ln for _, ln, u in _extents(tmp_path / "auto.bin") if u) == unwritten - bs
+    with DiskStorage(tmp_path / "zero.bin", n, bs, persist=True, preallocate="zero") as s:
+        assert s.preallocation == "zero-fill"
+        ext = _extents(tmp_path / "zero.bin")
+        assert ext and not any(u for _, _, u in ext)
+        assert sum(ln for _, ln, _ in ext) >= s.file_size
+        out = np.ones(n * bs, np.uint8)
+        s.read_blocks(list(range(n)), out)
+        assert not out.any()
+
+
 # --- files left behind ------------------------------------------------------
 
 

@@ -220,6 +220,13 @@ class Config:
     once; 0 gives them the caller's priority.
     ``checksums`` (default on) verifies a CRC32C of every block read from disk:
     a mismatch is a miss, never wrong bytes.
+    ``preallocate`` says how the disk tier's file reserves its space (see
+    :class:`~dynblock.DiskStorage`): ``"zero"`` writes the whole file once
+    when it is created (opening takes as long as writing it), after which
+    every disk write runs at overwrite speed from the first; the default
+    ``"auto"`` (``fallocate``) is instant, but on ext4 (and XFS) each slot's
+    first write then costs more (about 0.6-0.7x the throughput of later ones
+    here).
     """
 
     block_size: Optional[int] = None

@@ -13,7 +13,11 @@ through vLLM's tier interface in one run (see
 
 ``dynblock-tier`` is the tier as configured by default (checksums on: every
 chunk's CRC32C computed when stored and checked when loaded, which vLLM's
-``fs`` tier does not do); ``dynblock-tier-no-checksums`` shows what they cost.
+``fs`` tier does not do); ``dynblock-tier-no-checksums`` shows what they cost;
+``dynblock-tier-zero-filled`` is the default with ``preallocate="zero"``: its
+file is written once when the tier is made, so that its first stores are not
+also converting ``fallocate``'s unwritten space (ext4, XFS). ``open`` is the
+seconds each tier took to be made (before its stores, which never include it).
 
 CPU seconds per GiB are the measuring process's (every thread). vLLM runs in
 its own interpreter (``--vllm-python``, ``DYNBLOCK_VLLM_PYTHON``, or
@@ -43,12 +47,12 @@ def run_vllm_tier(res: Results, directory: str, python: Optional[str], chunk_siz
         for name, vals in case["results"].items():
             impl, op = name.split("/", 1)
             name = {"dynblock": "dynblock-tier", "fs": "vllm-fs-tier"}.get(impl, "dynblock-tier-" + impl[9:])
-            c = res.case("vllmtier", name, op, block_size=cb)
+            c = res.case("vllmtier", name, op, unit="s" if op == "open" else "GiB/s", block_size=cb)
             c.values = list(vals["values"])
             c.cpu = list(vals["cpu"])
         for op in OPS:
             f = res.find("vllmtier", "vllm-fs-tier", op, block_size=cb)
-            for impl in ("dynblock-tier", "dynblock-tier-no-checksums"):
+            for impl in ("dynblock-tier", "dynblock-tier-no-checksums", "dynblock-tier-zero-filled"):
                 d = res.find("vllmtier", impl, op, block_size=cb)
                 if d is None or f is None or not d.values or not f.values:
                     continue

@@ -75,16 +75,22 @@ def run(args: Dict[str, Any]) -> Dict[str, Any]:
         view = memoryview(primary)  # type: ignore[arg-type]
         results: Dict[str, Dict[str, List[float]]] = {}
         for rep in range(int(args["repeat"])):
-            for impl in ("dynblock", "dynblock-no-checksums", "fs"):
+            for impl in ("dynblock", "dynblock-no-checksums", "dynblock-zero-filled", "fs"):
                 shutil.rmtree(root, ignore_errors=True)
                 os.makedirs(root)
                 if impl.startswith("dynblock"):
                     conf = {"type": "DynblockTier", "module_path": "dynblock.vllm",
                             "host_blocks": 0, "disk_blocks": n, "disk_dir": root,
-                            "numa_node": None, "pin": False, "checksums": impl == "dynblock"}
+                            "numa_node": None, "pin": False,
+                            "checksums": impl != "dynblock-no-checksums"}
+                    if impl == "dynblock-zero-filled":
+                        conf["preallocate"] = "zero"
                 else:
                     conf = {"type": "fs", "root_dir": root}
+                t0 = time.perf_counter()
                 tier = SecondaryTierFactory.create_secondary_tier(conf, view, spec())
+                opened = results.setdefault(f"{impl}/open", {"values": [], "cpu": []})
+                opened["values"].append(time.perf_counter() - t0)
                 try:
                     ctx = ReqContext(req_id=f"r{rep}")
                     keys = [make_offload_key(int(rep * 10**9 + cb + i).to_bytes(32, "little"), 0)
