@@ -217,6 +217,14 @@ impl DiskStorage {
         self.data_offset + slot * self.stride as u64
     }
 
+    /// Whether a block at `addr` is written and read in place (no bounce
+    /// copy): always for buffered I/O; for direct I/O when slots are not
+    /// padded and `addr` has the direct I/O's memory alignment.
+    pub fn in_place(&self, addr: usize) -> bool {
+        self.stride == self.block_size
+            && (!self.direct.on() || is_aligned(addr as *const u8, self.align.mem))
+    }
+
     fn max_slots_per_io(&self) -> usize {
         (self.max_io_bytes / self.stride).max(1)
     }

@@ -822,6 +822,12 @@ impl DiskStorage {
     pub fn created(&self) -> bool {
         self.created
     }
+    /// Aligned bounce buffers made so far (idle ones are pooled): none
+    /// while every direct I/O ran on the caller's memory in place.
+    #[cfg(test)]
+    pub(crate) fn bounce_buffers(&self) -> usize {
+        self.bounce.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
     /// The random id a persistent file's header carries (None: anonymous).
     pub fn store_id(&self) -> Option<[u8; 16]> {
         self.store_id

@@ -1,7 +1,8 @@
 //! Running a plan made by the policy: the index's DEL records first, the
-//! slots it fills held, then one batched disk write and one parallel copy
-//! into host slots with the lock released, then the commit (checksums, PUT
-//! records) or, on a failure, the roll-back. Also keeps the index in step
+//! slots it fills held, then one batched disk write, one parallel copy into
+//! host slots and the disk writes of blocks just copied (`write_through`
+//! from an unaligned buffer) with the lock released, then the commit (checksums, PUT records) or, on a
+//! failure, the roll-back. Also keeps the index in step
 //! with memory: a dirty index rewritten before the next batch, a long one
 //! compacted.
 #![allow(unsafe_code)]
@@ -26,6 +27,10 @@ struct Write {
     /// Its checksum where it is known already (a host slot's, computed
     /// when the bytes were copied in): the write does not compute it again.
     crc: Option<u32>,
+    /// A new block that this plan also copies into this host slot: written
+    /// from there once the copy ran (see [`BlockManager::execute`]), its
+    /// checksum the copy's.
+    after_copy: Option<u64>,
 }
 
 /// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
@@ -63,10 +68,11 @@ impl Moves {
     }
 
     /// For each copy, the checksum its block's disk write computed from the
-    /// same bytes (a new block put with `write_through`), once the writes ran.
+    /// same bytes (a new block put with `write_through` from a buffer the
+    /// write used in place), once those writes ran.
     fn written_crcs(&self) -> Vec<Option<u32>> {
         let mut by_addr: Vec<(usize, usize)> = (self.writes.iter().enumerate())
-            .filter(|(_, w)| !w.victim)
+            .filter(|(_, w)| !w.victim && w.after_copy.is_none())
             .map(|(j, w)| (w.addr, j))
             .collect();
         by_addr.sort_unstable();
@@ -110,11 +116,15 @@ impl BlockManager {
     /// records of reused disk slots, and every slot the plan fills marked
     /// `filling` (invisible to reads) and pinned (never evicted nor reused by
     /// another call). Without the lock: one batched disk write (checksummed
-    /// on the I/O workers), then one parallel copy into host slots. Under the
-    /// lock again ([`Self::finish`]): PUT records and checksums for the
-    /// blocks still registered in the slots written (another thread may have
-    /// removed some meanwhile), then the slots are released to reads; on a
-    /// failure the plan is rolled back. Takes the guard and gives it back.
+    /// on the I/O workers), then one parallel copy into host slots, then one
+    /// more disk write of the new blocks copied into the host tier too
+    /// (`write_through`) from a caller's buffer that direct I/O cannot use in
+    /// place (unaligned): from their host slots, with the checksums their
+    /// copies computed, instead of through a bounce copy. Under the lock again
+    /// ([`Self::finish`]): PUT records and checksums for the blocks still
+    /// registered in the slots written (another thread may have removed some
+    /// meanwhile), then the slots are released to reads; on a failure the
+    /// plan is rolled back. Takes the guard and gives it back.
     pub(super) fn execute<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -135,6 +145,8 @@ impl BlockManager {
         if r.is_ok() {
             // SAFETY: as above; victims' bytes left these slots in the write.
             unsafe { self.copy_into_host(&moves, region) };
+            // SAFETY: as above; the host slots were just filled.
+            r = unsafe { self.write_copied(&moves) };
         }
         let mut st = self.lock();
         r = self.finish(&mut st, plan, &moves, r);
@@ -175,6 +187,7 @@ impl BlockManager {
                 victim: w.victim,
                 hash: w.hash,
                 crc: w.crc,
+                after_copy: None,
             })
             .collect();
         writes.sort_unstable_by_key(|w| w.slot);
@@ -186,6 +199,31 @@ impl BlockManager {
             .live_copies()
             .map(|c| (c.host_slot as u64, c.addr, c.hash))
             .collect();
+        if let (Some(h), Some(r), Some(d)) = (self.host.as_ref(), region, self.disk.as_ref()) {
+            // New blocks copied into the host tier in this plan whose bytes
+            // direct I/O cannot use in place (an unaligned caller buffer) are
+            // written from their host slot after the copy (`write_through`).
+            // The others are written first, from the caller's buffer: their
+            // checksums are summed on the I/O workers while the device works.
+            let mut by_src: Vec<(usize, Key, u64)> =
+                copies.iter().map(|&(s, a, k)| (a, k, s)).collect();
+            by_src.sort_unstable_by_key(|&(a, _, _)| a);
+            let bounced = |w: &Write| !w.victim && !d.in_place(w.addr);
+            for w in writes.iter_mut().filter(|w| bounced(w)) {
+                let at = by_src.partition_point(|&(a, _, _)| a < w.addr);
+                if let Some(&(_, _, slot)) = by_src[at..]
+                    .iter()
+                    .take_while(|&&(a, _, _)| a == w.addr)
+                    .find(|&&(_, k, _)| k == w.hash)
+                {
+                    let at = h.slot_ptr(r, slot) as usize;
+                    if d.in_place(at) {
+                        w.after_copy = Some(slot);
+                        w.addr = at;
+                    }
+                }
+            }
+        }
         if st.index.is_some() {
             let dels: Vec<Record> = plan
                 .disk_evicted
@@ -219,19 +257,63 @@ impl BlockManager {
     /// Every write's source address is valid for block_size bytes and not
     /// written meanwhile (a held host slot or the caller's block).
     pub(super) unsafe fn write_disk(&self, m: &Moves) -> Result<()> {
-        if m.writes.is_empty() {
+        let first: Vec<usize> = (0..m.writes.len())
+            .filter(|&i| m.writes[i].after_copy.is_none())
+            .collect();
+        // SAFETY: forwarded from the caller.
+        unsafe { self.write_some(m, &first) }
+    }
+
+    /// The plan's writes from host slots its copies just filled (see
+    /// [`Self::execute`]), with the checksums the copies computed.
+    ///
+    /// # Safety
+    /// As [`Self::write_disk`], after [`Self::copy_into_host`].
+    unsafe fn write_copied(&self, m: &Moves) -> Result<()> {
+        let later: Vec<usize> = (0..m.writes.len())
+            .filter(|&i| m.writes[i].after_copy.is_some())
+            .collect();
+        if later.is_empty() {
             return Ok(());
         }
-        let slots: Vec<u64> = m.writes.iter().map(|w| w.slot).collect();
-        let addrs: Vec<usize> = m.writes.iter().map(|w| w.addr).collect();
+        let summed = m.summed_copies();
+        if !summed.is_empty() {
+            let mut by_slot: Vec<(u64, u32)> =
+                summed.iter().map(|&(s, _, crc)| (s as u64, crc)).collect();
+            by_slot.sort_unstable();
+            for &i in &later {
+                let slot = m.writes[i].after_copy.expect("filtered");
+                if let Ok(k) = by_slot.binary_search_by_key(&slot, |&(s, _)| s) {
+                    m.crcs[i].store(by_slot[k].1, Ordering::Relaxed);
+                }
+            }
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.write_some(m, &later) }
+    }
+
+    /// Writes `which` of the plan as one batch; a write whose checksum is
+    /// not known already gets it computed on the I/O workers.
+    ///
+    /// # Safety
+    /// As [`Self::write_disk`].
+    unsafe fn write_some(&self, m: &Moves, which: &[usize]) -> Result<()> {
+        if which.is_empty() {
+            return Ok(());
+        }
+        let slots: Vec<u64> = which.iter().map(|&i| m.writes[i].slot).collect();
+        let addrs: Vec<usize> = which.iter().map(|&i| m.writes[i].addr).collect();
         let bs = self.block_size;
-        let hook = |i: usize, addr: usize| {
-            if m.writes[i].crc.is_some() {
+        // With checksums on, every write that follows a copy has its copy's
+        // (copies sum when checksums are on and there is a disk tier).
+        let hook = |k: usize, addr: usize| {
+            let w = &m.writes[which[k]];
+            if w.crc.is_some() || w.after_copy.is_some() {
                 return;
             }
-            // SAFETY: addr is block i's source, valid for bs bytes (see above).
+            // SAFETY: addr is the block's source, valid for bs bytes (see above).
             let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
-            m.crcs[i].store(block_crc(m.writes[i].hash.hash, bytes), Ordering::Relaxed);
+            m.crcs[which[k]].store(block_crc(w.hash.hash, bytes), Ordering::Relaxed);
         };
         let disk = self.disk.as_ref().expect("disk tier");
         // SAFETY: forwarded from the caller.

@@ -176,14 +176,17 @@ fn promotions_hold_no_slot_once_done() {
 }
 
 #[test]
-fn a_write_through_put_gives_its_host_copies_the_writes_checksums() {
-    // With write_through a new block's disk write sums the caller's bytes;
-    // its copy into the host tier takes that checksum instead of summing
-    // them again. Each host slot must end up with its own block's checksum,
-    // also when the disk tier holds fewer blocks than the batch brings.
+fn a_write_through_put_writes_each_block_once_without_a_bounce_copy() {
+    // With write_through a new block from an unaligned buffer is copied into
+    // the host tier first (its checksum taken during the copy) and its disk
+    // copy written from the host slot with that checksum (no bounce copy for
+    // direct I/O); from an aligned buffer it is written in place first, and
+    // its copy takes the write's checksum. Each block's host and disk
+    // checksums and its bytes on disk must be its own, also when the disk
+    // tier holds fewer blocks than the batch brings.
     let dir = tempfile::tempdir().unwrap();
     let bs = 64 << 10;
-    for disk in [8, 2] {
+    for (disk, unaligned) in [(8, true), (2, true), (8, false), (2, false)] {
         let d = tempfile::tempdir_in(dir.path()).unwrap();
         let m = BlockManager::new(
             bs,
@@ -209,16 +212,51 @@ fn a_write_through_put_gives_its_host_copies_the_writes_checksums() {
         )
         .unwrap();
         let hs = [7u64, 3, 9, 1];
-        let bytes: Vec<u8> = hs.iter().flat_map(|&h| block(h, bs)).collect();
-        m.put(&hs, &bytes).unwrap();
+        let src: Vec<u8> = hs.iter().flat_map(|&h| block(h, bs)).collect();
+        let mut aligned = crate::align::AlignedBuf::new(src.len() + 4096, 4096).unwrap();
+        // Page-aligned (written from in place), then one byte past a page.
+        let skip = if unaligned { 1 } else { 0 };
+        aligned.as_mut_slice()[skip..skip + src.len()].copy_from_slice(&src);
+        m.put(&hs, &aligned.as_slice()[skip..skip + src.len()])
+            .unwrap();
+        let d = m.disk.as_ref().unwrap();
+        if d.o_direct() {
+            assert_eq!(
+                d.bounce_buffers(),
+                0,
+                "a write went through a bounce buffer"
+            );
+        } else {
+            eprintln!("bounce check skipped: buffered I/O on {}", d.fs_type());
+        }
         let st = m.lock();
         for &h in &hs {
+            let want = crate::checksum::block_crc(h, &block(h, bs));
             let at = st.reg.readable(Key::shared(h)).unwrap();
             assert_eq!(at.kind, policy::TierKind::Host);
             assert_eq!(
                 st.reg.host_crc(at.slot),
-                Some(crate::checksum::block_crc(h, &block(h, bs))),
+                Some(want),
                 "block {h}, disk tier of {disk}"
+            );
+        }
+        let on_disk = st.reg.disk_copies_of(crate::keys::Keys::shared(&hs));
+        assert_eq!(on_disk.len(), disk.min(4) as usize, "disk tier of {disk}");
+        for (k, t) in on_disk {
+            let h = k.hash;
+            assert_eq!(
+                st.reg.disk_crc(t),
+                crate::checksum::block_crc(h, &block(h, bs))
+            );
+            let mut got = vec![0u8; bs];
+            m.disk
+                .as_ref()
+                .unwrap()
+                .read_blocks(&[t as u64], &mut got)
+                .unwrap();
+            assert!(
+                got == block(h, bs),
+                "block {h}'s bytes on disk, disk tier of {disk}"
             );
         }
     }
