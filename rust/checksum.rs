@@ -62,6 +62,27 @@ pub fn block_crc(hash: u64, bytes: &[u8]) -> u32 {
     d.finalize() as u32
 }
 
+/// [`block_crc`] from the CRC32C of the block's bytes alone (`bytes_crc`
+/// of `len` bytes, e.g. from [`copy_crc32c`]): the hash's CRC joined in
+/// front.
+pub fn block_crc_of(hash: u64, bytes_crc: u32, len: usize) -> u32 {
+    crc32c_combine(crc32c(&hash.to_le_bytes()), bytes_crc, len)
+}
+
+/// Copy `src` into `dst` (of the same length) and return the CRC32C of the
+/// bytes: each 64 KiB run is summed right after its copy read it, while it
+/// is in the core's cache (one pass over memory that may be cold, not two).
+pub fn copy_crc32c(src: &[u8], dst: &mut [u8]) -> u32 {
+    const RUN: usize = 64 << 10;
+    assert_eq!(src.len(), dst.len(), "copy_crc32c: lengths differ");
+    let mut d = crc_start();
+    for (s, t) in src.chunks(RUN).zip(dst.chunks_mut(RUN)) {
+        t.copy_from_slice(s);
+        d.update(s);
+    }
+    d.finalize() as u32
+}
+
 /// [`block_crc`] before any of the block's bytes: `update` it with each
 /// piece of the block, in order, and `finalize` it to get the block's
 /// checksum.
@@ -115,6 +136,21 @@ mod tests {
             let joined = super::crc32c_combine(super::block_crc(hash, a), super::crc32c(b), b.len());
             prop_assert_eq!(joined, super::crc32c(&whole));
             prop_assert_eq!(super::crc32c_combine(super::crc32c(b), 0, 0), super::crc32c(b));
+            prop_assert_eq!(
+                super::block_crc_of(hash, super::crc32c(&bytes), bytes.len()),
+                super::block_crc(hash, &bytes)
+            );
+        }
+
+        /// A copy that sums returns the CRC32C of what it copied, and copies
+        /// it whole (lengths across the 64 KiB runs).
+        #[test]
+        fn a_summed_copy_copies_and_sums(len in 0usize..200_000, seed in any::<u8>()) {
+            let src: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed | 1)).collect();
+            let mut dst = vec![0u8; len];
+            let crc = super::copy_crc32c(&src, &mut dst);
+            prop_assert_eq!(crc, super::crc32c(&src));
+            prop_assert!(src == dst);
         }
     }
 }

@@ -205,11 +205,35 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// Called on the I/O worker for each block of a batch, with the block's
-/// index in the batch and its memory address: before a write is issued,
-/// after a read succeeded (checksums are computed here, overlapping other
-/// workers' I/O).
-pub type Hook<'a> = &'a (dyn Fn(usize, usize) + Sync);
+/// What a batch's caller does with each block's bytes, on the I/O workers
+/// (checksums are computed here, overlapping other workers' I/O).
+#[derive(Clone, Copy)]
+pub struct Hook<'a> {
+    /// Called with the block's index in the batch and its memory address:
+    /// before a write is issued, after a read succeeded.
+    pub each: &'a (dyn Fn(usize, usize) + Sync),
+    /// For a block that goes through a bounce buffer (memory direct I/O
+    /// cannot use in place), in place of `each`: called with its index and
+    /// the CRC32C of its bytes, summed while they were copied to or from
+    /// the bounce buffer (one pass over them instead of two). None: `each`
+    /// for those blocks too.
+    pub sums: Option<&'a (dyn Fn(usize, u32) + Sync)>,
+}
+
+impl<'a> Hook<'a> {
+    /// A hook of `each` alone.
+    pub fn each(each: &'a (dyn Fn(usize, usize) + Sync)) -> Self {
+        Hook { each, sums: None }
+    }
+}
+
+/// A group's blocks whose bytes are summed on their way through the bounce
+/// buffer: the hook's `sums` and the batch's file order.
+#[derive(Clone, Copy)]
+pub(super) struct Fused<'a> {
+    sums: &'a (dyn Fn(usize, u32) + Sync),
+    order: &'a [usize],
+}
 
 impl DiskStorage {
     /// Byte offset of a slot in the file: the one place this is computed.
@@ -327,14 +351,27 @@ impl DiskStorage {
         }
         let run_group = |g: usize, w: &mut Worker| {
             let group = &ops[groups[g].clone()];
-            let run_hook = || self.hook_group(hook, group, &order);
+            // A group that goes through the bounce buffer has its blocks
+            // summed there, when the hook takes sums.
+            let fused = hook
+                .and_then(|h| h.sums)
+                .filter(|_| self.direct.on() && !group.iter().all(|op| self.in_place(op.addr)))
+                .map(|sums| Fused {
+                    sums,
+                    order: &order,
+                });
+            let run_hook = || {
+                if fused.is_none() {
+                    self.hook_group(hook, group, &order)
+                }
+            };
             // Writes: checksum first, so the device reads bytes the CPU
             // just pulled into cache. Reads: after the data arrived.
             if dir == Dir::Write {
                 run_hook();
             }
             // SAFETY: each op covers its own disjoint memory.
-            unsafe { self.do_group(fd, group, dir, w) }?;
+            unsafe { self.do_group(fd, group, dir, w, fused) }?;
             if dir == Dir::Read {
                 run_hook();
             }
@@ -408,7 +445,22 @@ impl DiskStorage {
     pub(super) fn hook_group(&self, hook: Option<Hook<'_>>, group: &[Op], order: &[usize]) {
         if let Some(h) = hook {
             self.blocks_of(group, order)
-                .for_each(|(i, addr)| h(i, addr));
+                .for_each(|(i, addr)| (h.each)(i, addr));
+        }
+    }
+
+    /// `fused`'s sums of a group's blocks from their memory (the group did
+    /// not go through the bounce buffer after all: the file fell back to
+    /// buffered I/O).
+    fn sum_group(&self, fused: Option<Fused<'_>>, group: &[Op]) {
+        if let Some(f) = fused {
+            for (i, addr) in self.blocks_of(group, f.order) {
+                // SAFETY: the block's memory, valid for the batch (the
+                // callers' promise), not written by anyone meanwhile.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(addr as *const u8, self.block_size) };
+                (f.sums)(i, crate::checksum::crc32c(bytes));
+            }
         }
     }
 
@@ -470,11 +522,12 @@ impl DiskStorage {
         group: &[Op],
         dir: Dir,
         w: &mut Worker,
+        fused: Option<Fused<'_>>,
     ) -> Result<()> {
         loop {
             let direct = self.direct.on();
             // SAFETY: forwarded.
-            match unsafe { self.try_group(fd, group, dir, direct, w) } {
+            match unsafe { self.try_group(fd, group, dir, direct, w, fused) } {
                 Ok(()) => {
                     if direct {
                         self.direct.mark_proven();
@@ -511,6 +564,7 @@ impl DiskStorage {
         dir: Dir,
         direct: bool,
         w: &mut Worker,
+        fused: Option<Fused<'_>>,
     ) -> std::result::Result<(), IoFail> {
         let in_place = self.stride == self.block_size
             && (!direct
@@ -524,11 +578,12 @@ impl DiskStorage {
                 let len = group.iter().map(|op| op.count * self.stride).sum::<usize>();
                 w.wrote_buffered(fd, self.slot_offset(group[0].slot), len);
             }
+            self.sum_group(fused, group);
             return Ok(());
         }
         for op in group {
             // SAFETY: forwarded.
-            unsafe { self.try_copying(fd, op, dir, direct, w) }?;
+            unsafe { self.try_copying(fd, op, dir, direct, w, fused) }?;
         }
         Ok(())
     }
@@ -608,6 +663,7 @@ impl DiskStorage {
         dir: Dir,
         direct: bool,
         w: &mut Worker,
+        fused: Option<Fused<'_>>,
     ) -> std::result::Result<(), IoFail> {
         let bs = self.block_size;
         let stride = self.stride;
@@ -634,9 +690,25 @@ impl DiskStorage {
             if dir == Dir::Write {
                 w.wrote_buffered(fd, file_off, op.count * stride);
             }
+            self.sum_group(fused, std::slice::from_ref(op));
             return Ok(());
         }
-        // Direct I/O through the worker's aligned bounce buffer.
+        // Direct I/O through the worker's aligned bounce buffer; with
+        // `fused`, each block is summed as it is copied.
+        let copy = |from: *const u8, to: *mut u8, k: usize| match fused {
+            Some(f) => {
+                // SAFETY: the callers' ranges below: bs bytes each, disjoint.
+                let (a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts(from, bs),
+                        std::slice::from_raw_parts_mut(to, bs),
+                    )
+                };
+                (f.sums)(f.order[op.first + k], crate::checksum::copy_crc32c(a, b));
+            }
+            // SAFETY: as above.
+            None => unsafe { std::ptr::copy_nonoverlapping(from, to, bs) },
+        };
         let bounce = w
             .bounce()
             .map_err(|e| fail(std::io::Error::other(e.to_string()), file_off, 0))?;
@@ -648,7 +720,7 @@ impl DiskStorage {
                 for k in 0..op.count {
                     // SAFETY: bounce has room for count strides; user block k is ours.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(user.add(k * bs), bp.add(k * stride), bs);
+                        copy(user.add(k * bs), bp.add(k * stride), k);
                         std::ptr::write_bytes(bp.add(k * stride + bs), 0, stride - bs);
                     }
                 }
@@ -662,9 +734,11 @@ impl DiskStorage {
                     .map_err(|e| fail(e, file_off, io_len))?;
                 for k in 0..op.count {
                     // SAFETY: as above, in the other direction.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(bp.add(k * stride), user.add(k * bs), bs)
-                    };
+                    copy(
+                        unsafe { bp.add(k * stride) },
+                        unsafe { user.add(k * bs) },
+                        k,
+                    );
                 }
                 Ok(())
             }

@@ -664,7 +664,7 @@ impl DiskStorage {
             }
             let group = &ops[groups[g].clone()];
             // SAFETY: forwarded; no ring operation is in flight any more.
-            unsafe { self.do_group(fd, group, dir, &mut w) }?;
+            unsafe { self.do_group(fd, group, dir, &mut w, None) }?;
             if dir == Dir::Read {
                 run_hook(g);
             }
@@ -699,7 +699,7 @@ impl DiskStorage {
                 let next = AtomicUsize::new(0);
                 p.help(helpers, &|| {
                     while let Some(&(i, addr)) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        hook(i, addr);
+                        (hook.each)(i, addr);
                     }
                 });
             }

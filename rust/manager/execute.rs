@@ -12,6 +12,8 @@ use std::sync::MutexGuard;
 
 use super::policy::{Plan, Src};
 use super::{block_crc, BlockManager, Key, State};
+use crate::checksum::block_crc_of;
+use crate::disk::Hook;
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::{IndexLog, Record};
@@ -315,11 +317,21 @@ impl BlockManager {
             let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
             m.crcs[which[k]].store(block_crc(w.hash.hash, bytes), Ordering::Relaxed);
         };
+        // Blocks copied through a bounce buffer (an unaligned source) are
+        // summed during that copy.
+        let sums = |k: usize, crc: u32| {
+            let w = &m.writes[which[k]];
+            if w.crc.is_none() && w.after_copy.is_none() {
+                m.crcs[which[k]].store(block_crc_of(w.hash.hash, crc, bs), Ordering::Relaxed);
+            }
+        };
+        let hook = Hook {
+            each: &hook,
+            sums: Some(&sums),
+        };
         let disk = self.disk.as_ref().expect("disk tier");
         // SAFETY: forwarded from the caller.
-        unsafe {
-            disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(&hook as _))
-        }?;
+        unsafe { disk.write_blocks_from(&slots, &addrs, self.opts.checksums.then_some(hook)) }?;
         if self.opts.sync {
             disk.sync()?;
         }

@@ -28,6 +28,8 @@ use std::sync::MutexGuard;
 use super::execute::Moves;
 use super::policy::{Plan, Src, TierKind, TierSlot};
 use super::{block_crc, BlockManager, Keys, State};
+use crate::checksum::block_crc_of;
+use crate::disk::Hook;
 use crate::error::{Error, Result};
 use crate::host::Region;
 use crate::index::Record;
@@ -496,28 +498,44 @@ impl BlockManager {
         let slots: Vec<u64> = reads.iter().map(|r| r.0 as u64).collect();
         let dsts: Vec<usize> = reads.iter().map(|r| r.1).collect();
         let bad: Vec<AtomicBool> = (0..reads.len()).map(|_| AtomicBool::new(false)).collect();
-        let hook = |j: usize, a: usize| {
+        let each = |j: usize, a: usize| {
             // SAFETY: `a` is read j's destination, just filled, bs bytes.
             let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
             if block_crc(reads[j].2, bytes) != reads[j].3 {
                 bad[j].store(true, Ordering::Relaxed);
             }
         };
+        // Blocks read through a bounce buffer (an unaligned destination) are
+        // summed while copied out of it.
+        let sums = |j: usize, crc: u32| {
+            if block_crc_of(reads[j].2, crc, bs) != reads[j].3 {
+                bad[j].store(true, Ordering::Relaxed);
+            }
+        };
+        let hook = Hook {
+            each: &each,
+            sums: Some(&sums),
+        };
         // A block may appear twice in a request; reading one slot into two
         // places is fine.
         // SAFETY: forwarded from the caller.
-        let r = unsafe { disk.read_blocks_into(&slots, &dsts, check.then_some(&hook as _)) };
+        let r = unsafe { disk.read_blocks_into(&slots, &dsts, check.then_some(hook)) };
         match r {
             Ok(()) => {}
             Err(Error::Io { .. }) => {
                 for j in 0..reads.len() {
-                    let one = |_: usize, a: usize| hook(j, a);
+                    let one_each = |_: usize, a: usize| each(j, a);
+                    let one_sums = |_: usize, crc: u32| sums(j, crc);
+                    let one = Hook {
+                        each: &one_each,
+                        sums: Some(&one_sums),
+                    };
                     // SAFETY: as above, one block.
                     let r = unsafe {
                         disk.read_blocks_into(
                             &slots[j..j + 1],
                             &dsts[j..j + 1],
-                            check.then_some(&one as _),
+                            check.then_some(one),
                         )
                     };
                     match r {
