@@ -220,13 +220,6 @@ pub struct Hook<'a> {
     pub sums: Option<&'a (dyn Fn(usize, u32) + Sync)>,
 }
 
-impl<'a> Hook<'a> {
-    /// A hook of `each` alone.
-    pub fn each(each: &'a (dyn Fn(usize, usize) + Sync)) -> Self {
-        Hook { each, sums: None }
-    }
-}
-
 /// A group's blocks whose bytes are summed on their way through the bounce
 /// buffer: the hook's `sums` and the batch's file order.
 #[derive(Clone, Copy)]
