@@ -215,9 +215,8 @@ pub struct Hook<'a> {
     /// For a block that goes through a bounce buffer (memory direct I/O
     /// cannot use in place), in place of `each`: called with its index and
     /// the CRC32C of its bytes, summed while they were copied to or from
-    /// the bounce buffer (one pass over them instead of two). None: `each`
-    /// for those blocks too.
-    pub sums: Option<&'a (dyn Fn(usize, u32) + Sync)>,
+    /// the bounce buffer (one pass over them instead of two).
+    pub sums: &'a (dyn Fn(usize, u32) + Sync),
 }
 
 /// A group's blocks whose bytes are summed on their way through the bounce
@@ -238,8 +237,13 @@ impl DiskStorage {
     /// copy): always for buffered I/O; for direct I/O when slots are not
     /// padded and `addr` has the direct I/O's memory alignment.
     pub fn in_place(&self, addr: usize) -> bool {
-        self.stride == self.block_size
-            && (!self.direct.on() || is_aligned(addr as *const u8, self.align.mem))
+        self.in_place_for(addr, self.direct.on())
+    }
+
+    /// [`Self::in_place`] for I/O that is `direct` or not (a batch that
+    /// falls back to buffered I/O decides again).
+    fn in_place_for(&self, addr: usize, direct: bool) -> bool {
+        self.stride == self.block_size && (!direct || is_aligned(addr as *const u8, self.align.mem))
     }
 
     fn max_slots_per_io(&self) -> usize {
@@ -328,10 +332,7 @@ impl DiskStorage {
             // The ring carries direct I/O straight to the caller's memory;
             // one group needs no queue (it runs on this thread below) unless
             // memory is registered (the ring moves it without pinning).
-            let in_place = self.stride == self.block_size
-                && ops
-                    .iter()
-                    .all(|op| is_aligned(op.addr as *const u8, self.align.mem));
+            let in_place = ops.iter().all(|op| self.in_place(op.addr));
             let worth = groups.len() > 1 || (groups.len() == 1 && rings.any_registered());
             if worth && in_place && self.direct.on() {
                 // SAFETY: forwarded from the caller; the ops are in place.
@@ -347,10 +348,9 @@ impl DiskStorage {
             // A group that goes through the bounce buffer has its blocks
             // summed there, when the hook takes sums.
             let fused = hook
-                .and_then(|h| h.sums)
                 .filter(|_| self.direct.on() && !group.iter().all(|op| self.in_place(op.addr)))
-                .map(|sums| Fused {
-                    sums,
+                .map(|h| Fused {
+                    sums: h.sums,
                     order: &order,
                 });
             let run_hook = || {
@@ -559,12 +559,7 @@ impl DiskStorage {
         w: &mut Worker,
         fused: Option<Fused<'_>>,
     ) -> std::result::Result<(), IoFail> {
-        let in_place = self.stride == self.block_size
-            && (!direct
-                || group
-                    .iter()
-                    .all(|op| is_aligned(op.addr as *const u8, self.align.mem)));
-        if in_place {
+        if group.iter().all(|op| self.in_place_for(op.addr, direct)) {
             // SAFETY: forwarded.
             unsafe { self.vectored(fd, group, dir) }?;
             if dir == Dir::Write && !direct {

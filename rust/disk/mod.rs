@@ -1217,7 +1217,7 @@ mod tests {
         };
         let hook = Hook {
             each: &each,
-            sums: Some(&sums),
+            sums: &sums,
         };
         // SAFETY: every address is bs bytes inside `mem`, which outlives the call.
         unsafe { s.write_blocks_from(&slots, &addrs, Some(hook)) }.unwrap();

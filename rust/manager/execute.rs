@@ -1,10 +1,10 @@
 //! Running a plan made by the policy: the index's DEL records first, the
 //! slots it fills held, then one batched disk write, one parallel copy into
 //! host slots and the disk writes of blocks just copied (`write_through`
-//! from an unaligned buffer) with the lock released, then the commit (checksums, PUT records) or, on a
-//! failure, the roll-back. Also keeps the index in step
-//! with memory: a dirty index rewritten before the next batch, a long one
-//! compacted.
+//! from an unaligned buffer) with the lock released, then the commit
+//! (checksums, PUT records) or, on a failure, the roll-back. Also keeps the
+//! index in step with memory: a dirty index rewritten before the next
+//! batch, a long one compacted.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,10 +29,10 @@ struct Write {
     /// Its checksum where it is known already (a host slot's, computed
     /// when the bytes were copied in): the write does not compute it again.
     crc: Option<u32>,
-    /// A new block that this plan also copies into this host slot: written
-    /// from there once the copy ran (see [`BlockManager::execute`]), its
-    /// checksum the copy's.
-    after_copy: Option<u64>,
+    /// A new block that this plan also copies into a host slot (this index
+    /// of `Moves::copies`): written from there once the copy ran (see
+    /// [`BlockManager::execute`]), its checksum the copy's.
+    after_copy: Option<usize>,
 }
 
 /// A plan's byte moves, resolved under the lock by [`BlockManager::begin`].
@@ -66,6 +66,8 @@ impl Moves {
     /// Leave out the copies into the host slots `skip` names (a read fills
     /// those slots instead); they stay held by the plan.
     pub(super) fn skip_copies(&mut self, skip: impl Fn(u64) -> bool) {
+        // (A read's plan writes no new block after a copy: no index to shift.)
+        debug_assert!(self.writes.iter().all(|w| w.after_copy.is_none()));
         self.copies.retain(|c| !skip(c.0));
     }
 
@@ -207,20 +209,21 @@ impl BlockManager {
             // written from their host slot after the copy (`write_through`).
             // The others are written first, from the caller's buffer: their
             // checksums are summed on the I/O workers while the device works.
-            let mut by_src: Vec<(usize, Key, u64)> =
-                copies.iter().map(|&(s, a, k)| (a, k, s)).collect();
+            let mut by_src: Vec<(usize, Key, usize)> = (copies.iter().enumerate())
+                .map(|(c, &(_, a, k))| (a, k, c))
+                .collect();
             by_src.sort_unstable_by_key(|&(a, _, _)| a);
             let bounced = |w: &Write| !w.victim && !d.in_place(w.addr);
             for w in writes.iter_mut().filter(|w| bounced(w)) {
                 let at = by_src.partition_point(|&(a, _, _)| a < w.addr);
-                if let Some(&(_, _, slot)) = by_src[at..]
+                if let Some(&(_, _, c)) = by_src[at..]
                     .iter()
                     .take_while(|&&(a, _, _)| a == w.addr)
                     .find(|&&(_, k, _)| k == w.hash)
                 {
-                    let at = h.slot_ptr(r, slot) as usize;
+                    let at = h.slot_ptr(r, copies[c].0) as usize;
                     if d.in_place(at) {
-                        w.after_copy = Some(slot);
+                        w.after_copy = Some(c);
                         w.addr = at;
                     }
                 }
@@ -278,18 +281,14 @@ impl BlockManager {
         if later.is_empty() {
             return Ok(());
         }
-        let summed = m.summed_copies();
-        if !summed.is_empty() {
-            let mut by_slot: Vec<(u64, u32)> =
-                summed.iter().map(|&(s, _, crc)| (s as u64, crc)).collect();
-            by_slot.sort_unstable();
-            for &i in &later {
-                let slot = m.writes[i].after_copy.expect("filtered");
-                if let Ok(k) = by_slot.binary_search_by_key(&slot, |&(s, _)| s) {
-                    m.crcs[i].store(by_slot[k].1, Ordering::Relaxed);
-                }
+        // (Empty when checksums are off: nothing to record.)
+        let copy_crcs = m.copy_crcs.lock().unwrap_or_else(|p| p.into_inner());
+        for &i in &later {
+            if let Some(&crc) = copy_crcs.get(m.writes[i].after_copy.expect("filtered")) {
+                m.crcs[i].store(crc, Ordering::Relaxed);
             }
         }
+        drop(copy_crcs);
         // SAFETY: forwarded from the caller.
         unsafe { self.write_some(m, &later) }
     }
@@ -306,28 +305,29 @@ impl BlockManager {
         let slots: Vec<u64> = which.iter().map(|&i| m.writes[i].slot).collect();
         let addrs: Vec<usize> = which.iter().map(|&i| m.writes[i].addr).collect();
         let bs = self.block_size;
-        // With checksums on, every write that follows a copy has its copy's
-        // (copies sum when checksums are on and there is a disk tier).
-        let hook = |k: usize, addr: usize| {
+        // The writes whose checksum is not known yet: a host slot's, or
+        // (with checksums on, copies sum) the copy's of a write after it.
+        let unknown = |k: usize| {
             let w = &m.writes[which[k]];
-            if w.crc.is_some() || w.after_copy.is_some() {
-                return;
+            (w.crc.is_none() && w.after_copy.is_none()).then_some(w.hash.hash)
+        };
+        let each = |k: usize, addr: usize| {
+            if let Some(h) = unknown(k) {
+                // SAFETY: addr is the block's source, valid for bs bytes (see above).
+                let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
+                m.crcs[which[k]].store(block_crc(h, bytes), Ordering::Relaxed);
             }
-            // SAFETY: addr is the block's source, valid for bs bytes (see above).
-            let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, bs) };
-            m.crcs[which[k]].store(block_crc(w.hash.hash, bytes), Ordering::Relaxed);
         };
         // Blocks copied through a bounce buffer (an unaligned source) are
         // summed during that copy.
         let sums = |k: usize, crc: u32| {
-            let w = &m.writes[which[k]];
-            if w.crc.is_none() && w.after_copy.is_none() {
-                m.crcs[which[k]].store(block_crc_of(w.hash.hash, crc, bs), Ordering::Relaxed);
+            if let Some(h) = unknown(k) {
+                m.crcs[which[k]].store(block_crc_of(h, crc, bs), Ordering::Relaxed);
             }
         };
         let hook = Hook {
-            each: &hook,
-            sums: Some(&sums),
+            each: &each,
+            sums: &sums,
         };
         let disk = self.disk.as_ref().expect("disk tier");
         // SAFETY: forwarded from the caller.

@@ -498,23 +498,22 @@ impl BlockManager {
         let slots: Vec<u64> = reads.iter().map(|r| r.0 as u64).collect();
         let dsts: Vec<usize> = reads.iter().map(|r| r.1).collect();
         let bad: Vec<AtomicBool> = (0..reads.len()).map(|_| AtomicBool::new(false)).collect();
+        let check_crc = |j: usize, crc: u32| {
+            if crc != reads[j].3 {
+                bad[j].store(true, Ordering::Relaxed);
+            }
+        };
         let each = |j: usize, a: usize| {
             // SAFETY: `a` is read j's destination, just filled, bs bytes.
             let bytes = unsafe { std::slice::from_raw_parts(a as *const u8, bs) };
-            if block_crc(reads[j].2, bytes) != reads[j].3 {
-                bad[j].store(true, Ordering::Relaxed);
-            }
+            check_crc(j, block_crc(reads[j].2, bytes));
         };
         // Blocks read through a bounce buffer (an unaligned destination) are
         // summed while copied out of it.
-        let sums = |j: usize, crc: u32| {
-            if block_crc_of(reads[j].2, crc, bs) != reads[j].3 {
-                bad[j].store(true, Ordering::Relaxed);
-            }
-        };
+        let sums = |j: usize, crc: u32| check_crc(j, block_crc_of(reads[j].2, crc, bs));
         let hook = Hook {
             each: &each,
-            sums: Some(&sums),
+            sums: &sums,
         };
         // A block may appear twice in a request; reading one slot into two
         // places is fine.
@@ -528,7 +527,7 @@ impl BlockManager {
                     let one_sums = |_: usize, crc: u32| sums(j, crc);
                     let one = Hook {
                         each: &one_each,
-                        sums: Some(&one_sums),
+                        sums: &one_sums,
                     };
                     // SAFETY: as above, one block.
                     let r = unsafe {
