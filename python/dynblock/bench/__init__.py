@@ -54,7 +54,12 @@ Workloads (``--workloads``, comma-separated; default: all but ``vllm`` and ``rem
 
 Runs repeat (``--repeat``, default 3); each figure is the median with min and
 max, and dynblock's runs are interleaved with the baselines' so drift of a
-noisy machine hits both alike.
+noisy machine hits both alike. Where two dynblock configurations are compared
+with each other (``overhead``: each variant against LRU without metrics,
+timed in three rounds of alternated ~10 ms windows per repeat; ``engine``: 4
+threads against 1, their order swapped every repeat), the ratio is the median
+of the rounds' (repeats') own ratios, so a slow stretch falls on both sides of
+each one.
 """
 
 from __future__ import annotations

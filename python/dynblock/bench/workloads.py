@@ -4,10 +4,11 @@ dynblock's runs are interleaved with the baselines' in every repeat."""
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -304,6 +305,25 @@ def run_trace(res: Results, directory: str, path: Optional[str], payload: int, h
         progress.step("trace replay")
 
 
+#: Rounds of alternated windows per repeat of each overhead case.
+OVERHEAD_ROUNDS = 3
+
+
+def _window(fn: Callable[[], Any]) -> float:
+    """Seconds per call of ``fn``, over a window of about 10 ms (at least 200
+    calls): one interruption of a few hundred microseconds must not decide a
+    sub-microsecond case."""
+    t0 = time.perf_counter()
+    for _i in range(20):
+        fn()
+    est = (time.perf_counter() - t0) / 20
+    k = min(100_000, max(200, int(0.01 / max(est, 1e-9))))
+    t0 = time.perf_counter()
+    for _i in range(k):
+        fn()
+    return (time.perf_counter() - t0) / k
+
+
 def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
     """Per-call cost of small calls, on a manager whose host tier evicts by
     LRU (``dynblock``) and one by S3-FIFO (``dynblock-s3fifo``), interleaved;
@@ -369,31 +389,33 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
                 "match-1-hash": (lambda m=m: m.match(hashes[:1]), 1),
                 "put-64-new-evicting": (put_new, 64),
             }
+        # Each repeat times every case in OVERHEAD_ROUNDS rounds; a round times one window per
+        # variant, back to back, the variants' order rotated from round to round. A ratio is the
+        # median of its rounds' ratios: a slow stretch of a noisy machine (windows of the same
+        # calls took 25 or 40 us each here, in stretches of seconds) falls on one round's
+        # windows alike and cancels.
+        pair_ratios: Dict[Tuple[str, str], List[float]] = {}
         for _ in range(repeat):
             for name in calls["dynblock"]:
+                for rnd in range(OVERHEAD_ROUNDS):
+                    order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+                    per_call: Dict[str, float] = {}
+                    for v in order:
+                        fn, nh = calls[v][name]
+                        per_call[v] = _window(fn)
+                        c = res.case("overhead", v, name, unit="us/call", hashes=nh)
+                        c.values.append(per_call[v] * 1e6)
+                        c.extra = {"us_per_1000_hashes": c.median * 1000 / nh}
+                    for v in variants[1:]:
+                        pair_ratios.setdefault((v, name), []).append(
+                            per_call["dynblock"] / per_call[v])  # calls per second, v / base
                 for v in variants:
-                    fn, nh = calls[v][name]
-                    # enough calls for a window of about 20 ms (at least 200): one interruption
-                    # of a few hundred microseconds must not decide a sub-microsecond case
-                    t0 = time.perf_counter()
-                    for _i in range(20):
-                        fn()
-                    est = (time.perf_counter() - t0) / 20
-                    k = min(100_000, max(200, int(0.02 / max(est, 1e-9))))
-                    t0 = time.perf_counter()
-                    for _i in range(k):
-                        fn()
-                    per_call = (time.perf_counter() - t0) / k
-                    c = res.case("overhead", v, name, unit="us/call", hashes=nh)
-                    c.values.append(per_call * 1e6)
-                    c.extra = {"us_per_1000_hashes": per_call * 1e6 * 1000 / nh}
                     progress.step(f"overhead {v} {name}")
         for v, key in (("dynblock-metrics", "vs_metrics_off"), ("dynblock-s3fifo", "vs_lru")):
             for name, (_, nh) in calls["dynblock"].items() if v in variants else ():
                 other = res.find("overhead", v, name, hashes=nh)
-                base = res.find("overhead", "dynblock", name, hashes=nh)
-                assert other is not None and base is not None
-                other.ratios[key] = base.median / other.median  # calls per second, v / base
+                assert other is not None
+                other.ratios[key] = statistics.median(pair_ratios[(v, name)])
     finally:
         stop.set()
         if scraper is not None:
@@ -559,6 +581,8 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
     import threading
 
     progress.add(4 * repeat)
+    async_ratios: List[float] = []
+    rate: Dict[int, float] = {}
     bs = 2 << 20
     batch = aligned_empty(64 * bs)
     batch[:] = 1
@@ -664,7 +688,10 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         cfg = Config(block_size=sbs, host_blocks=512, disk_blocks=2048, disk_dir=directory,
                      numa_node=None, pin=False)
         rounds = 48
-        for threads in (1, 4):
+        # One thread and four, in turns that swap from repeat to repeat; the ratio is the median
+        # of each repeat's own (the runs are bound by the disk tier's writes, whose speed drifts
+        # on a shared device).
+        for threads in ((1, 4) if len(async_ratios) % 2 == 0 else (4, 1)):
             with BlockManager(cfg) as kv:
                 dsts = [aligned_empty(32 * sbs) for _ in range(threads)]
                 for d in dsts:
@@ -687,6 +714,8 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
                 dt = timed(run_all)
             c = res.case("engine", "dynblock", "async-put-get", threads=threads)
             c.add_rate(2 * rounds * 32 * sbs, dt)
+            rate[threads] = c.values[-1]
+        async_ratios.append(rate[4] / rate[1])
         progress.step("engine async threads")
 
     m = res.find("engine", "dynblock", "match-32-during-disk-puts")
@@ -704,5 +733,5 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         full.ratios["free_over_full"] = free.median / full.median
     one = res.find("engine", "dynblock", "async-put-get", threads=1)
     four = res.find("engine", "dynblock", "async-put-get", threads=4)
-    if one is not None and four is not None and one.values and four.values:
-        four.ratios["vs_1_thread"] = four.median / one.median
+    if one is not None and four is not None and async_ratios:
+        four.ratios["vs_1_thread"] = statistics.median(async_ratios)
