@@ -311,12 +311,17 @@ OVERHEAD_ROUNDS = 3
 
 def _window(fn: Callable[[], Any]) -> float:
     """Seconds per call of ``fn``, over a window of about 10 ms (at least 200
-    calls): one interruption of a few hundred microseconds must not decide a
-    sub-microsecond case."""
+    calls: one interruption of a few hundred microseconds must not decide a
+    sub-microsecond case), after calls for at least 5 ms untimed: a manager
+    left alone while others were timed has to get its memory back into the
+    caches (a window right after another manager's ran up to 1.3x slower
+    than one right after its own)."""
     t0 = time.perf_counter()
-    for _i in range(20):
+    calls = 0
+    while calls < 20 or time.perf_counter() - t0 < 0.005:
         fn()
-    est = (time.perf_counter() - t0) / 20
+        calls += 1
+    est = (time.perf_counter() - t0) / calls
     k = min(100_000, max(200, int(0.01 / max(est, 1e-9))))
     t0 = time.perf_counter()
     for _i in range(k):
@@ -328,8 +333,10 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
     """Per-call cost of small calls, on a manager whose host tier evicts by
     LRU (``dynblock``) and one by S3-FIFO (``dynblock-s3fifo``), interleaved;
     with prometheus_client installed, also on a manager whose
-    dynblock.metrics collector a thread scrapes every 100 ms (a hundred times
-    Prometheus's usual rate). ``put-64-new-evicting`` stores 64 new blocks
+    dynblock.metrics collector a thread scrapes every 100 ms while that manager
+    is timed (a hundred times Prometheus's usual rate; each figure is the
+    median window, so a scrape landing in one shows in its max).
+    ``put-64-new-evicting`` stores 64 new blocks
     into a full host tier of its own (each call evicts 64)."""
     bs = 4096
     n_present = 1000
@@ -352,24 +359,20 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
         return Config(block_size=bs, host_blocks=blocks, numa_node=None, pin=False,
                       host_eviction=eviction)
 
-    managers = {v: BlockManager(config(v, 12000)) for v in variants}
-    full = {v: BlockManager(config(v, 4096)) for v in variants}
-    stop = threading.Event()
-    scraper = None
-    try:
+    def build(opened: List[BlockManager]) -> Tuple[Dict[str, Dict[str, Any]], Any]:
+        """Every variant's managers, filled, their calls by case, and a registry
+        of the metrics variant's collectors (None without prometheus_client)."""
+        managers = {v: BlockManager(config(v, 12000)) for v in variants}
+        opened += managers.values()
+        full = {v: BlockManager(config(v, 4096)) for v in variants}
+        opened += full.values()
+        registry = None
         if prometheus_client is not None:
             from ..metrics import register
 
             registry = prometheus_client.CollectorRegistry()
             register(managers["dynblock-metrics"], registry, store="bench")
             register(full["dynblock-metrics"], registry, store="bench-full")
-
-            def scrape() -> None:
-                while not stop.wait(0.1):
-                    prometheus_client.generate_latest(registry)
-
-            scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
-            scraper.start()
         calls: Dict[str, Dict[str, Any]] = {}
         for v, m in managers.items():
             m.put(hashes, src)
@@ -389,20 +392,46 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
                 "match-1-hash": (lambda m=m: m.match(hashes[:1]), 1),
                 "put-64-new-evicting": (put_new, 64),
             }
-        # Each repeat times every case in OVERHEAD_ROUNDS rounds; a round times one window per
-        # variant, back to back, the variants' order rotated from round to round. A ratio is the
-        # median of its rounds' ratios: a slow stretch of a noisy machine (windows of the same
-        # calls took 25 or 40 us each here, in stretches of seconds) falls on one round's
-        # windows alike and cancels.
+        return calls, registry
+
+    stop = threading.Event()
+    # The registry to scrape while the metrics variant is timed, else None: a scrape (~1.5 ms
+    # here, mostly prometheus_client's formatting, under the GIL) in another variant's window
+    # would be noise in its comparison with LRU.
+    scraping: List[Any] = [None]
+    scraper = None
+    opened: List[BlockManager] = []
+    try:
+        if prometheus_client is not None:
+
+            def scrape() -> None:
+                while not stop.wait(0.1):
+                    registry = scraping[0]
+                    if registry is not None:
+                        prometheus_client.generate_latest(registry)
+
+            scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+            scraper.start()
+        # Each repeat makes its own managers (where a process's memory lands moved one case of
+        # a manager by up to 15% against another's, for a whole run) and times every case in
+        # OVERHEAD_ROUNDS rounds; a round times one window per variant, back to back, the
+        # variants' order rotated from round to round. A ratio is the median of the rounds'
+        # ratios: a slow stretch of a noisy machine (windows of the same calls took 25 or 40 us
+        # each here, in stretches of tens of ms to seconds) falls on one round alike.
         pair_ratios: Dict[Tuple[str, str], List[float]] = {}
+        nhashes: Dict[str, int] = {}
         for _ in range(repeat):
+            calls, registry = build(opened)
             for name in calls["dynblock"]:
                 for rnd in range(OVERHEAD_ROUNDS):
                     order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
                     per_call: Dict[str, float] = {}
                     for v in order:
                         fn, nh = calls[v][name]
+                        nhashes[name] = nh
+                        scraping[0] = registry if v == "dynblock-metrics" else None
                         per_call[v] = _window(fn)
+                        scraping[0] = None
                         c = res.case("overhead", v, name, unit="us/call", hashes=nh)
                         c.values.append(per_call[v] * 1e6)
                         c.extra = {"us_per_1000_hashes": c.median * 1000 / nh}
@@ -411,16 +440,18 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
                             per_call["dynblock"] / per_call[v])  # calls per second, v / base
                 for v in variants:
                     progress.step(f"overhead {v} {name}")
-        for v, key in (("dynblock-metrics", "vs_metrics_off"), ("dynblock-s3fifo", "vs_lru")):
-            for name, (_, nh) in calls["dynblock"].items() if v in variants else ():
-                other = res.find("overhead", v, name, hashes=nh)
-                assert other is not None
-                other.ratios[key] = statistics.median(pair_ratios[(v, name)])
+            while opened:
+                opened.pop().close()
+        for (v, name), ratios in pair_ratios.items():
+            other = res.find("overhead", v, name, hashes=nhashes[name])
+            assert other is not None
+            other.ratios["vs_lru" if v == "dynblock-s3fifo" else "vs_metrics_off"] = (
+                statistics.median(ratios))
     finally:
         stop.set()
         if scraper is not None:
             scraper.join(timeout=10)
-        for m in [*managers.values(), *full.values()]:
+        for m in opened:
             m.close()
 
 
