@@ -60,6 +60,12 @@ class Case:
     def median(self) -> float:
         return statistics.median(self.values) if self.values else float("nan")
 
+    def paired_ratio(self, other: "Case") -> float:
+        """The median of ``self.values[i] / other.values[i]``: for two cases
+        timed in turns (value ``i`` of each from the same round), so that a
+        slow stretch of the machine falls on both sides of each ratio."""
+        return statistics.median(a / b for a, b in zip(self.values, other.values))
+
     @property
     def cpu_s_per_gib(self) -> Optional[float]:
         """Median CPU seconds per GiB (all threads of the process, and child

@@ -4,7 +4,6 @@ dynblock's runs are interleaved with the baselines' in every repeat."""
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -418,35 +417,30 @@ def run_overhead(res: Results, repeat: int, progress: Progress) -> None:
         # variants' order rotated from round to round. A ratio is the median of the rounds'
         # ratios: a slow stretch of a noisy machine (windows of the same calls took 25 or 40 us
         # each here, in stretches of tens of ms to seconds) falls on one round alike.
-        pair_ratios: Dict[Tuple[str, str], List[float]] = {}
-        nhashes: Dict[str, int] = {}
         for _ in range(repeat):
             calls, registry = build(opened)
             for name in calls["dynblock"]:
                 for rnd in range(OVERHEAD_ROUNDS):
                     order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
-                    per_call: Dict[str, float] = {}
                     for v in order:
                         fn, nh = calls[v][name]
-                        nhashes[name] = nh
                         scraping[0] = registry if v == "dynblock-metrics" else None
-                        per_call[v] = _window(fn)
+                        per_call = _window(fn)
                         scraping[0] = None
                         c = res.case("overhead", v, name, unit="us/call", hashes=nh)
-                        c.values.append(per_call[v] * 1e6)
+                        c.values.append(per_call * 1e6)
                         c.extra = {"us_per_1000_hashes": c.median * 1000 / nh}
-                    for v in variants[1:]:
-                        pair_ratios.setdefault((v, name), []).append(
-                            per_call["dynblock"] / per_call[v])  # calls per second, v / base
                 for v in variants:
                     progress.step(f"overhead {v} {name}")
             while opened:
                 opened.pop().close()
-        for (v, name), ratios in pair_ratios.items():
-            other = res.find("overhead", v, name, hashes=nhashes[name])
-            assert other is not None
-            other.ratios["vs_lru" if v == "dynblock-s3fifo" else "vs_metrics_off"] = (
-                statistics.median(ratios))
+        # Calls per second against the base's, round by round: the base's times over v's.
+        for base in res.cases:
+            if base.workload == "overhead" and base.impl == "dynblock":
+                for v, key in (("dynblock-s3fifo", "vs_lru"), ("dynblock-metrics", "vs_metrics_off")):
+                    other = res.find("overhead", v, base.op, **base.params)
+                    if other is not None:
+                        other.ratios[key] = base.paired_ratio(other)
     finally:
         stop.set()
         if scraper is not None:
@@ -612,12 +606,10 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
     import threading
 
     progress.add(4 * repeat)
-    async_ratios: List[float] = []
-    rate: Dict[int, float] = {}
     bs = 2 << 20
     batch = aligned_empty(64 * bs)
     batch[:] = 1
-    for _ in range(repeat):
+    for rep in range(repeat):
         # 1. match of 32 hashes while another thread stores 128 MiB batches to disk.
         cfg = Config(block_size=bs, disk_blocks=256, disk_dir=directory, numa_node=None, pin=False)
         with BlockManager(cfg) as kv:
@@ -722,7 +714,7 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         # One thread and four, in turns that swap from repeat to repeat; the ratio is the median
         # of each repeat's own (the runs are bound by the disk tier's writes, whose speed drifts
         # on a shared device).
-        for threads in ((1, 4) if len(async_ratios) % 2 == 0 else (4, 1)):
+        for threads in ((1, 4) if rep % 2 == 0 else (4, 1)):
             with BlockManager(cfg) as kv:
                 dsts = [aligned_empty(32 * sbs) for _ in range(threads)]
                 for d in dsts:
@@ -745,8 +737,6 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
                 dt = timed(run_all)
             c = res.case("engine", "dynblock", "async-put-get", threads=threads)
             c.add_rate(2 * rounds * 32 * sbs, dt)
-            rate[threads] = c.values[-1]
-        async_ratios.append(rate[4] / rate[1])
         progress.step("engine async threads")
 
     m = res.find("engine", "dynblock", "match-32-during-disk-puts")
@@ -764,5 +754,5 @@ def run_engine(res: Results, directory: str, repeat: int, progress: Progress,
         full.ratios["free_over_full"] = free.median / full.median
     one = res.find("engine", "dynblock", "async-put-get", threads=1)
     four = res.find("engine", "dynblock", "async-put-get", threads=4)
-    if one is not None and four is not None and async_ratios:
-        four.ratios["vs_1_thread"] = statistics.median(async_ratios)
+    if one is not None and four is not None and four.values:
+        four.ratios["vs_1_thread"] = four.paired_ratio(one)
